@@ -1,0 +1,1 @@
+"""Integration tests: official tailscale/tailscaled against pyheadscale in network namespaces."""

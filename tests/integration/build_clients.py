@@ -1,0 +1,167 @@
+"""Build (or reuse) the pinned official Tailscale clients: `python -m tests.integration.build_clients`.
+
+Binaries land in <cache>/tailscale/<version>/ (see versions.py). Each build goes to a temporary
+directory first and is moved into place only when every requested binary built, so an
+interrupted or failed build never leaves a half-populated cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tests.integration import versions
+
+CORE_TOOLS = ("tailscale", "tailscaled")
+EXTRA_TOOLS = ("derper", "derpprobe")
+
+
+class BuildError(RuntimeError):
+    """A client binary could not be built or does not run."""
+
+
+def _version_probe(tool: str) -> list[str]:
+    # tailscale has a `version` subcommand; the daemons take a --version flag.
+    return ["version"] if tool == "tailscale" else ["--version"]
+
+
+def binary_works(path: Path, tool: str) -> bool:
+    if not path.is_file() or not os.access(path, os.X_OK):
+        return False
+    if tool == "derpprobe":
+        # derpprobe has no version flag; existence plus the exec bit is the best cheap check.
+        return True
+    try:
+        res = subprocess.run(
+            [str(path), *_version_probe(tool)], capture_output=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+def have(version: str, tools: Sequence[str] = CORE_TOOLS) -> bool:
+    vdir = versions.version_dir(version)
+    return all(binary_works(vdir / t, t) for t in tools)
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    # Parallel pytest workers may all ask for the clients; only one may build at a time.
+    root = versions.cache_dir() / "tailscale"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _go() -> str:
+    go = shutil.which("go")
+    if go is None:
+        raise BuildError(
+            "Go is not installed (no `go` on PATH); it is needed to build the official "
+            "Tailscale clients. Install Go >= 1.24 and re-run `make clients`."
+        )
+    return go
+
+
+def _go_install(go: str, gobin: Path, version: str, tools: Sequence[str], log) -> None:
+    pkgs = [f"tailscale.com/cmd/{t}@{version}" for t in tools]
+    env = dict(os.environ)
+    env["GOBIN"] = str(gobin)
+    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -trimpath").strip()
+    env["CGO_ENABLED"] = env.get("CGO_ENABLED", "0")
+    attempts = [env.get("GOTOOLCHAIN", "local"), versions.FALLBACK_TOOLCHAIN]
+    last = ""
+    for toolchain in attempts:
+        env["GOTOOLCHAIN"] = toolchain
+        print(f"  go install {' '.join(pkgs)} (GOTOOLCHAIN={toolchain})", file=log, flush=True)
+        res = subprocess.run(
+            [go, "install", *pkgs], env=env, capture_output=True, text=True, check=False
+        )
+        if res.returncode == 0:
+            return
+        last = (res.stderr or res.stdout).strip()
+        # Only a "needs a newer Go" failure is worth a retry with a newer toolchain.
+        if "requires go >=" not in last and "toolchain" not in last:
+            break
+    raise BuildError(f"building {', '.join(pkgs)} failed:\n{last}")
+
+
+def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr) -> Path:
+    """Make sure `tools` for `version` exist and run; build the missing ones. Returns the dir."""
+    vdir = versions.version_dir(version)
+    if have(version, tools):
+        return vdir
+    with _build_lock():
+        if have(version, tools):  # another process built it while we waited
+            return vdir
+        missing = [t for t in tools if not binary_works(vdir / t, t)]
+        go = _go()
+        print(f"building {', '.join(missing)} {version} into {vdir}", file=log, flush=True)
+        vdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=vdir.parent))
+        try:
+            _go_install(go, tmp, version, missing, log)
+            for t in missing:
+                if not binary_works(tmp / t, t):
+                    raise BuildError(f"{t} {version} built but does not run")
+            vdir.mkdir(parents=True, exist_ok=True)
+            for t in missing:
+                os.replace(tmp / t, vdir / t)  # same filesystem: atomic per binary
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not have(version, tools):
+        raise BuildError(f"{version}: binaries still missing after build in {vdir}")
+    return vdir
+
+
+def ensure_all(log=sys.stderr) -> dict[str, Path]:
+    return {v: ensure(v, CORE_TOOLS, log) for v in versions.PINNED}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="comma-separated extra tools built at the newest pinned version (derper,derpprobe)",
+    )
+    parser.add_argument(
+        "--version", action="append", dest="only", help="only this version (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    extras = [e for e in (x.strip() for x in args.extra.split(",")) if e]
+    bad = [e for e in extras if e not in EXTRA_TOOLS]
+    if bad:
+        parser.error(f"unknown --extra tool(s): {', '.join(bad)} (known: {', '.join(EXTRA_TOOLS)})")
+    wanted = args.only or versions.PINNED
+    unknown = [v for v in wanted if v not in versions.PINNED]
+    if unknown:
+        parser.error(f"not a pinned version: {', '.join(unknown)}")
+    try:
+        for v in wanted:
+            vdir = ensure(v)
+            print(f"ok {v}: {vdir}")
+        if extras:
+            vdir = ensure(versions.newest(), extras)
+            print(f"ok {versions.newest()} {','.join(extras)}: {vdir}")
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

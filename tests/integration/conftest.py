@@ -1,0 +1,188 @@
+"""Fixtures for tests with official Tailscale clients in network namespaces.
+
+Missing prerequisites (root, `ip netns`, iptables, the client binaries) make tests fail, never
+skip. When a test fails, its work directory (server and tailscaled logs, configs) is copied to
+/tmp/pyheadscale-test-logs/<test id>/ and the path is added to the failure report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import build_clients
+from tests.integration.netns import Host, Topology
+from tests.integration.server import CertAuthority, PyHeadscale, make_test_ca
+from tests.integration.tailscale import Tailscaled
+
+LOG_ROOT = Path(os.environ.get("PYHEADSCALE_TEST_LOGS", "/tmp/pyheadscale-test-logs"))
+_WORKDIR = pytest.StashKey[Path]()
+_KEPT = pytest.StashKey[Path]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+# -- prerequisites -------------------------------------------------------------------------
+
+
+def _prerequisite_problems() -> list[str]:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("integration tests need root (network namespaces, iptables, TUN)")
+    if shutil.which("ip") is None:
+        problems.append("`ip` (iproute2) is not installed")
+    else:
+        res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            problems.append(f"`ip netns` does not work: {res.stderr.strip()}")
+    if shutil.which("iptables") is None:
+        problems.append("iptables is not installed")
+    if not Path("/dev/net/tun").exists():
+        problems.append("/dev/net/tun is missing (kernel TUN for tailscaled)")
+    return problems
+
+
+@pytest.fixture(scope="session")
+def netns_ready() -> None:
+    problems = _prerequisite_problems()
+    if problems:
+        pytest.fail("integration prerequisites missing: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def clients_built() -> dict[str, Path]:
+    """Every pinned client version built (builds missing ones; fails if that is impossible)."""
+    try:
+        return build_clients.ensure_all()
+    except build_clients.BuildError as exc:
+        pytest.fail(f"official Tailscale clients unavailable: {exc}", pytrace=False)
+
+
+# -- per-test resources --------------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The test's directory for configs and logs (kept under LOG_ROOT if the test fails)."""
+    request.node.stash[_WORKDIR] = tmp_path
+    return tmp_path
+
+
+@pytest.fixture
+def topology(netns_ready: None) -> Iterator[Topology]:
+    """A fresh topology with only the internet segment; always torn down."""
+    topo = Topology()
+    try:
+        yield topo
+    finally:
+        topo.close()
+        left = topo.leftovers()
+        assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def test_ca(workdir: Path) -> CertAuthority:
+    return make_test_ca(workdir / "tls")
+
+
+@pytest.fixture
+def tailscaled_factory(
+    topology: Topology, workdir: Path, clients_built: dict[str, Path]
+) -> Iterator[Callable[..., Tailscaled]]:
+    """`make(host, version, **kw)` -> a started Tailscaled; all are stopped at teardown."""
+    made: list[Tailscaled] = []
+
+    def make(host: Host, version: str, **kwargs: Any) -> Tailscaled:
+        d = workdir / f"tailscaled-{host.name}-{version}-{len(made)}"
+        ts = Tailscaled(host, version, d, start=False, **kwargs)
+        made.append(ts)
+        ts.start()
+        return ts
+
+    yield make
+    for ts in reversed(made):
+        ts.close()
+
+
+@pytest.fixture
+def pyheadscale_factory(topology: Topology, workdir: Path) -> Iterator[Callable[..., PyHeadscale]]:
+    """`make(host, overrides=None, **kw)` -> a started PyHeadscale; stopped at teardown."""
+    made: list[PyHeadscale] = []
+
+    def make(host: Host, overrides: dict[str, Any] | None = None, **kwargs: Any) -> PyHeadscale:
+        d = workdir / f"server-{host.name}-{len(made)}"
+        srv = PyHeadscale(host, d, overrides, start=False, **kwargs)
+        made.append(srv)
+        srv.start()
+        return srv
+
+    yield make
+    for srv in reversed(made):
+        srv.close()
+
+
+# -- keeping logs of failed tests ----------------------------------------------------------
+
+
+def _keep_workdir(item: pytest.Item) -> Path | None:
+    src = item.stash.get(_WORKDIR, None)
+    if src is None or not src.exists():
+        return None
+    dest = item.stash.get(_KEPT, None)
+    if dest is None:
+        safe = re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", item.nodeid).strip("_")[:200]
+        dest = LOG_ROOT / safe
+        shutil.rmtree(dest, ignore_errors=True)
+        item.stash[_KEPT] = dest
+    # Sockets and other special files cannot be copied; skip them.
+    shutil.copytree(
+        src, dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+        ignore=lambda d, names: [n for n in names if _is_special(Path(d) / n)],
+    )  # fmt: skip
+    return dest
+
+
+def _is_special(p: Path) -> bool:
+    try:
+        return not (p.is_file() or p.is_dir()) or p.is_socket()
+    except OSError:
+        return True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    # Copy while daemons still run (setup/call), and again after teardown for the final lines.
+    if rep.failed or (rep.when == "teardown" and _KEPT in item.stash):
+        try:
+            dest = _keep_workdir(item)
+        except OSError as exc:
+            rep.sections.append(("pyheadscale logs", f"could not keep logs: {exc}"))
+            return
+        if dest is not None and rep.when != "teardown":
+            logs = sorted(str(p) for p in dest.rglob("*.log"))
+            text = f"work directory kept in {dest}\n" + "\n".join(f"  {p}" for p in logs)
+            rep.sections.append(("pyheadscale logs", text))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Last line of defence against leaked namespaces from this process's topologies.
+    from tests.integration import netns
+
+    for topo in list(netns._LIVE):
+        topo.close()
