@@ -1,0 +1,116 @@
+"""What a map depends on besides the nodes and users: config-derived values and the policy.
+
+A ``MapContext`` is immutable. Whoever builds it (the app) must give a new one a higher
+``generation`` whenever anything in it changes (policy, primary routes, DNS, DERP, base
+domain); the peer-entry cache is keyed by it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
+
+import orjson
+
+from pyheadscale.mapper.dns import DNSSettings, build_dns_config
+from pyheadscale.state.model import IPNetwork, Node
+from pyheadscale.tailcfg import dumps
+
+__all__ = ["ALLOW_ALL_FILTER", "AllowAllPolicy", "MapContext", "Policy"]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the mapper asks of the policy engine (policy/ implements it)."""
+
+    def packet_filter(self, viewer: Node) -> list[dict[str, Any]]:
+        """FilterRules for traffic that may reach ``viewer`` (``[]`` = deny all)."""
+        ...
+
+    def can_see(self, viewer: Node, peer: Node) -> bool:
+        """Whether ``peer`` appears in ``viewer``'s netmap at all."""
+        ...
+
+    def ssh_policy(self, viewer: Node) -> dict[str, Any] | None:
+        """tailcfg.SSHPolicy for ``viewer`` or None."""
+        ...
+
+    def node_capmap(self, viewer: Node) -> dict[str, list[Any]]:
+        """Policy node attributes, overlaid on the baseline self CapMap."""
+        ...
+
+
+# Go's tailcfg FilterAllowAll (control-protocol.md §6.3).
+ALLOW_ALL_FILTER: list[dict[str, Any]] = [
+    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+]
+
+
+class AllowAllPolicy:
+    """Headscale's behaviour without a policy file: allow-all filter, full mesh, no SSH.
+
+    Baseline CapMap entries (is-admin, ssh, file-sharing, default-auto-update) are added by
+    the mapper for every policy, as Headscale's ``TailNode`` does, so none are returned here.
+    """
+
+    def packet_filter(self, viewer: Node) -> list[dict[str, Any]]:
+        return [
+            {"SrcIPs": list(r["SrcIPs"]), "DstPorts": [dict(p) for p in r["DstPorts"]]}
+            for r in ALLOW_ALL_FILTER
+        ]
+
+    def can_see(self, viewer: Node, peer: Node) -> bool:
+        return True
+
+    def ssh_policy(self, viewer: Node) -> dict[str, Any] | None:
+        return None
+
+    def node_capmap(self, viewer: Node) -> dict[str, list[Any]]:
+        return {}
+
+
+@dataclass(frozen=True)
+class MapContext:
+    """Inputs shared by every viewer's map.
+
+    ``domain`` is MapResponse.Domain (Headscale sends the server_url host); empty falls back
+    to ``base_domain``. ``primary_routes`` maps node ID to the subnet/exit routes that node
+    currently serves (approved, announced and elected primary).
+    """
+
+    base_domain: str = ""
+    domain: str = ""
+    dns: DNSSettings = field(default_factory=DNSSettings)
+    derp_map: Mapping[str, Any] = field(default_factory=dict)
+    policy: Policy = field(default_factory=AllowAllPolicy)
+    primary_routes: Mapping[int, Sequence[IPNetwork]] = field(default_factory=dict)
+    taildrop: bool = True  # Headscale taildrop.enabled (default true) -> file-sharing cap
+    auto_update: bool = False  # Headscale auto_update.enabled -> default-auto-update [bool]
+    logtail: bool = False  # Headscale logtail.enabled; false -> Debug.DisableLogTail
+    generation: int = 0
+
+    @property
+    def map_domain(self) -> str:
+        return self.domain or self.base_domain
+
+    @cached_property
+    def dns_config(self) -> dict[str, Any]:
+        return build_dns_config(self.dns, self.base_domain)
+
+    @cached_property
+    def dns_fragment(self) -> orjson.Fragment:
+        # Same for every viewer: encode once per context.
+        return orjson.Fragment(dumps(self.dns_config))
+
+    @cached_property
+    def derp_fragment(self) -> orjson.Fragment:
+        return orjson.Fragment(dumps(dict(self.derp_map)))
+
+    def routes_of(self, node_id: int) -> tuple[IPNetwork, ...]:
+        out = []
+        for r in self.primary_routes.get(node_id, ()):
+            out.append(r if not isinstance(r, str) else ipaddress.ip_network(r, strict=False))
+        return tuple(out)

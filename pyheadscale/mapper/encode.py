@@ -1,0 +1,68 @@
+"""Map-stream framing: JSON (orjson) -> one zstd frame -> u32 LITTLE-endian length prefix.
+
+control-protocol.md §5.2 / P3: current clients always zstd-decode each frame, and the length
+prefix is little-endian (unlike every Noise field).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any
+
+import orjson
+import zstandard
+
+from pyheadscale.tailcfg import dumps
+
+__all__ = ["KEEPALIVE", "FrameError", "compress", "decode_frame", "encode_frame", "to_plain"]
+
+# Fast level: frames are sent once and decoded once; latency beats ratio here.
+_LEVEL = 1
+_MAX_FRAME = 64 << 20  # a sanity bound for decode_frame (tests, debugging)
+_local = threading.local()
+
+
+class FrameError(ValueError):
+    """A map frame is truncated or not zstd."""
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects must not be used from two threads at once: one per thread.
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=_LEVEL, write_content_size=True)
+    return c
+
+
+def compress(data: bytes) -> bytes:
+    return _compressor().compress(data)
+
+
+def encode_frame(obj: Any) -> bytes:
+    """A complete frame for ``obj`` (a MapResponse dict, or already-encoded JSON bytes)."""
+    payload = bytes(obj) if isinstance(obj, bytes | bytearray | memoryview) else dumps(obj)
+    z = compress(payload)
+    return struct.pack("<I", len(z)) + z
+
+
+def decode_frame(frame: bytes) -> tuple[Any, bytes]:
+    """Decode the first frame of ``frame``; returns (JSON value, remaining bytes)."""
+    if len(frame) < 4:
+        raise FrameError("frame shorter than its length prefix")
+    (n,) = struct.unpack_from("<I", frame)
+    if n > _MAX_FRAME or len(frame) < 4 + n:
+        raise FrameError(f"frame claims {n} bytes, {len(frame) - 4} available")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame[4 : 4 + n], max_output_size=_MAX_FRAME)
+    except zstandard.ZstdError as e:
+        raise FrameError(f"not a zstd frame: {e}") from None
+    return orjson.loads(raw), frame[4 + n :]
+
+
+def to_plain(resp: Any) -> Any:
+    """The response as plain Python JSON values (resolves orjson.Fragment entries)."""
+    return orjson.loads(dumps(resp))
+
+
+KEEPALIVE: bytes = encode_frame({"KeepAlive": True})

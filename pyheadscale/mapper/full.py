@@ -1,0 +1,292 @@
+"""(tailnet snapshot, viewer) -> the first, complete MapResponse of a map stream.
+
+Field choices follow Headscale's ``types/node.go TailNode`` and ``mapper/builder.go`` and
+control-protocol.md §5.2, §6 and Appendix B. Large parts shared between viewers (peer entries,
+DERPMap, DNSConfig) are pre-encoded ``orjson.Fragment`` values; ``encode.to_plain`` turns a
+response into plain JSON values for inspection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from pyheadscale.mapper.context import MapContext
+from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, IPNetwork, Node, User
+from pyheadscale.tailcfg import (
+    KeyKind,
+    dumps,
+    encode_key,
+    format_time,
+    host_prefix,
+    stable_node_id,
+)
+
+__all__ = [
+    "CAP_ADMIN",
+    "CAP_FILE_SHARING",
+    "CAP_SSH",
+    "HOME_DERP_CAPVER",
+    "NODE_ATTR_DEFAULT_AUTO_UPDATE",
+    "NODE_ATTR_SUGGEST_EXIT_NODE",
+    "PeerCache",
+    "TAGGED_DEVICES_PROFILE",
+    "fqdn",
+    "full_map",
+    "full_map_and_peers",
+    "node_entry",
+    "peer_entry",
+    "self_node",
+    "user_profile",
+    "user_profiles",
+    "visible_peers",
+]
+
+CAP_ADMIN = "https://tailscale.com/cap/is-admin"
+CAP_SSH = "https://tailscale.com/cap/ssh"
+CAP_FILE_SHARING = "https://tailscale.com/cap/file-sharing"
+NODE_ATTR_DEFAULT_AUTO_UPDATE = "default-auto-update"
+NODE_ATTR_SUGGEST_EXIT_NODE = "suggest-exit-node"
+HOME_DERP_CAPVER = 111  # clients below this need the legacy "DERP": "127.3.3.40:N" string
+LEGACY_DERP_IP = "127.3.3.40"
+
+TAGGED_DEVICES_PROFILE: dict[str, Any] = {
+    "ID": TAGGED_DEVICES_USER_ID,
+    "LoginName": "tagged-devices",
+    "DisplayName": "Tagged Devices",
+}
+
+_EXIT_V4 = ipaddress.ip_network("0.0.0.0/0")
+_EXIT_V6 = ipaddress.ip_network("::/0")
+
+
+def fqdn(node: Node, base_domain: str) -> str:
+    """MagicDNS name with a trailing dot (Headscale ``GetFQDN``; bare label without a domain)."""
+    if not base_domain:
+        return node.given_name
+    return f"{node.given_name}.{base_domain.rstrip('.')}."
+
+
+def _prefix_key(n: IPNetwork) -> tuple[int, int, int]:
+    # netip.Prefix.Compare order: family, address, then length.
+    return (n.version, int(n.network_address), n.prefixlen)
+
+
+def _exit_routes(node: Node) -> list[IPNetwork]:
+    announced = set(node.announced_routes)
+    return [r for r in node.approved_routes if r in (_EXIT_V4, _EXIT_V6) and r in announced]
+
+
+def _home_derp(node: Node) -> int:
+    ni = node.hostinfo.get("NetInfo") if isinstance(node.hostinfo, dict) else None
+    v = ni.get("PreferredDERP") if isinstance(ni, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def node_entry(node: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool) -> dict[str, Any]:
+    """tailcfg.Node without CapMap (which differs between the self and the peer view)."""
+    addrs = [ipaddress.ip_network(host_prefix(a)) for a in node.addresses]
+    routes = list(ctx.routes_of(node.id))
+    for r in _exit_routes(node):
+        if r not in routes:
+            routes.append(r)
+    allowed: list[IPNetwork] = []
+    for p in addrs + routes:
+        if p not in allowed:
+            allowed.append(p)
+    allowed.sort(key=_prefix_key)
+    primary = sorted((r for r in routes if r not in (_EXIT_V4, _EXIT_V6)), key=_prefix_key)
+    expired = node.is_expired(now)
+
+    out: dict[str, Any] = {
+        "ID": node.id,
+        "StableID": stable_node_id(node.id),
+        "Name": fqdn(node, ctx.base_domain),
+        "User": TAGGED_DEVICES_USER_ID if node.is_tagged else (node.user_id or 0),
+        "Key": encode_key(KeyKind.NODE, node.node_key),
+        "KeyExpiry": format_time(node.expiry),
+        "Machine": encode_key(KeyKind.MACHINE, node.machine_key),
+        "DiscoKey": encode_key(KeyKind.DISCO, node.disco_key),
+        "Addresses": [str(a) for a in addrs],
+        "AllowedIPs": [str(p) for p in allowed],  # always explicit (capver < 112 needs it)
+    }
+    if node.endpoints:
+        out["Endpoints"] = list(node.endpoints)
+    home = _home_derp(node)
+    if home:
+        if legacy_derp:
+            out["DERP"] = f"{LEGACY_DERP_IP}:{home}"
+        out["HomeDERP"] = home
+    out["Hostinfo"] = node.hostinfo
+    out["Created"] = format_time(node.created_at)
+    if node.capver:
+        out["Cap"] = node.capver
+    if node.tags:
+        out["Tags"] = list(node.tags)
+    if primary:
+        out["PrimaryRoutes"] = [str(p) for p in primary]
+    # LastSeen only for offline nodes: with Online=true it confuses clients (Headscale).
+    if not node.online and node.last_seen is not None:
+        out["LastSeen"] = format_time(node.last_seen)
+    out["Online"] = node.online
+    out["MachineAuthorized"] = True  # P20: false would park the client in NeedsMachineAuth
+    if expired:
+        out["Expired"] = True
+    return out
+
+
+def self_node(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
+    """The viewer's own Node with its CapMap: Headscale's baseline overlaid by policy attrs."""
+    out = node_entry(viewer, ctx, now, legacy_derp=0 < viewer.capver < HOME_DERP_CAPVER)
+    capmap: dict[str, list[Any]] = {CAP_ADMIN: [], CAP_SSH: []}
+    if ctx.taildrop:
+        capmap[CAP_FILE_SHARING] = []
+    capmap[NODE_ATTR_DEFAULT_AUTO_UPDATE] = [ctx.auto_update]
+    capmap.update(ctx.policy.node_capmap(viewer) or {})
+    out["CapMap"] = capmap
+    return out
+
+
+def peer_entry(peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool) -> dict[str, Any]:
+    """A peer as seen by others. Its CapMap carries only caps clients read from peers
+    (suggest-exit-node for an approved exit node, Headscale ``PeerCapMap``)."""
+    out = node_entry(peer, ctx, now, legacy_derp=legacy_derp)
+    if _exit_routes(peer):
+        caps = ctx.policy.node_capmap(peer) or {}
+        if NODE_ATTR_SUGGEST_EXIT_NODE in caps:
+            out["CapMap"] = {NODE_ATTR_SUGGEST_EXIT_NODE: caps[NODE_ATTR_SUGGEST_EXIT_NODE]}
+    return out
+
+
+class PeerCache:
+    """Encoded peer entries shared by all viewers.
+
+    Keyed by (node.id, node.version, ctx.generation, expired-now, legacy DERP string). A new
+    version or generation replaces the node's old entries. Not locked: use one per event loop.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple[int, int, bool], dict[bool, orjson.Fragment]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return sum(len(v[1]) for v in self._entries.values())
+
+    def get(
+        self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool
+    ) -> orjson.Fragment:
+        stamp = (peer.version, ctx.generation, peer.is_expired(now))
+        slot = self._entries.get(peer.id)
+        if slot is None or slot[0] != stamp:
+            slot = (stamp, {})
+            self._entries[peer.id] = slot
+        frag = slot[1].get(legacy_derp)
+        if frag is None:
+            self.misses += 1
+            frag = orjson.Fragment(dumps(peer_entry(peer, ctx, now, legacy_derp=legacy_derp)))
+            slot[1][legacy_derp] = frag
+        else:
+            self.hits += 1
+        return frag
+
+    def forget(self, node_id: int) -> None:
+        self._entries.pop(node_id, None)
+
+
+def user_profile(user: User) -> dict[str, Any]:
+    """tailcfg.UserProfile as Headscale builds it (``TailscaleUserProfile``)."""
+    login = user.email or user.name or (user.provider_identifier or "") or str(user.id)
+    out: dict[str, Any] = {
+        "ID": user.id,
+        "LoginName": login,
+        "DisplayName": user.display_name or login,
+    }
+    if user.profile_pic_url:
+        out["ProfilePicURL"] = user.profile_pic_url
+    return out
+
+
+def user_profiles(owners: Iterable[Node], users: Mapping[int, User]) -> list[dict[str, Any]]:
+    """Profiles of the given nodes' owners, by ID; tagged nodes map to "tagged-devices"."""
+    found: dict[int, dict[str, Any]] = {}
+    for n in owners:
+        if n.is_tagged:
+            found[TAGGED_DEVICES_USER_ID] = TAGGED_DEVICES_PROFILE
+        elif n.user_id is not None and n.user_id not in found:
+            u = users.get(n.user_id)
+            if u is not None:
+                found[n.user_id] = user_profile(u)
+    return [dict(found[k]) for k in sorted(found)]
+
+
+def _node_iter(nodes: Mapping[int, Node] | Iterable[Node]) -> Iterable[Node]:
+    return nodes.values() if isinstance(nodes, Mapping) else nodes
+
+
+def _user_map(users: Mapping[int, User] | Iterable[User]) -> Mapping[int, User]:
+    return users if isinstance(users, Mapping) else {u.id: u for u in users}
+
+
+def visible_peers(
+    nodes: Mapping[int, Node] | Iterable[Node], viewer: Node, ctx: MapContext
+) -> list[Node]:
+    """Peers the viewer may see, sorted by ID, never the viewer itself (P8).
+
+    Expired peers stay (with Expired=true), as in Headscale.
+    """
+    can_see = ctx.policy.can_see
+    peers = [n for n in _node_iter(nodes) if n.id != viewer.id and can_see(viewer, n)]
+    peers.sort(key=lambda n: n.id)
+    return peers
+
+
+def full_map_and_peers(
+    nodes: Mapping[int, Node] | Iterable[Node],
+    users: Mapping[int, User] | Iterable[User],
+    viewer: Node,
+    ctx: MapContext,
+    now: datetime,
+    cache: PeerCache | None = None,
+) -> tuple[dict[str, Any], set[int]]:
+    """The full MapResponse and the set of peer IDs it carries (the stream's known peers)."""
+    cache = cache if cache is not None else PeerCache()
+    users = _user_map(users)
+    peers = visible_peers(nodes, viewer, ctx)
+    legacy = 0 < viewer.capver < HOME_DERP_CAPVER
+    resp: dict[str, Any] = {
+        "ControlTime": format_time(now),
+        "Node": self_node(viewer, ctx, now),
+        "DERPMap": ctx.derp_fragment,
+        "CollectServices": False,
+        "DNSConfig": ctx.dns_fragment,
+        "PacketFilter": list(ctx.policy.packet_filter(viewer)),  # [] would mean deny-all (P6)
+        "UserProfiles": user_profiles([viewer, *peers], users),
+    }
+    domain = ctx.map_domain
+    if domain:
+        resp["Domain"] = domain
+    if not ctx.logtail:
+        resp["Debug"] = {"DisableLogTail": True}
+    ssh = ctx.policy.ssh_policy(viewer)
+    if ssh and ssh.get("Rules"):
+        resp["SSHPolicy"] = ssh
+    if peers:  # an empty Peers would mean "unchanged" (P5): omit instead
+        resp["Peers"] = [cache.get(p, ctx, now, legacy_derp=legacy) for p in peers]
+    return resp, {p.id for p in peers}
+
+
+def full_map(
+    nodes: Mapping[int, Node] | Iterable[Node],
+    users: Mapping[int, User] | Iterable[User],
+    viewer: Node,
+    ctx: MapContext,
+    now: datetime,
+    cache: PeerCache | None = None,
+) -> dict[str, Any]:
+    """The first MapResponse of a stream for ``viewer``."""
+    return full_map_and_peers(nodes, users, viewer, ctx, now, cache)[0]
