@@ -1,0 +1,735 @@
+"""DERP relay core: per-connection state machine, routing by node key, queues, mesh.
+
+One ``ClientConn`` (an asyncio.Protocol) per upgraded connection.  The reader parses frames
+inline in ``data_received`` and routes a SendPacket by enqueuing it on the destination's
+bounded deques (32 data + 32 disco) that drop from the head; it never waits on a slow
+receiver.  Writes are batched: every connection with queued frames is flushed once per
+event-loop iteration with one ``transport.write`` of the joined frames.  When a transport's
+buffer is full (``pause_writing``) frames stay in the head-drop queues and a write timeout
+(2 s, 30 s for mesh peers) closes the stalled connection, as derper does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import protocol as p
+
+log = logging.getLogger("derp.server")
+
+VerifyClient = Callable[[bytes, str], Awaitable[bool]]
+
+QUEUE_DEPTH = 32
+WRITE_TIMEOUT = 2.0
+MESH_WRITE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0
+WRITE_HIGH_WATER = 256 << 10
+
+_HDR_PACK = struct.Struct(">BI").pack
+_RECV = p.FrameType.RECV_PACKET
+_SEND_MAX = p.KEY_LEN + p.MAX_PACKET_SIZE
+_FWD_MAX = 2 * p.KEY_LEN + p.MAX_PACKET_SIZE
+_DISCO0 = p.DISCO_MAGIC[0]
+_DISCO = p.DISCO_MAGIC
+_DISCO_MIN = p.DISCO_MIN_LEN
+
+_ST_HANDSHAKE, _ST_VERIFY, _ST_RUN, _ST_CLOSED = range(4)
+
+
+class PacketForwarder(Protocol):
+    """Something that can carry a packet to another relay of the region (a mesh link)."""
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes | memoryview) -> None: ...
+
+
+@dataclass
+class Stats:
+    """Counters named after derper's expvars; drop reasons as in derp_packets_dropped."""
+
+    packets_received: int = 0
+    packets_sent: int = 0
+    packets_forwarded_out: int = 0
+    packets_forwarded_in: int = 0
+    accepts: int = 0
+    current_connections: int = 0
+    home_connections: int = 0
+    got_ping: int = 0
+    sent_pong: int = 0
+    peer_gone_disconnected_frames: int = 0
+    peer_gone_not_here_frames: int = 0
+    write_timeouts: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {
+        "unknown_dest": 0, "unknown_dest_on_fwd": 0, "gone_disconnected": 0,
+        "queue_head": 0, "queue_tail": 0, "write_error": 0, "dup_client": 0,
+    })
+
+
+class _DupSet:
+    __slots__ = ("conns", "history")
+
+    def __init__(self, conns: list[ClientConn], history: list[ClientConn]) -> None:
+        self.conns = conns
+        self.history = history
+
+
+class DerpServer:
+    """A DERP relay, independent of how connections arrive.
+
+    ``private_key`` is the 32-byte Curve25519 DERP key (keep it distinct from the Noise key).
+    ``verify_client(node_key_raw32, source_ip)`` decides admission; a refused client is
+    closed after its ClientInfo, without a ServerInfo.  Clients presenting ``mesh_key`` (64 hex
+    chars) are trusted mesh peers: never verified, allowed ForwardPacket/WatchConns/ClosePeer.
+
+    Serve it with ``derp.http.serve_derp(server, host, port, ssl_context)``; connect it to the
+    other relays of its region with ``add_mesh_peer(url)``.
+    """
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        verify_client: VerifyClient | None = None,
+        mesh_key: str | None = None,
+        queue_depth: int = QUEUE_DEPTH,
+        write_timeout: float = WRITE_TIMEOUT,
+    ) -> None:
+        if len(private_key) != 32:
+            raise ValueError("DERP private key must be 32 bytes")
+        self.private_key = bytes(private_key)
+        self.public_key = p.public_key_of(self.private_key)
+        self.verify_client = verify_client
+        if mesh_key is not None:
+            mesh_key = mesh_key.strip().lower()
+            if len(mesh_key) != 64 or not all(c in "0123456789abcdef" for c in mesh_key):
+                raise ValueError("mesh key must be 64 hex characters")
+        self.mesh_key = mesh_key or None
+        self.queue_depth = queue_depth
+        self.write_timeout = write_timeout
+        self.stats = Stats()
+        self.server_key_frame = p.server_key_frame(self.public_key)
+        # key -> active connection (the routing fast path)
+        self._active: dict[bytes, ClientConn] = {}
+        # key -> every live connection of that key, only for keys with >= 2 connections
+        self._dups: dict[bytes, _DupSet] = {}
+        self._all: set[ClientConn] = set()
+        # key -> forwarders (mesh links) that announced it, earliest first
+        self._forwarders: dict[bytes, list[PacketForwarder]] = {}
+        self._watchers: set[ClientConn] = set()
+        # src key -> {dst key: dst connection that received from src}: PeerGone on src's exit
+        self._sent_to: dict[bytes, dict[bytes, ClientConn]] = {}
+        self._dirty: list[ClientConn] = []
+        self._flush_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mesh_links: list[Any] = []
+
+    # ----------------------------------------------------------------------------- connections
+
+    def new_connection(self, peer_ip: str = "", peer_port: int = 0, *,
+                       not_ideal: bool = False) -> ClientConn:
+        """A protocol object for one upgraded connection (the HTTP layer calls this)."""
+        return ClientConn(self, peer_ip, peer_port, not_ideal)
+
+    def connection_count(self) -> int:
+        return len(self._all)
+
+    def is_connected(self, key: bytes) -> bool:
+        return key in self._active or key in self._dups
+
+    def _loop_get(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _register(self, c: ClientConn) -> None:
+        key = c.key
+        self._all.add(c)
+        self.stats.accepts += 1
+        self.stats.current_connections = len(self._all)
+        cur = self._active.get(key)
+        dup = self._dups.get(key)
+        if dup is not None:
+            dup.conns.append(c)
+            c.is_dup = True
+            self._active[key] = c
+        elif cur is not None:
+            cur.is_dup = True
+            c.is_dup = True
+            self._dups[key] = _DupSet([cur, c], [cur])
+            self._active[key] = c
+        else:
+            self._active[key] = c
+        if self._watchers:
+            frame = c.present_frame()
+            for w in self._watchers:
+                w.enqueue_ctrl(frame)
+
+    def _unregister(self, c: ClientConn) -> None:
+        if c not in self._all:
+            return
+        self._all.discard(c)
+        self._watchers.discard(c)
+        self.stats.current_connections = len(self._all)
+        if c.preferred:
+            self.stats.home_connections -= 1
+        key = c.key
+        dup = self._dups.get(key)
+        gone = False
+        if dup is not None:
+            if c in dup.conns:
+                dup.conns.remove(c)
+            hist: list[ClientConn] = []
+            for h in dup.history:
+                if h in dup.conns and (not hist or hist[-1] is not h):
+                    hist.append(h)
+            dup.history = hist
+            if len(dup.conns) == 1:
+                only = dup.conns[0]
+                only.is_dup = False
+                del self._dups[key]
+                self._active[key] = only
+            elif self._active.get(key) is c:
+                if hist:
+                    self._active[key] = hist[-1]
+                else:
+                    del self._active[key]
+        elif self._active.get(key) is c:
+            del self._active[key]
+            gone = True
+        # the sender side of PeerGone: this connection no longer wants notices
+        for src in c.heard_from:
+            m = self._sent_to.get(src)
+            if m is not None and m.get(key) is c:
+                del m[key]
+                if not m:
+                    del self._sent_to[src]
+        if gone:
+            if self._watchers:
+                frame = p.peer_gone_frame(key, p.PeerGoneReason.DISCONNECTED)
+                for w in self._watchers:
+                    w.enqueue_ctrl(frame)
+            if not self._forwarders.get(key):
+                self._peer_gone_from_region(key)
+
+    def _peer_gone_from_region(self, key: bytes) -> None:
+        watchers = self._sent_to.pop(key, None)
+        if not watchers:
+            return
+        frame = p.peer_gone_frame(key, p.PeerGoneReason.DISCONNECTED)
+        for dconn in watchers.values():
+            if dconn._state == _ST_RUN:
+                dconn.heard_from.discard(key)
+                dconn.enqueue_ctrl(frame)
+                self.stats.peer_gone_disconnected_frames += 1
+
+    def _note_heard(self, dst: ClientConn, src: bytes) -> None:
+        dst.heard_from.add(src)
+        self._sent_to.setdefault(src, {})[dst.key] = dst
+
+    def _make_active(self, c: ClientConn) -> None:
+        """lastWriterIsActive: any frame read from a duplicate makes it the active one."""
+        dup = self._dups.get(c.key)
+        if dup is None:
+            c.is_dup = False
+            return
+        if self._active.get(c.key) is not c:
+            self._active[c.key] = c
+        if not dup.history or dup.history[-1] is not c:
+            dup.history.append(c)
+            if len(dup.history) > 64:
+                del dup.history[:32]
+
+    def close_peer(self, key: bytes) -> int:
+        """Close every connection of ``key``; returns how many were closed."""
+        conns = [c for c in self._all if c.key == key]
+        for c in conns:
+            c.close()
+        return len(conns)
+
+    # ------------------------------------------------------------------------------ routing
+
+    def _route_slow(self, src_conn: ClientConn, dst: bytes, pkt: memoryview) -> None:
+        fws = self._forwarders.get(dst)
+        if fws:
+            self.stats.packets_forwarded_out += 1
+            try:
+                fws[0].forward(src_conn.key, dst, pkt)
+            except Exception:  # a broken mesh link must not kill the sender's reader
+                log.debug("mesh forward failed", exc_info=True)
+            return
+        if dst in self._dups:
+            self.stats.dropped["dup_client"] += 1
+            return
+        self.stats.dropped["unknown_dest"] += 1
+        if len(pkt) >= _DISCO_MIN and pkt[:6] == _DISCO:
+            src_conn.maybe_not_here(dst)
+
+    def deliver_forwarded(self, src: bytes, dst: bytes, pkt: bytes | memoryview) -> None:
+        """A packet that came from a mesh peer: local delivery only, never re-forwarded."""
+        c = self._active.get(dst)
+        if c is None:
+            self.stats.dropped["unknown_dest_on_fwd"] += 1
+            return
+        self.stats.packets_forwarded_in += 1
+        c.enqueue_packet(src, pkt)
+
+    def _mark_dirty(self, c: ClientConn) -> None:
+        self._dirty.append(c)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop_get().call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_pending = False
+        dirty = self._dirty
+        self._dirty = []
+        for c in dirty:
+            c.flush()
+
+    # --------------------------------------------------------------------------------- mesh
+
+    def add_packet_forwarder(self, key: bytes, fw: PacketForwarder) -> None:
+        lst = self._forwarders.setdefault(key, [])
+        if fw not in lst:
+            lst.append(fw)
+
+    def remove_packet_forwarder(self, key: bytes, fw: PacketForwarder) -> None:
+        lst = self._forwarders.get(key)
+        if not lst or fw not in lst:
+            return
+        lst.remove(fw)
+        if not lst:
+            del self._forwarders[key]
+            if not self.is_connected(key):
+                self._peer_gone_from_region(key)
+
+    def add_mesh_peer(self, url: str, *, ssl: Any = None, retry_interval: float = 5.0,
+                      server_hostname: str | None = None) -> Any:
+        """Start a mesh link to another relay of the region (``http(s)://host[:port]/derp``).
+
+        The link authenticates with this server's own DERP key and the mesh key, sends
+        WatchConns and learns which keys live there; packets for them go out as ForwardPacket.
+        Returns the ``MeshLink`` (call ``await link.close()`` to stop it).  Requires mesh_key.
+        """
+        from .mesh import MeshLink
+
+        if not self.mesh_key:
+            raise ValueError("add_mesh_peer needs a mesh_key")
+        link = MeshLink(self, url, ssl=ssl, retry_interval=retry_interval,
+                        server_hostname=server_hostname)
+        self._mesh_links.append(link)
+        link.start()
+        return link
+
+    async def close(self) -> None:
+        """Stop mesh links and close every client connection."""
+        for link in self._mesh_links:
+            await link.close()
+        self._mesh_links.clear()
+        for c in list(self._all):
+            c.close()
+        for c in list(self._all):
+            self._unregister(c)
+
+
+class ClientConn(asyncio.Protocol):
+    """One DERP connection after the HTTP upgrade (handshake, then frame loop)."""
+
+    def __init__(self, server: DerpServer, peer_ip: str, peer_port: int, not_ideal: bool) -> None:
+        self.server = server
+        self.peer_ip = peer_ip
+        self.peer_port = peer_port
+        self.not_ideal = not_ideal
+        self.key = b""
+        self.info: p.ClientInfo | None = None
+        self.can_mesh = False
+        self.is_dup = False
+        self.preferred = False
+        self.heard_from: set[bytes] = set()
+        self.transport: Any = None
+        self._state = _ST_HANDSHAKE
+        self._buf = b""
+        self._skip = 0
+        depth = server.queue_depth
+        self._data: deque[tuple[bytes, Any]] = deque(maxlen=depth)
+        self._disco: deque[tuple[bytes, Any]] = deque(maxlen=depth)
+        self._ctrl: list[bytes] = []
+        self._pong_pending = False
+        self._dirty = False
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._wtimer: asyncio.TimerHandle | None = None
+        self._nh_tokens = 3.0
+        self._nh_last = 0.0
+        self._verify_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        loop = self.server._loop_get()
+        self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        try:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        except (AttributeError, NotImplementedError):
+            pass
+
+    def start(self, transport: Any, prefix: bytes = b"", surplus: bytes = b"") -> None:
+        """Attach to a transport: write ``prefix`` (the 101 response) + ServerKey in one write,
+        then parse ``surplus`` (bytes that arrived after the request head)."""
+        self.connection_made(transport)
+        transport.write(prefix + self.server.server_key_frame)
+        if surplus:
+            self.data_received(surplus)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _ST_CLOSED and self.transport is None:
+            return
+        self._state = _ST_CLOSED
+        self._cancel_timers()
+        if self._verify_task is not None:
+            self._verify_task.cancel()
+        self._data.clear()
+        self._disco.clear()
+        self._ctrl.clear()
+        self.transport = None
+        self.server._unregister(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._wtimer is None and self._state == _ST_RUN:
+            timeout = MESH_WRITE_TIMEOUT if self.can_mesh else self.server.write_timeout
+            if timeout > 0:
+                self._wtimer = self.server._loop_get().call_later(timeout, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._wtimer is not None:
+            self._wtimer.cancel()
+            self._wtimer = None
+        if (self._data or self._disco or self._ctrl) and not self._dirty:
+            self._dirty = True
+            self.server._mark_dirty(self)
+
+    def _write_timeout(self) -> None:
+        self._wtimer = None
+        self.server.stats.write_timeouts += 1
+        self.abort()
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self._state in (_ST_HANDSHAKE, _ST_VERIFY):
+            self.abort()
+
+    def _cancel_timers(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._wtimer is not None:
+            self._wtimer.cancel()
+            self._wtimer = None
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            # flush what is queued, then close
+            self.flush()
+            t.close()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    # ----------------------------------------------------------------------------- reading
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        st = self._state
+        if st == _ST_RUN:
+            self._process(data)
+        elif st == _ST_HANDSHAKE:
+            self._handshake(data)
+        elif st == _ST_VERIFY:
+            if len(data) > 4 * p.MAX_PACKET_SIZE:
+                self.abort()  # a client may pipeline, but not without bound
+                return
+            self._buf = data
+
+    def _handshake(self, data: bytes) -> None:
+        if len(data) < 5:
+            self._buf = data
+            return
+        ftype, flen = p.unpack_header(data, 0)
+        if ftype != p.FrameType.CLIENT_INFO or flen < p.CLIENT_INFO_MIN or \
+                flen > p.CLIENT_INFO_MAX:
+            self.abort()
+            return
+        end = 5 + flen
+        if len(data) < end:
+            self._buf = data
+            return
+        try:
+            key, info = p.open_client_info(self.server.private_key, data[5:end])
+        except p.DerpProtocolError:
+            self.abort()
+            return
+        self.key = key
+        self.info = info
+        rest = data[end:]
+        srv = self.server
+        if srv.mesh_key and info.mesh_key and hmac.compare_digest(
+                info.mesh_key.encode(), srv.mesh_key.encode()):
+            self.can_mesh = True
+        if self.can_mesh or srv.verify_client is None:
+            self._admit(rest)
+            return
+        self._state = _ST_VERIFY
+        self._buf = rest
+        self._verify_task = srv._loop_get().create_task(self._verify(srv.verify_client))
+
+    async def _verify(self, verify: VerifyClient) -> None:
+        try:
+            ok = await verify(self.key, self.peer_ip)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("verify_client raised; refusing %s", self.key.hex()[:16], exc_info=True)
+            ok = False
+        self._verify_task = None
+        if self._state != _ST_VERIFY:
+            return
+        if not ok:
+            log.info("refused client nodekey:%s from %s", self.key.hex(), self.peer_ip)
+            self.abort()
+            return
+        rest = self._buf
+        self._buf = b""
+        self._admit(rest)
+
+    def _admit(self, rest: bytes) -> None:
+        srv = self.server
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.write(p.server_info_frame(srv.private_key, self.key))
+        self._state = _ST_RUN
+        srv._register(self)
+        loop = srv._loop_get()
+        self._timer = loop.call_later(
+            p.KEEPALIVE_INTERVAL + random.random() * p.KEEPALIVE_JITTER, self._keepalive)
+        if rest:
+            self._process(rest)
+
+    def _keepalive(self) -> None:
+        if self._state != _ST_RUN:
+            return
+        self.enqueue_ctrl(p.KEEP_ALIVE_FRAME)
+        self._timer = self.server._loop_get().call_later(
+            p.KEEPALIVE_INTERVAL + random.random() * p.KEEPALIVE_JITTER, self._keepalive)
+
+    def _process(self, data: bytes) -> None:
+        """Parse and act on every complete frame in ``data``; keep the remainder."""
+        n = len(data)
+        off = 0
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                return
+            off = self._skip
+            self._skip = 0
+        srv = self.server
+        if self.is_dup:
+            srv._make_active(self)
+        active = srv._active
+        mv: memoryview | None = None
+        npk = 0
+        while n - off >= 5:
+            ftype = data[off]
+            flen = int.from_bytes(data[off + 1:off + 5], "big")
+            end = off + 5 + flen
+            if ftype == 4:  # SendPacket, the hot path
+                if flen < 32 or flen > _SEND_MAX:
+                    self.abort()
+                    return
+                if end > n:
+                    break
+                if mv is None:
+                    mv = memoryview(data)
+                dst = data[off + 5:off + 37]
+                npk += 1
+                c = active.get(dst)
+                if c is not None:
+                    c.enqueue_packet(self.key, mv[off + 37:end])
+                else:
+                    srv._route_slow(self, dst, mv[off + 37:end])
+                off = end
+                continue
+            if ftype in _HANDLED:
+                if flen > _HANDLED[ftype]:
+                    self.abort()
+                    return
+                if end > n:
+                    break
+                if not self._control(ftype, data[off + 5:end]):
+                    return
+                off = end
+                continue
+            # unknown (or client-side) type: discard its payload, streaming if needed
+            if end > n:
+                self._skip = end - n
+                off = n
+                break
+            off = end
+        srv.stats.packets_received += npk
+        if off < n and self._state == _ST_RUN:
+            self._buf = data[off:]
+
+    def _control(self, ftype: int, payload: bytes) -> bool:
+        """Handle a non-SendPacket frame; False means the connection was closed."""
+        n = len(payload)
+        srv = self.server
+        if ftype == 0x12:  # Ping
+            if n < p.PING_MIN:
+                self.abort()
+                return False
+            srv.stats.got_ping += 1
+            if not self._pong_pending:
+                self._pong_pending = True
+                self.enqueue_ctrl(b"\x13\x00\x00\x00\x08" + payload[:8])
+            return True
+        if ftype == 0x07:  # NotePreferred
+            if n != 1:
+                self.abort()
+                return False
+            pref = payload[0] != 0
+            if pref != self.preferred:
+                self.preferred = pref
+                srv.stats.home_connections += 1 if pref else -1
+            return True
+        if ftype == 0x0A:  # ForwardPacket
+            if not self.can_mesh or n < 64:
+                self.abort()
+                return False
+            srv.deliver_forwarded(payload[:32], payload[32:64], memoryview(payload)[64:])
+            return True
+        if ftype == 0x10:  # WatchConns
+            if not self.can_mesh or n != 0:
+                self.abort()
+                return False
+            if self not in srv._watchers:
+                srv._watchers.add(self)
+                for c in srv._active.values():
+                    self.enqueue_ctrl(c.present_frame())
+            return True
+        if ftype == 0x11:  # ClosePeer
+            if not self.can_mesh or n != 32:
+                self.abort()
+                return False
+            srv.close_peer(payload)
+            return True
+        return True
+
+    # ----------------------------------------------------------------------------- writing
+
+    def enqueue_packet(self, src: bytes, pkt: Any) -> None:
+        """Queue RecvPacket(src, pkt); head-drop when full.  Never blocks."""
+        if self._state != _ST_RUN:
+            self.server.stats.dropped["gone_disconnected"] += 1
+            return
+        if src not in self.heard_from:
+            self.server._note_heard(self, src)
+        if len(pkt) >= _DISCO_MIN and pkt[0] == _DISCO0 and pkt[:6] == _DISCO:
+            q = self._disco
+        else:
+            q = self._data
+        if len(q) == q.maxlen:
+            if not self._paused:
+                # a burst bigger than the queue while the socket is writable: write the
+                # batch now rather than drop; head-drop only when the peer is backed up
+                self.flush()
+            else:
+                self.server.stats.dropped["queue_head"] += 1
+        q.append((src, pkt))
+        if not self._dirty and not self._paused:
+            self._dirty = True
+            self.server._mark_dirty(self)
+
+    def enqueue_ctrl(self, frame: bytes) -> None:
+        if self._state != _ST_RUN:
+            return
+        self._ctrl.append(frame)
+        if not self._dirty and not self._paused:
+            self._dirty = True
+            self.server._mark_dirty(self)
+
+    def flush(self) -> None:
+        self._dirty = False
+        t = self.transport
+        if t is None or self._paused:
+            return
+        parts: list[Any] = []
+        if self._ctrl:
+            if self._pong_pending:
+                self._pong_pending = False
+                self.server.stats.sent_pong += 1
+            parts.extend(self._ctrl)
+            self._ctrl.clear()
+        npk = 0
+        for q in (self._disco, self._data):
+            if q:
+                npk += len(q)
+                for src, pkt in q:
+                    parts.append(_HDR_PACK(_RECV, 32 + len(pkt)))
+                    parts.append(src)
+                    parts.append(pkt)
+                q.clear()
+        if parts:
+            self.server.stats.packets_sent += npk
+            try:
+                t.write(b"".join(parts))
+            except Exception:
+                self.server.stats.dropped["write_error"] += npk
+                self.abort()
+
+    def present_frame(self) -> bytes:
+        flags = 0
+        if self.can_mesh:
+            flags |= p.PeerPresentFlags.IS_MESH_PEER
+        if self.info is not None and self.info.is_prober:
+            flags |= p.PeerPresentFlags.IS_PROBER
+        if self.not_ideal:
+            flags |= p.PeerPresentFlags.NOT_IDEAL
+        return p.peer_present_frame(self.key, p.ipv6_mapped(self.peer_ip),
+                                    self.peer_port & 0xFFFF, flags or 1)
+
+    def maybe_not_here(self, dst: bytes) -> None:
+        """PeerGone(NotHere) for a disco packet to an unknown key, 1/s burst 3."""
+        now = self.server._loop_get().time()
+        self._nh_tokens = min(3.0, self._nh_tokens + (now - self._nh_last))
+        self._nh_last = now
+        if self._nh_tokens >= 1.0:
+            self._nh_tokens -= 1.0
+            self.server.stats.peer_gone_not_here_frames += 1
+            self.enqueue_ctrl(p.peer_gone_frame(dst, p.PeerGoneReason.NOT_HERE))
+
+
+# frame type -> max payload for the frames the server acts on (besides SendPacket)
+_HANDLED: dict[int, int] = {
+    0x07: 1,
+    0x0A: _FWD_MAX,
+    0x10: 0,
+    0x11: 32,
+    0x12: p.PING_MAX,
+}
