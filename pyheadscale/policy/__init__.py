@@ -1,0 +1,293 @@
+"""Policy engine: HuJSON policy -> per-node packet filter, visibility, SSH policy, CapMap.
+
+`PolicyManager` is what the mapper talks to. It is pure (no I/O); build it from the policy
+text and a snapshot of users and nodes, and call `update()` when those change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pyheadscale.policy.autoapprove import AutoApprover
+from pyheadscale.policy.checks import run_policy_tests
+from pyheadscale.policy.compile import (
+    FILTER_ALLOW_ALL,
+    CompiledGrant,
+    Matcher,
+    NodeInfo,
+    Resolver,
+    can_access,
+    compile_grants,
+    compile_node_attrs,
+    global_rules,
+    has_per_node_grants,
+    node_rules,
+    reduce_rules,
+    via_app_pairs,
+)
+from pyheadscale.policy.errors import PolicyError, PolicyTestError
+from pyheadscale.policy.hujson import HuJSONError
+from pyheadscale.policy.model import Alias, Policy, goquote, parse_policy
+from pyheadscale.policy.ssh import compile_ssh_policy, localpart_domain, run_ssh_tests
+from pyheadscale.state.model import Node, User
+
+__all__ = ["HuJSONError", "PolicyError", "PolicyManager", "PolicyTestError", "parse_policy"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _user_aliases(pol: Policy) -> Iterable[tuple[str, str]]:
+    """(path, token) for every user token the policy mentions."""
+    for g, members in pol.groups.items():
+        for m in members:
+            yield f"groups[{goquote(g)}]", m
+    for t, owners in pol.tag_owners.items():
+        for o in owners:
+            if o.kind == "user":
+                yield f"tagOwners[{goquote(t)}]", o.text
+    for net, approvers in pol.auto_approve_routes.items():
+        for a in approvers:
+            if a.kind == "user":
+                yield f"autoApprovers.routes[{goquote(str(net))}]", a.text
+    for a in pol.auto_approve_exit:
+        if a.kind == "user":
+            yield "autoApprovers.exitNode", a.text
+    for i, acl in enumerate(pol.acls or []):
+        for al in [*acl.src, *(d.alias for d in acl.dst)]:
+            if al.kind == "user":
+                yield f"acls[{i}]", al.text
+    for i, rule in enumerate(pol.ssh):
+        for al in [*rule.src, *rule.dst]:
+            if al.kind == "user":
+                yield f"ssh[{i}]", al.text
+
+
+def _all_aliases(pol: Policy) -> Iterable[Alias]:
+    for acl in pol.acls or []:
+        yield from acl.src
+        yield from (d.alias for d in acl.dst)
+    for g in pol.grants or []:
+        yield from g.src
+        yield from g.dst
+    for r in pol.ssh:
+        yield from r.src
+        yield from r.dst
+    for na in pol.node_attrs:
+        yield from na.target
+
+
+class PolicyManager:
+    """Compiled policy for one snapshot of users and nodes.
+
+    policy_text None (or blank) means no policy: allow-all, as Headscale does.
+    tailnet_domains, when given, are the e-mail domains `user:*@<domain>` and
+    `localpart:*@<domain>` may name (the hosted control plane refuses others).
+    run_tests: evaluate the policy's `tests`/`sshTests` and refuse it if any fails
+    (Headscale does so on `policy set`; at boot it only warns, so pass False there).
+    """
+
+    def __init__(
+        self,
+        policy_text: str | bytes | None,
+        users: Sequence[User],
+        nodes: Sequence[Node],
+        *,
+        server_url: str = "",
+        tailnet_domains: Iterable[str] | None = None,
+        run_tests: bool = True,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.policy: Policy | None = parse_policy(policy_text)
+        self.tailnet_domains = set(tailnet_domains) if tailnet_domains is not None else None
+        self._users: list[User] = list(users)
+        self._nodes: list[Node] = list(nodes)
+        self._check_domains()
+        self._recompute()
+        self._check_user_references()
+        if run_tests:
+            failures = self.test_failures()
+            if failures:
+                raise PolicyTestError(failures)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def update(
+        self, users: Sequence[User] | None = None, nodes: Sequence[Node] | None = None
+    ) -> None:
+        """Recompute after users and/or nodes changed."""
+        if users is not None:
+            self._users = list(users)
+        if nodes is not None:
+            self._nodes = list(nodes)
+        self._recompute()
+
+    def _recompute(self) -> None:
+        self._infos = [NodeInfo.of(n) for n in self._nodes]
+        self._by_id = {i.id: i for i in self._infos}
+        pol = self.policy
+        self._res = Resolver(pol or Policy(), self._users, self._infos)
+        self._grants: list[CompiledGrant] = compile_grants(pol, self._res) if pol else []
+        self._per_node = has_per_node_grants(self._grants)
+        self._global = global_rules(self._grants) if pol else list(FILTER_ALLOW_ALL)
+        self._global_matchers = [Matcher.of(r) for r in self._global]
+        self._node_attrs = compile_node_attrs(pol, self._res)
+        self._auto = AutoApprover(pol, self._res)
+        self._via_app = via_app_pairs(pol, self._res) if pol else []
+        self._unreduced: dict[int, list[dict[str, Any]]] = {}
+        self._matchers: dict[int, list[Matcher]] = {}
+        self._filters: dict[int, list[dict[str, Any]]] = {}
+        self._ssh: dict[int, dict[str, Any] | None] = {}
+        self._peers: dict[int, set[int]] = {}
+
+    def _check_domains(self) -> None:
+        if self.policy is None or self.tailnet_domains is None:
+            return
+        errs = []
+        for i, rule in enumerate(self.policy.ssh):
+            for u in rule.users:
+                d = localpart_domain(u)
+                if d is not None and d not in self.tailnet_domains:
+                    errs.append(
+                        f"ssh[{i}].users: [ssh] {d} is not associated with this Tailnet and "
+                        "cannot be used in user:*@<domain> expressions"
+                    )
+        for a in _all_aliases(self.policy):
+            if a.kind == "user" and a.text.startswith("user:*@"):
+                d = a.text[len("user:*@") :]
+                if d not in self.tailnet_domains:
+                    errs.append(
+                        f"[ssh] {d} is not associated with this Tailnet and cannot be used in "
+                        "user:*@<domain> expressions"
+                    )
+        if errs:
+            raise PolicyError("; ".join(errs), errs)
+
+    def _check_user_references(self) -> None:
+        if self.policy is None or not self._users:
+            return
+        errs = []
+        for path, token in _user_aliases(self.policy):
+            trimmed = token[:-1] if token.endswith("@") else token
+            if any(u.provider_identifier == trimmed for u in self._users if u.provider_identifier):
+                continue
+            found = [u for u in self._users if u.email == trimmed or u.name == trimmed]
+            if len(found) > 1:
+                errs.append(
+                    f"{path}: multiple users found: token {goquote(token)} found: "
+                    + ", ".join(f"{u.id}: {u.name}" for u in found)
+                )
+        if errs:
+            raise PolicyError("validating policy user references: " + "; ".join(errs), errs)
+
+    def test_failures(self) -> list[str]:
+        """Failures of the policy's embedded tests and sshTests (empty when all pass)."""
+        if self.policy is None:
+            return []
+        out: list[str] = []
+        if self.policy.tests:
+            out.extend(run_policy_tests(self.policy, self._global, self._res))
+        if self.policy.ssh_tests:
+            out.extend(run_ssh_tests(self.policy, self._res))
+        return out
+
+    # ------------------------------------------------------------------ queries
+
+    def _info(self, node: Node | NodeInfo) -> NodeInfo:
+        if isinstance(node, NodeInfo):
+            return node
+        info = self._by_id.get(node.id)
+        return info if info is not None else NodeInfo.of(node)
+
+    def _node_unreduced(self, info: NodeInfo) -> list[dict[str, Any]]:
+        if self.policy is None or not self._per_node:
+            return self._global
+        rules = self._unreduced.get(info.id)
+        if rules is None:
+            rules = node_rules(self._grants, info, self._res)
+            self._unreduced[info.id] = rules
+        return rules
+
+    def _node_matchers(self, info: NodeInfo) -> list[Matcher]:
+        if self.policy is None or not self._per_node:
+            return self._global_matchers
+        m = self._matchers.get(info.id)
+        if m is None:
+            m = [Matcher.of(r) for r in self._node_unreduced(info)]
+            self._matchers[info.id] = m
+        return m
+
+    def packet_filter(self, viewer: Node) -> list[dict[str, Any]]:
+        """The FilterRules to send to viewer (already reduced to what it serves)."""
+        info = self._info(viewer)
+        rules = self._filters.get(info.id)
+        if rules is None:
+            rules = reduce_rules(info, self._node_unreduced(info))
+            self._filters[info.id] = rules
+        return rules
+
+    def peers(self, viewer: Node) -> set[int]:
+        """IDs of the nodes viewer may see."""
+        info = self._info(viewer)
+        cached = self._peers.get(info.id)
+        if cached is not None:
+            return cached
+        out = set()
+        mine = self._node_matchers(info)
+        for other in self._infos:
+            if other.id == info.id:
+                continue
+            if self._visible(info, other, mine):
+                out.add(other.id)
+        self._peers[info.id] = out
+        return out
+
+    def _visible(self, a: NodeInfo, b: NodeInfo, ma: list[Matcher]) -> bool:
+        if can_access(a, b, ma) or can_access(b, a, ma):
+            return True
+        for srcs, routers in self._via_app:
+            if (b.id in routers and srcs.contains_any(a.ips)) or (
+                a.id in routers and srcs.contains_any(b.ips)
+            ):
+                return True
+        mb = self._node_matchers(b)
+        if mb is ma:
+            return False
+        return can_access(a, b, mb) or can_access(b, a, mb)
+
+    def can_see(self, viewer: Node, peer: Node) -> bool:
+        if viewer.id == peer.id:
+            return False
+        if viewer.id in self._by_id and peer.id in self._by_id:
+            return peer.id in self.peers(viewer)
+        a, b = self._info(viewer), self._info(peer)
+        return self._visible(a, b, self._node_matchers(a))
+
+    def ssh_policy(self, viewer: Node) -> dict[str, Any] | None:
+        info = self._info(viewer)
+        if info.id not in self._ssh:
+            self._ssh[info.id] = compile_ssh_policy(self.policy, self._res, info, self.server_url)
+        return self._ssh[info.id]
+
+    def node_capmap(self, viewer: Node) -> dict[str, Any]:
+        """CapMap entries policy adds to viewer's own node (nodeAttrs, randomizeClientPort)."""
+        return dict(self._node_attrs.get(viewer.id, {}))
+
+    def peer_capmap(self, viewer: Node, peer: Node) -> dict[str, Any]:
+        """CapMap entries of peer as viewer sees it. The hosted plane marks every approved
+        exit node with suggest-exit-node (Headscale only copies the peer's own nodeAttr)."""
+        info = self._info(peer)
+        if info.is_exit:
+            return {"suggest-exit-node": None}
+        return {}
+
+    def node_can_approve_route(self, node: Node, route: IPNetwork) -> bool:
+        return self._auto.can_approve(self._info(node), route)
+
+    def auto_approved_routes(self, node: Node) -> list[IPNetwork]:
+        """The node's announced routes that autoApprovers approve."""
+        return self._auto.approvable(self._info(node))
+
+    def tag_exists(self, tag: str) -> bool:
+        return self.policy is not None and tag in self.policy.tag_owners

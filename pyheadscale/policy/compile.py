@@ -1,0 +1,595 @@
+"""Pure policy compiler: (policy, users, nodes) -> per-node packet filters and visibility.
+
+Follows Headscale 0.29's grant compiler: ACLs become grants; each grant compiles once to
+global FilterRules, except autogroup:self and via grants, which need per-node work. A
+node's filter is its rules reduced to the destinations it serves (its own addresses, its
+approved subnet routes, or the Internet when it is an approved exit node).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyheadscale.policy.ipset import (
+    ALL_IPS,
+    ALL_V4,
+    ALL_V6,
+    THE_INTERNET,
+    WILDCARD,
+    IPSet,
+    addr_key,
+    is_exit_route,
+    parse_wire,
+    prefix_string,
+)
+from pyheadscale.policy.model import (
+    ANY_PORT,
+    Alias,
+    Grant,
+    Policy,
+    PortRange,
+    ProtocolPort,
+    parse_alias,
+)
+from pyheadscale.state.model import Node, User
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CAP_DRIVE = "tailscale.com/cap/drive"
+CAP_DRIVE_SHARER = "tailscale.com/cap/drive-sharer"
+CAP_RELAY = "tailscale.com/cap/relay"
+CAP_RELAY_TARGET = "tailscale.com/cap/relay-target"
+COMPANION_CAPS = ((CAP_DRIVE, CAP_DRIVE_SHARER), (CAP_RELAY, CAP_RELAY_TARGET))
+
+FILTER_ALLOW_ALL: list[dict[str, Any]] = [
+    {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
+]
+
+# What the hosted control plane compiles when a policy has neither acls nor grants.
+_IMPLICIT_ALLOW = Grant(
+    src=[parse_alias("*")], dst=[parse_alias("*")], ip=[ProtocolPort("", (ANY_PORT,))]
+)
+
+
+@dataclass
+class NodeInfo:
+    """The policy-relevant facts of one node, precomputed."""
+
+    node: Node
+    id: int
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    ipset: IPSet
+    tags: frozenset[str]
+    user_id: int | None
+    subnet_routes: list[IPNetwork]
+    exit_routes: list[IPNetwork]
+
+    @property
+    def is_tagged(self) -> bool:
+        return bool(self.tags)
+
+    @property
+    def is_exit(self) -> bool:
+        return bool(self.exit_routes)
+
+    @classmethod
+    def of(cls, node: Node) -> NodeInfo:
+        ips = node.addresses
+        approved = set(node.approved_routes)
+        subnet: list[IPNetwork] = []
+        exits: list[IPNetwork] = []
+        for r in node.announced_routes:
+            if r in approved:
+                (exits if is_exit_route(r) else subnet).append(r)
+        return cls(
+            node=node,
+            id=node.id,
+            ips=list(ips),
+            ipset=IPSet.of(ips),
+            tags=frozenset(node.tags),
+            user_id=None if node.tags else node.user_id,
+            subnet_routes=subnet,
+            exit_routes=exits,
+        )
+
+
+@dataclass
+class Matcher:
+    srcs: IPSet
+    dests: IPSet
+    dests_internet: bool
+
+    @classmethod
+    def of(cls, rule: dict[str, Any]) -> Matcher:
+        srcs = IPSet.union(parse_wire(s) for s in rule.get("SrcIPs") or ())
+        parts = [parse_wire(d["IP"]) for d in rule.get("DstPorts") or ()]
+        for cg in rule.get("CapGrant") or ():
+            parts.extend(parse_wire(p) for p in cg["Dsts"])
+        dests = IPSet.union(parts)
+        internet = (
+            dests.contains_prefix(ALL_V4)
+            or dests.contains_prefix(ALL_V6)
+            or THE_INTERNET.issubset(dests)
+        )
+        return cls(srcs, dests, internet)
+
+
+def can_access(src: NodeInfo, dst: NodeInfo, matchers: Iterable[Matcher]) -> bool:
+    for m in matchers:
+        if not (
+            m.srcs.contains_any(src.ips)
+            or any(m.srcs.overlaps_prefix(r) for r in src.subnet_routes)
+        ):
+            continue
+        if m.dests.contains_any(dst.ips):
+            return True
+        if any(m.dests.overlaps_prefix(r) for r in dst.subnet_routes):
+            return True
+        if dst.is_exit and m.dests_internet:
+            return True
+    return False
+
+
+@dataclass
+class CompiledGrant:
+    category: str  # "regular", "self" or "via"
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    # autogroup:self
+    self_srcs: list[IPSet] = field(default_factory=list)
+    ip: list[ProtocolPort] = field(default_factory=list)
+    app: dict[str, list[Any]] | None = None
+    # via
+    via_tags: list[str] = field(default_factory=list)
+    via_dsts: list[IPNetwork] = field(default_factory=list)
+    via_internet: bool = False
+    via_src_strings: list[str] = field(default_factory=list)
+
+
+def _ports(pr: PortRange) -> dict[str, int]:
+    return {"First": pr.first, "Last": pr.last}
+
+
+class Resolver:
+    """Resolves aliases to address sets against one snapshot of users and nodes."""
+
+    def __init__(self, pol: Policy, users: Sequence[User], nodes: Sequence[NodeInfo]) -> None:
+        self.pol = pol
+        self.users = list(users)
+        self.nodes = list(nodes)
+        self._cache: dict[str, IPSet | None] = {}
+        self._routes: list[str] | None = None
+        self.atoms = frozenset(addr_key(ip) for n in self.nodes for ip in n.ips)
+
+    def strings(self, ips: IPSet) -> list[str]:
+        return ips.strings(self.atoms)
+
+    def prefixes(self, ips: IPSet) -> list[IPNetwork]:
+        return ips.prefixes(self.atoms)
+
+    def find_users(self, token: str) -> list[User]:
+        """Users a `name@` / e-mail token names; `user:*@domain` names a whole domain."""
+        if token.startswith("user:*@"):
+            domain = token[len("user:*@") :]
+            return [u for u in self.users if u.email and u.email.rpartition("@")[2] == domain]
+        trimmed = token[:-1] if token.endswith("@") else token
+        for u in self.users:
+            if u.provider_identifier and u.provider_identifier == trimmed:
+                return [u]
+        found = [u for u in self.users if u.email == trimmed or u.name == trimmed]
+        if len(found) > 1:
+            return []  # ambiguous: Headscale refuses such policies (validate_user_references)
+        return found
+
+    def user_ids(self, token: str) -> set[int]:
+        return {u.id for u in self.find_users(token)}
+
+    def resolve(self, alias: Alias) -> IPSet | None:
+        key = alias.text
+        if key in self._cache:
+            return self._cache[key]
+        out = self._resolve(alias)
+        self._cache[key] = out
+        return out
+
+    def _resolve(self, a: Alias) -> IPSet | None:
+        if a.kind == "wildcard":
+            return WILDCARD
+        if a.kind == "prefix":
+            assert a.prefix is not None
+            return IPSet.of([a.prefix])
+        if a.kind == "host":
+            net = self.pol.hosts.get(a.text)
+            return IPSet.of([net]) if net is not None else None
+        if a.kind == "user":
+            ids = self.user_ids(a.text)
+            return IPSet.union(n.ipset for n in self.nodes if not n.is_tagged and n.user_id in ids)
+        if a.kind == "group":
+            ids = set()
+            for member in self.pol.groups.get(a.text, ()):
+                ids |= self.user_ids(member)
+            return IPSet.union(n.ipset for n in self.nodes if not n.is_tagged and n.user_id in ids)
+        if a.kind == "tag":
+            return IPSet.union(n.ipset for n in self.nodes if a.text in n.tags)
+        if a.kind == "autogroup":
+            if a.text == "autogroup:internet":
+                return THE_INTERNET
+            if a.text == "autogroup:member":
+                return IPSet.union(n.ipset for n in self.nodes if not n.is_tagged)
+            if a.text == "autogroup:tagged":
+                return IPSet.union(n.ipset for n in self.nodes if n.is_tagged)
+            if a.text == "autogroup:danger-all":
+                return ALL_IPS
+        return None  # autogroup:self / nonroot need a viewer
+
+    def resolve_all(self, aliases: Iterable[Alias]) -> IPSet:
+        return IPSet.union(self.resolve(a) for a in aliases)
+
+    def approved_subnet_routes(self) -> list[str]:
+        if self._routes is None:
+            seen: dict[str, None] = {}
+            for n in self.nodes:
+                for r in n.subnet_routes:
+                    seen.setdefault(str(r), None)
+            self._routes = list(seen)
+        return self._routes
+
+
+def _src_ip_strings(
+    merged: IPSet, has_wildcard: bool, has_danger_all: bool, res: Resolver
+) -> list[str]:
+    if has_danger_all:
+        return ["*"]
+    out = res.strings(merged)
+    if has_wildcard:
+        out = out + res.approved_subnet_routes()
+    return out
+
+
+def _companions(
+    dst_strings: list[str], src_prefixes: list[IPNetwork], app: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for original, companion in COMPANION_CAPS:
+        if original in app:
+            out.append(
+                {
+                    "SrcIPs": list(dst_strings),
+                    "CapGrant": [
+                        {"Dsts": [str(p) for p in src_prefixes], "CapMap": {companion: None}}
+                    ],
+                }
+            )
+    return out
+
+
+def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
+    if g.via:
+        return _compile_via_grant(g, res)
+    if any(s.text == "autogroup:self" for s in g.src):
+        return None
+    resolved: list[IPSet] = []
+    non_wild: list[IPSet] = []
+    for s in g.src:
+        ips = res.resolve(s)
+        if ips is not None:
+            resolved.append(ips)
+            if s.kind != "wildcard":
+                non_wild.append(ips)
+    if not g.src or not g.dst:
+        return None
+    if not resolved and g.app is None:
+        return None
+    has_wildcard = any(s.kind == "wildcard" for s in g.src)
+    has_danger = any(s.text == "autogroup:danger-all" for s in g.src)
+    merged = IPSet.union(resolved)
+    src_strings: list[str] = []
+    if merged:
+        src_strings = _src_ip_strings(merged, has_wildcard, has_danger, res)
+        if has_wildcard and non_wild:
+            seen = set(src_strings)
+            for ips in non_wild:
+                for text in res.strings(ips):
+                    if text not in seen:
+                        seen.add(text)
+                        src_strings.append(text)
+    cg = CompiledGrant("regular")
+    self_dsts = [d for d in g.dst if d.text == "autogroup:self"]
+    other = [d for d in g.dst if d.text != "autogroup:self"]
+    if other:
+        for ipp in g.ip:
+            dst_ports = _dst_ports(other, ipp.ports, res)
+            if dst_ports and src_strings:
+                rule: dict[str, Any] = {"SrcIPs": src_strings, "DstPorts": dst_ports}
+                proto = ipp.iana()
+                if proto:
+                    rule["IPProto"] = proto
+                cg.rules.append(rule)
+        if g.app is not None:
+            cap_grants = []
+            dst_strings: list[str] = []
+            for d in other:
+                ips = res.resolve(d)
+                if ips is None:
+                    continue
+                cap_grants.append({"Dsts": [str(p) for p in res.prefixes(ips)], "CapMap": g.app})
+                dst_strings.extend(res.strings(ips))
+            if cap_grants:
+                src_prefixes = [p for ips in resolved for p in res.prefixes(ips)]
+                cg.rules.append({"SrcIPs": list(src_strings), "CapGrant": cap_grants})
+                if any(d.kind == "wildcard" for d in other):
+                    dst_strings.extend(res.approved_subnet_routes())
+                cg.rules.extend(_companions(dst_strings, src_prefixes, g.app))
+    if self_dsts:
+        cg.category = "self"
+        cg.self_srcs = resolved
+        cg.ip = g.ip
+        cg.app = g.app
+    return cg
+
+
+def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange], res: Resolver) -> list[dict]:
+    out: list[dict[str, Any]] = []
+    for d in dsts:
+        if d.kind == "wildcard":
+            out.extend({"IP": "*", "Ports": _ports(p)} for p in ports)
+            continue
+        ips = res.resolve(d)
+        if ips is None:
+            continue
+        if d.text == "autogroup:internet":
+            # The hosted plane writes the Internet as address ranges, not prefixes.
+            out.extend({"IP": ip, "Ports": _ports(p)} for ip in ips.range_strings() for p in ports)
+            continue
+        for pref in res.prefixes(ips):
+            ip = prefix_string(pref)
+            out.extend({"IP": ip, "Ports": _ports(p)} for p in ports)
+    return out
+
+
+def _compile_via_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
+    if not g.ip or any(s.text == "autogroup:self" for s in g.src):
+        return None
+    resolved = [ips for s in g.src if (ips := res.resolve(s)) is not None]
+    if not resolved:
+        return None
+    merged = IPSet.union(resolved)
+    if not merged:
+        return None
+    dsts: list[IPNetwork] = []
+    internet = False
+    for d in g.dst:
+        if d.text == "autogroup:internet":
+            internet = True
+            continue
+        ips = res.resolve(d)
+        if ips is not None:
+            dsts.extend(ips.prefixes())
+    return CompiledGrant(
+        "via",
+        ip=g.ip,
+        via_tags=list(g.via),
+        via_dsts=dsts,
+        via_internet=internet,
+        via_src_strings=_src_ip_strings(
+            merged,
+            any(s.kind == "wildcard" for s in g.src),
+            any(s.text == "autogroup:danger-all" for s in g.src),
+            res,
+        ),
+    )
+
+
+def compile_grants(pol: Policy, res: Resolver) -> list[CompiledGrant]:
+    grants = [_IMPLICIT_ALLOW] if pol.allow_all else pol.all_grants()
+    out = []
+    for g in grants:
+        cg = compile_grant(g, res)
+        if cg is not None:
+            out.append(cg)
+    return out
+
+
+def _self_rules(cg: CompiledGrant, node: NodeInfo, res: Resolver) -> list[dict[str, Any]]:
+    if node.is_tagged or node.user_id is None:
+        return []
+    same = [n for n in res.nodes if not n.is_tagged and n.user_id == node.user_id]
+    if not same:
+        return []
+    src = IPSet.union(n.ipset for ips in cg.self_srcs for n in same if ips.contains_any(n.ips))
+    if not src:
+        return []
+    src_strings = res.strings(src)
+    rules: list[dict[str, Any]] = []
+    for ipp in cg.ip:
+        dst_ports = [
+            {"IP": str(ip), "Ports": _ports(p)} for n in same for p in ipp.ports for ip in n.ips
+        ]
+        if dst_ports:
+            rule: dict[str, Any] = {"SrcIPs": src_strings, "DstPorts": dst_ports}
+            proto = ipp.iana()
+            if proto:
+                rule["IPProto"] = proto
+            rules.append(rule)
+    if cg.app is not None:
+        cap_grants = []
+        dst_strings: list[str] = []
+        for n in same:
+            cap_grants.append(
+                {"Dsts": [str(ipaddress.ip_network(ip)) for ip in n.ips], "CapMap": cg.app}
+            )
+            dst_strings.extend(str(ip) for ip in n.ips)
+        if cap_grants:
+            rules.append({"SrcIPs": src_strings, "CapGrant": cap_grants})
+            rules.extend(_companions(dst_strings, res.prefixes(src), cg.app))
+    return rules
+
+
+def _via_rules(cg: CompiledGrant, node: NodeInfo) -> list[dict[str, Any]]:
+    if not any(t in node.tags for t in cg.via_tags):
+        return []
+    prefixes = [
+        d
+        for d in cg.via_dsts
+        if any(d.version == r.version and d.overlaps(r) for r in node.subnet_routes)
+    ]
+    if cg.via_internet and node.is_exit:
+        prefixes.extend(THE_INTERNET.prefixes())
+    if not prefixes:
+        return []
+    rules = []
+    for ipp in cg.ip:
+        dst_ports = [{"IP": str(p), "Ports": _ports(pr)} for p in prefixes for pr in ipp.ports]
+        if dst_ports:
+            rule: dict[str, Any] = {"SrcIPs": cg.via_src_strings, "DstPorts": dst_ports}
+            proto = ipp.iana()
+            if proto:
+                rule["IPProto"] = proto
+            rules.append(rule)
+    return rules
+
+
+def merge_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge rules sharing SrcIPs and IPProto (DstPorts concatenated, first position kept)."""
+    out: list[dict[str, Any]] = []
+    index: dict[tuple, int] = {}
+    for r in rules:
+        if r.get("CapGrant"):
+            out.append(r)
+            continue
+        key = (tuple(r["SrcIPs"]), tuple(r.get("IPProto") or ()))
+        if key in index:
+            out[index[key]]["DstPorts"].extend(r["DstPorts"])
+        else:
+            index[key] = len(out)
+            merged = {"SrcIPs": r["SrcIPs"], "DstPorts": list(r["DstPorts"])}
+            if r.get("IPProto"):
+                merged["IPProto"] = r["IPProto"]
+            out.append(merged)
+    return out
+
+
+def via_app_pairs(pol: Policy, res: Resolver) -> list[tuple[IPSet, set[int]]]:
+    """App-only via grants: (sources, ids of the via routers serving the destinations).
+
+    They compile to no packet filter, yet the hosted plane still lets the sources see the
+    routers that steer their traffic."""
+    out = []
+    for g in pol.grants or []:
+        if not g.via or g.ip or not g.app:
+            continue
+        srcs = res.resolve_all(g.src)
+        dsts = [
+            p
+            for d in g.dst
+            if (ips := res.resolve(d)) is not None and d.kind != "autogroup"
+            for p in ips.prefixes()
+        ]
+        internet = any(d.text == "autogroup:internet" for d in g.dst)
+        routers = set()
+        for n in res.nodes:
+            if not any(t in n.tags for t in g.via):
+                continue
+            if any(d.version == r.version and d.overlaps(r) for d in dsts for r in n.subnet_routes):
+                routers.add(n.id)
+            elif internet and n.is_exit:
+                routers.add(n.id)
+        if srcs and routers:
+            out.append((srcs, routers))
+    return out
+
+
+def has_per_node_grants(grants: list[CompiledGrant]) -> bool:
+    return any(g.category != "regular" for g in grants)
+
+
+def global_rules(grants: list[CompiledGrant]) -> list[dict[str, Any]]:
+    return merge_rules([r for g in grants if g.category != "via" for r in g.rules])
+
+
+def node_rules(grants: list[CompiledGrant], node: NodeInfo, res: Resolver) -> list[dict]:
+    """A node's unreduced rules: the global ones plus its autogroup:self and via rules."""
+    rules: list[dict[str, Any]] = []
+    for g in grants:
+        rules.extend(g.rules)
+        if g.category == "self":
+            rules.extend(_self_rules(g, node, res))
+        elif g.category == "via":
+            rules.extend(_via_rules(g, node))
+    return merge_rules(rules)
+
+
+def reduce_rules(node: NodeInfo, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep only what the node itself serves (Headscale's ReduceFilterRules)."""
+    out = []
+    for rule in rules:
+        if rule.get("CapGrant"):
+            reduced = _reduce_cap_rule(node, rule)
+            if reduced is not None:
+                out.append(reduced)
+            continue
+        dests = []
+        for dp in rule["DstPorts"]:
+            s = parse_wire(dp["IP"])
+            if s is None:
+                continue
+            if (
+                s.contains_any(node.ips)
+                or any(s.overlaps_prefix(r) for r in node.subnet_routes)
+                or (node.is_exit and s.issubset(THE_INTERNET))
+            ):
+                dests.append(dp)
+        if dests:
+            r = dict(rule)
+            r["DstPorts"] = dests
+            out.append(r)
+    return out
+
+
+def _reduce_cap_rule(node: NodeInfo, rule: dict[str, Any]) -> dict[str, Any] | None:
+    grants = []
+    for cg in rule["CapGrant"]:
+        nets = [ipaddress.ip_network(d) for d in cg["Dsts"]]
+        matching: list[IPNetwork] = []
+        for net in nets:
+            if net.num_addresses == 1:
+                if net.network_address in node.ips:
+                    matching.append(net)
+            else:
+                matching.extend(
+                    ipaddress.ip_network(ip)
+                    for ip in node.ips
+                    if ip.version == net.version and ip in net
+                )
+        for net in nets:
+            for r in node.subnet_routes:
+                if net.version == r.version and net.overlaps(r):
+                    matching.append(net)
+        if matching:
+            uniq = sorted(set(matching), key=lambda n: (n.version, n.network_address, n.prefixlen))
+            grants.append({"Dsts": [str(n) for n in uniq], "CapMap": cg["CapMap"]})
+    if not grants:
+        return None
+    return {"SrcIPs": rule["SrcIPs"], "CapGrant": grants}
+
+
+def compile_node_attrs(pol: Policy | None, res: Resolver) -> dict[int, dict[str, Any]]:
+    """nodeAttrs (and randomizeClientPort) as per-node CapMap entries (values null)."""
+    out: dict[int, dict[str, Any]] = {}
+    if pol is None:
+        return out
+    if pol.randomize_client_port:
+        for n in res.nodes:
+            out.setdefault(n.id, {}).setdefault("randomize-client-port", None)
+    for na in pol.node_attrs:
+        if not na.attr:
+            continue
+        targets = res.resolve_all(na.target)
+        for n in res.nodes:
+            if targets.contains_any(n.ips):
+                cm = out.setdefault(n.id, {})
+                for a in na.attr:
+                    cm.setdefault(a, None)
+    return out

@@ -1,0 +1,1295 @@
+"""Policy document model: parsing (from HuJSON) and validation, with Headscale 0.29 semantics.
+
+Parsing stops at the first structural problem (as Go's JSON decoder does); validation then
+collects every semantic problem. Each message keeps Headscale's wording (the conformance
+corpus checks it as a substring) and is prefixed with the JSON path it concerns, e.g.
+`acls[2].dst[0]: ...`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyheadscale.policy import hujson
+from pyheadscale.policy.errors import PolicyError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+AUTOGROUPS = (
+    "autogroup:internet",
+    "autogroup:member",
+    "autogroup:nonroot",
+    "autogroup:tagged",
+    "autogroup:self",
+    "autogroup:danger-all",
+)
+AG_SRC = ("autogroup:member", "autogroup:tagged", "autogroup:danger-all")
+AG_DST = ("autogroup:internet", "autogroup:member", "autogroup:tagged", "autogroup:self")
+AG_SSH_SRC = ("autogroup:member", "autogroup:tagged")
+AG_SSH_DST = ("autogroup:member", "autogroup:tagged", "autogroup:self")
+AG_NODEATTRS = ("autogroup:member", "autogroup:tagged")
+
+# Caps Headscale parses but refuses, pointing at the tracking issue.
+UNSUPPORTED_NODE_ATTRS = {"funnel": "https://github.com/juanfont/headscale/issues/2527"}
+
+# tailscale.com/ capability names allowed in grants' "app".
+TAILSCALE_CAP_ALLOWLIST = frozenset(
+    {
+        "tailscale.com/cap/drive",
+        "tailscale.com/cap/relay",
+        "tailscale.com/cap/webui",
+        "tailscale.com/cap/kubernetes",
+        "tailscale.com/cap/tsidp",
+        "tailscale.com/cap/secrets",
+    }
+)
+
+PROTOCOLS = {
+    "icmp": 1,
+    "igmp": 2,
+    "ipv4": 4,
+    "ip-in-ip": 4,
+    "tcp": 6,
+    "egp": 8,
+    "igp": 9,
+    "udp": 17,
+    "gre": 47,
+    "esp": 50,
+    "ah": 51,
+    "ipv6-icmp": 58,
+    "sctp": 132,
+    "fc": 133,
+}
+_NUMBER_TO_PROTO = {
+    1: "icmp",
+    2: "igmp",
+    4: "ipv4",
+    6: "tcp",
+    8: "egp",
+    9: "igp",
+    17: "udp",
+    47: "gre",
+    50: "esp",
+    51: "ah",
+    58: "ipv6-icmp",
+    132: "sctp",
+    133: "fc",
+}
+
+SSH_CHECK_PERIOD_DEFAULT = 12 * 3600.0
+SSH_CHECK_PERIOD_MAX = 168 * 3600.0
+
+
+def goquote(s: str) -> str:
+    """Go's %q for a string: printable runes kept, the rest escaped."""
+    out = ['"']
+    for ch in s:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif not ch.isprintable():
+            o = ord(ch)
+            out.append(
+                f"\\x{o:02x}" if o < 0x80 else (f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+            )
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+class _ParseError(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+# ---------------------------------------------------------------------------- aliases
+
+
+@dataclass(frozen=True)
+class Alias:
+    """One policy alias. kind: user, group, tag, host, prefix, autogroup, wildcard."""
+
+    kind: str
+    text: str
+    prefix: IPNetwork | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def gotype(self) -> str:
+        return {
+            "user": "*v2.Username",
+            "group": "*v2.Group",
+            "tag": "*v2.Tag",
+            "host": "*v2.Host",
+            "prefix": "*v2.Prefix",
+            "autogroup": "*v2.AutoGroup",
+            "wildcard": "v2.Asterix",
+        }[self.kind]
+
+
+WILDCARD = Alias("wildcard", "*")
+
+
+def parse_prefix(text: str) -> IPNetwork:
+    """netip.ParseAddr / ParsePrefix: bare address -> host prefix; host bits allowed."""
+    if "/" not in text:
+        a = ipaddress.ip_address(text)
+        return ipaddress.ip_network(a)
+    addr, _, bits = text.partition("/")
+    if not bits.isdigit() or (len(bits) > 1 and bits[0] == "0"):
+        raise ValueError(f"bad prefix {text!r}")
+    a = ipaddress.ip_address(addr)
+    if "%" in addr:
+        raise ValueError("zone in prefix")
+    n = int(bits)
+    if n > a.max_prefixlen:
+        raise ValueError("prefix length out of range")
+    return ipaddress.ip_network((a, n), strict=False)
+
+
+def tag_error(tag: str) -> str | None:
+    if not tag.startswith("tag:"):
+        return f"tag must start with 'tag:', got: {goquote(tag)}"
+    rest = tag[4:]
+    if not rest or not (("a" <= rest[0] <= "z") or ("A" <= rest[0] <= "Z")):
+        return "tag names must start with a letter, after 'tag:'"
+    return None
+
+
+def parse_alias(text: str) -> Alias:
+    try:
+        return Alias("prefix", text, parse_prefix(text))
+    except ValueError:
+        pass
+    if text == "*":
+        return WILDCARD
+    if "@" in text:
+        return Alias("user", text)
+    if text.startswith("group:"):
+        return Alias("group", text)
+    if text.startswith("tag:"):
+        # Name rules are enforced where tags are defined (tagOwners keys, via), not here.
+        return Alias("tag", text)
+    if text.startswith("autogroup:"):
+        if text not in AUTOGROUPS:
+            raise ValueError(
+                f"invalid autogroup: got {goquote(text)}, must be one of [{' '.join(AUTOGROUPS)}]"
+            )
+        return Alias("autogroup", text)
+    if ":" not in text:
+        return Alias("host", text)
+    raise ValueError(f"invalid alias format: {goquote(text)}")
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+
+ANY_PORT = PortRange(0, 65535)
+
+
+def _parse_port(s: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", s):
+        raise ValueError("invalid first integer")
+    p = int(s)
+    if p < 0 or p > 65535:
+        raise ValueError("port number out of range")
+    return p
+
+
+def parse_port_range(spec: str) -> list[PortRange]:
+    if spec == "*":
+        return [ANY_PORT]
+    out = []
+    for part in spec.split(","):
+        if "-" in part:
+            pieces = [x for x in part.split("-") if x != ""]
+            if len(pieces) != 2:
+                raise ValueError("invalid port range format")
+            first, last = _parse_port(pieces[0]), _parse_port(pieces[1])
+            if first > last:
+                raise ValueError("invalid port range: first port is greater than last port")
+            out.append(PortRange(first, last))
+        else:
+            port = _parse_port(part)
+            if port < 1:
+                raise ValueError("first port must be >0, or use '*' for wildcard")
+            out.append(PortRange(port, port))
+    return out
+
+
+def split_destination_and_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError("square brackets are only valid around IPv6 addresses")
+        host = text[1:close]
+        try:
+            ok = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"square brackets are only valid around IPv6 addresses: {goquote(host)}"
+            )
+        rest = text[close + 1 :]
+        if not rest or rest[0] not in ":/":
+            raise ValueError(
+                f"square brackets are only valid around IPv6 addresses: {goquote(text)}"
+            )
+        text = host + rest
+    i = text.rfind(":")
+    if i < 0:
+        raise ValueError("input must contain a colon character separating destination and port")
+    if i == 0:
+        raise ValueError("input cannot start with a colon character")
+    if i == len(text) - 1:
+        raise ValueError("input cannot end with a colon character")
+    return text[:i], text[i + 1 :]
+
+
+@dataclass(frozen=True)
+class AliasWithPorts:
+    alias: Alias
+    ports: tuple[PortRange, ...]
+
+
+def parse_alias_with_ports(text: str) -> AliasWithPorts:
+    if ":" not in text:
+        raise ValueError("hostport must contain a colon")
+    dest, ports_part = split_destination_and_port(text)
+    try:
+        ports = parse_port_range(ports_part)
+    except ValueError as e:
+        raise ValueError(f"dst={goquote(text)}: port range {goquote(ports_part)}: {e}") from None
+    return AliasWithPorts(parse_alias(dest), tuple(ports))
+
+
+@dataclass(frozen=True)
+class ProtocolPort:
+    protocol: str  # "" or "*" (any), a name from PROTOCOLS, or a decimal number
+    ports: tuple[PortRange, ...]
+
+    def iana(self) -> list[int] | None:
+        return protocol_numbers(self.protocol)
+
+
+def protocol_numbers(proto: str) -> list[int] | None:
+    if proto in ("", "*"):
+        return None
+    if proto in PROTOCOLS:
+        return [PROTOCOLS[proto]]
+    return [int(proto)]
+
+
+def normalize_protocol(raw: str) -> str:
+    p = raw.lower()
+    if p.isdigit() and 0 <= int(p) <= 255 and int(p) in _NUMBER_TO_PROTO and p == str(int(p)):
+        p = _NUMBER_TO_PROTO[int(p)]
+    if p == "" or p in PROTOCOLS:
+        return p
+    if p == "*":
+        raise ValueError(
+            'proto name "*" not known; use protocol number 0-255 or protocol name '
+            "(icmp, tcp, udp, etc.)"
+        )
+    if p == "0" or (len(p) > 1 and p[0] == "0"):
+        raise ValueError(f"leading 0 not permitted in protocol number: {goquote(p)}")
+    if not re.fullmatch(r"[+-]?[0-9]+", p):
+        raise ValueError(
+            f"invalid protocol number: {goquote(p)} must be a known protocol name or valid "
+            "protocol number 0-255"
+        )
+    n = int(p)
+    if n < 0 or n > 255:
+        raise ValueError(f"protocol number out of range (0-255): {n}")
+    return str(n)
+
+
+def parse_protocol_port(text: str) -> ProtocolPort:
+    if text == "*":
+        return ProtocolPort("*", (ANY_PORT,))
+    if ":" not in text:
+        try:
+            return ProtocolPort("*", tuple(parse_port_range(text)))
+        except ValueError as e:
+            raise ValueError(f"port range {goquote(text)}: {e}") from None
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(
+            "expected only one colon in Internet protocol and port type, got: "
+            f"[{' '.join(parts)}]({len(parts)})"
+        )
+    proto = normalize_protocol(parts[0])
+    try:
+        ports = parse_port_range(parts[1])
+    except ValueError as e:
+        raise ValueError(f"port range {goquote(parts[1])}: {e}") from None
+    return ProtocolPort(proto, tuple(ports))
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+@dataclass
+class ACL:
+    action: str
+    proto: str
+    src: list[Alias]
+    dst: list[AliasWithPorts]
+
+
+@dataclass
+class Grant:
+    src: list[Alias]
+    dst: list[Alias]
+    ip: list[ProtocolPort] = field(default_factory=list)
+    app: dict[str, list[Any]] | None = None
+    via: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NodeAttr:
+    target: list[Alias]
+    attr: list[str]
+    ip_pool: list[IPNetwork]
+
+
+@dataclass
+class SSHRule:
+    action: str
+    src: list[Alias]
+    dst: list[Alias]
+    users: list[str]
+    check_period: float | None = None  # seconds; None = unset
+    check_always: bool = False
+    accept_env: list[str] = field(default_factory=list)
+    has_check_period: bool = False
+
+
+@dataclass
+class PolicyTestEntry:
+    src: str
+    proto: str
+    accept: list[str]
+    deny: list[str]
+
+
+@dataclass
+class SSHTestEntry:
+    src: Alias | None
+    dst: list[Alias]
+    accept: list[str]
+    deny: list[str]
+    check: list[str]
+
+
+@dataclass
+class Policy:
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    hosts: dict[str, IPNetwork] = field(default_factory=dict)
+    tag_owners: dict[str, list[Alias]] = field(default_factory=dict)
+    acls: list[ACL] | None = None
+    grants: list[Grant] | None = None
+    node_attrs: list[NodeAttr] = field(default_factory=list)
+    auto_approve_routes: dict[IPNetwork, list[Alias]] = field(default_factory=dict)
+    auto_approve_exit: list[Alias] = field(default_factory=list)
+    ssh: list[SSHRule] = field(default_factory=list)
+    tests: list[PolicyTestEntry] = field(default_factory=list)
+    ssh_tests: list[SSHTestEntry] = field(default_factory=list)
+    randomize_client_port: bool = False
+
+    @property
+    def allow_all(self) -> bool:
+        """No acls and no grants at all (absent, not empty) means allow-all."""
+        return self.acls is None and self.grants is None
+
+    def all_grants(self) -> list[Grant]:
+        """Grants followed by the ACLs rewritten as grants (Headscale's order)."""
+        out = list(self.grants or [])
+        for acl in self.acls or []:
+            out.extend(acl_to_grants(acl))
+        return out
+
+
+def acl_to_grants(acl: ACL) -> list[Grant]:
+    # autogroup:self destinations go last when the rule mixes them with other kinds.
+    has_non_ag = any(d.alias.kind != "autogroup" for d in acl.dst)
+    if has_non_ag:
+        ordered = [d for d in acl.dst if d.alias.text != "autogroup:self"] + [
+            d for d in acl.dst if d.alias.text == "autogroup:self"
+        ]
+    else:
+        ordered = list(acl.dst)
+    return [
+        Grant(src=acl.src, dst=[d.alias], ip=[ProtocolPort(acl.proto, d.ports)]) for d in ordered
+    ]
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _fields(obj: Any, path: str, known: dict[str, str], ignore_hash: bool = False) -> dict:
+    """Map an object's members onto canonical field names (case-insensitive, as Go's
+    MatchCaseInsensitiveNames) and refuse unknown members."""
+    if not isinstance(obj, dict):
+        raise _ParseError(path, f"cannot unmarshal {_jtype(obj)} into an object")
+    out: dict[str, Any] = {}
+    lower = {k.lower(): v for k, v in known.items()}
+    for key, value in obj.items():
+        if ignore_hash and key.startswith("#"):
+            continue
+        canon = known.get(key) or lower.get(key.lower())
+        if canon is None:
+            raise _ParseError(f"{path}.{key}" if path else key, f"unknown field {goquote(key)}")
+        if canon in out:
+            raise _ParseError(f"{path}.{key}", f"duplicate field {goquote(key)}")
+        out[canon] = value
+    return out
+
+
+def _jtype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def _list(v: Any, path: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _ParseError(path, f"cannot unmarshal {_jtype(v)} into an array")
+    return v
+
+
+def _str(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise _ParseError(path, f"cannot unmarshal {_jtype(v)} into a string")
+    return v
+
+
+def _aliases(v: Any, path: str) -> list[Alias]:
+    out = []
+    for i, item in enumerate(_list(v, path)):
+        p = f"{path}[{i}]"
+        try:
+            out.append(parse_alias(_str(item, p).strip()))
+        except ValueError as e:
+            raise _ParseError(p, str(e)) from None
+    return out
+
+
+def _parse_groups(v: Any) -> dict[str, list[str]]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _ParseError("groups", f"cannot unmarshal {_jtype(v)} into an object")
+    for key in v:
+        if not key.startswith("group:"):
+            raise _ParseError(
+                f"groups[{goquote(key)}]", f"group must start with 'group:', got: {goquote(key)}"
+            )
+    raw: dict[str, list[str]] = {}
+    for key, value in v.items():
+        if isinstance(value, list):
+            for item in value:
+                if not isinstance(item, str):
+                    raise _ParseError(
+                        f"groups[{goquote(key)}]",
+                        f"invalid group member type: group {goquote(key)} expected string "
+                        f"but got {_gotype(item)}",
+                    )
+            raw[key] = list(value)
+        elif isinstance(value, str):
+            raise _ParseError(
+                f"groups[{goquote(key)}]",
+                f"group value must be an array of users: group {goquote(key)} got string: "
+                f"{goquote(value)}",
+            )
+        else:
+            raise _ParseError(
+                f"groups[{goquote(key)}]",
+                f"group value must be an array of users: group {goquote(key)} got {_gotype(value)}",
+            )
+    for key in sorted(raw, reverse=True):
+        for u in raw[key]:
+            if u.startswith("group:"):
+                raise _ParseError(
+                    f"groups[{goquote(key)}]",
+                    f"groups[{goquote(key)}]: {goquote(u)}: group members cannot be recursive",
+                )
+    for key, members in raw.items():
+        for u in members:
+            if "@" not in u:
+                raise _ParseError(
+                    f"groups[{goquote(key)}]", f"username must contain @, got: {goquote(u)}"
+                )
+    return raw
+
+
+def _gotype(v: Any) -> str:
+    if v is None:
+        return "<nil>"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int | float):
+        return "float64"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "[]interface {}"
+    return "map[string]interface {}"
+
+
+def _parse_hosts(v: Any) -> dict[str, IPNetwork]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _ParseError("hosts", f"cannot unmarshal {_jtype(v)} into an object")
+    out = {}
+    for key, value in v.items():
+        p = f"hosts[{goquote(key)}]"
+        value = _str(value, p)
+        if "@" in key or ":" in key:
+            raise _ParseError(p, f"invalid hostname: {goquote(key)}")
+        try:
+            out[key] = parse_prefix(value)
+        except ValueError:
+            raise _ParseError(
+                p,
+                f"hostname contains invalid IP address: hostname {goquote(key)} address "
+                f"{goquote(value)}",
+            ) from None
+    return out
+
+
+def _owner(text: str, path: str, what: str) -> Alias:
+    if "@" in text:
+        return Alias("user", text)
+    if text.startswith("group:"):
+        return Alias("group", text)
+    if text.startswith("tag:"):
+        return Alias("tag", text)
+    raise _ParseError(path, f"invalid {what} format: {goquote(text)}")
+
+
+def _parse_tag_owners(v: Any) -> dict[str, list[Alias]]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _ParseError("tagOwners", f"cannot unmarshal {_jtype(v)} into an object")
+    out = {}
+    for key, value in v.items():
+        p = f"tagOwners[{goquote(key)}]"
+        err = tag_error(key)
+        if err:
+            raise _ParseError(p, f"tagOwners[{goquote(key)}]: {err}")
+        out[key] = [
+            _owner(_str(o, f"{p}[{i}]"), f"{p}[{i}]", "owner")
+            for i, o in enumerate(_list(value, p))
+        ]
+    return out
+
+
+def _parse_acl(obj: Any, path: str) -> ACL:
+    f = _fields(
+        obj,
+        path,
+        {"action": "action", "proto": "proto", "src": "src", "dst": "dst"},
+        ignore_hash=True,
+    )
+    action = ""
+    if "action" in f:
+        action = _str(f["action"], f"{path}.action")
+        if action != "accept":
+            raise _ParseError(
+                f"{path}.action", f"action={goquote(action)} is not supported: invalid ACL action"
+            )
+    proto = ""
+    if "proto" in f:
+        try:
+            proto = normalize_protocol(_str(f["proto"], f"{path}.proto"))
+        except ValueError as e:
+            raise _ParseError(f"{path}.proto", str(e)) from None
+    src = _aliases(f.get("src"), f"{path}.src")
+    dst = []
+    for i, d in enumerate(_list(f.get("dst"), f"{path}.dst")):
+        p = f"{path}.dst[{i}]"
+        try:
+            dst.append(parse_alias_with_ports(_str(d, p)))
+        except ValueError as e:
+            raise _ParseError(p, str(e)) from None
+    return ACL(action, proto, src, dst)
+
+
+def _parse_grant(obj: Any, path: str) -> Grant:
+    f = _fields(obj, path, {"src": "src", "dst": "dst", "ip": "ip", "app": "app", "via": "via"})
+    src = _aliases(f.get("src"), f"{path}.src")
+    dst = _aliases(f.get("dst"), f"{path}.dst")
+    ips = []
+    for i, x in enumerate(_list(f.get("ip"), f"{path}.ip")):
+        p = f"{path}.ip[{i}]"
+        try:
+            ips.append(parse_protocol_port(_str(x, p)))
+        except ValueError as e:
+            raise _ParseError(p, str(e)) from None
+    app = None
+    if f.get("app") is not None:
+        raw = f["app"]
+        if not isinstance(raw, dict):
+            raise _ParseError(f"{path}.app", f"cannot unmarshal {_jtype(raw)} into an object")
+        app = {}
+        for k, vals in raw.items():
+            if vals is not None and not isinstance(vals, list):
+                raise _ParseError(f"{path}.app[{goquote(k)}]", "cannot unmarshal into an array")
+            app[k] = list(vals or [])
+    via = []
+    for i, x in enumerate(_list(f.get("via"), f"{path}.via")):
+        p = f"{path}.via[{i}]"
+        if not isinstance(x, str) or tag_error(x):
+            raise _ParseError(p, "via can only be a tag")
+        via.append(x)
+    return Grant(src, dst, ips, app, via)
+
+
+def _parse_node_attr(obj: Any, path: str) -> NodeAttr:
+    f = _fields(obj, path, {"target": "target", "attr": "attr", "ipPool": "ipPool"})
+    target = _aliases(f.get("target"), f"{path}.target")
+    attrs = [
+        _str(a, f"{path}.attr[{i}]") for i, a in enumerate(_list(f.get("attr"), f"{path}.attr"))
+    ]
+    pools = []
+    for i, x in enumerate(_list(f.get("ipPool"), f"{path}.ipPool")):
+        p = f"{path}.ipPool[{i}]"
+        try:
+            if "/" not in _str(x, p):
+                raise ValueError
+            pools.append(parse_prefix(x))
+        except ValueError:
+            raise _ParseError(p, f"{goquote(str(x))}: invalid prefix") from None
+    return NodeAttr(target, attrs, pools)
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_go_duration(s: str) -> float:
+    """time.ParseDuration, returning seconds; errors carry Go's message."""
+    orig = s
+    err = ValueError(f"time: invalid duration {goquote(orig)}")
+    if not s:
+        raise err
+    neg = False
+    if s[0] in "+-":
+        neg = s[0] == "-"
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise err
+    total = 0.0
+    while s:
+        m = re.match(r"([0-9]*)(\.[0-9]*)?", s)
+        if not m or (not m.group(1) and (not m.group(2) or m.group(2) == ".")):
+            raise err
+        num = float((m.group(1) or "0") + (m.group(2) or ""))
+        s = s[m.end() :]
+        u = re.match(r"[^0-9.]+", s)
+        if not u:
+            raise ValueError(f"time: missing unit in duration {goquote(orig)}")
+        unit = u.group(0)
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"time: unknown unit {goquote(unit)} in duration {goquote(orig)}")
+        total += num * _DURATION_UNITS[unit]
+        s = s[u.end() :]
+    return -total if neg else total
+
+
+def format_go_duration(seconds: float) -> str:
+    """time.Duration.String for whole-second-ish values (enough for error texts)."""
+    if seconds == 0:
+        return "0s"
+    neg = seconds < 0
+    ns = round(abs(seconds) * 1e9)
+    if ns < 1_000_000_000:
+        for unit, div in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= div:
+                val = ns / div
+                text = f"{val:.9f}".rstrip("0").rstrip(".")
+                return ("-" if neg else "") + text + unit
+    h, rem = divmod(ns, 3_600_000_000_000)
+    m, rem = divmod(rem, 60_000_000_000)
+    sec = rem / 1e9
+    text = f"{sec:.9f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        text = f"{h}h{m}m" + text
+    elif m:
+        text = f"{m}m" + text
+    return ("-" if neg else "") + text
+
+
+def _parse_ssh(obj: Any, path: str) -> SSHRule:
+    f = _fields(
+        obj,
+        path,
+        {
+            "action": "action",
+            "src": "src",
+            "dst": "dst",
+            "users": "users",
+            "checkPeriod": "checkPeriod",
+            "acceptEnv": "acceptEnv",
+        },
+    )
+    action = ""
+    if f.get("action") is not None:
+        action = _str(f["action"], f"{path}.action").strip()
+        if action not in ("", "accept", "check"):
+            raise _ParseError(f"{path}.action", f"{goquote(action)} is not a valid action")
+    src = _aliases(f.get("src"), f"{path}.src")
+    for i, a in enumerate(src):
+        if a.kind not in ("user", "group", "tag", "autogroup"):
+            raise _ParseError(f"{path}.src[{i}]", f"alias not supported for SSH source: {a.gotype}")
+    dst = _aliases(f.get("dst"), f"{path}.dst")
+    for i, a in enumerate(dst):
+        if a.kind == "wildcard":
+            raise _ParseError(
+                f"{path}.dst[{i}]",
+                "wildcard (*) is not supported as SSH destination; use 'autogroup:member' for "
+                "user-owned devices, 'autogroup:tagged' for tagged devices, or specific "
+                "tags/users",
+            )
+        if a.kind not in ("user", "tag", "autogroup", "host"):
+            raise _ParseError(
+                f"{path}.dst[{i}]", f"alias not supported for SSH destination: {a.gotype}"
+            )
+    users = [
+        _str(u, f"{path}.users[{i}]").strip()
+        for i, u in enumerate(_list(f.get("users"), f"{path}.users"))
+    ]
+    rule = SSHRule(action, src, dst, users)
+    if "checkPeriod" in f and f["checkPeriod"] is not None:
+        raw = _str(f["checkPeriod"], f"{path}.checkPeriod")
+        rule.has_check_period = True
+        if raw == "always":
+            rule.check_always = True
+        else:
+            try:
+                rule.check_period = parse_go_duration(raw)
+            except ValueError as e:
+                raise _ParseError(f"{path}.checkPeriod", str(e)) from None
+    rule.accept_env = [
+        _str(e, f"{path}.acceptEnv[{i}]")
+        for i, e in enumerate(_list(f.get("acceptEnv"), f"{path}.acceptEnv"))
+    ]
+    return rule
+
+
+def _parse_auto_approvers(v: Any) -> tuple[dict[IPNetwork, list[Alias]], list[Alias]]:
+    if v is None:
+        return {}, []
+    f = _fields(v, "autoApprovers", {"routes": "routes", "exitNode": "exitNode"})
+    routes: dict[IPNetwork, list[Alias]] = {}
+    raw_routes = f.get("routes")
+    if raw_routes is not None:
+        if not isinstance(raw_routes, dict):
+            raise _ParseError("autoApprovers.routes", "cannot unmarshal into an object")
+        for key, approvers in raw_routes.items():
+            p = f"autoApprovers.routes[{goquote(key)}]"
+            try:
+                if "/" not in key:
+                    raise ValueError
+                net = parse_prefix(key)
+            except ValueError:
+                raise _ParseError(p, f"netip.ParsePrefix({goquote(key)}): invalid prefix") from None
+            routes[net] = [
+                _owner(_str(a, f"{p}[{i}]"), f"{p}[{i}]", "auto approver")
+                for i, a in enumerate(_list(approvers, p))
+            ]
+    exit_ = [
+        _owner(
+            _str(a, f"autoApprovers.exitNode[{i}]"), f"autoApprovers.exitNode[{i}]", "auto approver"
+        )
+        for i, a in enumerate(_list(f.get("exitNode"), "autoApprovers.exitNode"))
+    ]
+    return routes, exit_
+
+
+def _parse_test(obj: Any, path: str) -> PolicyTestEntry:
+    f = _fields(obj, path, {"src": "src", "proto": "proto", "accept": "accept", "deny": "deny"})
+    proto = ""
+    if f.get("proto") is not None:
+        try:
+            proto = normalize_protocol(_str(f["proto"], f"{path}.proto"))
+        except ValueError as e:
+            raise _ParseError(f"{path}.proto", str(e)) from None
+    src = _str(f["src"], f"{path}.src") if f.get("src") is not None else ""
+    accept = [_str(x, f"{path}.accept[{i}]") for i, x in enumerate(_list(f.get("accept"), path))]
+    deny = [_str(x, f"{path}.deny[{i}]") for i, x in enumerate(_list(f.get("deny"), path))]
+    return PolicyTestEntry(src, proto, accept, deny)
+
+
+def _parse_ssh_test(obj: Any, path: str) -> SSHTestEntry:
+    f = _fields(
+        obj,
+        path,
+        {"src": "src", "dst": "dst", "accept": "accept", "deny": "deny", "check": "check"},
+    )
+    src_text = _str(f["src"], f"{path}.src").strip() if f.get("src") is not None else ""
+    src = None
+    if src_text:
+        try:
+            src = parse_alias(src_text)
+        except ValueError as e:
+            raise _ParseError(f"{path}.src", str(e)) from None
+    dst = _aliases(f.get("dst"), f"{path}.dst")
+
+    def users(key: str) -> list[str]:
+        return [
+            _str(x, f"{path}.{key}[{i}]").strip()
+            for i, x in enumerate(_list(f.get(key), f"{path}.{key}"))
+        ]
+
+    return SSHTestEntry(src, dst, users("accept"), users("deny"), users("check"))
+
+
+_TOP = {
+    "groups": "groups",
+    "hosts": "hosts",
+    "tagOwners": "tagOwners",
+    "acls": "acls",
+    "grants": "grants",
+    "nodeAttrs": "nodeAttrs",
+    "autoApprovers": "autoApprovers",
+    "ssh": "ssh",
+    "tests": "tests",
+    "sshTests": "sshTests",
+    "randomizeClientPort": "randomizeClientPort",
+}
+
+
+def _build(doc: Any) -> Policy:
+    if doc is None:
+        return Policy()
+    f = _fields(doc, "", _TOP)
+    pol = Policy()
+    for key, value in f.items():  # document order, like Go's decoder
+        if key == "groups":
+            pol.groups = _parse_groups(value)
+        elif key == "hosts":
+            pol.hosts = _parse_hosts(value)
+        elif key == "tagOwners":
+            pol.tag_owners = _parse_tag_owners(value)
+        elif key == "acls":
+            if value is not None:
+                pol.acls = [_parse_acl(a, f"acls[{i}]") for i, a in enumerate(_list(value, "acls"))]
+        elif key == "grants":
+            if value is not None:
+                pol.grants = [
+                    _parse_grant(g, f"grants[{i}]") for i, g in enumerate(_list(value, "grants"))
+                ]
+        elif key == "nodeAttrs":
+            pol.node_attrs = [
+                _parse_node_attr(n, f"nodeAttrs[{i}]")
+                for i, n in enumerate(_list(value, "nodeAttrs"))
+            ]
+        elif key == "autoApprovers":
+            pol.auto_approve_routes, pol.auto_approve_exit = _parse_auto_approvers(value)
+        elif key == "ssh":
+            pol.ssh = [_parse_ssh(s, f"ssh[{i}]") for i, s in enumerate(_list(value, "ssh"))]
+        elif key == "tests":
+            pol.tests = [_parse_test(t, f"tests[{i}]") for i, t in enumerate(_list(value, "tests"))]
+        elif key == "sshTests":
+            pol.ssh_tests = [
+                _parse_ssh_test(t, f"sshTests[{i}]") for i, t in enumerate(_list(value, "sshTests"))
+            ]
+        elif key == "randomizeClientPort":
+            if value is not None and not isinstance(value, bool):
+                raise _ParseError("randomizeClientPort", "cannot unmarshal into a boolean")
+            pol.randomize_client_port = bool(value)
+    return pol
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _validate(pol: Policy) -> list[str]:
+    errs: list[str] = []
+
+    def group_ok(a: Alias, path: str, prefix: str = "") -> None:
+        if a.text not in pol.groups:
+            errs.append(f"{path}: {prefix}group not defined in policy: {goquote(a.text)}")
+
+    def tag_ok(a: Alias | str, path: str, fmt: str = "{e}") -> None:
+        t = a.text if isinstance(a, Alias) else a
+        if t not in pol.tag_owners:
+            errs.append(f"{path}: " + fmt.format(e=f"tag not found: {goquote(t)}", t=goquote(t)))
+
+    def host_ok(a: Alias, path: str) -> None:
+        if a.text not in pol.hosts:
+            errs.append(f"{path}: host not defined in policy: {goquote(a.text)}")
+
+    def ag_src(a: Alias, path: str, allowed: tuple[str, ...], what: str) -> None:
+        if a.text == "autogroup:internet":
+            errs.append(f"{path}: autogroup:internet can only be used in ACL destinations")
+        elif a.text == "autogroup:self" and what == "ACL sources":
+            errs.append(f'{path}: "autogroup:self" not valid on the src side of a rule')
+        elif a.text not in allowed:
+            errs.append(
+                f"{path}: autogroup not supported for {what}: {goquote(a.text)}, can be "
+                f"[{' '.join(allowed)}]"
+            )
+
+    def ag_dst(a: Alias, path: str) -> None:
+        if a.text == "autogroup:danger-all":
+            errs.append(f"{path}: cannot use autogroup:danger-all as a dst")
+        elif a.text not in AG_DST:
+            errs.append(
+                f"{path}: autogroup not supported for ACL destinations: {goquote(a.text)}, can be "
+                f"[{' '.join(AG_DST)}]"
+            )
+
+    def check_src(a: Alias, path: str) -> None:
+        if a.kind == "host":
+            host_ok(a, path)
+        elif a.kind == "autogroup":
+            ag_src(a, path, AG_SRC, "ACL sources")
+        elif a.kind == "group":
+            group_ok(a, path)
+        elif a.kind == "tag":
+            if a.text not in pol.tag_owners:
+                errs.append(f"{path}: src=tag not found: {goquote(a.text)}")
+
+    self_src_err = "autogroup:self can only be used with users, groups, or supported autogroups"
+
+    for i, acl in enumerate(pol.acls or []):
+        base = f"acls[{i}]"
+        for j, s in enumerate(acl.src):
+            check_src(s, f"{base}.src[{j}]")
+        for j, awp in enumerate(acl.dst):
+            p = f"{base}.dst[{j}]"
+            a = awp.alias
+            if a.kind == "host":
+                host_ok(a, p)
+            elif a.kind == "autogroup":
+                ag_dst(a, p)
+            elif a.kind == "group":
+                group_ok(a, p)
+            elif a.kind == "tag" and a.text not in pol.tag_owners:
+                errs.append(f"{p}: dst={goquote(a.text)}: tag not found: {goquote(a.text)}")
+        if acl.proto not in ("", "tcp", "udp", "sctp"):
+            for awp in acl.dst:
+                if any(pr != ANY_PORT for pr in awp.ports):
+                    errs.append(
+                        f"{base}: protocol does not support specific ports: {goquote(acl.proto)}, "
+                        'only "*" is allowed'
+                    )
+                    break
+        if any(d.alias.text == "autogroup:self" for d in acl.dst):
+            for s in acl.src:
+                if s.kind in ("user", "group", "wildcard") or s.text == "autogroup:member":
+                    continue
+                errs.append(f"{base}.src: {self_src_err}")
+                break
+
+    for i, rule in enumerate(pol.ssh):
+        base = f"ssh[{i}]"
+        if rule.action == "":
+            errs.append(f"{base}.action: action must be specified")
+        if not rule.users:
+            errs.append(f"{base}.users: users must be specified")
+        for j, u in enumerate(rule.users):
+            if u in ("", "*"):
+                errs.append(f"{base}.users[{j}]: user {goquote(u)} is not valid")
+        for e in rule.accept_env:
+            if e == "":
+                errs.append(f"{base}.acceptEnv: acceptEnv values cannot be empty")
+        for j, s in enumerate(rule.src):
+            p = f"{base}.src[{j}]"
+            if s.kind == "autogroup":
+                ag_src(s, p, AG_SSH_SRC, "SSH sources")
+            elif s.kind == "group":
+                group_ok(s, p)
+            elif s.kind == "tag":
+                tag_ok(s, p)
+        for j, d in enumerate(rule.dst):
+            p = f"{base}.dst[{j}]"
+            if d.kind == "autogroup":
+                if d.text == "autogroup:internet":
+                    errs.append(f"{p}: autogroup:internet can only be used in ACL destinations")
+                elif d.text not in AG_SSH_DST:
+                    errs.append(
+                        f"{p}: autogroup not supported for SSH destinations: {goquote(d.text)}, "
+                        f"can be [{' '.join(AG_SSH_DST)}]"
+                    )
+            elif d.kind == "tag":
+                tag_ok(d, p)
+            elif d.kind == "host":
+                errs.append(f"{p}: invalid dst {goquote(d.text)}")
+        combo = _ssh_combination_error(rule)
+        if combo:
+            errs.append(f"{base}: {combo}")
+        if rule.has_check_period:
+            if rule.action != "check":
+                errs.append(f'{base}.checkPeriod: checkPeriod is only valid with action "check"')
+            elif not rule.check_always and rule.check_period is not None:
+                if rule.check_period < 0:
+                    errs.append(
+                        f"{base}.checkPeriod: checkPeriod "
+                        f"{format_go_duration(rule.check_period)} must be a positive duration"
+                    )
+                elif rule.check_period > SSH_CHECK_PERIOD_MAX:
+                    errs.append(
+                        f"{base}.checkPeriod: checkPeriod "
+                        f"{format_go_duration(rule.check_period)} is above the max (168h)"
+                    )
+
+    for i, g in enumerate(pol.grants or []):
+        base = f"grants[{i}]"
+        if not g.ip and not g.app:
+            errs.append(f"{base}: ip and app can not both be empty")
+        for cap in g.app or {}:
+            if "://" in cap:
+                errs.append(f"{base}.app: capability name must have the form {{domain}}/{{path}}")
+            elif cap.startswith("tailscale.com/") and cap not in TAILSCALE_CAP_ALLOWLIST:
+                errs.append(f"{base}.app: capability name must not be in the tailscale.com domain")
+        if g.app and any(d.text == "autogroup:internet" for d in g.dst):
+            errs.append(f"{base}.dst: cannot use app grants with autogroup:internet")
+        for j, d in enumerate(g.dst):
+            if d.kind == "prefix" and d.prefix is not None and d.prefix.prefixlen == 0:
+                errs.append(
+                    f"{base}.dst[{j}]: dst {goquote(str(d.prefix))}: to allow all IP addresses, "
+                    'use "*" or "autogroup:internet"'
+                )
+                break
+        for j, s in enumerate(g.src):
+            check_src(s, f"{base}.src[{j}]")
+        for j, d in enumerate(g.dst):
+            p = f"{base}.dst[{j}]"
+            if d.kind == "host":
+                host_ok(d, p)
+            elif d.kind == "autogroup":
+                ag_dst(d, p)
+            elif d.kind == "group":
+                group_ok(d, p)
+            elif d.kind == "tag":
+                tag_ok(d, p)
+        for j, v in enumerate(g.via):
+            if v not in pol.tag_owners:
+                errs.append(f"{base}.via[{j}]: tag {goquote(v)} not found")
+        if any(d.text == "autogroup:self" for d in g.dst):
+            for s in g.src:
+                if s.kind in ("user", "group") or s.text == "autogroup:member":
+                    continue
+                errs.append(f"{base}.src: {self_src_err}")
+                break
+
+    for i, na in enumerate(pol.node_attrs):
+        base = f"nodeAttrs[{i}]"
+        for j, t in enumerate(na.target):
+            p = f"{base}.target[{j}]"
+            if t.kind == "host":
+                host_ok(t, p)
+            elif t.kind == "autogroup":
+                if t.text not in AG_NODEATTRS:
+                    errs.append(
+                        f"{p}: nodeAttrs target does not support this autogroup: "
+                        f"{goquote(t.text)}, can be [{' '.join(AG_NODEATTRS)}]"
+                    )
+            elif t.kind == "group":
+                group_ok(t, p)
+            elif t.kind == "tag":
+                tag_ok(t, p)
+        for attr in na.attr:
+            if attr in UNSUPPORTED_NODE_ATTRS:
+                errs.append(
+                    f"{base}.attr: nodeAttrs uses a feature headscale does not yet support: "
+                    f"{goquote(attr)} tracked in {UNSUPPORTED_NODE_ATTRS[attr]}"
+                )
+        if na.ip_pool:
+            errs.append(
+                f"{base}.ipPool: nodeAttrs ipPool requires the IP allocator "
+                "(https://github.com/juanfont/headscale/issues/2912)"
+            )
+        for pool in na.ip_pool:
+            cgnat = ipaddress.IPv4Network("100.64.0.0/10")
+            if pool.version != 4 or not pool.subnet_of(cgnat):
+                errs.append(
+                    f"{base}.ipPool: nodeAttrs ipPool must be within 100.64.0.0/10: "
+                    f"{goquote(str(pool))}"
+                )
+                continue
+            for reserved in ("100.100.100.0/24", "100.115.92.0/23"):
+                if pool.overlaps(ipaddress.IPv4Network(reserved)):
+                    errs.append(
+                        f"{base}.ipPool: nodeAttrs ipPool must not overlap reserved Tailscale "
+                        f"ranges: {goquote(str(pool))} overlaps {goquote(reserved)}"
+                    )
+
+    for tag, owners in pol.tag_owners.items():
+        for o in owners:
+            p = f"tagOwners[{goquote(tag)}]"
+            if o.kind == "group":
+                group_ok(o, p)
+            elif o.kind == "tag":
+                tag_ok(o, p)
+
+    for net, approvers in pol.auto_approve_routes.items():
+        for a in approvers:
+            p = f"autoApprovers.routes[{goquote(str(net))}]"
+            if a.kind == "group":
+                group_ok(a, p)
+            elif a.kind == "tag":
+                tag_ok(a, p)
+    for a in pol.auto_approve_exit:
+        if a.kind == "group":
+            group_ok(a, "autoApprovers.exitNode")
+        elif a.kind == "tag":
+            tag_ok(a, "autoApprovers.exitNode")
+
+    errs.extend(_validate_tests(pol))
+    errs.extend(_validate_ssh_tests(pol))
+    return errs
+
+
+def _ssh_combination_error(rule: SSHRule) -> str | None:
+    src_tagged = any(s.kind == "tag" or s.text == "autogroup:tagged" for s in rule.src)
+    src_groups = any(s.kind == "group" or s.text == "autogroup:member" for s in rule.src)
+    src_users = {s.text for s in rule.src if s.kind == "user"}
+    for d in rule.dst:
+        if d.kind == "user":
+            if src_tagged:
+                return (
+                    f"tags in SSH source cannot access user-owned devices ({d.text}); use "
+                    "autogroup:tagged or specific tags as destinations instead"
+                )
+            if src_groups or src_users != {d.text}:
+                return (
+                    "user destination requires source to contain only that same user "
+                    f"{goquote(d.text)}; use autogroup:self instead for same-user SSH access"
+                )
+        elif d.text == "autogroup:self" and src_tagged:
+            return (
+                "autogroup:self destination requires source to contain only users or groups, "
+                "not tags or autogroup:tagged"
+            )
+        elif d.text == "autogroup:member" and src_tagged:
+            return "tags in SSH source cannot access autogroup:member (user-owned devices)"
+    return None
+
+
+def parse_test_destination(text: str) -> AliasWithPorts:
+    return parse_alias_with_ports(text)
+
+
+def _validate_tests(pol: Policy) -> list[str]:
+    errs = []
+    for i, t in enumerate(pol.tests):
+        if not t.accept and not t.deny:
+            errs.append(f'test {i}: test entry must have at least one of "accept" or "deny"')
+        if t.proto not in ("", "tcp", "udp", "sctp"):
+            errs.append(
+                f"test {i}: test protocol must be tcp, udp, sctp, or empty: {goquote(t.proto)}"
+            )
+        for kind, dsts in (("accept", t.accept), ("deny", t.deny)):
+            for dst in dsts:
+                e = _test_destination_error(pol, dst)
+                if e:
+                    errs.append(f"test {i}, {kind} {goquote(dst)}: {e}")
+    if errs:
+        return ["tests: test(s) failed:\n" + "\n".join(errs)]
+    return []
+
+
+def _test_destination_error(pol: Policy, dst: str) -> str | None:
+    try:
+        awp = parse_alias_with_ports(dst)
+    except ValueError as e:
+        return str(e)
+    if awp.alias.text == "autogroup:internet":
+        return "autogroup:internet not valid as a test destination"
+    if len(awp.ports) != 1 or awp.ports[0].first != awp.ports[0].last:
+        return "test destination port must be a single port"
+    if awp.alias.kind == "prefix" and "/" in dst:
+        return "test destination must be a single host, not a CIDR range"
+    if awp.alias.kind == "host" and awp.alias.text in pol.hosts:
+        p = pol.hosts[awp.alias.text]
+        if p.prefixlen < p.max_prefixlen:
+            return "test destination must be a single host, not a CIDR range"
+    return None
+
+
+def _validate_ssh_tests(pol: Policy) -> list[str]:
+    errs = []
+    for i, t in enumerate(pol.ssh_tests):
+        if t.src is None:
+            errs.append(f"sshTest {i}: SSH tests entry must have a non-empty src")
+        if not t.dst:
+            errs.append(f"sshTest {i}: SSH tests entry must have at least one dst")
+        for d in t.dst:
+            e = None
+            if d.text == "autogroup:internet":
+                e = f"SSH tests dst contains disallowed element {goquote(d.text)}"
+            elif d.kind == "prefix" and d.prefix is not None:
+                if d.prefix.prefixlen < d.prefix.max_prefixlen:
+                    e = f"SSH tests dst contains disallowed element {goquote(str(d.prefix))}"
+            elif d.kind == "tag" and d.text not in pol.tag_owners:
+                e = f"SSH tests dst contains unknown tag {goquote(d.text)}"
+            elif d.kind == "host" and d.text in pol.hosts:
+                p = pol.hosts[d.text]
+                if p.prefixlen < p.max_prefixlen:
+                    e = f"SSH tests dst contains disallowed element {goquote(d.text)}"
+            if e:
+                errs.append(f"sshTest {i}: {e}")
+    if errs:
+        return ["sshTests: test(s) failed:\n" + "\n".join(errs)]
+    return []
+
+
+def parse_policy(text: str | bytes | None) -> Policy | None:
+    """Parse and validate a policy document. None/empty input means "no policy" (allow-all).
+    Raises PolicyError (HuJSONError for syntax) naming where each problem is."""
+    if text is None or (isinstance(text, str | bytes) and len(text.strip()) == 0):
+        return None
+    doc = hujson.loads(text)
+    try:
+        pol = _build(doc)
+    except _ParseError as e:
+        where = f"{e.path}: " if e.path else ""
+        raise PolicyError(f"parsing policy: {where}{e.message}") from None
+    errs = _validate(pol)
+    if errs:
+        raise PolicyError("; ".join(errs), errs)
+    return pol
