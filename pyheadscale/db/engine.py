@@ -1,0 +1,305 @@
+"""Engine construction (SQLite or PostgreSQL) and schema migration.
+
+SQLite connections get the pragmas Headscale sets (busy_timeout 10 s, foreign keys on, WAL with
+synchronous=NORMAL, incremental auto-vacuum) and every transaction starts with BEGIN IMMEDIATE
+(Headscale's txlock=immediate), so a read-then-write transaction never fails with SQLITE_BUSY
+half-way through. The price: any open transaction, even a read, holds the write lock, so keep
+transactions short. Read-only work can opt out per connection with
+`conn.execution_options(sqlite_begin="DEFERRED")` (the WAL lets such readers run concurrently).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, text
+
+__all__ = [
+    "HEADSCALE_COMPAT_VERSION",
+    "DatabaseConfigError",
+    "MigrationError",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "alembic_config",
+    "engine_from_config",
+    "make_engine",
+    "migrate",
+]
+
+# Headscale release whose schema we implement; written to database_versions like Headscale
+# writes its own version, so a Headscale of the same minor accepts the database.
+HEADSCALE_COMPAT_VERSION = "v0.29.2"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# First (and so far only) alembic revision; equals Headscale 0.29's schema.
+_BASELINE_REVISION = "0001"
+
+
+class DatabaseConfigError(ValueError):
+    """The database settings cannot produce an engine."""
+
+
+class MigrationError(RuntimeError):
+    """The database cannot be brought to our schema."""
+
+
+def _normalise_type(db_type: str) -> str:
+    t = (db_type or "").strip().lower()
+    if t in ("sqlite", "sqlite3"):
+        return "sqlite"
+    if t in ("postgres", "postgresql", "pg"):
+        return "postgres"
+    raise DatabaseConfigError(f"unsupported database type {db_type!r} (sqlite or postgres)")
+
+
+def _pg_sslmode(ssl: bool | str | None) -> str | None:
+    """Headscale semantics: a boolean-ish value toggles TLS, anything else is an sslmode."""
+    if ssl is None:
+        return None
+    if isinstance(ssl, bool):
+        return None if ssl else "disable"
+    s = str(ssl).strip()
+    low = s.lower()
+    if low in ("", "false", "f", "0", "no", "off"):
+        return "disable"
+    if low in ("true", "t", "1", "yes", "on"):
+        return None  # libpq default (prefer)
+    return s
+
+
+def make_engine(
+    db_type: str,
+    *,
+    sqlite_path: str | os.PathLike[str] | None = None,
+    sqlite_wal: bool = True,
+    pg_host: str = "localhost",
+    pg_port: int | None = 5432,
+    pg_name: str = "headscale",
+    pg_user: str = "headscale",
+    pg_password: str | None = None,
+    pg_ssl: bool | str = False,
+    pg_pool_size: int = 10,
+    echo: bool = False,
+) -> Engine:
+    """Create a SQLAlchemy engine for Headscale's database settings."""
+    kind = _normalise_type(db_type)
+    if kind == "sqlite":
+        return _make_sqlite_engine(sqlite_path, wal=sqlite_wal, echo=echo)
+    return _make_pg_engine(
+        host=pg_host,
+        port=pg_port,
+        name=pg_name,
+        user=pg_user,
+        password=pg_password,
+        ssl=pg_ssl,
+        pool_size=pg_pool_size,
+        echo=echo,
+    )
+
+
+def _make_sqlite_engine(path: str | os.PathLike[str] | None, *, wal: bool, echo: bool) -> Engine:
+    if path is None or not str(path).strip():
+        raise DatabaseConfigError("sqlite database needs a path")
+    memory = str(path) == ":memory:"
+    if memory:
+        url = "sqlite://"
+    else:
+        p = Path(path).expanduser().absolute()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{p}"
+    engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so BEGIN is ours (see _on_begin).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            # Pragmas that write to the file need the write lock; only issue them when they
+            # change something, so a new pooled connection never waits behind a writer.
+            if cur.execute("PRAGMA page_count").fetchone()[0] == 0:
+                cur.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only possible on a new file
+            if not memory:
+                want = "wal" if wal else "delete"
+                if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != want:
+                    cur.execute(f"PRAGMA journal_mode = {want.upper()}")
+                if wal:
+                    cur.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        if mode not in ("IMMEDIATE", "DEFERRED", "EXCLUSIVE"):
+            raise DatabaseConfigError(f"bad sqlite_begin execution option {mode!r}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _make_pg_engine(
+    *,
+    host: str,
+    port: int | None,
+    name: str,
+    user: str,
+    password: str | None,
+    ssl: bool | str,
+    pool_size: int,
+    echo: bool,
+) -> Engine:
+    query: dict[str, str] = {}
+    sslmode = _pg_sslmode(ssl)
+    if sslmode is not None:
+        query["sslmode"] = sslmode
+    url = URL.create(
+        "postgresql+psycopg",
+        username=user or None,
+        password=password or None,
+        host=host or None,
+        port=int(port) if port else None,
+        database=name or None,
+        query=query,
+    )
+    return create_engine(
+        url,
+        echo=echo,
+        pool_size=max(1, pool_size),
+        pool_pre_ping=True,
+        # Sessions in UTC so server-side rendering of timestamptz matches what we store.
+        connect_args={"options": "-c timezone=UTC"},
+    )
+
+
+def engine_from_config(db_cfg: Any) -> Engine:
+    """Build an engine from a config object shaped like Headscale's `database:` section.
+
+    Expects attributes type, sqlite.path, sqlite.write_ahead_log, and postgres.host / port /
+    name / user / pass_ / ssl (duck-typed; see pyheadscale.config).
+    """
+    kind = _normalise_type(getattr(db_cfg, "type", "sqlite"))
+    if kind == "sqlite":
+        sq = getattr(db_cfg, "sqlite", None)
+        return make_engine(
+            "sqlite",
+            sqlite_path=getattr(sq, "path", None),
+            sqlite_wal=bool(getattr(sq, "write_ahead_log", True)),
+        )
+    pg = getattr(db_cfg, "postgres", None)
+    if pg is None:
+        raise DatabaseConfigError("database.type is postgres but database.postgres is missing")
+    extra: dict[str, Any] = {}
+    max_open = getattr(pg, "max_open_conns", None)
+    if isinstance(max_open, int) and max_open > 0:
+        extra["pg_pool_size"] = max_open
+    return make_engine(
+        "postgres",
+        pg_host=getattr(pg, "host", "localhost"),
+        pg_port=getattr(pg, "port", 5432),
+        pg_name=getattr(pg, "name", "headscale"),
+        pg_user=getattr(pg, "user", "headscale"),
+        pg_password=getattr(pg, "pass_", None),
+        pg_ssl=getattr(pg, "ssl", False),
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations
+
+
+def _alembic_dir() -> Path:
+    """Locate the alembic/ script directory shipped next to the package (editable install)."""
+    override = os.environ.get("PYHEADSCALE_ALEMBIC_DIR")
+    candidates = [Path(override)] if override else []
+    pkg_root = Path(__file__).resolve().parents[2]  # <repo>/pyheadscale/db/engine.py
+    candidates += [pkg_root / "alembic", Path(__file__).resolve().parents[1] / "alembic"]
+    for c in candidates:
+        if (c / "env.py").is_file() and (c / "versions").is_dir():
+            return c
+    raise MigrationError(
+        "alembic scripts not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); set PYHEADSCALE_ALEMBIC_DIR"
+    )
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An alembic Config pointing at our scripts; with `connection`, env.py migrates that."""
+    from alembic.config import Config
+
+    script_dir = _alembic_dir()
+    # No ini file on purpose: env.py would reconfigure the app's logging from it.
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_dir))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _adopt_headscale_database(conn: Connection) -> bool:
+    """True when `conn` holds a Headscale-created database that alembic does not know yet."""
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" in tables or "users" not in tables:
+        return False
+    if "nodes" in tables and "database_versions" in tables:
+        return True
+    raise MigrationError(
+        "database has Headscale tables from a release before 0.29 "
+        "(no database_versions table); upgrade it with Headscale 0.29 first"
+    )
+
+
+def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -> None:
+    """Bring the database to the newest schema (`alembic upgrade head`) and record `version`.
+
+    A database created by Headscale 0.29 is adopted: stamped at the baseline revision, then
+    upgraded. `version=None` leaves database_versions untouched.
+    """
+    from alembic import command
+
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # Batch migrations rebuild tables (DROP + RENAME); with FKs on, dropping a parent
+            # would cascade-delete its children. The pragma is ignored inside a transaction,
+            # so it goes straight to the DB-API connection before ours begins.
+            _raw_exec(conn, "PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                if _adopt_headscale_database(conn):
+                    command.stamp(alembic_config(conn), _BASELINE_REVISION)
+                command.upgrade(alembic_config(conn), "head")
+                if sqlite:
+                    bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if bad:
+                        raise MigrationError(f"foreign key violations after migration: {bad}")
+                if version is not None:
+                    _record_version(conn, version)
+        finally:
+            if sqlite:
+                _raw_exec(conn, "PRAGMA foreign_keys = ON")
+
+
+def _raw_exec(conn: Connection, sql: str) -> None:
+    dbapi_conn: Any = conn.connection.dbapi_connection
+    dbapi_conn.execute(sql)
+
+
+def _record_version(conn: Connection, version: str) -> None:
+    from pyheadscale.db.models import UTCDateTime, utcnow
+
+    now = UTCDateTime().process_bind_param(utcnow(), conn.dialect)
+    # Same single-row upsert Headscale performs (id is always 1).
+    res = conn.execute(
+        text("UPDATE database_versions SET version = :v, updated_at = :t WHERE id = 1"),
+        {"v": version, "t": now},
+    )
+    if res.rowcount == 0:
+        conn.execute(
+            text("INSERT INTO database_versions (id, version, updated_at) VALUES (1, :v, :t)"),
+            {"v": version, "t": now},
+        )

@@ -1,0 +1,300 @@
+"""A throwaway PostgreSQL server for tests, built from Debian's server binaries.
+
+Independent of pytest. Usage:
+
+    with PostgresServer() as pg:
+        params = pg.create_database("t1")   # dict: host, port, name, user, password
+        dsn = pg.dsn("t1")
+
+The cluster lives in a fresh temp directory, listens on 127.0.0.1 on a free port, runs as the
+unprivileged `postgres` OS user when we are root (initdb refuses root), uses password auth, and
+is stopped and deleted on exit. Missing binaries raise PgServerError: tests must fail, not skip.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PgServerError", "PostgresServer", "find_pg_bindir"]
+
+_SUPERUSER = "postgres"
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class PgServerError(RuntimeError):
+    """The PostgreSQL test server could not be started or used."""
+
+
+def find_pg_bindir() -> Path:
+    """The newest /usr/lib/postgresql/<ver>/bin holding initdb and pg_ctl (or $PG_BINDIR)."""
+    override = os.environ.get("PG_BINDIR")
+    dirs = [override] if override else []
+
+    def ver(p: str) -> float:
+        m = re.search(r"/postgresql/(\d+(?:\.\d+)?)/bin", p)
+        return float(m.group(1)) if m else 0.0
+
+    dirs += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=ver, reverse=True)
+    for d in dirs:
+        p = Path(d)
+        if (p / "initdb").is_file() and (p / "pg_ctl").is_file():
+            return p
+    raise PgServerError(
+        "PostgreSQL server binaries not found (need /usr/lib/postgresql/<ver>/bin/initdb and "
+        "pg_ctl; apt-get install postgresql, or set PG_BINDIR)"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    def __init__(self, *, bindir: Path | None = None, start_timeout: float = 60.0) -> None:
+        self.bindir = bindir or find_pg_bindir()
+        self.start_timeout = start_timeout
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.user = _SUPERUSER
+        self.password = secrets.token_hex(16)
+        self.tmpdir: Path | None = None
+        self._running = False
+        self._as_user: list[str] = []
+        self._su: str | None = None
+        self._uid: int | None = None
+        self._gid: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._running:
+            return
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam(_SUPERUSER)
+            except KeyError as e:
+                raise PgServerError("running as root but there is no 'postgres' OS user") from e
+            self._uid, self._gid = pw.pw_uid, pw.pw_gid
+            runuser = shutil.which("runuser")
+            if runuser is not None:
+                self._as_user = [runuser, "-u", _SUPERUSER, "--"]
+            else:
+                self._su = shutil.which("su")
+                if self._su is None:
+                    raise PgServerError("need runuser or su to drop root for initdb")
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="pyhs-pg-"))
+        atexit.register(self.stop)
+        try:
+            self._initdb()
+            self._start_server()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.tmpdir is None:
+            return
+        if self._running:
+            with contextlib.suppress(Exception):
+                self._run(
+                    [
+                        str(self.bindir / "pg_ctl"),
+                        "-D",
+                        str(self.datadir),
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "-t",
+                        "30",
+                        "stop",
+                    ],
+                    timeout=60,
+                )
+            self._running = False
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self.tmpdir = None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def datadir(self) -> Path:
+        assert self.tmpdir is not None
+        return self.tmpdir / "data"
+
+    def _chown(self, path: Path) -> None:
+        if self._uid is not None and self._gid is not None:
+            os.chown(path, self._uid, self._gid)
+
+    def _run(self, argv: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        if self._su is not None:
+            argv = [self._su, _SUPERUSER, "-s", "/bin/sh", "-c", shlex.join(argv)]
+        else:
+            argv = self._as_user + argv
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.tmpdir),
+            env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+        )
+        if proc.returncode != 0:
+            raise PgServerError(
+                f"{Path(argv[0]).name} {' '.join(argv[1:4])}... failed "
+                f"(rc={proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+            )
+        return proc
+
+    def _initdb(self) -> None:
+        assert self.tmpdir is not None
+        # mkdtemp gives 0700 root-owned; hand the whole directory to the server's user.
+        os.chmod(self.tmpdir, 0o700)
+        self._chown(self.tmpdir)
+        pwfile = self.tmpdir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        os.chmod(pwfile, 0o600)
+        self._chown(pwfile)
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                _SUPERUSER,
+                "--pwfile",
+                str(pwfile),
+                "--auth",
+                "scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale",
+                "C",
+                "--no-sync",
+            ]
+        )
+        pwfile.unlink()
+
+    def _start_server(self) -> None:
+        assert self.tmpdir is not None
+        last_err: Exception | None = None
+        # The port is picked before the server binds it; retry if someone else grabbed it.
+        for _ in range(3):
+            self.port = _free_port()
+            opts = (
+                f"-c listen_addresses={self.host} -p {self.port} "
+                f"-c unix_socket_directories={self.tmpdir} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=50 -c shared_buffers=16MB"
+            )
+            try:
+                self._run(
+                    [
+                        str(self.bindir / "pg_ctl"),
+                        "-D",
+                        str(self.datadir),
+                        "-o",
+                        opts,
+                        "-l",
+                        str(self.tmpdir / "server.log"),
+                        "-w",
+                        "-t",
+                        str(int(self.start_timeout)),
+                        "start",
+                    ],
+                    timeout=self.start_timeout + 30,
+                )
+            except PgServerError as e:
+                last_err = e
+                continue
+            self._running = True
+            self._wait_ready()
+            return
+        log = ""
+        with contextlib.suppress(OSError):
+            log = (self.tmpdir / "server.log").read_text()[-2000:]
+        raise PgServerError(f"postgres did not start: {last_err}\n{log}")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                with self._admin_connection():
+                    return
+            except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+                if time.monotonic() > deadline:
+                    raise PgServerError(f"postgres not accepting connections: {e}") from e
+                time.sleep(0.1)
+
+    def _admin_connection(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname="postgres",
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    # -- public ----------------------------------------------------------------------------
+
+    def params(self, name: str) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "name": name,
+            "user": self.user,
+            "password": self.password,
+        }
+
+    def dsn(self, name: str) -> str:
+        return f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/{name}"
+
+    def create_database(self, name: str | None = None) -> dict[str, Any]:
+        """Create an empty database (default: a random name) and return its connection params."""
+        if not self._running:
+            raise PgServerError("server is not running")
+        name = name or f"t_{secrets.token_hex(6)}"
+        if not _NAME_RE.match(name):
+            raise PgServerError(f"bad database name {name!r}")
+        with self._admin_connection() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.params(name)
+
+    def drop_database(self, name: str) -> None:
+        if not _NAME_RE.match(name):
+            raise PgServerError(f"bad database name {name!r}")
+        with self._admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    with PostgresServer() as pg:
+        print("started", pg.bindir, pg.port, pg.create_database("smoke"))
