@@ -1,0 +1,181 @@
+"""The change bus: state/ publishes what changed; each map poll subscribes and gets batches.
+
+A `Change` says what a MapResponse must reflect (the mapper decides how). Each node has at most
+one subscription; a newer one replaces the older (whose iterator ends). Changes are coalesced
+over a batching window. A subscriber that falls behind never blocks the publisher or other
+subscribers: its bounded buffer collapses to a single FULL change when it overflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BATCH_DELAY = 0.05  # seconds; Headscale's 800 ms is too sluggish for interactive use
+MAX_BATCH_DELAY_DEFAULT = 0.1
+DEFAULT_BUFFER = 1024
+
+
+class ChangeKind(enum.Enum):
+    NODE_ADDED = "node_added"
+    NODE_CHANGED = "node_changed"  # peer-visible node fields changed: resend the peer entry
+    NODE_PATCH = "node_patch"  # small runtime change (endpoints, DERP, disco key): PeerChange
+    NODE_REMOVED = "node_removed"
+    NODE_ONLINE = "node_online"  # online/offline flip, fields={"online"} or {"offline"}
+    NODE_KEY_EXPIRY = "node_key_expiry"
+    SELF = "self"  # only the node itself must see a new self entry
+    POLICY = "policy"
+    DNS = "dns"
+    DERP = "derp"
+    USER = "user"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    node_id: int | None = None  # the node the change is about
+    fields: frozenset[str] = field(default_factory=frozenset)
+    # When set, only this node's subscription receives the change (self-only updates).
+    target: int | None = None
+
+    @classmethod
+    def full(cls) -> Change:
+        return cls(ChangeKind.FULL)
+
+    def merge_key(self) -> tuple[ChangeKind, int | None, int | None]:
+        return (self.kind, self.node_id, self.target)
+
+
+def coalesce(changes: Iterable[Change]) -> list[Change]:
+    """Merge repeats of the same (kind, node, target) by uniting their fields; keep order.
+
+    A FULL anywhere in the batch subsumes everything else.
+    """
+    merged: dict[tuple[ChangeKind, int | None, int | None], Change] = {}
+    for c in changes:
+        if c.kind is ChangeKind.FULL:
+            return [Change.full()]
+        k = c.merge_key()
+        prev = merged.get(k)
+        if prev is None:
+            merged[k] = c
+        elif not c.fields <= prev.fields:
+            merged[k] = Change(c.kind, c.node_id, prev.fields | c.fields, c.target)
+    return list(merged.values())
+
+
+def batch_delay_from_config(cfg: Any) -> float:
+    """`tuning.batch_change_delay` in seconds (timedelta, number or None)."""
+    v = getattr(getattr(cfg, "tuning", None), "batch_change_delay", None)
+    if v is None:
+        return DEFAULT_BATCH_DELAY
+    if hasattr(v, "total_seconds"):
+        return max(0.0, float(v.total_seconds()))
+    return max(0.0, float(v))
+
+
+class Subscription:
+    """One node's feed. `async for batch in sub` yields coalesced lists of changes."""
+
+    def __init__(self, bus: ChangeBus, node_id: int, max_buffer: int) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self._max = max_buffer
+        self._buf: list[Change] = []
+        self._overflowed = False
+        self._event = asyncio.Event()
+        self.closed = False
+        self.overflows = 0
+
+    def _push(self, change: Change) -> None:
+        if self.closed or self._overflowed:
+            return  # a pending FULL already covers it
+        if len(self._buf) >= self._max:
+            self._buf = [Change.full()]
+            self._overflowed = True
+            self.overflows += 1
+        else:
+            self._buf.append(change)
+        self._event.set()
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._buf = []
+            self._event.set()
+            self.bus._unsubscribe(self)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> list[Change]:
+        while not self._buf:
+            if self.closed:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        if self.closed:
+            raise StopAsyncIteration
+        delay = self.bus.batch_delay
+        if delay > 0 and not self._overflowed:
+            # The window opens with the first change: later ones ride along.
+            await asyncio.sleep(delay)
+            if self.closed:
+                raise StopAsyncIteration
+        batch, self._buf, self._overflowed = self._buf, [], False
+        self._event.clear()
+        return coalesce(batch)
+
+
+class ChangeBus:
+    def __init__(self, batch_delay: float = DEFAULT_BATCH_DELAY,
+                 max_buffer: int = DEFAULT_BUFFER) -> None:
+        self.batch_delay = batch_delay
+        self.max_buffer = max_buffer
+        self._subs: dict[int, Subscription] = {}
+        self.published = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ChangeBus:
+        return cls(batch_delay=batch_delay_from_config(cfg))
+
+    def subscribe(self, node_id: int) -> Subscription:
+        old = self._subs.get(node_id)
+        sub = Subscription(self, node_id, self.max_buffer)
+        self._subs[node_id] = sub
+        if old is not None:
+            old.close()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.get(sub.node_id) is sub:
+            del self._subs[sub.node_id]
+
+    def subscribed(self, node_id: int) -> bool:
+        return node_id in self._subs
+
+    def subscribers(self) -> list[int]:
+        return list(self._subs)
+
+    def publish(self, *changes: Change) -> None:
+        """Never blocks: each subscriber's buffer takes the change or collapses to FULL."""
+        for change in changes:
+            self.published += 1
+            if change.target is not None:
+                sub = self._subs.get(change.target)
+                if sub is not None:
+                    sub._push(change)
+                continue
+            for sub in list(self._subs.values()):
+                sub._push(change)
+
+    def close(self) -> None:
+        for sub in list(self._subs.values()):
+            sub.close()
