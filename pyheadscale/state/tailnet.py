@@ -137,6 +137,7 @@ class Tailnet:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyheadscale-db")
         self.gc = EphemeralGC(inactivity_timeout_from_config(cfg), self._gc_delete)
         self.generation = 0  # bumped on every committed write
+        self.listeners: list[Callable[[tuple[Change, ...]], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -194,6 +195,9 @@ class Tailnet:
         return await asyncio.shield(asyncio.ensure_future(run()))
 
     def _publish(self, *changes: Change) -> None:
+        # Listeners (policy, routes) update derived state before any session sees the change.
+        for listener in self.listeners:
+            listener(changes)
         self.bus.publish(*changes)
 
     # --- index maintenance -------------------------------------------------------------------

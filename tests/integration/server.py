@@ -149,6 +149,7 @@ def default_config(
         "metrics_listen_addr": "127.0.0.1:9090",
         "tls_cert_path": str(ca.cert) if ca else "",
         "tls_key_path": str(ca.key) if ca else "",
+        "data_dir": str(workdir),
         "noise": {"private_key_path": str(workdir / "noise_private.key")},
         "prefixes": {
             "v4": "100.64.0.0/10",
@@ -167,6 +168,10 @@ def default_config(
                 "private_key_path": str(workdir / "derp_server_private.key"),
                 "automatically_add_embedded_derp_region": True,
                 "ipv4": host_ip,
+                # The test CA's certificate (valid for host_ip): every pinned client version
+                # trusts it through SSL_CERT_FILE, including v1.80 which cannot pin.
+                "tls_cert_path": str(ca.cert) if ca else "",
+                "tls_key_path": str(ca.key) if ca else "",
             },
             # Never fetch Tailscale's production DERP map: the lab has no route out anyway.
             "urls": [],

@@ -1,0 +1,160 @@
+"""Builds the server: listeners, the aiohttp app, background tasks. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from pyheadscale import __version__
+from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.control.upgrade import add_routes
+from pyheadscale.db.engine import engine_from_config, migrate
+from pyheadscale.embedded_derp import EmbeddedDerp
+from pyheadscale.noise.keys import load_or_create_private_key
+from pyheadscale.state.tailnet import Tailnet
+
+log = logging.getLogger("pyheadscale")
+
+
+def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, default_port
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+class Server:
+    """One running pyheadscale: state, control plane, embedded DERP and the HTTP listeners."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.runners: list[web.BaseRunner] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.derp: EmbeddedDerp | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.engine = engine_from_config(cfg.database)
+        await asyncio.to_thread(migrate, self.engine)
+        self.tailnet = await Tailnet.load(self.engine, cfg)
+        noise_key = load_or_create_private_key(cfg.noise.private_key_path)
+
+        if cfg.derp.server.enabled:
+            self.derp = EmbeddedDerp(cfg, self.tailnet)
+            await self.derp.start()
+        self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
+        await self.control.start()
+
+        app = web.Application(client_max_size=1 << 20)
+        add_routes(app, noise_key, self.control.dispatch)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/robots.txt", self.robots)
+        app.router.add_post("/verify", self.verify)
+        self.control.add_web_routes(app)
+
+        host, port = split_hostport(cfg.listen_addr, 8080)
+        ssl_ctx = tls_context(cfg.tls_cert_path, cfg.tls_key_path) if cfg.tls_cert_path else None
+        await self._site(app, host, port, ssl_ctx)
+        if cfg.metrics_listen_addr:
+            metrics = web.Application()
+            metrics.router.add_get("/metrics", self.metrics)
+            mhost, mport = split_hostport(cfg.metrics_listen_addr, 9090)
+            await self._site(metrics, mhost, mport, None)
+
+        url = urlsplit(cfg.server_url)
+        log.info("pyheadscale %s listening on %s (server_url %s)", __version__, cfg.listen_addr,
+                 cfg.server_url)
+        print(f"pyheadscale {__version__}: serving {cfg.server_url} on {cfg.listen_addr}", flush=True)
+        print(f"  data directory: {Path(cfg.data_dir).resolve()}", flush=True)
+        if self.derp is not None:
+            print(f"  embedded DERP: {self.derp.describe()}", flush=True)
+        print("  create a user and a key:", flush=True)
+        print("    headscale users create <name>", flush=True)
+        print("    headscale preauthkeys create --user <user id> --reusable", flush=True)
+        print(f"  then: tailscale up --login-server {url.scheme}://{url.netloc} --authkey <key>",
+              flush=True)
+
+    async def _site(self, app: web.Application, host: str, port: int,
+                    ssl_ctx: ssl.SSLContext | None) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
+        self.runners.append(runner)
+
+    async def stop(self) -> None:
+        await self.control.stop()
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        if self.derp is not None:
+            await self.derp.stop()
+        await self.tailnet.close()
+        self.engine.dispose()
+
+    # --- plain HTTP handlers -------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        try:
+            await self.tailnet.ping_db()
+        except Exception as e:  # the DB is the only dependency health reports on
+            return web.json_response({"status": "fail", "error": str(e)}, status=503)
+        return web.json_response({"status": "pass"})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "v0.29.2", "pyheadscale": __version__})
+
+    async def robots(self, request: web.Request) -> web.Response:
+        return web.Response(text="User-agent: *\nDisallow: /\n")
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """DERP admission for external derpers (`--verify-client-url`)."""
+        raw = await request.content.read(4097)
+        if len(raw) > 4096:
+            return web.Response(status=413, text="request too large")
+        allowed = await self.control.verify_derp_request(raw)
+        if allowed is None:
+            return web.Response(status=400, text="bad DERPAdmitClientRequest")
+        return web.json_response({"Allow": allowed})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.control.metrics_text(), content_type="text/plain")
+
+
+async def serve(cfg: Any) -> None:
+    server = Server(cfg)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.control.reload()))
+    await stop.wait()
+    print("pyheadscale: shutting down", flush=True)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server.stop(), timeout=10)
+
+
+def run(cfg: Any) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(getattr(cfg, "log", None), "level", "info")).upper(),
+                      logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(cfg))

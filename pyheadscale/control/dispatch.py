@@ -1,0 +1,234 @@
+"""The control plane behind the Noise tunnel: routing, the map context, reloads.
+
+`ControlPlane.dispatch` is what the HTTP/2-over-Noise server calls for every request; it routes
+on `:path` only (clients may send `:authority unused`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from aiohttp import web
+from sqlalchemy import Engine
+
+from pyheadscale import tailcfg
+from pyheadscale.auth.webflow import PendingRegistrations
+from pyheadscale.control.policyctl import PolicyController
+from pyheadscale.control.poll import handle_map
+from pyheadscale.control.register import handle_register, reply
+from pyheadscale.control.types import ControlRequest, ResponseStream
+from pyheadscale.control.webauth import WebAuth
+from pyheadscale.mapper.context import MapContext
+from pyheadscale.mapper.derpmap import (
+    DERPMapError,
+    load_derp_map_file,
+    merge_derp_maps,
+    parse_derp_map_json,
+)
+from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
+from pyheadscale.mapper.full import PeerCache
+from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.tailnet import Tailnet
+
+if TYPE_CHECKING:
+    from pyheadscale.embedded_derp import EmbeddedDerp
+
+log = logging.getLogger("pyheadscale.control")
+
+MIN_CAPVER = 113  # Tailscale v1.80, the oldest of the last ten minor releases
+
+
+def seconds(v: Any, default: float) -> float:
+    if v is None:
+        return default
+    return v.total_seconds() if hasattr(v, "total_seconds") else float(v)
+
+
+class ControlPlane:
+    def __init__(self, cfg: Any, tailnet: Tailnet, engine: Engine,
+                 derp: EmbeddedDerp | None) -> None:
+        self.cfg = cfg
+        self.tailnet = tailnet
+        self.derp = derp
+        self.min_capver = MIN_CAPVER
+        self.peer_cache = PeerCache()
+        self.sessions_opened = 0
+        self._generation = 0
+        self._url_derp_maps: list[dict[str, Any]] = []
+        self._extra_records_mtime: float | None = None
+        self._file_records: list[dict[str, Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        tuning = getattr(cfg, "tuning", None)
+        self.pending = PendingRegistrations(
+            seconds(getattr(tuning, "register_cache_expiration", None), 15 * 60),
+            int(getattr(tuning, "register_cache_max_entries", 1024) or 1024),
+        )
+        self.webflow = WebAuth(self)
+        self.policy = PolicyController(cfg, tailnet, engine,
+                                       on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
+        self.mapctx = MapContext()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.policy.load()
+        await self._fetch_derp_urls()
+        self._load_extra_records_file(initial=True)
+        self.mapctx = self.build_context()
+        if not self.mapctx.derp_map.get("Regions"):
+            raise RuntimeError("no DERP region configured: enable derp.server or set "
+                               "derp.urls / derp.paths (clients never reach Running without one)")
+        if getattr(self.cfg.dns, "extra_records_path", None):
+            self._tasks.append(asyncio.create_task(self._watch_extra_records()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self.tailnet.bus.close()
+
+    def add_web_routes(self, app: web.Application) -> None:
+        self.webflow.add_routes(app)
+
+    # --- the map context -------------------------------------------------------------------
+
+    def derp_map(self) -> dict[str, Any]:
+        paths = [load_derp_map_file(p) for p in (self.cfg.derp.paths or ())]
+        embedded = None
+        if self.derp is not None and self.cfg.derp.server.automatically_add_embedded_derp_region:
+            embedded = self.derp.region()
+        return merge_derp_maps(self._url_derp_maps, paths, embedded)
+
+    def build_context(self) -> MapContext:
+        cfg = self.cfg
+        self._generation += 1
+        dns = DNSSettings.from_config(cfg.dns, prefix_v4=cfg.prefixes.v4, prefix_v6=cfg.prefixes.v6,
+                                      file_records=self._file_records)
+        return MapContext(
+            base_domain=cfg.dns.base_domain or "",
+            domain=urlsplit(cfg.server_url).hostname or "",
+            dns=dns,
+            derp_map=self.derp_map(),
+            policy=self.policy.policy,
+            primary_routes=self.mapctx.primary_routes,
+            taildrop=bool(getattr(getattr(cfg, "taildrop", None), "enabled", True)),
+            logtail=bool(getattr(getattr(cfg, "logtail", None), "enabled", False)),
+            generation=self._generation,
+        )
+
+    def refresh_context(self, kind: ChangeKind) -> None:
+        self.mapctx = self.build_context()
+        self.tailnet.bus.publish(Change(kind, None, frozenset()))
+
+    async def _fetch_derp_urls(self) -> None:
+        maps = []
+        urls = list(self.cfg.derp.urls or ())
+        if urls:
+            timeout = aiohttp.ClientTimeout(total=10)
+            async with aiohttp.ClientSession(timeout=timeout) as s:
+                for url in urls:
+                    try:
+                        async with s.get(url) as r:
+                            maps.append(parse_derp_map_json(await r.read(), url))
+                    except (aiohttp.ClientError, TimeoutError, DERPMapError) as e:
+                        log.warning("DERP map %s not loaded: %s", url, e)
+        self._url_derp_maps = maps
+
+    # --- extra records and reloads ----------------------------------------------------------
+
+    def _load_extra_records_file(self, initial: bool = False) -> bool:
+        path = getattr(self.cfg.dns, "extra_records_path", None)
+        if not path:
+            return False
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as e:
+            if initial:
+                log.warning("extra_records_path %s: %s", path, e)
+            return False
+        if mtime == self._extra_records_mtime:
+            return False
+        try:
+            records = load_extra_records(path)
+        except ExtraRecordsError as e:
+            log.warning("extra records not reloaded, keeping the old ones: %s", e)
+            return False
+        self._extra_records_mtime = mtime
+        changed = records != self._file_records
+        self._file_records = records
+        return changed
+
+    async def _watch_extra_records(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._load_extra_records_file():
+                self.refresh_context(ChangeKind.DNS)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the DNS section, extra records and DERP paths of the config file."""
+        from pyheadscale.config import ConfigError, load_config
+
+        path = getattr(self.cfg, "config_path", None)
+        try:
+            new = load_config(path) if path else self.cfg
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            return
+        self.cfg = replace_dns(self.cfg, new)
+        self._extra_records_mtime = None
+        self._load_extra_records_file()
+        self.refresh_context(ChangeKind.DNS)
+        if self.policy.mode == "file":
+            await self.policy.reload()
+        log.info("configuration reloaded")
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def dispatch(self, req: ControlRequest, resp: ResponseStream) -> None:
+        if req.path == "/machine/map" and req.method == "POST":
+            await handle_map(self, req, resp)
+        elif req.path == "/machine/register" and req.method == "POST":
+            await handle_register(self, req, resp)
+        else:
+            await reply(resp, 404, "not found")
+
+    async def verify_derp_request(self, raw: bytes) -> bool | None:
+        """tailcfg.DERPAdmitClientRequest -> allowed, or None when malformed."""
+        try:
+            body = orjson.loads(raw)
+            key = tailcfg.parse_key(tailcfg.KeyKind.NODE, body["NodePublic"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, tailcfg.TailcfgError):
+            return None
+        return self.tailnet.node_by_node_key(key) is not None
+
+    def metrics_text(self) -> str:
+        tn = self.tailnet
+        online = sum(1 for n in tn.nodes.values() if n.online)
+        return (
+            "# TYPE headscale_nodes gauge\n"
+            f"headscale_nodes {len(tn.nodes)}\n"
+            "# TYPE headscale_nodes_online gauge\n"
+            f"headscale_nodes_online {online}\n"
+            "# TYPE pyheadscale_map_sessions_opened_total counter\n"
+            f"pyheadscale_map_sessions_opened_total {self.sessions_opened}\n"
+        )
+
+
+def replace_dns(old: Any, new: Any) -> Any:
+    """The running config with the DNS section (and only it) taken from a reloaded file."""
+    try:
+        return old.model_copy(update={"dns": new.dns})
+    except AttributeError:
+        return replace(old, dns=new.dns)
+
+

@@ -1,0 +1,126 @@
+"""The running policy: loading (file or database mode), validation, live recompilation.
+
+A rejected policy never replaces the running one: a new `PolicyManager` is built and checked
+first, and only swapped in (and stored, in database mode) once it compiled and its tests pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from pyheadscale.db.models import Policy as PolicyRow
+from pyheadscale.mapper.context import AllowAllPolicy
+from pyheadscale.policy import PolicyError, PolicyManager
+from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.tailnet import Tailnet
+
+log = logging.getLogger("pyheadscale.policy")
+
+# Changes after which the compiled policy may differ (who is who, which tags, which routes).
+_POLICY_INPUTS = {ChangeKind.NODE_ADDED, ChangeKind.NODE_REMOVED, ChangeKind.NODE_CHANGED,
+                  ChangeKind.USER}
+
+
+class PolicyUpdateDisabled(Exception):
+    def __init__(self) -> None:
+        super().__init__("update is disabled for modes other than 'database'")
+
+
+class PolicyController:
+    def __init__(self, cfg: Any, tailnet: Tailnet, engine: Engine,
+                 on_swap: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.tailnet = tailnet
+        self.engine = engine
+        self.on_swap = on_swap  # rebuild the map context and tell every session
+        self.mode = cfg.policy.mode
+        self.text: str | None = None
+        self.manager: PolicyManager | None = None
+
+    @property
+    def policy(self) -> Any:
+        return self.manager if self.manager is not None else AllowAllPolicy()
+
+    def build(self, text: str | None, *, run_tests: bool) -> PolicyManager | None:
+        """Compile `text` against the live users and nodes; raises PolicyError."""
+        if text is None or not text.strip():
+            return None
+        return PolicyManager(text, list(self.tailnet.users.values()),
+                             list(self.tailnet.nodes.values()),
+                             server_url=self.cfg.server_url, run_tests=run_tests)
+
+    async def load(self) -> None:
+        """At start: a broken policy file or stored policy stops the server (Headscale too)."""
+        text = await self._read_source()
+        # Headscale only warns about failing policy tests at boot.
+        self.manager = self.build(text, run_tests=False)
+        self.text = text
+        self.tailnet.listeners.append(self._on_changes)
+
+    async def _read_source(self) -> str | None:
+        if self.mode == "database":
+            return await asyncio.to_thread(self._latest_row)
+        path = self.cfg.policy.path
+        if not path:
+            return None
+        return await asyncio.to_thread(lambda: open(path, encoding="utf-8").read())
+
+    def _latest_row(self) -> str | None:
+        with Session(self.engine) as s:
+            row = s.exec(select(PolicyRow).order_by(PolicyRow.id.desc())).first()  # type: ignore[union-attr]
+            return row.data if row is not None else None
+
+    def _store_row(self, text: str) -> PolicyRow:
+        with Session(self.engine) as s:
+            row = PolicyRow(data=text)
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def _swap(self, manager: PolicyManager | None, text: str | None) -> None:
+        self.manager, self.text = manager, text
+        self.on_swap()
+
+    def check(self, text: str) -> None:
+        """Validate against live users and nodes without storing; raises PolicyError."""
+        self.build(text, run_tests=True)
+
+    async def set(self, text: str) -> PolicyRow:
+        if self.mode != "database":
+            raise PolicyUpdateDisabled()
+        manager = self.build(text, run_tests=True)
+        row = await asyncio.to_thread(self._store_row, text)
+        self._swap(manager, text)
+        return row
+
+    async def reload(self) -> bool:
+        """SIGHUP (file mode) or an external change: re-read, keep the old one on error."""
+        try:
+            text = await self._read_source()
+            manager = self.build(text, run_tests=False)
+        except (OSError, PolicyError) as e:
+            log.error("policy not reloaded, keeping the running one: %s", e)
+            return False
+        if text == self.text:
+            return False
+        self._swap(manager, text)
+        log.info("policy reloaded")
+        return True
+
+    def _on_changes(self, changes: tuple[Change, ...]) -> None:
+        if self.manager is None or not any(c.kind in _POLICY_INPUTS for c in changes):
+            return
+        self.manager.update(users=list(self.tailnet.users.values()),
+                            nodes=list(self.tailnet.nodes.values()))
+        self.on_swap()
+
+
+__all__ = ["PolicyController", "PolicyError", "PolicyUpdateDisabled"]
+

@@ -1,0 +1,110 @@
+"""POST /machine/register: auth-key login, restart, logout, key rotation, interactive followup."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pyheadscale import tailcfg
+from pyheadscale.control.types import ControlRequest, ResponseStream
+from pyheadscale.state.model import Node
+from pyheadscale.state.tailnet import InvalidAuthKey, StateError
+
+if TYPE_CHECKING:
+    from pyheadscale.control.dispatch import ControlPlane
+
+log = logging.getLogger("pyheadscale.register")
+
+
+class BadRequest(Exception):
+    """The request is malformed; answered with HTTP 400 and this text."""
+
+
+async def reply(resp: ResponseStream, status: int, body: dict[str, Any] | str) -> None:
+    if isinstance(body, str):
+        await resp.start(status, [("content-type", "text/plain; charset=utf-8")])
+        await resp.end(body.encode())
+        return
+    await resp.start(status, [("content-type", "application/json")])
+    await resp.end(orjson.dumps(body))
+
+
+def parse_register(req: ControlRequest) -> dict[str, Any]:
+    try:
+        body = orjson.loads(req.body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"register request is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("register request must be a JSON object")
+    return body
+
+
+async def handle_register(cp: ControlPlane, req: ControlRequest, resp: ResponseStream) -> None:
+    try:
+        rr = tailcfg.parse_register_request(parse_register(req))
+    except (BadRequest, tailcfg.DecodeError) as e:
+        await reply(resp, 400, str(e))
+        return
+    if rr.version < cp.min_capver:
+        await reply(resp, 400, f"unsupported client version: capability version {rr.version}, "
+                    f"pyheadscale needs {cp.min_capver} (Tailscale v1.80) or newer")
+        return
+    tn = cp.tailnet
+    now = datetime.now(UTC)
+    node = tn.node_by_node_key(rr.node_key)
+    if node is not None and node.machine_key != req.machine_key:
+        # A node key presented over another machine's Noise session: never act on it.
+        await reply(resp, 200, {"Error": "node key belongs to another machine"})
+        return
+
+    # Logout: a past expiry with the current node key wins even when an auth key is present.
+    if rr.expiry is not None and rr.expiry <= now and node is not None:
+        node = await tn.logout(node.id, now)
+        await reply(resp, 200, register_response(cp, node, now) if node else {})
+        return
+
+    if rr.auth_key:
+        try:
+            node = await tn.register_with_authkey(
+                machine_key=req.machine_key, node_key=rr.node_key,
+                old_node_key=rr.old_node_key, hostinfo=rr.hostinfo, key=rr.auth_key,
+                requested_expiry=rr.expiry, ephemeral=rr.ephemeral, capver=rr.version,
+            )
+        except InvalidAuthKey as e:
+            await reply(resp, 200, {"Error": str(e)})
+            return
+        except StateError as e:
+            log.warning("registration refused: %s", e)
+            await reply(resp, 200, {"Error": str(e)})
+            return
+        await reply(resp, 200, register_response(cp, node, now))
+        return
+
+    if node is None and rr.old_node_key is not None:
+        old = tn.node_by_node_key(rr.old_node_key)
+        if old is not None and old.machine_key == req.machine_key and not old.is_expired(now):
+            # Seamless key rotation of an authorised node keeps its ID and addresses.
+            node = await tn.rotate_node_key(old.id, rr.node_key)
+
+    if node is not None and rr.followup == "":
+        await reply(resp, 200, register_response(cp, node, now))
+        return
+
+    await cp.webflow.handle(req, rr, resp)
+
+
+def register_response(cp: ControlPlane, node: Node, now: datetime) -> dict[str, Any]:
+    user = cp.tailnet.user_profile(node)
+    login = dict(user)
+    login["Provider"] = node.register_method
+    return {
+        "User": {"ID": user["ID"], "DisplayName": user["DisplayName"],
+                 "ProfilePicURL": user.get("ProfilePicURL", "")},
+        "Login": login,
+        "NodeKeyExpired": node.is_expired(now),
+        "MachineAuthorized": True,
+        "AuthURL": "",
+    }

@@ -1,0 +1,94 @@
+"""The interactive registration flow over Noise (AuthURL + Followup) and its web page."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, UnknownAuthID
+from pyheadscale.control.register import register_response, reply
+from pyheadscale.control.types import ControlRequest, ResponseStream
+from pyheadscale.state.model import Node
+
+if TYPE_CHECKING:
+    from pyheadscale.control.dispatch import ControlPlane
+    from pyheadscale.tailcfg import RegisterRequest
+
+
+class WebAuth:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    def auth_url(self, auth_id: str) -> str:
+        return f"{self.cp.cfg.server_url.rstrip('/')}/register/{auth_id}"
+
+    async def handle(self, req: ControlRequest, rr: RegisterRequest, resp: ResponseStream) -> None:
+        pending = self.cp.pending
+        if rr.followup:
+            auth_id = rr.followup.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                p = pending.get(auth_id)
+            except UnknownAuthID:
+                p = None
+            if p is not None and p.machine_key == req.machine_key:
+                await self._wait(p, resp)
+                return
+            # Expired or unknown: a *new* URL (the same one would make the client back off).
+        p = pending.add(machine_key=req.machine_key, node_key=rr.node_key,
+                        hostinfo=rr.hostinfo, expiry=rr.expiry, ephemeral=rr.ephemeral,
+                        capver=rr.version)
+        await reply(resp, 200, {"AuthURL": self.auth_url(p.auth_id)})
+
+    async def _wait(self, p: Pending, resp: ResponseStream) -> None:
+        try:
+            node: Node = await asyncio.shield(p.done)
+        except UnknownAuthID:
+            fresh = self.cp.pending.add(machine_key=p.machine_key, node_key=p.node_key,
+                                        hostinfo=p.hostinfo, expiry=p.expiry,
+                                        ephemeral=p.ephemeral, capver=p.capver)
+            await reply(resp, 200, {"AuthURL": self.auth_url(fresh.auth_id)})
+            return
+        except PermissionError as e:
+            await reply(resp, 200, {"Error": str(e)})
+            return
+        await reply(resp, 200, register_response(self.cp, node, datetime.now(UTC)))
+
+    async def register(self, auth_id: str, user_id: int) -> Node:
+        """Complete a pending registration for a user (CLI/API `auth register`)."""
+        p = self.cp.pending.get(auth_id)
+        node = await self.cp.tailnet.register_for_user(
+            machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
+            user_id=user_id, requested_expiry=p.expiry,
+            register_method="cli", capver=p.capver)
+        self.cp.pending.complete(auth_id, node)
+        return node
+
+    # --- web page ---------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/register/{auth_id}", self.page)
+
+    async def page(self, request: web.Request) -> web.Response:
+        auth_id = request.match_info["auth_id"]
+        if not auth_id.startswith(AUTH_ID_PREFIX):
+            return web.Response(status=400, text="invalid registration ID")
+        try:
+            self.cp.pending.get(auth_id)
+        except UnknownAuthID:
+            return web.Response(status=404, text="registration not found or expired")
+        cmd = f"headscale auth register --auth-id {auth_id} --user USERNAME"
+        body = PAGE.format(cmd=html.escape(cmd))
+        return web.Response(text=body, content_type="text/html")
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Registration - pyheadscale</title></head>
+<body><h1>Machine registration</h1>
+<p>Run the command below on the pyheadscale server to add this machine to your network:</p>
+<pre><code>{cmd}</code></pre></body></html>
+"""
+
