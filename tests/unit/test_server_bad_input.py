@@ -1,0 +1,160 @@
+"""Bad input against the whole server (issue 3 acceptance 6): each bad connection or request is
+answered or closed on its own, other clients keep working, and nothing half-written is stored.
+
+Runs the real server in-process on loopback with the Python protocol client (never the proof of
+compatibility with official clients; test_control.py is)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from sqlmodel import Session, func, select
+
+from pyheadscale.app import Server
+from pyheadscale.config import load_config
+from pyheadscale.db import models
+from pyheadscale.noise.keys import generate_private_key, public_key
+from pyheadscale.testclient import connect
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    port = free_port()
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "server_url": f"http://127.0.0.1:{port}",
+        "listen_addr": f"127.0.0.1:{port}",
+        "metrics_listen_addr": "",
+        "data_dir": str(tmp_path),
+        "noise": {"private_key_path": str(tmp_path / "noise.key")},
+        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48"},
+        "database": {"type": "sqlite", "sqlite": {"path": str(tmp_path / "db.sqlite")}},
+        "derp": {"server": {"enabled": True, "listen_addr": f"127.0.0.1:{free_port()}",
+                            "stun_listen_addr": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                            "private_key_path": str(tmp_path / "derp.key")},
+                 "urls": []},
+        "unix_socket": str(tmp_path / "hs.sock"),
+        "dns": {"magic_dns": True, "base_domain": "tailnet.test", "override_local_dns": False},
+    }))
+    srv = Server(load_config(cfg_path))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def url(srv: Server) -> str:
+    return str(srv.cfg.server_url)
+
+
+def rows(srv: Server, table: Any) -> int:
+    with Session(srv.engine) as s:
+        return int(s.exec(select(func.count()).select_from(table)).one())
+
+
+async def register(srv: Server, key: str, **extra: Any) -> tuple[Any, bytes, bytes]:
+    machine, node = generate_private_key(), generate_private_key()
+    conn = await connect(url(srv), machine, capver=113)
+    body = {"Version": 113, "NodeKey": "nodekey:" + public_key(node).hex(),
+            "OldNodeKey": "nodekey:" + "0" * 64, "Auth": {"AuthKey": key},
+            "Expiry": "0001-01-01T00:00:00Z", "Followup": "", "Hostinfo": {"Hostname": "good"}}
+    body.update(extra)
+    status, _, resp = await conn.request("POST", "/machine/register", orjson.dumps(body))
+    assert status == 200, resp
+    return conn, node, orjson.loads(resp)
+
+
+async def healthy_client_works(srv: Server, key: str) -> None:
+    conn, node, resp = await register(srv, key)
+    try:
+        assert resp.get("MachineAuthorized") is True, resp
+        req = {"Version": 113, "NodeKey": "nodekey:" + public_key(node).hex(), "Stream": True,
+               "Compress": "zstd", "KeepAlive": True,
+               "DiscoKey": "discokey:" + public_key(generate_private_key()).hex()}
+        async for frame in conn.stream_map(orjson.dumps(req)):
+            assert frame["Node"]["MachineAuthorized"] is True
+            assert frame["DERPMap"]["Regions"]
+            break
+    finally:
+        await conn.close()
+
+
+async def test_bad_input_is_contained(server: Server) -> None:
+    user = await server.tailnet.create_user("alice")
+    _, key = await server.tailnet.create_preauth_key(user.id, reusable=True)
+    nodes_before = rows(server, models.Node)
+
+    # A client that stays connected through all of it.
+    bystander, _, resp = await register(server, key)
+    assert resp["MachineAuthorized"] is True
+
+    async with aiohttp.ClientSession() as http:
+        # Bad base64 handshake header.
+        async with http.post(url(server) + "/ts2021", headers={
+                "Upgrade": "tailscale-control-protocol", "Connection": "upgrade",
+                "X-Tailscale-Handshake": "not base64!"}) as r:
+            assert r.status == 400
+        # A well-formed header carrying a wrong Noise message: refused with an error frame.
+        junk = b"\x00\x71\x01\x00\x60" + os.urandom(96)
+        port = int(url(server).rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n"
+                     b"Connection: upgrade\r\nX-Tailscale-Handshake: "
+                     + base64.b64encode(junk) + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)  # read to EOF: the server closes
+        assert b" 101 " in data.split(b"\r\n", 1)[0]
+        frame = data.split(b"\r\n\r\n", 1)[1]
+        assert frame[0] == 3 and b"decrypt" in frame[3:], frame
+        writer.close()
+
+    # Oversized record, truncated-then-garbage record, garbage HTTP/2 inside Noise.
+    for attack in (
+        lambda c: c.send_raw(b"\x04\xff\xff" + b"\x00" * 64),
+        lambda c: c.send_raw(b"\x04\x00\x20" + os.urandom(32)),
+        # A SETTINGS frame whose length is not a multiple of 6: an HTTP/2 connection error.
+        lambda c: c.send_plaintext(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\x01" * 5),
+    ):
+        conn = await connect(url(server), generate_private_key(), capver=113)
+        attack(conn)
+        await asyncio.wait_for(conn.wait_closed(), 10)
+        assert conn.closed
+
+    # Bad requests on a good connection: answered per stream, the connection survives.
+    conn = await connect(url(server), generate_private_key(), capver=113)
+    status, _, body = await conn.request("POST", "/machine/register", b"{not json")
+    assert status == 400 and b"not JSON" in body
+    unknown = {"Version": 113, "NodeKey": "nodekey:" + public_key(generate_private_key()).hex(),
+               "Stream": True}
+    status, _, body = await conn.request("POST", "/machine/map", orjson.dumps(unknown))
+    assert status == 404
+    status, _, body = await conn.request("POST", "/machine/register", orjson.dumps(
+        {"Version": 113, "NodeKey": "", "Auth": {"AuthKey": key}}))
+    assert status == 400
+    status, _, _ = await conn.request("POST", "/machine/register", orjson.dumps(
+        {"Version": 42, "NodeKey": "nodekey:" + "1" * 64}))
+    assert status == 400
+    await conn.close()
+
+    # Nothing was written by any of it; the bystander and a newcomer still work.
+    assert rows(server, models.Node) == nodes_before + 1
+    assert not bystander.closed
+    await healthy_client_works(server, key)
+    await bystander.close()
