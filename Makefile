@@ -19,6 +19,7 @@ serve: $(STAMP)
 
 clients: $(STAMP)
 	$(PY) -m tests.integration.build_clients
+	$(PY) -m tests.integration.idp
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyheadscale derp tests

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from pyheadscale import __version__
+from pyheadscale.api import add_api_routes, version_info
+from pyheadscale.auth.oidc import add_oidc_routes
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
@@ -69,6 +71,8 @@ class Server:
         app.router.add_get("/robots.txt", self.robots)
         app.router.add_post("/verify", self.verify)
         self.control.add_web_routes(app)
+        add_oidc_routes(app, self.control)
+        add_api_routes(app, self.control, trusted=False)
 
         host, port = split_hostport(cfg.listen_addr, 8080)
         ssl_ctx = tls_context(cfg.tls_cert_path, cfg.tls_key_path) if cfg.tls_cert_path else None
@@ -78,6 +82,8 @@ class Server:
             metrics.router.add_get("/metrics", self.metrics)
             mhost, mport = split_hostport(cfg.metrics_listen_addr, 9090)
             await self._site(metrics, mhost, mport, None)
+        if cfg.unix_socket:
+            await self._unix_site(cfg.unix_socket, cfg.unix_socket_permission)
 
         url = urlsplit(cfg.server_url)
         log.info("pyheadscale %s listening on %s (server_url %s)", __version__, cfg.listen_addr,
@@ -99,6 +105,19 @@ class Server:
         await web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
         self.runners.append(runner)
 
+    async def _unix_site(self, path: str, mode: int) -> None:
+        """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
+        sock_app = web.Application(client_max_size=1 << 20)
+        add_api_routes(sock_app, self.control, trusted=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket from a previous run
+        runner = web.AppRunner(sock_app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.UnixSite(runner, path).start()
+        os.chmod(path, mode)
+        self.runners.append(runner)
+
     async def stop(self) -> None:
         await self.control.stop()
         for runner in reversed(self.runners):
@@ -118,7 +137,7 @@ class Server:
         return web.json_response({"status": "pass"})
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": "v0.29.2", "pyheadscale": __version__})
+        return web.json_response(version_info())
 
     async def robots(self, request: web.Request) -> web.Response:
         return web.Response(text="User-agent: *\nDisallow: /\n")

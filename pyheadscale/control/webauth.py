@@ -15,6 +15,7 @@ from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.state.model import Node
 
 if TYPE_CHECKING:
+    from pyheadscale.auth.oidc import OIDCProvider
     from pyheadscale.control.dispatch import ControlPlane
     from pyheadscale.tailcfg import RegisterRequest
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 class WebAuth:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
+        # --- OIDC: set by pyheadscale.auth.oidc.add_oidc_routes when oidc.issuer is set.
+        self.oidc: OIDCProvider | None = None
+        # --- end OIDC
 
     def auth_url(self, auth_id: str) -> str:
         return f"{self.cp.cfg.server_url.rstrip('/')}/register/{auth_id}"
@@ -80,6 +84,12 @@ class WebAuth:
             self.cp.pending.get(auth_id)
         except UnknownAuthID:
             return web.Response(status=404, text="registration not found or expired")
+        # --- OIDC: with a reachable provider the page sends the browser there instead
+        # (pyheadscale/auth/oidc.py); otherwise (no issuer, or provider down at start with
+        # oidc.only_start_if_oidc_is_available: false) the CLI instructions below are shown.
+        if self.oidc is not None and self.oidc.available:
+            return await self.oidc.redirect(request, auth_id)
+        # --- end OIDC
         cmd = f"headscale auth register --auth-id {auth_id} --user USERNAME"
         body = PAGE.format(cmd=html.escape(cmd))
         return web.Response(text=body, content_type="text/html")

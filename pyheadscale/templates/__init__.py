@@ -1,0 +1,1 @@
+"""HTML pages served by pyheadscale, as small Python functions (values are always escaped)."""
