@@ -3,39 +3,45 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
 # Official Tailscale clients are built once per version into this cache, outside the repo.
 export PYHEADSCALE_CACHE ?= $(HOME)/.cache/pyheadscale
 
 .PHONY: serve test unit integration lint clients bench clean
 
+# `make serve` installs only what the server needs; the test targets add the dev tools.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
+
+$(DEVSTAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEVSTAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/pyheadscale serve
 
-clients: $(STAMP)
+clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients
 	$(PY) -m tests.integration.idp
 
-lint: $(STAMP)
+lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check pyheadscale derp tests
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(DEVSTAMP)
 	$(PY) -m pytest -q tests/unit tests/conformance tests/db
 
-integration: $(STAMP) clients
+integration: $(DEVSTAMP) clients
 	$(PY) -m pytest -q tests/integration
 
 # One pytest run so the summary line ends the output.
-test: $(STAMP) lint clients
+test: $(DEVSTAMP) lint clients
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: $(STAMP) clients
+bench: $(DEVSTAMP) clients
 	$(PY) -m tests.bench.control
 	$(PY) -m tests.bench.derp
 

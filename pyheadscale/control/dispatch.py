@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -21,9 +22,11 @@ from sqlalchemy import Engine
 
 from pyheadscale import tailcfg
 from pyheadscale.auth.webflow import PendingRegistrations
+from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import handle_map
 from pyheadscale.control.register import handle_register, reply
+from pyheadscale.control.routectl import RouteController
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.control.webauth import WebAuth
 from pyheadscale.mapper.context import MapContext
@@ -36,6 +39,7 @@ from pyheadscale.mapper.derpmap import (
 from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
 from pyheadscale.mapper.full import PeerCache
 from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.model import IPNetwork
 from pyheadscale.state.tailnet import Tailnet
 
 if TYPE_CHECKING:
@@ -75,6 +79,10 @@ class ControlPlane:
         self.policy = PolicyController(cfg, tailnet, engine,
                                        on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
         self.mapctx = MapContext()
+        # --- routes/expiry (issue 7): primary election, auto-approval, HA probes, expiries.
+        self.routes = RouteController(self)
+        self.expiry = ExpiryWatcher(tailnet)
+        # --- end routes/expiry
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -88,8 +96,14 @@ class ControlPlane:
                                "derp.urls / derp.paths (clients never reach Running without one)")
         if getattr(self.cfg.dns, "extra_records_path", None):
             self._tasks.append(asyncio.create_task(self._watch_extra_records()))
+        # --- routes/expiry (issue 7): after the policy, whose listener must run first.
+        self.routes.start()
+        self.expiry.start()
+        # --- end routes/expiry
 
     async def stop(self) -> None:
+        await self.routes.stop()
+        await self.expiry.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -99,6 +113,7 @@ class ControlPlane:
 
     def add_web_routes(self, app: web.Application) -> None:
         self.webflow.add_routes(app)
+        self.routes.add_routes(app)  # /machine/ping-response (HA probes)
 
     # --- the map context -------------------------------------------------------------------
 
@@ -129,6 +144,20 @@ class ControlPlane:
     def refresh_context(self, kind: ChangeKind) -> None:
         self.mapctx = self.build_context()
         self.tailnet.bus.publish(Change(kind, None, frozenset()))
+        if kind is ChangeKind.POLICY:
+            self.routes.policy_refreshed()
+
+    # --- routes integration point (issue 7) ------------------------------------------------
+
+    def set_primary_routes(self, routes: Mapping[int, Sequence[IPNetwork]],
+                           changed: Iterable[int]) -> None:
+        """The route controller elected new primaries: new context generation (the peer
+        cache keys on it), then every peer of a node whose primaries moved hears of it."""
+        self._generation += 1
+        self.mapctx = replace(self.mapctx, primary_routes=dict(routes),
+                              generation=self._generation)
+        self.tailnet.bus.publish(*(Change(ChangeKind.NODE_CHANGED, nid,
+                                          frozenset({"primary_routes"})) for nid in changed))
 
     async def _fetch_derp_urls(self) -> None:
         maps = []
@@ -175,16 +204,21 @@ class ControlPlane:
                 self.refresh_context(ChangeKind.DNS)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the DNS section, extra records and DERP paths of the config file."""
+        """SIGHUP: re-read the DNS section and the extra records, and (file mode) the policy.
+
+        Headscale reloads only the policy; web UIs such as Headplane edit `dns.*` and send
+        SIGHUP, so the DNS section is taken from the file too. Other sections need a restart.
+        """
         from pyheadscale.config import ConfigError, load_config
 
-        path = getattr(self.cfg, "config_path", None)
-        try:
-            new = load_config(path) if path else self.cfg
-        except ConfigError as e:
-            log.error("reload refused, keeping the running config: %s", e)
-            return
-        self.cfg = replace_dns(self.cfg, new)
+        path = self.cfg.config_file
+        if path is not None:
+            try:
+                new = load_config(path)
+            except ConfigError as e:
+                log.error("reload refused, keeping the running config: %s", e)
+                return
+            self.cfg = self.cfg.model_copy(update={"dns": new.dns})
         self._extra_records_mtime = None
         self._load_extra_records_file()
         self.refresh_context(ChangeKind.DNS)
@@ -222,13 +256,4 @@ class ControlPlane:
             "# TYPE pyheadscale_map_sessions_opened_total counter\n"
             f"pyheadscale_map_sessions_opened_total {self.sessions_opened}\n"
         )
-
-
-def replace_dns(old: Any, new: Any) -> Any:
-    """The running config with the DNS section (and only it) taken from a reloaded file."""
-    try:
-        return old.model_copy(update={"dns": new.dns})
-    except AttributeError:
-        return replace(old, dns=new.dns)
-
 

@@ -21,6 +21,7 @@ from tests.integration import build_clients
 from tests.integration.netns import Host, Topology
 from tests.integration.server import CertAuthority, PyHeadscale, make_test_ca
 from tests.integration.tailscale import Tailscaled
+from tests.integration.world import World
 
 LOG_ROOT = Path(os.environ.get("PYHEADSCALE_TEST_LOGS", "/tmp/pyheadscale-test-logs"))
 _WORKDIR = pytest.StashKey[Path]()
@@ -186,3 +187,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     for topo in list(netns._LIVE):
         topo.close()
+
+
+@pytest.fixture
+def world(
+    topology: Topology, workdir: Path, tailscaled_factory: Callable[..., Tailscaled]
+) -> Iterator[World]:
+    """A server host with a seeded pyheadscale (`world.start_server()`) and joining clients."""
+    w = World(topology, workdir, tailscaled_factory)
+    yield w
+    w.close()

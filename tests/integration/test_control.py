@@ -6,91 +6,16 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.netns import Host, Topology
-from tests.integration.seed import seed
-from tests.integration.server import REPO, PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
+from tests.integration.world import BASE_DOMAIN, World, dns, peers_by_name, wait_for
+
+__all__ = ["BASE_DOMAIN", "World", "dns", "peers_by_name", "wait_for"]
 
 pytestmark = pytest.mark.integration
-
-BASE_DOMAIN = "tailnet.test"
-DNSQ = str(REPO / "tests" / "integration" / "dnsq.py")
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-class World:
-    """A server host, a seeded pyheadscale and official clients joining it."""
-
-    def __init__(self, topology: Topology, workdir: Path,
-                 tailscaled_factory: Callable[..., Tailscaled]) -> None:
-        self.topology = topology
-        self.workdir = workdir
-        self.make_tailscaled = tailscaled_factory
-        self.server_host = topology.add_server_host()
-        self.server: PyHeadscale | None = None
-        self.keys: dict[str, str] = {}
-        self.nodes: dict[str, Tailscaled] = {}
-
-    def start_server(self, overrides: dict[str, Any] | None = None,
-                     keys: dict[str, dict[str, Any]] | None = None) -> PyHeadscale:
-        srv = PyHeadscale(self.server_host, self.workdir / "server", overrides, start=False)
-        self.server = srv
-        seeded = seed(srv, ["alice"], keys or {"reusable": {"user": "alice", "reusable": True}})
-        self.keys = seeded["keys"]
-        srv.start()
-        return srv
-
-    def add_client(self, name: str, version: str) -> Tailscaled:
-        assert self.server is not None
-        host = self.topology.add_host(name)
-        ts = self.make_tailscaled(host, version, ssl_cert_file=self.server.ca_file)
-        self.nodes[name] = ts
-        return ts
-
-    def join(self, name: str, version: str, key: str = "reusable") -> Tailscaled:
-        ts = self.add_client(name, version)
-        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name, timeout=60)  # type: ignore[union-attr]
-        assert r.returncode == 0, f"{name} ({version}) did not join: {r.stdout}{r.stderr}"
-        return ts
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-@pytest.fixture
-def world(topology: Topology, workdir: Path,
-          tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[World]:
-    w = World(topology, workdir, tailscaled_factory)
-    yield w
-    w.close()
-
-
-def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p["HostName"]: p for p in (st.get("Peer") or {}).values()}
-
-
-def dns(host: Host, name: str, qtype: str = "A") -> list[str]:
-    r = host.run(["python3", DNSQ, name, qtype], timeout=15)
-    return [line.strip() for line in r.stdout.splitlines() if line.strip()]
-
 
 def test_mixed_versions_see_each_other_and_ping(world: World) -> None:
     world.start_server()
