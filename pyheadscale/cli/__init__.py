@@ -1,4 +1,9 @@
-"""The `headscale`-compatible command line (console scripts `pyheadscale` and `headscale`)."""
+"""The `headscale`-compatible command line (console scripts `pyheadscale` and `headscale`).
+
+Headscale 0.29's command tree, aliases, flags and messages; output as text/tables or
+`-o json|json-line|yaml` in the API's JSON shape (what Headscale 0.30 prints). Admin commands
+talk to a running server over its unix socket, or remotely with cli.address + cli.api_key.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +11,66 @@ import sys
 
 import click
 
-from pyheadscale import __version__
+from pyheadscale.cli import apikeys, auth, misc, nodes, policy, preauthkeys, users
+from pyheadscale.cli.common import STATE, AliasGroup, CLIError, command, fail, persistent
 from pyheadscale.config import ConfigError, load_config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Path to the configuration file (default: search HEADSCALE_CONFIG, "
-              "/etc/headscale, ~/.headscale, the current directory).")
+@click.group(cls=AliasGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@persistent
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
+def cli(ctx: click.Context) -> None:
     """pyheadscale - a Headscale-compatible Tailscale control server."""
-    ctx.obj = {"config_path": config_path}
+    ctx.obj = {"config_path": ctx.meta.get("config_path")}
 
 
 def load(ctx: click.Context):  # type: ignore[no-untyped-def]
     """Load the configuration or exit 1 with its one-line error."""
     try:
-        return load_config(ctx.obj["config_path"])
+        return load_config(ctx.find_root().meta.get("config_path"))
     except ConfigError as e:
         click.echo(str(e), err=True)
         sys.exit(1)
 
 
-@cli.command()
-@click.pass_context
+@command(cli, "serve", "Run the control server (with the embedded default when no config "
+         "file exists).")
 def serve(ctx: click.Context) -> None:
-    """Run the control server (with the embedded default when no config file exists)."""
     from pyheadscale.app import run
 
     run(load(ctx))
 
 
-@cli.command()
-@click.pass_context
+@command(cli, "configtest", "Validate the configuration and exit.")
 def configtest(ctx: click.Context) -> None:
-    """Validate the configuration and exit."""
     cfg = load(ctx)
     for w in cfg.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo("config OK")
 
 
-@cli.command()
-def version() -> None:
-    """Print the version."""
-    click.echo(f"v0.29.2-pyheadscale-{__version__}")
+for _module in (users, nodes, preauthkeys, apikeys, auth, policy, misc):
+    _module.register(cli)
 
 
-def main() -> None:
-    cli(prog_name="headscale")
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: Headscale's error contract (stderr, exit code 1) for every failure."""
+    STATE["output"] = ""
+    try:
+        rc = cli.main(args=argv, prog_name="headscale", standalone_mode=False)
+    except CLIError as e:
+        fail(str(e))
+    except click.UsageError as e:
+        if e.ctx is not None:
+            click.echo(e.ctx.get_usage(), err=True)
+        fail(e.format_message())
+    except click.exceptions.Abort:
+        fail("aborted")
+    except click.ClickException as e:
+        fail(e.format_message())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,196 @@
+"""Shared CLI plumbing: cobra-like aliases and persistent flags (-c, -o, --force accepted at
+any level), errors as one line on stderr with exit code 1, prompts, the API client."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from pyheadscale.cli.client import APIFailure, Client, ConnectError
+from pyheadscale.cli.output import FORMATS, print_error, print_output
+
+
+class CLIError(Exception):
+    """A failed command: printed as `Error: <message>` (or {"error": ...}), exit code 1."""
+
+
+# The -o of the running command, for error printing outside click's context.
+STATE: dict[str, Any] = {"output": ""}
+
+
+class AliasGroup(click.Group):
+    """A group whose commands can also be reached by cobra-style aliases."""
+
+    def __init__(self, *a: Any, aliases: Iterable[str] = (), **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.aliases = tuple(aliases)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        for c in self.commands.values():
+            if name in getattr(c, "aliases", ()):
+                return c
+        return None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        _, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else None), cmd, rest
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            c = self.get_command(ctx, name)
+            if c is None or c.hidden:
+                continue
+            al = getattr(c, "aliases", ())
+            label = f"{name} ({', '.join(al)})" if al else name
+            rows.append((label, c.get_short_help_str(60)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def group(parent: click.Group, name: str, help: str, aliases: Iterable[str] = ()
+          ) -> AliasGroup:
+    g = AliasGroup(name=name, help=help, aliases=aliases,
+                   context_settings={"help_option_names": ["-h", "--help"]})
+    parent.add_command(g)
+    return g
+
+
+def _store(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def cb(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value not in (None, False, ""):
+            root = ctx.find_root()
+            root.meta[key] = value
+            if key == "output":
+                STATE["output"] = value
+        return value
+
+    return cb
+
+
+def persistent(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Headscale's persistent flags, accepted after any subcommand too."""
+    f = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                     default=None, expose_value=False, is_eager=True,
+                     callback=_store("config_path"), help="Config file.")(f)
+    f = click.option("-o", "--output", default="", expose_value=False, is_eager=True,
+                     callback=_store("output"),
+                     help="Output format. Empty for human-readable, 'json', 'json-line' or "
+                     "'yaml'")(f)
+    f = click.option("--force", is_flag=True, default=False, expose_value=False,
+                     callback=_store("force"), help="Disable prompts and forces the execution")(f)
+    return f
+
+
+def command(parent: click.Group, name: str, help: str, aliases: Iterable[str] = (),
+            **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    def deco(f: Callable[..., Any]) -> click.Command:
+        cmd = click.command(name=name, help=help,
+                            context_settings={"help_option_names": ["-h", "--help"]},
+                            **kw)(persistent(click.pass_context(f)))
+        cmd.aliases = tuple(aliases)  # type: ignore[attr-defined]
+        parent.add_command(cmd)
+        return cmd
+
+    return deco
+
+
+def opt(ctx: click.Context, key: str, default: Any = None) -> Any:
+    return ctx.find_root().meta.get(key, default)
+
+
+def output_format(ctx: click.Context) -> str:
+    fmt = str(opt(ctx, "output", "") or "")
+    if fmt and fmt not in FORMATS:
+        return ""  # Headscale prints the human form for unknown formats
+    return fmt
+
+
+def load_cfg(ctx: click.Context) -> Any:
+    from pyheadscale.config import ConfigError, load_config
+
+    try:
+        return load_config(opt(ctx, "config_path"))
+    except ConfigError as e:
+        raise CLIError(f"loading configuration: {e}") from None
+
+
+def client(ctx: click.Context) -> Client:
+    try:
+        return Client.from_config(load_cfg(ctx))
+    except ConnectError as e:
+        raise CLIError(f"connecting to headscale: {e}") from None
+
+
+def call(ctx: click.Context, context: str, method: str, path: str, body: Any = None,
+         query: dict[str, Any] | None = None) -> Any:
+    """One API call; failures become `<context>: <server message>`."""
+    c = client(ctx)
+    try:
+        return c.request(method, path, body=body, query=query)
+    except ConnectError as e:
+        raise CLIError(f"connecting to headscale: {e}") from None
+    except APIFailure as e:
+        raise CLIError(f"{context}: {e.message}" if context else e.message) from None
+
+
+def emit(ctx: click.Context, result: Any, human: str) -> None:
+    print_output(result, human, output_format(ctx))
+
+
+def emit_list(ctx: click.Context, data: Any, table: Callable[[], str]) -> None:
+    fmt = output_format(ctx)
+    if fmt:
+        print_output(data, "", fmt)
+    else:
+        print(table(), flush=True)
+
+
+def confirm(ctx: click.Context, prompt: str) -> bool:
+    """Headscale confirmAction: --force, else a y/n question on stderr."""
+    if opt(ctx, "force", False):
+        return True
+    sys.stderr.write(prompt + " [y/n] ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line.strip().lower() in ("y", "yes")
+
+
+def require(**flags: Any) -> None:
+    """cobra's MarkFlagRequired check, with its message."""
+    missing = sorted(name for name, value in flags.items() if value is None)
+    if missing:
+        names = ", ".join(f'"{n.replace("_", "-")}"' for n in missing)
+        raise CLIError(f"required flag(s) {names} not set")
+
+
+def parse_uint(value: str | None, flag: str) -> int:
+    """A uint64 flag value (cobra's message on bad input); None/"" give 0."""
+    if value is None or value == "":
+        return 0
+    s = str(value)
+    if not s.isascii() or not s.isdigit() or int(s) >= 1 << 64:
+        raise CLIError(f'invalid argument "{s}" for "{flag}" flag: strconv.ParseUint: parsing '
+                       f'"{s}": invalid syntax')
+    return int(s)
+
+
+def slice_flag(values: Iterable[str] | None) -> list[str]:
+    """pflag StringSlice: repeated flags and comma-separated values; "" gives nothing."""
+    out: list[str] = []
+    for v in values or ():
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return out
+
+
+def fail(message: str) -> None:
+    print_error(message, STATE.get("output", "") if STATE.get("output") in FORMATS else "")
+    sys.exit(1)

@@ -1,0 +1,117 @@
+"""`headscale policy get|set|check`, through the API or, with the bypass flag, straight
+against the database named in the config (the server must not be running)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pyheadscale.cli.common import CLIError, call, command, confirm, group, load_cfg, require
+
+BYPASS = "bypass-server-and-access-database-directly"
+BYPASS_029 = "bypass-grpc-and-access-database-directly"  # Headscale <= 0.29 spelling
+BYPASS_PROMPT = ("DO NOT run this command if an instance of headscale is running, are you sure "
+                 "headscale is not running?")
+
+
+def bypass_flags(f: Any) -> Any:
+    f = click.option(f"--{BYPASS_029}", "bypass_old", is_flag=True, default=False,
+                     hidden=True)(f)
+    return click.option(f"--{BYPASS}", "bypass", is_flag=True, default=False,
+                        help="Uses the headscale config to directly access the database, "
+                        "bypassing the server; it must not be running")(f)
+
+
+def read_policy_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CLIError(f"reading policy file: open {path}: "
+                       f"{(e.strerror or str(e)).lower()}") from None
+
+
+def open_db(ctx: click.Context) -> Any:
+    if not confirm(ctx, BYPASS_PROMPT):
+        raise CLIError("command aborted by user")
+    from pyheadscale.db.engine import engine_from_config, migrate
+
+    cfg = load_cfg(ctx)
+    try:
+        engine = engine_from_config(cfg.database)
+        migrate(engine)
+    except Exception as e:  # any driver/migration failure is a one-line CLI error
+        raise CLIError(f"opening database: {e}") from None
+    return engine
+
+
+def register(root: click.Group) -> None:
+    pol = group(root, "policy", "Manage the Headscale ACL Policy")
+
+    @command(pol, "get", "Print the current ACL Policy", aliases=["show", "view", "fetch"])
+    @bypass_flags
+    def get(ctx: click.Context, bypass: bool, bypass_old: bool) -> None:
+        if bypass or bypass_old:
+            from pyheadscale.api.policystore import PolicyNotFound, load_latest
+
+            engine = open_db(ctx)
+            try:
+                data = load_latest(engine).data
+            except PolicyNotFound as e:
+                raise CLIError(f"loading policy from database: {e}") from None
+            finally:
+                engine.dispose()
+        else:
+            data = call(ctx, "loading ACL policy", "GET", "/api/v1/policy")["policy"]
+        print(data, flush=True)
+
+    @command(pol, "set", "Updates the ACL Policy", aliases=["put", "update"])
+    @click.option("-f", "--file", "file_", default=None, help="Path to a policy file in HuJSON "
+                  "format")
+    @bypass_flags
+    def set_(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
+        require(file=file_)
+        text = read_policy_file(file_ or "")
+        if bypass or bypass_old:
+            from pyheadscale.api.policystore import insert
+            from pyheadscale.policy import PolicyError, PolicyManager
+            from pyheadscale.state.persist import load_all
+
+            engine = open_db(ctx)
+            try:
+                users = load_all(engine).users
+                try:
+                    PolicyManager(text, users, [], run_tests=False)
+                except PolicyError as e:
+                    raise CLIError(f"parsing policy file: {e}") from None
+                insert(engine, text)
+            finally:
+                engine.dispose()
+        else:
+            call(ctx, "setting ACL policy", "PUT", "/api/v1/policy", {"policy": text})
+        print("Policy updated.", flush=True)
+
+    @command(pol, "check", "Check the Policy file for errors")
+    @click.option("-f", "--file", "file_", default=None, help="Path to a policy file in HuJSON "
+                  "format")
+    @bypass_flags
+    def check(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
+        require(file=file_)
+        text = read_policy_file(file_ or "")
+        if bypass or bypass_old:
+            from pyheadscale.policy import PolicyError, PolicyManager
+            from pyheadscale.state.persist import load_all
+
+            engine = open_db(ctx)
+            try:
+                loaded = load_all(engine)
+                try:
+                    PolicyManager(text, loaded.users, loaded.nodes, run_tests=True)
+                except PolicyError as e:
+                    raise CLIError(f"parsing policy file: {e}") from None
+            finally:
+                engine.dispose()
+        else:
+            call(ctx, "", "POST", "/api/v1/policy/check", {"policy": text})
+        print("Policy is valid", flush=True)
