@@ -60,6 +60,8 @@ def wait_healthy(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> fl
 
 
 def ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> None:
+    if proc.poll() is not None:
+        return  # already gone: the assertion that noticed it says why
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
     try:
         proc.wait(timeout=20)
