@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -495,8 +494,8 @@ class V1API:
         name = text_field(body, "name")
         hostinfo = {"Hostname": name, "OS": "TestOS", "RoutableIPs": [str(r) for r in routes]}
         machine_key, node_key = secrets.token_bytes(32), secrets.token_bytes(32)
-        add_pending(self.control.pending, auth_id, machine_key=machine_key, node_key=node_key,
-                    hostinfo=hostinfo)
+        self.control.pending.add(auth_id, machine_key=machine_key, node_key=node_key,
+                                 hostinfo=hostinfo)
         # A synthetic echo, as Headscale: the node exists once `auth register` completes it.
         echo = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=None,
                     hostname=name, given_name="", user_id=u.id, ipv4=None, ipv6=None,
@@ -526,7 +525,7 @@ class V1API:
         self._pending(auth_id)
         # An approval without a user: the waiting client is told to start over with a fresh
         # AuthURL, which is what Headscale's follow-up handler does with a node-less verdict.
-        drop_pending(self.control.pending, auth_id)
+        self.control.pending.discard(auth_id)
         return web.json_response({})
 
     async def auth_reject(self, request: web.Request) -> web.Response:
@@ -687,20 +686,6 @@ class V1API:
 
 # The pending-registration store has no public way to add under a given id or to drop an
 # entry without an error verdict; these two helpers are the only places that reach inside.
-
-
-def add_pending(pending: Any, auth_id: str, *, machine_key: bytes, node_key: bytes,
-                hostinfo: dict[str, Any]) -> Pending:
-    p = Pending(auth_id=auth_id, machine_key=machine_key, node_key=node_key,
-                hostinfo=hostinfo, expiry=None, ephemeral=False, capver=0,
-                created=time.monotonic())
-    pending._evict()
-    pending._items[auth_id] = p
-    return p
-
-
-def drop_pending(pending: Any, auth_id: str) -> None:
-    pending._drop(auth_id)
 
 
 # --- wiring --------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ class Pending:
     machine_key: bytes
     node_key: bytes
     hostinfo: dict[str, Any]
-    expiry: datetime | None
-    ephemeral: bool
-    capver: int
     created: float
+    expiry: datetime | None = None
+    ephemeral: bool = False
+    capver: int = 0
     done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -63,11 +63,17 @@ class PendingRegistrations:
             p.done.set_exception(UnknownAuthID(auth_id))
             p.done.exception()  # mark retrieved: nobody may be waiting
 
-    def add(self, **kw: Any) -> Pending:
+    def add(self, auth_id: str | None = None, **kw: Any) -> Pending:
+        """A new pending registration; `auth_id` is chosen by the caller only for
+        `debug create-node`, which names the registration it makes."""
         self._evict()
-        p = Pending(auth_id=new_auth_id(), created=time.monotonic(), **kw)
+        p = Pending(auth_id=auth_id or new_auth_id(), created=time.monotonic(), **kw)
         self._items[p.auth_id] = p
         return p
+
+    def discard(self, auth_id: str) -> None:
+        """Forget a registration; whoever waits on it gets a fresh AuthURL."""
+        self._drop(auth_id)
 
     def get(self, auth_id: str) -> Pending:
         self._evict()
