@@ -11,17 +11,17 @@ updates the user (provider identifier = issuer + "/" + subject) and renders a co
 registers the waiting node; `use_expiry_from_token` takes the node expiry from the ID token.
 
 IdP groups (pyheadscale extension, not in Headscale): the groups claim is stored on the user
-(User.groups) at every login; `policy_groups(users, prefix)` turns them into policy groups:
-IdP group "Eng Team" (or "/eng team" from Keycloak) becomes `group:<prefix>eng-team`, i.e.
-surrounding slashes/space stripped, lower-cased, runs of characters outside [a-z0-9._-]
-replaced by "-". Members are the users' policy tokens (email, else `name@`).
+(User.groups, persisted in users.idp_groups) at every login; with `oidc.policy_groups.enabled`
+the policy can use them: IdP group "Eng Team" (or "/eng team" from Keycloak) becomes
+`group:<prefix>eng-team`, i.e. surrounding slashes/space stripped, lower-cased, runs of
+characters outside [a-z0-9._-] replaced by "-". The mapping, precedence and validation rules
+live in pyheadscale/policy/idpgroups.py (`policy_groups`/`policy_group_name` re-exported here).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import re
 import secrets
 import time
 from collections import OrderedDict
@@ -42,6 +42,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX, UnknownAuthID
+from pyheadscale.policy.idpgroups import policy_group_name, policy_groups
 from pyheadscale.state import names
 from pyheadscale.templates import oidc as pages
 
@@ -191,25 +192,6 @@ def user_fields(c: Claims, email_verified_required: bool) -> dict[str, Any]:
     if (c.email_verified or not email_verified_required) and _valid_email(c.email):
         out["email"] = c.email
     return out
-
-
-def policy_group_name(idp_group: str, prefix: str = "") -> str:
-    label = re.sub(r"[^a-z0-9._-]+", "-", idp_group.strip().strip("/").strip().lower())
-    return f"group:{prefix}{label.strip('-')}"
-
-
-def policy_groups(users: Iterable[User], prefix: str = "") -> dict[str, list[str]]:
-    """IdP groups as policy groups: `group:<prefix><label>` -> member tokens (sorted)."""
-    out: dict[str, set[str]] = {}
-    for u in users:
-        token = u.email or (f"{u.name}@" if u.name else "")
-        if not token:
-            continue
-        for g in u.groups:
-            name = policy_group_name(g, prefix)
-            if name != f"group:{prefix}":
-                out.setdefault(name, set()).add(token)
-    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def machine_key_short(machine_key: bytes) -> str:

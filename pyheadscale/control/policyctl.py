@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from pyheadscale.db.models import Policy as PolicyRow
 from pyheadscale.mapper.context import AllowAllPolicy
-from pyheadscale.policy import PolicyError, PolicyManager
+from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind
 from pyheadscale.state.tailnet import Tailnet
 
@@ -51,9 +51,13 @@ class PolicyController:
         """Compile `text` against the live users and nodes; raises PolicyError."""
         if text is None or not text.strip():
             return None
+        # pyheadscale-only: users' IdP groups as policy groups; the manager recomputes their
+        # members on every USER change (_on_changes), so a new login's groups apply live.
+        pg = self.cfg.oidc.policy_groups
         return PolicyManager(text, list(self.tailnet.users.values()),
                              list(self.tailnet.nodes.values()),
-                             server_url=self.cfg.server_url, run_tests=run_tests)
+                             server_url=self.cfg.server_url, run_tests=run_tests,
+                             idp_groups=IdPGroups(pg.prefix) if pg.enabled else None)
 
     async def load(self) -> None:
         """At start: a broken policy file or stored policy stops the server (Headscale too)."""
@@ -61,7 +65,15 @@ class PolicyController:
         # Headscale only warns about failing policy tests at boot.
         self.manager = self.build(text, run_tests=False)
         self.text = text
+        self._warn_failing_tests(self.manager)
         self.tailnet.listeners.append(self._on_changes)
+
+    @staticmethod
+    def _warn_failing_tests(manager: PolicyManager | None) -> None:
+        failures = manager.test_failures() if manager is not None else []
+        if failures:
+            log.warning("policy tests failed (loaded anyway, as at boot):\n%s",
+                        "\n".join(failures))
 
     async def _read_source(self) -> str | None:
         if self.mode == "database":

@@ -3,6 +3,7 @@
 Table names, column names and SQLite column types follow Headscale's `hscontrol/db/schema.sql`
 (v0.29.2), so a Headscale SQLite file can be opened and vice versa. On PostgreSQL the types
 follow what GORM creates there (bigserial ids, boolean, bytea, timestamptz, text).
+pyheadscale adds one nullable column, users.idp_groups, which Headscale's GORM ignores.
 
 Storage conventions copied from Headscale:
 - JSON-valued fields (endpoints, host_info, tags, approved_routes) are TEXT holding JSON.
@@ -264,6 +265,9 @@ class User(SQLModel, table=True):
         default_factory=utcnow, sa_column=_ts("updated_at", onupdate=utcnow)
     )
     deleted_at: datetime | None = Field(default=None, sa_column=_ts("deleted_at"))
+    # pyheadscale-only (alembic 0002, not in Headscale's schema): the groups claim of the
+    # user's last OIDC login, a JSON list; NULL on rows Headscale wrote.
+    idp_groups: list[str] | None = Field(default=None, sa_column=Column("idp_groups", JSONText()))
 
 
 class PreAuthKey(SQLModel, table=True):

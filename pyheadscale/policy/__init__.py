@@ -29,11 +29,24 @@ from pyheadscale.policy.compile import (
 )
 from pyheadscale.policy.errors import PolicyError, PolicyTestError
 from pyheadscale.policy.hujson import HuJSONError
+from pyheadscale.policy.idpgroups import IdPGroups
 from pyheadscale.policy.model import Alias, Policy, goquote, parse_policy
-from pyheadscale.policy.ssh import compile_ssh_policy, localpart_domain, run_ssh_tests
+from pyheadscale.policy.ssh import (
+    compile_ssh_policy,
+    localpart_domain,
+    run_ssh_tests,
+    ssh_check_period,
+)
 from pyheadscale.state.model import Node, User
 
-__all__ = ["HuJSONError", "PolicyError", "PolicyManager", "PolicyTestError", "parse_policy"]
+__all__ = [
+    "HuJSONError",
+    "IdPGroups",
+    "PolicyError",
+    "PolicyManager",
+    "PolicyTestError",
+    "parse_policy",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,6 +99,8 @@ class PolicyManager:
     `localpart:*@<domain>` may name (the hosted control plane refuses others).
     run_tests: evaluate the policy's `tests`/`sshTests` and refuse it if any fails
     (Headscale does so on `policy set`; at boot it only warns, so pass False there).
+    idp_groups: makes users' IdP groups usable as `group:<prefix><label>` (pyheadscale
+    extension, see policy/idpgroups.py); None resolves groups as Headscale does.
     """
 
     def __init__(
@@ -97,9 +112,13 @@ class PolicyManager:
         server_url: str = "",
         tailnet_domains: Iterable[str] | None = None,
         run_tests: bool = True,
+        idp_groups: IdPGroups | None = None,
     ) -> None:
         self.server_url = server_url.rstrip("/")
-        self.policy: Policy | None = parse_policy(policy_text)
+        self.idp_groups = idp_groups
+        self.policy: Policy | None = parse_policy(
+            policy_text, idp_group=idp_groups.may_name if idp_groups is not None else None
+        )
         self.tailnet_domains = set(tailnet_domains) if tailnet_domains is not None else None
         self._users: list[User] = list(users)
         self._nodes: list[Node] = list(nodes)
@@ -127,7 +146,8 @@ class PolicyManager:
         self._infos = [NodeInfo.of(n) for n in self._nodes]
         self._by_id = {i.id: i for i in self._infos}
         pol = self.policy
-        self._res = Resolver(pol or Policy(), self._users, self._infos)
+        idp = self.idp_groups.members(self._users) if self.idp_groups is not None else None
+        self._res = Resolver(pol or Policy(), self._users, self._infos, idp)
         self._grants: list[CompiledGrant] = compile_grants(pol, self._res) if pol else []
         self._per_node = has_per_node_grants(self._grants)
         self._global = global_rules(self._grants) if pol else list(FILTER_ALLOW_ALL)
@@ -291,3 +311,8 @@ class PolicyManager:
 
     def tag_exists(self, tag: str) -> bool:
         return self.policy is not None and tag in self.policy.tag_owners
+
+    def ssh_check_period(self, src: Node, dst: Node) -> float | None:
+        """Seconds an approved SSH check src -> dst stays valid (0: every session), or None
+        when no check rule covers the pair."""
+        return ssh_check_period(self.policy, self._res, self._info(src), self._info(dst))

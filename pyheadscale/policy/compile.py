@@ -9,7 +9,7 @@ approved subnet routes, or the Internet when it is an approved exit node).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,9 +155,17 @@ def _ports(pr: PortRange) -> dict[str, int]:
 class Resolver:
     """Resolves aliases to address sets against one snapshot of users and nodes."""
 
-    def __init__(self, pol: Policy, users: Sequence[User], nodes: Sequence[NodeInfo]) -> None:
+    def __init__(
+        self,
+        pol: Policy,
+        users: Sequence[User],
+        nodes: Sequence[NodeInfo],
+        idp_groups: Mapping[str, frozenset[int]] | None = None,
+    ) -> None:
         self.pol = pol
         self.users = list(users)
+        # group name -> user IDs from the IdP (policy/idpgroups.py); used for undefined groups.
+        self.idp_groups = idp_groups or {}
         self.nodes = list(nodes)
         self._cache: dict[str, IPSet | None] = {}
         self._routes: list[str] | None = None
@@ -208,7 +216,10 @@ class Resolver:
             return IPSet.union(n.ipset for n in self.nodes if not n.is_tagged and n.user_id in ids)
         if a.kind == "group":
             ids = set()
-            for member in self.pol.groups.get(a.text, ()):
+            members = self.pol.groups.get(a.text)
+            if members is None:  # a group the policy defines wins over an IdP group
+                ids = set(self.idp_groups.get(a.text, ()))
+            for member in members or ():
                 ids |= self.user_ids(member)
             return IPSet.union(n.ipset for n in self.nodes if not n.is_tagged and n.user_id in ids)
         if a.kind == "tag":

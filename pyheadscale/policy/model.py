@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -945,11 +946,12 @@ def _build(doc: Any) -> Policy:
 # ---------------------------------------------------------------------------- validation
 
 
-def _validate(pol: Policy) -> list[str]:
+def _validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> list[str]:
     errs: list[str] = []
 
     def group_ok(a: Alias, path: str, prefix: str = "") -> None:
-        if a.text not in pol.groups:
+        # idp_group: names IdP groups may take (policy/idpgroups.py); None keeps Headscale's.
+        if a.text not in pol.groups and not (idp_group is not None and idp_group(a.text)):
             errs.append(f"{path}: {prefix}group not defined in policy: {goquote(a.text)}")
 
     def tag_ok(a: Alias | str, path: str, fmt: str = "{e}") -> None:
@@ -1278,9 +1280,12 @@ def _validate_ssh_tests(pol: Policy) -> list[str]:
     return []
 
 
-def parse_policy(text: str | bytes | None) -> Policy | None:
+def parse_policy(
+    text: str | bytes | None, *, idp_group: Callable[[str], bool] | None = None
+) -> Policy | None:
     """Parse and validate a policy document. None/empty input means "no policy" (allow-all).
-    Raises PolicyError (HuJSONError for syntax) naming where each problem is."""
+    Raises PolicyError (HuJSONError for syntax) naming where each problem is.
+    idp_group: with IdP groups enabled, tells which undefined `group:` names are accepted."""
     if text is None or (isinstance(text, str | bytes) and len(text.strip()) == 0):
         return None
     doc = hujson.loads(text)
@@ -1289,7 +1294,7 @@ def parse_policy(text: str | bytes | None) -> Policy | None:
     except _ParseError as e:
         where = f"{e.path}: " if e.path else ""
         raise PolicyError(f"parsing policy: {where}{e.message}") from None
-    errs = _validate(pol)
+    errs = _validate(pol, idp_group)
     if errs:
         raise PolicyError("; ".join(errs), errs)
     return pol

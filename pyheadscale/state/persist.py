@@ -37,6 +37,7 @@ def user_from_row(r: db.User) -> User:
         email=r.email or "", provider_identifier=r.provider_identifier,
         provider=r.provider or "", profile_pic_url=r.profile_pic_url or "",
         created_at=_aware(r.created_at),
+        groups=tuple(g for g in (r.idp_groups or ()) if isinstance(g, str)),
     )
 
 
@@ -45,6 +46,8 @@ def user_values(u: User) -> dict[str, Any]:
         "name": u.name, "display_name": u.display_name, "email": u.email,
         "provider_identifier": u.provider_identifier, "provider": u.provider,
         "profile_pic_url": u.profile_pic_url,
+        # NULL rather than [] for "no groups", as on rows Headscale wrote.
+        "idp_groups": list(u.groups) or None,
     }
 
 

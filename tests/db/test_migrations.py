@@ -83,6 +83,10 @@ HEADSCALE_COLUMNS: dict[str, list[str]] = {
     "database_versions": ["id", "version", "updated_at"],
 }
 
+# Columns pyheadscale adds after Headscale's, per table (alembic 0002 onwards).
+PYHEADSCALE_COLUMNS: dict[str, list[str]] = {"users": ["idp_groups"]}
+HEAD_REVISION = "0002"
+
 # Same source: declared SQLite column types where they are not plain "text".
 HEADSCALE_SQLITE_TYPES: dict[tuple[str, str], str] = {
     **{(t, "id"): "integer" for t in HEADSCALE_COLUMNS if t != "migrations"},
@@ -133,12 +137,14 @@ HEADSCALE_FKS: dict[tuple[str, str], tuple[str, str | None]] = {
 }
 
 
-def assert_headscale_schema(eng: Engine) -> None:
+def assert_headscale_schema(eng: Engine, *, ours: bool = True) -> None:
+    """Headscale's schema; with `ours`, plus pyheadscale's own columns appended after it."""
     insp = inspect(eng)
     tables = set(insp.get_table_names())
     assert tables - {"alembic_version", "sqlite_sequence"} == set(HEADSCALE_COLUMNS)
     for table, cols in HEADSCALE_COLUMNS.items():
-        assert [c["name"] for c in insp.get_columns(table)] == cols, table
+        extra = PYHEADSCALE_COLUMNS.get(table, []) if ours else []
+        assert [c["name"] for c in insp.get_columns(table)] == cols + extra, table
     assert {c["name"]: c["nullable"] for c in insp.get_columns("database_versions")}[
         "version"
     ] is False
@@ -208,7 +214,7 @@ def test_upgrade_head_creates_schema(empty_engine: Engine) -> None:
     assert_headscale_schema(empty_engine)
     with empty_engine.connect() as conn:
         rev = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
-    assert rev == "0001"
+    assert rev == HEAD_REVISION
 
 
 def test_no_drift_between_models_and_migrations(engine: Engine) -> None:
@@ -370,15 +376,17 @@ def test_adopts_headscale_029_sqlite_database(tmp_path: Path) -> None:
 
     eng = make_engine("sqlite", sqlite_path=str(path))
     try:
-        assert_headscale_schema(eng)
-        # Headscale's own schema and ours are the same as far as alembic can tell.
-        assert schema_diff(eng, ignore_pk_nullable=True) == []
+        assert_headscale_schema(eng, ours=False)
+        # Headscale's own schema and ours differ only by pyheadscale's added columns.
+        diff = schema_diff(eng, ignore_pk_nullable=True)
+        assert [(d[0], d[2], d[3].name) for d in diff] == [("add_column", "users", "idp_groups")]
         migrate(eng)
         assert schema_diff(eng, ignore_pk_nullable=True) == []
+        assert_headscale_schema(eng)
         with Session(eng) as s:
             user = s.get(User, 1)
             assert user is not None and user.name == "alice"
-            assert user.provider_identifier is None
+            assert user.provider_identifier is None and user.idp_groups is None
             assert user.created_at == datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
             assert user.updated_at == datetime(2025, 3, 4, 5, 6, 7, 500000, tzinfo=UTC)
             key = s.get(PreAuthKey, 7)
@@ -403,7 +411,7 @@ def test_adopts_headscale_029_sqlite_database(tmp_path: Path) -> None:
             assert version is not None and version.version == HEADSCALE_COMPAT_VERSION
         with eng.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == (
-                "0001"
+                HEAD_REVISION
             )
             assert conn.exec_driver_sql("SELECT count(*) FROM migrations").scalar() == 2
     finally:
@@ -439,3 +447,81 @@ def test_migration_keeps_child_rows_on_sqlite(sqlite_engine: Engine) -> None:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     with sqlite_engine.connect() as conn:
         assert conn.scalar(sa.text("SELECT count(*) FROM users")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 0002: users.idp_groups, pyheadscale's only column outside Headscale's schema.
+
+
+def _index_sql(eng: Engine) -> dict[str, str]:
+    with eng.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'users'"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows if r[1]}
+
+
+def test_user_idp_groups_column_round_trip(engine: Engine) -> None:
+    with Session(engine) as s:
+        s.add(User(name="ann", provider_identifier="https://idp/1", idp_groups=["Eng", "/ops"]))
+        s.add(User(name="bob"))
+        s.commit()
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.text("SELECT name, idp_groups FROM users")).all())
+        declared = {c["name"]: c for c in inspect(conn).get_columns("users")}["idp_groups"]
+    # A JSON list in a nullable text column; users without groups keep NULL.
+    assert stored == {"ann": '["Eng","/ops"]', "bob": None}
+    assert declared["nullable"] is True
+    assert isinstance(declared["type"], sa.Text) or str(declared["type"]).upper() == "TEXT"
+    with Session(engine) as s:
+        got = {u.name: u.idp_groups for u in s.exec(select(User)).all()}
+    assert got == {"ann": ["Eng", "/ops"], "bob": None}
+
+
+def test_downgrade_0002_drops_only_idp_groups(engine: Engine) -> None:
+    with Session(engine) as s:
+        s.add(User(name="ann", email="ann@example.com", idp_groups=["eng"]))
+        s.commit()
+    sqlite = engine.dialect.name == "sqlite"
+    indexes_before = _index_sql(engine) if sqlite else {}
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    # Back to exactly Headscale's schema, rows kept, indexes untouched (no table rebuild).
+    assert_headscale_schema(engine, ours=False)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name, email FROM users")).all() == [
+            ("ann", "ann@example.com")
+        ]
+    if sqlite:
+        assert _index_sql(engine) == indexes_before
+    migrate(engine)
+    assert_headscale_schema(engine)
+    assert schema_diff(engine) == []
+    with Session(engine) as s:
+        (u,) = s.exec(select(User)).all()
+        assert (u.name, u.idp_groups) == ("ann", None)
+
+
+def test_headscale_can_still_write_users_after_0002(tmp_path: Path) -> None:
+    # After adoption, Headscale's GORM inserts name only its own columns; the new one must be
+    # nullable without a default so those inserts keep working and read back as no groups.
+    path = tmp_path / "headscale.sqlite"
+    raw = sqlite3.connect(path)
+    raw.executescript(HEADSCALE_029_DDL + HEADSCALE_029_ROWS)
+    raw.close()
+    eng = make_engine("sqlite", sqlite_path=str(path))
+    try:
+        before = _index_sql(eng)
+        migrate(eng)
+        assert _index_sql(eng) == before
+        cols = ", ".join(HEADSCALE_COLUMNS["users"][1:])
+        with eng.begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO users ({cols}) VALUES ('bob', '', '', 'https://idp/bob', 'oidc', '',"
+                " '2025-03-04 05:06:07+00:00', '2025-03-04 05:06:07+00:00', NULL)"
+            )
+        with Session(eng) as s:
+            got = {u.name: u.idp_groups for u in s.exec(select(User)).all()}
+        assert got == {"alice": None, "bob": None}
+    finally:
+        eng.dispose()

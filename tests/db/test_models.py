@@ -641,3 +641,31 @@ def test_sqlite_file_is_headscale_shaped(sqlite_engine: Engine) -> None:
             text("SELECT sql FROM sqlite_master WHERE name = 'idx_pre_auth_keys_prefix'")
         ).scalar_one()
     assert re.search(r"WHERE prefix IS NOT NULL AND prefix != ''", ddl)
+
+
+async def test_tailnet_persists_user_idp_groups(engine: Engine) -> None:
+    # state/ writes the groups of each login through to users.idp_groups and reads them back.
+    from pyheadscale.state.tailnet import Tailnet
+    from tests.unit._statefix import make_cfg
+
+    tn = await Tailnet.load(engine, make_cfg())
+    ann = await tn.create_user("ann", provider_identifier="https://idp/ann", provider="oidc",
+                               groups=["Eng Team"])
+    bob = await tn.create_user("bob")
+    await tn.update_user(bob.id, groups=("/ops", "Eng Team"))
+    await tn.close()
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT name, idp_groups FROM users")).all())
+    assert {k: json.loads(v) for k, v in stored.items()} == {
+        "ann": ["Eng Team"], "bob": ["/ops", "Eng Team"]}
+
+    tn = await Tailnet.load(engine, make_cfg())
+    assert tn.get_user(ann.id).groups == ("Eng Team",)
+    assert tn.get_user(bob.id).groups == ("/ops", "Eng Team")
+    await tn.update_user(ann.id, groups=())  # left every group at the provider
+    await tn.close()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT idp_groups FROM users WHERE name = 'ann'")).scalar() is None
+    tn = await Tailnet.load(engine, make_cfg())
+    assert tn.get_user(ann.id).groups == ()
+    await tn.close()

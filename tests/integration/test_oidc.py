@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import socket
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -523,6 +524,100 @@ async def test_group_change_at_next_login_updates_user(tmp_path: Path,
         assert set(alice.groups) == {"eng", "admins"}
         assert alice.display_name == "Alice L."
         assert len(srv.tailnet.list_users()) == 1
+
+
+async def test_idp_group_in_policy_controls_reachability_live(tmp_path: Path,
+                                                             idp_factory: Any) -> None:
+    """With oidc.policy_groups on, an ACL on group:idp-ops lets the provider's "ops" members
+    reach a tagged service and nobody else; moving users between groups at the provider and
+    logging in again changes the service's packet filter and peers on its open map stream."""
+    port = free_port()
+    idp = idp_factory(hs_port=port)
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(json.dumps({
+        "tagOwners": {"tag:svc": ["group:idp-ops"]},
+        "acls": [{"action": "accept", "src": ["group:idp-ops"], "dst": ["tag:svc:443"]}],
+    }))
+    cfg = server_config(tmp_path, port, oidc_conf(
+        idp, tmp_path, policy_groups={"enabled": True, "prefix": "idp-"}))
+    cfg.policy.path = policy
+    srv = Server(cfg)
+    seen: dict[str, Any] = {"filter": None, "peers": set()}
+
+    async def follow(conn: ControlConnection, node_key: bytes) -> None:
+        req = {"Version": 113, "NodeKey": "nodekey:" + node_key.hex(), "Stream": True,
+               "KeepAlive": True, "DiscoKey": "discokey:" + secrets.token_bytes(32).hex()}
+        async for frame in conn.stream_map(json.dumps(req).encode()):
+            if "PacketFilter" in frame:
+                seen["filter"] = frame["PacketFilter"]
+            if "Peers" in frame:
+                seen["peers"] = {p["ID"] for p in frame["Peers"]}
+            seen["peers"] |= {p["ID"] for p in frame.get("PeersChanged") or ()}
+            seen["peers"] -= set(frame.get("PeersRemoved") or ())
+
+    def ips_of(node: Any) -> set[str]:
+        return {str(node.ipv4), str(node.ipv6)}
+
+    def allowed() -> set[str]:
+        return {ip for rule in seen["filter"] or () for ip in rule["SrcIPs"]
+                if any(d["Ports"] == {"First": 443, "Last": 443} for d in rule["DstPorts"])}
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        for _ in range(200):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{what}; service map has {seen}")
+
+    try:
+        await srv.start()
+        _, svc_key = await srv.tailnet.create_preauth_key(None, tags=["tag:svc"])
+        async with Device(srv.cfg.server_url, "svc") as svc, \
+                Device(srv.cfg.server_url, "alice-pc") as adev, \
+                Device(srv.cfg.server_url, "bob-pc") as bdev:
+            assert svc.conn is not None
+            body = {"Version": 113, "NodeKey": "nodekey:" + svc.node_key.hex(),
+                    "Auth": {"AuthKey": svc_key}, "Hostinfo": {"Hostname": "svc", "OS": "linux"}}
+            status, _, data = await svc.conn.request("POST", "/machine/register",
+                                                     json.dumps(body).encode())
+            assert status == 200 and json.loads(data)["MachineAuthorized"] is True, data
+            watcher = asyncio.create_task(follow(svc.conn, svc.node_key))
+            try:
+                await until(lambda: seen["filter"] is not None, "no first map")
+                assert allowed() == set() and seen["peers"] == set()
+
+                # alice is in "ops" at the provider, bob only in "sales".
+                await full_login(srv, adev, ALICE)
+                await full_login(srv, bdev, BOB)
+                users = users_by_email(srv)
+                alice_node, = srv.tailnet.list_nodes(users["alice@example.com"].id)
+                bob_node, = srv.tailnet.list_nodes(users["bob@other.org"].id)
+                await until(lambda: allowed() == ips_of(alice_node), "alice not let in")
+                await until(lambda: seen["peers"] == {alice_node.id}, "peers not alice only")
+                assert not allowed() & ips_of(bob_node)
+
+                # At the provider alice leaves "ops" and bob joins it; both log in again.
+                idp.set_account(Account(**{**ALICE.__dict__, "groups": ["eng"]}))
+                idp.set_account(Account(**{**BOB.__dict__, "groups": ["sales", "Ops"]}))
+                for dev, who in ((adev, ALICE), (bdev, BOB)):
+                    dev.new_node_key()
+                    await full_login(srv, dev, who)
+                await until(lambda: allowed() == ips_of(bob_node), "bob not let in")
+                await until(lambda: seen["peers"] == {bob_node.id}, "alice still a peer")
+                assert not allowed() & ips_of(alice_node)
+                assert not watcher.done()  # the same stream, no reconnect
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+        # The groups of the last login are persisted (users.idp_groups), not only in memory.
+        with sqlite3.connect(srv.cfg.database.sqlite.path) as db:
+            stored = dict(db.execute("SELECT email, idp_groups FROM users"))
+        assert {k: json.loads(v) for k, v in stored.items()} == {
+            "alice@example.com": ["eng"], "bob@other.org": ["sales", "Ops"]}
+    finally:
+        await srv.stop()
+        shutil.rmtree(Path(srv.cfg.unix_socket).parent, ignore_errors=True)
 
 
 async def test_provider_down_at_start(tmp_path: Path) -> None:
