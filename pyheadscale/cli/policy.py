@@ -75,14 +75,15 @@ def register(root: click.Group) -> None:
         text = read_policy_file(file_ or "")
         if bypass or bypass_old:
             from pyheadscale.api.policystore import insert
-            from pyheadscale.policy import PolicyError, PolicyManager
+            from pyheadscale.control.policyctl import compile_policy
+            from pyheadscale.policy import PolicyError
             from pyheadscale.state.persist import load_all
 
             engine = open_db(ctx)
             try:
                 users = load_all(engine).users
                 try:
-                    PolicyManager(text, users, [], run_tests=False)
+                    compile_policy(load_cfg(ctx), text, users, [], run_tests=False)
                 except PolicyError as e:
                     raise CLIError(f"parsing policy file: {e}") from None
                 insert(engine, text)
@@ -100,14 +101,15 @@ def register(root: click.Group) -> None:
         require(file=file_)
         text = read_policy_file(file_ or "")
         if bypass or bypass_old:
-            from pyheadscale.policy import PolicyError, PolicyManager
+            from pyheadscale.control.policyctl import compile_policy
+            from pyheadscale.policy import PolicyError
             from pyheadscale.state.persist import load_all
 
             engine = open_db(ctx)
             try:
                 loaded = load_all(engine)
                 try:
-                    PolicyManager(text, loaded.users, loaded.nodes, run_tests=True)
+                    compile_policy(load_cfg(ctx), text, loaded.users, loaded.nodes, run_tests=True)
                 except PolicyError as e:
                     raise CLIError(f"parsing policy file: {e}") from None
             finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
@@ -18,6 +18,7 @@ from pyheadscale.db.models import Policy as PolicyRow
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.model import Node, User
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.policy")
@@ -25,6 +26,19 @@ log = logging.getLogger("pyheadscale.policy")
 # Changes after which the compiled policy may differ (who is who, which tags, which routes).
 _POLICY_INPUTS = {ChangeKind.NODE_ADDED, ChangeKind.NODE_REMOVED, ChangeKind.NODE_CHANGED,
                   ChangeKind.USER}
+
+
+def compile_policy(cfg: Any, text: str | None, users: Sequence[User], nodes: Sequence[Node], *,
+                   run_tests: bool) -> PolicyManager | None:
+    """The one way a policy text becomes a PolicyManager (server, API and CLI bypass alike);
+    None for no policy (allow-all). Raises PolicyError."""
+    if text is None or not text.strip():
+        return None
+    # pyheadscale-only: users' IdP groups as policy groups; the manager recomputes their
+    # members on every USER change, so a new login's groups apply live.
+    pg = cfg.oidc.policy_groups
+    return PolicyManager(text, users, nodes, server_url=cfg.server_url, run_tests=run_tests,
+                         idp_groups=IdPGroups(pg.prefix) if pg.enabled else None)
 
 
 class PolicyUpdateDisabled(Exception):
@@ -49,15 +63,8 @@ class PolicyController:
 
     def build(self, text: str | None, *, run_tests: bool) -> PolicyManager | None:
         """Compile `text` against the live users and nodes; raises PolicyError."""
-        if text is None or not text.strip():
-            return None
-        # pyheadscale-only: users' IdP groups as policy groups; the manager recomputes their
-        # members on every USER change (_on_changes), so a new login's groups apply live.
-        pg = self.cfg.oidc.policy_groups
-        return PolicyManager(text, list(self.tailnet.users.values()),
-                             list(self.tailnet.nodes.values()),
-                             server_url=self.cfg.server_url, run_tests=run_tests,
-                             idp_groups=IdPGroups(pg.prefix) if pg.enabled else None)
+        return compile_policy(self.cfg, text, list(self.tailnet.users.values()),
+                              list(self.tailnet.nodes.values()), run_tests=run_tests)
 
     async def load(self) -> None:
         """At start: a broken policy file or stored policy stops the server (Headscale too)."""
