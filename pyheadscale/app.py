@@ -22,6 +22,7 @@ from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.noise.keys import load_or_create_private_key
+from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale")
@@ -64,11 +65,11 @@ class Server:
         self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
         await self.control.start()
 
-        app = web.Application(client_max_size=1 << 20)
+        app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
         add_routes(app, noise_key, self.control.dispatch)
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
-        app.router.add_get("/robots.txt", self.robots)
+        add_page_routes(app, cfg.server_url)
         app.router.add_post("/verify", self.verify)
         self.control.add_web_routes(app)
         add_oidc_routes(app, self.control)
@@ -138,9 +139,6 @@ class Server:
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response(version_info())
-
-    async def robots(self, request: web.Request) -> web.Response:
-        return web.Response(text="User-agent: *\nDisallow: /\n")
 
     async def verify(self, request: web.Request) -> web.Response:
         """DERP admission for external derpers (`--verify-client-url`)."""
