@@ -296,6 +296,10 @@ class DERPServerConfig(_Section):
     tls_cert_path: OptPath = None  # both absent: a self-signed certificate is generated
     tls_key_path: OptPath = None
     insecure_for_tests: bool = False
+    # pyheadscale-only: mesh with the other relays of this region (derper's --mesh-psk-file
+    # and --mesh-with); a region with several relays is described in derp.paths.
+    mesh_key_path: OptPath = None
+    mesh_with: StrList = Field(default_factory=list)
 
 
 class DERPConfig(_Section):
@@ -416,6 +420,20 @@ class PKCEConfig(_Section):
     method: str = "S256"
 
 
+def _group_prefix(value: Any) -> Any:
+    # The prefix goes verbatim into `group:<prefix><label>`; keep it in the label alphabet.
+    if isinstance(value, str) and not re.fullmatch(r"[a-z0-9._-]*", value):
+        raise ValueError(f"must use only a-z, 0-9, '.', '_' and '-', got {_q(value)}")
+    return value
+
+
+class PolicyGroupsConfig(_Section):
+    """pyheadscale-only: IdP groups usable in the policy (see pyheadscale/policy/idpgroups.py)."""
+
+    enabled: bool = False
+    prefix: Annotated[str, BeforeValidator(_group_prefix)] = ""
+
+
 class OIDCConfig(_Section):
     only_start_if_oidc_is_available: bool = True
     issuer: str = ""
@@ -431,6 +449,7 @@ class OIDCConfig(_Section):
     allowed_users: StrList = Field(default_factory=list)
     allowed_groups: StrList = Field(default_factory=list)
     pkce: PKCEConfig = Field(default_factory=PKCEConfig)
+    policy_groups: PolicyGroupsConfig = Field(default_factory=PolicyGroupsConfig)
 
     @property
     def enabled(self) -> bool:
@@ -487,6 +506,8 @@ class Config(BaseModel):
     grpc_allow_insecure: bool = False
     trusted_proxies: Annotated[list[ProxyPrefix], BeforeValidator(_words)] = Field(
         default_factory=list)
+    # pyheadscale-only: browser origins allowed to call /api/v1 (web UIs on another origin).
+    cors_allowed_origins: StrList = Field(default_factory=list)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     prefixes: PrefixesConfig = Field(default_factory=PrefixesConfig)
     derp: DERPConfig = Field(default_factory=DERPConfig)
@@ -920,6 +941,8 @@ def _check_derp(cfg: Config) -> None:
                    "disabling it requires to configure the derp server in derp.paths")
     if not srv.hostname:
         raise _err("derp.server.hostname", "required: server_url has no host to derive it from")
+    if srv.mesh_with and srv.mesh_key_path is None:
+        raise _err("derp.server.mesh_with", "requires derp.server.mesh_key_path")
 
 
 def _check_oidc(oidc: OIDCConfig) -> None:
@@ -960,6 +983,7 @@ _RELATIVE_TO_CONFIG = (
     ("noise", "private_key_path"), ("database.sqlite", "path"), ("", "tls_cert_path"),
     ("", "tls_key_path"), ("", "tls_letsencrypt_cache_dir"), ("derp.server", "private_key_path"),
     ("derp.server", "tls_cert_path"), ("derp.server", "tls_key_path"), ("policy", "path"),
+    ("derp.server", "mesh_key_path"),
 )
 
 
