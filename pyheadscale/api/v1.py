@@ -522,6 +522,9 @@ class V1API:
 
     async def auth_approve(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
+        if auth_id in self.control.sshchecks:  # an SSH check-mode session waits on it
+            self.control.sshchecks.approve(auth_id)
+            return web.json_response({})
         self._pending(auth_id)
         # An approval without a user: the waiting client is told to start over with a fresh
         # AuthURL, which is what Headscale's follow-up handler does with a node-less verdict.
@@ -530,6 +533,9 @@ class V1API:
 
     async def auth_reject(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
+        if auth_id in self.control.sshchecks:
+            self.control.sshchecks.reject(auth_id)
+            return web.json_response({})
         self._pending(auth_id)
         try:
             self.control.pending.reject(auth_id, "auth request rejected")

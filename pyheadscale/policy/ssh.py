@@ -6,7 +6,13 @@ from typing import Any
 
 from pyheadscale.policy.compile import NodeInfo, Resolver
 from pyheadscale.policy.ipset import IPSet
-from pyheadscale.policy.model import Policy, SSHRule, SSHTestEntry, goquote
+from pyheadscale.policy.model import (
+    SSH_CHECK_PERIOD_DEFAULT,
+    Policy,
+    SSHRule,
+    SSHTestEntry,
+    goquote,
+)
 
 ACCEPT_ACTION = {
     "accept": True,
@@ -228,3 +234,32 @@ def _run_one(t: SSHTestEntry, res: Resolver, policy_for: Any) -> list[str]:
                         )
                         break
     return errs
+
+
+# ---------------------------------------------------------------------------- check mode
+
+
+def ssh_check_period(pol: Policy | None, res: Resolver, src: NodeInfo,
+                     dst: NodeInfo) -> float | None:
+    """How long (seconds) an approved check for src -> dst stays valid, from the first check
+    rule covering the pair: 0 = every session ("always"), unset = 12h. None when no check
+    rule covers it. Read from the policy, never from the client's URL (Headscale's
+    SSHCheckParams)."""
+    if pol is None:
+        return None
+    for rule in pol.ssh:
+        if rule.action != "check" or not res.resolve_all(rule.src).contains_any(src.ips):
+            continue
+        for d in rule.dst:
+            if d.text == "autogroup:self":
+                covered = (not src.is_tagged and not dst.is_tagged
+                           and src.user_id is not None and src.user_id == dst.user_id)
+            else:
+                ips = res.resolve(d)
+                covered = bool(ips) and ips is not None and ips.contains_any(dst.ips)
+            if covered:
+                if rule.check_always:
+                    return 0.0
+                return rule.check_period if rule.check_period is not None \
+                    else SSH_CHECK_PERIOD_DEFAULT
+    return None
