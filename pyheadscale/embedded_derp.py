@@ -46,8 +46,12 @@ class EmbeddedDerp:
     async def start(self) -> None:
         s = self.srv_cfg
         key_path = s.private_key_path or Path(self.cfg.data_dir) / "derp_server_private.key"
+        # The mesh key (derper's 64-hex --mesh-psk-file format) also admits mesh peers and
+        # probers (derpprobe --mesh-psk-file) past verify_clients, as in derper.
+        mesh_key = Path(s.mesh_key_path).read_text().strip() if s.mesh_key_path else None
         self.server = DerpServer(load_or_create_private_key(key_path),
-                                 verify_client=self._verify if s.verify_clients else None)
+                                 verify_client=self._verify if s.verify_clients else None,
+                                 mesh_key=mesh_key)
         if s.tls_cert_path:
             cert, key = s.tls_cert_path, s.tls_key_path
         else:
@@ -58,6 +62,11 @@ class EmbeddedDerp:
                                           server_ssl_context(cert, key))
         stun_host, self.stun_port = _hostport(s.stun_listen_addr)
         self._stun = await serve_stun(stun_host, self.stun_port)
+        for peer in s.mesh_with:
+            # "host:port" or a full URL. TLS is not verified on mesh links (as python -m derp
+            # does): the mesh key, not the certificate, is what authenticates the peer.
+            url = peer if "://" in peer else f"https://{peer}/derp"
+            self.server.add_mesh_peer(url)
 
     async def stop(self) -> None:
         if self._listener is not None:
