@@ -24,7 +24,7 @@ serve: $(STAMP)
 	$(VENV)/bin/pyheadscale serve
 
 clients: $(DEVSTAMP)
-	$(PY) -m tests.integration.build_clients
+	$(PY) -m tests.integration.build_clients --extra derper,derpprobe
 	$(PY) -m tests.integration.idp
 
 lint: $(DEVSTAMP)
@@ -42,8 +42,10 @@ test: $(DEVSTAMP) lint clients
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(DEVSTAMP) clients
+	$(PY) -m tests.bench.build_go
 	$(PY) -m tests.bench.control
 	$(PY) -m tests.bench.derp
+	$(PY) -m tests.bench.policy
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

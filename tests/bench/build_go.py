@@ -1,0 +1,163 @@
+"""Build (or reuse) the Go programs the benchmarks compare against.
+
+`python -m tests.bench.build_go` builds Headscale and Tailscale's derper with `go install
+<pkg>@<version>` into <cache>/<tool>/<version>/ (cache: $PYHEADSCALE_CACHE or
+~/.cache/pyheadscale). A binary already there is reused. Builds go to a temporary directory
+first, so an interrupted build never leaves a half-written binary behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration import versions
+
+# v0.29.3 is the newest v0.29 patch the Go module proxy serves (v0.29.4 answers 403).
+HEADSCALE_VERSION = "v0.29.3"
+# derper at the newest pinned client version; the integration build may already have made it.
+DERPER_VERSION = versions.newest()
+
+
+class BuildError(RuntimeError):
+    """A Go program could not be built or does not run."""
+
+
+@dataclass(frozen=True)
+class GoTool:
+    name: str  # binary name
+    cache_group: str  # <cache>/<cache_group>/<version>/<name>
+    package: str  # go install path without @version
+    version: str
+
+    @property
+    def path(self) -> Path:
+        return versions.cache_dir() / self.cache_group / self.version / self.name
+
+
+HEADSCALE = GoTool("headscale", "headscale", "github.com/juanfont/headscale/cmd/headscale",
+                   HEADSCALE_VERSION)
+DERPER = GoTool("derper", "tailscale", "tailscale.com/cmd/derper", DERPER_VERSION)
+TOOLS = {"headscale": HEADSCALE, "derper": DERPER}
+
+
+def _works(tool: GoTool) -> bool:
+    p = tool.path
+    if not p.is_file() or not os.access(p, os.X_OK):
+        return False
+    probe = ["version"] if tool.name == "headscale" else ["--version"]
+    try:
+        res = subprocess.run([str(p), *probe], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: str | None = None) -> str:
+    """Run a go command; returns "" on success, else its error output."""
+    res = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+    return "" if res.returncode == 0 else (res.stderr or res.stdout).strip()
+
+
+def _go_build(go: str, tool: GoTool, out: Path, env: dict[str, str]) -> None:
+    """`go install pkg@version` into `out`; retried with the fallback toolchain if needed.
+
+    `go install @version` also reads the module's version list (for deprecation notices),
+    which the proxy refuses for some modules (Headscale). Then the module's source is
+    fetched with `go mod download` and built inside its own module directory instead.
+    """
+    pkg = f"{tool.package}@{tool.version}"
+    last = ""
+    for toolchain in (env.get("GOTOOLCHAIN", "local"), versions.FALLBACK_TOOLCHAIN):
+        env["GOTOOLCHAIN"] = toolchain
+        env["GOBIN"] = str(out)
+        last = _run([go, "install", pkg], env)
+        if not last:
+            return
+        if "@v/list" in last:
+            module, _, sub = _split_module(tool.package)
+            res = subprocess.run([go, "mod", "download", "-json", f"{module}@{tool.version}"],
+                                 env=env, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise BuildError(f"go mod download {module}@{tool.version} failed:\n"
+                                 f"{(res.stdout + res.stderr)[-3000:]}")
+            src = json.loads(res.stdout)["Dir"]
+            last = _run([go, "build", "-o", str(out / tool.name), f"./{sub}"], env, cwd=src)
+            if not last:
+                return
+        # Only "needs a newer Go" is worth a retry with the fallback toolchain.
+        if "requires go >=" not in last and "toolchain" not in last:
+            break
+    raise BuildError(f"building {pkg} failed:\n{last[-3000:]}")
+
+
+def _split_module(package: str) -> tuple[str, str, str]:
+    """github.com/o/r/cmd/x -> (github.com/o/r, /, cmd/x); good for github.com paths only."""
+    parts = package.split("/")
+    return "/".join(parts[:3]), "/", "/".join(parts[3:])
+
+
+def ensure(tool: GoTool, log=sys.stderr) -> Path:
+    """Return the path of a working `tool` binary, building it first if needed."""
+    if _works(tool):
+        return tool.path
+    go = shutil.which("go")
+    if go is None:
+        raise BuildError(f"Go is not installed (no `go` on PATH); needed to build {tool.name}")
+    group = tool.path.parent.parent
+    with _lock(group):
+        if _works(tool):
+            return tool.path
+        pkg = f"{tool.package}@{tool.version}"
+        print(f"building {pkg} into {tool.path.parent} (takes minutes)", file=log, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{tool.name}-", dir=group))
+        env = dict(os.environ)
+        env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -trimpath").strip()
+        env["CGO_ENABLED"] = env.get("CGO_ENABLED", "0")
+        try:
+            _go_build(go, tool, tmp, env)
+            tool.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / tool.name, tool.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not _works(tool):
+        raise BuildError(f"{tool.name} {tool.version} built but does not run")
+    return tool.path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tools", nargs="*", choices=[*TOOLS, []], help="default: all")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.tools or list(TOOLS):
+            print(f"ok {name}: {ensure(TOOLS[name])}")
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

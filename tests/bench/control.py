@@ -1,0 +1,793 @@
+"""Control-plane benchmark: N simulated nodes against pyheadscale, then Headscale, same run.
+
+    python -m tests.bench.control                 # 1,000 nodes
+    python -m tests.bench.control --size 5k       # or 10k, or --nodes N
+
+Each simulated node has its own machine key (its own Noise connection), node key and disco key.
+It registers with a reusable pre-auth key and holds a streaming map poll, counting frames.
+Then one node sends lite map updates with new Endpoints, and every other poll times the frame
+that carries the new endpoint. Per server the report gives: the time until all N polls had
+their first map (and until all registered), the endpoint change's fan-out latency (p50/p99
+over the N-1 receivers, all rounds pooled), the server's CPU seconds and peak RSS from /proc,
+and pyheadscale/Headscale ratios. The last line is one JSON object.
+
+The nodes run in several client processes (multiprocessing; uvloop when installed). They only
+do what the measurement needs: frames are split by their length prefix, and decompressed and
+searched only while an endpoint change is awaited (no JSON parsing). Client CPU is reported
+next to the wall time of each phase, so a client-bound phase can be told apart.
+Everything listens on and dials 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.bench import build_go
+from tests.bench.common import (
+    LOOPBACK,
+    VENV_PYTHON,
+    BenchError,
+    Table,
+    cpu_seconds,
+    emit_json,
+    free_port,
+    install_uvloop,
+    machine_info,
+    peak_rss_mib,
+    percentile,
+    ratio,
+    rnd,
+    server_process,
+    tail,
+)
+
+SIZES = {"1k": 1000, "5k": 5000, "10k": 10000}
+CAPVER = 142  # Tailscale v1.102
+ZERO_NODEKEY = "nodekey:" + "00" * 32
+USER = "bench"
+MAX_RESTARTS = 5
+
+
+# == simulated nodes (run inside worker processes) =========================================
+
+
+@dataclass
+class SimNode:
+    idx: int
+    machine_priv: bytes
+    node_pub: bytes
+    disco_pub: bytes
+    conn: Any = None
+    t_registered: float | None = None
+    t_first_map: float | None = None
+    frames: int = 0
+    seen: dict[int, float] = field(default_factory=dict)  # change round -> receive time
+    error: str | None = None
+    restarts: int = 0
+
+    def hostinfo(self) -> dict[str, Any]:
+        return {"Hostname": f"bench-{self.idx}", "OS": "linux", "IPNVersion": "1.102.5",
+                "GoVersion": "go1.26", "NetInfo": {"PreferredDERP": 999}}
+
+    def map_request(self, *, stream: bool, endpoints: list[str]) -> bytes:
+        from pyheadscale.noise.keys import discokey, nodekey
+
+        body: dict[str, Any] = {
+            "Version": CAPVER, "NodeKey": nodekey(self.node_pub),
+            "DiscoKey": discokey(self.disco_pub), "Compress": "zstd", "KeepAlive": True,
+            "Endpoints": endpoints, "EndpointTypes": [1] * len(endpoints),
+            "Hostinfo": self.hostinfo(),
+        }
+        if stream:
+            body["Stream"] = True
+        else:
+            body["OmitPeers"] = True
+        return json.dumps(body).encode()
+
+
+def _endpoint(idx: int, rnd_: int = 0) -> str:
+    # Documentation addresses: map data only, never dialled.
+    return f"192.0.2.{1 + idx % 250}:{41641 + rnd_}"
+
+
+class Worker:
+    """The nodes of one client process and the commands the coordinator sends it."""
+
+    def __init__(self, pipe: Connection, spec: dict[str, Any]) -> None:
+        self.pipe = pipe
+        self.spec = spec
+        self.url: str = spec["url"]
+        self.server_key: bytes = bytes.fromhex(spec["server_key"])
+        self.nodes: list[SimNode] = []
+        self.armed: tuple[int, bytes] | None = None
+        self.last_frame = 0.0
+        self.tasks: list[asyncio.Task[None]] = []
+        import zstandard
+
+        self._zstd = zstandard.ZstdDecompressor()
+
+    def make_nodes(self) -> None:
+        from nacl.public import PrivateKey
+
+        from pyheadscale.noise import generate_private_key
+
+        for idx in self.spec["indices"]:
+            self.nodes.append(SimNode(
+                idx, generate_private_key(), bytes(PrivateKey.generate().public_key),
+                bytes(PrivateKey.generate().public_key)))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cmds: asyncio.Queue[Any] = asyncio.Queue()
+
+        def reader() -> None:
+            while True:
+                try:
+                    msg = self.pipe.recv()
+                except EOFError:
+                    msg = ("stop",)
+                loop.call_soon_threadsafe(cmds.put_nowait, msg)
+                if msg[0] == "stop":
+                    return
+
+        threading.Thread(target=reader, daemon=True).start()
+        self.make_nodes()
+        self.pipe.send(("ready", len(self.nodes)))
+        while True:
+            msg = await cmds.get()
+            op = msg[0]
+            if op == "go":
+                sem = asyncio.Semaphore(self.spec["concurrency"])
+                self.tasks = [asyncio.create_task(self.node_main(n, sem)) for n in self.nodes]
+            elif op == "status":
+                self.pipe.send(self.status())
+            elif op == "arm":
+                self.armed = (msg[1], msg[2])
+                self.pipe.send(("armed",))
+            elif op == "change":
+                self.pipe.send(await self.change(msg[1], msg[2]))
+            elif op == "collect":
+                rnd_ = msg[1]
+                recv = [n.seen[rnd_] for n in self.nodes if n.idx != 0 and rnd_ in n.seen]
+                missing = sum(1 for n in self.nodes if n.idx != 0 and rnd_ not in n.seen)
+                self.pipe.send(("collected", recv, missing))
+            elif op == "stop":
+                await self.stop()
+                self.pipe.send(("stopped", self.cpu()))
+                return
+
+    def cpu(self) -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def status(self) -> tuple[Any, ...]:
+        return ("status", {
+            "registered": [n.t_registered for n in self.nodes if n.t_registered is not None],
+            "first_maps": [n.t_first_map for n in self.nodes if n.t_first_map is not None],
+            "errors": [f"node {n.idx}: {n.error}" for n in self.nodes if n.error][:5],
+            "n_errors": sum(1 for n in self.nodes if n.error),
+            "frames": sum(n.frames for n in self.nodes),
+            "restarts": sum(n.restarts for n in self.nodes),
+            "failed_before_first": sum(1 for n in self.nodes
+                                       if n.error and n.t_first_map is None),
+            "last_frame": self.last_frame,
+            "cpu": self.cpu(),
+        })
+
+    async def node_main(self, n: SimNode, sem: asyncio.Semaphore) -> None:
+        from pyheadscale.noise.keys import nodekey
+        from pyheadscale.testclient import connect
+
+        try:
+            async with sem:
+                n.conn = await connect(self.url, n.machine_priv, CAPVER,
+                                       server_public_key=self.server_key, dial_timeout=60)
+                reg = {"Version": CAPVER, "NodeKey": nodekey(n.node_pub),
+                       "OldNodeKey": ZERO_NODEKEY, "Auth": {"AuthKey": self.spec["authkey"]},
+                       "Expiry": "0001-01-01T00:00:00Z", "Followup": "",
+                       "Hostinfo": n.hostinfo()}
+                status, _, body = await n.conn.request("POST", "/machine/register",
+                                                       json.dumps(reg).encode())
+                resp = json.loads(body) if status == 200 else {}
+                if status != 200 or resp.get("Error") or not resp.get("MachineAuthorized"):
+                    raise BenchError(f"register: HTTP {status} {body[:200]!r}")
+                n.t_registered = time.monotonic()
+                chunks = await self.open_poll(n)
+                buf = bytearray()
+                # Hold the slot until the first map arrived: bounds the registrations in flight.
+                while n.t_first_map is None:
+                    buf += await chunks.__anext__()
+                    self.frames_in(n, buf)
+        except asyncio.CancelledError:
+            raise
+        except StopAsyncIteration:
+            n.error = "map stream ended before the first map"
+            return
+        except Exception as e:  # a failed node is reported, the others go on
+            n.error = f"{type(e).__name__}: {e}"[:300]
+            return
+        # Like tailscaled, poll again when the server ends the stream (e.g. Headscale drops
+        # sessions it thinks are stale); every restart is counted and reported.
+        while True:
+            try:
+                async for chunk in chunks:
+                    buf += chunk
+                    self.frames_in(n, buf)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                n.error = f"{type(e).__name__}: {e}"[:300]
+            if n.restarts >= MAX_RESTARTS:
+                n.error = f"map stream ended {n.restarts + 1} times; {n.error or ''}"
+                return
+            n.restarts += 1
+            await asyncio.sleep(1.0)
+            try:
+                if n.conn.closed:
+                    n.conn = await connect(self.url, n.machine_priv, CAPVER,
+                                           server_public_key=self.server_key, dial_timeout=60)
+                chunks = await self.open_poll(n)
+                buf = bytearray()
+                n.error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                n.error = f"re-poll: {type(e).__name__}: {e}"[:300]
+                return
+
+    async def open_poll(self, n: SimNode) -> Any:
+        st = await n.conn.open_stream(
+            "POST", "/machine/map", n.map_request(stream=True, endpoints=[_endpoint(n.idx)]))
+        status, _ = await st.response()
+        if status != 200:
+            raise BenchError(f"map poll: HTTP {status} {(await st.read())[:200]!r}")
+        return st.chunks().__aiter__()
+
+    def frames_in(self, n: SimNode, buf: bytearray) -> None:
+        while len(buf) >= 4:
+            size = int.from_bytes(buf[:4], "little")
+            if len(buf) < 4 + size:
+                return
+            now = time.monotonic()
+            n.frames += 1
+            self.last_frame = now
+            if n.t_first_map is None:
+                n.t_first_map = now
+            elif self.armed is not None and self.armed[0] not in n.seen:
+                raw = self._zstd.decompressobj().decompress(bytes(buf[4 : 4 + size]))
+                if self.armed[1] in raw:
+                    n.seen[self.armed[0]] = now
+            del buf[: 4 + size]
+
+    async def change(self, rnd_: int, endpoint: str) -> tuple[Any, ...]:
+        n = next(x for x in self.nodes if x.idx == 0)
+        body = n.map_request(stream=False, endpoints=[endpoint])
+        t_send = time.monotonic()
+        status, _, _ = await n.conn.request("POST", "/machine/map", body)
+        return ("changed", t_send, time.monotonic(), status)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+        async def close(n: SimNode) -> None:
+            if n.conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(n.conn.close(), 5)
+
+        await asyncio.gather(*(close(n) for n in self.nodes))
+
+
+def worker_entry(pipe: Connection, spec: dict[str, Any]) -> None:
+    install_uvloop()
+    asyncio.run(Worker(pipe, spec).run())
+
+
+# == the coordinator ========================================================================
+
+
+@dataclass
+class Target:
+    """A running control server under test."""
+
+    name: str
+    url: str
+    pid: int
+    authkey: str
+
+
+def _fetch_server_key(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/key?v={CAPVER}", timeout=10) as r:
+        pub = json.loads(r.read())["publicKey"]
+    from pyheadscale.noise.keys import MACHINE_PREFIX, parse_key
+
+    return parse_key(MACHINE_PREFIX, pub).hex()
+
+
+class Clients:
+    """W worker processes sharing the N nodes."""
+
+    def __init__(self, target: Target, n: int, workers: int, concurrency: int) -> None:
+        ctx = mp.get_context("spawn")
+        spec_base = {"url": target.url, "server_key": _fetch_server_key(target.url),
+                     "authkey": target.authkey, "concurrency": concurrency}
+        self.procs: list[Any] = []
+        self.pipes: list[Connection] = []
+        self.owner_of_0 = 0
+        for w in range(workers):
+            indices = list(range(w, n, workers))
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=worker_entry, args=(theirs, {**spec_base, "indices": indices}),
+                            daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.pipes.append(mine)
+        for pipe in self.pipes:
+            self._recv(pipe, 120)
+
+    def _recv(self, pipe: Connection, timeout: float) -> Any:
+        if not pipe.poll(timeout):
+            raise BenchError(f"client worker did not answer within {timeout}s")
+        return pipe.recv()
+
+    def ask(self, msg: tuple[Any, ...], timeout: float = 60) -> list[Any]:
+        for pipe in self.pipes:
+            pipe.send(msg)
+        return [self._recv(pipe, timeout) for pipe in self.pipes]
+
+    def go(self) -> float:
+        t0 = time.monotonic()
+        for pipe in self.pipes:
+            pipe.send(("go",))
+        return t0
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"registered": [], "first_maps": [], "errors": [], "n_errors": 0,
+                               "frames": 0, "last_frame": 0.0, "cpu": 0.0, "restarts": 0,
+                               "failed_before_first": 0}
+        for _, st in self.ask(("status",)):
+            out["registered"] += st["registered"]
+            out["first_maps"] += st["first_maps"]
+            out["errors"] += st["errors"]
+            out["n_errors"] += st["n_errors"]
+            out["frames"] += st["frames"]
+            out["restarts"] += st["restarts"]
+            out["failed_before_first"] += st["failed_before_first"]
+            out["last_frame"] = max(out["last_frame"], st["last_frame"])
+            out["cpu"] += st["cpu"]
+        return out
+
+    def change(self, rnd_: int, endpoint: str) -> tuple[float, float, int]:
+        pipe = self.pipes[self.owner_of_0]
+        pipe.send(("change", rnd_, endpoint))
+        _, t_send, t_done, status = self._recv(pipe, 60)
+        return t_send, t_done, status
+
+    def stop(self) -> float:
+        cpu = 0.0
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for pipe in self.pipes:
+            with contextlib.suppress(Exception):
+                cpu += self._recv(pipe, 60)[1]
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        return cpu
+
+
+def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """Drive one server; returns its figures."""
+    n = args.nodes
+    clients = Clients(target, n, args.workers, args.concurrency)
+    try:
+        cpu0 = cpu_seconds(target.pid)
+        t0 = clients.go()
+        deadline = t0 + args.timeout
+        st = clients.status()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            st = clients.status()
+            done = len(st["first_maps"]) + st["failed_before_first"]
+            if args.verbose:
+                print(f"  [{target.name}] {time.monotonic() - t0:6.1f}s registered "
+                      f"{len(st['registered'])} first maps {len(st['first_maps'])} "
+                      f"errors {st['n_errors']}", flush=True)
+            if done >= n:
+                break
+        t_first = time.monotonic()
+        if not st["first_maps"]:
+            raise BenchError(f"{target.name}: no poll got a first map within {args.timeout}s; "
+                             f"errors: {st['errors']}")
+        complete = len(st["first_maps"]) == n
+        if not complete:
+            print(f"  [{target.name}] only {len(st['first_maps'])}/{n} polls got a first map "
+                  f"within {args.timeout}s; errors: {st['errors']}", flush=True)
+        all_registered = max(st["registered"]) - t0 if len(st["registered"]) == n else None
+        all_first = max(st["first_maps"]) - t0 if complete else None
+        first_p50 = percentile([t - t0 for t in st["first_maps"]], 50)
+        client_cpu_join = st["cpu"]
+        st_join = st
+        cpu_join = cpu_seconds(target.pid) - cpu0
+        wall_join = t_first - t0
+
+        # Let the peer-update storm of the joins die down before timing a single change.
+        quiet = args.quiet_s
+        settle_deadline = time.monotonic() + args.timeout
+        while time.monotonic() < settle_deadline:
+            st = clients.status()
+            if time.monotonic() - st["last_frame"] >= quiet:
+                break
+            time.sleep(0.25)
+        settled = st["last_frame"] - t0
+        frames_join = st["frames"]
+        cpu_settle = cpu_seconds(target.pid) - cpu0
+
+        lat: list[float] = []
+        rounds = []
+        cpu_c0 = cpu_seconds(target.pid)
+        client_c0 = clients.status()["cpu"]
+        for r in range(1, args.changes + 1):
+            endpoint = _endpoint(0, 1000 + r)
+            clients.ask(("arm", r, f'"{endpoint}"'.encode()))
+            t_send, t_done, status = clients.change(r, endpoint)
+            if status != 200:
+                raise BenchError(f"{target.name}: lite update answered HTTP {status}")
+            recv: list[float] = []
+            missing = n - 1
+            wait_until = time.monotonic() + args.change_timeout
+            while time.monotonic() < wait_until:
+                time.sleep(0.1)
+                recv = []
+                missing = 0
+                for _, times, miss in clients.ask(("collect", r)):
+                    recv += times
+                    missing += miss
+                if missing == 0:
+                    break
+            d = [t - t_send for t in recv]
+            lat += d
+            rounds.append({"round": r, "received": len(d), "missing": missing,
+                           "p50_s": rnd(percentile(d, 50)), "max_s": rnd(max(d, default=None)),
+                           "reply_s": rnd(t_done - t_send)})
+            time.sleep(args.quiet_s)
+        cpu_changes = cpu_seconds(target.pid) - cpu_c0
+        client_cpu_changes = clients.status()["cpu"] - client_c0
+        final = clients.status()
+        cpu_total = cpu_seconds(target.pid) - cpu0
+        rss = peak_rss_mib(target.pid)
+    finally:
+        client_cpu_total = clients.stop()
+    return {
+        "nodes": n,
+        "all_registered_s": rnd(all_registered, 3),
+        "all_first_maps_s": rnd(all_first, 3),
+        "first_map_p50_s": rnd(first_p50, 3),
+        "first_maps_received": len(st_join["first_maps"]),
+        "join_server_cpu_s": rnd(cpu_join, 2),
+        "join_client_cpu_s": rnd(client_cpu_join, 2),
+        "join_wall_s": rnd(wall_join, 2),
+        "settled_s": rnd(settled, 3),
+        "frames_until_settled": frames_join,
+        "settle_server_cpu_s": rnd(cpu_settle, 2),
+        "endpoint_change_p50_s": rnd(percentile(lat, 50)),
+        "endpoint_change_p99_s": rnd(percentile(lat, 99)),
+        "endpoint_change_max_s": rnd(max(lat, default=None)),
+        "endpoint_change_receivers": len(lat),
+        "endpoint_change_missing": sum(r["missing"] for r in rounds),
+        "change_rounds": rounds,
+        "changes_server_cpu_s": rnd(cpu_changes, 2),
+        "changes_client_cpu_s": rnd(client_cpu_changes, 2),
+        "server_cpu_s": rnd(cpu_total, 2),
+        "server_peak_rss_mib": rnd(rss, 1),
+        "frames_total": final["frames"],
+        "client_cpu_s": rnd(client_cpu_total, 2),
+        "node_errors": final["n_errors"],
+        "node_error_samples": final["errors"][:5],
+        "poll_restarts": final["restarts"],
+    }
+
+
+# == servers ================================================================================
+
+
+def _ports() -> dict[str, int]:
+    return {k: free_port() for k in ("http", "metrics", "grpc", "derp")} | {
+        "stun": free_port(socket.SOCK_DGRAM)}
+
+
+def _common_config(work: Path, p: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "server_url": f"http://{LOOPBACK}:{p['http']}",
+        "listen_addr": f"{LOOPBACK}:{p['http']}",
+        "metrics_listen_addr": f"{LOOPBACK}:{p['metrics']}",
+        "grpc_listen_addr": f"{LOOPBACK}:{p['grpc']}",
+        "grpc_allow_insecure": False,
+        "noise": {"private_key_path": str(work / "noise_private.key")},
+        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48",
+                     "allocation": "sequential"},
+        "derp": {
+            "server": {
+                "enabled": True, "region_id": 999, "region_code": "headscale",
+                "region_name": "Headscale Embedded DERP", "verify_clients": True,
+                "stun_listen_addr": f"{LOOPBACK}:{p['stun']}",
+                "private_key_path": str(work / "derp_server_private.key"),
+                "automatically_add_embedded_derp_region": True, "ipv4": LOOPBACK,
+            },
+            "urls": [], "paths": [], "auto_update_enabled": False,
+        },
+        "disable_check_updates": True,
+        "node": {"expiry": "0", "ephemeral": {"inactivity_timeout": "30m"}},
+        "database": {"type": "sqlite",
+                     "sqlite": {"path": str(work / "db.sqlite"), "write_ahead_log": True}},
+        "log": {"level": args.log_level, "format": "text"},
+        "policy": {"mode": "file", "path": ""},
+        "dns": {"magic_dns": True, "base_domain": "bench.test", "override_local_dns": False,
+                "nameservers": {"global": []}},
+        "unix_socket": str(work / "hs.sock"),
+        "unix_socket_permission": "0770",
+        "logtail": {"enabled": False},
+    }
+    if args.batch_delay_ms is not None:
+        cfg["tuning"] = {"batch_change_delay": f"{args.batch_delay_ms}ms"}
+    return cfg
+
+
+_SEED = r"""
+import asyncio, json, sys
+from datetime import UTC, datetime, timedelta
+from pyheadscale.config import load_config
+from pyheadscale.db.engine import engine_from_config, migrate
+from pyheadscale.state.tailnet import Tailnet
+
+async def main(path, name):
+    cfg = load_config(path)
+    engine = engine_from_config(cfg.database)
+    migrate(engine)
+    tn = await Tailnet.load(engine, cfg)
+    u = tn.user_by_name(name) or await tn.create_user(name)
+    _, key = await tn.create_preauth_key(u.id, reusable=True, ephemeral=False,
+                                         expiration=datetime.now(UTC) + timedelta(hours=6),
+                                         tags=())
+    await tn.close()
+    engine.dispose()
+    print(json.dumps({"key": key}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _pyheadscale_key(cfg_path: Path) -> str:
+    """User + reusable key, through the CLI when it has the commands, else seeded in the DB."""
+    base = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
+    help_ = subprocess.run([*base, "--help"], capture_output=True, text=True, timeout=60)
+    if "preauthkeys" in help_.stdout:
+        return ""  # created through the CLI once the server runs
+    r = subprocess.run([str(VENV_PYTHON), "-c", _SEED, str(cfg_path), USER],
+                       capture_output=True, text=True, timeout=120, cwd=str(cfg_path.parent))
+    if r.returncode != 0:
+        raise BenchError(f"seeding pyheadscale failed: {r.stderr[-2000:]}")
+    return str(json.loads(r.stdout.strip().splitlines()[-1])["key"])
+
+
+def _cli_key(base: list[str]) -> str:
+    """`users create` + `preauthkeys create --reusable` with a headscale-compatible CLI."""
+    def run(*a: str) -> Any:
+        r = subprocess.run([*base, *a, "-o", "json"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise BenchError(f"{' '.join(a)} failed: {(r.stderr or r.stdout)[-1000:]}")
+        return json.loads(r.stdout)
+
+    user = run("users", "create", USER)
+    key = run("preauthkeys", "create", "--user", str(int(user["id"])), "--reusable",
+              "--expiration", "6h")
+    return str(key["key"])
+
+
+def _wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError, urllib.error.URLError), \
+                urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"{url}/health not OK after {timeout}s:\n{tail(log)}")
+
+
+def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    work = root / "pyheadscale"
+    work.mkdir()
+    p = _ports()
+    cfg = _common_config(work, p, args)
+    cfg["derp"]["server"]["listen_addr"] = f"{LOOPBACK}:{p['derp']}"
+    cfg["derp"]["server"]["hostname"] = LOOPBACK
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    key = _pyheadscale_key(cfg_path)
+    log = work / "server.log"
+    argv = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path), "serve"]
+    if args.profile:
+        argv = [str(VENV_PYTHON), "-m", "pyinstrument", "-r", "text", "-o",
+                str(root / "pyheadscale.pyinstrument.txt"), "-m", "pyheadscale", "-c",
+                str(cfg_path), "serve"]
+    with server_process(argv, log, env={"PYTHONUNBUFFERED": "1"}, cwd=work) as proc:
+        _wait_health(cfg["server_url"], proc, log)
+        if not key:
+            key = _cli_key([str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)])
+        target = Target("pyheadscale", cfg["server_url"], proc.pid, key)
+        res = run_load(target, args)
+    res["log_lines"] = len(log.read_text(errors="replace").splitlines())
+    return res
+
+
+def bench_headscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    binary = build_go.ensure(build_go.HEADSCALE)
+    work = root / "headscale"
+    work.mkdir()
+    p = _ports()
+    cfg = _common_config(work, p, args)
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = work / "server.log"
+    with server_process([str(binary), "-c", str(cfg_path), "serve"], log, cwd=work) as proc:
+        _wait_health(cfg["server_url"], proc, log)
+        key = _cli_key([str(binary), "-c", str(cfg_path)])
+        target = Target("headscale", cfg["server_url"], proc.pid, key)
+        res = run_load(target, args)
+    res["log_lines"] = len(log.read_text(errors="replace").splitlines())
+    res["version"] = build_go.HEADSCALE_VERSION
+    return res
+
+
+# == report =================================================================================
+
+_ROWS = [
+    ("all registered (s)", "all_registered_s"),
+    ("all first maps (s)", "all_first_maps_s"),
+    ("first map p50 (s)", "first_map_p50_s"),
+    ("join: server CPU (s)", "join_server_cpu_s"),
+    ("join: client CPU (s)", "join_client_cpu_s"),
+    ("updates settled (s)", "settled_s"),
+    ("frames until settled", "frames_until_settled"),
+    ("endpoint change p50 (s)", "endpoint_change_p50_s"),
+    ("endpoint change p99 (s)", "endpoint_change_p99_s"),
+    ("endpoint change max (s)", "endpoint_change_max_s"),
+    ("change receivers / missing", None),
+    ("changes: server CPU (s)", "changes_server_cpu_s"),
+    ("server CPU total (s)", "server_cpu_s"),
+    ("server peak RSS (MiB)", "server_peak_rss_mib"),
+    ("client CPU total (s)", "client_cpu_s"),
+    ("polls re-opened after server closed them", "poll_restarts"),
+    ("nodes failed", "node_errors"),
+]
+RATIO_KEYS = ["all_registered_s", "all_first_maps_s", "endpoint_change_p50_s",
+              "endpoint_change_p99_s", "server_cpu_s", "join_server_cpu_s",
+              "server_peak_rss_mib"]
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    names = list(results)
+    rows = []
+    for label, key in _ROWS:
+        row: list[Any] = [label]
+        for nm in names:
+            r = results[nm]
+            row.append(f"{r['endpoint_change_receivers']} / {r['endpoint_change_missing']}"
+                       if key is None else r.get(key))
+        if len(names) == 2:
+            row.append(None if key is None else
+                       ratio(results[names[0]].get(key), results[names[1]].get(key)))
+        rows.append(row)
+    header = ["", *names] + (["ratio py/hs"] if len(names) == 2 else [])
+    print(Table(header, rows).render())
+    ratios = {}
+    if "pyheadscale" in results and "headscale" in results:
+        ratios = {k: ratio(results["pyheadscale"].get(k), results["headscale"].get(k))
+                  for k in RATIO_KEYS}
+    for nm, r in results.items():
+        # The clients share the 2 cores with the server: if they were busy most of a phase,
+        # that phase says as much about the client as about the server.
+        busy = (r["join_client_cpu_s"] or 0) / max(r["join_wall_s"] or 1e-9, 1e-9)
+        note = (" (client-bound: client processes were busy for most of the join)"
+                if busy > 0.8 * args.workers else "")
+        print(f"{nm}: join used {busy:.2f} client cores of {args.workers} worker processes "
+              f"over {r['join_wall_s']} s{note}; server log lines {r.get('log_lines')}")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(SIZES), default="1k")
+    ap.add_argument("--nodes", type=int, default=None, help="overrides --size")
+    ap.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2),
+                    help="client processes (default: number of CPUs, at least 2)")
+    ap.add_argument("--concurrency", type=int, default=32,
+                    help="registrations in flight per client process")
+    ap.add_argument("--changes", type=int, default=3, help="endpoint-change rounds")
+    ap.add_argument("--servers", default="pyheadscale,headscale")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds allowed for all first maps (default 60 + 0.2 s per node)")
+    ap.add_argument("--change-timeout", type=float, default=30.0)
+    ap.add_argument("--quiet-s", type=float, default=2.0,
+                    help="no frame for this long = the update storm has settled")
+    ap.add_argument("--batch-delay-ms", type=int, default=None,
+                    help="set tuning.batch_change_delay on both servers (default: each "
+                    "server's own default: pyheadscale 50 ms, Headscale 800 ms)")
+    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--profile", action="store_true",
+                    help="run pyheadscale under pyinstrument (must be importable)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    args.nodes = args.nodes or SIZES[args.size]
+    if args.nodes < 2:
+        ap.error("--nodes must be at least 2")
+    if args.timeout is None:
+        args.timeout = 60 + 0.2 * args.nodes
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    info = machine_info()
+    print(f"control benchmark: {args.nodes} nodes, {args.workers} client processes x "
+          f"{args.concurrency} registrations in flight, {args.changes} endpoint changes; "
+          f"{info['cpu']} x{info['nproc']}, Python {info['python']}, "
+          f"uvloop {info['uvloop'] or 'not installed'}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    root = Path(tempfile.mkdtemp(prefix="bench-control-"))
+    try:
+        for s in servers:
+            print(f"-- {s}", flush=True)
+            fn = {"pyheadscale": bench_pyheadscale, "headscale": bench_headscale}[s]
+            results[s] = fn(args, root)
+            # Each server's figures as soon as they exist, in case a later step fails.
+            print(f"   {s}: " + json.dumps({k: v for k, v in results[s].items()
+                                             if k != "change_rounds"}), flush=True)
+    except (BenchError, build_go.BuildError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        emit_json({"benchmark": "control", "error": str(e)[:2000], "results": results})
+        return 1
+    finally:
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept {root}")
+    ratios = report(results, args)
+    emit_json({"benchmark": "control", "nodes": args.nodes, "workers": args.workers,
+               "machine": info, "results": results, "ratios_pyheadscale_over_headscale": ratios})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
