@@ -27,6 +27,9 @@ from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import handle_map
 from pyheadscale.control.register import handle_register, reply
 from pyheadscale.control.routectl import RouteController
+from pyheadscale.control.sshcheck import ROUTE as SSH_ACTION_ROUTE
+from pyheadscale.control.sshcheck import SSHChecks, handle_ssh_action
+from pyheadscale.control.tagowners import tag_authorizer
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.control.webauth import WebAuth
 from pyheadscale.mapper.context import MapContext
@@ -76,12 +79,16 @@ class ControlPlane:
             int(getattr(tuning, "register_cache_max_entries", 1024) or 1024),
         )
         self.webflow = WebAuth(self)
+        # --- SSH check mode (issue 6): pending checks, approved by `headscale auth approve`.
+        self.sshchecks = SSHChecks(self.pending.expiration_s, self.pending.max_entries)
+        # --- end SSH check mode
         self.policy = PolicyController(cfg, tailnet, engine,
                                        on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
         self.mapctx = MapContext()
         # --- routes/expiry (issue 7): primary election, auto-approval, HA probes, expiries.
         self.routes = RouteController(self)
         self.expiry = ExpiryWatcher(tailnet)
+        tailnet.tag_authorizer = tag_authorizer(self.policy)  # --advertise-tags vs tagOwners
         # --- end routes/expiry
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -233,6 +240,10 @@ class ControlPlane:
             await handle_map(self, req, resp)
         elif req.path == "/machine/register" and req.method == "POST":
             await handle_register(self, req, resp)
+        # --- SSH check mode (issue 6): the HoldAndDelegate URL of check rules.
+        elif req.method == "GET" and (m := SSH_ACTION_ROUTE.match(req.path)):
+            await handle_ssh_action(self, req, resp, int(m[1]), int(m[2]))
+        # --- end SSH check mode
         else:
             await reply(resp, 404, "not found")
 

@@ -96,5 +96,9 @@ async def stream_maps(cp: ControlPlane, node_id: int, sub, resp: ResponseStream)
             return
         update, known = delta(batch, tn.nodes, tn.users, viewer_now, cp.mapctx,
                               datetime.now(UTC), known, cp.peer_cache)
+        # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
+        extra = cp.routes.outbox.take(node_id)
+        if extra:
+            update = {**(update or {"KeepAlive": True}), **extra}
         if update is not None:
             await resp.write(encode_frame(update))

@@ -87,12 +87,9 @@ async def handle_register(cp: ControlPlane, req: ControlRequest, resp: ResponseS
         await reply(resp, 200, register_response(cp, node, now))
         return
 
-    if node is None and rr.old_node_key is not None:
-        old = tn.node_by_node_key(rr.old_node_key)
-        if old is not None and old.machine_key == req.machine_key and not old.is_expired(now):
-            # Seamless key rotation of an authorised node keeps its ID and addresses.
-            node = await tn.rotate_node_key(old.id, rr.node_key)
-
+    # A new node key without an auth key (`--force-reauth`, re-login after expiry) is a new
+    # login, as in Headscale: it goes to the interactive flow, whose completion re-keys the
+    # machine's existing node in place (same ID and addresses).
     if node is not None and rr.followup == "":
         await reply(resp, 200, register_response(cp, node, now))
         return

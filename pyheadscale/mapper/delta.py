@@ -53,9 +53,10 @@ _NODE_KINDS = frozenset({"NODE_ADDED", "NODE_CHANGED", "NODE_PATCH", "NODE_REMOV
 def _kind(change: Any) -> str:
     k = getattr(change, "kind", None)
     name = getattr(k, "name", None)
-    if isinstance(name, str):
-        return name.upper()
-    return str(getattr(k, "value", k)).upper()
+    kind = name.upper() if isinstance(name, str) else str(getattr(k, "value", k)).upper()
+    # An expiry set, disabled or passed (admin, logout, periodic check): peers get the whole
+    # node, because a KeyExpiry patch cannot clear the Expired flag a client already holds.
+    return "NODE_CHANGED" if kind == "NODE_KEY_EXPIRY" else kind
 
 
 def _fields(change: Any) -> frozenset[str] | None:

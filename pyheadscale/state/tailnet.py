@@ -97,6 +97,16 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
+def _groups(groups: Iterable[str]) -> tuple[str, ...]:
+    """IdP groups as stored on User: a tuple of strings (a bare string is one group)."""
+    if isinstance(groups, str):
+        return (groups,)
+    out = tuple(groups)
+    if not all(isinstance(g, str) for g in out):
+        raise InvalidArgument("user groups must be strings")
+    return out
+
+
 def _digest(s: str) -> bytes:
     return hashlib.sha256(s.encode()).digest()
 
@@ -138,6 +148,9 @@ class Tailnet:
         self.gc = EphemeralGC(inactivity_timeout_from_config(cfg), self._gc_delete)
         self.generation = 0  # bumped on every committed write
         self.listeners: list[Callable[[tuple[Change, ...]], None]] = []
+        # May (user, node or None, tag) carry this tag at interactive registration? Set by
+        # the control plane from the policy's tagOwners; None refuses every tag.
+        self.tag_authorizer: Callable[[User, Node | None, str], bool] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -351,7 +364,7 @@ class Tailnet:
 
     async def create_user(self, name: str, display_name: str = "", email: str = "",
                           provider_identifier: str | None = None, provider: str = "",
-                          profile_pic_url: str = "") -> User:
+                          profile_pic_url: str = "", groups: Iterable[str] = ()) -> User:
         if provider_identifier is None:
             try:
                 names.validate_username(name)
@@ -368,7 +381,8 @@ class Tailnet:
             now = _utcnow()
             user = User(id=0, name=name, display_name=display_name, email=email,
                         provider_identifier=provider_identifier, provider=provider,
-                        profile_pic_url=profile_pic_url, created_at=now)
+                        profile_pic_url=profile_pic_url, created_at=now,
+                        groups=_groups(groups))
             vals = persist.user_values(user) | {"created_at": now, "updated_at": now}
             uid = await self._commit(lambda tx: tx.insert(db.User, vals))
             user = replace(user, id=uid)
@@ -383,6 +397,8 @@ class Tailnet:
         allowed = {"name", "display_name", "email", "provider", "profile_pic_url", "groups"}
         if set(fields) - allowed:
             raise InvalidArgument(f"cannot update user fields {sorted(set(fields) - allowed)}")
+        if "groups" in fields:
+            fields["groups"] = _groups(fields["groups"])
 
         async def op() -> User:
             old = self.get_user(user_id)
@@ -785,30 +801,51 @@ class Tailnet:
         register_method: str = "cli", capver: int = 0, now: datetime | None = None,
     ) -> Node:
         """Interactive/OIDC completion: the machine's node for this user is re-keyed in
-        place, or a new user-owned node is created."""
+        place, or a new user-owned node is created. Hostinfo.RequestTags (`--advertise-tags`)
+        tags the node when `tag_authorizer` allows every tag for this user (else
+        InvalidArgument); re-auth without them returns a tagged node to the user."""
         hostinfo = dict(hostinfo or {})
         hostname = str(hostinfo.get("Hostname") or "")
+        requested = _request_tags(hostinfo)
 
         async def op() -> Node:
             now_ = now or _utcnow()
-            self.get_user(user_id)
+            user = self.get_user(user_id)
             self._check_node_key_free(node_key, machine_key)
             existing = next((n for n in self.nodes_by_machine_key(machine_key)
                              if n.user_id == user_id or n.is_tagged), None)
+            allowed = self.tag_authorizer
+            rejected = [t for t in requested
+                        if allowed is None or not allowed(user, existing, t)]
+            if rejected:
+                raise InvalidArgument(f"requested tags [{' '.join(rejected)}] are invalid or "
+                                      "not permitted")
             if existing is None:
                 return await self._create_node(machine_key, node_key, hostinfo, hostname, None,
                                                requested_expiry, False, now_, capver,
                                                user_id=user_id,
-                                               register_method=register_method)
+                                               register_method=register_method,
+                                               tags=requested)
             new = replace(existing, node_key=node_key, hostname=hostname,
                           hostinfo=self._merge_hostinfo(existing.hostinfo, hostinfo),
                           register_method=register_method, last_seen=now_, updated_at=now_,
                           capver=capver or existing.capver,
                           version=existing.version + 1)
+            fields = {"node_key", "expiry", "hostinfo"}
+            if requested:
+                new = replace(new, tags=requested, user_id=None, expiry=None)
+            elif existing.is_tagged:
+                # Back to its user (Headscale); no longer tied to the tagged key, so a node
+                # joined with a tagged ephemeral key is not garbage-collected as the user's.
+                new = replace(new, tags=(), user_id=user_id, auth_key_id=None, ephemeral=False)
             if not new.is_tagged:
                 new = replace(new, expiry=requested_expiry or self._default_expiry(now_))
-            return await self._write_node(existing, new, ChangeKind.NODE_CHANGED,
-                                          {"node_key", "expiry", "hostinfo"})
+            if (new.tags, new.user_id) != (existing.tags, existing.user_id):
+                fields |= {"tags", "user"}
+            node = await self._write_node(existing, new, ChangeKind.NODE_CHANGED, fields)
+            if "tags" in fields:
+                self._publish(Change(ChangeKind.POLICY))
+            return node
 
         return await self._serialized(op)
 
@@ -1032,6 +1069,13 @@ class Tailnet:
             return True
 
         return await self._serialized(op)
+
+
+def _request_tags(hi: dict[str, Any]) -> tuple[str, ...]:
+    tags = hi.get("RequestTags") or ()
+    if not isinstance(tags, list | tuple):
+        return ()
+    return tuple(sorted({str(t) for t in tags if t}))
 
 
 def _derp(hi: dict[str, Any]) -> Any:

@@ -1,0 +1,273 @@
+"""Subnet routes and exit nodes at run time: primary election, auto-approval, HA probing.
+
+`RouteController` listens to the tailnet's changes (synchronously, before sessions see them)
+and keeps `PrimaryRoutes` current; when the primaries move it hands the new table to the
+control plane, which bumps the map context and tells the affected nodes' peers.
+
+autoApprovers (Headscale `AutoApproveRoutes`): announced routes the policy approves are added
+to the node's approved routes on registration, on announcement and on a policy reload. Approval
+is only ever added, never taken back.
+
+HA health probing (Headscale 0.29 `HAHealthProber`): every `node.routes.ha.probe_interval`
+each online node that serves a prefix some other online node also serves gets a PingRequest in
+its map stream; the client answers with an HTTP HEAD to `/machine/ping-response?id=`. A node
+that stays silent for `probe_timeout` is unhealthy and loses its primaries; an answer makes it
+healthy again (without taking anything back). A probe only counts against a session that was
+already there at the previous cycle, so a reconnecting node gets time to settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.routes import PrimaryRoutes
+from pyheadscale.state.tailnet import StateError
+
+if TYPE_CHECKING:
+    from pyheadscale.control.dispatch import ControlPlane
+
+log = logging.getLogger("pyheadscale.routes")
+
+PING_PATH = "/machine/ping-response"
+# Changes after which a node's announced/approved routes, owner or tags may differ.
+_APPROVE_INPUTS = {ChangeKind.NODE_ADDED, ChangeKind.NODE_CHANGED}
+# Changes after which the set of online nodes serving a prefix may differ.
+_ROUTE_INPUTS = _APPROVE_INPUTS | {ChangeKind.NODE_ONLINE, ChangeKind.NODE_REMOVED,
+                                   ChangeKind.FULL}
+
+
+def _seconds(v: Any, default: float) -> float:
+    if v is None:
+        return default
+    return float(v.total_seconds()) if hasattr(v, "total_seconds") else float(v)
+
+
+class Outbox:
+    """Server-initiated messages (PingRequests) waiting for a node's next map frame."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, dict[str, Any]] = {}
+
+    def put(self, node_id: int, fields: dict[str, Any]) -> None:
+        self._items.setdefault(node_id, {}).update(fields)
+
+    def take(self, node_id: int) -> dict[str, Any] | None:
+        return self._items.pop(node_id, None)
+
+
+class PingTracker:
+    """Pending ping IDs -> futures resolved by the HEAD callback."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[int, asyncio.Future[None]]] = {}
+
+    def register(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
+        ping_id = secrets.token_hex(8)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[ping_id] = (node_id, fut)
+        return ping_id, fut
+
+    def complete(self, ping_id: str) -> bool:
+        entry = self._pending.pop(ping_id, None)
+        if entry is None:
+            return False
+        if not entry[1].done():
+            entry[1].set_result(None)
+        return True
+
+    def cancel(self, ping_id: str) -> None:
+        entry = self._pending.pop(ping_id, None)
+        if entry is not None and not entry[1].done():
+            entry[1].cancel()
+
+
+class RouteController:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.tailnet = cp.tailnet
+        self.primaries = PrimaryRoutes()
+        self.outbox = Outbox()
+        self.pings = PingTracker()
+        ha = getattr(getattr(getattr(cp.cfg, "node", None), "routes", None), "ha", None)
+        self.probe_interval = _seconds(getattr(ha, "probe_interval", None), 10.0)
+        self.probe_timeout = _seconds(getattr(ha, "probe_timeout", None), 5.0)
+        self._epoch: dict[int, int] = {}  # bumped on every reconnect of a node
+        self._stable: dict[int, int] = {}  # epoch seen at the previous probe cycle
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._prober: asyncio.Task[None] | None = None
+        self._manager: Any = None
+        self._closed = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.tailnet.listeners.append(self._on_changes)
+        self._manager = self.cp.policy.manager
+        self.primaries.compute(self.tailnet.nodes.values())
+        self.cp.set_primary_routes(self.primaries.by_node(), ())
+        self._approve_later(self.tailnet.nodes)
+        if self.probe_interval > 0:
+            self._prober = asyncio.create_task(self._probe_loop())
+
+    async def stop(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks) + ([self._prober] if self._prober else [])
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("HEAD", PING_PATH, self.ping_response)
+        app.router.add_route("GET", PING_PATH, self.ping_response)
+        app.router.add_route("POST", PING_PATH, self.ping_response)
+
+    # --- change listener ------------------------------------------------------------------
+
+    def _on_changes(self, changes: tuple[Change, ...]) -> None:
+        if not any(c.kind in _ROUTE_INPUTS for c in changes):
+            return  # endpoint/DERP patches and the like never move routes
+        touched: set[int] = set()
+        for c in changes:
+            if c.kind is ChangeKind.NODE_ONLINE and c.node_id is not None:
+                if "online" in c.fields:
+                    # A fresh session starts healthy (Headscale Connect clears Unhealthy).
+                    self._epoch[c.node_id] = self._epoch.get(c.node_id, 0) + 1
+                    self.primaries.set_unhealthy(c.node_id, False)
+            elif c.kind is ChangeKind.NODE_REMOVED and c.node_id is not None:
+                self.primaries.forget(c.node_id)
+                self._epoch.pop(c.node_id, None)
+                self._stable.pop(c.node_id, None)
+            elif c.kind in _APPROVE_INPUTS and c.node_id is not None:
+                touched.add(c.node_id)
+            elif c.kind is ChangeKind.FULL:
+                touched |= set(self.tailnet.nodes)
+        self._recompute()
+        if touched:
+            self._approve_later(touched)
+
+    def _recompute(self) -> None:
+        changed = self.primaries.compute(self.tailnet.nodes.values())
+        if changed:
+            log.info("primary routes now %s", {n: [str(p) for p in ps]
+                                               for n, ps in self.primaries.by_node().items()})
+            self.cp.set_primary_routes(self.primaries.by_node(), changed)
+
+    def policy_refreshed(self) -> None:
+        """The control plane rebuilt its context for a policy change: a new policy (not
+        just a recompile for new nodes) may auto-approve routes already announced."""
+        manager = self.cp.policy.manager
+        if manager is not self._manager:
+            self._manager = manager
+            self._approve_later(self.tailnet.nodes)
+
+    # --- autoApprovers --------------------------------------------------------------------
+
+    def _approve_later(self, node_ids: Iterable[int]) -> None:
+        if self.cp.policy.manager is None or self._closed:
+            return
+        ids = [i for i in node_ids if i in self.tailnet.nodes
+               and self.tailnet.nodes[i].announced_routes]
+        if ids:
+            self._spawn(self._auto_approve(ids))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _auto_approve(self, node_ids: list[int]) -> None:
+        manager = self.cp.policy.manager
+        if manager is None:
+            return
+        for nid in node_ids:
+            node = self.tailnet.nodes.get(nid)
+            if node is None:
+                continue
+            approved = set(node.approved_routes)
+            new = [r for r in manager.auto_approved_routes(node) if r not in approved]
+            if not new:
+                continue
+            log.info("auto-approving routes %s for node %d (%s)", [str(r) for r in new],
+                     nid, node.given_name)
+            try:
+                await self.tailnet.approve_routes(nid, [*node.approved_routes, *new])
+            except StateError as e:
+                log.warning("auto-approval for node %d failed: %s", nid, e)
+
+    # --- HA health probing ----------------------------------------------------------------
+
+    def _connected(self, node_id: int) -> bool:
+        node = self.tailnet.nodes.get(node_id)
+        return node is not None and node.online and self.tailnet.bus.subscribed(node_id)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                await self.probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed cycle must not end probing for good
+                log.exception("HA probe cycle failed")
+
+    async def probe_once(self) -> None:
+        ha = self.primaries.ha_nodes()
+        ids = sorted({i for nodes in ha.values() for i in nodes})
+        for nid in list(self._stable):
+            if nid not in ids:
+                del self._stable[nid]
+        probes = []
+        for nid in ids:
+            if not self._connected(nid):
+                self._stable.pop(nid, None)
+                continue
+            epoch = self._epoch.get(nid, 0)
+            stable = self._stable.get(nid) == epoch
+            self._stable[nid] = epoch
+            probes.append(self._probe(nid, epoch, stable))
+        if probes:
+            await asyncio.gather(*probes)
+
+    def send_ping(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
+        ping_id, fut = self.pings.register(node_id)
+        url = f"{self.cp.cfg.server_url.rstrip('/')}{PING_PATH}?id={ping_id}"
+        self.outbox.put(node_id, {"PingRequest": {"URL": url, "Log": False}})
+        # Wakes the node's map stream; the mapper ignores SELF changes without fields it knows.
+        self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({"ping"}),
+                                        target=node_id))
+        return ping_id, fut
+
+    async def _probe(self, node_id: int, epoch: int, stable: bool) -> None:
+        ping_id, fut = self.send_ping(node_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.probe_timeout)
+        except TimeoutError:
+            self.pings.cancel(ping_id)
+            if not self._connected(node_id) or self._epoch.get(node_id, 0) != epoch:
+                return  # went away or reconnected: the silence proves nothing
+            if not stable:
+                return  # a fresh session gets one more cycle to settle
+            if self.primaries.set_unhealthy(node_id, True):
+                log.warning("HA probe: node %d did not answer within %.1fs, failing over",
+                            node_id, self.probe_timeout)
+                self._recompute()
+            return
+        if self.primaries.set_unhealthy(node_id, False):
+            log.info("HA probe: node %d answers again", node_id)
+            self._recompute()
+
+    async def ping_response(self, request: web.Request) -> web.Response:
+        ping_id = request.query.get("id", "")
+        ok = self.pings.complete(ping_id)
+        # Close the connection: each probe then proves the node can still open one.
+        return web.Response(status=200 if ok else 404, headers={"Connection": "close"})

@@ -1,0 +1,108 @@
+"""Primary-route election for subnet routes (Headscale 0.29's NodeStore primaries).
+
+A node serves a prefix when it announces it (Hostinfo.RoutableIPs), an admin or autoApprovers
+approved it, and the node is online. When several nodes serve one prefix, exactly one is the
+primary and only it carries the prefix in its AllowedIPs/PrimaryRoutes. Rules:
+
+* the current primary keeps the prefix while it still serves it and is healthy (no flapping
+  back when an older primary returns);
+* otherwise the lowest node ID among healthy servers takes over;
+* when every server is unhealthy, the current primary is kept if it still serves the prefix,
+  else the lowest ID (never black-hole a prefix that someone serves);
+* exit routes (0.0.0.0/0, ::/0) are never elected: every approved exit node offers them.
+
+Pure: no clock, no I/O. The caller feeds node snapshots and health verdicts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+from pyheadscale.state.model import IPNetwork, Node
+
+EXIT_ROUTES = frozenset({ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")})
+
+
+def prefix_key(p: IPNetwork) -> tuple[int, int, int]:
+    return (p.version, int(p.network_address), p.prefixlen)
+
+
+def is_exit_route(p: IPNetwork) -> bool:
+    return p in EXIT_ROUTES
+
+
+def served_subnet_routes(node: Node) -> list[IPNetwork]:
+    """Announced and approved non-exit prefixes of the node (online or not)."""
+    approved = set(node.approved_routes)
+    out: list[IPNetwork] = []
+    for r in node.announced_routes:
+        if r in approved and not is_exit_route(r) and r not in out:
+            out.append(r)
+    return out
+
+
+class PrimaryRoutes:
+    def __init__(self) -> None:
+        self.primaries: dict[IPNetwork, int] = {}
+        self.unhealthy: set[int] = set()
+        # prefix -> online node IDs serving it (ascending), from the last compute().
+        self.candidates: dict[IPNetwork, list[int]] = {}
+
+    def compute(self, nodes: Iterable[Node]) -> set[int]:
+        """Re-elect from a snapshot; returns the IDs of nodes whose primary set changed."""
+        before = self.by_node()
+        cands: dict[IPNetwork, list[int]] = {}
+        for n in sorted(nodes, key=lambda n: n.id):
+            if not n.online:
+                continue
+            for r in served_subnet_routes(n):
+                cands.setdefault(r, []).append(n.id)
+        new: dict[IPNetwork, int] = {}
+        for prefix, ids in cands.items():
+            prev = self.primaries.get(prefix)
+            healthy = [i for i in ids if i not in self.unhealthy]
+            if prev in ids and prev not in self.unhealthy:
+                new[prefix] = prev
+            elif healthy:
+                new[prefix] = healthy[0]
+            elif prev in ids:
+                new[prefix] = prev  # all unhealthy: keep what peers already use
+            else:
+                new[prefix] = ids[0]
+        self.primaries = new
+        self.candidates = cands
+        after = self.by_node()
+        return {i for i in set(before) | set(after) if before.get(i) != after.get(i)}
+
+    def by_node(self) -> dict[int, tuple[IPNetwork, ...]]:
+        out: dict[int, list[IPNetwork]] = {}
+        for prefix, nid in self.primaries.items():
+            out.setdefault(nid, []).append(prefix)
+        return {nid: tuple(sorted(ps, key=prefix_key)) for nid, ps in out.items()}
+
+    def routes_of(self, node_id: int) -> tuple[IPNetwork, ...]:
+        return self.by_node().get(node_id, ())
+
+    def primary_for(self, prefix: IPNetwork) -> int | None:
+        return self.primaries.get(prefix)
+
+    def ha_nodes(self) -> dict[IPNetwork, list[int]]:
+        """Prefixes served by at least two online nodes, with those nodes (for probing)."""
+        return {p: list(ids) for p, ids in self.candidates.items() if len(ids) >= 2}
+
+    def set_unhealthy(self, node_id: int, unhealthy: bool) -> bool:
+        """Record a health verdict; returns whether it changed (then call compute())."""
+        if unhealthy == (node_id in self.unhealthy):
+            return False
+        if unhealthy:
+            self.unhealthy.add(node_id)
+        else:
+            self.unhealthy.discard(node_id)
+        return True
+
+    def forget(self, node_id: int) -> None:
+        self.unhealthy.discard(node_id)
+
+    def snapshot(self) -> Mapping[int, tuple[IPNetwork, ...]]:
+        return self.by_node()

@@ -1,0 +1,155 @@
+"""The route controller wired to a real Tailnet and ControlPlane: primaries in the map
+context, auto-approval, HA probe verdicts, and the expiry watcher (issue 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.control.expiry import ExpiryWatcher
+from pyheadscale.state.changes import ChangeKind
+from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+
+LAN = ipaddress.ip_network("10.1.0.0/24")
+POLICY = ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}], '
+          '"autoApprovers": {"routes": {"10.1.0.0/16": ["alice@"]}, "exitNode": ["alice@"]}}')
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    cfg = make_cfg(policy={"mode": "database"},
+                   node={"expiry": "0", "routes": {"ha": {"probe_interval": "0s"}}})
+    tn = await open_tailnet(new_engine(tmp_path), cfg)
+    cp = ControlPlane(cfg, tn, tn.engine, None)
+    await cp.policy.load()
+    cp.routes.start()
+    try:
+        yield cp
+    finally:
+        await cp.routes.stop()
+        await tn.close()
+
+
+async def router(cp: ControlPlane, i: int, *routes: str) -> int:
+    tn = cp.tailnet
+    user = tn.user_by_name("alice") or await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(user.id)
+    n = await tn.register_with_authkey(key(i), key(100 + i), None,
+                                       {"Hostname": f"r{i}", "RoutableIPs": list(routes)}, full)
+    return n.id
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_primaries_follow_online_state_and_reach_the_map_context(
+        cp: ControlPlane) -> None:
+    tn = cp.tailnet
+    r1, r2 = await router(cp, 1, str(LAN)), await router(cp, 2, str(LAN))
+    await tn.approve_routes(r1, [str(LAN)])
+    await tn.approve_routes(r2, [str(LAN)])
+    assert cp.mapctx.routes_of(r1) == ()  # approved and announced, but nobody is online
+    sub = tn.bus.subscribe(999)
+    gen = cp.mapctx.generation
+    await tn.set_online(r2, True)
+    await tn.set_online(r1, True)
+    assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
+    assert cp.mapctx.generation > gen
+    batch = await sub.__anext__()
+    assert any(c.kind is ChangeKind.NODE_CHANGED and c.node_id == r2
+               and "primary_routes" in c.fields for c in batch)
+    await tn.set_online(r2, False)
+    assert cp.mapctx.routes_of(r1) == (LAN,)
+    await tn.set_online(r2, True)
+    assert cp.mapctx.routes_of(r1) == (LAN,) and cp.mapctx.routes_of(r2) == ()
+    await tn.approve_routes(r1, [])
+    assert cp.mapctx.routes_of(r2) == (LAN,)
+
+
+async def test_policy_auto_approves_announced_routes_and_exit_pairs(cp: ControlPlane) -> None:
+    tn = cp.tailnet
+    nid = await router(cp, 1, "10.1.2.0/24", "192.168.0.0/24", "0.0.0.0/0", "::/0")
+    await settle()
+    assert tn.nodes[nid].approved_routes == ()  # no policy yet
+    await cp.policy.set(POLICY)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if tn.nodes[nid].approved_routes:
+            break
+    assert {str(r) for r in tn.nodes[nid].approved_routes} == {"10.1.2.0/24", "0.0.0.0/0",
+                                                                 "::/0"}
+    # Announced later: approved on announcement.
+    await tn.update_from_map_request(nid, hostinfo={"Hostname": "r1", "RoutableIPs": [
+        "10.1.2.0/24", "10.1.3.0/24", "0.0.0.0/0", "::/0"]})
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(tn.nodes[nid].approved_routes) == 4:
+            break
+    assert ipaddress.ip_network("10.1.3.0/24") in tn.nodes[nid].approved_routes
+
+
+async def test_probe_verdicts_fail_over_and_answers_recover_without_flap(
+        cp: ControlPlane) -> None:
+    tn, rc = cp.tailnet, cp.routes
+    rc.probe_timeout = 0.05
+    r1, r2 = await router(cp, 1, str(LAN)), await router(cp, 2, str(LAN))
+    for r in (r1, r2):
+        await tn.approve_routes(r, [str(LAN)])
+        tn.bus.subscribe(r)  # an open map session
+        await tn.set_online(r, True)
+    assert rc.primaries.ha_nodes() == {LAN: [r1, r2]}
+
+    async def answer(node_id: int) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+            msg = rc.outbox.take(node_id)
+            if msg:
+                ping_id = msg["PingRequest"]["URL"].rsplit("id=", 1)[1]
+                assert rc.pings.complete(ping_id)
+                return
+
+    # First cycle: both answer. Second: r1 is silent on a session seen before -> unhealthy.
+    await asyncio.gather(rc.probe_once(), answer(r1), answer(r2))
+    assert cp.mapctx.routes_of(r1) == (LAN,)
+    await asyncio.gather(rc.probe_once(), answer(r2))
+    assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
+    await asyncio.gather(rc.probe_once(), answer(r1), answer(r2))
+    assert r1 not in rc.primaries.unhealthy
+    assert cp.mapctx.routes_of(r2) == (LAN,)  # recovered, but no flap back
+
+
+async def test_fresh_session_gets_a_cycle_before_a_silent_probe_counts(
+        cp: ControlPlane) -> None:
+    tn, rc = cp.tailnet, cp.routes
+    rc.probe_timeout = 0.05
+    r1, r2 = await router(cp, 1, str(LAN)), await router(cp, 2, str(LAN))
+    for r in (r1, r2):
+        await tn.approve_routes(r, [str(LAN)])
+        tn.bus.subscribe(r)
+        await tn.set_online(r, True)
+    await rc.probe_once()  # nobody answers, but both sessions are new
+    assert rc.primaries.unhealthy == set()
+    assert rc.outbox.take(r1) is not None  # the PingRequest waited for r1's stream
+
+
+async def test_expiry_watcher_publishes_expiries_as_they_pass(cp: ControlPlane) -> None:
+    tn = cp.tailnet
+    nid = await router(cp, 1)
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    await tn.set_expiry(nid, soon)
+    w = ExpiryWatcher(tn)
+    w.last_check = soon - timedelta(seconds=10)
+    sub = tn.bus.subscribe(999)
+    assert w.check(soon - timedelta(seconds=1)) == []
+    assert w.check(soon + timedelta(seconds=1)) == [nid]
+    batch = await sub.__anext__()
+    assert [(c.kind, c.node_id) for c in batch] == [(ChangeKind.NODE_KEY_EXPIRY, nid)]
+    assert w.check(soon + timedelta(seconds=5)) == []  # reported once
