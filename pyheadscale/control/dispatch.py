@@ -79,17 +79,14 @@ class ControlPlane:
             int(getattr(tuning, "register_cache_max_entries", 1024) or 1024),
         )
         self.webflow = WebAuth(self)
-        # --- SSH check mode (issue 6): pending checks, approved by `headscale auth approve`.
+        # SSH check-mode sessions, approved like registrations by `headscale auth approve`.
         self.sshchecks = SSHChecks(self.pending.expiration_s, self.pending.max_entries)
-        # --- end SSH check mode
         self.policy = PolicyController(cfg, tailnet, engine,
                                        on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
         self.mapctx = MapContext()
-        # --- routes/expiry (issue 7): primary election, auto-approval, HA probes, expiries.
-        self.routes = RouteController(self)
+        self.routes = RouteController(self)  # primary election, auto-approval, HA probes
         self.expiry = ExpiryWatcher(tailnet)
         tailnet.tag_authorizer = tag_authorizer(self.policy)  # --advertise-tags vs tagOwners
-        # --- end routes/expiry
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -103,10 +100,9 @@ class ControlPlane:
                                "derp.urls / derp.paths (clients never reach Running without one)")
         if getattr(self.cfg.dns, "extra_records_path", None):
             self._tasks.append(asyncio.create_task(self._watch_extra_records()))
-        # --- routes/expiry (issue 7): after the policy, whose listener must run first.
+        # After the policy: its change listener must run before the route controller's.
         self.routes.start()
         self.expiry.start()
-        # --- end routes/expiry
 
     async def stop(self) -> None:
         await self.routes.stop()
@@ -153,8 +149,6 @@ class ControlPlane:
         self.tailnet.bus.publish(Change(kind, None, frozenset()))
         if kind is ChangeKind.POLICY:
             self.routes.policy_refreshed()
-
-    # --- routes integration point (issue 7) ------------------------------------------------
 
     def set_primary_routes(self, routes: Mapping[int, Sequence[IPNetwork]],
                            changed: Iterable[int]) -> None:
@@ -240,10 +234,9 @@ class ControlPlane:
             await handle_map(self, req, resp)
         elif req.path == "/machine/register" and req.method == "POST":
             await handle_register(self, req, resp)
-        # --- SSH check mode (issue 6): the HoldAndDelegate URL of check rules.
         elif req.method == "GET" and (m := SSH_ACTION_ROUTE.match(req.path)):
+            # The HoldAndDelegate URL of SSH check rules.
             await handle_ssh_action(self, req, resp, int(m[1]), int(m[2]))
-        # --- end SSH check mode
         else:
             await reply(resp, 404, "not found")
 
