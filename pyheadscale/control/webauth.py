@@ -23,9 +23,8 @@ if TYPE_CHECKING:
 class WebAuth:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
-        # --- OIDC: set by pyheadscale.auth.oidc.add_oidc_routes when oidc.issuer is set.
+        # Set by pyheadscale.auth.oidc.add_oidc_routes when oidc.issuer is set.
         self.oidc: OIDCProvider | None = None
-        # --- end OIDC
 
     def auth_url(self, auth_id: str) -> str:
         return f"{self.cp.cfg.server_url.rstrip('/')}/register/{auth_id}"
@@ -84,12 +83,11 @@ class WebAuth:
             self.cp.pending.get(auth_id)
         except UnknownAuthID:
             return web.Response(status=404, text="registration not found or expired")
-        # --- OIDC: with a reachable provider the page sends the browser there instead
+        # OIDC: with a reachable provider the page sends the browser there instead
         # (pyheadscale/auth/oidc.py); otherwise (no issuer, or provider down at start with
         # oidc.only_start_if_oidc_is_available: false) the CLI instructions below are shown.
         if self.oidc is not None and self.oidc.available:
             return await self.oidc.redirect(request, auth_id)
-        # --- end OIDC
         cmd = f"headscale auth register --auth-id {auth_id} --user USERNAME"
         body = PAGE.format(cmd=html.escape(cmd))
         return web.Response(text=body, content_type="text/html")
