@@ -862,6 +862,38 @@ class Tailnet:
 
     # --- node lifecycle ----------------------------------------------------------------------
 
+    async def backfill_node_ips(self) -> list[str]:
+        """Give every node an address in each configured prefix and drop addresses of a
+        family no longer configured (Headscale's `nodes backfillips`); returns what changed."""
+        async def op() -> list[str]:
+            done: list[str] = []
+            for old in sorted(self.nodes.values(), key=lambda n: n.id):
+                v4, v6, notes = old.ipv4, old.ipv6, []
+                if self.ipam.v4 is not None and v4 is None:
+                    v4 = self.ipam.allocate_v4()
+                    notes.append(f"assigned IPv4 {v4} to Node({old.id}) {old.hostname}")
+                if self.ipam.v6 is not None and v6 is None:
+                    v6 = self.ipam.allocate_v6()
+                    notes.append(f"assigned IPv6 {v6} to Node({old.id}) {old.hostname}")
+                if self.ipam.v4 is None and v4 is not None:
+                    notes.append(f"removing IPv4 {v4} from Node({old.id}) {old.hostname}")
+                    v4 = None
+                if self.ipam.v6 is None and v6 is not None:
+                    notes.append(f"removing IPv6 {v6} from Node({old.id}) {old.hostname}")
+                    v6 = None
+                if not notes:
+                    continue
+                new = self._bump(old, ipv4=v4, ipv6=v6, updated_at=_utcnow())
+                try:
+                    await self._write_node(old, new, ChangeKind.NODE_CHANGED, {"addresses"})
+                except PersistError:
+                    self.ipam.release(*(a for a in (v4, v6) if a not in (old.ipv4, old.ipv6)))
+                    raise
+                done.extend(notes)
+            return done
+
+        return await self._serialized(op)
+
     async def rotate_node_key(self, node_id: int, new_node_key: bytes) -> Node:
         async def op() -> Node:
             old = self.get_node(node_id)

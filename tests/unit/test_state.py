@@ -258,3 +258,28 @@ async def test_users(tmp_path: Path) -> None:
     assert uid not in tn.users and not tn.list_preauth_keys()
     assert [u.name for u in tn.list_users()] == ["robert"]
     await tn.close()
+
+
+async def test_backfill_node_ips_follows_the_configured_prefixes(tmp_path: Path) -> None:
+    engine = new_engine(tmp_path)
+    tn = await open_tailnet(engine, make_cfg(prefixes={"v4": "100.64.0.0/10"}))
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id, reusable=True)
+    n = await tn.register_with_authkey(MK, NK, None, {"Hostname": "a"}, full)
+    assert n.ipv6 is None
+    assert await tn.backfill_node_ips() == []  # nothing to do under the same prefixes
+    await tn.close()
+
+    # v6 added to the config: the node gets an address, persisted across a restart.
+    tn = await open_tailnet(engine, make_cfg())
+    assert await tn.backfill_node_ips() == [f"assigned IPv6 fd7a:115c:a1e0::1 to Node({n.id}) a"]
+    await tn.close()
+    tn = await open_tailnet(engine, make_cfg())
+    assert str(tn.get_node(n.id).ipv6) == "fd7a:115c:a1e0::1"
+    await tn.close()
+
+    # v4 removed: its address goes.
+    tn = await open_tailnet(engine, make_cfg(prefixes={"v6": "fd7a:115c:a1e0::/48"}))
+    assert await tn.backfill_node_ips() == [f"removing IPv4 100.64.0.1 from Node({n.id}) a"]
+    assert tn.get_node(n.id).ipv4 is None
+    await tn.close()
