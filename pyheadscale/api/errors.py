@@ -7,6 +7,9 @@ is what the conformance goldens pin. Tools read `message` and match substrings i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from aiohttp import web
 
 from pyheadscale.state.tailnet import (
@@ -66,3 +69,12 @@ def from_state(context: str, e: StateError, *, conflict_status: int = 409) -> AP
     if isinstance(e, Conflict):
         return APIError(conflict_status, msg)
     return APIError(500, msg)
+
+
+@contextmanager
+def state_errors(context: str, *, conflict_status: int = 409) -> Iterator[None]:
+    """Answer a typed state error raised in the block as from_state maps it."""
+    try:
+        yield
+    except StateError as e:
+        raise from_state(context, e, conflict_status=conflict_status) from None

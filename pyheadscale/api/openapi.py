@@ -1,4 +1,4 @@
-"""The API description, generated from v1.ROUTES: OpenAPI 3.0 at /api/v1/openapi.{yaml,json}
+"""The API description, generated from routes.ROUTES: OpenAPI 3.0 at /api/v1/openapi.{yaml,json}
 (Headscale 0.30) and a Swagger 2.0 export at /swagger/v1/openapiv2.json (Headscale <= 0.29,
 what go-swagger clients such as the Terraform provider are generated from; operation ids
 `HeadscaleService_<Rpc>`).
@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from pyheadscale.api.v1 import ROUTES, Route
+from pyheadscale.api.routes import ROUTES, Route
 
 _S = {"type": "string"}
 _B = {"type": "boolean"}

@@ -1,0 +1,47 @@
+"""/api/v1/policy: read, replace and check the policy (file or database mode, policystore.py)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pyheadscale.api import shapes
+from pyheadscale.api.errors import APIError, bad_request
+from pyheadscale.api.handlers.base import HandlerBase
+from pyheadscale.api.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
+from pyheadscale.api.request import (
+    read_body,
+    text_field,
+)
+from pyheadscale.policy import PolicyError
+
+
+class PolicyHandlers(HandlerBase):
+    """Handlers of the Policy routes."""
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        try:
+            p = await self.policy.get()
+        except PolicyNotFound as e:
+            raise APIError(500, f"loading ACL from database: {e}") from None
+        except PolicyReadError as e:
+            raise APIError(500, str(e)) from None
+        updated = p.updated_at if self.policy.mode == "database" else None
+        return web.json_response({"policy": p.data, "updatedAt": shapes.ts(updated)})
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        text = text_field(await read_body(request), "policy")
+        try:
+            p = await self.policy.set(text)
+        except PolicyUpdateDisabled as e:
+            raise bad_request(str(e)) from None
+        except PolicyError as e:
+            raise bad_request(f"setting policy: {e}") from None
+        return web.json_response({"policy": p.data, "updatedAt": shapes.ts(p.updated_at)})
+
+    async def check_policy(self, request: web.Request) -> web.Response:
+        text = text_field(await read_body(request), "policy")
+        try:
+            await self.policy.check(text)
+        except PolicyError as e:
+            raise bad_request(str(e)) from None
+        return web.json_response({})

@@ -1,0 +1,153 @@
+"""Field types of the config schema: how one YAML (or env) value is read and checked.
+
+Each type is an `Annotated` pydantic type whose BeforeValidator accepts what viper would
+(strings from the environment included) and raises ValueError with the message a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+
+from pyheadscale.config.durations import (
+    format_go_duration,
+    format_prometheus_duration,
+    parse_go_duration,
+    parse_prometheus_duration,
+)
+from pyheadscale.config.errors import quoted
+
+
+def words(value: Any) -> Any:
+    # viper's GetStringSlice splits a string (e.g. from env) on whitespace.
+    if value is None:
+        return []
+    return value.split() if isinstance(value, str) else value
+
+
+def json_if_str(value: Any) -> Any:
+    # viper decodes map-valued env vars as JSON; we do the same for lists of objects.
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+    return value
+
+
+def _empty_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+def _network(text: str) -> IPv4Network | IPv6Network | None:
+    # A prefix needs its slash; host bits are accepted, as Go's netip.ParsePrefix does.
+    return ip_network(text, strict=False) if "/" in text else None
+
+
+def _versioned(what: str, version: int,
+               parse: Callable[[str], IPv4Network | IPv6Network | IPv4Address | IPv6Address
+                               | None]) -> Callable[[Any], Any]:
+    """An optional IPv4/IPv6 address or prefix: "" and None read as unset."""
+    def check(value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        try:
+            parsed = parse(str(value).strip())
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.version != version:
+            raise ValueError(f"not a valid IPv{version} {what}: {quoted(str(value))}")
+        return parsed
+    return check
+
+
+def _proxy_prefix(value: Any) -> Any:
+    try:
+        net = ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not a valid CIDR prefix: {quoted(str(value))}") from None
+    if net.prefixlen == 0:
+        raise ValueError(f"{quoted(str(value))}: 0.0.0.0/0 and ::/0 are not allowed")
+    return net
+
+
+def _file_mode(value: Any) -> Any:
+    # YAML 1.1 already reads an unquoted 0770 as octal, so ints are taken as the mode itself.
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        text = str(value).strip().lower().removeprefix("0o")
+        try:
+            mode = int(text, 8)
+        except ValueError:
+            raise ValueError(f"not an octal file mode: {quoted(str(value))}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"not an octal file mode: {quoted(str(value))}")
+    return mode
+
+
+def _ssl(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "t", "f"):
+        return value.strip().lower() in ("true", "1", "t")
+    if not isinstance(value, bool | str):
+        raise ValueError(f"must be true, false or a libpq sslmode name, got {quoted(value)}")
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _group_prefix(value: Any) -> Any:
+    # The prefix goes verbatim into `group:<prefix><label>`; keep it in the label alphabet.
+    if isinstance(value, str) and not re.fullmatch(r"[a-z0-9._-]*", value):
+        raise ValueError(f"must use only a-z, 0-9, '.', '_' and '-', got {quoted(value)}")
+    return value
+
+
+# Dumped (mode="json") in the YAML's own syntax, so a dumped config loads back.
+GoDuration = Annotated[timedelta, BeforeValidator(parse_go_duration),
+                      PlainSerializer(format_go_duration, return_type=str, when_used="json")]
+PromDuration = Annotated[timedelta, BeforeValidator(parse_prometheus_duration),
+                         PlainSerializer(format_prometheus_duration, return_type=str,
+                                         when_used="json")]
+StrList = Annotated[list[str], BeforeValidator(words)]
+PathList = Annotated[list[Path], BeforeValidator(words)]
+OptPath = Annotated[Path | None, BeforeValidator(_empty_none)]
+OptStr = Annotated[str | None, BeforeValidator(_empty_none)]
+OptInt = Annotated[int | None, BeforeValidator(_empty_none)]
+LowerStr = Annotated[str, BeforeValidator(_lower)]
+ProxyPrefix = Annotated[IPv4Network | IPv6Network, BeforeValidator(_proxy_prefix)]
+ProxyPrefixList = Annotated[list[ProxyPrefix], BeforeValidator(words)]
+IPv4Prefix = Annotated[IPv4Network | None, BeforeValidator(_versioned("prefix", 4, _network))]
+IPv6Prefix = Annotated[IPv6Network | None, BeforeValidator(_versioned("prefix", 6, _network))]
+IPv4Addr = Annotated[IPv4Address | None, BeforeValidator(_versioned("address", 4, ip_address))]
+IPv6Addr = Annotated[IPv6Address | None, BeforeValidator(_versioned("address", 6, ip_address))]
+FileMode = Annotated[int, BeforeValidator(_file_mode)]
+SSLSetting = Annotated[bool | str, BeforeValidator(_ssl)]
+GroupPrefix = Annotated[str, BeforeValidator(_group_prefix)]
+StrMap = Annotated[dict[str, str], BeforeValidator(json_if_str)]
+StrListMap = Annotated[dict[str, StrList], BeforeValidator(json_if_str)]
+
+
+class Section(BaseModel):
+    """A typed YAML section: unknown keys are errors, numbers are accepted where text is."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True,
+                              validate_by_name=True, validate_by_alias=True)
