@@ -84,7 +84,7 @@ class WebAuth:
         except UnknownAuthID:
             return web.Response(status=404, text="registration not found or expired")
         # OIDC: with a reachable provider the page sends the browser there instead
-        # (pyheadscale/auth/oidc.py); otherwise (no issuer, or provider down at start with
+        # (pyheadscale/auth/oidc/); otherwise (no issuer, or provider down at start with
         # oidc.only_start_if_oidc_is_available: false) the CLI instructions below are shown.
         if self.oidc is not None and self.oidc.available:
             return await self.oidc.redirect(request, auth_id)

@@ -143,6 +143,7 @@ class Device:
         self.hostname = hostname
         self.machine_private = secrets.token_bytes(32)
         self.node_key = secrets.token_bytes(32)
+        self.request_tags: list[str] = []  # `tailscale up --advertise-tags`
         self.conn: ControlConnection | None = None
 
     async def __aenter__(self) -> Device:
@@ -158,8 +159,11 @@ class Device:
 
     async def register(self, followup: str = "") -> dict[str, Any]:
         assert self.conn is not None
+        hostinfo: dict[str, Any] = {"Hostname": self.hostname, "OS": "linux"}
+        if self.request_tags:
+            hostinfo["RequestTags"] = self.request_tags
         body = {"Version": 113, "NodeKey": "nodekey:" + self.node_key.hex(),
-                "Hostinfo": {"Hostname": self.hostname, "OS": "linux"}, "Followup": followup}
+                "Hostinfo": hostinfo, "Followup": followup}
         status, _, data = await self.conn.request("POST", "/machine/register",
                                                   json.dumps(body).encode())
         assert status == 200, data
@@ -506,6 +510,24 @@ async def test_reauthentication_same_and_other_user(tmp_path: Path, idp_factory:
         bob = users_by_email(srv)["bob@other.org"]
         (bobs,) = [n for n in nodes if n.user_id == bob.id]
         assert bobs.id != first.id and bobs.addresses != first.addresses
+
+
+async def test_unowned_advertised_tags_are_refused_with_a_page(tmp_path: Path,
+                                                              idp_factory: Any) -> None:
+    port = free_port()
+    idp = idp_factory(hs_port=port)
+    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Device(srv.cfg.server_url, "tagged-pc") as dev:
+        dev.request_tags = ["tag:server"]  # no policy: nobody owns it
+        auth_url, follow = await dev.start_login()
+        async with browser() as s:
+            status, page, _ = await login(s, auth_url, ALICE)
+            assert status == 200, page
+            status, text = await confirm(s, srv.cfg.server_url, page)
+        assert status == 403 and "tag:server" in text, text
+        answer = await asyncio.wait_for(follow, 10)
+        assert "tag:server" in answer.get("Error", ""), answer
+        assert srv.tailnet.list_nodes() == []
 
 
 async def test_group_change_at_next_login_updates_user(tmp_path: Path,

@@ -52,7 +52,7 @@ class IdPClient:
                     raise DiscoveryError(f"{url}: HTTP {r.status}")
                 return await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise DiscoveryError(f"{url}: {e or type(e).__name__}") from None
+            raise DiscoveryError(f"{url}: {str(e) or type(e).__name__}") from None
 
     async def discover(self) -> ProviderMetadata:
         url = self.oidc.issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -67,7 +67,7 @@ class IdPClient:
         try:
             self._keys = KeySet.import_key_set(doc)
         except (JoseError, ValueError) as e:
-            raise DiscoveryError(f"{self.meta.jwks_uri}: {e or type(e).__name__}") from None
+            raise DiscoveryError(f"{self.meta.jwks_uri}: {str(e) or type(e).__name__}") from None
         self._keys_fetched = time.monotonic()
         return self._keys
 

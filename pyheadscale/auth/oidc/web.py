@@ -29,6 +29,7 @@ from pyheadscale.auth.oidc.sessions import (
     cookie_name,
 )
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX, UnknownAuthID
+from pyheadscale.state.tailnet import StateError
 from pyheadscale.templates import oidc as pages
 
 if TYPE_CHECKING:
@@ -220,10 +221,15 @@ class OIDCProvider:
         user = tn.get_user(pc.user_id)
         had = {n.id for n in tn.nodes_by_machine_key(pending.machine_key)
                if n.user_id == user.id}
-        node: Node = await tn.register_for_user(
-            machine_key=pending.machine_key, node_key=pending.node_key, user_id=user.id,
-            hostinfo=pending.hostinfo, requested_expiry=pc.expiry or pending.expiry,
-            register_method="oidc", capver=pending.capver)
+        try:
+            node: Node = await tn.register_for_user(
+                machine_key=pending.machine_key, node_key=pending.node_key, user_id=user.id,
+                hostinfo=pending.hostinfo, requested_expiry=pc.expiry or pending.expiry,
+                register_method="oidc", capver=pending.capver)
+        except StateError as e:
+            # E.g. --advertise-tags the user does not own: the waiting client is told too.
+            self.control.pending.reject(auth_id, str(e))
+            raise OIDCError(403, str(e)) from None
         self.control.pending.complete(auth_id, node)
         resp = web.Response(text=pages.auth_success(new_node=node.id not in had,
                                                     user=_display(user)),
