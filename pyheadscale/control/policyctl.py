@@ -26,6 +26,20 @@ log = logging.getLogger("pyheadscale.policy")
 # Changes after which the compiled policy may differ (who is who, which tags, which routes).
 _POLICY_INPUTS = {ChangeKind.NODE_ADDED, ChangeKind.NODE_REMOVED, ChangeKind.NODE_CHANGED,
                   ChangeKind.USER}
+# NODE_CHANGED fields the policy never reads. Anything else (tags, user, approved_routes,
+# routes, hostinfo, which may carry RoutableIPs, or a field named later) goes to
+# PolicyManager.update(), which itself compares what the policy reads.
+_IRRELEVANT_NODE_FIELDS = frozenset({
+    "endpoints", "disco_key", "derp", "node_key", "hostname", "given_name", "expiry",
+    "last_seen", "online", "offline",
+})
+
+
+def _may_affect_policy(c: Change) -> bool:
+    if c.kind not in _POLICY_INPUTS:
+        return False
+    return not (c.kind is ChangeKind.NODE_CHANGED and c.fields
+                and c.fields <= _IRRELEVANT_NODE_FIELDS)
 
 
 def compile_policy(cfg: Any, text: str | None, users: Sequence[User], nodes: Sequence[Node], *,
@@ -134,11 +148,12 @@ class PolicyController:
         return True
 
     def _on_changes(self, changes: tuple[Change, ...]) -> None:
-        if self.manager is None or not any(c.kind in _POLICY_INPUTS for c in changes):
+        if self.manager is None or not any(_may_affect_policy(c) for c in changes):
             return
-        self.manager.update(users=list(self.tailnet.users.values()),
-                            nodes=list(self.tailnet.nodes.values()))
-        self.on_swap()
+        # update() is False when nothing the policy reads changed: no new context then.
+        if self.manager.update(users=list(self.tailnet.users.values()),
+                               nodes=list(self.tailnet.nodes.values())):
+            self.on_swap()
 
 
 __all__ = ["PolicyController", "PolicyError", "PolicyUpdateDisabled"]

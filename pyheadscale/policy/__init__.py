@@ -28,6 +28,7 @@ from pyheadscale.policy.compile import (
     via_app_pairs,
 )
 from pyheadscale.policy.errors import PolicyError, PolicyTestError
+from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
 from pyheadscale.policy.model import Alias, Policy, goquote, parse_policy
@@ -91,6 +92,18 @@ def _all_aliases(pol: Policy) -> Iterable[Alias]:
         yield from na.target
 
 
+def _fingerprint(users: Sequence[User], nodes: Sequence[Node]) -> tuple[Any, ...]:
+    """Everything of the snapshot the policy reads (IdP groups included); equal
+    fingerprints, equal results."""
+    return (
+        tuple((u.id, u.name, u.email, u.provider_identifier, u.groups) for u in users),
+        tuple(
+            (n.id, n.ipv4, n.ipv6, n.tags, n.user_id, n.announced_routes, n.approved_routes)
+            for n in nodes
+        ),
+    )
+
+
 class PolicyManager:
     """Compiled policy for one snapshot of users and nodes.
 
@@ -134,15 +147,25 @@ class PolicyManager:
 
     def update(
         self, users: Sequence[User] | None = None, nodes: Sequence[Node] | None = None
-    ) -> None:
-        """Recompute after users and/or nodes changed."""
+    ) -> bool:
+        """Recompute after users and/or nodes changed. Returns False (and keeps every cached
+        result) when nothing the policy reads changed: endpoints, keys, names, hostinfo
+        other than RoutableIPs and the like never reach the policy."""
         if users is not None:
             self._users = list(users)
         if nodes is not None:
             self._nodes = list(nodes)
+        if _fingerprint(self._users, self._nodes) == self._fp:
+            for n in self._nodes:  # fresh objects for what reads them (hostnames in tests)
+                info = self._by_id.get(n.id)
+                if info is not None:
+                    info.node = n
+            return False
         self._recompute()
+        return True
 
     def _recompute(self) -> None:
+        self._fp = _fingerprint(self._users, self._nodes)
         self._infos = [NodeInfo.of(n) for n in self._nodes]
         self._by_id = {i.id: i for i in self._infos}
         pol = self.policy
@@ -151,15 +174,35 @@ class PolicyManager:
         self._grants: list[CompiledGrant] = compile_grants(pol, self._res) if pol else []
         self._per_node = has_per_node_grants(self._grants)
         self._global = global_rules(self._grants) if pol else list(FILTER_ALLOW_ALL)
-        self._global_matchers = [Matcher.of(r) for r in self._global]
+        self._global_matchers: list[Matcher] | None = None
         self._node_attrs = compile_node_attrs(pol, self._res)
         self._auto = AutoApprover(pol, self._res)
         self._via_app = via_app_pairs(pol, self._res) if pol else []
-        self._unreduced: dict[int, list[dict[str, Any]]] = {}
-        self._matchers: dict[int, list[Matcher]] = {}
+        self._eval: Evaluation | None = None
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
         self._peers: dict[int, set[int]] = {}
+
+    def _evaluation(self) -> Evaluation:
+        """The snapshot's evaluation index, built on first use after each recompute."""
+        if self._eval is None:
+            if self.policy is None:
+                pieces: list[tuple[Any, dict[str, Any]]] = [((0, 0, 0), FILTER_ALLOW_ALL[0])]
+            else:
+                pieces = [
+                    ((gi, 0, j), r)
+                    for gi, g in enumerate(self._grants)
+                    for j, r in enumerate(g.rules)
+                ]
+            self._eval = Evaluation(
+                self._infos,
+                self._res,
+                pieces,
+                self._global,
+                self._grants if self._per_node and self.policy is not None else [],
+                self._via_app,
+            )
+        return self._eval
 
     def _check_domains(self) -> None:
         if self.policy is None or self.tailnet_domains is None:
@@ -223,43 +266,42 @@ class PolicyManager:
     def _node_unreduced(self, info: NodeInfo) -> list[dict[str, Any]]:
         if self.policy is None or not self._per_node:
             return self._global
-        rules = self._unreduced.get(info.id)
-        if rules is None:
-            rules = node_rules(self._grants, info, self._res)
-            self._unreduced[info.id] = rules
-        return rules
+        return node_rules(self._grants, info, self._res)
 
     def _node_matchers(self, info: NodeInfo) -> list[Matcher]:
         if self.policy is None or not self._per_node:
+            if self._global_matchers is None:
+                self._global_matchers = [Matcher.of(r) for r in self._global]
             return self._global_matchers
-        m = self._matchers.get(info.id)
-        if m is None:
-            m = [Matcher.of(r) for r in self._node_unreduced(info)]
-            self._matchers[info.id] = m
-        return m
+        return [Matcher.of(r) for r in self._node_unreduced(info)]
+
+    def _known(self, node: Node | NodeInfo) -> NodeInfo | None:
+        info = self._by_id.get(node.id)
+        return info if info is not None and (isinstance(node, Node) or info is node) else None
 
     def packet_filter(self, viewer: Node) -> list[dict[str, Any]]:
         """The FilterRules to send to viewer (already reduced to what it serves)."""
-        info = self._info(viewer)
-        rules = self._filters.get(info.id)
-        if rules is None:
-            rules = reduce_rules(info, self._node_unreduced(info))
-            self._filters[info.id] = rules
+        rules = self._filters.get(viewer.id)
+        if rules is not None:
+            return rules
+        info = self._known(viewer)
+        if info is None:  # not in the snapshot: the direct definition
+            return reduce_rules(self._info(viewer), self._node_unreduced(self._info(viewer)))
+        rules = self._evaluation().packet_filter(info)
+        self._filters[info.id] = rules
         return rules
 
     def peers(self, viewer: Node) -> set[int]:
         """IDs of the nodes viewer may see."""
-        info = self._info(viewer)
-        cached = self._peers.get(info.id)
+        cached = self._peers.get(viewer.id)
         if cached is not None:
             return cached
-        out = set()
-        mine = self._node_matchers(info)
-        for other in self._infos:
-            if other.id == info.id:
-                continue
-            if self._visible(info, other, mine):
-                out.add(other.id)
+        info = self._known(viewer)
+        if info is None:
+            a = self._info(viewer)
+            ma = self._node_matchers(a)
+            return {o.id for o in self._infos if o.id != a.id and self._visible(a, o, ma)}
+        out = self._evaluation().peers(info)
         self._peers[info.id] = out
         return out
 
@@ -272,7 +314,7 @@ class PolicyManager:
             ):
                 return True
         mb = self._node_matchers(b)
-        if mb is ma:
+        if mb is ma or (self.policy is None or not self._per_node):
             return False
         return can_access(a, b, mb) or can_access(b, a, mb)
 

@@ -23,7 +23,6 @@ from pyheadscale.policy.ipset import (
     addr_key,
     is_exit_route,
     parse_wire,
-    prefix_string,
 )
 from pyheadscale.policy.model import (
     ANY_PORT,
@@ -66,6 +65,9 @@ class NodeInfo:
     user_id: int | None
     subnet_routes: list[IPNetwork]
     exit_routes: list[IPNetwork]
+    # IPSet keys of ips and ranges of subnet_routes: what the evaluation index looks up.
+    keys: tuple[int, ...] = ()
+    route_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_tagged(self) -> bool:
@@ -93,6 +95,8 @@ class NodeInfo:
             user_id=None if node.tags else node.user_id,
             subnet_routes=subnet,
             exit_routes=exits,
+            keys=tuple(addr_key(ip) for ip in ips),
+            route_ranges=tuple(IPSet.of([r]).ranges[0] for r in subnet),
         )
 
 
@@ -169,10 +173,27 @@ class Resolver:
         self.nodes = list(nodes)
         self._cache: dict[str, IPSet | None] = {}
         self._routes: list[str] | None = None
-        self.atoms = frozenset(addr_key(ip) for n in self.nodes for ip in n.ips)
+        self.atoms = frozenset(k for n in self.nodes for k in n.keys)
+        # Renderings of the same sets recur across rules (one alias in many ACLs).
+        self._strings: dict[tuple[tuple[int, int], ...], list[str]] = {}
+        self._prefix_strings: dict[tuple[tuple[int, int], ...], list[str]] = {}
+        # autogroup:self rules depend only on the owner: (grant id, user id) -> rules.
+        self.self_rules: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        # SSH rules' node-independent parts (policy/ssh.py): (rule id, base URL) -> them.
+        self.ssh_rules: dict[tuple[int, str], Any] = {}
 
     def strings(self, ips: IPSet) -> list[str]:
-        return ips.strings(self.atoms)
+        out = self._strings.get(ips.ranges)
+        if out is None:
+            out = self._strings[ips.ranges] = ips.strings(self.atoms)
+        return list(out)
+
+    def prefix_strings(self, ips: IPSet) -> list[str]:
+        """prefix_string() of each of prefixes(ips)."""
+        out = self._prefix_strings.get(ips.ranges)
+        if out is None:
+            out = self._prefix_strings[ips.ranges] = ips.prefix_strings(self.atoms)
+        return out
 
     def prefixes(self, ips: IPSet) -> list[IPNetwork]:
         return ips.prefixes(self.atoms)
@@ -354,8 +375,7 @@ def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange], res: Resolver) -> 
             # The hosted plane writes the Internet as address ranges, not prefixes.
             out.extend({"IP": ip, "Ports": _ports(p)} for ip in ips.range_strings() for p in ports)
             continue
-        for pref in res.prefixes(ips):
-            ip = prefix_string(pref)
+        for ip in res.prefix_strings(ips):
             out.extend({"IP": ip, "Ports": _ports(p)} for p in ports)
     return out
 
@@ -406,7 +426,16 @@ def compile_grants(pol: Policy, res: Resolver) -> list[CompiledGrant]:
 def _self_rules(cg: CompiledGrant, node: NodeInfo, res: Resolver) -> list[dict[str, Any]]:
     if node.is_tagged or node.user_id is None:
         return []
-    same = [n for n in res.nodes if not n.is_tagged and n.user_id == node.user_id]
+    key = (id(cg), node.user_id)
+    rules = res.self_rules.get(key)
+    if rules is None:
+        rules = res.self_rules[key] = _user_self_rules(cg, node.user_id, res)
+    return rules
+
+
+def _user_self_rules(cg: CompiledGrant, user_id: int, res: Resolver) -> list[dict[str, Any]]:
+    """The autogroup:self rules of grant cg for the devices of one user."""
+    same = [n for n in res.nodes if not n.is_tagged and n.user_id == user_id]
     if not same:
         return []
     src = IPSet.union(n.ipset for ips in cg.self_srcs for n in same if ips.contains_any(n.ips))

@@ -70,6 +70,29 @@ def _range_prefixes(lo: int, hi: int) -> Iterator[IPNetwork]:
         a += 1 << size
 
 
+@lru_cache(maxsize=65536)
+def _key_str(key: int) -> str:
+    """str() of the address with this key; cached because ipaddress formatting (IPv6
+    especially) dominates rendering a policy's node addresses over and over."""
+    return str(_addr(key))
+
+
+@lru_cache(maxsize=65536)
+def _range_str(lo: int, hi: int) -> str:
+    if lo == hi:
+        return _key_str(lo)
+    p = _range_as_prefix(lo, hi)
+    return str(p) if p is not None else f"{_key_str(lo)}-{_key_str(hi)}"
+
+
+@lru_cache(maxsize=65536)
+def _range_prefix_strings(lo: int, hi: int) -> tuple[str, ...]:
+    """The prefixes covering [lo, hi] as prefix_string() writes them."""
+    if lo == hi:
+        return (_key_str(lo),)
+    return tuple(prefix_string(p) for p in _range_prefixes(lo, hi))
+
+
 def _range_as_prefix(lo: int, hi: int) -> IPNetwork | None:
     n = hi - lo + 1
     if n & (n - 1) or lo % n:
@@ -189,13 +212,13 @@ class IPSet:
                 yield lo, hi
 
     def strings(self, atoms: frozenset[int] | None = None) -> list[str]:
-        out = []
+        return [_range_str(lo, hi) for lo, hi in self._split(atoms)]
+
+    def prefix_strings(self, atoms: frozenset[int] | None = None) -> list[str]:
+        """prefix_string() of every prefix in prefixes(atoms), without building networks."""
+        out: list[str] = []
         for lo, hi in self._split(atoms):
-            if lo == hi:
-                out.append(str(_addr(lo)))
-                continue
-            p = _range_as_prefix(lo, hi)
-            out.append(str(p) if p is not None else f"{_addr(lo)}-{_addr(hi)}")
+            out.extend(_range_prefix_strings(lo, hi))
         return out
 
     def prefixes(self, atoms: frozenset[int] | None = None) -> list[IPNetwork]:
@@ -207,7 +230,8 @@ class IPSet:
     def range_strings(self) -> list[str]:
         """Every range as "first-last" (single addresses bare), the Internet's wire form."""
         return [
-            str(_addr(lo)) if lo == hi else f"{_addr(lo)}-{_addr(hi)}" for lo, hi in self.ranges
+            _key_str(lo) if lo == hi else f"{_key_str(lo)}-{_key_str(hi)}"
+            for lo, hi in self.ranges
         ]
 
     def addresses(self) -> Iterator[IPAddress]:

@@ -51,49 +51,71 @@ def compile_ssh_policy(
     return {"rules": rules}
 
 
-def _compile_rule(rule: SSHRule, res: Resolver, node: NodeInfo, base_url: str) -> list[dict]:
-    self_dst = any(d.text == "autogroup:self" for d in rule.dst)
-    other = [d for d in rule.dst if d.text != "autogroup:self"]
-    src = res.resolve_all(rule.src)
-    if not src:
-        return []
-    if rule.action == "accept":
-        action: dict[str, Any] = dict(ACCEPT_ACTION)
-    else:
-        action = {"holdAndDelegate": base_url + CHECK_PATH}
-    users: dict[str, str] = {}
-    if "autogroup:nonroot" in rule.users:
-        users["*"] = "="
-    users["root"] = "root" if "root" in rule.users else ""
-    for u in rule.users:
-        if u not in ("root", "autogroup:nonroot") and localpart_domain(u) is None:
-            users[u] = u
-    localparts = [d for u in rule.users if (d := localpart_domain(u)) is not None]
-    lp_by_user: dict[int, str] = {}
-    for domain in localparts:
-        for user in res.users:
-            if not user.email or "@" not in user.email:
-                continue
-            local, _, dom = user.email.rpartition("@")
-            if dom.lower() == domain.lower():
-                lp_by_user[user.id] = local
+class _PreparedRule:
+    """The node-independent part of one SSH rule, computed once per snapshot: resolving
+    sources means a pass over every node, which per viewer would make all maps O(nodes^2)."""
 
-    # Group the source nodes by owner; tagged nodes each contribute once per tag.
-    user_sets: dict[int, list[IPSet]] = {}
-    tagged: list[dict[str, str]] = []
-    for n in res.nodes:
-        if not src.contains_any(n.ips):
-            continue
-        if n.is_tagged:
-            for _ in n.tags:
-                tagged.extend({"nodeIP": str(ip)} for ip in n.ips)
-            continue
-        if n.user_id is None:
-            continue
-        user_sets.setdefault(n.user_id, []).append(n.ipset)
-    by_user = {uid: _principals(IPSet.union(sets)) for uid, sets in user_sets.items()}
-    uids = sorted(uid for uid, p in by_user.items() if p)
-    accept_env = list(rule.accept_env)
+    __slots__ = ("self_dst", "other", "src", "action", "users", "localparts", "lp_by_user",
+                 "by_user", "uids", "tagged", "accept_env", "dest")
+
+    def __init__(self, rule: SSHRule, res: Resolver, base_url: str) -> None:
+        self.self_dst = any(d.text == "autogroup:self" for d in rule.dst)
+        self.other = [d for d in rule.dst if d.text != "autogroup:self"]
+        self.src = res.resolve_all(rule.src)
+        if rule.action == "accept":
+            self.action: dict[str, Any] = dict(ACCEPT_ACTION)
+        else:
+            self.action = {"holdAndDelegate": base_url + CHECK_PATH}
+        users: dict[str, str] = {}
+        if "autogroup:nonroot" in rule.users:
+            users["*"] = "="
+        users["root"] = "root" if "root" in rule.users else ""
+        for u in rule.users:
+            if u not in ("root", "autogroup:nonroot") and localpart_domain(u) is None:
+                users[u] = u
+        self.users = users
+        self.localparts = [d for u in rule.users if (d := localpart_domain(u)) is not None]
+        self.lp_by_user: dict[int, str] = {}
+        for domain in self.localparts:
+            for user in res.users:
+                if not user.email or "@" not in user.email:
+                    continue
+                local, _, dom = user.email.rpartition("@")
+                if dom.lower() == domain.lower():
+                    self.lp_by_user[user.id] = local
+        # Group the source nodes by owner; tagged nodes each contribute once per tag.
+        user_sets: dict[int, list[IPSet]] = {}
+        self.tagged: list[dict[str, str]] = []
+        if self.src:
+            for n in res.nodes:
+                if not self.src.contains_any(n.ips):
+                    continue
+                if n.is_tagged:
+                    for _ in n.tags:
+                        self.tagged.extend({"nodeIP": str(ip)} for ip in n.ips)
+                    continue
+                if n.user_id is None:
+                    continue
+                user_sets.setdefault(n.user_id, []).append(n.ipset)
+        self.by_user = {uid: _principals(IPSet.union(sets)) for uid, sets in user_sets.items()}
+        self.uids = sorted(uid for uid, p in self.by_user.items() if p)
+        self.accept_env = list(rule.accept_env)
+        self.dest = res.resolve_all(self.other) if self.other else None
+
+
+def _prepared(rule: SSHRule, res: Resolver, base_url: str) -> _PreparedRule:
+    key = (id(rule), base_url)
+    prep = res.ssh_rules.get(key)
+    if prep is None:
+        prep = res.ssh_rules[key] = _PreparedRule(rule, res, base_url)
+    return prep
+
+
+def _compile_rule(rule: SSHRule, res: Resolver, node: NodeInfo, base_url: str) -> list[dict]:
+    p = _prepared(rule, res, base_url)
+    if not p.src:
+        return []
+    users, action, accept_env, by_user = p.users, p.action, p.accept_env, p.by_user
     out: list[dict[str, Any]] = []
 
     def emit(principals: list[dict[str, str]], uid: int | None) -> None:
@@ -101,29 +123,28 @@ def _compile_rule(rule: SSHRule, res: Resolver, node: NodeInfo, base_url: str) -
         if accept_env:
             r["acceptEnv"] = accept_env
         out.append(r)
-        if uid is not None and uid in lp_by_user:
-            lp = lp_by_user[uid]
+        if uid is not None and uid in p.lp_by_user:
+            lp = p.lp_by_user[uid]
             r2: dict[str, Any] = {"principals": principals, "sshUsers": {lp: lp}, "action": action}
             if accept_env:
                 r2["acceptEnv"] = accept_env
             out.append(r2)
 
-    if self_dst and not node.is_tagged and node.user_id is not None:
+    if p.self_dst and not node.is_tagged and node.user_id is not None:
         if by_user.get(node.user_id):
             emit(by_user[node.user_id], node.user_id)
-    if other:
-        dest = res.resolve_all(other)
-        if dest.contains_any(node.ips):
-            if localparts:
-                for uid in uids:
+    if p.dest is not None:
+        if p.dest.contains_any(node.ips):
+            if p.localparts:
+                for uid in p.uids:
                     emit(by_user[uid], uid)
-                if tagged:
-                    emit(tagged, None)
+                if p.tagged:
+                    emit(p.tagged, None)
             else:
-                everyone = [p for uid in uids for p in by_user[uid]] + tagged
+                everyone = [x for uid in p.uids for x in by_user[uid]] + p.tagged
                 if everyone:
                     emit(everyone, None)
-        elif localparts and src.contains_any(node.ips):
+        elif p.localparts and p.src.contains_any(node.ips):
             if node.is_tagged:
                 emit(_principals(node.ipset), None)
             elif node.user_id is not None and by_user.get(node.user_id):

@@ -1,0 +1,451 @@
+"""Per-snapshot evaluation index: every node's packet filter and peer set, fast.
+
+Gives exactly what compile.py's straightforward definitions give (reduce_rules over
+node_rules for the filter; pairwise can_access for visibility; policy/reference.py keeps
+them for the equivalence tests), but organised so a node's cost follows what it is involved in:
+
+* Filters: every DstPorts entry of the global rule pieces is indexed by its address ranges
+  (single addresses in a dict, wider ranges in an elementary-segment table), so "which
+  entries does this node serve" is a few lookups. Entries are numbered in rule order, so
+  sorting the hits rebuilds Headscale's rule order; merge groups (same SrcIPs and IPProto)
+  are fixed once, and per-node autogroup:self / via pieces are merged in at their grant's
+  position.
+* Peers: each rule (matcher) gets the node sets, as bitmasks, of its sources and of its
+  destinations. A node sees the destinations of rules it is a source of and the sources of
+  rules it is a destination of. Per-node rules (autogroup:self, via) come in per class of
+  nodes with the same extra rules (one class per user for autogroup:self).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pyheadscale.policy.compile import (
+    CompiledGrant,
+    Matcher,
+    NodeInfo,
+    Resolver,
+    _reduce_cap_rule,
+    _self_rules,
+    _via_rules,
+)
+from pyheadscale.policy.ipset import THE_INTERNET, IPSet, parse_wire
+
+Rule = dict[str, Any]
+# A rule's position in node_rules order: (grant index, 0 for the grant's own rules and
+# 1 for its per-node rules, index within those).
+Pos = tuple[int, int, int]
+
+_wire_cache: dict[str, tuple[tuple[tuple[int, int], ...], bool] | None] = {}
+
+
+def _wire(text: str) -> tuple[tuple[tuple[int, int], ...], bool] | None:
+    """(ranges, subset of the Internet) of a FilterRule address string; None if bad."""
+    hit = _wire_cache.get(text, False)
+    if hit is not False:
+        return hit  # type: ignore[return-value]
+    s = parse_wire(text)
+    out = None if s is None else (s.ranges, s.issubset(THE_INTERNET))
+    if len(_wire_cache) > 200_000:
+        _wire_cache.clear()
+    _wire_cache[text] = out
+    return out
+
+
+def _merge_key(rule: Rule) -> tuple[Any, ...]:
+    return (tuple(rule["SrcIPs"]), tuple(rule.get("IPProto") or ()))
+
+
+def _dests_served(node: NodeInfo, dsts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """reduce_rules' test for one rule's DstPorts, on precomputed ranges."""
+    out = []
+    for dp in dsts:
+        w = _wire(dp["IP"])
+        if w is None:
+            continue
+        ranges, internet = w
+        if _serves(node, ranges) or (node.is_exit and internet):
+            out.append(dp)
+    return out
+
+
+def _serves(node: NodeInfo, ranges: Sequence[tuple[int, int]]) -> bool:
+    for lo, hi in ranges:
+        for k in node.keys:
+            if lo <= k <= hi:
+                return True
+        for rlo, rhi in node.route_ranges:
+            if lo <= rhi and rlo <= hi:
+                return True
+    return False
+
+
+class _EntryIndex:
+    """DstPorts entries by address: which entries contain an address or overlap a range."""
+
+    def __init__(self) -> None:
+        self.point: dict[int, list[int]] = {}
+        self.wide: dict[tuple[int, int], list[int]] = {}
+        self.internet: list[int] = []
+        self._bounds: list[int] = []
+        self._segments: list[list[list[int]]] = []
+        self._points_sorted: list[int] = []
+
+    def add(self, eid: int, ranges: Sequence[tuple[int, int]], internet: bool) -> None:
+        for lo, hi in ranges:
+            if lo == hi:
+                self.point.setdefault(lo, []).append(eid)
+            else:
+                self.wide.setdefault((lo, hi), []).append(eid)
+        if internet:
+            self.internet.append(eid)
+
+    def freeze(self) -> None:
+        # Elementary segments between the wide ranges' edges, each listing the entry lists
+        # of the ranges covering it: a point query is one bisect.
+        bounds = sorted({lo for lo, _ in self.wide} | {hi + 1 for _, hi in self.wide})
+        segments: list[list[list[int]]] = [[] for _ in bounds]
+        for (lo, hi), eids in self.wide.items():
+            for i in range(bisect.bisect_left(bounds, lo), bisect.bisect_left(bounds, hi + 1)):
+                segments[i].append(eids)
+        self._bounds = bounds
+        self._segments = segments
+        self._points_sorted = sorted(self.point)
+
+    def hits(self, node: NodeInfo) -> set[int]:
+        out: set[int] = set()
+        for k in node.keys:
+            p = self.point.get(k)
+            if p:
+                out.update(p)
+            i = bisect.bisect_right(self._bounds, k) - 1
+            if i >= 0:
+                for eids in self._segments[i]:
+                    out.update(eids)
+        for lo, hi in node.route_ranges:
+            ps = self._points_sorted
+            for j in range(bisect.bisect_left(ps, lo), bisect.bisect_right(ps, hi)):
+                out.update(self.point[ps[j]])
+            for (wlo, whi), eids in self.wide.items():
+                if wlo <= hi and lo <= whi:
+                    out.update(eids)
+        if node.is_exit:
+            out.update(self.internet)
+        return out
+
+
+class _NodeSets:
+    """Which snapshot nodes an IPSet matches (addresses, or overlapping subnet routes)."""
+
+    def __init__(self, infos: Sequence[NodeInfo]) -> None:
+        self.by_key: dict[int, list[int]] = {}
+        for i, n in enumerate(infos):
+            for k in n.keys:
+                self.by_key.setdefault(k, []).append(i)
+        self.keys = sorted(self.by_key)
+        self.routers = [(i, n) for i, n in enumerate(infos) if n.route_ranges]
+        self.exits = 0
+        for i, n in enumerate(infos):
+            if n.is_exit:
+                self.exits |= 1 << i
+
+    def mask(self, s: IPSet) -> int:
+        idx: set[int] = set()
+        keys = self.keys
+        for lo, hi in s.ranges:
+            if lo == hi:
+                hit = self.by_key.get(lo)
+                if hit:
+                    idx.update(hit)
+                continue
+            for j in range(bisect.bisect_left(keys, lo), bisect.bisect_right(keys, hi)):
+                idx.update(self.by_key[keys[j]])
+        for i, n in self.routers:
+            if i not in idx and any(s._overlaps_range(lo, hi) for lo, hi in n.route_ranges):
+                idx.add(i)
+        m = 0
+        for i in idx:
+            m |= 1 << i
+        return m
+
+    def matcher_masks(self, m: Matcher) -> tuple[int, int]:
+        dst = self.mask(m.dests)
+        if m.dests_internet:
+            dst |= self.exits
+        return self.mask(m.srcs), dst
+
+
+def _bits(mask: int) -> list[int]:
+    s = bin(mask)[:1:-1]
+    return [i for i, c in enumerate(s) if c == "1"]
+
+
+class Evaluation:
+    """Filters and peer sets of the nodes of one snapshot under one compiled policy.
+
+    pieces: the global rules in node_rules order before merging (FILTER_ALLOW_ALL when
+    there is no policy); grants: the compiled grants (for per-node pieces) or [] when none
+    is per-node; via_app: via_app_pairs().
+    """
+
+    def __init__(
+        self,
+        infos: Sequence[NodeInfo],
+        res: Resolver,
+        pieces: Sequence[tuple[Pos, Rule]],
+        global_merged: Sequence[Rule],
+        grants: Sequence[CompiledGrant],
+        via_app: Sequence[tuple[IPSet, set[int]]],
+    ) -> None:
+        self.infos = list(infos)
+        self.res = res
+        self.grants = [(i, g) for i, g in enumerate(grants) if g.category != "regular"]
+        self.pos_of = {n.id: i for i, n in enumerate(self.infos)}
+        self._ids = [n.id for n in self.infos]
+        # Pieces and merge groups. group_first: merge key -> first position; cap rules are
+        # their own group keyed by their position.
+        self.pieces = list(pieces)
+        self.group_first: dict[Any, Pos] = {}
+        self.piece_group: list[Any] = []
+        self.cap_pieces: list[tuple[int, IPSet]] = []
+        self.entries: list[tuple[int, dict[str, Any]]] = []
+        self.index = _EntryIndex()
+        for pi, (pos, rule) in enumerate(self.pieces):
+            if rule.get("CapGrant"):
+                key: Any = ("cap", pos)
+                dsts = [parse_wire(d) for cg in rule["CapGrant"] for d in cg["Dsts"]]
+                self.cap_pieces.append((pi, IPSet.union(dsts)))
+            else:
+                key = _merge_key(rule)
+                for dp in rule["DstPorts"]:
+                    w = _wire(dp["IP"])
+                    if w is None:
+                        continue
+                    eid = len(self.entries)
+                    self.entries.append((pi, dp))
+                    self.index.add(eid, w[0], w[1])
+            self.group_first.setdefault(key, pos)
+            self.piece_group.append(key)
+        self.index.freeze()
+        # Peers: global matchers' node masks, and the inverse (matchers per node).
+        self.nodesets = _NodeSets(self.infos)
+        self.global_rules = list(global_merged)
+        self._by_key = {_merge_key(r): r for r in self.global_rules if not r.get("CapGrant")}
+        n = len(self.infos)
+        self._src_of: list[list[int]] = [[] for _ in range(n)]
+        self._dst_of: list[list[int]] = [[] for _ in range(n)]
+        self._gmasks: list[tuple[int, int]] = []
+        for mi, rule in enumerate(self.global_rules):
+            sm, dm = self.nodesets.matcher_masks(Matcher.of(rule))
+            self._gmasks.append((sm, dm))
+            for i in _bits(sm):
+                self._src_of[i].append(mi)
+            for i in _bits(dm):
+                self._dst_of[i].append(mi)
+        self._via: list[tuple[int, int]] = []
+        for srcs, routers in via_app:
+            sm = 0
+            for i, info in enumerate(self.infos):
+                if srcs.contains_any(info.ips):
+                    sm |= 1 << i
+            rm = 0
+            for rid in routers:
+                if rid in self.pos_of:
+                    rm |= 1 << self.pos_of[rid]
+            self._via.append((sm, rm))
+        self._sig_masks: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        self._classes: dict[Any, _Class] | None = None
+        self._dest_pos_cache: dict[Any, dict[int, Pos]] = {}
+        self._class_of: list[Any] = []
+
+    # ------------------------------------------------------------------ per-node pieces
+
+    def _extra_pieces(self, node: NodeInfo) -> list[tuple[Pos, Rule]]:
+        out: list[tuple[Pos, Rule]] = []
+        for gi, g in self.grants:
+            rules = (
+                _self_rules(g, node, self.res) if g.category == "self" else _via_rules(g, node)
+            )
+            out.extend(((gi, 1, j), r) for j, r in enumerate(rules))
+        return out
+
+    def _class_key(self, node: NodeInfo) -> Any:
+        """Nodes with equal keys get equal per-node pieces."""
+        uid = None if node.is_tagged else node.user_id
+        via = None
+        if any(g.category == "via" and any(t in node.tags for t in g.via_tags)
+               for _, g in self.grants):
+            via = (node.tags, tuple(node.route_ranges), node.is_exit)
+        return (uid, via)
+
+    # ------------------------------------------------------------------ packet filter
+
+    def packet_filter(self, node: NodeInfo) -> list[Rule]:
+        """reduce_rules(node, node_rules(...)) for a snapshot node."""
+        # merge key -> [first position, first rule, served DstPorts]; the DstPorts come in
+        # entry order, which is node_rules order for the global pieces.
+        groups: dict[Any, list[Any]] = {}
+        entries = self.entries
+        pieces = self.pieces
+        piece_group = self.piece_group
+        for eid in sorted(self.index.hits(node)):
+            pi, dp = entries[eid]
+            key = piece_group[pi]
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [self.group_first[key], pieces[pi][1], [dp]]
+            else:
+                g[2].append(dp)
+        caps: list[tuple[Pos, Rule]] = []
+        for pi, dsts in self.cap_pieces:
+            if dsts.contains_any(node.ips) or any(
+                dsts._overlaps_range(lo, hi) for lo, hi in node.route_ranges
+            ):
+                pos, rule = pieces[pi]
+                reduced = _reduce_cap_rule(node, rule)
+                if reduced is not None:
+                    caps.append((pos, reduced))
+        extras = self._extra_pieces(node) if self.grants else []
+        if extras:
+            self._merge_extras(node, groups, caps, extras)
+        out: list[tuple[Pos, Rule]] = list(caps)
+        for first, rule, dests in groups.values():
+            if not dests:
+                continue
+            r: Rule = {"SrcIPs": rule["SrcIPs"], "DstPorts": dests}
+            if rule.get("IPProto"):
+                r["IPProto"] = rule["IPProto"]
+            out.append((first, r))
+        out.sort(key=lambda x: x[0])
+        return [r for _, r in out]
+
+    def _merge_extras(self, node: NodeInfo, groups: dict[Any, list[Any]],
+                      caps: list[tuple[Pos, Rule]], extras: list[tuple[Pos, Rule]]) -> None:
+        """Merge the node's own pieces into the groups: a per-node piece's DstPorts go
+        after those of its grant's global pieces and before later grants' ones."""
+        added: dict[Any, list[tuple[Pos, int, dict[str, Any]]]] = {}
+        seq = 0
+        for pos, rule in extras:
+            if rule.get("CapGrant"):
+                reduced = _reduce_cap_rule(node, rule)
+                if reduced is not None:
+                    caps.append((pos, reduced))
+                continue
+            key = _merge_key(rule)
+            g = groups.get(key)
+            if g is None:
+                first = self.group_first.get(key)
+                g = groups[key] = [pos if first is None or pos < first else first, rule, []]
+            elif pos < g[0]:
+                g[0], g[1] = pos, rule
+            for dp in _dests_served(node, rule["DstPorts"]):
+                added.setdefault(key, []).append((pos, seq, dp))
+                seq += 1
+        for key, adds in added.items():
+            g = groups[key]
+            if not g[2]:
+                g[2] = [dp for _, _, dp in adds]
+                continue
+            pos_of_dp = self._dest_positions(key)
+            merged = [(pos_of_dp[id(dp)], -1, dp) for dp in g[2]]  # stable: already ordered
+            merged.extend(adds)
+            merged.sort(key=lambda x: x[0])
+            g[2] = [dp for _, _, dp in merged]
+
+    def _dest_positions(self, key: Any) -> dict[int, Pos]:
+        """id(DstPorts entry) -> position of its global piece, for one merge key."""
+        cache = self._dest_pos_cache
+        out = cache.get(key)
+        if out is None:
+            out = {}
+            for pos, rule in self.pieces:
+                if not rule.get("CapGrant") and _merge_key(rule) == key:
+                    for dp in rule["DstPorts"]:
+                        out[id(dp)] = pos
+            cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ peers
+
+    def peers(self, node: NodeInfo) -> set[int]:
+        i = self.pos_of[node.id]
+        sig = (tuple(self._src_of[i]), tuple(self._dst_of[i]))
+        mask = self._sig_masks.get(sig)
+        if mask is None:
+            mask = 0
+            for mi in sig[0]:
+                mask |= self._gmasks[mi][1]
+            for mi in sig[1]:
+                mask |= self._gmasks[mi][0]
+            self._sig_masks[sig] = mask
+        bit = 1 << i
+        for sm, rm in self._via:
+            if sm & bit:
+                mask |= rm
+            if rm & bit:
+                mask |= sm
+        if self.grants:
+            mask |= self._class_peers(i, bit)
+        mask &= ~bit
+        ids = self._ids
+        return {ids[j] for j in _bits(mask)}
+
+    def _class_peers(self, i: int, bit: int) -> int:
+        classes = self._ensure_classes()
+        mask = 0
+        own = self._class_of[i]
+        for key, c in classes.items():
+            for sm, dm in c.masks:
+                if sm & bit:
+                    mask |= dm if key == own else dm & c.members
+                if dm & bit:
+                    mask |= sm if key == own else sm & c.members
+        return mask
+
+    def _ensure_classes(self) -> dict[Any, _Class]:
+        if self._classes is not None:
+            return self._classes
+        classes: dict[Any, _Class] = {}
+        for i, n in enumerate(self.infos):
+            key = self._class_key(n)
+            self._class_of.append(key)
+            c = classes.get(key)
+            if c is None:
+                c = classes[key] = _Class(self._extra_matchers(n))
+            c.members |= 1 << i
+        for c in classes.values():
+            c.masks = [self.nodesets.matcher_masks(m) for m in c.matchers]
+        self._classes = {k: c for k, c in classes.items() if c.masks}
+        return self._classes
+
+    def _extra_matchers(self, node: NodeInfo) -> list[Matcher]:
+        """Matchers node_rules() has for this node beyond (or wider than) the global ones.
+
+        A merged rule that gained per-node DstPorts has the same sources and more
+        destinations than its global counterpart, so it alone stands for both."""
+        touched: dict[Any, list[dict[str, Any]]] = {}
+        out: list[Matcher] = []
+        for _, rule in self._extra_pieces(node):
+            if rule.get("CapGrant"):
+                out.append(Matcher.of(rule))
+                continue
+            key = _merge_key(rule)
+            if key not in touched:
+                base = self._by_key.get(key)
+                touched[key] = list(base["DstPorts"]) if base is not None else []
+            touched[key].extend(rule["DstPorts"])
+        for key, dsts in touched.items():
+            src = list(key[0])
+            out.append(Matcher.of({"SrcIPs": src, "DstPorts": dsts}))
+        return out
+
+
+class _Class:
+    __slots__ = ("matchers", "members", "masks")
+
+    def __init__(self, matchers: list[Matcher]) -> None:
+        self.matchers = matchers
+        self.members = 0
+        self.masks: list[tuple[int, int]] = []
