@@ -67,7 +67,8 @@ def ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"make serve did not stop on Ctrl-C:\n{log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"make serve did not stop on Ctrl-C:\n{log.read_text()[-3000:]}") from None
     assert "pyheadscale: shutting down" in log.read_text()
 
 
