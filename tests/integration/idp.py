@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,19 @@ def ensure(version: str = OIDC_PROVIDER_VERSION, log: Any = sys.stderr) -> Path:
                     os.replace(tmp, vdir)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-    script = vdir / "idp-server.mjs"
+    script = server_script(vdir)
     if not script.exists() or script.read_text() != SERVER_JS:
-        script.write_text(SERVER_JS)
+        # Named by content and replaced atomically: test runs with another version of this
+        # file may share the cache at the same time, and node must never read half a script.
+        tmp = script.with_name(f".{script.name}.{os.getpid()}.tmp")
+        tmp.write_text(SERVER_JS)
+        os.replace(tmp, script)
     return vdir
+
+
+def server_script(vdir: Path) -> Path:
+    """The provider script inside the install (node resolves `oidc-provider` next to it)."""
+    return vdir / f"idp-server-{hashlib.sha256(SERVER_JS.encode()).hexdigest()[:12]}.mjs"
 
 
 def free_port() -> int:
@@ -129,24 +139,28 @@ class OpenIDProvider:
     """oidc-provider running under node on 127.0.0.1, for one test (or module).
 
     `issuer` may differ from the listening address when a test puts a proxy in front
-    (the provider builds every URL it hands out from its issuer).
+    (the provider builds every URL it hands out from its issuer). `listen_host` is the
+    address it binds (e.g. a topology host's address, with `start(popen=host.popen)` running
+    it inside that host's namespace).
     """
 
     def __init__(self, workdir: Path, accounts: list[Account], *, client_id: str,
                  client_secret: str, redirect_uris: list[str], port: int | None = None,
                  issuer: str | None = None, id_token_ttl: int = 3600,
-                 claims_in_id_token: bool = True) -> None:
+                 claims_in_id_token: bool = True, listen_host: str = "127.0.0.1") -> None:
         self.vdir = ensure()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.issuer = issuer or f"http://127.0.0.1:{self.port}"
+        self.listen_host = listen_host
+        self.issuer = issuer or f"http://{listen_host}:{self.port}"
         self.accounts = {a.sub: a for a in accounts}
         self.client_id = client_id
         self.client_secret = client_secret
         self.log_path = self.workdir / "idp.log"
         conf = {
             "port": self.port,
+            "host": self.listen_host,
             "issuer": self.issuer,
             "cookie_key": secrets.token_hex(16),
             "id_token_ttl": id_token_ttl,
@@ -175,14 +189,16 @@ class OpenIDProvider:
         tmp.write_text(json.dumps(self.conf))
         os.replace(tmp, self.conf_path)
 
-    def start(self, timeout: float = 30) -> OpenIDProvider:
+    def start(self, timeout: float = 30,
+              popen: Callable[..., subprocess.Popen[bytes]] | None = None) -> OpenIDProvider:
+        """Start node (through `popen`, e.g. a topology Host's, to run it in a namespace)."""
         node = shutil.which("node")
         if node is None:
             raise IdPUnavailable("node is not installed")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log = log
-        self.proc = subprocess.Popen(
-            [node, str(self.vdir / "idp-server.mjs"), str(self.conf_path)],
+        self.proc = (popen or subprocess.Popen)(
+            [node, str(server_script(self.vdir)), str(self.conf_path)],
             cwd=str(self.vdir), stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         ready = threading.Event()
 
@@ -326,11 +342,86 @@ provider.on('server_error', (ctx, err) => console.error('server_error', err));
 provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message));
 
 const server = http.createServer(provider.callback());
-server.listen(conf.port, '127.0.0.1', () => console.log(`IDP-READY ${conf.issuer}`));
+server.listen(conf.port, conf.host || '127.0.0.1', () => console.log(`IDP-READY ${conf.issuer}`));
 const stop = () => server.close(() => process.exit(0));
 process.on('SIGTERM', stop);
 process.on('SIGINT', stop);
 """
+
+
+# A scripted browser for tests with official clients: run with the harness's Python inside a
+# namespace, it follows the register URL to the provider, signs in on its form, and (unless
+# told not to) posts our confirmation form with the CSRF field, keeping cookies throughout.
+# It prints one JSON object: {"login": {status, url, text}, "confirm": {status, text}}.
+BROWSER_SNIPPET = r"""
+import asyncio, json, re, ssl, sys
+import aiohttp
+from yarl import URL
+
+async def main(auth_url, login, password, ca, do_confirm):
+    ctx = ssl.create_default_context(cafile=ca) if ca else True
+    out = {}
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for IP-literal hosts
+    async with aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(ssl=ctx),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
+        url, method, data = URL(auth_url), "GET", None
+        for _ in range(20):
+            async with s.request(method, url, data=data, allow_redirects=False) as r:
+                text = await r.text()
+                if r.status in (301, 302, 303, 307):
+                    url, method, data = r.url.join(URL(r.headers["Location"])), "GET", None
+                    continue
+                m = re.search(r'action="(/interaction/[^"]+/login)"', text)
+                if r.status == 200 and m:
+                    url, method = r.url.join(URL(m.group(1))), "POST"
+                    data = {"login": login, "password": password}
+                    continue
+                out["login"] = {"status": r.status, "url": str(r.url), "text": text}
+                break
+        else:
+            sys.exit("too many redirects")
+        page = out["login"]["text"]
+        action = re.search(r'<form method="POST" action="([^"]+)"', page)
+        field = re.search(r'<input type="hidden" name="([^"]+)" value="([^"]+)"', page)
+        if do_confirm and out["login"]["status"] == 200 and action and field:
+            async with s.post(url.join(URL(action.group(1))),
+                              data={field.group(1): field.group(2)},
+                              allow_redirects=False) as r:
+                out["confirm"] = {"status": r.status, "text": await r.text()}
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"))
+"""
+
+
+@dataclass
+class BrowserResult:
+    """What the scripted browser saw: the page after sign-in, then the confirmation answer."""
+
+    login_status: int
+    login_url: str
+    login_page: str
+    confirm_status: int | None = None
+    confirm_page: str = ""
+
+
+def browser_login(host: Any, auth_url: str, account: Account, *,
+                  ca_file: str | os.PathLike[str] | None = None, confirm: bool = True,
+                  timeout: float = 60) -> BrowserResult:
+    """Sign `account` in from `auth_url` with a scripted browser inside `host`'s namespace
+    (a tests.integration.netns Host); `ca_file` verifies the control server's TLS."""
+    from tests.integration.server import VENV_PYTHON  # the venv has aiohttp
+
+    r = host.run([str(VENV_PYTHON), "-c", BROWSER_SNIPPET, auth_url, account.sub,
+                  account.password, str(ca_file or ""), "1" if confirm else "0"],
+                 timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"scripted browser failed ({r.returncode}): {r.stderr[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    res = BrowserResult(out["login"]["status"], out["login"]["url"], out["login"]["text"])
+    if "confirm" in out:
+        res.confirm_status, res.confirm_page = out["confirm"]["status"], out["confirm"]["text"]
+    return res
 
 
 def main() -> int:

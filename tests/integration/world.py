@@ -44,10 +44,14 @@ class World:
         self.nodes: dict[str, Tailscaled] = {}
 
     def start_server(self, overrides: dict[str, Any] | None = None,
-                     keys: dict[str, dict[str, Any]] | None = None) -> PyHeadscale:
+                     keys: dict[str, dict[str, Any]] | None = None,
+                     users: list[str] | None = None) -> PyHeadscale:
+        """Seeds user alice with a reusable key unless `users` (then `keys` or none) is given."""
         srv = PyHeadscale(self.server_host, self.workdir / "server", overrides, start=False)
         self.server = srv
-        seeded = seed(srv, ["alice"], keys or {"reusable": {"user": "alice", "reusable": True}})
+        if users is None:
+            users, keys = ["alice"], keys or {"reusable": {"user": "alice", "reusable": True}}
+        seeded = seed(srv, users, keys or {})
         self.keys = seeded["keys"]
         srv.start()
         return srv
