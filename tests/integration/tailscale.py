@@ -244,7 +244,22 @@ class Tailscaled:
         if authkey is not None:
             args.append(f"--authkey={authkey}")
         args.extend(extra_args)
-        return self.cli(*args, timeout=timeout + 20)
+        res = self.cli(*args, timeout=timeout + 20)
+        if res.returncode == 0 and not self.userspace:
+            self.wait_tun_address()
+        return res
+
+    def wait_tun_address(self, timeout: float = 20) -> None:
+        """Wait until the tailnet IPv4 is on the TUN interface. Clients may report Running
+        before the router has configured it, and a service binding that address fails."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            want = self.ip("4")
+            have = self.host.run(["ip", "-4", "-o", "addr", "show", "dev", self.tun]).stdout
+            if want and all(f"inet {a}/" in have for a in want):
+                return
+            time.sleep(0.2)
+        raise TailscaleError(f"{self!r}: tailnet address not on {self.tun} after {timeout}s")
 
     def down(self, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.cli("down", timeout=timeout)
