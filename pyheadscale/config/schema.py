@@ -240,7 +240,7 @@ class CLIConfig(Section):
 class TuningConfig(Section):
     notifier_send_timeout: GoDuration = timedelta(milliseconds=800)
     # pyheadscale batches over tens of milliseconds (Headscale's 800ms feels laggy).
-    batch_change_delay: GoDuration = timedelta(milliseconds=50)
+    batch_change_delay: GoDuration = timedelta(milliseconds=100)
     node_mapsession_buffered_chan_size: int = 30
     batcher_workers: int = 0  # 0: 3/4 of the CPUs, at least 1 (resolved on load)
     register_cache_expiration: GoDuration = timedelta(minutes=15)

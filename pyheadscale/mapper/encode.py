@@ -39,11 +39,32 @@ def compress(data: bytes) -> bytes:
     return _compressor().compress(data)
 
 
+class _RecentFrames:
+    """The last few frames by their JSON: after one change most viewers are sent the same
+    delta, and compressing it once serves them all."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self.frames: dict[bytes, bytes] = {}
+
+    def get(self, payload: bytes) -> bytes:
+        frame = self.frames.get(payload)
+        if frame is None:
+            z = compress(payload)
+            frame = struct.pack("<I", len(z)) + z
+            if len(self.frames) >= self.size:
+                del self.frames[next(iter(self.frames))]  # oldest first (insertion order)
+            self.frames[payload] = frame
+        return frame
+
+
 def encode_frame(obj: Any) -> bytes:
     """A complete frame for ``obj`` (a MapResponse dict, or already-encoded JSON bytes)."""
     payload = bytes(obj) if isinstance(obj, bytes | bytearray | memoryview) else dumps(obj)
-    z = compress(payload)
-    return struct.pack("<I", len(z)) + z
+    recent = getattr(_local, "recent", None)
+    if recent is None:
+        recent = _local.recent = _RecentFrames()
+    return recent.get(payload)
 
 
 def decode_frame(frame: bytes) -> tuple[Any, bytes]:

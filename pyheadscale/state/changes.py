@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_BATCH_DELAY = 0.05  # seconds; Headscale's 800 ms is too sluggish for interactive use
-MAX_BATCH_DELAY_DEFAULT = 0.1
+DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
+SESSIONS_PER_DELAY = 250
 
 
 class ChangeKind(enum.Enum):
@@ -123,7 +123,7 @@ class Subscription:
             await self._event.wait()
         if self.closed:
             raise StopAsyncIteration
-        delay = self.bus.batch_delay
+        delay = self.bus.window()
         if delay > 0 and not self._overflowed:
             # The window opens with the first change: later ones ride along.
             await asyncio.sleep(delay)
@@ -141,6 +141,13 @@ class ChangeBus:
         self.max_buffer = max_buffer
         self._subs: dict[int, Subscription] = {}
         self.published = 0
+
+    def window(self) -> float:
+        """How long a batch collects. The configured delay, widened by one more delay per
+        SESSIONS_PER_DELAY sessions: each change reaches every session, so during a storm
+        (many nodes joining) frames grow with sessions x windows and a wider window keeps
+        that linear. A quiet tailnet of a few hundred nodes keeps the configured delay."""
+        return self.batch_delay * (1 + len(self._subs) // SESSIONS_PER_DELAY)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ChangeBus:

@@ -81,3 +81,15 @@ async def test_full_subsumes_batch() -> None:
     assert await asyncio.wait_for(sub.__anext__(), 0.5) == [Change.full()]
     sub.close()
     assert not bus.subscribed(1)
+
+
+def test_window_widens_with_sessions() -> None:
+    from pyheadscale.state.changes import SESSIONS_PER_DELAY
+
+    bus = ChangeBus(batch_delay=0.1)
+    assert bus.window() == 0.1
+    subs = [bus.subscribe(i) for i in range(SESSIONS_PER_DELAY)]
+    assert bus.window() == 0.2
+    for s in subs:
+        s.close()
+    assert bus.window() == 0.1
