@@ -11,6 +11,17 @@ their first map (and until all registered), the endpoint change's fan-out latenc
 over the N-1 receivers, all rounds pooled), the server's CPU seconds and peak RSS from /proc,
 and pyheadscale/Headscale ratios. The last line is one JSON object.
 
+Then the policy phase (--policy-rules R, default 200; 0 skips it; both servers run with
+`policy.mode: database` and no policy, i.e. allow-all, until then): the R-rule policy from
+tests.bench.policy.make_policy() (the same text for both servers; the users it names are
+created first) is set with PUT /api/v1/policy, timing (1) the call (validate + compile +
+store) and (2) until every poll received a frame with a PacketFilter (p50/p99 over all polls,
+a poll that got none counting as never); then (3) one node is tagged (POST
+/api/v1/node/ID/tags, a policy-relevant change: the node leaves its user and
+autogroup:member) and each poll's next non-keepalive frame is timed (p50/p99 over the viewers
+that got one; how many also saw the tag is reported). Each step is bounded by
+--policy-timeout. The totals above (server CPU, peak RSS) stop before this phase.
+
 The nodes run in several client processes (multiprocessing; uvloop when installed). They only
 do what the measurement needs: frames are split by their length prefix, and decompressed and
 searched only while an endpoint change is awaited (no JSON parsing). Client CPU is reported
@@ -26,6 +37,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import random
 import resource
 import socket
 import subprocess
@@ -33,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -58,6 +71,7 @@ from tests.bench.common import (
     server_process,
     tail,
 )
+from tests.bench.policy import make_policy, user_names
 
 SIZES = {"1k": 1000, "5k": 5000, "10k": 10000}
 CAPVER = 142  # Tailscale v1.102
@@ -80,6 +94,7 @@ class SimNode:
     t_first_map: float | None = None
     frames: int = 0
     seen: dict[int, float] = field(default_factory=dict)  # change round -> receive time
+    hit: dict[int, float] = field(default_factory=dict)  # round -> marker time (any-frame mode)
     error: str | None = None
     restarts: int = 0
 
@@ -117,7 +132,9 @@ class Worker:
         self.url: str = spec["url"]
         self.server_key: bytes = bytes.fromhex(spec["server_key"])
         self.nodes: list[SimNode] = []
-        self.armed: tuple[int, bytes] | None = None
+        # (round, marker, any_frame): with any_frame the first frame that is not a keepalive
+        # counts (and the marker is timed on its own); otherwise the first one with the marker.
+        self.armed: tuple[int, bytes, bool] | None = None
         self.last_frame = 0.0
         self.tasks: list[asyncio.Task[None]] = []
         import zstandard
@@ -160,15 +177,18 @@ class Worker:
             elif op == "status":
                 self.pipe.send(self.status())
             elif op == "arm":
-                self.armed = (msg[1], msg[2])
+                self.armed = (msg[1], msg[2], msg[3] if len(msg) > 3 else False)
                 self.pipe.send(("armed",))
             elif op == "change":
                 self.pipe.send(await self.change(msg[1], msg[2]))
             elif op == "collect":
                 rnd_ = msg[1]
-                recv = [n.seen[rnd_] for n in self.nodes if n.idx != 0 and rnd_ in n.seen]
-                missing = sum(1 for n in self.nodes if n.idx != 0 and rnd_ not in n.seen)
-                self.pipe.send(("collected", recv, missing))
+                # Node 0 sends the endpoint changes; in the policy rounds every poll receives.
+                polls = [n for n in self.nodes if n.idx != 0 or (len(msg) > 2 and msg[2])]
+                recv = [n.seen[rnd_] for n in polls if rnd_ in n.seen]
+                missing = sum(1 for n in polls if rnd_ not in n.seen)
+                hits = [n.hit[rnd_] for n in polls if rnd_ in n.hit]
+                self.pipe.send(("collected", recv, missing, hits))
             elif op == "stop":
                 await self.stop()
                 self.pipe.send(("stopped", self.cpu()))
@@ -271,11 +291,25 @@ class Worker:
             self.last_frame = now
             if n.t_first_map is None:
                 n.t_first_map = now
-            elif self.armed is not None and self.armed[0] not in n.seen:
-                raw = self._zstd.decompressobj().decompress(bytes(buf[4 : 4 + size]))
-                if self.armed[1] in raw:
-                    n.seen[self.armed[0]] = now
+            elif self.armed is not None:
+                self.watch(n, bytes(buf[4 : 4 + size]), now)
             del buf[: 4 + size]
+
+    def watch(self, n: SimNode, frame: bytes, now: float) -> None:
+        assert self.armed is not None
+        rnd_, marker, any_frame = self.armed
+        if rnd_ in n.seen and (not any_frame or rnd_ in n.hit):
+            return
+        raw = self._zstd.decompressobj().decompress(frame)
+        if any_frame:
+            # Keepalives carry nothing (pyheadscale: {"KeepAlive":true}; Headscale the same
+            # plus empty fields), so they are not a reaction to the change.
+            if rnd_ not in n.seen and not (len(raw) < 200 and b'"KeepAlive":true' in raw):
+                n.seen[rnd_] = now
+            if marker in raw and rnd_ not in n.hit:
+                n.hit[rnd_] = now
+        elif marker in raw:
+            n.seen[rnd_] = now
 
     async def change(self, rnd_: int, endpoint: str) -> tuple[Any, ...]:
         n = next(x for x in self.nodes if x.idx == 0)
@@ -315,6 +349,7 @@ class Target:
     url: str
     pid: int
     authkey: str
+    api_key: str = ""  # for the REST calls of the policy phase
 
 
 def _fetch_server_key(url: str) -> str:
@@ -466,7 +501,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.1)
                 recv = []
                 missing = 0
-                for _, times, miss in clients.ask(("collect", r)):
+                for _, times, miss, _ in clients.ask(("collect", r)):
                     recv += times
                     missing += miss
                 if missing == 0:
@@ -479,9 +514,11 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.quiet_s)
         cpu_changes = cpu_seconds(target.pid) - cpu_c0
         client_cpu_changes = clients.status()["cpu"] - client_c0
-        final = clients.status()
+        # Totals before the policy phase, so they stay comparable with runs without it.
         cpu_total = cpu_seconds(target.pid) - cpu0
         rss = peak_rss_mib(target.pid)
+        pol = run_policy(target, clients, args) if args.policy_rules else {}
+        final = clients.status()
     finally:
         client_cpu_total = clients.stop()
     return {
@@ -511,6 +548,162 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "node_errors": final["n_errors"],
         "node_error_samples": final["errors"][:5],
         "poll_restarts": final["restarts"],
+    } | pol
+
+
+# == the policy phase =======================================================================
+
+POLICY_ROUND = 1001
+TAG_ROUND = 1002
+TAG = "tag:t0"  # owned by group:g0 in make_policy(); referenced by rules of every policy size
+
+
+def policy_users() -> list[str]:
+    """The users the generated policy names: the benchmark's own user (which owns every
+    simulated node, so rules naming it or its groups select real nodes) and user2..user50."""
+    return [USER, *user_names()[1:]]
+
+
+def _rest(target: Target, method: str, path: str, body: Any = None,
+          timeout: float = 60) -> tuple[int, Any]:
+    """One Headscale-shaped REST call with the server's API key; (status, JSON or text)."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{target.url}{path}", data=data, method=method, headers={
+        "Authorization": f"Bearer {target.api_key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")[:500]
+
+
+def _collect(clients: Clients, rnd_: int) -> tuple[list[float], int, list[float]]:
+    recv: list[float] = []
+    hits: list[float] = []
+    missing = 0
+    for _, times, miss, hit in clients.ask(("collect", rnd_, True)):
+        recv += times
+        hits += hit
+        missing += miss
+    return recv, missing, hits
+
+
+def _quiet(clients: Clients, pid: int, quiet: float, deadline: float,
+           until: Any = None) -> bool:
+    """Wait until no poll got a frame and the server used under a tenth of a core for `quiet`
+    seconds (and `until()`, if given, holds); False at the deadline. The CPU test matters
+    for a server that works through the polls one by one, more than `quiet` apart."""
+    samples: list[tuple[float, float]] = []
+    while True:
+        now = time.monotonic()
+        samples.append((now, cpu_seconds(pid)))
+        while len(samples) > 1 and samples[1][0] <= now - quiet:
+            samples.pop(0)
+        idle = (samples[0][0] <= now - quiet
+                and samples[-1][1] - samples[0][1] < 0.1 * (now - samples[0][0]))
+        if (idle and now - clients.status()["last_frame"] >= quiet
+                and (until is None or until())):
+            return True
+        if now >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def _pct_all(d: list[float], missing: int, q: float) -> float | None:
+    """Percentile over every poll, a missing one counting as never: None if it falls there."""
+    v = percentile(d + [float("inf")] * missing, q)
+    return None if v is None or v == float("inf") else rnd(v)
+
+
+def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> dict[str, Any]:
+    """Set the generated policy over REST, time its fan-out, then tag one node and time that.
+
+    Both calls go to the REST API, not the CLI: the CLI's own start-up (a Python interpreter
+    for pyheadscale, a Go binary for Headscale) would dominate and differ between the two.
+    Each step is bounded by --policy-timeout; the tag step is skipped when the policy had
+    not reached every poll by then (the server would still be busy with it)."""
+    timeout = args.policy_timeout
+    cpu0 = cpu_seconds(target.pid)
+    frames0 = clients.status()["frames"]
+
+    # (1) + (2): the call (validate + compile + store), then every poll's new PacketFilter.
+    clients.ask(("arm", POLICY_ROUND, b'"PacketFilter', False))
+    t_send = time.monotonic()
+    status, body = _rest(target, "PUT", "/api/v1/policy", {"policy": args.policy_text},
+                         timeout=timeout)
+    t_reply = time.monotonic()
+    if status != 200:
+        raise BenchError(f"{target.name}: PUT /api/v1/policy answered HTTP {status}: "
+                         f"{str(body)[:1000]}")
+    deadline = t_send + timeout
+    recv, missing, _ = _collect(clients, POLICY_ROUND)
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.1)
+        recv, missing, _ = _collect(clients, POLICY_ROUND)
+    d_pol = [t - t_send for t in recv]
+    res: dict[str, Any] = {
+        "policy_rules": args.policy_rules,
+        "policy_bytes": len(args.policy_text),
+        "policy_set_s": rnd(t_reply - t_send),
+        "policy_all_filters_s": rnd(max(d_pol)) if d_pol and not missing else None,
+        "policy_filter_p50_s": _pct_all(d_pol, missing, 50),
+        "policy_filter_p99_s": _pct_all(d_pol, missing, 99),
+        "policy_filter_receivers": len(d_pol),
+        "policy_filter_missing": missing,
+    }
+    settled = _quiet(clients, target.pid, args.quiet_s, time.monotonic() + timeout)
+    res |= {"policy_frames": clients.status()["frames"] - frames0,
+            "policy_server_cpu_s": rnd(cpu_seconds(target.pid) - cpu0, 2),
+            "policy_phase_peak_rss_mib": rnd(peak_rss_mib(target.pid), 1)}
+    if missing or not settled:
+        print(f"  [{target.name}] policy not on every poll ({missing} missing) or server "
+              f"still busy after {timeout:g}s: tag step skipped", flush=True)
+        res["tag_skipped"] = True
+        return res
+
+    # (3): one node becomes tagged (it leaves its user and autogroup:member and joins TAG).
+    # Which viewers are affected depends on the policy and on how precisely a server works
+    # out deltas, so the step ends when polls and server have been quiet for --quiet-s.
+    status, body = _rest(target, "GET", "/api/v1/node", timeout=timeout)
+    if status != 200 or not isinstance(body, dict) or not body.get("nodes"):
+        raise BenchError(f"{target.name}: GET /api/v1/node answered HTTP {status}: "
+                         f"{str(body)[:500]}")
+    node_id = min(int(nd["id"]) for nd in body["nodes"])
+    cpu1 = cpu_seconds(target.pid)
+    frames1 = clients.status()["frames"]
+    clients.ask(("arm", TAG_ROUND, f'"{TAG}"'.encode(), True))
+    t_tag = time.monotonic()
+    status, body = _rest(target, "POST", f"/api/v1/node/{node_id}/tags", {"tags": [TAG]},
+                         timeout=timeout)
+    t_tag_reply = time.monotonic()
+    if status != 200:
+        raise BenchError(f"{target.name}: POST /api/v1/node/{node_id}/tags answered HTTP "
+                         f"{status}: {str(body)[:500]}")
+    done = _quiet(clients, target.pid, args.quiet_s, t_tag + timeout,
+                  until=lambda: bool(_collect(clients, TAG_ROUND)[0]))
+    tag_recv, _, tag_hits = _collect(clients, TAG_ROUND)
+    d_tag = [t - t_tag for t in tag_recv]
+    d_hit = [t - t_tag for t in tag_hits]
+    return res | {
+        "tag_node_id": node_id,
+        "tag_set_s": rnd(t_tag_reply - t_tag),
+        "tag_change_p50_s": rnd(percentile(d_tag, 50)),
+        "tag_change_p99_s": rnd(percentile(d_tag, 99)),
+        "tag_change_max_s": rnd(max(d_tag, default=None)),
+        "tag_change_receivers": len(d_tag),
+        "tag_seen_by": len(d_hit),
+        "tag_seen_p50_s": rnd(percentile(d_hit, 50)),
+        "tag_frames": clients.status()["frames"] - frames1,
+        "tag_server_cpu_s": rnd(cpu_seconds(target.pid) - cpu1, 2),
+        "tag_settled": done,
+        "policy_phase_peak_rss_mib": rnd(peak_rss_mib(target.pid), 1),
     }
 
 
@@ -547,7 +740,8 @@ def _common_config(work: Path, p: dict[str, int], args: argparse.Namespace) -> d
         "database": {"type": "sqlite",
                      "sqlite": {"path": str(work / "db.sqlite"), "write_ahead_log": True}},
         "log": {"level": args.log_level, "format": "text"},
-        "policy": {"mode": "file", "path": ""},
+        # No policy is stored before the policy phase: allow-all, as with an empty file.
+        "policy": {"mode": "database", "path": ""},
         "dns": {"magic_dns": True, "base_domain": "bench.test", "override_local_dns": False,
                 "nameservers": {"global": []}},
         "unix_socket": str(work / "hs.sock"),
@@ -610,6 +804,29 @@ def _cli_key(base: list[str]) -> str:
     return str(key["key"])
 
 
+def _cli_api_key(base: list[str]) -> str:
+    """`apikeys create` (plain output: the key on the last line)."""
+    r = subprocess.run([*base, "apikeys", "create", "--expiration", "6h"], capture_output=True,
+                       text=True, timeout=60)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise BenchError(f"apikeys create failed: {(r.stderr or r.stdout)[-1000:]}")
+    return r.stdout.strip().splitlines()[-1].strip()
+
+
+def _policy_setup(base: list[str], target: Target, args: argparse.Namespace) -> None:
+    """An API key and the users the generated policy names (Headscale rejects unknown users)."""
+    if not args.policy_rules:
+        return
+    target.api_key = _cli_api_key(base)
+    for name in policy_users():
+        if name == USER:
+            continue
+        status, body = _rest(target, "POST", "/api/v1/user", {"name": name})
+        if status != 200:
+            raise BenchError(f"{target.name}: creating user {name}: HTTP {status} "
+                             f"{str(body)[:300]}")
+
+
 def _wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     import urllib.error
     import urllib.request
@@ -644,9 +861,11 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 str(cfg_path), "serve"]
     with server_process(argv, log, env={"PYTHONUNBUFFERED": "1"}, cwd=work) as proc:
         _wait_health(cfg["server_url"], proc, log)
+        cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
         if not key:
-            key = _cli_key([str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)])
+            key = _cli_key(cli)
         target = Target("pyheadscale", cfg["server_url"], proc.pid, key)
+        _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
     return res
@@ -663,8 +882,10 @@ def bench_headscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     log = work / "server.log"
     with server_process([str(binary), "-c", str(cfg_path), "serve"], log, cwd=work) as proc:
         _wait_health(cfg["server_url"], proc, log)
-        key = _cli_key([str(binary), "-c", str(cfg_path)])
+        cli = [str(binary), "-c", str(cfg_path)]
+        key = _cli_key(cli)
         target = Target("headscale", cfg["server_url"], proc.pid, key)
+        _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
     res["version"] = build_go.HEADSCALE_VERSION
@@ -684,7 +905,8 @@ _ROWS = [
     ("endpoint change p50 (s)", "endpoint_change_p50_s"),
     ("endpoint change p99 (s)", "endpoint_change_p99_s"),
     ("endpoint change max (s)", "endpoint_change_max_s"),
-    ("change receivers / missing", None),
+    ("change receivers / missing",
+     lambda r: f"{r['endpoint_change_receivers']} / {r['endpoint_change_missing']}"),
     ("changes: server CPU (s)", "changes_server_cpu_s"),
     ("server CPU total (s)", "server_cpu_s"),
     ("server peak RSS (MiB)", "server_peak_rss_mib"),
@@ -692,22 +914,44 @@ _ROWS = [
     ("polls re-opened after server closed them", "poll_restarts"),
     ("nodes failed", "node_errors"),
 ]
+# After the totals above (which stop before it): the policy phase.
+_POLICY_ROWS: list[tuple[str, Any]] = [
+    ("policy set: REST call (s)", "policy_set_s"),
+    ("policy set: all polls' new PacketFilter (s)", "policy_all_filters_s"),
+    ("policy set: PacketFilter p50 (s)", "policy_filter_p50_s"),
+    ("policy set: PacketFilter p99 (s)", "policy_filter_p99_s"),
+    ("policy set: receivers / missing",
+     lambda r: f"{r.get('policy_filter_receivers')} / {r.get('policy_filter_missing')}"),
+    ("policy set: frames sent", "policy_frames"),
+    ("policy set: server CPU (s)", "policy_server_cpu_s"),
+    ("tag one node: REST call (s)", "tag_set_s"),
+    ("tag one node: viewers' next frame p50 (s)", "tag_change_p50_s"),
+    ("tag one node: viewers' next frame p99 (s)", "tag_change_p99_s"),
+    ("tag one node: viewers reached / saw the tag",
+     lambda r: "skipped" if r.get("tag_skipped") else
+     f"{r.get('tag_change_receivers')} / {r.get('tag_seen_by')}"),
+    ("tag one node: frames sent", "tag_frames"),
+    ("tag one node: server CPU (s)", "tag_server_cpu_s"),
+    ("peak RSS incl. policy phase (MiB)", "policy_phase_peak_rss_mib"),
+]
 RATIO_KEYS = ["all_registered_s", "all_first_maps_s", "endpoint_change_p50_s",
               "endpoint_change_p99_s", "server_cpu_s", "join_server_cpu_s",
-              "server_peak_rss_mib"]
+              "server_peak_rss_mib", "policy_set_s", "policy_all_filters_s",
+              "policy_filter_p50_s", "policy_filter_p99_s", "policy_server_cpu_s", "tag_set_s",
+              "tag_change_p50_s", "tag_change_p99_s", "tag_server_cpu_s"]
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     names = list(results)
-    rows = []
-    for label, key in _ROWS:
+    rows: list[Sequence[Any]] = []
+    spec = _ROWS + (_POLICY_ROWS if args.policy_rules else [])
+    for label, key in spec:
         row: list[Any] = [label]
         for nm in names:
             r = results[nm]
-            row.append(f"{r['endpoint_change_receivers']} / {r['endpoint_change_missing']}"
-                       if key is None else r.get(key))
+            row.append(key(r) if callable(key) else r.get(key))
         if len(names) == 2:
-            row.append(None if key is None else
+            row.append(None if callable(key) else
                        ratio(results[names[0]].get(key), results[names[1]].get(key)))
         rows.append(row)
     header = ["", *names] + (["ratio py/hs"] if len(names) == 2 else [])
@@ -715,7 +959,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
     ratios = {}
     if "pyheadscale" in results and "headscale" in results:
         ratios = {k: ratio(results["pyheadscale"].get(k), results["headscale"].get(k))
-                  for k in RATIO_KEYS}
+                  for k in RATIO_KEYS if k in results["pyheadscale"]}
     for nm, r in results.items():
         # The clients share the 2 cores with the server: if they were busy most of a phase,
         # that phase says as much about the client as about the server.
@@ -745,6 +989,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-delay-ms", type=int, default=None,
                     help="set tuning.batch_change_delay on both servers (default: each "
                     "server's own default: pyheadscale 50 ms, Headscale 800 ms)")
+    ap.add_argument("--policy-rules", type=int, default=200,
+                    help="ACL rules of the generated policy set in the policy phase "
+                    "(0: no policy phase)")
+    ap.add_argument("--policy-timeout", type=float, default=None,
+                    help="seconds allowed per policy step (default 60 + 0.06 s per node)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the generated policy")
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--profile", action="store_true",
                     help="run pyheadscale under pyinstrument (must be importable)")
@@ -756,10 +1006,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--nodes must be at least 2")
     if args.timeout is None:
         args.timeout = 60 + 0.2 * args.nodes
+    if args.policy_timeout is None:
+        args.policy_timeout = 60 + 0.06 * args.nodes
+    # One policy text for both servers.
+    args.policy_text = (make_policy(args.policy_rules, random.Random(args.seed), policy_users())
+                        if args.policy_rules else "")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     info = machine_info()
     print(f"control benchmark: {args.nodes} nodes, {args.workers} client processes x "
-          f"{args.concurrency} registrations in flight, {args.changes} endpoint changes; "
+          f"{args.concurrency} registrations in flight, {args.changes} endpoint changes, "
+          f"{args.policy_rules or 'no'}-rule policy; "
           f"{info['cpu']} x{info['nproc']}, Python {info['python']}, "
           f"uvloop {info['uvloop'] or 'not installed'}", flush=True)
     results: dict[str, dict[str, Any]] = {}

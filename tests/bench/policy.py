@@ -17,10 +17,12 @@ autogroup:member, hosts and CIDRs with port lists. Timed (best of --repeat):
   peers right after a change (building the snapshot's index) and the next viewer's; and an
   update() where only an endpoint changed (nothing the policy reads: a no-op).
 
-Headscale is not timed: `headscale policy check` (with --bypass-grpc-and-access-database-
-directly) would compile against a database holding the 1,000 nodes, but it times process start,
-database open and two compiles together and computes no per-node filters (Headscale's are lazy
-too), so it measures something else; see the printed note. The last line is one JSON object.
+Headscale is not timed here: it has no in-process API, and `headscale policy check` times
+process start + database open + global compiles, without per-node filters. The side-by-side
+figures come from tests.bench.control (also run by `make bench`): its policy phase sets a
+policy from the same generator (make_policy(), shared by both benchmarks; same rule count and
+shape, its own seed and user names) on pyheadscale and on Headscale holding N live map polls, and times the set call, the fan-out of the new packet
+filters and one node change; see the printed note. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from tests.bench.build_go import HEADSCALE_VERSION
 from tests.bench.common import Table, emit_json, machine_info, rnd
 
 _T = datetime(2026, 1, 1, tzinfo=UTC)
@@ -48,8 +51,8 @@ N_HOSTS = 10
 def make_users() -> list[Any]:
     from pyheadscale.state.model import User
 
-    return [User(id=i, name=f"user{i}", email=f"user{i}@example.com")
-            for i in range(1, N_USERS + 1)]
+    return [User(id=i, name=name, email=f"{name}@example.com")
+            for i, name in enumerate(user_names(), 1)]
 
 
 def make_nodes(n: int, rng: random.Random) -> list[Any]:
@@ -71,8 +74,21 @@ def make_nodes(n: int, rng: random.Random) -> list[Any]:
     return nodes
 
 
-def make_policy(rules: int, rng: random.Random) -> str:
-    groups = {f"group:g{g}": [f"user{u}@" for u in rng.sample(range(1, N_USERS + 1), 5)]
+def user_names(n: int = N_USERS) -> list[str]:
+    """The user names make_users() creates: user1..userN."""
+    return [f"user{i}" for i in range(1, n + 1)]
+
+
+def make_policy(rules: int, rng: random.Random, users: Sequence[str] | None = None) -> str:
+    """The generated policy both benchmarks use (tests.bench.control sets it on pyheadscale and
+    on Headscale): `rules` ACL rules over `users` (default user1..user50, 50 names; every
+    one must exist on a server that validates users, as Headscale 0.29 does), 20 groups of 5
+    users, 12 tags owned by groups, 10 host aliases, CIDRs, autogroup:member and port lists.
+    Every alias is defined, so Headscale 0.29's validation accepts it."""
+    names = list(users) if users is not None else user_names()
+    if len(names) != N_USERS:
+        raise ValueError(f"make_policy needs {N_USERS} user names, got {len(names)}")
+    groups = {f"group:g{g}": [f"{names[u - 1]}@" for u in rng.sample(range(1, N_USERS + 1), 5)]
               for g in range(N_GROUPS)}
     tag_owners = {f"tag:t{t}": [f"group:g{t % N_GROUPS}"] for t in range(N_TAGS)}
     hosts = {f"h{h}": f"100.64.{h}.0/24" for h in range(N_HOSTS)}
@@ -81,7 +97,7 @@ def make_policy(rules: int, rng: random.Random) -> str:
     def alias() -> str:
         k = rng.randrange(6)
         if k == 0:
-            return f"user{rng.randrange(1, N_USERS + 1)}@"
+            return f"{names[rng.randrange(1, N_USERS + 1) - 1]}@"
         if k == 1:
             return f"group:g{rng.randrange(N_GROUPS)}"
         if k == 2:
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     t_noop_update, _ = best_of(args.repeat, lambda: pm.update(nodes=moved))
     est = "" if scale == 1 else f" (est. from {len(viewers)} viewers x{scale:g})"
 
-    rows = [
+    rows: list[Sequence[Any]] = [
         ["construct PolicyManager (s)", rnd(t_construct)],
         ["filters + peers for all nodes (s)" + est, rnd(t_mat)],
         ["update() after one node change (s)", rnd(t_update)],
@@ -210,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         [f"filter rules / visible peers, {len(viewers)} viewers", f"{n_rules} / {n_peers}"],
     ]
     print(Table(["pyheadscale", ""], rows).render())
-    print("Headscale: not measured. `headscale policy check --file P "
-          "--bypass-grpc-and-access-database-directly` compiles against a database with the "
-          "nodes, but its wall time is process start + database open + two global compiles, "
-          "with no per-node filters or peer sets (lazy in Headscale too), so it is not the "
-          "same quantity; Headscale has no CLI that times one node change.")
+    print("Headscale side by side: not in this in-process benchmark. `python -m "
+          "tests.bench.control` (run by `make bench`, 1,000 nodes by default) sets a policy "
+          "from this same generator (its --policy-rules, default 200) on pyheadscale and on "
+          "Headscale "
+          f"{HEADSCALE_VERSION} while every node holds a map poll, and prints for both servers, "
+          "with ratios: the policy set call (validate + compile + store), the time until every "
+          "poll has its new PacketFilter, and one node change (tagging a node) until the "
+          "viewers' frames reflect it (p50/p99).")
     emit_json({"benchmark": "policy", "nodes": args.nodes, "rules": args.rules,
                "machine": info,
                "pyheadscale": {"construct_s": rnd(t_construct),
@@ -227,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                                "viewers_timed": len(viewers), "scaled_by": scale,
                                "filter_rules_sampled": n_rules,
                                "visible_peers_sampled": n_peers},
-               "headscale": None})
+               "headscale": None,
+               "headscale_side_by_side": "tests.bench.control (policy phase)"})
     return 0
 
 
