@@ -3,7 +3,6 @@ key expiry set, disabled and reached."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -16,10 +15,10 @@ import pytest
 
 from tests.integration import hsapi
 from tests.integration.netns import Topology
-from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
+from tests.integration.world import World, peers_by_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,57 +26,20 @@ NEWEST, OLDEST = PINNED[-1], PINNED[0]
 EPHEMERAL_TIMEOUT = 66  # seconds; Headscale refuses anything under 65 s
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+class Lab(World):
+    """Users alice and bob; keys as each test needs them."""
 
-
-def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p["HostName"]: p for p in (st.get("Peer") or {}).values()}
-
-
-class Lab:
-    def __init__(self, topology: Topology, workdir: Path,
-                 tailscaled_factory: Callable[..., Tailscaled]) -> None:
-        self.topology = topology
-        self.workdir = workdir
-        self.make_tailscaled = tailscaled_factory
-        self.server_host = topology.add_server_host()
-        self.server: PyHeadscale | None = None
-        self.keys: dict[str, str] = {}
-
-    def start_server(self, keys: dict[str, dict[str, Any]],
+    def start_server(self, keys: dict[str, dict[str, Any]],  # type: ignore[override]
                      overrides: dict[str, Any] | None = None,
                      policy: dict[str, Any] | None = None) -> PyHeadscale:
-        over = dict(overrides or {})
-        if policy is not None:
-            path = self.workdir / "policy.json"
-            path.write_text(json.dumps(policy))
-            over["policy"] = {"mode": "file", "path": str(path)}
-        srv = PyHeadscale(self.server_host, self.workdir / "server", over, start=False)
-        self.server = srv
-        self.keys = seed(srv, ["alice", "bob"], keys)["keys"]
-        srv.start()
-        return srv
+        return super().start_server(overrides, keys, ["alice", "bob"], policy)
 
     def client(self, name: str, version: str = NEWEST) -> Tailscaled:
-        assert self.server is not None
-        host = self.topology.add_host(name)
-        return self.make_tailscaled(host, version, ssl_cert_file=self.server.ca_file)
+        return self.add_client(name, version)
 
-    def join(self, name: str, key: str, version: str = NEWEST,
+    def join(self, name: str, key: str, version: str = NEWEST,  # type: ignore[override]
              args: tuple[str, ...] = ()) -> Tailscaled:
-        ts = self.client(name, version)
-        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name,  # type: ignore[union-attr]
-                  extra_args=args)
-        assert r.returncode == 0, f"{name} did not join: {r.stdout}{r.stderr}"
-        return ts
+        return super().join(name, version, key, args)
 
 
 @pytest.fixture
@@ -85,8 +47,7 @@ def lab(topology: Topology, workdir: Path,
         tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[Lab]:
     lab = Lab(topology, workdir, tailscaled_factory)
     yield lab
-    if lab.server is not None:
-        lab.server.close()
+    lab.close()
 
 
 REUSABLE = {"user": "alice", "reusable": True}

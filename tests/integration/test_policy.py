@@ -23,6 +23,7 @@ from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, ServerError, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
+from tests.integration.world import peers_by_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,21 +49,6 @@ for s in servers[1:]:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 servers[0].serve_forever()
 """
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p["HostName"]: p for p in (st.get("Peer") or {}).values()}
 
 
 class PolicyLab:

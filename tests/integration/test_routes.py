@@ -7,7 +7,6 @@ can tell which router (source NAT) or exit node carried a request.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +17,10 @@ import pytest
 
 from tests.integration import hsapi
 from tests.integration.netns import Namespace, Topology
-from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
+from tests.integration.world import World, peers_by_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,57 +42,22 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever(
 """
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+class Lab(World):
+    """Users alice and bob with a reusable key each; routers join from their own namespace."""
 
-
-def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p["HostName"]: p for p in (st.get("Peer") or {}).values()}
-
-
-class Lab:
-    def __init__(self, topology: Topology, workdir: Path,
-                 tailscaled_factory: Callable[..., Tailscaled]) -> None:
-        self.topology = topology
-        self.workdir = workdir
-        self.make_tailscaled = tailscaled_factory
-        self.server_host = topology.add_server_host()
-        self.server: PyHeadscale | None = None
-        self.keys: dict[str, str] = {}
-
-    def start_server(self, policy: dict[str, Any] | None = None,
+    def start_server(self, policy: dict[str, Any] | None = None,  # type: ignore[override]
                      overrides: dict[str, Any] | None = None) -> PyHeadscale:
-        over = dict(overrides or {})
-        if policy is not None:
-            path = self.workdir / "policy.json"
-            path.write_text(json.dumps(policy))
-            over["policy"] = {"mode": "file", "path": str(path)}
-        srv = PyHeadscale(self.server_host, self.workdir / "server", over, start=False)
-        self.server = srv
-        self.keys = seed(srv, ["alice", "bob"], {
+        return super().start_server(overrides, {
             "alice": {"user": "alice", "reusable": True},
             "bob": {"user": "bob", "reusable": True},
-        })["keys"]
-        srv.start()
-        return srv
+        }, ["alice", "bob"], policy)
 
     def web(self, ns: Namespace) -> None:
         ns.popen([sys.executable, "-c", WHOAMI, str(PORT)])
 
-    def join(self, ns: Namespace, name: str, version: str = NEWEST, key: str = "alice",
-             args: tuple[str, ...] = ()) -> Tailscaled:
-        assert self.server is not None
-        ts = self.make_tailscaled(ns, version, ssl_cert_file=self.server.ca_file)
-        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name, extra_args=args)
-        assert r.returncode == 0, f"{name} did not join: {r.stdout}{r.stderr}"
-        return ts
+    def join(self, ns: Namespace, name: str, version: str = NEWEST,  # type: ignore[override]
+             key: str = "alice", args: tuple[str, ...] = ()) -> Tailscaled:
+        return super().join(name, version, key, args, host=ns)
 
 
 @pytest.fixture
@@ -101,8 +65,7 @@ def lab(topology: Topology, workdir: Path,
         tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[Lab]:
     lab = Lab(topology, workdir, tailscaled_factory)
     yield lab
-    if lab.server is not None:
-        lab.server.close()
+    lab.close()
 
 
 def fetch(ns: Namespace, ip: str, timeout: float = 3) -> str | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,16 @@ class World:
 
     def start_server(self, overrides: dict[str, Any] | None = None,
                      keys: dict[str, dict[str, Any]] | None = None,
-                     users: list[str] | None = None) -> PyHeadscale:
-        """Seeds user alice with a reusable key unless `users` (then `keys` or none) is given."""
-        srv = PyHeadscale(self.server_host, self.workdir / "server", overrides, start=False)
+                     users: list[str] | None = None,
+                     policy: dict[str, Any] | None = None) -> PyHeadscale:
+        """Seeds user alice with a reusable key unless `users` (then `keys` or none) is given;
+        `policy` runs in file mode."""
+        over = dict(overrides or {})
+        if policy is not None:
+            path = self.workdir / "policy.json"
+            path.write_text(json.dumps(policy))
+            over["policy"] = {"mode": "file", "path": str(path)}
+        srv = PyHeadscale(self.server_host, self.workdir / "server", over, start=False)
         self.server = srv
         if users is None:
             users, keys = ["alice"], keys or {"reusable": {"user": "alice", "reusable": True}}
@@ -56,16 +64,19 @@ class World:
         srv.start()
         return srv
 
-    def add_client(self, name: str, version: str) -> Tailscaled:
+    def add_client(self, name: str, version: str, host: Host | None = None) -> Tailscaled:
+        """A tailscaled on a new internet host `name`, or on `host` (e.g. a NAT router)."""
         assert self.server is not None
-        host = self.topology.add_host(name)
+        host = host or self.topology.add_host(name)
         ts = self.make_tailscaled(host, version, ssl_cert_file=self.server.ca_file)
         self.nodes[name] = ts
         return ts
 
-    def join(self, name: str, version: str, key: str = "reusable") -> Tailscaled:
-        ts = self.add_client(name, version)
-        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name, timeout=60)  # type: ignore[union-attr]
+    def join(self, name: str, version: str, key: str = "reusable", args: tuple[str, ...] = (),
+             host: Host | None = None) -> Tailscaled:
+        ts = self.add_client(name, version, host)
+        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name, timeout=60,  # type: ignore[union-attr]
+                  extra_args=args)
         assert r.returncode == 0, f"{name} ({version}) did not join: {r.stdout}{r.stderr}"
         return ts
 
