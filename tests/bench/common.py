@@ -6,6 +6,7 @@ log file; they are stopped (SIGTERM, then SIGKILL) by pid when the benchmark end
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -215,3 +217,23 @@ def emit_json(obj: Mapping[str, Any]) -> None:
     """The last line of every benchmark: one JSON object."""
     sys.stdout.flush()
     print(json.dumps(obj, separators=(",", ":"), sort_keys=False), flush=True)
+
+
+def pipe_commands(pipe: Any) -> asyncio.Queue[Any]:
+    """Messages from the parent's multiprocessing pipe, delivered on the running loop; EOF
+    arrives as ("stop",). A worker's commands, read by a thread so the loop never blocks."""
+    loop = asyncio.get_running_loop()
+    cmds: asyncio.Queue[Any] = asyncio.Queue()
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = pipe.recv()
+            except EOFError:
+                msg = ("stop",)
+            loop.call_soon_threadsafe(cmds.put_nowait, msg)
+            if msg[0] == "stop":
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    return cmds

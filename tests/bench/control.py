@@ -43,7 +43,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from tests.bench.common import (
     machine_info,
     peak_rss_mib,
     percentile,
+    pipe_commands,
     ratio,
     rnd,
     server_process,
@@ -152,20 +152,7 @@ class Worker:
                 bytes(PrivateKey.generate().public_key)))
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        cmds: asyncio.Queue[Any] = asyncio.Queue()
-
-        def reader() -> None:
-            while True:
-                try:
-                    msg = self.pipe.recv()
-                except EOFError:
-                    msg = ("stop",)
-                loop.call_soon_threadsafe(cmds.put_nowait, msg)
-                if msg[0] == "stop":
-                    return
-
-        threading.Thread(target=reader, daemon=True).start()
+        cmds = pipe_commands(self.pipe)
         self.make_nodes()
         self.pipe.send(("ready", len(self.nodes)))
         while True:

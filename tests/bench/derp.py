@@ -30,7 +30,6 @@ import resource
 import struct
 import sys
 import tempfile
-import threading
 import time
 from array import array
 from multiprocessing.connection import Connection
@@ -50,6 +49,7 @@ from tests.bench.common import (
     machine_info,
     peak_rss_mib,
     percentile,
+    pipe_commands,
     ratio,
     rnd,
     server_process,
@@ -201,20 +201,7 @@ class GenWorker:
                 "cpu_point": ru_w1 - ru0}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        cmds: asyncio.Queue[Any] = asyncio.Queue()
-
-        def reader() -> None:
-            while True:
-                try:
-                    msg = self.pipe.recv()
-                except EOFError:
-                    msg = ("stop",)
-                loop.call_soon_threadsafe(cmds.put_nowait, msg)
-                if msg[0] == "stop":
-                    return
-
-        threading.Thread(target=reader, daemon=True).start()
+        cmds = pipe_commands(self.pipe)
         try:
             await self.setup()
             self.pipe.send(("ready",))
