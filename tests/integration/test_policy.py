@@ -23,7 +23,7 @@ from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, ServerError, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +51,12 @@ servers[0].serve_forever()
 """
 
 
-class PolicyLab:
+class PolicyLab(World):
     """A server with users user1 and user2 (a reusable key each) and clients that join it."""
 
     def __init__(self, topology: Topology, workdir: Path,
                  tailscaled_factory: Callable[..., Tailscaled]) -> None:
-        self.topology = topology
-        self.workdir = workdir
-        self.make_tailscaled = tailscaled_factory
-        self.server_host = topology.add_server_host()
-        self.server: PyHeadscale | None = None
-        self.keys: dict[str, str] = {}
-        self.nodes: dict[str, Tailscaled] = {}
+        super().__init__(topology, workdir, tailscaled_factory)
         self._files = 0
 
     def policy_file(self, policy: dict[str, Any] | str) -> Path:
@@ -89,7 +83,8 @@ class PolicyLab:
         })["keys"]
         return srv
 
-    def start_server(self, policy: dict[str, Any] | None = None, *, mode: str = "database",
+    def start_server(self, policy: dict[str, Any] | None = None, *,  # type: ignore[override]
+                     mode: str = "database",
                      keys: dict[str, dict[str, Any]] | None = None) -> PyHeadscale:
         srv = self.make_server(policy=policy, mode=mode, keys=keys)
         srv.start()
@@ -112,15 +107,9 @@ class PolicyLab:
         assert r.returncode == 0, r.stderr
         return str(r.stdout)
 
-    def join(self, name: str, key: str, version: str = NEWEST,
+    def join(self, name: str, key: str, version: str = NEWEST,  # type: ignore[override]
              args: tuple[str, ...] = ()) -> Tailscaled:
-        assert self.server is not None
-        host = self.topology.add_host(name)
-        ts = self.make_tailscaled(host, version, ssl_cert_file=self.server.ca_file)
-        r = ts.up(self.server.url, authkey=self.keys[key], hostname=name, extra_args=args)
-        assert r.returncode == 0, f"{name} ({version}) did not join: {r.stdout}{r.stderr}"
-        self.nodes[name] = ts
-        return ts
+        return super().join(name, version, key, args)
 
     def ip(self, name: str) -> str:
         return self.nodes[name].ip("4")[0]
@@ -147,8 +136,7 @@ def lab(topology: Topology, workdir: Path,
         tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[PolicyLab]:
     lab = PolicyLab(topology, workdir, tailscaled_factory)
     yield lab
-    if lab.server is not None:
-        lab.server.close()
+    lab.close()
 
 
 def fetch(host: Host, ip: str, port: int, timeout: float = 2) -> str | None:
