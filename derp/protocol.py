@@ -379,6 +379,17 @@ def _ci_get(obj: dict[str, Any], name: str) -> Any:
     return None
 
 
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A handshake frame's JSON object, or HandshakeError naming the frame."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HandshakeError(f"{what} JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise HandshakeError(f"{what} JSON is not an object")
+    return obj
+
+
 @dataclass(slots=True)
 class ClientInfo:
     mesh_key: str = ""  # 64 lowercase hex chars when set
@@ -402,12 +413,7 @@ class ClientInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ClientInfo:
-        try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HandshakeError(f"client info JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise HandshakeError("client info JSON is not an object")
+        obj = _json_object(raw, "client info")
         mesh = _ci_get(obj, "meshKey")
         version = _ci_get(obj, "version")
         acks = _ci_get(obj, "CanAckPings")
@@ -455,12 +461,7 @@ class ServerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ServerInfo:
-        try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HandshakeError(f"server info JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise HandshakeError("server info JSON is not an object")
+        obj = _json_object(raw, "server info")
         vals = [_ci_get(obj, k) for k in ("version", "TokenBucketBytesPerSecond",
                                           "TokenBucketBytesBurst")]
         for v in vals:
