@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ from aiohttp import web
 
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
+from pyheadscale.api.policystore import PolicyService
+from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.auth.oidc import add_oidc_routes
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
@@ -23,6 +26,7 @@ from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
+from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale")
@@ -64,6 +68,11 @@ class Server:
             await self.derp.start()
         self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
         await self.control.start()
+        self.oauth = await OAuthStore.load(self.engine, self.tailnet)
+        self.v2 = V2Deps(tailnet=self.tailnet, oauth=self.oauth,
+                         policy=PolicyService(self.control), settings=Settings.from_config(cfg),
+                         revoked_key_retention=cfg.preauth_keys.revoked_retention)
+        self.tasks.append(asyncio.create_task(self._reap_hourly()))
 
         app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
         add_routes(app, noise_key, self.control.dispatch)
@@ -74,6 +83,7 @@ class Server:
         self.control.add_web_routes(app)
         add_oidc_routes(app, self.control)
         add_api_routes(app, self.control, trusted=False)
+        add_v2_routes(app, self.v2, trusted=False)
 
         host, port = split_hostport(cfg.listen_addr, 8080)
         ssl_ctx = tls_context(cfg.tls_cert_path, cfg.tls_key_path) if cfg.tls_cert_path else None
@@ -110,6 +120,7 @@ class Server:
         """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
         sock_app = web.Application(client_max_size=1 << 20)
         add_api_routes(sock_app, self.control, trusted=True)
+        add_v2_routes(sock_app, self.v2, trusted=True)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from a previous run
@@ -119,7 +130,21 @@ class Server:
         os.chmod(path, mode)
         self.runners.append(runner)
 
+    async def _reap_hourly(self) -> None:
+        """Expired OAuth tokens and long-revoked auth keys go; the checks that reject them
+        do not depend on this, it only keeps the tables small."""
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self.oauth.reap()
+                cutoff = datetime.now(UTC) - self.v2.revoked_key_retention
+                await self.tailnet.reap_revoked_preauth_keys(cutoff)
+            except Exception:  # a failed sweep is retried an hour later
+                log.exception("reaping expired credentials failed")
+
     async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
         await self.control.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()

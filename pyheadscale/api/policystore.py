@@ -10,6 +10,7 @@ update time) and the CLI's bypass mode, which opens the database without a serve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +112,12 @@ class PolicyService:
     def tag_exists(self, tag: str) -> bool:
         manager = getattr(self._ctl, "manager", None)
         return manager is not None and bool(manager.tag_exists(tag))
+
+    def tag_owned_by_tags(self, tag: str, owner_tags: Sequence[str]) -> bool:
+        if tag in owner_tags:  # a held tag needs no policy
+            return True
+        manager = getattr(self._ctl, "manager", None)
+        return manager is not None and bool(manager.tag_owned_by_tags(tag, owner_tags))
 
     async def check(self, text: str) -> None:
         await asyncio.to_thread(self._ctl.check, text)

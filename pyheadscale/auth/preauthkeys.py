@@ -98,7 +98,7 @@ def validate_tags(tags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def unusable_reason(pak: PreAuthKey, now: datetime) -> str | None:
     """Headscale's PreAuthKey.Validate: None when the key may register a node."""
-    if getattr(pak, "revoked", None) is not None:
+    if pak.revoked is not None:
         return ERR_REVOKED
     if pak.expiration is not None and pak.expiration < now:
         return ERR_EXPIRED

@@ -4,6 +4,8 @@ Table names, column names and SQLite column types follow Headscale's `hscontrol/
 (v0.29.2), so a Headscale SQLite file can be opened and vice versa. On PostgreSQL the types
 follow what GORM creates there (bigserial ids, boolean, bytea, timestamptz, text).
 pyheadscale adds one nullable column, users.idp_groups, which Headscale's GORM ignores.
+From Headscale 0.30 (its development line) it takes pre_auth_keys.description/revoked,
+api_keys.user_id and the two OAuth tables (oauth_clients, oauth_access_tokens) of the v2 API.
 
 Storage conventions copied from Headscale:
 - JSON-valued fields (endpoints, host_info, tags, approved_routes) are TEXT holding JSON.
@@ -41,6 +43,8 @@ from sqlmodel import Field, Relationship, SQLModel
 __all__ = [
     "ApiKey",
     "DatabaseVersion",
+    "OAuthAccessToken",
+    "OAuthClient",
     "JSONText",
     "Node",
     "NumericBool",
@@ -308,6 +312,9 @@ class PreAuthKey(SQLModel, table=True):
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
     expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
     created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    # Headscale 0.30: a free-text label (v2 API) and the soft-revoke time of a v2 DELETE.
+    description: str | None = Field(default=None, sa_column=_text("description"))
+    revoked: datetime | None = Field(default=None, sa_column=_ts("revoked"))
 
     user: Optional["User"] = Relationship()
 
@@ -324,6 +331,51 @@ class ApiKey(SQLModel, table=True):
     hash: bytes | None = Field(default=None, sa_column=Column("hash", LargeBinary()))
     expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
     last_seen: datetime | None = Field(default=None, sa_column=_ts("last_seen"))
+    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    # Headscale 0.30: the user an API key acts for (no foreign key, as Headscale's DDL).
+    user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
+
+
+class OAuthClient(SQLModel, table=True):
+    """An OAuth 2.0 client-credentials client of the v2 API (Headscale 0.30 oauth_clients).
+
+    client_id is public and embedded in the secret; only an Argon2id hash of the secret is
+    stored. scopes/tags are JSON lists in TEXT.
+    """
+
+    __tablename__ = "oauth_clients"
+    __table_args__ = (
+        Index("idx_oauth_clients_client_id", "client_id", unique=True),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=_id_column())
+    client_id: str = Field(default="", sa_column=_text("client_id"))
+    secret_hash: bytes | None = Field(default=None, sa_column=Column("secret_hash", LargeBinary()))
+    scopes: list[str] | None = Field(default=None, sa_column=Column("scopes", JSONText()))
+    tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
+    description: str = Field(default="", sa_column=_text("description"))
+    user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
+    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    revoked: datetime | None = Field(default=None, sa_column=_ts("revoked"))
+
+
+class OAuthAccessToken(SQLModel, table=True):
+    """A short-lived bearer token minted by an OAuth client (oauth_access_tokens)."""
+
+    __tablename__ = "oauth_access_tokens"
+    __table_args__ = (
+        Index("idx_oauth_access_tokens_prefix", "prefix", unique=True),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=_id_column())
+    prefix: str = Field(default="", sa_column=_text("prefix"))
+    hash: bytes | None = Field(default=None, sa_column=Column("hash", LargeBinary()))
+    client_id: str = Field(default="", sa_column=_text("client_id"))
+    scopes: list[str] | None = Field(default=None, sa_column=Column("scopes", JSONText()))
+    tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
+    expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
     created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
 
 

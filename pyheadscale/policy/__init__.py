@@ -354,6 +354,28 @@ class PolicyManager:
     def tag_exists(self, tag: str) -> bool:
         return self.policy is not None and tag in self.policy.tag_owners
 
+    def tag_owned_by_tags(self, tag: str, owner_tags: Iterable[str]) -> bool:
+        """May a credential holding `owner_tags` apply `tag`? Yes for a tag it holds, and for
+        one that a held tag owns through tagOwners, directly or via other tags."""
+        held = set(owner_tags)
+        if tag in held:
+            return True
+        if self.policy is None:
+            return False
+        seen: set[str] = set()
+        todo = [tag]
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for owner in self.policy.tag_owners.get(t, ()):
+                if owner.kind == "tag":
+                    if owner.text in held:
+                        return True
+                    todo.append(owner.text)
+        return False
+
     def ssh_check_period(self, src: Node, dst: Node) -> float | None:
         """Seconds an approved SSH check src -> dst stays valid (0: every session), or None
         when no check rule covers the pair."""

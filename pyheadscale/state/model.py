@@ -44,6 +44,8 @@ class PreAuthKey:
     tags: tuple[str, ...]
     created_at: datetime
     expiration: datetime | None
+    description: str = ""  # a label set through the v2 API
+    revoked: datetime | None = None  # a v2 DELETE soft-revokes: kept, listed as invalid
 
 
 @dataclass
@@ -104,6 +106,7 @@ class ApiKey:
     created_at: datetime
     expiration: datetime | None = None
     last_seen: datetime | None = None
+    user_id: int | None = None  # the user it acts for (v2 creates untagged auth keys for it)
 
     def is_expired(self, now: datetime) -> bool:
         return self.expiration is not None and self.expiration < now

@@ -61,7 +61,8 @@ def pak_from_row(r: db.PreAuthKey) -> PreAuthKey:
         legacy_key=legacy if not r.prefix else None, user_id=r.user_id,
         reusable=bool(r.reusable), ephemeral=bool(r.ephemeral), used=bool(r.used),
         tags=tuple(r.tags or ()), created_at=_aware(r.created_at) or _now(),
-        expiration=_aware(r.expiration),
+        expiration=_aware(r.expiration), description=r.description or "",
+        revoked=_aware(r.revoked),
     )
 
 
@@ -70,6 +71,7 @@ def pak_values(k: PreAuthKey) -> dict[str, Any]:
         "key": k.legacy_key or "", "prefix": k.prefix, "hash": k.hash, "user_id": k.user_id,
         "reusable": k.reusable, "ephemeral": k.ephemeral, "used": k.used,
         "tags": list(k.tags), "expiration": k.expiration, "created_at": k.created_at,
+        "description": k.description or None, "revoked": k.revoked,
     }
 
 
@@ -80,13 +82,13 @@ def apikey_from_row(r: db.ApiKey) -> ApiKey:
     return ApiKey(
         id=int(r.id or 0), prefix=r.prefix or "", hash=r.hash or b"",
         created_at=_aware(r.created_at) or _now(), expiration=_aware(r.expiration),
-        last_seen=_aware(r.last_seen),
+        last_seen=_aware(r.last_seen), user_id=r.user_id,
     )
 
 
 def apikey_values(k: ApiKey) -> dict[str, Any]:
     return {"prefix": k.prefix, "hash": k.hash, "expiration": k.expiration,
-            "last_seen": k.last_seen, "created_at": k.created_at}
+            "last_seen": k.last_seen, "created_at": k.created_at, "user_id": k.user_id}
 
 
 # --- nodes -----------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ class Tailnet:
             log.warning("database write failed: %s", e)
             raise PersistError(f"database write failed: {e}") from e
 
+    async def run_in_tx(self, fn: Callable[[persist.Tx], T]) -> T:
+        """One transaction on the DB thread, for stores that keep their own memory (OAuth)."""
+        return await self._commit(fn)
+
     async def _serialized(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one write under the lock in its own task: a cancelled caller cannot stop a
         write between its commit and the memory update."""
@@ -466,7 +470,8 @@ class Tailnet:
 
     async def create_preauth_key(self, user_id: int | None, reusable: bool = False,
                                  ephemeral: bool = False, expiration: datetime | None = None,
-                                 tags: Iterable[str] = ()) -> tuple[PreAuthKey, str]:
+                                 tags: Iterable[str] = (), description: str = "",
+                                 ) -> tuple[PreAuthKey, str]:
         """Returns the key and its full "hskey-auth-..." text (shown once, never stored)."""
         try:
             tag_t = pk.validate_tags(list(tags))
@@ -483,7 +488,7 @@ class Tailnet:
             now = _utcnow()
             k = PreAuthKey(id=0, prefix=prefix, hash=hashed, legacy_key=None, user_id=user_id,
                            reusable=reusable, ephemeral=ephemeral, used=False, tags=tag_t,
-                           created_at=now, expiration=expiration)
+                           created_at=now, expiration=expiration, description=description)
             vals = persist.pak_values(k)
             kid = await self._commit(lambda tx: tx.insert(db.PreAuthKey, vals))
             k = replace(k, id=kid)
@@ -500,6 +505,44 @@ class Tailnet:
                                                     {"expiration": new.expiration}))
             self._put_pak(new)
             return new
+
+        return await self._serialized(op)
+
+    async def revoke_preauth_key(self, key_id: int, at: datetime | None = None) -> PreAuthKey:
+        """Soft-revoke (what a v2 DELETE does): the key stays, unusable, until it is reaped.
+        Revoking an already revoked key is NotFound, as Headscale answers."""
+
+        async def op() -> PreAuthKey:
+            k = self.get_preauth_key(key_id)
+            if k.revoked is not None:
+                raise NotFound("pre-auth key not found")
+            new = replace(k, revoked=at or _utcnow())
+            await self._commit(lambda tx: tx.update(db.PreAuthKey, key_id,
+                                                    {"revoked": new.revoked}))
+            self._put_pak(new)
+            return new
+
+        return await self._serialized(op)
+
+    async def reap_revoked_preauth_keys(self, before: datetime) -> int:
+        """Delete keys revoked before `before` (nodes keep working: their key link is cleared)."""
+
+        async def op() -> int:
+            dead = [k.id for k in self.preauth_keys.values()
+                    if k.revoked is not None and k.revoked < before]
+            if not dead:
+                return 0
+
+            def tx_fn(tx: persist.Tx) -> None:
+                for kid in dead:
+                    tx.clear_auth_key_refs(kid)
+                    tx.delete(db.PreAuthKey, kid)
+
+            await self._commit(tx_fn)
+            for kid in dead:
+                self._drop_pak(kid)
+                self._clear_node_key_refs(kid)
+            return len(dead)
 
         return await self._serialized(op)
 
@@ -556,13 +599,16 @@ class Tailnet:
 
     # --- api keys ----------------------------------------------------------------------------
 
-    async def create_api_key(self, expiration: datetime | None = None) -> tuple[ApiKey, str]:
+    async def create_api_key(self, expiration: datetime | None = None,
+                             user_id: int | None = None) -> tuple[ApiKey, str]:
         full, prefix, secret = ak.new_key()
         hashed = await asyncio.to_thread(ak.hash_secret, secret)
 
         async def op() -> ApiKey:
+            if user_id is not None:
+                self.get_user(user_id)
             a = ApiKey(id=0, prefix=prefix, hash=hashed, created_at=_utcnow(),
-                       expiration=expiration)
+                       expiration=expiration, user_id=user_id)
             vals = persist.apikey_values(a)
             kid = await self._commit(lambda tx: tx.insert(db.ApiKey, vals))
             a = replace(a, id=kid)

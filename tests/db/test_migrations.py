@@ -83,9 +83,37 @@ HEADSCALE_COLUMNS: dict[str, list[str]] = {
     "database_versions": ["id", "version", "updated_at"],
 }
 
-# Columns pyheadscale adds after Headscale's, per table (alembic 0002 onwards).
-PYHEADSCALE_COLUMNS: dict[str, list[str]] = {"users": ["idp_groups"]}
-HEAD_REVISION = "0002"
+# Columns added after Headscale 0.29's, per table: 0002 (pyheadscale's idp_groups) and 0003
+# (Headscale 0.30's v2-API columns).
+PYHEADSCALE_COLUMNS: dict[str, list[str]] = {
+    "users": ["idp_groups"],
+    "pre_auth_keys": ["description", "revoked"],
+    "api_keys": ["user_id"],
+}
+# Tables added by 0003, as Headscale 0.30's schema.sql lays them out.
+ADDED_TABLES: dict[str, list[str]] = {
+    "oauth_clients": ["id", "client_id", "secret_hash", "scopes", "tags", "description",
+                      "user_id", "created_at", "revoked"],
+    "oauth_access_tokens": ["id", "prefix", "hash", "client_id", "scopes", "tags",
+                            "expiration", "created_at"],
+}
+ADDED_INDEXES: dict[str, tuple[str, list[str], bool]] = {
+    "idx_oauth_clients_client_id": ("oauth_clients", ["client_id"], True),
+    "idx_oauth_access_tokens_prefix": ("oauth_access_tokens", ["prefix"], True),
+}
+ADDED_SQLITE_TYPES: dict[tuple[str, str], str] = {
+    ("pre_auth_keys", "revoked"): "datetime",
+    ("api_keys", "user_id"): "integer",
+    **{(t, "id"): "integer" for t in ADDED_TABLES},
+    ("oauth_clients", "secret_hash"): "blob",
+    ("oauth_clients", "user_id"): "integer",
+    ("oauth_clients", "created_at"): "datetime",
+    ("oauth_clients", "revoked"): "datetime",
+    ("oauth_access_tokens", "hash"): "blob",
+    ("oauth_access_tokens", "expiration"): "datetime",
+    ("oauth_access_tokens", "created_at"): "datetime",
+}
+HEAD_REVISION = "0003"
 
 # Same source: declared SQLite column types where they are not plain "text".
 HEADSCALE_SQLITE_TYPES: dict[tuple[str, str], str] = {
@@ -138,11 +166,12 @@ HEADSCALE_FKS: dict[tuple[str, str], tuple[str, str | None]] = {
 
 
 def assert_headscale_schema(eng: Engine, *, ours: bool = True) -> None:
-    """Headscale's schema; with `ours`, plus pyheadscale's own columns appended after it."""
+    """Headscale 0.29's schema; with `ours`, plus the later columns (appended) and tables."""
     insp = inspect(eng)
     tables = set(insp.get_table_names())
-    assert tables - {"alembic_version", "sqlite_sequence"} == set(HEADSCALE_COLUMNS)
-    for table, cols in HEADSCALE_COLUMNS.items():
+    all_tables = {**HEADSCALE_COLUMNS, **(ADDED_TABLES if ours else {})}
+    assert tables - {"alembic_version", "sqlite_sequence"} == set(all_tables)
+    for table, cols in all_tables.items():
         extra = PYHEADSCALE_COLUMNS.get(table, []) if ours else []
         assert [c["name"] for c in insp.get_columns(table)] == cols + extra, table
     assert {c["name"]: c["nullable"] for c in insp.get_columns("database_versions")}[
@@ -150,13 +179,13 @@ def assert_headscale_schema(eng: Engine, *, ours: bool = True) -> None:
     ] is False
 
     indexes: dict[str, tuple[str, list[str], bool]] = {}
-    for table in HEADSCALE_COLUMNS:
+    for table in all_tables:
         for ix in insp.get_indexes(table):
             indexes[str(ix["name"])] = (table, list(ix["column_names"]), bool(ix["unique"]))
-    assert indexes == HEADSCALE_INDEXES
+    assert indexes == {**HEADSCALE_INDEXES, **(ADDED_INDEXES if ours else {})}
 
     fks: dict[tuple[str, str], tuple[str, str | None]] = {}
-    for table in HEADSCALE_COLUMNS:
+    for table in all_tables:
         for fk in insp.get_foreign_keys(table):
             assert fk["referred_columns"] == ["id"]
             ondelete = (fk.get("options") or {}).get("ondelete")
@@ -168,15 +197,14 @@ def assert_headscale_schema(eng: Engine, *, ours: bool = True) -> None:
 
     if eng.dialect.name == "sqlite":
         with eng.connect() as conn:
-            for table, cols in HEADSCALE_COLUMNS.items():
+            types = {**HEADSCALE_SQLITE_TYPES, **(ADDED_SQLITE_TYPES if ours else {})}
+            for table, cols in all_tables.items():
                 declared = {
                     r[1]: r[2].lower() for r in conn.exec_driver_sql(f"PRAGMA table_info({table})")
                 }
-                for col in cols:
-                    assert declared[col] == HEADSCALE_SQLITE_TYPES.get((table, col), "text"), (
-                        table,
-                        col,
-                    )
+                extra = PYHEADSCALE_COLUMNS.get(table, []) if ours else []
+                for col in cols + extra:
+                    assert declared[col] == types.get((table, col), "text"), (table, col)
             # Rowid aliases keep AUTOINCREMENT like Headscale's (ids never reused).
             ddl = conn.exec_driver_sql(
                 "SELECT sql FROM sqlite_master WHERE type='table' AND name='nodes'"
@@ -377,9 +405,18 @@ def test_adopts_headscale_029_sqlite_database(tmp_path: Path) -> None:
     eng = make_engine("sqlite", sqlite_path=str(path))
     try:
         assert_headscale_schema(eng, ours=False)
-        # Headscale's own schema and ours differ only by pyheadscale's added columns.
+        # Headscale 0.29's schema and ours differ only by the added columns, tables, indexes.
         diff = schema_diff(eng, ignore_pk_nullable=True)
-        assert [(d[0], d[2], d[3].name) for d in diff] == [("add_column", "users", "idp_groups")]
+        added = set()
+        for d in diff:
+            if d[0] == "add_column":
+                added.add((d[2], d[3].name))
+            elif d[0] == "add_table":
+                added.add((d[1].name, "*"))
+            else:
+                assert d[0] == "add_index" and d[1].name in ADDED_INDEXES, d
+        assert added == {(t, c) for t, cols in PYHEADSCALE_COLUMNS.items() for c in cols} | {
+            (t, "*") for t in ADDED_TABLES}
         migrate(eng)
         assert schema_diff(eng, ignore_pk_nullable=True) == []
         assert_headscale_schema(eng)
