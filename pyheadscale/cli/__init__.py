@@ -11,7 +11,16 @@ import sys
 
 import click
 
-from pyheadscale.cli import apikeys, auth, misc, nodes, policy, preauthkeys, users
+from pyheadscale.cli import (
+    apikeys,
+    auth,
+    misc,
+    nodes,
+    oauthclients,
+    policy,
+    preauthkeys,
+    users,
+)
 from pyheadscale.cli.common import STATE, AliasGroup, CLIError, command, fail, persistent
 from pyheadscale.config import ConfigError, load_config
 
@@ -49,7 +58,7 @@ def configtest(ctx: click.Context) -> None:
     click.echo("config OK")
 
 
-for _module in (users, nodes, preauthkeys, apikeys, auth, policy, misc):
+for _module in (users, nodes, preauthkeys, apikeys, oauthclients, auth, policy, misc):
     _module.register(cli)
 
 
