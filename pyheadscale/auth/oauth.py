@@ -19,8 +19,6 @@ from enum import StrEnum
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from pyheadscale.auth.preauthkeys import KeyFormatError
-
 CLIENT_PREFIX = "hskey-client-"
 TOKEN_PREFIX = "hskey-oauthtok-"
 ID_LENGTH = 12
@@ -28,6 +26,10 @@ SECRET_LENGTH = 64
 TOKEN_TTL_S = 3600  # Tailscale's fixed one-hour access-token lifetime
 
 _HEX = frozenset("0123456789abcdef")
+
+
+class KeyFormatError(ValueError):
+    """A client secret or access token that is not well-formed."""
 
 
 class Scope(StrEnum):

@@ -258,7 +258,7 @@ class OAuthStore:
         """The live client a presented secret belongs to."""
         try:
             client_id, secret = oa.parse_client_secret(secret_text)
-        except pk.KeyFormatError:
+        except oa.KeyFormatError:
             raise InvalidCredential("invalid client credentials") from None
         c = self.clients.get(client_id)
         if c is None:
@@ -303,7 +303,7 @@ class OAuthStore:
     async def authenticate_token(self, text: str, now: datetime | None = None) -> AccessToken:
         try:
             prefix, secret = oa.parse_access_token(text)
-        except pk.KeyFormatError:
+        except oa.KeyFormatError:
             raise InvalidCredential("invalid access token") from None
         t = self.tokens.get(prefix)
         if t is None:

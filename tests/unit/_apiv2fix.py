@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from pyheadscale.api.policystore import PolicyService
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.state.oauth import OAuthStore
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import make_cfg, new_engine, open_tailnet
 
 POLICY = ('{"tagOwners": {"tag:ci": ["alice@"], "tag:prod": ["alice@"], '
           '"tag:k8s-operator": [], "tag:k8s": ["tag:k8s-operator"], "tag:a": [], "tag:b": []},'
@@ -31,6 +31,7 @@ class V2Env:
     deps: V2Deps
     admin: str  # an admin API key owned by alice
     alice: int  # alice's user id
+    _keys: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     async def call(self, method: str, path: str, cred: str | None = None,
                    basic: bool = False, **kw: Any) -> tuple[int, Any]:
@@ -47,15 +48,16 @@ class V2Env:
         return resp.status, body
 
     async def node(self, n: int, hostname: str, tags: list[str] | None = None) -> int:
+        """Register node number n (its keys derive from n) with a reusable key."""
         tn = self.deps.tailnet
-        if tags:
-            _, full = await tn.create_preauth_key(None, tags=tags)
-        else:
-            _, full = await tn.create_preauth_key(self.alice, reusable=True)
+        wanted = tuple(tags or ())
+        if wanted not in self._keys:
+            _, self._keys[wanted] = await tn.create_preauth_key(
+                None if wanted else self.alice, reusable=True, tags=wanted)
         node = await tn.register_with_authkey(
-            key(n), key(n + 100), None,
+            n.to_bytes(31, "big") + b"\x02", n.to_bytes(31, "big") + b"\x01", None,
             {"Hostname": hostname, "OS": "linux", "IPNVersion": "1.92.5",
-             "RoutableIPs": ["10.1.0.0/24", "0.0.0.0/0", "::/0"]}, full)
+             "RoutableIPs": ["10.1.0.0/24", "0.0.0.0/0", "::/0"]}, self._keys[wanted])
         return node.id
 
     async def client_secret(self, scopes: list[str], tags: list[str] | None = None) -> str:
