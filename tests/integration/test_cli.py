@@ -300,3 +300,54 @@ def test_misc(srv: Server) -> None:
                        env=dict(down, HEADSCALE_UNIX_SOCKET=str(srv.dir / "nope.sock"),
                                 HEADSCALE_CLI_TIMEOUT="300ms"))
     assert r.returncode == 1 and "connecting to headscale" in r.stderr
+
+
+def test_oauth_clients(srv: Server) -> None:
+    """`headscale oauth-clients` over the socket (v2 with local trust) and remotely; the
+    secret it prints mints a token at the live server's /api/v2/oauth/token."""
+    created = srv.json("oauth-clients", "create", "-s", "devices:core:read", "-s", "users:read",
+                       "-d", "monitoring")
+    cid, secret = created["id"], created["key"]
+    assert re.fullmatch(r"[0-9a-f]{12}", cid) and secret.startswith(f"hskey-client-{cid}-")
+    assert created["scopes"] == ["devices:core:read", "users:read"]
+    human = srv.ok("oauth", "create", "-s", "auth_keys", "-t", "tag:web")
+    assert "Secret (shown once, store it now): hskey-client-" in human
+    listed = srv.json("oauth-clients", "list")
+    assert {c["id"] for c in listed} >= {cid} and all("key" not in c for c in listed)
+    table = srv.ok("oauth-clients", "ls")
+    assert "Scopes" in table and "monitoring" in table and "hskey-client" not in table
+    srv.fails("oauth-clients", "create", expect="at least one --scope is required")
+    srv.fails("oauth-clients", "create", "-s", "auth_keys",
+              expect="tags are required when scopes include devices:core or auth_keys")
+    srv.fails("oauth-clients", "create", "-s", "root", expect="unknown scope")
+    srv.fails("oauth-clients", "delete", expect="--id is required")
+    srv.fails("oauth-clients", "delete", "-i", "0123456789ab", expect="not found")
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{srv.port}/api/v2/oauth/token", method="POST",
+        data=f"grant_type=client_credentials&client_secret={secret}".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        tok = json.load(r)
+        assert r.headers["Cache-Control"] == "no-store"
+    assert tok["token_type"] == "Bearer" and tok["expires_in"] == 3600
+    users = urllib.request.Request(f"http://127.0.0.1:{srv.port}/api/v2/tailnet/-/users",
+                                   headers={"Authorization": f"Bearer {tok['access_token']}"})
+    with urllib.request.urlopen(users, timeout=10) as r:
+        assert "users" in json.load(r)
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/api/v2/openapi.json",
+                                timeout=10) as r:
+        spec = json.load(r)
+    assert spec["paths"]["/api/v2/tailnet/{tailnet}/users"]["get"]["x-required-scope"] == \
+        "users:read"
+
+    key = srv.ok("apikeys", "create", "-e", "1d").strip()
+    remote = srv.env(HEADSCALE_CLI_ADDRESS=f"http://127.0.0.1:{srv.port}",
+                     HEADSCALE_CLI_API_KEY=key)
+    assert cid in {c["id"] for c in srv.json("oauth-clients", "list", env=remote)}
+    assert srv.json("oauth-clients", "delete", "-i", cid, env=remote) == {"id": cid}
+    assert srv.ok("oauth-clients", "delete", "-i", listed[-1]["id"]).strip().endswith("deleted")
+    assert srv.json("oauth-clients", "list") == []
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 401  # the deleted client's secret no longer works
