@@ -96,11 +96,21 @@ def parse_id(text: str, subject: str) -> int:
     return int(text)
 
 
+async def read_capped(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body, refusing (413) anything over `limit` without buffering more of it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise V2Error(413, "request body too large")
+    buf = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(buf)):
+        buf += chunk
+        if len(buf) > limit:
+            raise V2Error(413, "request body too large")
+    return bytes(buf)
+
+
 async def read_model(request: web.Request, model: type[M], *, allow_empty: bool = False) -> M:
     """A JSON object body validated against `model` (strict types, bounded fields)."""
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise V2Error(413, "request body too large")
+    raw = await read_capped(request)
     if not raw.strip():
         if allow_empty:
             return model()

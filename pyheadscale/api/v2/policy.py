@@ -16,11 +16,11 @@ from aiohttp import web
 from pyheadscale.api.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
 from pyheadscale.api.v2 import models as m
 from pyheadscale.api.v2.common import (
-    MAX_BODY,
     Principal,
     V2Error,
     json_ok,
     model_json,
+    read_capped,
     require_tailnet,
 )
 from pyheadscale.api.v2.deps import V2Deps
@@ -71,9 +71,7 @@ def _policy_response(request: web.Request, data: str) -> web.Response:
 
 
 async def _read_text(request: web.Request) -> str:
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise V2Error(413, "policy file too large")
+    raw = await read_capped(request)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -133,5 +131,5 @@ async def get_settings(d: V2Deps, who: Principal, request: web.Request) -> web.R
 
 async def update_settings(d: V2Deps, who: Principal, request: web.Request) -> web.Response:
     require_tailnet(request)
-    await request.content.read(MAX_BODY)  # accepted and ignored
+    await read_capped(request)  # accepted and ignored
     raise V2Error(501, "updating tailnet settings is not supported by Headscale")

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from pyheadscale.api.v2.common import V2Error, read_capped
 from pyheadscale.api.v2.deps import V2Deps
 from pyheadscale.auth import oauth as oa
 from pyheadscale.auth.oauth import Scope
@@ -36,9 +37,10 @@ class OAuthError(Exception):
 
 
 async def _form(request: web.Request) -> dict[str, str]:
-    raw = await request.content.read(MAX_FORM + 1)
-    if len(raw) > MAX_FORM:
-        raise OAuthError(400, "invalid_request", "request body too large")
+    try:
+        raw = await read_capped(request, MAX_FORM)
+    except V2Error:
+        raise OAuthError(400, "invalid_request", "request body too large") from None
     try:
         parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
                           max_num_fields=32)
