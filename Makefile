@@ -26,6 +26,7 @@ serve: $(STAMP)
 clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients --extra derper,derpprobe
 	$(PY) -m tests.integration.idp
+	$(PY) -m tests.apiv2.build
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check pyheadscale derp tests

@@ -40,9 +40,13 @@ def register(root: click.Group) -> None:
     @command(keys, "create", "Creates a new Api key", aliases=["c", "new"])
     @click.option("-e", "--expiration", default=DEFAULT_EXPIRY,
                   help="Human-readable expiration of the key (e.g. 30m, 24h)")
-    def create(ctx: click.Context, expiration: str) -> None:
-        resp = call(ctx, "creating api key", "POST", "/api/v1/apikey",
-                    {"expiration": expiration_from_flag(expiration)})
+    @click.option("-u", "--user", "user_id", default=None,
+                  help="User ID the key acts for: /api/v2 creates untagged auth keys for it")
+    def create(ctx: click.Context, expiration: str, user_id: str | None) -> None:
+        body: dict[str, str] = {"expiration": expiration_from_flag(expiration)}
+        if user_id:
+            body["user"] = str(parse_uint(user_id, "-u, --user"))
+        resp = call(ctx, "creating api key", "POST", "/api/v1/apikey", body)
         emit(ctx, resp["apiKey"], resp["apiKey"])
 
     @command(keys, "expire", "Expire an ApiKey", aliases=["revoke", "exp", "e"])

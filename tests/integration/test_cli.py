@@ -4,6 +4,7 @@ Headscale's errors on stderr with exit code 1. Needs no namespaces or clients.""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -341,9 +342,19 @@ def test_oauth_clients(srv: Server) -> None:
     assert spec["paths"]["/api/v2/tailnet/{tailnet}/users"]["get"]["x-required-scope"] == \
         "users:read"
 
-    key = srv.ok("apikeys", "create", "-e", "1d").strip()
+    users = {u["name"]: u["id"] for u in srv.json("users", "list")}
+    key = srv.ok("apikeys", "create", "-e", "1d", "--user", users["alice"]).strip()
     remote = srv.env(HEADSCALE_CLI_ADDRESS=f"http://127.0.0.1:{srv.port}",
                      HEADSCALE_CLI_API_KEY=key)
+    # A key made for alice creates auth keys owned by her through /api/v2.
+    owned = urllib.request.Request(
+        f"http://127.0.0.1:{srv.port}/api/v2/tailnet/-/keys", method="POST",
+        data=b'{"capabilities": {"devices": {"create": {"reusable": true}}}}',
+        headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode(),
+                 "Content-Type": "application/json"})
+    with urllib.request.urlopen(owned, timeout=10) as r:
+        assert json.load(r)["userId"] == users["alice"]
+    srv.fails("apikeys", "create", "--user", "424242", expect="user not found")
     assert cid in {c["id"] for c in srv.json("oauth-clients", "list", env=remote)}
     assert srv.json("oauth-clients", "delete", "-i", cid, env=remote) == {"id": cid}
     assert srv.ok("oauth-clients", "delete", "-i", listed[-1]["id"]).strip().endswith("deleted")

@@ -149,7 +149,7 @@ async def test_device_shape_and_lookups(tmp_path: Path) -> None:
             "created": dev["created"], "hostname": "contract-dut", "isEphemeral": False,
             "lastSeen": dev["lastSeen"], "machineKey": "mkey:" + n.machine_key.hex(),
             "nodeKey": "nodekey:" + n.node_key.hex(), "os": "linux", "clientVersion": "1.92.5",
-            "updateAvailable": False, "advertisedRoutes": ["10.1.0.0/24", "0.0.0.0/0", "::/0"],
+            "updateAvailable": False, "connectedToControl": False, "advertisedRoutes": ["10.1.0.0/24", "0.0.0.0/0", "::/0"],
             "enabledRoutes": []}
         _, plain = await e.call("GET", f"/api/v2/device/{nid}", e.admin)
         assert "advertisedRoutes" not in plain and "enabledRoutes" not in plain

@@ -28,8 +28,10 @@ class ApiKeyHandlers(HandlerBase):
     async def create_api_key(self, request: web.Request) -> web.Response:
         body = await read_body(request)
         expiration = expiration_field(body, "creating api key")
+        # pyheadscale extension: the user the key acts for (v2 makes untagged auth keys for it).
+        user_id = parse_uint(pick(body, "user", "userId", "user_id"), "invalid user id") or None
         with state_errors("creating api key"):
-            _, full = await self.tailnet.create_api_key(expiration)
+            _, full = await self.tailnet.create_api_key(expiration, user_id=user_id)
         return web.json_response({"apiKey": full})
 
     def _lookup_api_key(self, id_value: Any, prefix: str) -> int:

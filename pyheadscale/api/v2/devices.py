@@ -54,7 +54,7 @@ def device(d: V2Deps, n: Node, all_fields: bool) -> m.Device:
         machineKey=encode_key(KeyKind.MACHINE, n.machine_key),
         nodeKey=encode_key(KeyKind.NODE, n.node_key),
         os=str(hi.get("OS") or ""), clientVersion=str(hi.get("IPNVersion") or ""),
-        updateAvailable=False)
+        updateAvailable=False, connectedToControl=n.online)
     if all_fields:
         dev.advertisedRoutes = _routes_text(n.announced_routes)
         dev.enabledRoutes = _routes_text(n.approved_routes)

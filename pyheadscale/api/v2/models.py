@@ -109,6 +109,7 @@ class Device(_Response):
     os: str
     clientVersion: str
     updateAvailable: bool
+    connectedToControl: bool  # Tailscale's field (Headscale omits it); the SDK reads it
     # Only with ?fields=all, as Tailscale.
     advertisedRoutes: list[str] | None = None
     enabledRoutes: list[str] | None = None
