@@ -170,6 +170,17 @@ class OAuthStore:
         async with self._hashing:
             return await asyncio.to_thread(oa.check_secret, secret, hashed)
 
+    async def _check_once(self, seen: dict[bytes, str], text: str, key: str, secret: str,
+                          hashed: bytes) -> bool:
+        """Argon2id-check `secret` unless this exact credential text already passed for `key`."""
+        d = _digest(text)
+        if seen.get(d) == key:
+            return True
+        if not await self._check(secret, hashed):
+            return False
+        seen[d] = key
+        return True
+
     async def _serialized(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One write under the lock in its own task, so a cancelled caller cannot stop it
         between the commit and the memory update."""
@@ -263,11 +274,9 @@ class OAuthStore:
         c = self.clients.get(client_id)
         if c is None:
             raise InvalidCredential("invalid client credentials")
-        d = _digest(secret_text.partition("?")[0])
-        if self._verified_clients.get(d) != client_id:
-            if not await self._check(secret, c.secret_hash):
-                raise InvalidCredential("invalid client credentials")
-            self._verified_clients[d] = client_id
+        if not await self._check_once(self._verified_clients, secret_text.partition("?")[0],
+                                      client_id, secret, c.secret_hash):
+            raise InvalidCredential("invalid client credentials")
         c = self.clients.get(client_id)  # deleted while we were hashing?
         if c is None or c.revoked is not None:
             raise InvalidCredential("invalid client credentials")
@@ -308,11 +317,8 @@ class OAuthStore:
         t = self.tokens.get(prefix)
         if t is None:
             raise InvalidCredential("invalid access token")
-        d = _digest(text)
-        if self._verified_tokens.get(d) != prefix:
-            if not await self._check(secret, t.hash):
-                raise InvalidCredential("invalid access token")
-            self._verified_tokens[d] = prefix
+        if not await self._check_once(self._verified_tokens, text, prefix, secret, t.hash):
+            raise InvalidCredential("invalid access token")
         t = self.tokens.get(prefix)
         if t is None or t.expired(now or _now()):
             raise InvalidCredential("invalid access token")
