@@ -4,9 +4,12 @@ the right error shape, and nothing is half-written."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.unit._apiv2fix import v2_env
 
@@ -133,3 +136,42 @@ async def test_unknown_routes_and_methods_answer_in_tailscale_shape(tmp_path: Pa
         for key_id in ("0", "99999999999999999999", "abc", "0123456789ab"):
             status, _ = await e.call("GET", f"{KEYS}/{key_id}", e.admin)
             assert status == 404, key_id
+
+
+async def test_token_flood_runs_at_most_two_hashes_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wrong secret for a real client costs one Argon2id check (19 MiB): a burst of them
+    is queued, never run all at once."""
+    import threading
+    import time
+
+    from pyheadscale.auth import oauth as oa
+
+    real = oa.check_secret
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting(secret: str, hashed: bytes | None) -> bool:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.02)
+            return real(secret, hashed)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(oa, "check_secret", counting)
+    async with v2_env(tmp_path) as e:
+        secret = await e.client_secret(["users:read"], [])
+        wrong = [secret[:-4] + f"{i:04x}" for i in range(24)]
+
+        async def attempt(s: str) -> int:
+            resp = await e.client.post(TOKEN, data={"client_secret": s})
+            return resp.status
+
+        statuses = await asyncio.gather(*(attempt(s) for s in wrong))
+        assert set(statuses) == {401} and 1 <= peak <= 2
+        assert (await attempt(secret)) == 200
