@@ -145,6 +145,9 @@ class Server:
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await self.control.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
