@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openapi_spec_validator import validate
 
 from pyheadscale.api.v2.policy import DEFAULT_POLICY
 from pyheadscale.api.v2.routes import ROUTES
@@ -332,6 +333,7 @@ async def test_openapi_names_every_route_and_its_scope(tmp_path: Path) -> None:
     async with v2_env(tmp_path) as e:
         status, doc = await e.call("GET", "/api/v2/openapi.json")  # public
         assert status == 200 and doc["openapi"].startswith("3.1")
+        validate(doc)  # a valid OpenAPI 3.1 document
         for r in ROUTES:
             op = doc["paths"][r.path][r.method.lower()]
             assert op["operationId"] == r.op_id and op["x-required-scope"], r
