@@ -6,7 +6,9 @@
 - oauth_clients and oauth_access_tokens, laid out as Headscale 0.30's schema.sql (public id or
   prefix plus an Argon2id hash of the secret; scopes and tags as JSON text).
 
-New columns are plain ALTER TABLE ADD COLUMN on both backends, so no table is rebuilt.
+New columns are plain ALTER TABLE ADD COLUMN on both backends, so no table is rebuilt. What
+already exists is left alone, so a database that Headscale's development line already gave
+these tables and columns is adopted as it is.
 
 Revision ID: 0003
 Revises: 0002
@@ -30,10 +32,23 @@ TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    op.add_column("pre_auth_keys", sa.Column("description", sa.Text(), nullable=True))
-    op.add_column("pre_auth_keys", sa.Column("revoked", TS, nullable=True))
-    op.add_column("api_keys", sa.Column("user_id", ID, nullable=True))
+    insp = sa.inspect(op.get_bind())
+    tables = set(insp.get_table_names())
 
+    def add(table: str, column: sa.Column) -> None:  # type: ignore[type-arg]
+        if column.name not in {c["name"] for c in insp.get_columns(table)}:
+            op.add_column(table, column)
+
+    add("pre_auth_keys", sa.Column("description", sa.Text(), nullable=True))
+    add("pre_auth_keys", sa.Column("revoked", TS, nullable=True))
+    add("api_keys", sa.Column("user_id", ID, nullable=True))
+    if "oauth_clients" not in tables:
+        _create_clients()
+    if "oauth_access_tokens" not in tables:
+        _create_tokens()
+
+
+def _create_clients() -> None:
     op.create_table(
         "oauth_clients",
         sa.Column("id", ID, primary_key=True, autoincrement=True),
@@ -49,6 +64,8 @@ def upgrade() -> None:
     )
     op.create_index("idx_oauth_clients_client_id", "oauth_clients", ["client_id"], unique=True)
 
+
+def _create_tokens() -> None:
     op.create_table(
         "oauth_access_tokens",
         sa.Column("id", ID, primary_key=True, autoincrement=True),

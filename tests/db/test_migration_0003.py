@@ -4,14 +4,16 @@ drops exactly what 0003 added while keeping every other row."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, select
 
 from alembic import command
-from pyheadscale.db.engine import alembic_config, migrate
+from pyheadscale.db.engine import alembic_config, make_engine, migrate
 from pyheadscale.db.models import ApiKey, OAuthAccessToken, OAuthClient, PreAuthKey, User
 from tests.db.test_migrations import assert_headscale_schema, schema_diff
 
@@ -78,3 +80,42 @@ def test_downgrade_to_0002_and_back(engine: Engine) -> None:
     with Session(engine) as s:
         k = s.exec(select(PreAuthKey)).one()
         assert (k.prefix, k.description, k.revoked) == ("abcdefabcdef", None, None)
+
+
+# Headscale's development line (0.30) on SQLite: 0.29's tables with its v2 columns in place
+# and the OAuth tables (DDL as its schema.sql), plus one OAuth client row.
+HEADSCALE_030_EXTRA = """
+ALTER TABLE pre_auth_keys ADD COLUMN description text;
+ALTER TABLE pre_auth_keys ADD COLUMN revoked datetime;
+ALTER TABLE api_keys ADD COLUMN user_id integer;
+CREATE TABLE oauth_clients(
+  id integer PRIMARY KEY AUTOINCREMENT, client_id text, secret_hash blob, scopes text,
+  tags text, description text, user_id integer, created_at datetime, revoked datetime);
+CREATE UNIQUE INDEX idx_oauth_clients_client_id ON oauth_clients(client_id);
+CREATE TABLE oauth_access_tokens(
+  id integer PRIMARY KEY AUTOINCREMENT, prefix text, hash blob, client_id text, scopes text,
+  tags text, expiration datetime, created_at datetime);
+CREATE UNIQUE INDEX idx_oauth_access_tokens_prefix ON oauth_access_tokens(prefix);
+INSERT INTO oauth_clients (client_id, secret_hash, scopes, tags, description, created_at)
+  VALUES ('0123456789ab', X'2461', '["auth_keys"]', '["tag:k8s"]', 'op',
+          '2026-07-01 00:00:00+00:00');
+"""
+
+
+def test_adopts_a_headscale_030_sqlite_database(tmp_path: Path) -> None:
+    from tests.db.test_migrations import HEADSCALE_029_DDL, HEADSCALE_029_ROWS
+
+    path = tmp_path / "headscale.sqlite"
+    raw = sqlite3.connect(path)
+    raw.executescript(HEADSCALE_029_DDL + HEADSCALE_029_ROWS + HEADSCALE_030_EXTRA)
+    raw.close()
+    eng = make_engine("sqlite", sqlite_path=str(path))
+    try:
+        migrate(eng)
+        # Only pyheadscale's own users.idp_groups was missing; nothing else is different.
+        assert schema_diff(eng, ignore_pk_nullable=True) == []
+        with Session(eng) as s:
+            c = s.exec(select(OAuthClient)).one()
+            assert (c.client_id, c.scopes, c.tags) == ("0123456789ab", ["auth_keys"], ["tag:k8s"])
+    finally:
+        eng.dispose()
