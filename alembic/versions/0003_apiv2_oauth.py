@@ -16,6 +16,7 @@ Create Date: 2026-12-06 00:00:00
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -35,7 +36,7 @@ def upgrade() -> None:
     insp = sa.inspect(op.get_bind())
     tables = set(insp.get_table_names())
 
-    def add(table: str, column: sa.Column) -> None:  # type: ignore[type-arg]
+    def add(table: str, column: sa.Column[Any]) -> None:
         if column.name not in {c["name"] for c in insp.get_columns(table)}:
             op.add_column(table, column)
 
