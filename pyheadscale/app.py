@@ -24,6 +24,7 @@ from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
+from pyheadscale.listener import MainListener
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.state.oauth import OAuthStore
@@ -87,7 +88,8 @@ class Server:
 
         host, port = split_hostport(cfg.listen_addr, 8080)
         ssl_ctx = tls_context(cfg.tls_cert_path, cfg.tls_key_path) if cfg.tls_cert_path else None
-        await self._site(app, host, port, ssl_ctx)
+        self.main = MainListener(app)
+        await self.main.start(host, port, ssl_ctx)
         if cfg.metrics_listen_addr:
             metrics = web.Application()
             metrics.router.add_get("/metrics", self.metrics)
@@ -149,6 +151,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.control.stop()
+        await self.main.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
         if self.derp is not None:

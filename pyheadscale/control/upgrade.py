@@ -1,10 +1,10 @@
-"""``GET /key`` and the ``/ts2021`` upgrade (HTTP/1.1 101 and WebSocket) on aiohttp.
+"""``GET /key`` (aiohttp) and the ``/ts2021`` upgrade (HTTP/1.1 101 and WebSocket).
 
-After a valid ``POST /ts2021`` the handler answers 101, writes the 51-byte Noise response and
-the HTTP/2 SETTINGS, and takes the socket over: ``request.protocol.set_parser(reader)`` makes
-aiohttp hand every later byte to ``reader.feed_data`` instead of its HTTP parser.  This uses
-aiohttp internals (checked on 3.13.5, C and pure-Python parsers); tests/unit/test_upgrade.py
-covers it.  The handler then lives as long as the Noise connection.
+``/ts2021`` is a front-door route (``derp.frontdoor``): the listener's h11 front door parses
+the request head, this module checks it and runs the Noise handshake, and the door hands the
+socket over.  We answer 101, write the 51-byte Noise response and the HTTP/2 SETTINGS, and
+from then on ``_NoiseStream`` is the transport's protocol.  Over WebSocket the same stream
+runs inside binary messages (``derp.websocket``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import asyncio
 import base64
 import binascii
 import logging
+from urllib.parse import parse_qs
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
+from derp.frontdoor import TEXT, Reply, RequestHead, Route, Upgrade, WebSocket
 from pyheadscale.control.h2server import H2ControlConnection
 from pyheadscale.control.types import MAX_REQUEST_BODY, Dispatch
+from pyheadscale.listener import add_takeover_route
 from pyheadscale.noise.handshake import HandshakeError, HandshakeResult, error_frame, respond
 from pyheadscale.noise.keys import mkey, public_key
 
@@ -34,6 +37,10 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text + "\n", content_type="text/plain")
 
 
+def _reply(status: int, text: str) -> Reply:
+    return Reply(status, (text + "\n").encode(), TEXT)
+
+
 def _decode_handshake(value: str) -> bytes | None:
     try:
         return base64.b64decode(value, validate=True)
@@ -41,43 +48,47 @@ def _decode_handshake(value: str) -> bytes | None:
         return None
 
 
-class _TakeoverReader:
-    """Receives the raw bytes aiohttp reads after the 101 (duck-typed WebReader)."""
+class _NoiseStream(asyncio.Protocol):
+    """The socket (or WebSocket) of one Noise connection after the takeover.
 
-    def __init__(self, conn: H2ControlConnection) -> None:
-        self._conn = conn
+    It is the transport's protocol (bytes in) and the connection's ``ByteSink`` (bytes out,
+    waiting while the transport's buffer is above its high-water mark).
+    """
 
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        self._conn.feed(bytes(data))
-        return False, b""
-
-    def feed_eof(self) -> None:
-        self._conn.feed_eof()
-
-
-class _HttpSink:
-    def __init__(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
-        self._request = request
-        self._resp = resp
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._t = transport
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.conn: H2ControlConnection | None = None
 
     async def write(self, data: bytes) -> None:
-        await self._resp.write(data)
+        if self._t.is_closing():
+            raise ConnectionResetError("connection closed")
+        self._t.write(data)
+        await self._writable.wait()
 
     async def close(self) -> None:
-        transport = self._request.transport
-        if transport is not None:
-            transport.close()
+        self._t.close()
 
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.feed(data)
 
-class _WsSink:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self._ws = ws
+    def eof_received(self) -> bool:
+        if self.conn is not None:
+            self.conn.feed_eof()
+        return True  # the writer flushes GOAWAY, then closes
 
-    async def write(self, data: bytes) -> None:
-        await self._ws.send_bytes(data)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()
+        if self.conn is not None:
+            self.conn.feed_eof()
 
-    async def close(self) -> None:
-        await self._ws.close()
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
 
 
 class Ts2021Server:
@@ -96,6 +107,7 @@ class Ts2021Server:
         self.min_capver = min_capver
         self.max_body = max_body
         self.connections: set[H2ControlConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- /key ----------------------------------------------------------------------------
 
@@ -119,24 +131,43 @@ class Ts2021Server:
             {"legacyPublicKey": mkey(bytes(32)), "publicKey": mkey(self.public_key)}
         )
 
-    # -- /ts2021 -------------------------------------------------------------------------
+    # -- /ts2021 (a front-door route: the connection is taken over) ---------------------------
 
-    async def handle_ts2021(self, request: web.Request) -> web.StreamResponse:
-        upgrade = request.headers.get("Upgrade", "")
+    def route(self, head: RequestHead) -> Route:
+        if head.path != "/ts2021":
+            return None
+        if head.method not in ("GET", "POST"):
+            return _reply(405, "method not allowed")
+        upgrade = head.header("upgrade") or ""
         if not upgrade:
             log.warning("/ts2021 without an Upgrade header: is a reverse proxy dropping it?")
-            return _text(400, "missing next protocol (Upgrade header)")
+            return _reply(400, "missing next protocol (Upgrade header)")
         if upgrade.lower() == "websocket":
-            return await self._websocket(request)
-        if upgrade.lower() != UPGRADE_PROTOCOL:
-            return _text(400, f"unknown next protocol {upgrade!r}")
-        hs = request.headers.get(HANDSHAKE_HEADER)
+            # Handshake from the query string; "+" may arrive as a space if not %-escaped.
+            query = parse_qs(head.query).get(HANDSHAKE_HEADER, [""])[0]
+            hs = query.replace(" ", "+")
+            where = "parameter"
+        elif upgrade.lower() == UPGRADE_PROTOCOL:
+            hs = head.header(HANDSHAKE_HEADER.lower()) or ""
+            where = "header"
+        else:
+            return _reply(400, f"unknown next protocol {upgrade!r}")
         if not hs:
-            return _text(400, "missing X-Tailscale-Handshake header")
+            return _reply(400, f"missing X-Tailscale-Handshake {where}")
         init = _decode_handshake(hs)
         if init is None:
-            return _text(400, "invalid X-Tailscale-Handshake header (not base64)")
-        return await self._takeover(request, init)
+            return _reply(400, f"invalid X-Tailscale-Handshake {where} (not base64)")
+        result = self._handshake(init)
+        if isinstance(result, str):
+            log.info("refusing Noise handshake from %s: %s", head.peer[0], result)
+
+        def attach(transport: asyncio.Transport, prefix: bytes,
+                   surplus: bytes) -> asyncio.BaseProtocol:
+            return self._attach(result, transport, prefix, surplus)
+
+        if where == "parameter":
+            return WebSocket(attach, UPGRADE_PROTOCOL)
+        return Upgrade(attach, (("Upgrade", UPGRADE_PROTOCOL), ("Connection", "upgrade")))
 
     def _handshake(self, init: bytes) -> HandshakeResult | str:
         try:
@@ -144,88 +175,37 @@ class Ts2021Server:
         except HandshakeError as e:
             return str(e)
 
-    async def _takeover(self, request: web.Request, init: bytes) -> web.StreamResponse:
-        result = self._handshake(init)
-        protocol = request.protocol
-        if protocol is None or request.transport is None:
-            raise ConnectionResetError("client went away")
-        resp = web.StreamResponse(
-            status=101,
-            reason="Switching Protocols",
-            headers={"Upgrade": UPGRADE_PROTOCOL, "Connection": "upgrade"},
-        )
-        await resp.prepare(request)
-        if isinstance(result, str):
-            log.info("refusing Noise handshake from %s: %s", request.remote, result)
-            await resp.write(error_frame(result))
-            request.transport.close()
-            return resp
+    def _attach(self, result: HandshakeResult | str, transport: asyncio.Transport,
+                prefix: bytes, surplus: bytes) -> asyncio.BaseProtocol:
+        stream = _NoiseStream(transport)
+        if isinstance(result, str):  # the client shows this message ("server error: ...")
+            transport.write(prefix + error_frame(result))
+            transport.close()
+            return stream
         conn = H2ControlConnection(
             records=result.records(),
-            sink=_HttpSink(request, resp),
+            sink=stream,
             dispatch=self.dispatch,
             machine_key=result.peer_static,
             capver=result.version,
             max_body=self.max_body,
         )
-        # From here on aiohttp's HTTP parser is bypassed.  Nothing awaits between
-        # set_parser and start(), and the client sends nothing before our handshake reply.
-        protocol.set_parser(_TakeoverReader(conn))
-        conn.start(preamble=result.message)
-        await self._serve(conn)
-        return resp
+        stream.conn = conn
+        conn.start(preamble=prefix + result.message)
+        self.connections.add(conn)
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if surplus:  # a client waits for our reply, but bytes that did arrive are not dropped
+            conn.feed(surplus)
+        return stream
 
     async def _serve(self, conn: H2ControlConnection) -> None:
-        self.connections.add(conn)
         try:
             await conn.wait_closed()
         finally:
-            # Also reached when aiohttp cancels the handler (handler_cancellation=True).
-            conn.close("handler finished")
+            conn.close("connection finished")
             self.connections.discard(conn)
-
-    async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        # Handshake from the query string; "+" may arrive as a space if not %-escaped.
-        hs = request.query.get(HANDSHAKE_HEADER, "").replace(" ", "+")
-        if not hs:
-            return _text(400, "missing X-Tailscale-Handshake query parameter")
-        init = _decode_handshake(hs)
-        if init is None:
-            return _text(400, "invalid X-Tailscale-Handshake parameter (not base64)")
-        ws = web.WebSocketResponse(protocols=(UPGRADE_PROTOCOL,), compress=False)
-        await ws.prepare(request)
-        if ws.ws_protocol != UPGRADE_PROTOCOL:
-            await ws.close(code=1008, message=b"subprotocol tailscale-control-protocol required")
-            return ws
-        result = self._handshake(init)
-        if isinstance(result, str):
-            await ws.send_bytes(error_frame(result))
-            await ws.close()
-            return ws
-        conn = H2ControlConnection(
-            records=result.records(),
-            sink=_WsSink(ws),
-            dispatch=self.dispatch,
-            machine_key=result.peer_static,
-            capver=result.version,
-            max_body=self.max_body,
-        )
-        conn.start(preamble=result.message)
-        self.connections.add(conn)
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    conn.feed(msg.data)
-                else:
-                    conn.close("unexpected WebSocket message type")
-                if conn.closing:
-                    break
-            conn.feed_eof()
-            await conn.wait_closed()
-        finally:
-            conn.close("websocket closed")
-            self.connections.discard(conn)
-        return ws
 
     async def on_shutdown(self, app: web.Application) -> None:
         conns = list(self.connections)
@@ -244,7 +224,7 @@ def add_routes(
     dispatch: Dispatch,
     min_capver: int = DEFAULT_MIN_CAPVER,
 ) -> None:
-    """Register ``GET /key`` and ``GET|POST /ts2021`` on ``app``.
+    """Register ``GET /key`` and the ``GET|POST /ts2021`` takeover route on ``app``.
 
     ``dispatch`` receives every HTTP/2 request made over an established Noise connection.
     Clients whose capability version is below ``min_capver`` get a Noise error frame.
@@ -252,8 +232,7 @@ def add_routes(
     server = Ts2021Server(noise_private_key, dispatch, min_capver)
     app[_APP_KEY] = server
     app.router.add_route("GET", "/key", server.handle_key)
-    app.router.add_route("POST", "/ts2021", server.handle_ts2021)
-    app.router.add_route("GET", "/ts2021", server.handle_ts2021)
+    add_takeover_route(app, server.route)
     app.on_shutdown.append(server.on_shutdown)
 
 

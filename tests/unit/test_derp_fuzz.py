@@ -217,7 +217,7 @@ async def test_live_connections_fuzz() -> None:
         await asyncio.gather(*(one(i) for i in range(start, start + 50)))
     # the relay still works afterwards
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"GET /derp/probe HTTP/1.1\r\nConnection: close\r\n\r\n")
+    w.write(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert (await asyncio.wait_for(r.read(), 2)).startswith(b"HTTP/1.1 200 OK")
     w.close()
     for _ in range(50):

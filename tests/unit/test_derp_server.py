@@ -333,7 +333,7 @@ async def test_handshake_rejections(plain_relay: Relay) -> None:
     for first in (p.KEEP_ALIVE_FRAME, b"\x02\x00\x00\x00\x10" + bytes(16),
                   b"\x02" + (56 + 32).to_bytes(4, "big") + bytes(88)):
         r, w = await asyncio.open_connection("127.0.0.1", plain_relay.port)
-        w.write(b"GET /derp HTTP/1.1\r\nUpgrade: DERP\r\n\r\n" + first)
+        w.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n" + first)
         data = await asyncio.wait_for(r.read(), 2)  # server closes
         assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
         assert data.endswith(p.server_key_frame(plain_relay.server.public_key))
@@ -360,23 +360,26 @@ async def test_http_endpoints(plain_relay: Relay) -> None:
     # two probes on one keep-alive connection, then a 405
     d = await http_get(port, b"GET /derp/latency-check HTTP/1.1\r\nHost: x\r\n\r\n"
                              b"HEAD /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n"
-                             b"POST /derp/probe HTTP/1.1\r\nContent-Length: 3\r\n"
+                             b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                              b"Connection: close\r\n\r\nabc")
     assert d.count(b"HTTP/1.1 200 OK\r\n") == 2
     assert d.count(b"Access-Control-Allow-Origin: *\r\n") == 2
     assert b"HTTP/1.1 405 Method Not Allowed\r\n" in d and d.endswith(b"bogus probe method\n")
-    d = await http_get(port, b"GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: "
+    d = await http_get(port, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: "
                              b"ts_192.0.2.1\r\nConnection: close\r\n\r\n")
     assert d.startswith(b"HTTP/1.1 204 No Content\r\n")
     assert b"X-Tailscale-Response: response ts_192.0.2.1\r\n" in d
     assert b"Cache-Control: no-cache, no-store, must-revalidate, no-transform, max-age=0" in d
-    d = await http_get(port, b"GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: "
+    d = await http_get(port, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: "
                              b"bad challenge!\r\nConnection: close\r\n\r\n")
     assert b"X-Tailscale-Response" not in d
-    d = await http_get(port, b"GET /bootstrap-dns?q=x HTTP/1.1\r\n\r\n")
+    d = await http_get(port, b"GET /bootstrap-dns?q=x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert d.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in d
     d = await http_get(port, b"garbage\r\n\r\n")
     assert d.startswith(b"HTTP/1.1 400")
+    # HTTP/1.1 without Host is refused (RFC 9112 section 3.2), as Go's server does
+    d = await http_get(port, b"GET /derp/probe HTTP/1.1\r\n\r\n")
+    assert d.startswith(b"HTTP/1.1 400") and b"Host" in d
 
 
 async def test_websocket_variant(plain_relay: Relay) -> None:
@@ -388,7 +391,8 @@ async def test_websocket_variant(plain_relay: Relay) -> None:
             b"Sec-WebSocket-Protocol: derp\r\n\r\n")
     head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 2)
     assert head.startswith(b"HTTP/1.1 101")
-    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85")
+    # RFC 6455 section 1.3's GUID (an earlier hand-written handshake had its digits swapped)
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
                               .digest())
     assert b"Sec-WebSocket-Accept: " + accept in head
     assert b"Sec-WebSocket-Protocol: derp" in head

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.control.upgrade import add_routes, get_server
+from pyheadscale.listener import MainListener
 from pyheadscale.noise import (
     Initiator,
     ServerRefusedError,
@@ -39,7 +40,7 @@ class Server:
     url: str
     key: bytes
     app: web.Application
-    runner: web.AppRunner
+    listener: MainListener
     requests: list[ControlRequest] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     stream_bytes: int = 0
@@ -82,20 +83,17 @@ async def _dispatch(srv: Server, req: ControlRequest, resp: ResponseStream) -> N
 async def server() -> AsyncIterator[Server]:
     key = generate_private_key()
     app = web.Application()
-    runner = web.AppRunner(app)
-    srv = Server("", key, app, runner)
+    listener = MainListener(app)
+    srv = Server("", key, app, listener)
 
     async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
         await _dispatch(srv, req, resp)
 
     add_routes(app, key, dispatch, min_capver=113)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    srv.url = f"http://{host}:{port}"
+    await listener.start("127.0.0.1", 0, None)
+    srv.url = f"http://127.0.0.1:{listener.port}"
     yield srv
-    await asyncio.wait_for(runner.cleanup(), 10)
+    await asyncio.wait_for(listener.stop(), 10)
 
 
 # -- /key ---------------------------------------------------------------------------------
@@ -357,7 +355,7 @@ async def test_shutdown_closes_live_connections(server: Server) -> None:
     conn = await connect(server.url, generate_private_key())
     gen = conn.stream_map(b"{}", path="/ticker")
     await gen.__anext__()
-    await asyncio.wait_for(server.runner.cleanup(), 8)
+    await asyncio.wait_for(server.listener.stop(), 8)
     await asyncio.wait_for(conn.wait_closed(), 5)
     assert conn.closed
     await conn.close()
