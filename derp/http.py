@@ -129,7 +129,7 @@ def tune_socket(transport: asyncio.Transport) -> None:
 
 async def serve_derp(server: DerpServer, host: str, port: int,
                      ssl_context: ssl.SSLContext | None, *,
-                     bootstrap_dns: dict[str, list[str]] | None = None,
+                     bootstrap_dns: dict[str, list[str]] | BootstrapDNS | None = None,
                      reuse_port: bool = False) -> asyncio.base_events.Server:
     """Listen on host:port (TLS when ``ssl_context`` is given) and serve the DERP endpoints.
 
@@ -137,8 +137,14 @@ async def serve_derp(server: DerpServer, host: str, port: int,
     connections stay until ``await derp_server.close()``).  ``reuse_port`` lets several
     processes share the port (they must share the DERP key and mesh with each other).
     """
-    table = dict(bootstrap_dns or {})
-    router = first_match([derp_router(server, bootstrap_dns=lambda: table), _derper_pages])
+    if callable(bootstrap_dns):
+        lookup = bootstrap_dns
+    else:
+        table = dict(bootstrap_dns or {})
+
+        def lookup() -> dict[str, list[str]]:
+            return table
+    router = first_match([derp_router(server, bootstrap_dns=lookup), _derper_pages])
     loop = asyncio.get_running_loop()
     return await loop.create_server(
         lambda: FrontDoor(router, on_accept=tune_socket),

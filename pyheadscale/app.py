@@ -24,7 +24,7 @@ from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
-from pyheadscale.listener import MainListener
+from pyheadscale.listener import MainListener, add_takeover_route
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.state.oauth import OAuthStore
@@ -77,6 +77,8 @@ class Server:
 
         app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
         add_routes(app, noise_key, self.control.dispatch)
+        if self.derp is not None:
+            add_takeover_route(app, self.derp.router(lambda: self.control.mapctx.derp_map))
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
         add_page_routes(app, cfg.server_url)

@@ -1,10 +1,15 @@
 """The DERP relay and STUN server embedded in pyheadscale, and its DERP-map region.
 
-The relay always has its own TLS listener (`derp.server.listen_addr`, a pyheadscale key): our
-main port is aiohttp, which would lose the bytes a `Derp-Fast-Start` client sends before the
-101 (derp.md §1.2). Without a configured certificate it makes a self-signed one and pins it in
-the DERP map (`CertName: sha256-raw:...`, clients >= 1.82); older clients need a certificate
-they trust (`derp.server.tls_cert_path`) or `insecure_for_tests`.
+As in Headscale, the relay's routes (``/derp``, ``/derp/probe``, ``/derp/latency-check``,
+``/bootstrap-dns``, and ``/generate_204``) are served on the main listener, and when
+server_url is https the DERP map points at server_url's host and port: the relay shares the
+server's certificate (a file, ACME, or a TLS-terminating reverse proxy in front).
+
+The separate listener (``derp.server.listen_addr``, a pyheadscale key) is the other mode; it
+is also the default when server_url is plain http, because clients speak DERP only over TLS.
+Without ``derp.server.tls_cert_path`` it makes a self-signed certificate and pins it in the
+DERP map (``CertName: sha256-raw:...``, clients >= 1.82); older clients need a certificate
+they trust (``derp.server.tls_cert_path``) or ``insecure_for_tests``.
 """
 
 from __future__ import annotations
@@ -12,18 +17,25 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from derp.http import serve_derp
+from derp.frontdoor import Router
+from derp.http import derp_router, serve_derp
 from derp.keys import load_or_create_private_key
 from derp.server import DerpServer
 from derp.stun import serve_stun
 from derp.tls import cert_name, ensure_self_signed, server_ssl_context
-from pyheadscale.mapper.derpmap import embedded_region
+from pyheadscale.mapper.derpmap import embedded_region, server_url_port
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.derp")
+
+BOOTSTRAP_TTL = 600.0
+BOOTSTRAP_MAX_HOSTS = 64
 
 
 def _hostport(addr: str) -> tuple[str, int]:
@@ -39,6 +51,16 @@ class EmbeddedDerp:
         self._listener: asyncio.base_events.Server | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self.cert_pin: str | None = None
+        self.port = 0
+        self._derp_map: Callable[[], Mapping[str, Any]] = dict
+        self._bootstrap: dict[str, list[str]] = {}
+        self._bootstrap_at = float("-inf")
+        self._resolving: asyncio.Task[None] | None = None
+
+    @property
+    def on_main_listener(self) -> bool:
+        """The DERP map points at server_url (no separate listener)."""
+        return not self.srv_cfg.listen_addr
 
     async def _verify(self, node_key: bytes, source_ip: str) -> bool:
         return self.tailnet.node_by_node_key(node_key) is not None
@@ -52,14 +74,19 @@ class EmbeddedDerp:
         self.server = DerpServer(load_or_create_private_key(key_path),
                                  verify_client=self._verify if s.verify_clients else None,
                                  mesh_key=mesh_key)
-        if s.tls_cert_path:
-            cert, key = s.tls_cert_path, s.tls_key_path
+        if self.on_main_listener:
+            self.port = server_url_port(self.cfg.server_url)
         else:
-            cert, key = ensure_self_signed(Path(self.cfg.data_dir) / "derp_certs", s.hostname)
-            self.cert_pin = cert_name(cert)
-        host, self.port = _hostport(s.listen_addr)
-        self._listener = await serve_derp(self.server, host, self.port,
-                                          server_ssl_context(cert, key))
+            if s.tls_cert_path:
+                cert, key = s.tls_cert_path, s.tls_key_path
+            else:
+                cert, key = ensure_self_signed(Path(self.cfg.data_dir) / "derp_certs",
+                                               s.hostname)
+                self.cert_pin = cert_name(cert)
+            host, self.port = _hostport(s.listen_addr)
+            self._listener = await serve_derp(self.server, host, self.port,
+                                              server_ssl_context(cert, key),
+                                              bootstrap_dns=self._bootstrap_table)
         stun_host, self.stun_port = _hostport(s.stun_listen_addr)
         self._stun = await serve_stun(stun_host, self.stun_port)
         for peer in s.mesh_with:
@@ -68,7 +95,38 @@ class EmbeddedDerp:
             url = peer if "://" in peer else f"https://{peer}/derp"
             self.server.add_mesh_peer(url)
 
+    def router(self, derp_map: Callable[[], Mapping[str, Any]]) -> Router:
+        """The relay's routes for the main listener; /bootstrap-dns answers for the hosts of
+        ``derp_map()``, the DERP map clients currently get (as Headscale does)."""
+        self._derp_map = derp_map
+        return derp_router(self.server, bootstrap_dns=self._bootstrap_table)
+
+    def _bootstrap_table(self) -> dict[str, list[str]]:
+        # The front door answers synchronously: serve the last resolution and refresh it in
+        # the background when it is older than BOOTSTRAP_TTL.
+        if (time.monotonic() - self._bootstrap_at > BOOTSTRAP_TTL
+                and (self._resolving is None or self._resolving.done())):
+            self._resolving = asyncio.get_running_loop().create_task(self._resolve())
+        return self._bootstrap
+
+    async def _resolve(self) -> None:
+        self._bootstrap_at = time.monotonic()
+        hosts = sorted({str(n.get("HostName") or "")
+                        for r in (self._derp_map().get("Regions") or {}).values()
+                        for n in (r.get("Nodes") or ())} - {""})
+        loop = asyncio.get_running_loop()
+        table: dict[str, list[str]] = {}
+        for host in hosts[:BOOTSTRAP_MAX_HOSTS]:
+            try:
+                infos = await asyncio.wait_for(loop.getaddrinfo(host, None), 5)
+            except (OSError, TimeoutError):
+                continue
+            table[host] = sorted({str(i[4][0]) for i in infos})
+        self._bootstrap = table
+
     async def stop(self) -> None:
+        if self._resolving is not None:
+            self._resolving.cancel()
         if self._listener is not None:
             self._listener.close()
         if self._stun is not None:
@@ -94,6 +152,9 @@ class EmbeddedDerp:
             ipv4=ipv4, ipv6=ipv6, cert_sha256=pin, insecure_for_tests=s.insecure_for_tests)
 
     def describe(self) -> str:
-        tls = "self-signed, pinned" if self.cert_pin else "configured certificate"
-        return (f"region {self.srv_cfg.region_id} ({self.srv_cfg.region_code}) on "
-                f"{self.srv_cfg.listen_addr} (TLS, {tls}), STUN on {self.srv_cfg.stun_listen_addr}")
+        where = (f"the main listener ({urlsplit(self.cfg.server_url).netloc})"
+                 if self.on_main_listener else
+                 f"{self.srv_cfg.listen_addr} (TLS, "
+                 f"{'self-signed, pinned' if self.cert_pin else 'configured certificate'})")
+        return (f"region {self.srv_cfg.region_id} ({self.srv_cfg.region_code}) on {where}, "
+                f"STUN on {self.srv_cfg.stun_listen_addr}")

@@ -207,7 +207,13 @@ def _check_derp(cfg: Config) -> None:
         raise key_error("derp.server.stun_listen_addr",
                         "must be set if derp.server.enabled is true")
     _check_hostport("derp.server.stun_listen_addr", srv.stun_listen_addr, required=True)
-    _check_hostport("derp.server.listen_addr", srv.listen_addr or "", required=True)
+    if srv.listen_addr:
+        _check_hostport("derp.server.listen_addr", srv.listen_addr, required=True)
+    elif srv.tls_cert_path:
+        raise key_error("derp.server.tls_cert_path",
+                        "applies only to the separate relay listener: set "
+                        "derp.server.listen_addr, or remove it to serve DERP on the main "
+                        "listener with the server's own certificate")
     if srv.private_key_path is None:
         raise key_error("derp.server.private_key_path", "required when derp.server.enabled is true")
     if not 0 < srv.region_id <= 2**53 - 1:

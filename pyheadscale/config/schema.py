@@ -61,8 +61,9 @@ class DERPServerConfig(Section):
     automatically_add_embedded_derp_region: bool = True
     ipv4: IPv4Addr = None
     ipv6: IPv6Addr = None
-    # pyheadscale-only: the embedded DERP has its own TLS listener.
-    listen_addr: OptStr = None  # default: listen_addr's host, port 8443
+    # pyheadscale-only: a separate TLS listener for the relay.  Unset: the relay is on the
+    # main listener when server_url is https, else on listen_addr's host, port 8443.
+    listen_addr: OptStr = None
     hostname: OptStr = None  # default: host of server_url
     tls_cert_path: OptPath = None  # both absent: a self-signed certificate is generated
     tls_key_path: OptPath = None
@@ -307,9 +308,14 @@ class Config(BaseModel):
         srv = self.derp.server
         if srv.hostname is None:
             srv.hostname = urlsplit(self.server_url).hostname or None
-        if srv.listen_addr is None:
-            host = self.listen_addr.rpartition(":")[0] if ":" in self.listen_addr else ""
-            srv.listen_addr = f"{host}:8443"
+        if not srv.listen_addr:
+            # DERP is served on the main listener (the map points at server_url) when
+            # server_url is https; clients speak DERP only over TLS, so a plain-http server
+            # gets a separate TLS listener on port 8443 instead.
+            srv.listen_addr = None
+            if urlsplit(self.server_url).scheme != "https":
+                host = self.listen_addr.rpartition(":")[0] if ":" in self.listen_addr else ""
+                srv.listen_addr = f"{host}:8443"
         if self.tuning.batcher_workers <= 0:
             self.tuning.batcher_workers = max((os.cpu_count() or 1) * 3 // 4, 1)
         if self.tuning.register_cache_expiration <= timedelta(0):

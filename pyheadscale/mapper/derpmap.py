@@ -32,6 +32,7 @@ __all__ = [
     "DERPMapError",
     "embedded_region",
     "embedded_region_from_server_url",
+    "server_url_port",
     "load_derp_map_file",
     "merge_derp_maps",
     "parse_derp_map",
@@ -286,21 +287,27 @@ def embedded_region(
     ]
 
 
-def embedded_region_from_server_url(
-    server_url: str, stun_listen_addr: str, **kw: Any
-) -> dict[str, Any]:
-    """Host and DERP port from server_url (default 443/80 by scheme), STUN port from the listen addr."""
+def server_url_port(server_url: str) -> int:
+    """server_url's port, 443/80 by scheme when it has none (Headscale's GenerateRegion)."""
     u = urlsplit(server_url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise DERPMapError(f"server_url {server_url!r} is not an http(s) URL")
     try:
-        port = u.port or (443 if u.scheme == "https" else 80)
+        return u.port or (443 if u.scheme == "https" else 80)
     except ValueError:
         raise DERPMapError(f"server_url {server_url!r} has a bad port") from None
+
+
+def embedded_region_from_server_url(
+    server_url: str, stun_listen_addr: str, **kw: Any
+) -> dict[str, Any]:
+    """Host and DERP port from server_url (default 443/80 by scheme), STUN port from the listen addr."""
+    port = server_url_port(server_url)
+    host = urlsplit(server_url).hostname or ""
     _, sep, stun = stun_listen_addr.rpartition(":")
     if not sep or not stun.isdigit():
         raise DERPMapError(f"stun_listen_addr {stun_listen_addr!r} has no port")
-    return embedded_region(host=u.hostname, derp_port=port, stun_port=int(stun), **kw)
+    return embedded_region(host=host, derp_port=port, stun_port=int(stun), **kw)
 
 
 def merge_derp_maps(

@@ -168,10 +168,9 @@ def default_config(
                 "private_key_path": str(workdir / "derp_server_private.key"),
                 "automatically_add_embedded_derp_region": True,
                 "ipv4": host_ip,
-                # The test CA's certificate (valid for host_ip): every pinned client version
-                # trusts it through SSL_CERT_FILE, including v1.80 which cannot pin.
-                "tls_cert_path": str(ca.cert) if ca else "",
-                "tls_key_path": str(ca.key) if ca else "",
+                # With TLS the relay is on the main listener (as in Headscale) and shares its
+                # test-CA certificate, which every pinned client trusts through
+                # SSL_CERT_FILE; without TLS it gets a separate, self-signed listener.
             },
             # Never fetch Tailscale's production DERP map: the lab has no route out anyway.
             "urls": [],

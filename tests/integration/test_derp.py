@@ -267,9 +267,13 @@ class MeshRegion:
                         "--verify-client-url-fail-open=false"],
             env={"SSL_CERT_FILE": str(self.ca.ca_cert)},
         )  # fmt: skip
+        # The embedded relay on its separate listener (derp.server.listen_addr), so a
+        # client can be kept off it without losing the control server on 443.
         self.tn = tailnets(self.server_host, ca=self.ca, overrides={"derp": {
             "paths": [str(paths_file)],
             "server": {"automatically_add_embedded_derp_region": False,
+                       "listen_addr": "0.0.0.0:8443",
+                       "tls_cert_path": str(self.ca.cert), "tls_key_path": str(self.ca.key),
                        "hostname": self.NAMES[0],
                        "mesh_key_path": str(self.mesh_key_file),
                        "mesh_with": [f"{relay_ip}:443"]},
@@ -388,6 +392,62 @@ def test_relays_refuse_unknown_node_keys_and_admit_known_ones(
     assert got["admitted"] is False, got
 
 
+def _derpprobe_once(derpprobe: Path, host: Host, hosts: dict[str, str], map_file: Path,
+                    mesh_key_file: Path, ca_file: Path) -> tuple[int, set[str], list[str], str]:
+    """One `derpprobe --once` over `map_file`: (exit code, good probes, bad lines, output)."""
+    out = run_with_hosts(
+        host, hosts,
+        [str(derpprobe), f"--derp-map=file://{map_file}", "--once", "--spread=false",
+         f"--mesh-psk-file={mesh_key_file}"],
+        map_file.with_suffix(".hosts"), timeout=120, env={"SSL_CERT_FILE": str(ca_file)},
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    return (out.returncode, set(re.findall(r"good: ([^:\s]+):", text)),
+            re.findall(r"bad: (.*)", text), text)  # fmt: skip
+
+
+def _client_derp_map(ts: Tailscaled, path: Path) -> dict[str, Any]:
+    """The DERP map as a client received it (`tailscale debug derp-map`), also saved to path."""
+    res = ts.cli("debug", "derp-map")
+    assert res.returncode == 0, res.stderr
+    path.write_text(res.stdout)
+    return dict(json.loads(res.stdout))
+
+
+def test_derpprobe_healthy_on_main_port(
+    topology: Topology,
+    workdir: Path,
+    tailnets: Callable[..., Tailnet],
+    tailscaled_factory: Callable[..., Tailscaled],
+    derpprobe: Path,
+) -> None:
+    """The relay on the main listener, as Headscale serves it: the DERP map points at
+    server_url's port 443 with no certificate pin (the relay shares the control server's
+    certificate), and Tailscale's prober finds its TLS, STUN and mesh probes healthy. The
+    host name is a DNS name because derpprobe's mesh probe needs SNI."""
+    server_host = topology.add_server_host()
+    name = "hs.test"
+    ca = make_test_ca(workdir / "tls-main", ips=(server_host.ip,), dns_names=(name,))
+    mesh_key = workdir / "mesh-main.key"
+    mesh_key.write_text(secrets.token_hex(32) + "\n")
+    tn = tailnets(server_host, ca=ca, overrides={"derp": {"server": {
+        "hostname": name, "mesh_key_path": str(mesh_key)}}})
+    host = topology.add_host("prober")
+    ts = tailscaled_factory(host, V102, ssl_cert_file=tn.ca_file)
+    tn.join(ts)
+    map_file = workdir / "derpmap-main.json"
+    node = _client_derp_map(ts, map_file)["Regions"][str(REGION_ID)]["Nodes"][0]
+    assert node["HostName"] == name and node["DERPPort"] == 443, node
+    assert "CertName" not in node, node
+    rc, good, bad, text = _derpprobe_once(derpprobe, host, {name: server_host.ip}, map_file,
+                                          mesh_key, tn.ca_file)
+    assert not bad and rc == 0, f"derpprobe reported problems:\n{text}"
+    n = node["Name"]
+    want = {f"derp/{REGION_CODE}/{n}/tls", f"derp/{REGION_CODE}/{n}/udp",
+            f"derp/{REGION_CODE}/{n}/{n}/mesh"}
+    assert want <= good, f"missing {sorted(want - good)}:\n{text}"
+
+
 def test_derpprobe_reports_region_healthy(
     mesh_region: MeshRegion,
     topology: Topology,
@@ -403,24 +463,14 @@ def test_derpprobe_reports_region_healthy(
     host = topology.add_host("prober")
     ts = tailscaled_factory(host, V102, ssl_cert_file=tn.ca_file)
     tn.join(ts)
-    res = ts.cli("debug", "derp-map")
-    assert res.returncode == 0, res.stderr
-    derp_map = json.loads(res.stdout)
+    map_file = workdir / "derpmap.json"
+    derp_map = _client_derp_map(ts, map_file)
     nodes = [n["Name"] for n in derp_map["Regions"][str(REGION_ID)]["Nodes"]]
     assert nodes == [f"{REGION_ID}a", f"{REGION_ID}b"], derp_map
-    map_file = workdir / "derpmap.json"
-    map_file.write_text(json.dumps(derp_map))
 
     def probe_once() -> tuple[int, set[str], list[str], str]:
-        out = run_with_hosts(
-            host, region.hosts,
-            [str(derpprobe), f"--derp-map=file://{map_file}", "--once", "--spread=false",
-             f"--mesh-psk-file={region.mesh_key_file}"],
-            workdir / "prober-hosts", timeout=120, env={"SSL_CERT_FILE": str(tn.ca_file)},
-        )  # fmt: skip
-        text = out.stdout + out.stderr
-        return (out.returncode, set(re.findall(r"good: ([^:\s]+):", text)),
-                re.findall(r"bad: (.*)", text), text)  # fmt: skip
+        return _derpprobe_once(derpprobe, host, region.hosts, map_file,
+                               region.mesh_key_file, tn.ca_file)
 
     rc, good, bad, text = probe_once()
     if bad:
@@ -446,13 +496,14 @@ def test_pinned_self_signed_certificate(
     tailnets: Callable[..., Tailnet],
     tailscaled_factory: Callable[..., Tailscaled],
 ) -> None:
-    """No derp.server.tls_cert_path: the embedded relay makes a self-signed certificate and
+    """The separate relay listener without derp.server.tls_cert_path: the embedded relay makes
+    a self-signed certificate and
     the DERP map pins it (CertName "sha256-raw:<hex>"). Clients >= 1.82 (v1.92.5, v1.102.5)
     connect and relay through it with no CA to trust; v1.102.5's `debug derp` also checks the
     pin. v1.80.3 predates pins: it takes CertName as the TLS server name and fails, which is
     why a deployment with v1.80 clients must configure derp.server.tls_cert_path."""
     tn = tailnets(topology.add_server_host(),
-                  overrides={"derp": {"server": {"tls_cert_path": "", "tls_key_path": ""}}})
+                  overrides={"derp": {"server": {"listen_addr": "0.0.0.0:8443"}}})
     a, b, old = topology.add_host("a"), topology.add_host("b"), topology.add_host("old")
     topology.block_udp(a, b)
     topology.block_udp(a, old)

@@ -664,8 +664,18 @@ def test_derp_extension_defaults_follow_server(tmp_path: Path) -> None:
                                    "private_key_path": "derp.key"}})
     cfg = load(tmp_path, data)
     assert cfg.derp.server.hostname == "hs.example.net"
-    assert cfg.derp.server.listen_addr == "0.0.0.0:8443"
+    # https server_url: the relay is on the main listener, as in Headscale
+    assert cfg.derp.server.listen_addr is None
     assert cfg.derp.server.private_key_path == tmp_path.resolve() / "derp.key"
+    # plain http: clients need TLS for DERP, so a separate listener on port 8443
+    cfg = load(tmp_path, {**data, "server_url": "http://hs.example.net:8080"})
+    assert cfg.derp.server.listen_addr == "0.0.0.0:8443"
+    # a relay certificate without the separate listener would be ignored: refused
+    bad = {**data, "derp": {"server": {**data["derp"]["server"],
+                                       "tls_cert_path": "c.pem", "tls_key_path": "k.pem"}}}
+    with pytest.raises(ConfigError, match="derp.server.tls_cert_path: applies only to the "
+                                          "separate relay listener"):
+        load(tmp_path, bad)
     data["derp"]["server"].update(hostname="203.0.113.7", listen_addr="[::]:443",
                                   tls_cert_path="c.pem", tls_key_path="k.pem")
     cfg = load(tmp_path, data)

@@ -1,0 +1,148 @@
+"""The embedded relay on pyheadscale's main TLS listener (server_url https, no
+derp.server.listen_addr): its routes, fast start, the DERP map, and the control plane and
+API on the same port.  In-process on loopback; official clients show the same in
+tests/integration/test_derp.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from derp import protocol as p
+from derp.client import DerpClient, _ClientProtocol
+from derp.keys import generate_private_key as derp_key
+from derp.tls import client_ssl_context, ensure_self_signed
+from pyheadscale.app import Server
+from pyheadscale.config import load_config
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    port = _free_port()
+    cert, key = ensure_self_signed(tmp_path / "tls", "127.0.0.1")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "server_url": f"https://127.0.0.1:{port}",
+        "listen_addr": f"127.0.0.1:{port}",
+        "metrics_listen_addr": "",
+        "tls_cert_path": str(cert), "tls_key_path": str(key),
+        "data_dir": str(tmp_path),
+        "noise": {"private_key_path": str(tmp_path / "noise.key")},
+        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48"},
+        "database": {"type": "sqlite", "sqlite": {"path": str(tmp_path / "db.sqlite")}},
+        "derp": {"server": {"enabled": True, "verify_clients": False,
+                            "stun_listen_addr": f"127.0.0.1:{_free_port(socket.SOCK_DGRAM)}",
+                            "private_key_path": str(tmp_path / "derp.key")},
+                 "urls": []},
+        "unix_socket": str(tmp_path / "hs.sock"),
+        "dns": {"magic_dns": True, "base_domain": "tailnet.test", "override_local_dns": False},
+    }))
+    srv = Server(load_config(cfg_path))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def _tls(server: Server) -> ssl.SSLContext:
+    return client_ssl_context(Path(server.cfg.data_dir) / "tls" / "127.0.0.1.crt")
+
+
+def _port(server: Server) -> int:
+    return int(str(server.cfg.listen_addr).rpartition(":")[2])
+
+
+async def _get(server: Server, raw: bytes) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", _port(server), ssl=_tls(server))
+    w.write(raw)
+    data = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    return data
+
+
+async def test_map_points_at_server_url(server: Server) -> None:
+    assert server.derp is not None and server.derp.on_main_listener
+    region = server.control.mapctx.derp_map["Regions"]["999"]
+    node = region["Nodes"][0]
+    assert node["HostName"] == "127.0.0.1" and node["DERPPort"] == _port(server)
+    assert "CertName" not in node  # the server's own certificate, trusted as such
+
+
+async def test_relay_and_control_share_the_port(server: Server) -> None:
+    url = f"https://127.0.0.1:{_port(server)}/derp"
+    a = await DerpClient.connect(url, derp_key(), ssl=_tls(server))
+    b = await DerpClient.connect(url, derp_key(), ssl=_tls(server),
+                                 fast_start_key=server.derp.server.public_key)
+    a.send(b.public_key, b"hello over 443")
+    assert (await b.recv_packet(2)).data == b"hello over 443"
+    b.send(a.public_key, b"and back")
+    assert (await a.recv_packet(2)).data == b"and back"
+    # The same listener still serves the control plane and aiohttp's routes.
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://127.0.0.1:{_port(server)}/health", ssl=_tls(server)) as r:
+            assert r.status == 200
+    await a.close()
+    await b.close()
+
+
+async def test_fast_start_pipelined_bytes_on_main_port(server: Server) -> None:
+    url = f"https://127.0.0.1:{_port(server)}/derp"
+    b = await DerpClient.connect(url, derp_key(), ssl=_tls(server))
+    a = DerpClient(derp_key())
+    pub = server.derp.server.public_key
+    loop = asyncio.get_running_loop()
+    await loop.create_connection(lambda: _ClientProtocol(a), "127.0.0.1", _port(server),
+                                 ssl=_tls(server))
+    a._in_http = False
+    a.server_key = pub
+    a._expect_server_key = pub
+    req = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n" \
+          b"Derp-Fast-Start: 1\r\n\r\n"
+    ci = p.client_info_frame(a.private_key, pub, p.ClientInfo())
+    a._transport.write(req + ci + p.send_packet_frame(b.public_key, b"pipelined"))
+    await asyncio.wait_for(a._handshake, 2)
+    assert a.http_status is None
+    ev = await b.recv_packet(2)
+    assert ev.data == b"pipelined" and ev.src == a.public_key
+    await a.close()
+    await b.close()
+
+
+async def test_probe_routes_and_bootstrap_dns(server: Server) -> None:
+    d = await _get(server, b"HEAD /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert d.startswith(b"HTTP/1.1 200") and b"Access-Control-Allow-Origin: *" in d
+    d = await _get(server, b"GET /derp/latency-check HTTP/1.1\r\nHost: x\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert d.startswith(b"HTTP/1.1 200")
+    d = await _get(server, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\n"
+                           b"X-Tailscale-Challenge: abc\r\nConnection: close\r\n\r\n")
+    assert d.startswith(b"HTTP/1.1 204") and b"X-Tailscale-Response: response abc" in d
+    d = await _get(server, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert d.startswith(b"HTTP/1.1 426")
+    # /bootstrap-dns answers for the DERP map's hosts (resolved in the background).
+    for _ in range(50):
+        d = await _get(server, b"GET /bootstrap-dns HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = json.loads(d.partition(b"\r\n\r\n")[2])
+        if body:
+            break
+        await asyncio.sleep(0.05)
+    assert body == {"127.0.0.1": ["127.0.0.1"]}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://127.0.0.1:{_port(server)}/key?v=113",
+                         ssl=_tls(server)) as r:
+            assert r.status == 200 and (await r.json())["publicKey"].startswith("mkey:")
