@@ -24,9 +24,11 @@ from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
+from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
 from pyheadscale.listener import MainListener, add_takeover_route
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
+from pyheadscale.servertls import ServerTLS
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
 
@@ -40,12 +42,6 @@ def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
-
-
 class Server:
     """One running pyheadscale: state, control plane, embedded DERP and the HTTP listeners."""
 
@@ -54,6 +50,7 @@ class Server:
         self.runners: list[web.BaseRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.derp: EmbeddedDerp | None = None
+        self.acme: AcmeManager | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -89,9 +86,22 @@ class Server:
         add_v2_routes(app, self.v2, trusted=False)
 
         host, port = split_hostport(cfg.listen_addr, 8080)
-        ssl_ctx = tls_context(cfg.tls_cert_path, cfg.tls_key_path) if cfg.tls_cert_path else None
+        tls: ServerTLS | None = None
+        if cfg.tls_letsencrypt_hostname:
+            tls = ServerTLS(peek_alpn=cfg.tls_letsencrypt_challenge_type == "TLS-ALPN-01")
+            self.acme = AcmeManager(AcmeSettings(
+                hostname=cfg.tls_letsencrypt_hostname,
+                challenge=cfg.tls_letsencrypt_challenge_type,
+                directory_url=cfg.acme_url, email=cfg.acme_email,
+                cache_dir=Path(cfg.tls_letsencrypt_cache_dir),
+                http_listen=cfg.tls_letsencrypt_listen, server_url=cfg.server_url), tls)
+        elif cfg.tls_cert_path:
+            tls = ServerTLS()
+            tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
         self.main = MainListener(app)
-        await self.main.start(host, port, ssl_ctx)
+        await self.main.start(host, port, tls)
+        if self.acme is not None:
+            await self.acme.start()
         if cfg.metrics_listen_addr:
             metrics = web.Application()
             metrics.router.add_get("/metrics", self.metrics)
@@ -153,6 +163,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.control.stop()
+        if self.acme is not None:
+            await self.acme.stop()
         await self.main.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()

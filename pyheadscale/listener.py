@@ -10,12 +10,18 @@ never uses aiohttp's internals, so any aiohttp release works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
-import ssl
+from collections.abc import Callable
 
 from aiohttp import web
 
 from derp.frontdoor import FrontDoor, Router, first_match
+from pyheadscale.servertls import ServerTLS, peek_client_hello
+
+log = logging.getLogger(__name__)
+HANDSHAKE_TIMEOUT = 10.0
 
 _TAKEOVER = web.AppKey("pyheadscale_takeover_routes", list[Router])
 
@@ -33,29 +39,72 @@ class MainListener:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        self._servers: list[asyncio.base_events.Server] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._lsock: socket.socket | None = None  # the TLS-ALPN-01 accept loop's socket
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> None:
+    async def start(self, host: str, port: int, tls: ServerTLS | None) -> None:
         await self.runner.setup()
         fallback = self.runner.server
         assert fallback is not None  # set by setup()
         routers: list[Router] = self.app[_TAKEOVER] if _TAKEOVER in self.app else []
         router = first_match(routers)
+
+        def door() -> FrontDoor:
+            return FrontDoor(router, fallback)
+
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(
-            lambda: FrontDoor(router, fallback), host or None, port, ssl=ssl_ctx,
-            reuse_address=True, backlog=1024))
+        if tls is not None and tls.peek_alpn:
+            lsock = socket.create_server((host, port), backlog=1024)
+            lsock.setblocking(False)
+            self._lsock = lsock
+            self._accepting = loop.create_task(self._accept_loop(lsock, door, tls))
+            return
+        self._server = await loop.create_server(
+            door, host or None, port, ssl=None if tls is None else tls.base,
+            reuse_address=True, backlog=1024)
+
+    async def _accept_loop(self, lsock: socket.socket, door: Callable[[], FrontDoor],
+                           tls: ServerTLS) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(lsock)
+            task = loop.create_task(self._tls_accept(sock, door, tls))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _tls_accept(self, sock: socket.socket, door: Callable[[], FrontDoor],
+                          tls: ServerTLS) -> None:
+        """Pick the context from the ClientHello (TLS-ALPN-01), then serve as usual."""
+        loop = asyncio.get_running_loop()
+        try:
+            hello = await asyncio.wait_for(peek_client_hello(sock), HANDSHAKE_TIMEOUT)
+            await loop.connect_accepted_socket(door, sock, ssl=tls.context_for(hello),
+                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            log.debug("TLS connection failed before the handshake finished: %r", e)
+            sock.close()
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return [s for srv in self._servers for s in srv.sockets]
+        if self._lsock is not None:
+            return [self._lsock]
+        return [] if self._server is None else list(self._server.sockets)
 
     @property
     def port(self) -> int:
         return int(self.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        for srv in self._servers:
-            srv.close()
+        if self._server is not None:
+            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            for t in list(self._handshakes):
+                t.cancel()
+            assert self._lsock is not None
+            with contextlib.suppress(OSError):
+                self._lsock.close()
         # on_shutdown closes taken-over connections; aiohttp closes the ones it serves.
         await self.runner.cleanup()

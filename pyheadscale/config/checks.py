@@ -3,6 +3,7 @@ cross-field rules (validateServerConfig, LoadServerConfig and helpers), with its
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network
@@ -101,6 +102,18 @@ def _check_server_url(cfg: Config) -> None:
                                       "DERP and headscale server unreachable")
 
 
+def parse_listen(addr: str) -> tuple[str, int]:
+    """``host:port`` where port may be a service name (``:http`` is port 80), as Go's."""
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f"{addr!r} is not host:port")
+    try:
+        number = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
+    except OSError:
+        raise ValueError(f"unknown port {port!r} in {addr!r}") from None
+    return host.strip("[]"), number
+
+
 def check(cfg: Config, warns: list[str]) -> None:
     """Headscale's cross-field checks (validateServerConfig, LoadServerConfig and helpers)."""
     _check_server_url(cfg)
@@ -129,6 +142,13 @@ def check(cfg: Config, warns: list[str]) -> None:
         raise key_error("tls_letsencrypt_challenge_type", "the only supported values are "
                         "HTTP-01 and TLS-ALPN-01, got "
                         f"{quoted(cfg.tls_letsencrypt_challenge_type)}")
+    if cfg.tls_letsencrypt_hostname and cfg.tls_letsencrypt_challenge_type == "HTTP-01":
+        try:
+            parse_listen(cfg.tls_letsencrypt_listen)
+        except ValueError as e:
+            raise key_error("tls_letsencrypt_listen", str(e)) from None
+    if cfg.tls_letsencrypt_hostname and cfg.tls_letsencrypt_cache_dir is None:
+        raise key_error("tls_letsencrypt_cache_dir", "required with tls_letsencrypt_hostname")
     if (cfg.tls_letsencrypt_hostname and cfg.tls_letsencrypt_challenge_type == "TLS-ALPN-01"
             and not cfg.listen_addr.endswith(":443")):
         warns.append("when using tls_letsencrypt_hostname with TLS-ALPN-01 as challenge type, "

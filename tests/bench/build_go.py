@@ -1,6 +1,6 @@
-"""Build (or reuse) the Go programs the benchmarks compare against.
+"""Build (or reuse) the Go programs the benchmarks compare against and the ACME tests use.
 
-`python -m tests.bench.build_go` builds Headscale and Tailscale's derper with `go install
+`python -m tests.bench.build_go` builds Headscale, Tailscale's derper and Pebble with `go install
 <pkg>@<version>` into <cache>/<tool>/<version>/ (cache: $PYHEADSCALE_CACHE or
 ~/.cache/pyheadscale). A binary already there is reused. Builds go to a temporary directory
 first, so an interrupted build never leaves a half-written binary behind.
@@ -39,6 +39,7 @@ class GoTool:
     cache_group: str  # <cache>/<cache_group>/<version>/<name>
     package: str  # go install path without @version
     version: str
+    probe: tuple[str, ...] = ("--version",)  # arguments that make a working binary exit 0
 
     @property
     def path(self) -> Path:
@@ -48,14 +49,22 @@ class GoTool:
 HEADSCALE = GoTool("headscale", "headscale", "github.com/juanfont/headscale/cmd/headscale",
                    HEADSCALE_VERSION)
 DERPER = GoTool("derper", "tailscale", "tailscale.com/cmd/derper", DERPER_VERSION)
-TOOLS = {"headscale": HEADSCALE, "derper": DERPER}
+# Let's Encrypt's test ACME server and its challenge/DNS test server (the ACME tests).
+PEBBLE_VERSION = "v2.10.3"
+PEBBLE = GoTool("pebble", "pebble", "github.com/letsencrypt/pebble/v2/cmd/pebble",
+                PEBBLE_VERSION, probe=("-version",))
+CHALLTESTSRV = GoTool("pebble-challtestsrv", "pebble",
+                      "github.com/letsencrypt/pebble/v2/cmd/pebble-challtestsrv",
+                      PEBBLE_VERSION, probe=("-h",))
+TOOLS = {"headscale": HEADSCALE, "derper": DERPER, "pebble": PEBBLE,
+         "pebble-challtestsrv": CHALLTESTSRV}
 
 
 def _works(tool: GoTool) -> bool:
     p = tool.path
     if not p.is_file() or not os.access(p, os.X_OK):
         return False
-    probe = ["version"] if tool.name == "headscale" else ["--version"]
+    probe = ["version"] if tool.name == "headscale" else list(tool.probe)
     try:
         res = subprocess.run([str(p), *probe], capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
