@@ -254,6 +254,8 @@ class AcmeManager:
                     token = chall.encode("token")
                     self.http_tokens[token] = chall.key_authorization(jwk)
                     answered.append(token)
+                log.info("ACME: answering the %s challenge for %s", want,
+                         authz.body.identifier.value)
                 acme.answer_challenge(challb, chall.response(jwk))
             deadline = dt.datetime.now() + ISSUE_TIMEOUT
             try:

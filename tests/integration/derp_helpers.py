@@ -35,11 +35,14 @@ class Tailnet:
         *,
         overrides: Mapping[str, Any] | None = None,
         ca: CertAuthority | None = None,
+        start_timeout: float = 30,
+        **server_kwargs: Any,
     ) -> None:
-        self.server = PyHeadscale(host, workdir / "server", overrides, ca=ca, start=False)
+        self.server = PyHeadscale(host, workdir / "server", overrides, ca=ca, start=False,
+                                  **server_kwargs)
         seeded = seed(self.server, ["alice"], {"k": {"user": "alice", "reusable": True}})
         self.authkey: str = seeded["keys"]["k"]
-        self.server.start()
+        self.server.start(timeout=start_timeout)
 
     @property
     def ca_file(self) -> Path:

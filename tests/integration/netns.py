@@ -25,12 +25,14 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 INTERNET_SUBNET = "198.51.100.0/24"
@@ -342,6 +344,18 @@ class Topology:
         host._ip("route", "add", "default", "via", seg.gateway)
         self.hosts[name] = host
         return host
+
+    def set_hosts_file(self, ns: Namespace, names: Mapping[str, str]) -> None:
+        """Give processes started in `ns` these host names (name -> IP).
+
+        `ip netns exec` bind-mounts the files of /etc/netns/<namespace>/ over /etc, so only
+        that namespace's processes see this /etc/hosts; teardown removes it.
+        """
+        d = Path("/etc/netns") / ns.ns
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost\n"] + [f"{ip} {name}\n" for name, ip in names.items()]
+        (d / "hosts").write_text("".join(lines))
+        self._track(f"hosts file {d}", lambda: shutil.rmtree(d, ignore_errors=True))
 
     def add_server_host(self, name: str = "server") -> Host:
         """The control server's host at 198.51.100.1 on the internet segment."""

@@ -210,8 +210,14 @@ class PyHeadscale:
         python: str | Path = VENV_PYTHON,
         start: bool = True,
         start_timeout: float = 30,
+        client_ca: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`client_ca`: what clients must trust when the certificate is not the test CA's
+        (ACME); `env`: extra environment for the server process."""
         self.host = host
+        self._client_ca = client_ca
+        self._env = dict(env or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = str(python)
@@ -241,6 +247,8 @@ class PyHeadscale:
     @property
     def ca_file(self) -> Path | None:
         """The PEM to hand clients as SSL_CERT_FILE (None without TLS)."""
+        if self._client_ca is not None:
+            return self._client_ca
         return self.ca.ca_cert if self.ca else None
 
     @property
@@ -259,7 +267,7 @@ class PyHeadscale:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={"PYTHONUNBUFFERED": "1"},
+                env={"PYTHONUNBUFFERED": "1", **self._env},
             )
         self.wait_healthy(timeout)
 
