@@ -27,6 +27,7 @@ clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients --extra derper,derpprobe
 	$(PY) -m tests.integration.idp
 	$(PY) -m tests.apiv2.build
+	$(PY) -m tests.bench.build_go pebble pebble-challtestsrv
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check pyheadscale derp tests

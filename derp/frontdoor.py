@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,8 +60,9 @@ class RequestHead:
     target: str
     version: str  # "1.1" or "1.0"
     headers: Headers  # names lower-cased, in arrival order
-    peer: tuple[str, int]  # the TCP peer (not X-Forwarded-For: that is the app's business)
+    peer: tuple[str, int]  # the TCP peer
     tls: bool
+    client: str = ""  # the client's address: the peer's, or what a trusted proxy says
 
     @property
     def path(self) -> str:
@@ -118,6 +120,20 @@ class WebSocket:
 
 Route = Reply | Upgrade | WebSocket | None  # None: not this router's path
 Router = Callable[[RequestHead], Route]
+# After each exchange: the request, the response status (101 for a takeover) and seconds.
+OnExchange = Callable[[RequestHead, int, float], None]
+
+
+class ClientResolver(Protocol):
+    """Who the client is behind a reverse proxy (pyheadscale's trusted_proxies)."""
+
+    def client(self, peer: str, headers: Headers) -> str:
+        """The client's address for a request from ``peer``."""
+        ...
+
+    def strip(self, peer: str, headers: Headers) -> Headers | None:
+        """``headers`` without proxy headers a handler must not believe; None: keep all."""
+        ...
 
 
 def first_match(routers: Sequence[Router]) -> Router:
@@ -172,10 +188,16 @@ class FrontDoor(asyncio.Protocol):
 
     def __init__(self, router: Router,
                  fallback: Callable[[], asyncio.Protocol] | None = None,
-                 on_accept: Callable[[asyncio.Transport], None] | None = None) -> None:
+                 on_accept: Callable[[asyncio.Transport], None] | None = None, *,
+                 resolver: ClientResolver | None = None,
+                 on_exchange: OnExchange | None = None) -> None:
         self._router = router
         self._fallback = fallback
         self._on_accept = on_accept
+        self._resolver = resolver
+        self._on_exchange = on_exchange
+        self._started = 0.0
+        self._dropped: frozenset[bytes] = frozenset()  # header names the fallback must not see
         self._t: asyncio.Transport | None = None
         self._in = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._peer: tuple[str, int] = ("", 0)
@@ -309,11 +331,20 @@ class FrontDoor(asyncio.Protocol):
             self._bad_request(h11.RemoteProtocolError(
                 "both Transfer-Encoding and Content-Length", 400))
             return
+        self._started = time.monotonic()
+        headers = tuple((k.decode("ascii"), v.decode("latin-1")) for k, v in req.headers)
+        client, self._dropped = self._peer[0], frozenset()
+        if self._resolver is not None:
+            kept = self._resolver.strip(self._peer[0], headers)
+            if kept is not None:
+                self._dropped = frozenset(k.encode() for k, _ in headers) - {
+                    k.encode() for k, _ in kept}
+                headers = kept
+            client = self._resolver.client(self._peer[0], headers)
         head = RequestHead(
             method=req.method.decode("ascii"), target=req.target.decode("latin-1"),
-            version=req.http_version.decode("ascii"),
-            headers=tuple((k.decode("ascii"), v.decode("latin-1")) for k, v in req.headers),
-            peer=self._peer, tls=self._tls)
+            version=req.http_version.decode("ascii"), headers=headers,
+            peer=self._peer, tls=self._tls, client=client)
         self._head = head
         self._keep = _keep_alive(head)
         if head.method == "CONNECT":
@@ -340,6 +371,7 @@ class FrontDoor(asyncio.Protocol):
         self._keep = self._keep and not r.close
         self._t.write(response_bytes(r.status, r.body, r.headers, close=not self._keep,
                                      head_only=self._head.method == "HEAD"))
+        self._exchanged(r.status)
         # The exchange ends at the request's EndOfMessage (its body, if any, is discarded).
 
     def _on_request_end(self, ev: h11.EndOfMessage) -> None:
@@ -347,6 +379,13 @@ class FrontDoor(asyncio.Protocol):
             self._app.body_end(ev)  # the exchange ends when the fallback's response does
         else:
             self._end_exchange()
+
+    def _exchanged(self, status: int) -> None:
+        if self._on_exchange is not None and self._head is not None:
+            try:
+                self._on_exchange(self._head, status, time.monotonic() - self._started)
+            except Exception:  # a logging hook must not take the connection down
+                log.exception("on_exchange hook failed")
 
     def _end_exchange(self) -> None:
         """A request and its response are both complete: next request, or close."""
@@ -391,6 +430,7 @@ class FrontDoor(asyncio.Protocol):
         surplus, _ = self._in.trailing_data
         self._done = True
         self._cancel_timer()
+        self._exchanged(101)
         if self._app is not None:  # the fallback served earlier requests on this connection
             self._app.lost(None)
             self._app = None
@@ -417,11 +457,13 @@ class _Fallback:
         self._request_open = False
         self._chunked = False
         self._out: h11.Connection | None = None  # reads the fallback's response
+        self.status = 0
         self._detached = False
         proto.connection_made(self.vt)
 
     def request(self, req: h11.Request, head: RequestHead) -> None:
         self.busy = True
+        self.status = 0
         self._request_open = True
         out = h11.Connection(h11.CLIENT)
         # The tracker only needs the method (HEAD has no body) to find the response's end.
@@ -433,9 +475,10 @@ class _Fallback:
         # h11 accepts no Transfer-Encoding but chunked, and the door refused it beside
         # Content-Length: the framing is unambiguous.
         self._chunked = any(k == b"transfer-encoding" for k, _ in req.headers)
+        dropped = self.door._dropped
         for name, value in req.headers.raw_items():
             low = name.lower()
-            if low == b"upgrade":  # no upgrades reach the fallback: the door owns them
+            if low == b"upgrade" or low in dropped:  # the door owns upgrades
                 continue
             if low == b"connection":
                 value = b", ".join(t for t in (x.strip() for x in value.split(b","))
@@ -476,7 +519,9 @@ class _Fallback:
                 return
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
-            if isinstance(ev, h11.EndOfMessage):
+            if isinstance(ev, h11.Response):
+                self.status = ev.status_code
+            elif isinstance(ev, h11.EndOfMessage):
                 self._out = None
                 if not self._request_open:
                     self._exchange_done()
@@ -484,6 +529,7 @@ class _Fallback:
 
     def _exchange_done(self) -> None:
         self.busy = False
+        self.door._exchanged(self.status)
         self.door._end_exchange()
 
     def closed_by_app(self) -> None:

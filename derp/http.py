@@ -59,7 +59,10 @@ def derp_router(server: DerpServer, *,
     def attach(head: RequestHead) -> Callable[..., asyncio.BaseProtocol]:
         def start(transport: asyncio.Transport, prefix: bytes,
                   surplus: bytes) -> asyncio.BaseProtocol:
-            conn = server.new_connection(head.peer[0], head.peer[1],
+            # Behind a trusted proxy the client's address, not the proxy's (no port then).
+            ip = head.client or head.peer[0]
+            port = head.peer[1] if ip == head.peer[0] else 0
+            conn = server.new_connection(ip, port,
                                          not_ideal=head.header("ideal-node") is not None)
             conn.start(transport, prefix, surplus)
             return conn

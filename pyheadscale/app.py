@@ -28,6 +28,7 @@ from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
 from pyheadscale.listener import MainListener, add_takeover_route
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
+from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
@@ -98,7 +99,7 @@ class Server:
         elif cfg.tls_cert_path:
             tls = ServerTLS()
             tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
-        self.main = MainListener(app)
+        self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies))
         await self.main.start(host, port, tls)
         if self.acme is not None:
             await self.acme.start()

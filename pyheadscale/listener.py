@@ -13,15 +13,39 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from derp.frontdoor import FrontDoor, Router, first_match
+from derp.frontdoor import FrontDoor, RequestHead, Router, first_match
+from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS, peek_client_hello
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("pyheadscale.access")
 HANDSHAKE_TIMEOUT = 10.0
+_REAL_IP = web.AppKey("pyheadscale_real_ip", RealIP)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def log_exchange(head: RequestHead, status: int, seconds: float) -> None:
+    """One access-log line per request on the main listener (the query string is left out:
+    OIDC callbacks carry codes in it)."""
+    access_log.info("remote=%s method=%s path=%s status=%d duration=%.1fms",
+                    head.client, head.method, head.path, status, seconds * 1000)
+
+
+@web.middleware
+async def real_ip_middleware(request: web.Request,
+                             handler: Handler) -> web.StreamResponse:
+    """``request.remote`` is the client behind a trusted proxy (the door stripped the proxy
+    headers of untrusted peers before aiohttp saw the request)."""
+    real_ip = request.app[_REAL_IP]
+    peer = request.remote or ""
+    client = real_ip.client(peer, tuple((k.lower(), v) for k, v in request.headers.items()))
+    if client != peer:
+        request = request.clone(remote=client)
+    return await handler(request)
 
 _TAKEOVER = web.AppKey("pyheadscale_takeover_routes", list[Router])
 
@@ -36,8 +60,11 @@ def add_takeover_route(app: web.Application, router: Router) -> None:
 class MainListener:
     """One TCP (optionally TLS) listener serving ``app`` and its takeover routes."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, real_ip: RealIP | None = None) -> None:
         self.app = app
+        self.real_ip = real_ip or RealIP(())
+        app[_REAL_IP] = self.real_ip
+        app.middlewares.insert(0, real_ip_middleware)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._server: asyncio.base_events.Server | None = None
         self._lsock: socket.socket | None = None  # the TLS-ALPN-01 accept loop's socket
@@ -51,8 +78,10 @@ class MainListener:
         routers: list[Router] = self.app[_TAKEOVER] if _TAKEOVER in self.app else []
         router = first_match(routers)
 
+        resolver = self.real_ip
+
         def door() -> FrontDoor:
-            return FrontDoor(router, fallback)
+            return FrontDoor(router, fallback, resolver=resolver, on_exchange=log_exchange)
 
         loop = asyncio.get_running_loop()
         if tls is not None and tls.peek_alpn:

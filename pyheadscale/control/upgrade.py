@@ -159,7 +159,7 @@ class Ts2021Server:
             return _reply(400, f"invalid X-Tailscale-Handshake {where} (not base64)")
         result = self._handshake(init)
         if isinstance(result, str):
-            log.info("refusing Noise handshake from %s: %s", head.peer[0], result)
+            log.info("refusing Noise handshake from %s: %s", head.client, result)
 
         def attach(transport: asyncio.Transport, prefix: bytes,
                    surplus: bytes) -> asyncio.BaseProtocol:

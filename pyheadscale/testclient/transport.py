@@ -187,8 +187,10 @@ async def open_http(base_url: str, ini: Initiator) -> tuple[BytePipe, HandshakeR
 
 
 async def open_websocket(base_url: str, ini: Initiator) -> tuple[BytePipe, HandshakeResult]:
-    """GET /ts2021?X-Tailscale-Handshake=... as a WebSocket with the control subprotocol."""
-    _host_port(base_url)
+    """GET /ts2021?X-Tailscale-Handshake=... as a WebSocket with the control subprotocol
+    (http:// or, through a TLS-terminating proxy, https://)."""
+    if urlsplit(base_url).scheme not in ("http", "https"):
+        raise ValueError(f"test client supports http(s):// URLs only, got {base_url!r}")
     hs = quote(base64.b64encode(ini.initiation()).decode(), safe="")
     session = aiohttp.ClientSession()
     try:
