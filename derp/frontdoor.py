@@ -233,7 +233,9 @@ class FrontDoor(asyncio.Protocol):
             return False
         self._in.receive_data(b"")
         self._pump()
-        return True  # keep the write side open until a pending response is out
+        # Keep the write side open until a pending response is out (TCP only: asyncio's TLS
+        # transport closes regardless and warns about a true answer).
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()

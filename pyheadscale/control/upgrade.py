@@ -77,7 +77,9 @@ class _NoiseStream(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.conn is not None:
             self.conn.feed_eof()
-        return True  # the writer flushes GOAWAY, then closes
+        # The writer flushes GOAWAY, then closes (TCP only: asyncio's TLS transport closes
+        # at once anyway and warns about a true answer).
+        return self._t.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -146,3 +147,18 @@ async def test_probe_routes_and_bootstrap_dns(server: Server) -> None:
         async with s.get(f"https://127.0.0.1:{_port(server)}/key?v=113",
                          ssl=_tls(server)) as r:
             assert r.status == 200 and (await r.json())["publicKey"].startswith("mkey:")
+
+
+async def test_tls_clients_closing_leave_no_warnings(server: Server,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # TLS clients that close cleanly (close_notify) after a request: asyncio must not warn
+    # about the front door's EOF handling (a true eof_received means nothing over TLS).
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    for _ in range(3):
+        r, w = await asyncio.open_connection("127.0.0.1", _port(server), ssl=_tls(server))
+        w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+        w.close()
+        await w.wait_closed()
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
