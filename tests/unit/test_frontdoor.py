@@ -188,3 +188,20 @@ async def test_silent_connection_times_out(listener: MainListener,
     w.write(b"GET / HTTP/1.1\r\n")  # never finished
     assert await asyncio.wait_for(r.read(), 5) == b""
     w.close()
+
+
+async def test_expect_100_continue_through_the_door(listener: MainListener) -> None:
+    r, w = await _open(listener)
+    w.write(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    interim = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    w.write(b"abcd")
+    head, body = await _response(r)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"POST 4 b'abcd'"
+    # HTTP/1.0: one exchange, then the connection closes
+    w.close()
+    r, w = await _open(listener)
+    w.write(b"GET /stream HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(r.read(), 5)
+    assert data.startswith(b"HTTP/1.0 200") and data.count(b"part") == 3  # body until close
+    w.close()
