@@ -9,12 +9,10 @@ A takeover receives the transport and every byte that arrived after the request 
 (h11's ``trailing_data``), so bytes a client pipelines behind its upgrade request are never
 lost; the new protocol then owns the transport and the door is out of the data path.
 
-Requests for the fallback are re-serialised from h11's events and fed to it one exchange at a
-time through a virtual transport; a client-role h11 connection reads the fallback's output to
-see where each response ends.  That is what lets an upgrade arrive on a keep-alive
-connection that already carried ordinary requests: reverse proxies (Caddy, Traefik, nginx
-with upstream keepalive) reuse pooled upstream connections for ``/ts2021`` and ``/derp``.
-The fallback only ever sees complete, validated requests without ``Upgrade``.
+Requests for the fallback go through ``passthrough.Passthrough`` one exchange at a time, so
+an upgrade may arrive on a keep-alive connection that already carried ordinary requests:
+reverse proxies (Caddy, Traefik, nginx with upstream keepalive) reuse pooled upstream
+connections for ``/ts2021`` and ``/derp``.
 """
 
 from __future__ import annotations
@@ -24,10 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import h11
 from wsproto.utilities import generate_accept_token
+
+from .passthrough import Passthrough
+from .websocket import WebSocketTransport
 
 log = logging.getLogger("derp.frontdoor")
 
@@ -206,7 +207,7 @@ class FrontDoor(asyncio.Protocol):
         self._head: RequestHead | None = None  # the exchange in progress
         self._keep = True
         self._paused: set[str] = set()  # why reading is paused: "app", "pipeline"
-        self._app: _Fallback | None = None
+        self._app: Passthrough | None = None
         self._done = False  # taken over, or closing: parse nothing more
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -363,8 +364,8 @@ class FrontDoor(asyncio.Protocol):
             self._reply(route)
         elif self._fallback is not None:
             if self._app is None:
-                self._app = _Fallback(self, self._fallback())
-            self._app.request(req, head)
+                self._app = Passthrough(self, self._fallback())
+            self._app.request(req)
         else:
             self._reply(Reply(404, b"404 page not found\n", TEXT))
 
@@ -410,6 +411,35 @@ class FrontDoor(asyncio.Protocol):
         if self._t is not None:
             self._t.close()
 
+    # -- what the fallback's bridge (passthrough.py) may use -------------------------------
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._t
+
+    @property
+    def dropped_headers(self) -> frozenset[bytes]:
+        """Names of proxy headers the current request must not carry to the fallback."""
+        return self._dropped
+
+    @property
+    def app_paused(self) -> bool:
+        return "app" in self._paused
+
+    def set_app_paused(self, paused: bool) -> None:
+        """The fallback's flow control: stop (or resume) reading from the client."""
+        self._pause("app", paused)
+        if not paused and self._t is not None:
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def exchange_done(self, status: int) -> None:
+        """The fallback finished its response (with ``status``) to the whole request."""
+        self._exchanged(status)
+        self._end_exchange()
+
+    def close(self) -> None:
+        self._close()
+
     # -- takeover --------------------------------------------------------------------------
 
     def _takeover(self, route: Upgrade | WebSocket, head: RequestHead) -> None:
@@ -437,8 +467,6 @@ class FrontDoor(asyncio.Protocol):
             self._app.lost(None)
             self._app = None
         if isinstance(route, WebSocket):
-            from .websocket import WebSocketTransport
-
             t.write(response_bytes(101, headers=accepted))
             ws = WebSocketTransport(t)
             t.set_protocol(ws)
@@ -446,172 +474,3 @@ class FrontDoor(asyncio.Protocol):
             return
         prefix = b"" if route.headers is None else response_bytes(101, headers=route.headers)
         t.set_protocol(route.attach(t, prefix, surplus))
-
-
-class _Fallback:
-    """The fallback protocol of one connection and the exchange it is serving."""
-
-    def __init__(self, door: FrontDoor, proto: asyncio.Protocol) -> None:
-        self.door = door
-        self.proto = proto
-        self.vt = _FallbackTransport(self)
-        self.busy = False  # an exchange is in progress
-        self._request_open = False
-        self._chunked = False
-        self._out: h11.Connection | None = None  # reads the fallback's response
-        self.status = 0
-        self._detached = False
-        proto.connection_made(self.vt)
-
-    def request(self, req: h11.Request, head: RequestHead) -> None:
-        self.busy = True
-        self.status = 0
-        self._request_open = True
-        out = h11.Connection(h11.CLIENT)
-        # The tracker only needs the method (HEAD has no body) to find the response's end.
-        out.send(h11.Request(method=req.method, target=req.target, headers=[("Host", "x")]))
-        out.send(h11.EndOfMessage())
-        self._out = out
-        self._chunked = False
-        lines = [b"%s %s HTTP/%s" % (req.method, req.target, req.http_version)]
-        # h11 accepts no Transfer-Encoding but chunked, and the door refused it beside
-        # Content-Length: the framing is unambiguous.
-        self._chunked = any(k == b"transfer-encoding" for k, _ in req.headers)
-        dropped = self.door._dropped
-        for name, value in req.headers.raw_items():
-            low = name.lower()
-            if low == b"upgrade" or low in dropped:  # the door owns upgrades
-                continue
-            if low == b"connection":
-                value = b", ".join(t for t in (x.strip() for x in value.split(b","))
-                                   if t and t.lower() != b"upgrade")
-                if not value:
-                    continue
-            lines.append(name + b": " + value)
-        self.proto.data_received(b"\r\n".join(lines) + b"\r\n\r\n")
-
-    def body(self, data: bytes) -> None:
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        self.proto.data_received(data)
-
-    def body_end(self, ev: h11.EndOfMessage) -> None:
-        if self._chunked:
-            trailers = b"".join(k + b": " + v + b"\r\n" for k, v in ev.headers.raw_items())
-            self.proto.data_received(b"0\r\n" + trailers + b"\r\n")
-        self._request_open = False
-        if self._out is None:  # the response was already complete
-            self._exchange_done()
-
-    def output(self, data: bytes) -> None:
-        t = self.door._t
-        if self._detached or t is None:
-            return
-        t.write(data)
-        out = self._out
-        if out is None:
-            return
-        out.receive_data(data)
-        while True:
-            try:
-                ev = out.next_event()
-            except h11.RemoteProtocolError as e:
-                log.error("fallback wrote an unparsable response: %s", e)
-                t.abort()
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, h11.Response):
-                self.status = ev.status_code
-            elif isinstance(ev, h11.EndOfMessage):
-                self._out = None
-                if not self._request_open:
-                    self._exchange_done()
-                return
-
-    def _exchange_done(self) -> None:
-        self.busy = False
-        self.door._exchanged(self.status)
-        self.door._end_exchange()
-
-    def closed_by_app(self) -> None:
-        if self._detached:
-            return
-        if self._out is not None:  # a response delimited by the end of the connection
-            self.output(b"")
-        self.door._close()
-
-    def lost(self, exc: Exception | None) -> None:
-        """The connection is gone, or taken over: the fallback must forget it."""
-        if self._detached:
-            return
-        self._detached = True
-        self.proto.connection_lost(exc)
-
-
-class _FallbackTransport(asyncio.Transport):
-    """What the fallback protocol sees as its transport: the real one, one exchange at a time."""
-
-    def __init__(self, fb: _Fallback) -> None:
-        super().__init__()
-        self._fb = fb
-        self._closing = False
-
-    def _real(self) -> asyncio.Transport | None:
-        return None if self._fb._detached else self._fb.door._t
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._closing:
-            self._fb.output(bytes(data))
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def is_closing(self) -> bool:
-        t = self._real()
-        return self._closing or t is None or t.is_closing()
-
-    def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self._fb.closed_by_app()
-
-    def abort(self) -> None:
-        self._closing = True
-        t = self._real()
-        if t is not None:
-            t.abort()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        t = self._fb.door._t
-        return default if t is None else t.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._fb.door._pause("app", True)
-
-    def resume_reading(self) -> None:
-        door = self._fb.door
-        door._pause("app", False)
-        if door._t is not None:
-            asyncio.get_running_loop().call_soon(door._pump)
-
-    def is_reading(self) -> bool:
-        return "app" not in self._fb.door._paused
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        t = self._real()
-        if t is not None:
-            t.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        t = self._real()
-        return 0 if t is None else t.get_write_buffer_size()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        raise NotImplementedError("the front door owns protocol switches")
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._fb.proto
