@@ -149,6 +149,9 @@ def check(cfg: Config, warns: list[str]) -> None:
             raise key_error("tls_letsencrypt_listen", str(e)) from None
     if cfg.tls_letsencrypt_hostname and cfg.tls_letsencrypt_cache_dir is None:
         raise key_error("tls_letsencrypt_cache_dir", "required with tls_letsencrypt_hostname")
+    if cfg.tls_letsencrypt_hostname and (urlsplit(cfg.acme_url).scheme not in ("http", "https")
+                                         or not urlsplit(cfg.acme_url).hostname):
+        raise key_error("acme_url", f"not an http(s) URL: {quoted(cfg.acme_url)}")
     if (cfg.tls_letsencrypt_hostname and cfg.tls_letsencrypt_challenge_type == "TLS-ALPN-01"
             and not cfg.listen_addr.endswith(":443")):
         warns.append("when using tls_letsencrypt_hostname with TLS-ALPN-01 as challenge type, "
