@@ -121,8 +121,9 @@ class WebSocket:
 
 Route = Reply | Upgrade | WebSocket | None  # None: not this router's path
 Router = Callable[[RequestHead], Route]
-# After each exchange: the request, the response status (101 for a takeover) and seconds.
-OnExchange = Callable[[RequestHead, int, float], None]
+# After each exchange: the request, the response status (101 for a takeover), the response
+# body's size in bytes and the seconds it took.
+OnExchange = Callable[[RequestHead, int, int, float], None]
 
 
 class ClientResolver(Protocol):
@@ -374,7 +375,7 @@ class FrontDoor(asyncio.Protocol):
         self._keep = self._keep and not r.close
         self._t.write(response_bytes(r.status, r.body, r.headers, close=not self._keep,
                                      head_only=self._head.method == "HEAD"))
-        self._exchanged(r.status)
+        self._exchanged(r.status, 0 if self._head.method == "HEAD" else len(r.body))
         # The exchange ends at the request's EndOfMessage (its body, if any, is discarded).
 
     def _on_request_end(self, ev: h11.EndOfMessage) -> None:
@@ -383,10 +384,10 @@ class FrontDoor(asyncio.Protocol):
         else:
             self._end_exchange()
 
-    def _exchanged(self, status: int) -> None:
+    def _exchanged(self, status: int, size: int) -> None:
         if self._on_exchange is not None and self._head is not None:
             try:
-                self._on_exchange(self._head, status, time.monotonic() - self._started)
+                self._on_exchange(self._head, status, size, time.monotonic() - self._started)
             except Exception:  # a logging hook must not take the connection down
                 log.exception("on_exchange hook failed")
 
@@ -432,9 +433,9 @@ class FrontDoor(asyncio.Protocol):
         if not paused and self._t is not None:
             asyncio.get_running_loop().call_soon(self._pump)
 
-    def exchange_done(self, status: int) -> None:
-        """The fallback finished its response (with ``status``) to the whole request."""
-        self._exchanged(status)
+    def exchange_done(self, status: int, size: int) -> None:
+        """The fallback finished its response (``status``, ``size`` body bytes)."""
+        self._exchanged(status, size)
         self._end_exchange()
 
     def close(self) -> None:
@@ -462,7 +463,7 @@ class FrontDoor(asyncio.Protocol):
         surplus, _ = self._in.trailing_data
         self._done = True
         self._cancel_timer()
-        self._exchanged(101)
+        self._exchanged(101, 0)
         if self._app is not None:  # the fallback served earlier requests on this connection
             self._app.lost(None)
             self._app = None

@@ -33,7 +33,7 @@ class Door(Protocol):
 
     def set_app_paused(self, paused: bool) -> None: ...
 
-    def exchange_done(self, status: int) -> None: ...
+    def exchange_done(self, status: int, size: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -50,6 +50,7 @@ class Passthrough:
         self._chunked = False
         self._out: h11.Connection | None = None  # reads the fallback's response
         self.status = 0
+        self.size = 0  # body bytes of the current response
         self._detached = False
         proto.connection_made(self.vt)
 
@@ -57,6 +58,7 @@ class Passthrough:
         """Start an exchange: hand ``req``'s head to the fallback (its body follows)."""
         self.busy = True
         self.status = 0
+        self.size = 0
         self._request_open = True
         out = h11.Connection(h11.CLIENT)
         # The tracker only needs the method (HEAD has no body) to find the response's end.
@@ -113,6 +115,8 @@ class Passthrough:
                 return
             if isinstance(ev, h11.Response):
                 self.status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                self.size += len(ev.data)
             elif isinstance(ev, h11.EndOfMessage):
                 self._out = None
                 if not self._request_open:
@@ -121,7 +125,7 @@ class Passthrough:
 
     def _exchange_done(self) -> None:
         self.busy = False
-        self.door.exchange_done(self.status)
+        self.door.exchange_done(self.status, self.size)
 
     def closed_by_app(self) -> None:
         if self._detached:

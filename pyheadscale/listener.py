@@ -28,11 +28,13 @@ _REAL_IP = web.AppKey("pyheadscale_real_ip", RealIP)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def log_exchange(head: RequestHead, status: int, seconds: float) -> None:
-    """One access-log line per request on the main listener (the query string is left out:
-    OIDC callbacks carry codes in it)."""
-    access_log.info("remote=%s method=%s path=%s status=%d duration=%.1fms",
-                    head.client, head.method, head.path, status, seconds * 1000)
+def log_exchange(head: RequestHead, status: int, size: int, seconds: float) -> None:
+    """One access-log line per request on the main listener, with Headscale's fields ("http
+    request" with method, path, proto, remote, status, bytes, elapsed); the query string is
+    left out, as in Headscale (OIDC callbacks carry codes in it)."""
+    access_log.info("http request method=%s path=%s proto=HTTP/%s remote=%s status=%d "
+                    "bytes=%d elapsed=%.1fms", head.method, head.path, head.version,
+                    head.client, status, size, seconds * 1000)
 
 
 @web.middleware

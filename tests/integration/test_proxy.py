@@ -50,7 +50,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 def _access(server_log: str, path: str) -> list[str]:
     """The `remote=` values of the access-log lines for `path`."""
-    return re.findall(rf"remote=(\S+) method=\S+ path={re.escape(path)} ", server_log)
+    return re.findall(rf"path={re.escape(path)} proto=\S+ remote=(\S+) ", server_log)
 
 
 class ProxyLab:

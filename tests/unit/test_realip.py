@@ -92,6 +92,8 @@ async def test_listener_trusted_and_untrusted(caplog: pytest.LogCaptureFixture) 
         await untrusted.stop()
     lines = [r.getMessage() for r in caplog.records if r.name == "pyheadscale.access"]
     assert len(lines) == 2, lines
-    assert lines[0].startswith("remote=192.0.2.1 method=GET path=/who status=200 ")
-    assert lines[1].startswith("remote=127.0.0.1 method=GET path=/who status=200 ")
+    assert lines[0].startswith("http request method=GET path=/who proto=HTTP/1.1 "
+                               "remote=192.0.2.1 status=200 bytes=19 elapsed="), lines
+    assert lines[1].startswith("http request method=GET path=/who proto=HTTP/1.1 "
+                               "remote=127.0.0.1 status=200 bytes=14 elapsed="), lines
     assert not any("secret" in line for line in lines)
