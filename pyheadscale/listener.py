@@ -100,7 +100,12 @@ class MainListener:
                            tls: ServerTLS) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(lsock)
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as e:  # out of file descriptors, ...: keep listening, as asyncio does
+                log.error("accepting a connection failed: %s", e)
+                await asyncio.sleep(1)
+                continue
             task = loop.create_task(self._tls_accept(sock, door, tls))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
