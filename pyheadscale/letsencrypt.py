@@ -7,8 +7,8 @@ client is synchronous, so each issuance runs in a worker thread.
 
 * The cache directory has Go autocert's layout, so a Headscale cache can be reused:
   ``acme_account+key`` (the account's EC key) and ``<hostname>`` (the certificate's EC key
-  followed by its chain, PEM).  A cached certificate for the host that is not yet due for
-  renewal is used at start-up without contacting the CA.
+  followed by its chain, PEM).  A cached, unexpired certificate for the host is served at
+  start-up; the CA is contacted only when it is due for renewal.
 * Renewal: when a third of the certificate's lifetime is left (at most 30 days before it
   ends, autocert's RenewBefore), without a restart; failures retry with back-off.
 * HTTP-01: ``tls_letsencrypt_listen`` (default ``:http``) answers
@@ -160,9 +160,9 @@ class AcmeManager:
             log.info("cached certificate is for %s, not %s: obtaining a new one",
                      names, self.s.hostname)
             return None
-        if dt.datetime.now(dt.UTC) >= renew_at(cert):
+        if dt.datetime.now(dt.UTC) >= cert.not_valid_after_utc:
             return None
-        return cert
+        return cert  # served until its replacement arrives, even when already due
 
     def _install(self, cert: x509.Certificate) -> None:
         self.tls.use(self.cert_file)

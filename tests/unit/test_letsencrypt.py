@@ -64,8 +64,12 @@ def test_cache_in_autocert_layout(tmp_path: Path) -> None:
     assert m._load_cached() == cert
     m._install(cert)
     assert m.tls.current is not None
-    # Due for renewal, for another name, or unreadable: not used.
-    for c_key, c in (_cert(NAME, now - dt.timedelta(days=80), dt.timedelta(days=90)),
+    # Due for renewal but valid: served until the new one arrives.
+    due_key, due = _cert(NAME, now - dt.timedelta(days=80), dt.timedelta(days=90))
+    (tmp_path / NAME).write_bytes(_pem_key(due_key) + due.public_bytes(serialization.Encoding.PEM))
+    assert m._load_cached() == due and renew_at(due) < now
+    # Expired, for another name, or unreadable: not used.
+    for c_key, c in (_cert(NAME, now - dt.timedelta(days=91), dt.timedelta(days=90)),
                      _cert("other.example.com", now, dt.timedelta(days=90))):
         (tmp_path / NAME).write_bytes(_pem_key(c_key) + c.public_bytes(serialization.Encoding.PEM))
         assert m._load_cached() is None
