@@ -359,3 +359,16 @@ async def test_shutdown_closes_live_connections(server: Server) -> None:
     await asyncio.wait_for(conn.wait_closed(), 5)
     assert conn.closed
     await conn.close()
+
+
+async def test_websocket_without_the_control_subprotocol_is_refused(server: Server) -> None:
+    init = Initiator(generate_private_key(), public_key(server.key), 130).initiation()
+    hs = base64.b64encode(init).decode()
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ei:
+            await s.ws_connect(server.url + "/ts2021", params={"X-Tailscale-Handshake": hs})
+        assert ei.value.status == 400
+        # and a WebSocket to the right subprotocol but no handshake parameter
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ei:
+            await s.ws_connect(server.url + "/ts2021", protocols=("tailscale-control-protocol",))
+        assert ei.value.status == 400
