@@ -8,56 +8,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from derp import protocol as p
 from derp.client import DerpClient, _ClientProtocol
 from derp.keys import generate_private_key as derp_key
 from derp.tls import client_ssl_context, ensure_self_signed
 from pyheadscale.app import Server
-from pyheadscale.config import load_config
-
-
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.unit.inprocess import running_server
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    port = _free_port()
     cert, key = ensure_self_signed(tmp_path / "tls", "127.0.0.1")
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "server_url": f"https://127.0.0.1:{port}",
-        "listen_addr": f"127.0.0.1:{port}",
-        "metrics_listen_addr": "",
+    async with running_server(tmp_path, {
         "tls_cert_path": str(cert), "tls_key_path": str(key),
-        "data_dir": str(tmp_path),
-        "noise": {"private_key_path": str(tmp_path / "noise.key")},
-        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48"},
-        "database": {"type": "sqlite", "sqlite": {"path": str(tmp_path / "db.sqlite")}},
-        "derp": {"server": {"enabled": True, "verify_clients": False,
-                            "stun_listen_addr": f"127.0.0.1:{_free_port(socket.SOCK_DGRAM)}",
-                            "private_key_path": str(tmp_path / "derp.key")},
-                 "urls": []},
-        "unix_socket": str(tmp_path / "hs.sock"),
-        "dns": {"magic_dns": True, "base_domain": "tailnet.test", "override_local_dns": False},
-    }))
-    srv = Server(load_config(cfg_path))
-    await srv.start()
-    try:
+        "derp": {"server": {"verify_clients": False}},
+    }, scheme="https") as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 def _tls(server: Server) -> ssl.SSLContext:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,47 +16,21 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import yaml
 from sqlmodel import Session, func, select
 
 from pyheadscale.app import Server
-from pyheadscale.config import load_config
 from pyheadscale.db import models
 from pyheadscale.noise.keys import generate_private_key, public_key
 from pyheadscale.testclient import connect
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.unit.inprocess import free_port, running_server
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    port = free_port()
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "server_url": f"http://127.0.0.1:{port}",
-        "listen_addr": f"127.0.0.1:{port}",
-        "metrics_listen_addr": "",
-        "data_dir": str(tmp_path),
-        "noise": {"private_key_path": str(tmp_path / "noise.key")},
-        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48"},
-        "database": {"type": "sqlite", "sqlite": {"path": str(tmp_path / "db.sqlite")}},
-        "derp": {"server": {"enabled": True, "listen_addr": f"127.0.0.1:{free_port()}",
-                            "stun_listen_addr": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
-                            "private_key_path": str(tmp_path / "derp.key")},
-                 "urls": []},
-        "unix_socket": str(tmp_path / "hs.sock"),
-        "dns": {"magic_dns": True, "base_domain": "tailnet.test", "override_local_dns": False},
-    }))
-    srv = Server(load_config(cfg_path))
-    await srv.start()
-    try:
+    # A plain-http server_url gives the relay its own listener: on a free port, not 8443.
+    async with running_server(tmp_path, {"derp": {"server": {
+            "listen_addr": f"127.0.0.1:{free_port()}"}}}) as srv:
         yield srv
-    finally:
-        await srv.stop()
 
 
 def url(srv: Server) -> str:
