@@ -1,9 +1,11 @@
-"""Build (or reuse) the Go programs the benchmarks compare against and the ACME tests use.
+"""Build (or reuse) the Go programs the benchmarks and the ACME tests run.
 
-`python -m tests.bench.build_go` builds Headscale, Tailscale's derper and Pebble with `go install
-<pkg>@<version>` into <cache>/<tool>/<version>/ (cache: $PYHEADSCALE_CACHE or
-~/.cache/pyheadscale). A binary already there is reused. Builds go to a temporary directory
-first, so an interrupted build never leaves a half-written binary behind.
+`python -m tests.bench.build_go` builds Headscale, Tailscale's derper and Pebble with `go
+install <pkg>@<version>` into <cache>/<tool>/<version>/ (cache: $PYHEADSCALE_CACHE or
+~/.cache/pyheadscale), and our DERP load generator (tests/bench/derpload, a Go module using
+Tailscale's own DERP client package) with `go build` into <cache>/derpload/<source hash>/.
+Modules come from the Go module proxy. A binary already there is reused. Builds go to a
+temporary directory first, so an interrupted build never leaves a half-written binary behind.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +49,8 @@ class GoTool:
         return versions.cache_dir() / self.cache_group / self.version / self.name
 
 
+DERPLOAD_SRC = Path(__file__).resolve().parent / "derpload"
+
 HEADSCALE = GoTool("headscale", "headscale", "github.com/juanfont/headscale/cmd/headscale",
                    HEADSCALE_VERSION)
 DERPER = GoTool("derper", "tailscale", "tailscale.com/cmd/derper", DERPER_VERSION)
@@ -58,6 +63,7 @@ CHALLTESTSRV = GoTool("pebble-challtestsrv", "pebble",
                       PEBBLE_VERSION, probe=("-h",))
 TOOLS = {"headscale": HEADSCALE, "derper": DERPER, "pebble": PEBBLE,
          "pebble-challtestsrv": CHALLTESTSRV}
+EVERYTHING = [*TOOLS, "derpload"]
 
 
 def _works(tool: GoTool) -> bool:
@@ -155,13 +161,67 @@ def ensure(tool: GoTool, log=sys.stderr) -> Path:
     return tool.path
 
 
+def _derpload_pin() -> str:
+    """The tailscale.com version derpload's go.mod requires (must be the newest pinned)."""
+    for line in (DERPLOAD_SRC / "go.mod").read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["require"] and parts[1:2] == ["tailscale.com"]:
+            return parts[2]
+        if parts[:1] == ["tailscale.com"]:
+            return parts[1]
+    raise BuildError("tests/bench/derpload/go.mod does not require tailscale.com")
+
+
+def derpload_path() -> Path:
+    """Where the current derpload source builds to: one directory per source hash."""
+    h = hashlib.sha256()
+    for name in ("go.mod", "go.sum", "main.go"):
+        h.update(name.encode() + b"\0" + (DERPLOAD_SRC / name).read_bytes())
+    return versions.cache_dir() / "derpload" / h.hexdigest()[:16] / "derpload"
+
+
+def ensure_derpload(log=sys.stderr) -> Path:
+    """Build the load generator from tests/bench/derpload (modules from the Go module proxy)."""
+    pin = _derpload_pin()
+    if pin != versions.newest():
+        raise BuildError(f"tests/bench/derpload/go.mod pins tailscale.com {pin}, the newest "
+                         f"pinned client is {versions.newest()}: in that directory run "
+                         f"`go get tailscale.com@{versions.newest()} && go mod tidy`")
+    out = derpload_path()
+    if out.is_file() and os.access(out, os.X_OK):
+        return out
+    go = shutil.which("go")
+    if go is None:
+        raise BuildError("Go is not installed (no `go` on PATH); needed to build derpload")
+    with _lock(out.parent.parent):
+        if out.is_file():
+            return out
+        print(f"building derpload (tailscale.com {pin}) into {out.parent}", file=log, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-derpload-", dir=out.parent.parent))
+        env = dict(os.environ)
+        env.setdefault("GOTOOLCHAIN", "local")
+        env["CGO_ENABLED"] = "0"
+        env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -trimpath -mod=readonly").strip()
+        try:
+            err = _run([go, "build", "-o", str(tmp / "derpload"), "."], env,
+                       cwd=str(DERPLOAD_SRC))
+            if err:
+                raise BuildError(f"building derpload failed:\n{err[-3000:]}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / "derpload", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tools", nargs="*", choices=[*TOOLS, []], help="default: all")
+    parser.add_argument("tools", nargs="*", choices=[*EVERYTHING, []], help="default: all")
     args = parser.parse_args(argv)
     try:
-        for name in args.tools or list(TOOLS):
-            print(f"ok {name}: {ensure(TOOLS[name])}")
+        for name in args.tools or EVERYTHING:
+            path = ensure_derpload() if name == "derpload" else ensure(TOOLS[name])
+            print(f"ok {name}: {path}")
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

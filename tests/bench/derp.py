@@ -1,38 +1,39 @@
-"""DERP relay benchmark: our relay (`python -m derp`) and Tailscale's derper, same run.
+"""DERP relay benchmark at saturation: our relay (`python -m derp`) and Tailscale's derper.
 
-    python -m tests.bench.derp            # 15 s per point
-    python -m tests.bench.derp --quick    # 3 s per point
+    python -m tests.bench.derp            # 15 s points (about 8 minutes)
+    python -m tests.bench.derp --quick    # 3 s points (about 2 minutes)
 
-Method (shared/docs/derp.md section 8): 10 client pairs over TLS on 127.0.0.1; A sends
-1,300-byte packets to B, open loop, paced by a per-pair schedule at a rising aggregate offered
-load; B timestamps arrivals. Each point has a warm-up, then a measured window; a packet sent in
-the window that has not arrived 1 s after the window counts as lost. Reported per point:
-delivered packets/s, loss, one-way latency p50/p99 (sender and receiver share
-CLOCK_MONOTONIC), server CPU seconds per million delivered packets (from /proc), and the
-generator's CPU use (a point where the generator's processes were busy nearly all the time, or
-could not send the offered load, is marked generator-bound). A server's sweep stops after its
-first saturated point (loss > 1 % or p99 > 20 ms) or generator-bound point. By default the
-server is pinned to CPU 1 (derper with GOMAXPROCS=1) and the generator to CPU 0, as in the
-method; --no-pin lets both float over both cores. The last line is one JSON object.
+Load: derpload (tests/bench/derpload, Go, Tailscale's own DERP client package) opens 10 client
+pairs over TLS on 127.0.0.1; each A sends 1,300-byte packets to its B on an open-loop
+schedule, each packet carrying its send time; B records the one-way latency. A packet sent in
+the measured window that has not arrived 1 s after it is lost. A sender whose socket is full
+(the relay is not reading) skips its backlog beyond 16 packets, as tailscaled drops DERP
+writes when its queue is full: those are counted as `skipped`, not lost.
 
-The generator is Python (derp.client.DerpClient for the handshake, then a header-only receive
-path), in several processes. Everything listens on and dials 127.0.0.1 only.
+Sweep: each relay is pinned to CPU 1 (derper with GOMAXPROCS=1), the generator to CPU 0
+(GOMAXPROCS=1). First a short ramp finds derper's saturation S (the most it delivers); then
+both relays run the same ladder of offered loads, 0.25 S ... 2 S, with 3 s warm-up + 15 s
+measured per point. Reported per point: delivered packets/s, loss, p50/p99 latency, relay CPU
+seconds per million delivered packets (from /proc over the measured window), and both
+processes' core use (a point where the generator was busy > 90 % is marked generator-bound).
+Summary: each relay's saturation throughput (its most delivered over the ladder), p99 at
+0.5 S, loss/p99/delivered at 2 S (collapse = delivering under 80 % of its own peak), and the
+ratios ours/derper. --rates or --derper-peak fix the ladder for a run comparable with an
+earlier one. The last line is one JSON object. Everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import multiprocessing as mp
+import json
 import os
-import resource
-import struct
+import select
+import subprocess
 import sys
 import tempfile
 import time
-from array import array
-from multiprocessing.connection import Connection
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,275 +46,123 @@ from tests.bench.common import (
     cpu_seconds,
     emit_json,
     free_port,
-    install_uvloop,
     machine_info,
     peak_rss_mib,
-    percentile,
-    pipe_commands,
     ratio,
     rnd,
     server_process,
+    stop_process,
     wait_tcp,
 )
 
 PAYLOAD = 1300
 PAIRS = 10
-DEFAULT_RATES = [1000, 2500, 5000, 10000, 20000, 40000, 80000, 160000]  # aggregate packets/s
+LADDER = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]  # offered load as a fraction of derper's S
+RAMP_START = 20000.0
+RAMP_STEP = 1.4
+RAMP_MAX = 3_000_000.0
 LOSS_LIMIT = 0.01
-P99_LIMIT = 0.020
-MAX_BURST = 16  # packets per pair per pacing tick
-LOSS_WAIT = 1.0  # a packet not seen within this after the window is lost (derpprobe's qd)
-_SEQ_TS = struct.Struct(">QQ")
+P99_LIMIT_MS = 20.0
+COLLAPSE = 0.8  # delivering under this fraction of its own peak at 2 S is a collapse
+SERVER_CPU, GEN_CPU = 1, 0
 
 
-# == generator (worker processes) ===========================================================
-
-
-class _Recv:
-    """Receive-side counters of one pair for the current point."""
-
-    __slots__ = ("lat", "n", "w0", "w1")
-
-    def __init__(self) -> None:
-        self.w0 = 0  # measured window [w0, w1) in monotonic ns of the send time
-        self.w1 = 0
-        self.n = 0
-        self.lat = array("q")
-
-
-def _make_client_class() -> Any:
-    from derp import protocol as p
-    from derp.client import DerpClient
-
-    class BenchClient(DerpClient):
-        """DerpClient whose receive path, after the handshake, only reads seq + timestamp."""
-
-        rx: _Recv | None = None
-
-        def _on_data(self, data: bytes) -> None:
-            if not self._handshake.done() or self.rx is None:
-                super()._on_data(data)
-                return
-            now = time.monotonic_ns()
-            rx = self.rx
-            for ftype, payload in self._decoder.feed(data):
-                if ftype == 0x05:  # RecvPacket: src key (32) + packet
-                    _, ts = _SEQ_TS.unpack_from(payload, 33)
-                    if rx.w0 <= ts < rx.w1:
-                        rx.n += 1
-                        rx.lat.append(now - ts)
-                elif ftype == p.FrameType.PING:
-                    self._write(p.pong_frame(payload))
-
-    return BenchClient
-
-
-class GenWorker:
-    def __init__(self, pipe: Connection, spec: dict[str, Any]) -> None:
-        self.pipe = pipe
-        self.spec = spec
-        self.pairs: list[tuple[Any, Any, _Recv]] = []
-
-    async def setup(self) -> None:
-        from derp.keys import generate_private_key
-
-        cls = _make_client_class()
-        url = self.spec["url"]
-        for _ in range(self.spec["pairs"]):
-            a = await cls.connect(url, generate_private_key(), timeout=30)
-            b = await cls.connect(url, generate_private_key(), timeout=30)
-            rx = _Recv()
-            b.rx = rx
-            self.pairs.append((a, b, rx))
-        # Sanity: one packet per pair must arrive before any timing starts.
-        for a, b, rx in self.pairs:
-            rx.w0, rx.w1 = 0, 1 << 62
-            a.send(b.public_key, self._packet(0, time.monotonic_ns()))
-        deadline = time.monotonic() + 10
-        while any(rx.n == 0 for _, _, rx in self.pairs):
-            if time.monotonic() > deadline:
-                raise BenchError("a warm-up packet did not arrive within 10 s")
-            await asyncio.sleep(0.01)
-
-    _tail = os.urandom(PAYLOAD - 17)
-
-    def _packet(self, seq: int, ts: int) -> bytes:
-        # Byte 0 = 0x04 (a WireGuard data message, never disco), then seq and send time.
-        return b"\x04" + _SEQ_TS.pack(seq, ts) + self._tail
-
-    async def point(self, rate_pair: float, t_start: float, warm: float, measure: float
-                    ) -> dict[str, Any]:
-        from derp import protocol as p
-
-        w0 = int((t_start + warm) * 1e9)
-        w1 = int((t_start + warm + measure) * 1e9)
-        heads = []
-        for _a, b, rx in self.pairs:
-            rx.w0, rx.w1, rx.n, rx.lat = w0, w1, 0, array("q")
-            heads.append(p.pack_header(p.FrameType.SEND_PACKET, 32 + PAYLOAD) + b.public_key)
-        sent_in_window = 0
-        sent = 0
-        skipped = 0
-        seq = 0
-        end = t_start + warm + measure
-        ru0 = _cpu()
-        ru_w0: float | None = None
-        await asyncio.sleep(max(0.0, t_start - time.monotonic()))
-        interval = 1.0 / rate_pair
-        # All pairs share one schedule: packet k of every pair is due at t_start + k/rate.
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                break
-            if ru_w0 is None and now >= t_start + warm:
-                ru_w0 = _cpu()
-            due = int((now - t_start) / interval) + 1 - seq
-            if due > 0:
-                if due > MAX_BURST:
-                    # The generator fell behind (descheduled): drop the backlog rather than
-                    # send a burst deeper than derper's 32-packet queue; counted as skipped.
-                    skipped += (due - MAX_BURST) * len(self.pairs)
-                    seq += due - MAX_BURST
-                    due = MAX_BURST
-                ts = time.monotonic_ns()
-                for i, (a, _b, _rx) in enumerate(self.pairs):
-                    if a.write_buffer_size() > 4 << 20:
-                        skipped += due  # the server is not reading: do not grow without bound
-                        continue
-                    tail = self._tail
-                    h = heads[i]
-                    a.send_many([h + b"\x04" + _SEQ_TS.pack(seq + k, ts) + tail
-                                 for k in range(due)])
-                    sent += due
-                    if w0 <= ts < w1:
-                        sent_in_window += due
-                seq += due
-            await asyncio.sleep(0.0005)
-        ru_w1 = _cpu()
-        await asyncio.sleep(LOSS_WAIT)
-        received = sum(rx.n for _, _, rx in self.pairs)
-        lat = array("q")
-        for _, _, rx in self.pairs:
-            lat.extend(rx.lat)
-        return {"sent": sent, "sent_in_window": sent_in_window, "received": received,
-                "skipped": skipped, "lat": lat.tobytes(),
-                "cpu_window": (ru_w1 - ru_w0) if ru_w0 is not None else 0.0,
-                "cpu_point": ru_w1 - ru0}
-
-    async def run(self) -> None:
-        cmds = pipe_commands(self.pipe)
-        try:
-            await self.setup()
-            self.pipe.send(("ready",))
-        except Exception as e:
-            self.pipe.send(("error", f"{type(e).__name__}: {e}"))
-            return
-        while True:
-            msg = await cmds.get()
-            if msg[0] == "point":
-                self.pipe.send(("result", await self.point(*msg[1:])))
-            elif msg[0] == "stop":
-                for a, b, _ in self.pairs:
-                    for c in (a, b):
-                        with contextlib.suppress(Exception):
-                            await c.close()
-                self.pipe.send(("stopped",))
-                return
-
-
-def _cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def gen_entry(pipe: Connection, spec: dict[str, Any]) -> None:
-    if spec.get("cpu") is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {spec["cpu"]})
-    install_uvloop()
-    asyncio.run(GenWorker(pipe, spec).run())
+# == the generator process ==================================================================
 
 
 class Generator:
-    def __init__(self, url: str, pairs: int, procs: int, cpu: int | None) -> None:
-        ctx = mp.get_context("spawn")
-        self.procs: list[Any] = []
-        self.pipes: list[Connection] = []
-        self.pairs_per = [len(range(i, pairs, procs)) for i in range(procs)]
-        for n in self.pairs_per:
-            mine, theirs = ctx.Pipe()
-            pr = ctx.Process(target=gen_entry, args=(theirs, {"url": url, "pairs": n, "cpu": cpu}),
-                             daemon=True)
-            pr.start()
-            self.procs.append(pr)
-            self.pipes.append(mine)
-        for pipe in self.pipes:
-            msg = self._recv(pipe, 90)
-            if msg[0] != "ready":
-                self.stop()
-                raise BenchError(f"generator setup failed: {msg[1]}")
+    """derpload connected to one relay; runs points on command (JSON lines both ways)."""
 
-    def _recv(self, pipe: Connection, timeout: float) -> Any:
-        if not pipe.poll(timeout):
-            raise BenchError(f"generator process silent for {timeout}s")
-        return pipe.recv()
+    def __init__(self, binary: Path, url: str, pairs: int, pin: bool, coalesce: bool,
+                 log: Path) -> None:
+        argv = [str(binary), "-url", url, "-pairs", str(pairs), "-size", str(PAYLOAD),
+                f"-coalesce={'true' if coalesce else 'false'}"]
+        env = dict(os.environ, GOMAXPROCS="1" if pin else os.environ.get("GOMAXPROCS", ""))
+        if not env["GOMAXPROCS"]:
+            del env["GOMAXPROCS"]
+        self._stderr = open(log, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {GEN_CPU})) if pin else None)
+        self._buf = b""
+        self.log = log
+        ev = self._event(90)
+        if ev.get("event") != "ready":
+            self.stop()
+            raise BenchError(f"derpload did not start: {ev.get('error', ev)}")
+
+    def _event(self, timeout: float) -> dict[str, Any]:
+        """The next JSON line from derpload, waiting at most ``timeout`` seconds."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise BenchError(f"derpload silent for {timeout:g} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise BenchError(f"derpload exited ({self.proc.wait()}): "
+                                 f"{self.log.read_text(errors='replace')[-2000:]}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return dict(json.loads(line))
 
     def point(self, rate: float, warm: float, measure: float, server_pid: int
               ) -> dict[str, Any]:
-        rate_pair = rate / sum(self.pairs_per)
-        t_start = time.monotonic() + 0.5
-        for pipe in self.pipes:
-            pipe.send(("point", rate_pair, t_start, warm, measure))
-        # Server CPU over exactly the measured window.
-        time.sleep(max(0.0, t_start + warm - time.monotonic()))
-        c0 = cpu_seconds(server_pid)
-        time.sleep(max(0.0, t_start + warm + measure - time.monotonic()))
-        c1 = cpu_seconds(server_pid)
-        parts = [self._recv(p, warm + measure + 60)[1] for p in self.pipes]
-        lat = array("q")
-        for part in parts:
-            lat.frombytes(part["lat"])
-        lat_s = [x / 1e9 for x in lat]
-        sent_w = sum(x["sent_in_window"] for x in parts)
-        recv = sum(x["received"] for x in parts)
-        gen_cpu = sum(x["cpu_window"] for x in parts)
-        delivered = recv / measure
-        skipped = sum(x["skipped"] for x in parts)
-        gen_busy = gen_cpu / measure
-        offered_sent = sent_w / measure
+        assert self.proc.stdin is not None
+        cmd = {"rate": rate, "warm": warm, "measure": measure}
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        self.proc.stdin.flush()
+        c0 = c1 = 0.0
+        while True:
+            ev = self._event(warm + measure + 60)
+            kind = ev.get("event")
+            if kind == "measure_start":
+                c0 = cpu_seconds(server_pid)
+            elif kind == "measure_end":
+                c1 = cpu_seconds(server_pid)
+            elif kind == "result":
+                break
+            else:
+                raise BenchError(f"derpload: {ev.get('error', ev)}")
+        if ev.get("error"):
+            raise BenchError(f"derpload lost a connection: {ev['error'][:500]}")
+        recv = ev["received_in_window"]
+        cpu = c1 - c0
         return {
             "offered_pps": rate,
-            "sent_pps": round(offered_sent, 1),
-            "delivered_pps": round(delivered, 1),
-            "loss": rnd(1 - recv / sent_w, 5) if sent_w else None,
-            "p50_ms": rnd(_ms(percentile(lat_s, 50)), 3),
-            "p99_ms": rnd(_ms(percentile(lat_s, 99)), 3),
-            "server_cpu_s": round(c1 - c0, 3),
-            "server_cpu_s_per_mpkt": round((c1 - c0) / recv * 1e6, 2) if recv else None,
-            "server_cores_busy": round((c1 - c0) / measure, 3),
-            "gen_cores_busy": round(gen_busy, 3),
-            "gen_skipped": skipped,
+            "sent_pps": round(ev["sent_pps"], 1),
+            "delivered_pps": round(ev["delivered_pps"], 1),
+            "loss": rnd(ev["loss"], 5),
+            "skipped_frac": rnd(ev["skipped"] / (rate * (warm + measure)), 4),
+            "p50_ms": _ms(ev["p50_ms"]),
+            "p99_ms": _ms(ev["p99_ms"]),
+            "p999_ms": _ms(ev["p999_ms"]),
+            "server_cpu_s": round(cpu, 3),
+            "server_cpu_s_per_mpkt": round(cpu / recv * 1e6, 2) if recv else None,
+            "server_cores_busy": round(cpu / measure, 3),
+            "gen_cores_busy": round(ev["gen_cpu_s"] / measure, 3),
         }
 
     def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for pipe in self.pipes:
-            with contextlib.suppress(Exception):
-                self._recv(pipe, 15)
-        for pr in self.procs:
-            pr.join(10)
-            if pr.is_alive():
-                pr.kill()
-                pr.join(5)
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            stop_process(self.proc)  # type: ignore[arg-type]
+        self._stderr.close()
 
 
-def _ms(x: float | None) -> float | None:
-    return None if x is None else x * 1000
+def _ms(x: float) -> float | None:
+    return None if x < 0 else round(x, 3)
 
 
-# == servers and the sweep ==================================================================
+# == relays and sweeps ======================================================================
 
 
 def _server_argv(which: str, work: Path, port: int, certdir: Path) -> tuple[list[str], dict[str, str]]:
@@ -322,144 +171,232 @@ def _server_argv(which: str, work: Path, port: int, certdir: Path) -> tuple[list
               "-c", str(work / f"{which}.key.json")]
     if which == "ours":
         return [str(VENV_PYTHON), "-m", "derp", *common], {"PYTHONUNBUFFERED": "1"}
-    binary = build_go.ensure(build_go.DERPER)
-    return [str(binary), *common], {}
+    return [str(build_go.ensure(build_go.DERPER)), *common], {}
 
 
-def sweep(which: str, args: argparse.Namespace, work: Path, certdir: Path) -> dict[str, Any]:
-    port = free_port()
-    argv, env = _server_argv(which, work, port, certdir)
-    pin_server = 1 if args.pin else None
-    if which == "derper" and args.pin:
-        env["GOMAXPROCS"] = "1"
-    log = work / f"{which}.log"
-    points: list[dict[str, Any]] = []
-    saturation: float | None = None
-    with server_process(argv, log, env=env, cpu=pin_server) as proc:
-        wait_tcp(port, proc, log, timeout=30)
-        idle_rss = peak_rss_mib(proc.pid)
-        gen = Generator(f"https://{LOOPBACK}:{port}/derp", args.pairs, args.gen_procs,
-                        0 if args.pin else None)
+class Relay:
+    """One relay process with a connected generator, for a sequence of points."""
+
+    def __init__(self, which: str, args: argparse.Namespace, work: Path, certdir: Path,
+                 gen_binary: Path) -> None:
+        self.which = which
+        port = free_port()
+        argv, env = _server_argv(which, work, port, certdir)
+        if which == "derper" and args.pin:
+            env["GOMAXPROCS"] = "1"
+        self.log = work / f"{which}.log"
+        self._stack = contextlib.ExitStack()
+        self.proc = self._stack.enter_context(
+            server_process(argv, self.log, env=env, cpu=SERVER_CPU if args.pin else None))
         try:
-            for rate in args.rates:
-                pt = gen.point(rate, args.warm, args.measure, proc.pid)
-                pt["saturated"] = bool((pt["loss"] or 0) > LOSS_LIMIT
-                                       or (pt["p99_ms"] or 0) > P99_LIMIT * 1000)
-                pt["generator_bound"] = bool(
-                    pt["sent_pps"] < 0.9 * rate
-                    or pt["gen_cores_busy"] > 0.9 * (1 if args.pin else args.gen_procs))
-                points.append(pt)
-                print(f"  [{which}] offered {rate:>6} sent {pt['sent_pps']:>9.0f} delivered "
-                      f"{pt['delivered_pps']:>9.0f} loss {pt['loss']} p50 {pt['p50_ms']} ms "
-                      f"p99 {pt['p99_ms']} ms cpu/Mpkt {pt['server_cpu_s_per_mpkt']} s "
-                      f"server {pt['server_cores_busy']} gen {pt['gen_cores_busy']} cores"
-                      + (" SATURATED" if pt["saturated"] else "")
-                      + (" GENERATOR-BOUND" if pt["generator_bound"] else ""), flush=True)
-                if not pt["saturated"] and (pt["loss"] or 0) < LOSS_LIMIT:
-                    saturation = max(saturation or 0.0, pt["delivered_pps"])
-                if pt["saturated"] or pt["generator_bound"]:
-                    break
-                time.sleep(0.5)
-        finally:
-            gen.stop()
-        peak = peak_rss_mib(proc.pid)
-    return {"points": points, "max_delivered_pps_unsaturated": saturation,
-            "idle_rss_mib": rnd(idle_rss, 1), "peak_rss_mib": rnd(peak, 1),
-            "limited_by": _limit(points)}
+            wait_tcp(port, self.proc, self.log, timeout=30)
+            self.idle_rss = peak_rss_mib(self.proc.pid)
+            self.gen = Generator(gen_binary, f"https://{LOOPBACK}:{port}/derp", args.pairs,
+                                 args.pin, args.coalesce, work / f"derpload-{which}.log")
+        except BaseException:
+            self._stack.close()
+            raise
+        self.args = args
+
+    def point(self, rate: float, warm: float, measure: float) -> dict[str, Any]:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.which} exited with {self.proc.returncode}")
+        pt = self.gen.point(rate, warm, measure, self.proc.pid)
+        pt["saturated"] = bool((pt["loss"] or 0) > LOSS_LIMIT
+                               or (pt["p99_ms"] or 0) > P99_LIMIT_MS
+                               or pt["delivered_pps"] < 0.95 * rate)
+        pt["generator_bound"] = bool(pt["gen_cores_busy"] > 0.9)
+        print(f"  [{self.which:6}] offered {rate:>9,.0f} sent {pt['sent_pps']:>9,.0f} "
+              f"delivered {pt['delivered_pps']:>9,.0f} loss {pt['loss']} "
+              f"p50 {pt['p50_ms']} p99 {pt['p99_ms']} ms cpu/Mpkt "
+              f"{pt['server_cpu_s_per_mpkt']} s relay {pt['server_cores_busy']} "
+              f"gen {pt['gen_cores_busy']} cores"
+              + (" SATURATED" if pt["saturated"] else "")
+              + (" GENERATOR-BOUND" if pt["generator_bound"] else ""), flush=True)
+        return pt
+
+    def close(self) -> dict[str, Any]:
+        self.gen.stop()
+        peak = peak_rss_mib(self.proc.pid) if self.proc.poll() is None else None
+        self._stack.close()
+        return {"idle_rss_mib": rnd(self.idle_rss, 1), "peak_rss_mib": rnd(peak, 1)}
 
 
-def _limit(points: list[dict[str, Any]]) -> str:
-    if not points:
-        return "no points"
-    last = points[-1]
-    if last["saturated"]:
-        return "server (loss or p99 over the limit)"
-    if last["generator_bound"]:
-        return "generator"
-    return "not reached (highest offered load delivered)"
+def find_saturation(args: argparse.Namespace, work: Path, certdir: Path, gen: Path) -> float:
+    """derper's saturation: ramp the offered load with short points until delivery stops
+    growing; S is the most it delivered."""
+    print("-- ramp: derper's saturation (1+3 s points)", flush=True)
+    relay = Relay("derper", args, work, certdir, gen)
+    best = 0.0
+    try:
+        rate = RAMP_START
+        while rate <= RAMP_MAX:
+            pt = relay.point(rate, 1.0, 3.0)
+            if pt["generator_bound"]:
+                raise BenchError("the generator saturated before derper did")
+            best = max(best, pt["delivered_pps"])
+            if pt["delivered_pps"] < 0.9 * rate:
+                break
+            rate = round(rate * RAMP_STEP, -3)
+    finally:
+        relay.close()
+    print(f"   derper saturates at {best:,.0f} packets/s delivered", flush=True)
+    return best
+
+
+def sweep(which: str, rates: list[float], args: argparse.Namespace, work: Path,
+          certdir: Path, gen: Path) -> dict[str, Any]:
+    print(f"-- {which} ({args.warm:g}+{args.measure:g} s points)", flush=True)
+    relay = Relay(which, args, work, certdir, gen)
+    points = []
+    try:
+        for rate in rates:
+            points.append(relay.point(rate, args.warm, args.measure))
+            time.sleep(0.5)
+    finally:
+        mem = relay.close()
+    peak = max((p["delivered_pps"] for p in points), default=None)
+    return {"points": points, "peak_delivered_pps": peak, **mem}
+
+
+# == summary ================================================================================
+
+
+def _at(points: list[dict[str, Any]], rate: float | None) -> dict[str, Any]:
+    return next((p for p in points if p["offered_pps"] == rate), {})
+
+
+def summarize(results: dict[str, dict[str, Any]], sat: float | None,
+              rates: list[float]) -> dict[str, Any]:
+    """Side-by-side table over the ladder, then the target figures and ratios ours/derper."""
+    names = [n for n in ("ours", "derper") if n in results]
+    rows: list[Sequence[Any]] = []
+    for rate in rates:
+        row: list[Any] = [rate, round(rate / sat, 2) if sat else None]
+        for n in names:
+            p = _at(results[n]["points"], rate)
+            row += [p.get("delivered_pps"), p.get("loss"), p.get("p50_ms"), p.get("p99_ms"),
+                    p.get("server_cpu_s_per_mpkt")]
+        rows.append(row)
+    head = ["offered", "x S"]
+    for n in names:
+        head += [f"{n} deliv", "loss", "p50 ms", "p99 ms", "cpu s/Mpkt"]
+    print(Table(head, rows).render())
+
+    half = min(rates, key=lambda r: abs(r - 0.5 * sat)) if sat else None
+    double = max(rates)
+    out: dict[str, Any] = {"derper_saturation_pps": sat, "half_load_pps": half,
+                           "overload_pps": double}
+    for n in names:
+        pts = results[n]["points"]
+        peak = results[n]["peak_delivered_pps"]
+        h, d = _at(pts, half), _at(pts, double)
+        below_sat = [p["server_cpu_s_per_mpkt"] for p in pts
+                     if p["offered_pps"] <= (sat or 0) and p["server_cpu_s_per_mpkt"]]
+        out[n] = {
+            "peak_delivered_pps": peak,
+            "p99_ms_at_half": h.get("p99_ms"),
+            "p50_ms_at_half": h.get("p50_ms"),
+            "overload_delivered_pps": d.get("delivered_pps"),
+            "overload_loss": d.get("loss"),
+            "overload_skipped_frac": d.get("skipped_frac"),
+            "overload_p99_ms": d.get("p99_ms"),
+            "collapse": bool(peak and (d.get("delivered_pps") or 0) < COLLAPSE * peak),
+            "cpu_s_per_mpkt_min": min(below_sat) if below_sat else None,
+        }
+    if {"ours", "derper"} <= set(names):
+        o, t = out["ours"], out["derper"]
+        out["ratios"] = {
+            "peak_delivered": ratio(o["peak_delivered_pps"], t["peak_delivered_pps"]),
+            "p99_at_half": ratio(o["p99_ms_at_half"], t["p99_ms_at_half"]),
+            "overload_delivered": ratio(o["overload_delivered_pps"],
+                                        t["overload_delivered_pps"]),
+            "cpu_per_mpkt": ratio(o["cpu_s_per_mpkt_min"], t["cpu_s_per_mpkt_min"]),
+        }
+        r = out["ratios"]
+        out["targets"] = {
+            "peak_ge_1x": bool(r["peak_delivered"] and r["peak_delivered"] >= 1.0),
+            "p99_at_half_le_1_5x": bool(r["p99_at_half"] is not None
+                                        and r["p99_at_half"] <= 1.5),
+            "no_collapse_at_2x": not o["collapse"],
+        }
+    for n in names:
+        x = out[n]
+        print(f"{n:6}: peak {x['peak_delivered_pps']} pkt/s; at 0.5 S p50 {x['p50_ms_at_half']}"
+              f" p99 {x['p99_ms_at_half']} ms; at 2 S delivered {x['overload_delivered_pps']}"
+              f" loss {x['overload_loss']} skipped {x['overload_skipped_frac']} p99 "
+              f"{x['overload_p99_ms']} ms{' COLLAPSE' if x['collapse'] else ''}; "
+              f"cpu {x['cpu_s_per_mpkt_min']} s/Mpkt")
+    if "ratios" in out:
+        print(f"ours/derper: {out['ratios']}; targets {out['targets']}")
+    return out
+
+
+# == main ===================================================================================
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 s points, 1 s warm-up")
+    ap.add_argument("--quick", action="store_true", help="1+3 s points instead of 3+15 s")
     ap.add_argument("--pairs", type=int, default=PAIRS)
-    ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)),
-                    help="aggregate offered packets/s, comma-separated, rising")
-    ap.add_argument("--gen-procs", type=int, default=2, help="generator processes")
-    ap.add_argument("--no-pin", dest="pin", action="store_false",
-                    help="do not pin server to CPU 1 and generator to CPU 0")
+    ap.add_argument("--rates", default="",
+                    help="offered loads (aggregate packets/s, comma-separated); skips the ramp")
+    ap.add_argument("--derper-peak", type=float, default=0.0,
+                    help="use this as derper's saturation S instead of ramping")
     ap.add_argument("--servers", default="ours,derper")
+    ap.add_argument("--no-coalesce", dest="coalesce", action="store_false",
+                    help="one TLS write per packet (as tailscaled does) instead of one per "
+                         "sender per pacing tick")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="let relay and generator float over all cores")
     args = ap.parse_args(argv)
-    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.warm, args.measure = (1.0, 3.0) if args.quick else (3.0, 15.0)
     if args.pin and (os.cpu_count() or 1) < 2:
         args.pin = False
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     info = machine_info()
+    try:
+        gen = build_go.ensure_derpload()
+    except build_go.BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        emit_json({"benchmark": "derp", "error": str(e)[:2000]})
+        return 1
     print(f"derp benchmark: {args.pairs} pairs, {PAYLOAD}-byte packets, TLS on 127.0.0.1, "
-          f"{args.warm:g}+{args.measure:g} s per point, {args.gen_procs} generator processes, "
-          f"{'server on CPU 1 / generator on CPU 0' if args.pin else 'unpinned'}; "
-          f"{info['cpu']} x{info['nproc']}, Python {info['python']}, "
-          f"uvloop {info['uvloop'] or 'not installed'}, derper {build_go.DERPER_VERSION}",
-          flush=True)
+          f"{'coalesced' if args.coalesce else 'per-packet'} writes, "
+          f"{'relay on CPU 1 / generator on CPU 0' if args.pin else 'unpinned'}; "
+          f"{info['cpu']} x{info['nproc']}, Python {info['python']}, uvloop "
+          f"{info['uvloop'] or 'not installed'}, derper {build_go.DERPER_VERSION}, "
+          f"load average {info['loadavg_at_start']:.2f}", flush=True)
     results: dict[str, dict[str, Any]] = {}
+    sat: float | None = None
+    rates: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-derp-") as tmp:
         work = Path(tmp)
         certdir = work / "certs"
         from derp.tls import ensure_self_signed
 
-        ensure_self_signed(certdir, LOOPBACK)  # one certificate for both servers
+        ensure_self_signed(certdir, LOOPBACK)  # one certificate for both relays
         try:
+            if args.rates:
+                rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
+                sat = args.derper_peak or None
+            else:
+                sat = args.derper_peak or find_saturation(args, work, certdir, gen)
+                rates = [float(round(f * sat, -3)) for f in LADDER]
             for s in servers:
-                print(f"-- {s}", flush=True)
-                results[s] = sweep(s, args, work, certdir)
+                results[s] = sweep(s, rates, args, work, certdir, gen)
         except (BenchError, build_go.BuildError) as e:
             print(f"error: {e}", file=sys.stderr)
             emit_json({"benchmark": "derp", "error": str(e)[:2000], "results": results})
             return 1
-    summary = summarize(results)
+    summary = summarize(results, sat, rates)
     emit_json({"benchmark": "derp", "pairs": args.pairs, "payload": PAYLOAD,
-               "pinned": args.pin, "warm_s": args.warm, "measure_s": args.measure,
-               "machine": info, "derper_version": build_go.DERPER_VERSION,
-               "results": results, "summary": summary})
+               "coalesce": args.coalesce, "pinned": args.pin, "warm_s": args.warm,
+               "measure_s": args.measure, "machine": info,
+               "loadavg_at_end": os.getloadavg()[0],
+               "derper_version": build_go.DERPER_VERSION, "results": results,
+               "summary": summary})
     return 0
-
-
-def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Side-by-side table at the offered loads both servers ran; ratios ours/derper."""
-    if not {"ours", "derper"} <= set(results):
-        return {}
-    ours = {p["offered_pps"]: p for p in results["ours"]["points"]}
-    theirs = {p["offered_pps"]: p for p in results["derper"]["points"]}
-    rows = []
-    per_rate = []
-    for rate in sorted(set(ours) & set(theirs)):
-        a, b = ours[rate], theirs[rate]
-        r = {"offered_pps": rate,
-             "delivered_ratio": ratio(a["delivered_pps"], b["delivered_pps"]),
-             "p50_ratio": ratio(a["p50_ms"], b["p50_ms"]),
-             "p99_ratio": ratio(a["p99_ms"], b["p99_ms"]),
-             "cpu_per_mpkt_ratio": ratio(a["server_cpu_s_per_mpkt"],
-                                         b["server_cpu_s_per_mpkt"])}
-        per_rate.append(r)
-        rows.append([rate, a["delivered_pps"], b["delivered_pps"], a["loss"], b["loss"],
-                     a["p50_ms"], b["p50_ms"], a["p99_ms"], b["p99_ms"],
-                     a["server_cpu_s_per_mpkt"], b["server_cpu_s_per_mpkt"],
-                     r["cpu_per_mpkt_ratio"]])
-    print(Table(["offered", "deliv ours", "deliv derper", "loss ours", "loss derper",
-                 "p50 ours ms", "p50 derper", "p99 ours ms", "p99 derper",
-                 "cpu s/Mpkt ours", "derper", "cpu ratio"], rows).render())
-    sat = ratio(results["ours"]["max_delivered_pps_unsaturated"],
-                results["derper"]["max_delivered_pps_unsaturated"])
-    print(f"max unsaturated delivered pps: ours {results['ours']['max_delivered_pps_unsaturated']}"
-          f" ({results['ours']['limited_by']}), derper "
-          f"{results['derper']['max_delivered_pps_unsaturated']} "
-          f"({results['derper']['limited_by']}); ratio {sat}")
-    cpu_ratios = [r["cpu_per_mpkt_ratio"] for r in per_rate if r["cpu_per_mpkt_ratio"]]
-    return {"per_rate": per_rate, "max_delivered_ratio": sat,
-            "cpu_per_mpkt_ratio_median": percentile(cpu_ratios, 50),
-            "ours_limited_by": results["ours"]["limited_by"],
-            "derper_limited_by": results["derper"]["limited_by"]}
 
 
 if __name__ == "__main__":
