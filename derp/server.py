@@ -1,12 +1,13 @@
 """DERP relay core: per-connection state machine, routing by node key, queues, mesh.
 
 One ``ClientConn`` (an asyncio.Protocol) per upgraded connection.  The reader parses frames
-inline in ``data_received`` and routes a SendPacket by enqueuing it on the destination's
-bounded deques (32 data + 32 disco) that drop from the head; it never waits on a slow
-receiver.  Writes are batched: every connection with queued frames is flushed once per
-event-loop iteration with one ``transport.write`` of the joined frames.  When a transport's
-buffer is full (``pause_writing``) frames stay in the head-drop queues and a write timeout
-(2 s, 30 s for mesh peers) closes the stalled connection, as derper does.
+inline in ``data_received`` and routes a SendPacket straight into the destination's output
+buffer: while that connection is writable, its RecvPacket frames are collected in one list
+that goes out as a single ``transport.write`` once per event-loop iteration (or as soon as it
+holds FLUSH_PACKETS), so a TLS record and a syscall carry many packets.  The reader never waits
+on a slow receiver: when a transport's buffer is full (``pause_writing``) packets go to
+bounded deques (32 data + 32 disco, as derper's queues) that drop from the head, and a write
+timeout (2 s, 30 s for mesh peers) closes the stalled connection, as derper does.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ MESH_WRITE_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 WRITE_HIGH_WATER = 256 << 10
 
-_HDR_PACK = struct.Struct(">BI").pack
+_HDR = struct.Struct(">BI")
+_HDR_PACK = _HDR.pack
+_HDR_UNPACK = _HDR.unpack_from
 _RECV = p.FrameType.RECV_PACKET
+# A writable connection's pending packets are written once there are this many (~85 KiB),
+# so one loop iteration's worth of reads cannot pile up without bound before the flush.
+FLUSH_PACKETS = 64
+_PREFIX_CACHE_MAX = 64
 _SEND_MAX = p.KEY_LEN + p.MAX_PACKET_SIZE
 _FWD_MAX = 2 * p.KEY_LEN + p.MAX_PACKET_SIZE
 _DISCO0 = p.DISCO_MAGIC[0]
@@ -358,9 +365,14 @@ class ClientConn(asyncio.Protocol):
         self._buf = b""
         self._skip = 0
         depth = server.queue_depth
+        # While writable, frames go straight into _out (written once per loop iteration);
+        # while the transport is paused they wait in these bounded head-drop queues.
+        self._out: list[Any] = []  # bytes and memoryviews, joined by flush
+        self._nout = 0  # packets in _out
         self._data: deque[tuple[bytes, Any]] = deque(maxlen=depth)
         self._disco: deque[tuple[bytes, Any]] = deque(maxlen=depth)
         self._ctrl: list[bytes] = []
+        self._prefix: dict[int, bytes] = {}  # frame length -> RecvPacket header + our key
         self._pong_pending = False
         self._dirty = False
         self._paused = False
@@ -399,6 +411,8 @@ class ClientConn(asyncio.Protocol):
         self._data.clear()
         self._disco.clear()
         self._ctrl.clear()
+        self._out = []
+        self._nout = 0
         self.transport = None
         self.server._unregister(self)
 
@@ -553,11 +567,12 @@ class ClientConn(asyncio.Protocol):
         if self.is_dup:
             srv._make_active(self)
         active = srv._active
+        key = self.key
+        prefixes = self._prefix
         mv: memoryview | None = None
         npk = 0
         while n - off >= 5:
-            ftype = data[off]
-            flen = int.from_bytes(data[off + 1:off + 5], "big")
+            ftype, flen = _HDR_UNPACK(data, off)
             end = off + 5 + flen
             if ftype == 4:  # SendPacket, the hot path
                 if flen < 32 or flen > _SEND_MAX:
@@ -567,13 +582,27 @@ class ClientConn(asyncio.Protocol):
                     break
                 if mv is None:
                     mv = memoryview(data)
-                dst = data[off + 5:off + 37]
                 npk += 1
-                c = active.get(dst)
-                if c is not None:
-                    c.enqueue_packet(self.key, mv[off + 37:end])
+                c = active.get(data[off + 5:off + 37])
+                if c is not None and not c._paused:
+                    # inline enqueue_packet for a writable receiver: RecvPacket has the same
+                    # length as the SendPacket, so its header + our key is cached per length
+                    if key not in c.heard_from:
+                        srv._note_heard(c, key)
+                    pfx = prefixes.get(flen)
+                    if pfx is None:
+                        pfx = self._new_prefix(flen)
+                    c._out += (pfx, mv[off + 37:end])
+                    c._nout += 1
+                    if c._nout >= FLUSH_PACKETS:
+                        c.flush()
+                    elif not c._dirty:
+                        c._dirty = True
+                        srv._mark_dirty(c)
+                elif c is not None:
+                    c.enqueue_packet(key, mv[off + 37:end])
                 else:
-                    srv._route_slow(self, dst, mv[off + 37:end])
+                    srv._route_slow(self, data[off + 5:off + 37], mv[off + 37:end])
                 off = end
                 continue
             if ftype in _HANDLED:
@@ -595,6 +624,12 @@ class ClientConn(asyncio.Protocol):
         srv.stats.packets_received += npk
         if off < n and self._state == _ST_RUN:
             self._buf = data[off:]
+
+    def _new_prefix(self, flen: int) -> bytes:
+        if len(self._prefix) >= _PREFIX_CACHE_MAX:
+            self._prefix.clear()  # a client cycling through sizes must not grow this
+        pfx = self._prefix[flen] = _HDR_PACK(_RECV, flen) + self.key
+        return pfx
 
     def _control(self, ftype: int, payload: bytes) -> bool:
         """Handle a non-SendPacket frame; False means the connection was closed."""
@@ -644,33 +679,38 @@ class ClientConn(asyncio.Protocol):
     # ----------------------------------------------------------------------------- writing
 
     def enqueue_packet(self, src: bytes, pkt: Any) -> None:
-        """Queue RecvPacket(src, pkt); head-drop when full.  Never blocks."""
+        """Send RecvPacket(src, pkt) soon; while paused, queue it (head-drop when full).
+        Never blocks.  (ClientConn._process inlines the writable case.)"""
         if self._state != _ST_RUN:
             self.server.stats.dropped["gone_disconnected"] += 1
             return
         if src not in self.heard_from:
             self.server._note_heard(self, src)
-        if len(pkt) >= _DISCO_MIN and pkt[0] == _DISCO0 and pkt[:6] == _DISCO:
-            q = self._disco
-        else:
-            q = self._data
-        if len(q) == q.maxlen:
-            if not self._paused:
-                # a burst bigger than the queue while the socket is writable: write the
-                # batch now rather than drop; head-drop only when the peer is backed up
-                self.flush()
+        if self._paused:
+            if len(pkt) >= _DISCO_MIN and pkt[0] == _DISCO0 and pkt[:6] == _DISCO:
+                q = self._disco
             else:
+                q = self._data
+            if len(q) == q.maxlen:
                 self.server.stats.dropped["queue_head"] += 1
-        q.append((src, pkt))
-        if not self._dirty and not self._paused:
+            q.append((src, pkt))
+            return
+        self._out += (_HDR_PACK(_RECV, 32 + len(pkt)), src, pkt)
+        self._nout += 1
+        if self._nout >= FLUSH_PACKETS:
+            self.flush()
+        elif not self._dirty:
             self._dirty = True
             self.server._mark_dirty(self)
 
     def enqueue_ctrl(self, frame: bytes) -> None:
         if self._state != _ST_RUN:
             return
-        self._ctrl.append(frame)
-        if not self._dirty and not self._paused:
+        if self._paused:
+            self._ctrl.append(frame)
+            return
+        self._out.append(frame)
+        if not self._dirty:
             self._dirty = True
             self.server._mark_dirty(self)
 
@@ -679,29 +719,34 @@ class ClientConn(asyncio.Protocol):
         t = self.transport
         if t is None or self._paused:
             return
-        parts: list[Any] = []
-        if self._ctrl:
-            if self._pong_pending:
-                self._pong_pending = False
-                self.server.stats.sent_pong += 1
-            parts.extend(self._ctrl)
-            self._ctrl.clear()
-        npk = 0
+        if self._ctrl or self._disco or self._data:
+            self._out[:0] = self._backlog()  # what waited out a pause goes first
+        out = self._out
+        if not out:
+            return
+        if self._pong_pending:
+            self._pong_pending = False
+            self.server.stats.sent_pong += 1
+        npk = self._nout
+        self._out = []
+        self._nout = 0
+        self.server.stats.packets_sent += npk
+        try:
+            t.write(b"".join(out))
+        except Exception:
+            self.server.stats.dropped["write_error"] += npk
+            self.abort()
+
+    def _backlog(self) -> list[Any]:
+        """Frames queued while paused, in order: control, disco, data."""
+        parts: list[Any] = self._ctrl[:]
+        self._ctrl.clear()
         for q in (self._disco, self._data):
-            if q:
-                npk += len(q)
-                for src, pkt in q:
-                    parts.append(_HDR_PACK(_RECV, 32 + len(pkt)))
-                    parts.append(src)
-                    parts.append(pkt)
-                q.clear()
-        if parts:
-            self.server.stats.packets_sent += npk
-            try:
-                t.write(b"".join(parts))
-            except Exception:
-                self.server.stats.dropped["write_error"] += npk
-                self.abort()
+            self._nout += len(q)
+            for src, pkt in q:
+                parts += (_HDR_PACK(_RECV, 32 + len(pkt)), src, pkt)
+            q.clear()
+        return parts
 
     def present_frame(self) -> bytes:
         flags = 0

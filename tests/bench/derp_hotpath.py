@@ -1,0 +1,114 @@
+"""The relay's Python forwarding path alone: CPU microseconds per packet, no sockets, no TLS.
+
+    python -m tests.bench.derp_hotpath [--pairs 10] [--batch 48] [--seconds 3]
+
+DerpServer with `pairs` sender/receiver connections on in-memory transports; each round feeds
+every sender one read's worth of SendPacket frames (`batch` 1,300-byte packets, as one
+data_received call, the way a TLS read hands them over), lets the loop flush, and counts what
+the receivers' transports got. CPU time (process_time) per forwarded packet is the figure; it
+is far steadier than the end-to-end benchmark on a busy machine, so it is the one to watch
+while changing derp/server.py. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+from derp import protocol as p
+from derp.keys import generate_private_key
+from derp.server import ClientConn, DerpServer
+from tests.bench.common import emit_json, install_uvloop
+
+PAYLOAD = 1300
+
+
+class MemTransport:
+    """Enough of an asyncio transport for ClientConn: counts what is written."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.writes = 0
+
+    def write(self, data: Any) -> None:
+        self.bytes += len(data)
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _attach(srv: DerpServer) -> tuple[ClientConn, MemTransport, bytes]:
+    priv = generate_private_key()
+    pub = p.public_key_of(priv)
+    conn = srv.new_connection("127.0.0.1", 1)
+    t = MemTransport()
+    conn.start(t)
+    conn.data_received(p.client_info_frame(priv, srv.public_key, p.ClientInfo()))
+    return conn, t, pub
+
+
+async def run(pairs: int, batch: int, seconds: float) -> dict[str, Any]:
+    srv = DerpServer(generate_private_key())
+    senders = []
+    receivers = []
+    for _ in range(pairs):
+        a, _, _ = _attach(srv)
+        _, tb, pub_b = _attach(srv)
+        frame = p.send_packet_frame(pub_b, b"\x04" + os.urandom(PAYLOAD - 1))
+        senders.append((a, frame * batch))
+        receivers.append(tb)
+    for t in receivers:
+        t.bytes = t.writes = 0
+    rounds = 0
+    c0 = time.process_time()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for conn, chunk in senders:
+            conn.data_received(chunk)
+        await asyncio.sleep(0)  # the loop runs the flush
+        rounds += 1
+    cpu = time.process_time() - c0
+    packets = rounds * pairs * batch
+    got = sum(t.bytes for t in receivers) // (5 + 32 + PAYLOAD)
+    if got != packets:
+        raise SystemExit(f"forwarded {got} of {packets} packets")
+    writes = sum(t.writes for t in receivers)
+    return {"packets": packets, "cpu_s": round(cpu, 3),
+            "us_per_packet": round(cpu / packets * 1e6, 3),
+            "packets_per_write": round(packets / writes, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=48, help="packets per sender per read")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args(argv)
+    uv = install_uvloop()
+    res = asyncio.run(run(args.pairs, args.batch, args.seconds))
+    print(f"{res['us_per_packet']} µs CPU per forwarded packet ({res['packets']} packets, "
+          f"{res['packets_per_write']} per write, uvloop {uv})")
+    emit_json({"benchmark": "derp_hotpath", "pairs": args.pairs, "batch": args.batch,
+               "uvloop": uv, **res})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
