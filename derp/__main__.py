@@ -19,6 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from .http import serve_derp, serve_port80
 from .keys import KeyFileError, generate_private_key, load_or_create_private_key
 from .server import DerpServer
@@ -178,13 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s")
     try:
-        import uvloop  # optional speed-up when installed
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(run(args))
+        # uvloop's loop and TLS transport cost the relay ~20 % less CPU per packet than
+        # asyncio's (tests/bench/derp.py).
+        uvloop.run(run(args))
     except KeyFileError as e:
         print(f"pyderp: {e}", file=sys.stderr)
         raise SystemExit(1) from None

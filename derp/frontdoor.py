@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import h11
 from wsproto.utilities import generate_accept_token
@@ -214,7 +214,9 @@ class FrontDoor(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport; uvloop's (the standalone relay's loop) duck-type asyncio's
+        # Transport without subclassing it, so this is a cast, not an isinstance check.
+        transport = cast(asyncio.Transport, transport)
         self._t = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
