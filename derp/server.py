@@ -3,8 +3,8 @@
 One ``ClientConn`` (an asyncio.Protocol) per upgraded connection.  The reader parses frames
 inline in ``data_received`` and routes a SendPacket straight into the destination's output
 buffer: while that connection is writable, its RecvPacket frames are collected in one list
-that goes out as a single ``transport.write`` once per event-loop iteration (or as soon as it
-holds FLUSH_PACKETS), so a TLS record and a syscall carry many packets.  The reader never waits
+that goes out as a single ``transport.write`` when the read that produced them has been routed
+(or as soon as it holds FLUSH_PACKETS), so a TLS record and a syscall carry many packets.  The reader never waits
 on a slow receiver: when a transport's buffer is full (``pause_writing``) packets go to
 bounded deques (32 data + 32 disco, as derper's queues) that drop from the head, and a write
 timeout (2 s, 30 s for mesh peers) closes the stalled connection, as derper does.
@@ -42,6 +42,9 @@ _RECV = p.FrameType.RECV_PACKET
 # so one loop iteration's worth of reads cannot pile up without bound before the flush.
 FLUSH_PACKETS = 64
 _PREFIX_CACHE_MAX = 64
+# One receive buffer for every connection (reads are handled one at a time): big enough for a
+# read of 256 KiB behind the largest frame that waits whole in it (ClientInfo, <= 256 KiB).
+_READ_BUFFER = 640 << 10
 _SEND_MAX = p.KEY_LEN + p.MAX_PACKET_SIZE
 _FWD_MAX = 2 * p.KEY_LEN + p.MAX_PACKET_SIZE
 _DISCO0 = p.DISCO_MAGIC[0]
@@ -52,7 +55,9 @@ _ST_HANDSHAKE, _ST_VERIFY, _ST_RUN, _ST_CLOSED = range(4)
 
 
 class PacketForwarder(Protocol):
-    """Something that can carry a packet to another relay of the region (a mesh link)."""
+    """Something that can carry a packet to another relay of the region (a mesh link).
+
+    ``packet`` may be a view of the shared receive buffer: copy it before returning."""
 
     def forward(self, src: bytes, dst: bytes, packet: bytes | memoryview) -> None: ...
 
@@ -134,6 +139,8 @@ class DerpServer:
         self._sent_to: dict[bytes, dict[bytes, ClientConn]] = {}
         self._dirty: list[ClientConn] = []
         self._flush_pending = False
+        self._read_buf = bytearray(_READ_BUFFER)
+        self._read_view = memoryview(self._read_buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mesh_links: list[Any] = []
 
@@ -346,8 +353,14 @@ class DerpServer:
             self._unregister(c)
 
 
-class ClientConn(asyncio.Protocol):
-    """One DERP connection after the HTTP upgrade (handshake, then frame loop)."""
+class ClientConn(asyncio.BufferedProtocol):
+    """One DERP connection after the HTTP upgrade (handshake, then frame loop).
+
+    A BufferedProtocol: the transport reads (and decrypts) straight into the server's shared
+    receive buffer, so no read allocates; nothing may point into that buffer once
+    ``buffer_updated`` returns (packets for a paused receiver are copied, writable receivers
+    are flushed before it returns).
+    """
 
     def __init__(self, server: DerpServer, peer_ip: str, peer_port: int, not_ideal: bool) -> None:
         self.server = server
@@ -362,7 +375,8 @@ class ClientConn(asyncio.Protocol):
         self.heard_from: set[bytes] = set()
         self.transport: Any = None
         self._state = _ST_HANDSHAKE
-        self._buf = b""
+        self._pending = b""  # unparsed bytes (a partial frame) that precede the next read
+        self._pending_len = 0  # how much of _pending get_buffer put in front of the read
         self._skip = 0
         depth = server.queue_depth
         # While writable, frames go straight into _out (written once per loop iteration);
@@ -467,24 +481,40 @@ class ClientConn(asyncio.Protocol):
 
     # ----------------------------------------------------------------------------- reading
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.server._read_view
+        k = self._pending_len = len(self._pending)
+        if k:
+            view[:k] = self._pending
+        return view[k:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pending = b""
+        self._feed(self.server._read_buf, self._pending_len + nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        """For writers that hand over bytes (the WebSocket wrapper, bytes read with the head)."""
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        self._feed(data, len(data))
+
+    def _feed(self, data: bytes | bytearray, n: int) -> None:
+        """Act on data[:n], everything not yet consumed on this connection."""
         st = self._state
         if st == _ST_RUN:
-            self._process(data)
+            self._process(data, n)
         elif st == _ST_HANDSHAKE:
-            self._handshake(data)
+            self._handshake(data, n)
         elif st == _ST_VERIFY:
-            if len(data) > 4 * p.MAX_PACKET_SIZE:
+            if n > 4 * p.MAX_PACKET_SIZE:
                 self.abort()  # a client may pipeline, but not without bound
                 return
-            self._buf = data
+            self._pending = bytes(data[:n])
 
-    def _handshake(self, data: bytes) -> None:
-        if len(data) < 5:
-            self._buf = data
+    def _handshake(self, data: bytes | bytearray, n: int) -> None:
+        if n < 5:
+            self._pending = bytes(data[:n])
             return
         ftype, flen = p.unpack_header(data, 0)
         if ftype != p.FrameType.CLIENT_INFO or flen < p.CLIENT_INFO_MIN or \
@@ -492,17 +522,17 @@ class ClientConn(asyncio.Protocol):
             self.abort()
             return
         end = 5 + flen
-        if len(data) < end:
-            self._buf = data
+        if n < end:
+            self._pending = bytes(data[:n])
             return
         try:
-            key, info = p.open_client_info(self.server.private_key, data[5:end])
+            key, info = p.open_client_info(self.server.private_key, bytes(data[5:end]))
         except p.DerpProtocolError:
             self.abort()
             return
         self.key = key
         self.info = info
-        rest = data[end:]
+        rest = bytes(data[end:n])
         srv = self.server
         if srv.mesh_key and info.mesh_key and hmac.compare_digest(
                 info.mesh_key.encode(), srv.mesh_key.encode()):
@@ -511,7 +541,7 @@ class ClientConn(asyncio.Protocol):
             self._admit(rest)
             return
         self._state = _ST_VERIFY
-        self._buf = rest
+        self._pending = rest
         self._verify_task = srv._loop_get().create_task(self._verify(srv.verify_client))
 
     async def _verify(self, verify: VerifyClient) -> None:
@@ -529,8 +559,8 @@ class ClientConn(asyncio.Protocol):
             log.info("refused client nodekey:%s from %s", self.key.hex(), self.peer_ip)
             self.abort()
             return
-        rest = self._buf
-        self._buf = b""
+        rest = self._pending
+        self._pending = b""
         self._admit(rest)
 
     def _admit(self, rest: bytes) -> None:
@@ -544,7 +574,7 @@ class ClientConn(asyncio.Protocol):
         self._timer = loop.call_later(
             p.KEEPALIVE_INTERVAL + random.random() * p.KEEPALIVE_JITTER, self._keepalive)
         if rest:
-            self._process(rest)
+            self._process(rest, len(rest))
 
     def _keepalive(self) -> None:
         if self._state != _ST_RUN:
@@ -553,9 +583,8 @@ class ClientConn(asyncio.Protocol):
         self._timer = self.server._loop_get().call_later(
             p.KEEPALIVE_INTERVAL + random.random() * p.KEEPALIVE_JITTER, self._keepalive)
 
-    def _process(self, data: bytes) -> None:
-        """Parse and act on every complete frame in ``data``; keep the remainder."""
-        n = len(data)
+    def _process(self, data: bytes | bytearray, n: int) -> None:
+        """Parse and act on every complete frame in ``data[:n]``; keep the remainder."""
         off = 0
         if self._skip:
             if self._skip >= n:
@@ -569,61 +598,66 @@ class ClientConn(asyncio.Protocol):
         active = srv._active
         key = self.key
         prefixes = self._prefix
-        mv: memoryview | None = None
+        mv = memoryview(data)
         npk = 0
-        while n - off >= 5:
-            ftype, flen = _HDR_UNPACK(data, off)
-            end = off + 5 + flen
-            if ftype == 4:  # SendPacket, the hot path
-                if flen < 32 or flen > _SEND_MAX:
-                    self.abort()
-                    return
+        touched: list[ClientConn] = []  # receivers to flush once this read is routed
+        try:
+            while n - off >= 5:
+                ftype, flen = _HDR_UNPACK(data, off)
+                end = off + 5 + flen
+                if ftype == 4:  # SendPacket, the hot path
+                    if flen < 32 or flen > _SEND_MAX:
+                        self.abort()
+                        return
+                    if end > n:
+                        break
+                    npk += 1
+                    dst = mv[off + 5:off + 37].tobytes()
+                    c = active.get(dst)
+                    if c is not None and not c._paused:
+                        # inline enqueue_packet for a writable receiver: RecvPacket has the same
+                        # length as the SendPacket, so its header + our key is cached per length
+                        if key not in c.heard_from:
+                            srv._note_heard(c, key)
+                        pfx = prefixes.get(flen)
+                        if pfx is None:
+                            pfx = self._new_prefix(flen)
+                        if not c._nout:
+                            touched.append(c)
+                        c._out += (pfx, mv[off + 37:end])
+                        c._nout += 1
+                        if c._nout >= FLUSH_PACKETS:
+                            c.flush()
+                    elif c is not None:
+                        c.enqueue_packet(key, mv[off + 37:end])
+                    else:
+                        srv._route_slow(self, dst, mv[off + 37:end])
+                    off = end
+                    continue
+                if ftype in _HANDLED:
+                    if flen > _HANDLED[ftype]:
+                        self.abort()
+                        return
+                    if end > n:
+                        break
+                    if not self._control(ftype, bytes(data[off + 5:end])):
+                        return
+                    off = end
+                    continue
+                # unknown (or client-side) type: discard its payload, streaming if needed
                 if end > n:
+                    self._skip = end - n
+                    off = n
                     break
-                if mv is None:
-                    mv = memoryview(data)
-                npk += 1
-                c = active.get(data[off + 5:off + 37])
-                if c is not None and not c._paused:
-                    # inline enqueue_packet for a writable receiver: RecvPacket has the same
-                    # length as the SendPacket, so its header + our key is cached per length
-                    if key not in c.heard_from:
-                        srv._note_heard(c, key)
-                    pfx = prefixes.get(flen)
-                    if pfx is None:
-                        pfx = self._new_prefix(flen)
-                    c._out += (pfx, mv[off + 37:end])
-                    c._nout += 1
-                    if c._nout >= FLUSH_PACKETS:
-                        c.flush()
-                    elif not c._dirty:
-                        c._dirty = True
-                        srv._mark_dirty(c)
-                elif c is not None:
-                    c.enqueue_packet(key, mv[off + 37:end])
-                else:
-                    srv._route_slow(self, data[off + 5:off + 37], mv[off + 37:end])
                 off = end
-                continue
-            if ftype in _HANDLED:
-                if flen > _HANDLED[ftype]:
-                    self.abort()
-                    return
-                if end > n:
-                    break
-                if not self._control(ftype, data[off + 5:end]):
-                    return
-                off = end
-                continue
-            # unknown (or client-side) type: discard its payload, streaming if needed
-            if end > n:
-                self._skip = end - n
-                off = n
-                break
-            off = end
-        srv.stats.packets_received += npk
-        if off < n and self._state == _ST_RUN:
-            self._buf = data[off:]
+            srv.stats.packets_received += npk
+            if off < n and self._state == _ST_RUN:
+                self._pending = bytes(data[off:n])
+        finally:
+            # Write what this read produced now rather than after every other socket's read
+            # in this loop iteration: the first packet of a burst is not held back by the rest.
+            for c in touched:
+                c.flush()
 
     def _new_prefix(self, flen: int) -> bytes:
         if len(self._prefix) >= _PREFIX_CACHE_MAX:
@@ -693,7 +727,7 @@ class ClientConn(asyncio.Protocol):
                 q = self._data
             if len(q) == q.maxlen:
                 self.server.stats.dropped["queue_head"] += 1
-            q.append((src, pkt))
+            q.append((src, bytes(pkt)))  # pkt may be a view of the shared receive buffer
             return
         self._out += (_HDR_PACK(_RECV, 32 + len(pkt)), src, pkt)
         self._nout += 1

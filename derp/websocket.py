@@ -27,11 +27,11 @@ class WebSocketTransport(asyncio.Transport, asyncio.Protocol):
         super().__init__()
         self._t: asyncio.Transport | None = transport
         self._ws = Connection(ConnectionType.SERVER)
-        self._inner: asyncio.Protocol | None = None
+        self._inner: asyncio.Protocol | asyncio.BufferedProtocol | None = None
 
     def attach(self, inner: asyncio.BaseProtocol, surplus: bytes) -> None:
         """Start delivering to ``inner``; ``surplus`` arrived right after the handshake."""
-        assert isinstance(inner, asyncio.Protocol)
+        assert isinstance(inner, asyncio.Protocol | asyncio.BufferedProtocol)
         self._inner = inner
         if surplus:
             self.data_received(surplus)
@@ -63,8 +63,21 @@ class WebSocketTransport(asyncio.Transport, asyncio.Protocol):
         self._deliver(out)
 
     def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and self._inner is not None:
-            self._inner.data_received(b"".join(chunks))
+        inner = self._inner
+        if not chunks or inner is None:
+            return
+        if isinstance(inner, asyncio.Protocol):
+            inner.data_received(b"".join(chunks))
+            return
+        # A BufferedProtocol (the DERP connection) takes bytes into buffers it hands out.
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view and self._t is not None:
+                buf = memoryview(inner.get_buffer(len(view)))
+                k = min(len(buf), len(view))
+                buf[:k] = view[:k]
+                inner.buffer_updated(k)
+                view = view[k:]
 
     def _fail(self, code: CloseReason, reason: str) -> None:
         t = self._t

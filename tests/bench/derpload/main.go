@@ -260,12 +260,15 @@ type sendStats struct {
 	err                       error
 }
 
-func (p *pair) pace(ratePair float64, start, w0, w1 int64, size, maxBurst int, coalesce bool) sendStats {
+// pace sends on the schedule "packet k is due at start + k/ratePair" until w1, waking every
+// tick (about `perTick` packets, 100 µs .. 10 ms). Pairs get different `start` phases so their
+// bursts do not line up.
+func (p *pair) pace(ratePair float64, start, w0, w1 int64, size, perTick, maxBurst int, coalesce bool) sendStats {
 	var st sendStats
 	buf := make([]byte, size)
 	rand.Read(buf)
 	buf[0] = 0x04 // a WireGuard data message: never looks like disco
-	tick := time.Duration(float64(time.Second) * 8 / ratePair)
+	tick := time.Duration(float64(time.Second) * float64(perTick) / ratePair)
 	tick = max(100*time.Microsecond, min(tick, 10*time.Millisecond))
 	var seq int64 // packets scheduled so far
 	if d := start - nowNs(); d > 0 {
@@ -354,7 +357,7 @@ func sleepUntil(t int64) {
 	}
 }
 
-func runPoint(pairs []*pair, cmd command, size, maxBurst int, coalesce bool, lossWait time.Duration) result {
+func runPoint(pairs []*pair, cmd command, size, perTick, maxBurst int, coalesce bool, lossWait time.Duration) result {
 	ratePair := cmd.Rate / float64(len(pairs))
 	start := nowNs() + int64(100*time.Millisecond)
 	w0 := start + int64(cmd.Warm*1e9)
@@ -366,9 +369,10 @@ func runPoint(pairs []*pair, cmd command, size, maxBurst int, coalesce bool, los
 	var wg sync.WaitGroup
 	for i, p := range pairs {
 		wg.Add(1)
+		phase := int64(float64(i) / float64(len(pairs)) * float64(perTick) / ratePair * 1e9)
 		go func() {
 			defer wg.Done()
-			stats[i] = p.pace(ratePair, start, w0, w1, size, maxBurst, coalesce)
+			stats[i] = p.pace(ratePair, start+phase, w0, w1, size, perTick, maxBurst, coalesce)
 		}()
 	}
 	sleepUntil(w0)
@@ -449,6 +453,7 @@ func main() {
 	rawURL := flag.String("url", "", "relay URL, e.g. https://127.0.0.1:3340/derp")
 	npairs := flag.Int("pairs", 10, "client pairs")
 	size := flag.Int("size", 1300, "packet size in bytes (>= 17)")
+	perTick := flag.Int("pertick", 4, "packets per sender per pacing tick at the nominal rate")
 	maxBurst := flag.Int("maxburst", 16, "most packets a sender writes per pacing tick")
 	coalesce := flag.Bool("coalesce", true, "one socket write per sender per tick (false: one per packet)")
 	lossWait := flag.Duration("losswait", time.Second, "a packet not seen this long after the window is lost")
@@ -460,8 +465,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "derpload: -url must be http(s)://host:port/derp")
 		os.Exit(2)
 	}
-	if *size < 17 || *size > derp.MaxPacketSize || *npairs < 1 || *maxBurst < 1 {
-		fmt.Fprintln(os.Stderr, "derpload: bad -size, -pairs or -maxburst")
+	if *size < 17 || *size > derp.MaxPacketSize || *npairs < 1 || *perTick < 1 || *maxBurst < *perTick {
+		fmt.Fprintln(os.Stderr, "derpload: bad -size, -pairs, -pertick or -maxburst")
 		os.Exit(2)
 	}
 	time.AfterFunc(*deadline, func() {
@@ -511,7 +516,7 @@ func main() {
 			emit(map[string]string{"event": "error", "error": "bad command: " + sc.Text()})
 			continue
 		}
-		emit(runPoint(pairs, cmd, *size, *maxBurst, *coalesce, *lossWait))
+		emit(runPoint(pairs, cmd, *size, *perTick, *maxBurst, *coalesce, *lossWait))
 	}
 	for _, p := range pairs {
 		p.a.conn.Close()
