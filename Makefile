@@ -7,7 +7,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 # Official Tailscale clients are built once per version into this cache, outside the repo.
 export PYHEADSCALE_CACHE ?= $(HOME)/.cache/pyheadscale
 
-.PHONY: serve test unit integration lint clients bench clean
+.PHONY: serve test unit integration lint clients bench bench-derp clean
 
 # `make serve` installs only what the server needs; the test targets add the dev tools.
 $(STAMP): pyproject.toml
@@ -48,6 +48,11 @@ bench: $(DEVSTAMP) clients
 	$(PY) -m tests.bench.control
 	$(PY) -m tests.bench.derp
 	$(PY) -m tests.bench.policy
+
+# The DERP relay against derper at saturation (builds derper and derpload from the Go module
+# proxy on first use); see tests/bench/README.md.
+bench-derp: $(DEVSTAMP)
+	$(PY) -m tests.bench.derp
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

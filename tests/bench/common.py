@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,27 +77,38 @@ def tail(path: Path, lines: int = 30) -> str:
 @contextlib.contextmanager
 def server_process(
     argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None,
-    cwd: str | Path | None = None, cpu: int | None = None,
+    cwd: str | Path | None = None, cpu: int | None = None, nice: int = 0,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `argv` with output to `log` (optionally pinned to one CPU); stop it on exit."""
+    """Run `argv` with output to `log` (optionally pinned to one CPU, with a niceness);
+    stop it on exit."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-
-    def pin() -> None:
-        # In the child before exec, so every thread the server starts inherits the mask.
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
 
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
             list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=str(cwd) if cwd else None,
-            preexec_fn=pin if cpu is not None else None,
+            preexec_fn=child_setup(cpu, nice),
         )
     try:
         yield proc
     finally:
         stop_process(proc)
+
+
+def child_setup(cpu: int | None, nice: int = 0) -> Callable[[], None] | None:
+    """A preexec_fn pinning the child to `cpu` and adding `nice`: it runs in the child before
+    exec, so every thread the program starts inherits both."""
+    if cpu is None and not nice:
+        return None
+
+    def setup() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        if nice:
+            os.nice(nice)
+
+    return setup
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:

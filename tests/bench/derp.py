@@ -43,6 +43,7 @@ from tests.bench.common import (
     VENV_PYTHON,
     BenchError,
     Table,
+    child_setup,
     cpu_seconds,
     emit_json,
     free_port,
@@ -74,7 +75,7 @@ class Generator:
     """derpload connected to one relay; runs points on command (JSON lines both ways)."""
 
     def __init__(self, binary: Path, url: str, pairs: int, pin: bool, coalesce: bool,
-                 log: Path) -> None:
+                 nice: int, log: Path) -> None:
         argv = [str(binary), "-url", url, "-pairs", str(pairs), "-size", str(PAYLOAD),
                 f"-coalesce={'true' if coalesce else 'false'}"]
         env = dict(os.environ, GOMAXPROCS="1" if pin else os.environ.get("GOMAXPROCS", ""))
@@ -83,7 +84,7 @@ class Generator:
         self._stderr = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {GEN_CPU})) if pin else None)
+            preexec_fn=child_setup(GEN_CPU if pin else None, nice))
         self._buf = b""
         self.log = log
         ev = self._event(90)
@@ -187,12 +188,14 @@ class Relay:
         self.log = work / f"{which}.log"
         self._stack = contextlib.ExitStack()
         self.proc = self._stack.enter_context(
-            server_process(argv, self.log, env=env, cpu=SERVER_CPU if args.pin else None))
+            server_process(argv, self.log, env=env, cpu=SERVER_CPU if args.pin else None,
+                           nice=args.nice))
         try:
             wait_tcp(port, self.proc, self.log, timeout=30)
             self.idle_rss = peak_rss_mib(self.proc.pid)
             self.gen = Generator(gen_binary, f"https://{LOOPBACK}:{port}/derp", args.pairs,
-                                 args.pin, args.coalesce, work / f"derpload-{which}.log")
+                                 args.pin, args.coalesce, args.nice,
+                                 work / f"derpload-{which}.log")
         except BaseException:
             self._stack.close()
             raise
@@ -223,8 +226,9 @@ class Relay:
 
 
 def find_saturation(args: argparse.Namespace, work: Path, certdir: Path, gen: Path) -> float:
-    """derper's saturation: ramp the offered load with short points until delivery stops
-    growing; S is the most it delivered."""
+    """derper's saturation: ramp the offered load (x1.4 per step, short points) until it falls
+    behind the offered load and delivers no more than at the step before; S is the most it
+    delivered."""
     print("-- ramp: derper's saturation (1+3 s points)", flush=True)
     relay = Relay("derper", args, work, certdir, gen)
     best = 0.0
@@ -234,9 +238,10 @@ def find_saturation(args: argparse.Namespace, work: Path, certdir: Path, gen: Pa
             pt = relay.point(rate, 1.0, 3.0)
             if pt["generator_bound"]:
                 raise BenchError("the generator saturated before derper did")
+            grew = pt["delivered_pps"] > 1.05 * best
             best = max(best, pt["delivered_pps"])
-            if pt["delivered_pps"] < 0.9 * rate:
-                break
+            if pt["delivered_pps"] < 0.9 * rate and not grew:
+                break  # falling behind the offered load and no longer delivering more
             rate = round(rate * RAMP_STEP, -3)
     finally:
         relay.close()
@@ -349,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                          "sender per pacing tick")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="let relay and generator float over all cores")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="niceness for relays and generator alike (root may give a negative "
+                         "one: steadier figures on a machine other work keeps busy)")
     args = ap.parse_args(argv)
     args.warm, args.measure = (1.0, 3.0) if args.quick else (3.0, 15.0)
     if args.pin and (os.cpu_count() or 1) < 2:
@@ -363,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"derp benchmark: {args.pairs} pairs, {PAYLOAD}-byte packets, TLS on 127.0.0.1, "
           f"{'coalesced' if args.coalesce else 'per-packet'} writes, "
-          f"{'relay on CPU 1 / generator on CPU 0' if args.pin else 'unpinned'}; "
+          f"{'relay on CPU 1 / generator on CPU 0' if args.pin else 'unpinned'}, "
+          f"nice {args.nice}; "
           f"{info['cpu']} x{info['nproc']}, Python {info['python']}, uvloop "
           f"{info['uvloop'] or 'not installed'}, derper {build_go.DERPER_VERSION}, "
           f"load average {info['loadavg_at_start']:.2f}", flush=True)
@@ -391,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     summary = summarize(results, sat, rates)
     emit_json({"benchmark": "derp", "pairs": args.pairs, "payload": PAYLOAD,
-               "coalesce": args.coalesce, "pinned": args.pin, "warm_s": args.warm,
+               "coalesce": args.coalesce, "pinned": args.pin, "nice": args.nice,
+               "warm_s": args.warm,
                "measure_s": args.measure, "machine": info,
                "loadavg_at_end": os.getloadavg()[0],
                "derper_version": build_go.DERPER_VERSION, "results": results,
