@@ -1,14 +1,15 @@
 """DERP relay benchmark at saturation: our relay (`python -m derp`) and Tailscale's derper.
 
-    python -m tests.bench.derp            # 15 s points (about 8 minutes)
-    python -m tests.bench.derp --quick    # 3 s points (about 2 minutes)
+    python -m tests.bench.derp            # 15 s points (about 8 minutes); make bench-derp
+    python -m tests.bench.derp --quick    # 3 s points (about 3 minutes)
 
 Load: derpload (tests/bench/derpload, Go, Tailscale's own DERP client package) opens 10 client
 pairs over TLS on 127.0.0.1; each A sends 1,300-byte packets to its B on an open-loop
-schedule, each packet carrying its send time; B records the one-way latency. A packet sent in
-the measured window that has not arrived 1 s after it is lost. A sender whose socket is full
-(the relay is not reading) skips its backlog beyond 16 packets, as tailscaled drops DERP
-writes when its queue is full: those are counted as `skipped`, not lost.
+schedule (one TLS write per wake-up unless --no-coalesce), each packet carrying its send time;
+B records the one-way latency. A packet sent in the measured window that has not arrived 1 s
+after it is lost. A sender whose socket is full (the relay is not reading) skips its backlog
+beyond 16 packets, as tailscaled drops DERP writes when its queue is full: those are counted
+as `skipped`, not lost.
 
 Sweep: each relay is pinned to CPU 1 (derper with GOMAXPROCS=1), the generator to CPU 0
 (GOMAXPROCS=1). First a short ramp finds derper's saturation S (the most it delivers); then
@@ -277,11 +278,12 @@ def summarize(results: dict[str, dict[str, Any]], sat: float | None,
     names = [n for n in ("ours", "derper") if n in results]
     rows: list[Sequence[Any]] = []
     for rate in rates:
-        row: list[Any] = [rate, round(rate / sat, 2) if sat else None]
+        row: list[Any] = [int(rate), round(rate / sat, 2) if sat else None]
         for n in names:
             p = _at(results[n]["points"], rate)
-            row += [p.get("delivered_pps"), p.get("loss"), p.get("p50_ms"), p.get("p99_ms"),
-                    p.get("server_cpu_s_per_mpkt")]
+            deliv = p.get("delivered_pps")
+            row += [None if deliv is None else int(deliv), p.get("loss"), p.get("p50_ms"),
+                    p.get("p99_ms"), p.get("server_cpu_s_per_mpkt")]
         rows.append(row)
     head = ["offered", "x S"]
     for n in names:
