@@ -172,46 +172,53 @@ def _derpload_pin() -> str:
     raise BuildError("tests/bench/derpload/go.mod does not require tailscale.com")
 
 
-def derpload_path() -> Path:
-    """Where the current derpload source builds to: one directory per source hash."""
+def local_module_path(src: Path, name: str) -> Path:
+    """Where our Go program in `src` builds to: <cache>/<name>/<hash of its files>/<name>, so
+    an edit rebuilds it and nothing else does."""
     h = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "main.go"):
-        h.update(name.encode() + b"\0" + (DERPLOAD_SRC / name).read_bytes())
-    return versions.cache_dir() / "derpload" / h.hexdigest()[:16] / "derpload"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return versions.cache_dir() / name / h.hexdigest()[:16] / name
+
+
+def build_local_module(src: Path, name: str, log=sys.stderr) -> Path:
+    """`go build` our Go program in `src` (its go.mod and go.sum pin every module, fetched from
+    the Go module proxy) with the local toolchain; reuses an earlier build of the same files."""
+    out = local_module_path(src, name)
+    if out.is_file() and os.access(out, os.X_OK):
+        return out
+    go = shutil.which("go")
+    if go is None:
+        raise BuildError(f"Go is not installed (no `go` on PATH); needed to build {name}")
+    group = out.parent.parent
+    with _lock(group):
+        if out.is_file():
+            return out
+        print(f"building {name} into {out.parent} (minutes the first time)", file=log,
+              flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=group))
+        env = dict(os.environ, GOTOOLCHAIN="local", CGO_ENABLED="0",
+                   GOFLAGS="-mod=readonly -trimpath")
+        try:
+            err = _run([go, "build", "-o", str(tmp / name), "."], env, cwd=str(src))
+            if err:
+                raise BuildError(f"building {name} failed:\n{err[-3000:]}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def ensure_derpload(log=sys.stderr) -> Path:
-    """Build the load generator from tests/bench/derpload (modules from the Go module proxy)."""
+    """The DERP load generator, on tailscale.com at the newest pinned client version."""
     pin = _derpload_pin()
     if pin != versions.newest():
         raise BuildError(f"tests/bench/derpload/go.mod pins tailscale.com {pin}, the newest "
                          f"pinned client is {versions.newest()}: in that directory run "
                          f"`go get tailscale.com@{versions.newest()} && go mod tidy`")
-    out = derpload_path()
-    if out.is_file() and os.access(out, os.X_OK):
-        return out
-    go = shutil.which("go")
-    if go is None:
-        raise BuildError("Go is not installed (no `go` on PATH); needed to build derpload")
-    with _lock(out.parent.parent):
-        if out.is_file():
-            return out
-        print(f"building derpload (tailscale.com {pin}) into {out.parent}", file=log, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-derpload-", dir=out.parent.parent))
-        env = dict(os.environ)
-        env.setdefault("GOTOOLCHAIN", "local")
-        env["CGO_ENABLED"] = "0"
-        env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -trimpath -mod=readonly").strip()
-        try:
-            err = _run([go, "build", "-o", str(tmp / "derpload"), "."], env,
-                       cwd=str(DERPLOAD_SRC))
-            if err:
-                raise BuildError(f"building derpload failed:\n{err[-3000:]}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / "derpload", out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_local_module(DERPLOAD_SRC, "derpload", log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
