@@ -45,6 +45,10 @@ _PREFIX_CACHE_MAX = 64
 # One receive buffer for every connection (reads are handled one at a time): big enough for a
 # read of 256 KiB behind the largest frame that waits whole in it (ClientInfo, <= 256 KiB).
 _READ_BUFFER = 640 << 10
+# An incomplete frame longer than this waits in a buffer of its own that the transport reads
+# the rest into, instead of being copied into and out of the shared buffer on every read
+# (quadratic for a client that trickles a big frame).
+_BIG_FRAME = 16 << 10
 _SEND_MAX = p.KEY_LEN + p.MAX_PACKET_SIZE
 _FWD_MAX = 2 * p.KEY_LEN + p.MAX_PACKET_SIZE
 _DISCO0 = p.DISCO_MAGIC[0]
@@ -377,6 +381,8 @@ class ClientConn(asyncio.BufferedProtocol):
         self._state = _ST_HANDSHAKE
         self._pending = b""  # unparsed bytes (a partial frame) that precede the next read
         self._pending_len = 0  # how much of _pending get_buffer put in front of the read
+        self._partial: bytearray | None = None  # an incomplete big frame, filled in place
+        self._partial_len = 0  # bytes of _partial received so far
         self._skip = 0
         depth = server.queue_depth
         # While writable, frames go straight into _out (written once per loop iteration);
@@ -482,6 +488,8 @@ class ClientConn(asyncio.BufferedProtocol):
     # ----------------------------------------------------------------------------- reading
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._partial is not None:
+            return memoryview(self._partial)[self._partial_len:]
         view = self.server._read_view
         k = self._pending_len = len(self._pending)
         if k:
@@ -489,15 +497,37 @@ class ClientConn(asyncio.BufferedProtocol):
         return view[k:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        frame = self._partial
+        if frame is not None:
+            self._partial_len += nbytes
+            if self._partial_len == len(frame):
+                self._partial = None
+                self._feed(frame, len(frame))
+            return
         self._pending = b""
         self._feed(self.server._read_buf, self._pending_len + nbytes)
 
     def data_received(self, data: bytes) -> None:
-        """For writers that hand over bytes (the WebSocket wrapper, bytes read with the head)."""
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        self._feed(data, len(data))
+        """For writers that hand over bytes (the WebSocket wrapper, bytes read with the head):
+        copied in as if the transport had read them."""
+        view = memoryview(data)
+        while view and self.transport is not None and not self.transport.is_closing():
+            buf = self.get_buffer(len(view))
+            k = min(len(buf), len(view))
+            buf[:k] = view[:k]
+            self.buffer_updated(k)
+            view = view[k:]
+
+    def _keep(self, data: bytes | bytearray, off: int, n: int) -> None:
+        """Keep data[off:n], the start of a frame, until the rest arrives."""
+        if n - off >= 5:
+            size = 5 + p.unpack_header(data, off)[1]
+            if size > _BIG_FRAME:
+                self._partial = bytearray(size)
+                self._partial[:n - off] = data[off:n]
+                self._partial_len = n - off
+                return
+        self._pending = bytes(data[off:n])
 
     def _feed(self, data: bytes | bytearray, n: int) -> None:
         """Act on data[:n], everything not yet consumed on this connection."""
@@ -523,7 +553,7 @@ class ClientConn(asyncio.BufferedProtocol):
             return
         end = 5 + flen
         if n < end:
-            self._pending = bytes(data[:n])
+            self._keep(data, 0, n)
             return
         try:
             key, info = p.open_client_info(self.server.private_key, bytes(data[5:end]))
@@ -652,7 +682,7 @@ class ClientConn(asyncio.BufferedProtocol):
                 off = end
             srv.stats.packets_received += npk
             if off < n and self._state == _ST_RUN:
-                self._pending = bytes(data[off:n])
+                self._keep(data, off, n)
         finally:
             # Write what this read produced now rather than after every other socket's read
             # in this loop iteration: the first packet of a burst is not held back by the rest.

@@ -218,6 +218,40 @@ async def test_duplicate_connection_policy(plain_relay: Relay) -> None:
     await s.close()
 
 
+async def test_trickled_big_frames_and_interleaved_senders_arrive_intact(
+        plain_relay: Relay) -> None:
+    # One sender dribbles 60 KB packets a few hundred bytes per write while another floods the
+    # same receiver with small ones: every read shares the relay's receive buffer, the big
+    # frames fill their own, and nothing may come out mixed up.
+    slow = await connect(plain_relay)
+    fast = await connect(plain_relay)
+    rx = await connect(plain_relay)
+    big = [os.urandom(60000) for _ in range(3)]
+    small = iter([os.urandom(1300) for _ in range(100)])
+    sent_small = []
+    for pkt in big:
+        frame = p.send_packet_frame(rx.public_key, pkt)
+        for n, k in enumerate(range(0, len(frame), 700)):
+            slow.write_raw(frame[k:k + 700])
+            await slow.drain()
+            if n % 10 == 0:
+                x = next(small)
+                fast.send(rx.public_key, x)
+                sent_small.append(x)
+            await asyncio.sleep(0)
+    for x in small:
+        fast.send(rx.public_key, x)
+        sent_small.append(x)
+    got: dict[bytes, list[bytes]] = {slow.public_key: [], fast.public_key: []}
+    while len(got[slow.public_key]) < len(big) or len(got[fast.public_key]) < len(sent_small):
+        ev = await rx.recv_packet(5)
+        got[ev.src].append(ev.data)
+    assert got[slow.public_key] == big
+    assert got[fast.public_key] == sent_small
+    for c in (slow, fast, rx):
+        await c.close()
+
+
 async def test_stalled_receiver_does_not_slow_others(plain_relay: Relay) -> None:
     plain_relay.server.write_timeout = 1.0
     a = await connect(plain_relay)
