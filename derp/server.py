@@ -42,13 +42,16 @@ _RECV = p.FrameType.RECV_PACKET
 # so one loop iteration's worth of reads cannot pile up without bound before the flush.
 FLUSH_PACKETS = 64
 _PREFIX_CACHE_MAX = 64
-# One receive buffer for every connection (reads are handled one at a time): big enough for a
-# read of 256 KiB behind the largest frame that waits whole in it (ClientInfo, <= 256 KiB).
-_READ_BUFFER = 640 << 10
 # An incomplete frame longer than this waits in a buffer of its own that the transport reads
 # the rest into, instead of being copied into and out of the shared buffer on every read
 # (quadratic for a client that trickles a big frame).
 _BIG_FRAME = 16 << 10
+# At most this much is read from one connection at a time (~96 packets): enough to spread a
+# read's fixed cost, small enough that one busy sender does not hold up the others for long.
+_READ_CHUNK = 128 << 10
+# One receive buffer for every connection (reads are handled one at a time): a read behind
+# the start of an incomplete small frame.
+_READ_BUFFER = _READ_CHUNK + _BIG_FRAME + 64
 _SEND_MAX = p.KEY_LEN + p.MAX_PACKET_SIZE
 _FWD_MAX = 2 * p.KEY_LEN + p.MAX_PACKET_SIZE
 _DISCO0 = p.DISCO_MAGIC[0]
@@ -491,10 +494,12 @@ class ClientConn(asyncio.BufferedProtocol):
         if self._partial is not None:
             return memoryview(self._partial)[self._partial_len:]
         view = self.server._read_view
+        if self._state == _ST_VERIFY:
+            return view[:_READ_CHUNK]  # what waits for the verdict is kept in _pending
         k = self._pending_len = len(self._pending)
         if k:
             view[:k] = self._pending
-        return view[k:]
+        return view[k:k + _READ_CHUNK]
 
     def buffer_updated(self, nbytes: int) -> None:
         frame = self._partial
@@ -503,6 +508,10 @@ class ClientConn(asyncio.BufferedProtocol):
             if self._partial_len == len(frame):
                 self._partial = None
                 self._feed(frame, len(frame))
+            return
+        if self._state == _ST_VERIFY:
+            held = self._pending + self.server._read_buf[:nbytes]
+            self._feed(held, len(held))
             return
         self._pending = b""
         self._feed(self.server._read_buf, self._pending_len + nbytes)

@@ -81,9 +81,13 @@ async def run(pairs: int, batch: int, seconds: float) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for conn, chunk in senders:
-            buf = conn.get_buffer(len(chunk))
-            buf[:len(chunk)] = chunk
-            conn.buffer_updated(len(chunk))
+            view = memoryview(chunk)
+            while view:
+                buf = conn.get_buffer(len(view))
+                k = min(len(buf), len(view))
+                buf[:k] = view[:k]
+                conn.buffer_updated(k)
+                view = view[k:]
         await asyncio.sleep(0)  # anything the loop has to run
         rounds += 1
     cpu = time.process_time() - c0

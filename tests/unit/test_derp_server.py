@@ -305,6 +305,39 @@ async def test_verify_client_refuses_unknown(plain_relay: Relay) -> None:
     await ok.close()
 
 
+async def test_frames_sent_while_being_verified_are_relayed_after(plain_relay: Relay) -> None:
+    # A client may pipeline packets behind its ClientInfo; they wait for the verdict, in
+    # order, whether they came with the request head or in reads during the check.
+    gate = asyncio.Event()
+
+    async def verify(key: bytes, ip: str) -> bool:
+        await gate.wait()
+        return True
+
+    rx = await connect(plain_relay)  # admitted before the check is slowed down
+    plain_relay.server.verify_client = verify
+    priv = generate_private_key()
+    early = [os.urandom(1300) for _ in range(20)]
+    late = [os.urandom(1300) for _ in range(20)] + [os.urandom(40000) for _ in range(4)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain_relay.port)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\n"
+                 b"Connection: Upgrade\r\n\r\n"
+                 + p.client_info_frame(priv, plain_relay.server.public_key, p.ClientInfo())
+                 + b"".join(p.send_packet_frame(rx.public_key, x) for x in early))
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    for x in late:
+        writer.write(p.send_packet_frame(rx.public_key, x))
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    assert rx.pending_events() == 0  # nothing relayed before the verdict
+    gate.set()
+    got = [(await rx.recv_packet(5)).data for _ in early + late]
+    assert got == early + late
+    writer.close()
+    await rx.close()
+
+
 async def test_verify_url_contract() -> None:
     requests: list[tuple[str | None, dict[str, Any]]] = []
     allow: set[str] = set()
