@@ -18,8 +18,9 @@ measured per point. Reported per point: delivered packets/s, loss, p50/p99 laten
 seconds per million delivered packets (from /proc over the measured window), and both
 processes' core use (a point where the generator was busy > 90 % is marked generator-bound).
 Summary: each relay's saturation throughput (its most delivered over the ladder), p99 at
-0.5 S, loss/p99/delivered at 2 S (collapse = delivering under 80 % of its own peak), and the
-ratios ours/derper. --rates or --derper-peak fix the ladder for a run comparable with an
+0.5 S, loss/p99/delivered at 2 S (collapse = delivering under 80 % of its own peak), its core
+use and packets/s per core used at its peak (STARVED when it had under 85 % of its core: other
+work on the machine set that peak), and the ratios ours/derper. --rates or --derper-peak fix the ladder for a run comparable with an
 earlier one. The last line is one JSON object. Everything stays on 127.0.0.1.
 """
 
@@ -66,6 +67,7 @@ RAMP_MAX = 3_000_000.0
 LOSS_LIMIT = 0.01
 P99_LIMIT_MS = 20.0
 COLLAPSE = 0.8  # delivering under this fraction of its own peak at 2 S is a collapse
+STARVED = 0.85  # a relay using less of its core than this at its peak was held back
 SERVER_CPU, GEN_CPU = 1, 0
 
 
@@ -297,6 +299,8 @@ def summarize(results: dict[str, dict[str, Any]], sat: float | None,
     for n in names:
         pts = results[n]["points"]
         peak = results[n]["peak_delivered_pps"]
+        at_peak: dict[str, Any] = max(pts, key=lambda p: p["delivered_pps"], default={})
+        per_mpkt = at_peak.get("server_cpu_s_per_mpkt")
         h, d = _at(pts, half), _at(pts, double)
         below_sat = [p["server_cpu_s_per_mpkt"] for p in pts
                      if p["offered_pps"] <= (sat or 0) and p["server_cpu_s_per_mpkt"]]
@@ -310,6 +314,11 @@ def summarize(results: dict[str, dict[str, Any]], sat: float | None,
             "overload_p99_ms": d.get("p99_ms"),
             "collapse": bool(peak and (d.get("delivered_pps") or 0) < COLLAPSE * peak),
             "cpu_s_per_mpkt_min": min(below_sat) if below_sat else None,
+            # Whether the relay had its core at its peak; if not, other work on the machine
+            # set the peak, and packets/s per core of CPU it used is the steadier figure.
+            "core_use_at_peak": at_peak.get("server_cores_busy"),
+            "starved_at_peak": bool((at_peak.get("server_cores_busy") or 0) < STARVED),
+            "pps_per_core_at_peak": round(1e6 / per_mpkt) if per_mpkt else None,
         }
     if {"ours", "derper"} <= set(names):
         o, t = out["ours"], out["derper"]
@@ -319,6 +328,7 @@ def summarize(results: dict[str, dict[str, Any]], sat: float | None,
             "overload_delivered": ratio(o["overload_delivered_pps"],
                                         t["overload_delivered_pps"]),
             "cpu_per_mpkt": ratio(o["cpu_s_per_mpkt_min"], t["cpu_s_per_mpkt_min"]),
+            "pps_per_core_at_peak": ratio(o["pps_per_core_at_peak"], t["pps_per_core_at_peak"]),
         }
         r = out["ratios"]
         out["targets"] = {
@@ -333,7 +343,9 @@ def summarize(results: dict[str, dict[str, Any]], sat: float | None,
               f" p99 {x['p99_ms_at_half']} ms; at 2 S delivered {x['overload_delivered_pps']}"
               f" loss {x['overload_loss']} skipped {x['overload_skipped_frac']} p99 "
               f"{x['overload_p99_ms']} ms{' COLLAPSE' if x['collapse'] else ''}; "
-              f"cpu {x['cpu_s_per_mpkt_min']} s/Mpkt")
+              f"cpu {x['cpu_s_per_mpkt_min']} s/Mpkt; at its peak {x['core_use_at_peak']} "
+              f"of a core{' (STARVED: the machine was busy)' if x['starved_at_peak'] else ''}, "
+              f"{x['pps_per_core_at_peak']} pkt/s per core used")
     if "ratios" in out:
         print(f"ours/derper: {out['ratios']}; targets {out['targets']}")
     return out
