@@ -1,6 +1,6 @@
 """DERP relay benchmark at saturation: our relay (`python -m derp`) and Tailscale's derper.
 
-    python -m tests.bench.derp            # 15 s points (about 8 minutes); make bench-derp
+    python -m tests.bench.derp            # 15 s points (about 6 minutes); make bench-derp
     python -m tests.bench.derp --quick    # 3 s points (about 3 minutes)
 
 Load: derpload (tests/bench/derpload, Go, Tailscale's own DERP client package) opens 10 client
