@@ -1,13 +1,14 @@
 """DERP relay core: per-connection state machine, routing by node key, queues, mesh.
 
-One ``ClientConn`` (an asyncio.Protocol) per upgraded connection.  The reader parses frames
-inline in ``data_received`` and routes a SendPacket straight into the destination's output
-buffer: while that connection is writable, its RecvPacket frames are collected in one list
-that goes out as a single ``transport.write`` when the read that produced them has been routed
-(or as soon as it holds FLUSH_PACKETS), so a TLS record and a syscall carry many packets.  The reader never waits
-on a slow receiver: when a transport's buffer is full (``pause_writing``) packets go to
-bounded deques (32 data + 32 disco, as derper's queues) that drop from the head, and a write
-timeout (2 s, 30 s for mesh peers) closes the stalled connection, as derper does.
+One ``ClientConn`` (an asyncio.BufferedProtocol) per upgraded connection.  It parses each
+read as it arrives and routes a SendPacket straight into the destination's output buffer:
+while that connection is writable, its RecvPacket frames are collected in one list that goes
+out as a single ``transport.write`` when the read that produced them has been routed (or as
+soon as it holds FLUSH_PACKETS), so a TLS record and a syscall carry many packets.  The
+reader never waits on a slow receiver: when a transport's buffer is full (``pause_writing``)
+packets go to bounded deques (32 data + 32 disco, as derper's queues) that drop from the
+head, and a write timeout (2 s, 30 s for mesh peers) closes the stalled connection, as
+derper does.  docs/derp-relay.md has the reasons.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _HDR_PACK = _HDR.pack
 _HDR_UNPACK = _HDR.unpack_from
 _RECV = p.FrameType.RECV_PACKET
 # A writable connection's pending packets are written once there are this many (~85 KiB),
-# so one loop iteration's worth of reads cannot pile up without bound before the flush.
+# whatever is left of the read that produced them.
 FLUSH_PACKETS = 64
 _PREFIX_CACHE_MAX = 64
 # An incomplete frame longer than this waits in a buffer of its own that the transport reads
@@ -388,8 +389,8 @@ class ClientConn(asyncio.BufferedProtocol):
         self._partial_len = 0  # bytes of _partial received so far
         self._skip = 0
         depth = server.queue_depth
-        # While writable, frames go straight into _out (written once per loop iteration);
-        # while the transport is paused they wait in these bounded head-drop queues.
+        # While writable, frames go straight into _out (written once the read that produced
+        # them is routed); while the transport is paused they wait in these head-drop queues.
         self._out: list[Any] = []  # bytes and memoryviews, joined by flush
         self._nout = 0  # packets in _out
         self._data: deque[tuple[bytes, Any]] = deque(maxlen=depth)
