@@ -7,7 +7,7 @@ every sender one read's worth of SendPacket frames (`batch` 1,300-byte packets, 
 get_buffer/buffer_updated, the way a transport hands over a read), and counts what the
 receivers' transports got. CPU time (process_time) per forwarded packet is the figure; it
 is far steadier than the end-to-end benchmark on a busy machine, so it is the one to watch
-while changing derp/server.py. Last line: one JSON object.
+while changing derp/conn.py. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import time
 from typing import Any
 
 from derp import protocol as p
+from derp.conn import ClientConn
 from derp.keys import generate_private_key
-from derp.server import ClientConn, DerpServer
+from derp.server import DerpServer
 from tests.bench.common import emit_json, install_uvloop
 
 PAYLOAD = 1300
