@@ -10,7 +10,6 @@ import signal
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -20,6 +19,7 @@ from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.policystore import PolicyService
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.auth.oidc import add_oidc_routes
+from pyheadscale.config import Config
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
@@ -46,7 +46,7 @@ def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
 class Server:
     """One running pyheadscale: state, control plane, embedded DERP and the HTTP listeners."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.runners: list[web.BaseRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
@@ -60,7 +60,8 @@ class Server:
         self.engine = engine_from_config(cfg.database)
         await asyncio.to_thread(migrate, self.engine)
         self.tailnet = await Tailnet.load(self.engine, cfg)
-        noise_key = load_or_create_private_key(cfg.noise.private_key_path)
+        noise_key = load_or_create_private_key(cfg.noise.private_key_path
+                                               or Path(cfg.data_dir) / "noise_private.key")
 
         if cfg.derp.server.enabled:
             self.derp = EmbeddedDerp(cfg, self.tailnet)
@@ -94,9 +95,9 @@ class Server:
                 hostname=cfg.tls_letsencrypt_hostname,
                 challenge=cfg.tls_letsencrypt_challenge_type,
                 directory_url=cfg.acme_url, email=cfg.acme_email,
-                cache_dir=Path(cfg.tls_letsencrypt_cache_dir),
+                cache_dir=cfg.tls_letsencrypt_cache_dir or Path(cfg.data_dir) / "cache",
                 http_listen=cfg.tls_letsencrypt_listen, server_url=cfg.server_url), tls)
-        elif cfg.tls_cert_path:
+        elif cfg.tls_cert_path is not None and cfg.tls_key_path is not None:  # a checked pair
             tls = ServerTLS()
             tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
         self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies))
@@ -200,7 +201,7 @@ class Server:
         return web.Response(text=self.control.metrics_text(), content_type="text/plain")
 
 
-async def serve(cfg: Any) -> None:
+async def serve(cfg: Config) -> None:
     server = Server(cfg)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -214,10 +215,9 @@ async def serve(cfg: Any) -> None:
         await asyncio.wait_for(server.stop(), timeout=10)
 
 
-def run(cfg: Any) -> None:
+def run(cfg: Config) -> None:
     logging.basicConfig(
-        level=getattr(logging, str(getattr(getattr(cfg, "log", None), "level", "info")).upper(),
-                      logging.INFO),
+        level=logging.getLevelNamesMapping().get(cfg.log.level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     asyncio.run(serve(cfg))

@@ -29,6 +29,7 @@ from derp.keys import load_or_create_private_key
 from derp.server import DerpServer
 from derp.stun import serve_stun
 from derp.tls import cert_name, ensure_self_signed, server_ssl_context
+from pyheadscale.config import Config
 from pyheadscale.mapper.derpmap import embedded_region, server_url_port
 from pyheadscale.state.tailnet import Tailnet
 
@@ -44,7 +45,7 @@ def _hostport(addr: str) -> tuple[str, int]:
 
 
 class EmbeddedDerp:
-    def __init__(self, cfg: Any, tailnet: Tailnet) -> None:
+    def __init__(self, cfg: Config, tailnet: Tailnet) -> None:
         self.cfg = cfg
         self.srv_cfg = cfg.derp.server
         self.tailnet = tailnet
@@ -74,10 +75,10 @@ class EmbeddedDerp:
         self.server = DerpServer(load_or_create_private_key(key_path),
                                  verify_client=self._verify if s.verify_clients else None,
                                  mesh_key=mesh_key)
-        if self.on_main_listener:
+        if not s.listen_addr:  # on the main listener
             self.port = server_url_port(self.cfg.server_url)
         else:
-            if s.tls_cert_path:
+            if s.tls_cert_path is not None and s.tls_key_path is not None:  # a checked pair
                 cert, key = s.tls_cert_path, s.tls_key_path
             else:
                 cert, key = ensure_self_signed(Path(self.cfg.data_dir) / "derp_certs",

@@ -10,7 +10,7 @@ in handlers/, one module per resource; request.py reads bodies and fields.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,6 +26,9 @@ from pyheadscale.api.handlers import (
 )
 from pyheadscale.api.request import AUTH_ID_LENGTH, auth_id_error
 from pyheadscale.api.routes import ROUTES, Route
+
+if TYPE_CHECKING:
+    from pyheadscale.control.dispatch import ControlPlane
 
 
 def version_info() -> dict[str, Any]:
@@ -63,14 +66,14 @@ class V1API(UserHandlers, NodeHandlers, AuthFlowHandlers, PreAuthKeyHandlers, Ap
 # --- wiring --------------------------------------------------------------------------------------
 
 
-def add_api_routes(app: web.Application, control: Any, *, trusted: bool,
+def add_api_routes(app: web.Application, control: ControlPlane, *, trusted: bool,
                    cors_origins: Sequence[str] | None = None) -> None:
     """Mount /api/v1 (plus the OpenAPI documents) on `app`. trusted=True (the unix-socket
     app) skips the API-key check. CORS origins default to cfg `cors_allowed_origins`."""
     from pyheadscale.api import openapi
 
     if cors_origins is None:
-        cors_origins = list(getattr(control.cfg, "cors_allowed_origins", None) or ())
+        cors_origins = control.cfg.cors_allowed_origins
     cors = CORS(cors_origins)
     api = V1API(control)
     tn = control.tailnet

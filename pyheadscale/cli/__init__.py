@@ -22,7 +22,7 @@ from pyheadscale.cli import (
     users,
 )
 from pyheadscale.cli.common import STATE, AliasGroup, CLIError, command, fail, persistent
-from pyheadscale.config import ConfigError, load_config
+from pyheadscale.config import Config, ConfigError, load_config
 
 
 @click.group(cls=AliasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +33,7 @@ def cli(ctx: click.Context) -> None:
     ctx.obj = {"config_path": ctx.meta.get("config_path")}
 
 
-def load(ctx: click.Context):  # type: ignore[no-untyped-def]
+def load(ctx: click.Context) -> Config:
     """Load the configuration or exit 1 with its one-line error."""
     try:
         return load_config(ctx.find_root().meta.get("config_path"))

@@ -12,6 +12,8 @@ import time
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from pyheadscale.config import Config
+
 ERR_API_KEY_NOT_SET = "HEADSCALE_CLI_API_KEY environment variable needs to be set"
 
 
@@ -55,12 +57,6 @@ class _UnixConnection(http.client.HTTPConnection):
                 delay = min(delay * 2, 1.0)
 
 
-def seconds(v: Any, default: float = 5.0) -> float:
-    if v is None:
-        return default
-    return float(v.total_seconds()) if hasattr(v, "total_seconds") else float(v)
-
-
 class Client:
     def __init__(self, *, unix_socket: str = "", address: str = "", api_key: str = "",
                  timeout: float = 5.0, insecure: bool = False) -> None:
@@ -73,10 +69,10 @@ class Client:
             raise ConnectError(ERR_API_KEY_NOT_SET)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> Client:
+    def from_config(cls, cfg: Config) -> Client:
         c = cfg.cli
-        return cls(unix_socket=cfg.unix_socket, address=c.address or "", api_key=c.api_key or "",
-                   timeout=seconds(c.timeout), insecure=bool(c.insecure))
+        return cls(unix_socket=cfg.unix_socket, address=c.address, api_key=c.api_key,
+                   timeout=c.timeout.total_seconds(), insecure=c.insecure)
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         if not self.address:

@@ -11,6 +11,7 @@ import click
 
 from pyheadscale.cli.client import APIFailure, Client, ConnectError
 from pyheadscale.cli.output import FORMATS, print_error, print_output
+from pyheadscale.config import Config, ConfigError, load_config
 
 
 class CLIError(Exception):
@@ -114,9 +115,7 @@ def output_format(ctx: click.Context) -> str:
     return fmt
 
 
-def load_cfg(ctx: click.Context) -> Any:
-    from pyheadscale.config import ConfigError, load_config
-
+def load_cfg(ctx: click.Context) -> Config:
     try:
         return load_config(opt(ctx, "config_path"))
     except ConfigError as e:

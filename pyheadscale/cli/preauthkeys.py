@@ -23,7 +23,7 @@ DEFAULT_EXPIRY = "1h"
 
 def expiration_from_flag(text: str) -> str:
     """Now + a Prometheus duration ("30m", "24h", "90d"), as RFC 3339."""
-    from pyheadscale.config import parse_prometheus_duration
+    from pyheadscale.durations import parse_prometheus_duration
 
     try:
         d = parse_prometheus_duration(text)

@@ -4,7 +4,7 @@ Entry points: `load_config` (what every command calls), `find_config_file` and `
 (the embedded default used when no file exists). Every problem becomes one `ConfigError` whose
 message is a single line naming the key path, e.g. `config: dns.base_domain: required when ...`.
 
-The parts: errors.py (ConfigError), durations.py (Go and Prometheus durations), fields.py (how
+The parts: errors.py (ConfigError), fields.py (how
 one value is read), schema.py (the sections and `Config`), loading.py (file, environment,
 deprecated keys, file references), checks.py (cross-field rules), default.py (the embedded
 default). This module only puts them in order.
@@ -27,12 +27,6 @@ from pyheadscale.config.checks import (
     validate,
 )
 from pyheadscale.config.default import embedded_default
-from pyheadscale.config.durations import (
-    format_go_duration,
-    format_prometheus_duration,
-    parse_go_duration,
-    parse_prometheus_duration,
-)
 from pyheadscale.config.errors import ConfigError, quoted
 from pyheadscale.config.fields import (
     GoDuration,
@@ -41,6 +35,8 @@ from pyheadscale.config.fields import (
     PromDuration,
     ProxyPrefix,
     StrList,
+    read_go_duration,
+    read_prometheus_duration,
 )
 from pyheadscale.config.loading import (
     ENV_PREFIX,
@@ -169,6 +165,5 @@ __all__ = [
     "PromDuration", "ProxyPrefix", "RoutesConfig", "SqliteConfig", "StrList", "TaildropConfig",
     "TuningConfig",
     "default_config", "default_data_dir", "env_var_name", "find_config_file",
-    "format_go_duration", "format_prometheus_duration", "load_config", "parse_go_duration",
-    "parse_prometheus_duration",
+    "load_config", "read_go_duration", "read_prometheus_duration",
 ]

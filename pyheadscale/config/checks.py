@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from pyheadscale.config.durations import format_go_duration
 from pyheadscale.config.errors import key_error, quoted
 from pyheadscale.config.schema import Config, OIDCConfig
+from pyheadscale.durations import format_go_duration
 
 CGNAT_V4 = IPv4Network("100.64.0.0/10")
 TAILSCALE_ULA_V6 = IPv6Network("fd7a:115c:a1e0::/48")

@@ -23,13 +23,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 
-from pyheadscale.config.durations import (
+from pyheadscale.config.errors import quoted
+from pyheadscale.durations import (
     format_go_duration,
     format_prometheus_duration,
     parse_go_duration,
     parse_prometheus_duration,
 )
-from pyheadscale.config.errors import quoted
 
 
 def words(value: Any) -> Any:
@@ -110,6 +110,31 @@ def _ssl(value: Any) -> Any:
     return value
 
 
+def read_go_duration(value: Any) -> timedelta:
+    """A Go duration from YAML or the environment; as viper, a YAML 0 is 0. A bare non-zero
+    number is refused: viper would read it as nanoseconds, always a mistake."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be a duration such as \"30s\" or \"1h30m\", got {quoted(value)}")
+    text = str(value).strip()
+    try:
+        return parse_go_duration(text)
+    except ValueError:
+        digits = text.lstrip("+-").replace(".", "")
+        hint = " (missing unit: ns, us, ms, s, m or h)" if digits.isdigit() else ""
+        raise ValueError(f"not a valid duration: {quoted(text)}{hint}") from None
+
+
+def read_prometheus_duration(value: Any) -> timedelta:
+    """A Prometheus duration (node.expiry) from YAML or the environment."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be a duration such as \"180d\", got {quoted(value)}")
+    return parse_prometheus_duration(str(value))
+
+
 def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
@@ -122,9 +147,9 @@ def _group_prefix(value: Any) -> Any:
 
 
 # Dumped (mode="json") in the YAML's own syntax, so a dumped config loads back.
-GoDuration = Annotated[timedelta, BeforeValidator(parse_go_duration),
+GoDuration = Annotated[timedelta, BeforeValidator(read_go_duration),
                       PlainSerializer(format_go_duration, return_type=str, when_used="json")]
-PromDuration = Annotated[timedelta, BeforeValidator(parse_prometheus_duration),
+PromDuration = Annotated[timedelta, BeforeValidator(read_prometheus_duration),
                          PlainSerializer(format_prometheus_duration, return_type=str,
                                          when_used="json")]
 StrList = Annotated[list[str], BeforeValidator(words)]

@@ -209,21 +209,20 @@ def read_oidc_secret(oidc: OIDCConfig, env: Mapping[str, str]) -> None:
         raise key_error("oidc.client_secret_path", f"cannot read {path}: {reason}") from None
 
 
-_RELATIVE_TO_CONFIG = (
-    ("noise", "private_key_path"), ("database.sqlite", "path"), ("", "tls_cert_path"),
-    ("", "tls_key_path"), ("", "tls_letsencrypt_cache_dir"), ("derp.server", "private_key_path"),
-    ("derp.server", "tls_cert_path"), ("derp.server", "tls_key_path"), ("policy", "path"),
-    ("derp.server", "mesh_key_path"),
-)
-
-
 def anchor_paths(cfg: Config, base: Path) -> None:
     """As Headscale's AbsolutePathFromConfigPath: relative file paths are taken from the
     config file's directory."""
-    for section, attr in _RELATIVE_TO_CONFIG:
-        obj: Any = cfg
-        for part in filter(None, section.split(".")):
-            obj = getattr(obj, part)
-        value = getattr(obj, attr)
-        if value is not None and not value.is_absolute():
-            setattr(obj, attr, base / value)
+    def anchored(path: Path | None) -> Path | None:
+        return base / path if path is not None and not path.is_absolute() else path
+
+    srv = cfg.derp.server
+    cfg.noise.private_key_path = anchored(cfg.noise.private_key_path)
+    cfg.database.sqlite.path = anchored(cfg.database.sqlite.path)
+    cfg.tls_cert_path = anchored(cfg.tls_cert_path)
+    cfg.tls_key_path = anchored(cfg.tls_key_path)
+    cfg.tls_letsencrypt_cache_dir = anchored(cfg.tls_letsencrypt_cache_dir)
+    cfg.policy.path = anchored(cfg.policy.path)
+    srv.private_key_path = anchored(srv.private_key_path)
+    srv.tls_cert_path = anchored(srv.tls_cert_path)
+    srv.tls_key_path = anchored(srv.tls_key_path)
+    srv.mesh_key_path = anchored(srv.mesh_key_path)

@@ -64,7 +64,7 @@ class DERPServerConfig(Section):
     # pyheadscale-only: a separate TLS listener for the relay.  Unset: the relay is on the
     # main listener when server_url is https, else on listen_addr's host, port 8443.
     listen_addr: OptStr = None
-    hostname: OptStr = None  # default: host of server_url
+    hostname: str = ""  # default: host of server_url
     tls_cert_path: OptPath = None  # both absent: a self-signed certificate is generated
     tls_key_path: OptPath = None
     insecure_for_tests: bool = False
@@ -306,8 +306,8 @@ class Config(BaseModel):
     def _derived(self) -> Config:
         """Fill the defaults that depend on other keys, so any construction path gets them."""
         srv = self.derp.server
-        if srv.hostname is None:
-            srv.hostname = urlsplit(self.server_url).hostname or None
+        if not srv.hostname:
+            srv.hostname = urlsplit(self.server_url).hostname or ""
         if not srv.listen_addr:
             # DERP is served on the main listener (the map points at server_url) when
             # server_url is https; clients speak DERP only over TLS, so a plain-http server

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from pyheadscale import tailcfg
 from pyheadscale.auth.webflow import PendingRegistrations
+from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import handle_map
@@ -53,14 +54,8 @@ log = logging.getLogger("pyheadscale.control")
 MIN_CAPVER = 113  # Tailscale v1.80, the oldest of the last ten minor releases
 
 
-def seconds(v: Any, default: float) -> float:
-    if v is None:
-        return default
-    return v.total_seconds() if hasattr(v, "total_seconds") else float(v)
-
-
 class ControlPlane:
-    def __init__(self, cfg: Any, tailnet: Tailnet, engine: Engine,
+    def __init__(self, cfg: Config, tailnet: Tailnet, engine: Engine,
                  derp: EmbeddedDerp | None) -> None:
         self.cfg = cfg
         self.tailnet = tailnet
@@ -73,11 +68,9 @@ class ControlPlane:
         self._extra_records_mtime: float | None = None
         self._file_records: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        tuning = getattr(cfg, "tuning", None)
         self.pending = PendingRegistrations(
-            seconds(getattr(tuning, "register_cache_expiration", None), 15 * 60),
-            int(getattr(tuning, "register_cache_max_entries", 1024) or 1024),
-        )
+            cfg.tuning.register_cache_expiration.total_seconds(),
+            cfg.tuning.register_cache_max_entries)
         self.webflow = WebAuth(self)
         # SSH check-mode sessions, approved like registrations by `headscale auth approve`.
         self.sshchecks = SSHChecks(self.pending.expiration_s, self.pending.max_entries)
@@ -98,7 +91,7 @@ class ControlPlane:
         if not self.mapctx.derp_map.get("Regions"):
             raise RuntimeError("no DERP region configured: enable derp.server or set "
                                "derp.urls / derp.paths (clients never reach Running without one)")
-        if getattr(self.cfg.dns, "extra_records_path", None):
+        if self.cfg.dns.extra_records_path:
             self._tasks.append(asyncio.create_task(self._watch_extra_records()))
         # After the policy: its change listener must run before the route controller's.
         self.routes.start()
@@ -121,7 +114,7 @@ class ControlPlane:
     # --- the map context -------------------------------------------------------------------
 
     def derp_map(self) -> dict[str, Any]:
-        paths = [load_derp_map_file(p) for p in (self.cfg.derp.paths or ())]
+        paths = [load_derp_map_file(p) for p in self.cfg.derp.paths]
         embedded = None
         if self.derp is not None and self.cfg.derp.server.automatically_add_embedded_derp_region:
             embedded = self.derp.region()
@@ -130,17 +123,16 @@ class ControlPlane:
     def build_context(self) -> MapContext:
         cfg = self.cfg
         self._generation += 1
-        dns = DNSSettings.from_config(cfg.dns, prefix_v4=cfg.prefixes.v4, prefix_v6=cfg.prefixes.v6,
-                                      file_records=self._file_records)
+        dns = DNSSettings.from_config(cfg.dns, cfg.prefixes, self._file_records)
         return MapContext(
-            base_domain=cfg.dns.base_domain or "",
+            base_domain=cfg.dns.base_domain,
             domain=urlsplit(cfg.server_url).hostname or "",
             dns=dns,
             derp_map=self.derp_map(),
             policy=self.policy.policy,
             primary_routes=self.mapctx.primary_routes,
-            taildrop=bool(getattr(getattr(cfg, "taildrop", None), "enabled", True)),
-            logtail=bool(getattr(getattr(cfg, "logtail", None), "enabled", False)),
+            taildrop=cfg.taildrop.enabled,
+            logtail=cfg.logtail.enabled,
             generation=self._generation,
         )
 
@@ -162,7 +154,7 @@ class ControlPlane:
 
     async def _fetch_derp_urls(self) -> None:
         maps = []
-        urls = list(self.cfg.derp.urls or ())
+        urls = self.cfg.derp.urls
         if urls:
             timeout = aiohttp.ClientTimeout(total=10)
             async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -177,7 +169,7 @@ class ControlPlane:
     # --- extra records and reloads ----------------------------------------------------------
 
     def _load_extra_records_file(self, initial: bool = False) -> bool:
-        path = getattr(self.cfg.dns, "extra_records_path", None)
+        path = self.cfg.dns.extra_records_path
         if not path:
             return False
         try:
@@ -210,8 +202,6 @@ class ControlPlane:
         Headscale reloads only the policy; web UIs such as Headplane edit `dns.*` and send
         SIGHUP, so the DNS section is taken from the file too. Other sections need a restart.
         """
-        from pyheadscale.config import ConfigError, load_config
-
         path = self.cfg.config_file
         if path is not None:
             try:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
+from pyheadscale.config import Config
 from pyheadscale.db.models import Policy as PolicyRow
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
@@ -42,7 +43,7 @@ def _may_affect_policy(c: Change) -> bool:
                 and c.fields <= _IRRELEVANT_NODE_FIELDS)
 
 
-def compile_policy(cfg: Any, text: str | None, users: Sequence[User], nodes: Sequence[Node], *,
+def compile_policy(cfg: Config, text: str | None, users: Sequence[User], nodes: Sequence[Node], *,
                    run_tests: bool) -> PolicyManager | None:
     """The one way a policy text becomes a PolicyManager (server, API and CLI bypass alike);
     None for no policy (allow-all). Raises PolicyError."""
@@ -61,7 +62,7 @@ class PolicyUpdateDisabled(Exception):
 
 
 class PolicyController:
-    def __init__(self, cfg: Any, tailnet: Tailnet, engine: Engine,
+    def __init__(self, cfg: Config, tailnet: Tailnet, engine: Engine,
                  on_swap: Callable[[], None]) -> None:
         self.cfg = cfg
         self.tailnet = tailnet

@@ -44,12 +44,6 @@ _ROUTE_INPUTS = _APPROVE_INPUTS | {ChangeKind.NODE_ONLINE, ChangeKind.NODE_REMOV
                                    ChangeKind.FULL}
 
 
-def _seconds(v: Any, default: float) -> float:
-    if v is None:
-        return default
-    return float(v.total_seconds()) if hasattr(v, "total_seconds") else float(v)
-
-
 class Outbox:
     """Server-initiated messages (PingRequests) waiting for a node's next map frame."""
 
@@ -96,9 +90,9 @@ class RouteController:
         self.primaries = PrimaryRoutes()
         self.outbox = Outbox()
         self.pings = PingTracker()
-        ha = getattr(getattr(getattr(cp.cfg, "node", None), "routes", None), "ha", None)
-        self.probe_interval = _seconds(getattr(ha, "probe_interval", None), 10.0)
-        self.probe_timeout = _seconds(getattr(ha, "probe_timeout", None), 5.0)
+        ha = cp.cfg.node.routes.ha
+        self.probe_interval = ha.probe_interval.total_seconds()
+        self.probe_timeout = ha.probe_timeout.total_seconds()
         self._epoch: dict[int, int] = {}  # bumped on every reconnect of a node
         self._stable: dict[int, int] = {}  # epoch seen at the previous probe cycle
         self._tasks: set[asyncio.Task[Any]] = set()

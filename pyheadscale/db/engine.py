@@ -16,6 +16,8 @@ from typing import Any
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, text
 
+from pyheadscale.config.schema import DatabaseConfig
+
 __all__ = [
     "HEADSCALE_COMPAT_VERSION",
     "DatabaseConfigError",
@@ -31,6 +33,7 @@ __all__ = [
 # writes its own version, so a Headscale of the same minor accepts the database.
 HEADSCALE_COMPAT_VERSION = "v0.29.2"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+DEFAULT_PG_POOL = 10  # Headscale's max_open_conns default
 # First (and so far only) alembic revision; equals Headscale 0.29's schema.
 _BASELINE_REVISION = "0001"
 
@@ -78,7 +81,7 @@ def make_engine(
     pg_user: str = "headscale",
     pg_password: str | None = None,
     pg_ssl: bool | str = False,
-    pg_pool_size: int = 10,
+    pg_pool_size: int = DEFAULT_PG_POOL,
     echo: bool = False,
 ) -> Engine:
     """Create a SQLAlchemy engine for Headscale's database settings."""
@@ -174,36 +177,21 @@ def _make_pg_engine(
     )
 
 
-def engine_from_config(db_cfg: Any) -> Engine:
-    """Build an engine from a config object shaped like Headscale's `database:` section.
-
-    Expects attributes type, sqlite.path, sqlite.write_ahead_log, and postgres.host / port /
-    name / user / pass_ / ssl (duck-typed; see pyheadscale.config).
-    """
-    kind = _normalise_type(getattr(db_cfg, "type", "sqlite"))
-    if kind == "sqlite":
-        sq = getattr(db_cfg, "sqlite", None)
-        return make_engine(
-            "sqlite",
-            sqlite_path=getattr(sq, "path", None),
-            sqlite_wal=bool(getattr(sq, "write_ahead_log", True)),
-        )
-    pg = getattr(db_cfg, "postgres", None)
-    if pg is None:
-        raise DatabaseConfigError("database.type is postgres but database.postgres is missing")
-    extra: dict[str, Any] = {}
-    max_open = getattr(pg, "max_open_conns", None)
-    if isinstance(max_open, int) and max_open > 0:
-        extra["pg_pool_size"] = max_open
+def engine_from_config(db_cfg: DatabaseConfig) -> Engine:
+    """Build an engine from the config's `database:` section."""
+    if _normalise_type(db_cfg.type) == "sqlite":
+        sq = db_cfg.sqlite
+        return make_engine("sqlite", sqlite_path=sq.path, sqlite_wal=sq.write_ahead_log)
+    pg = db_cfg.postgres
     return make_engine(
         "postgres",
-        pg_host=getattr(pg, "host", "localhost"),
-        pg_port=getattr(pg, "port", 5432),
-        pg_name=getattr(pg, "name", "headscale"),
-        pg_user=getattr(pg, "user", "headscale"),
-        pg_password=getattr(pg, "pass_", None),
-        pg_ssl=getattr(pg, "ssl", False),
-        **extra,
+        pg_host=pg.host,
+        pg_port=pg.port,
+        pg_name=pg.name,
+        pg_user=pg.user,
+        pg_password=pg.pass_,
+        pg_ssl=pg.ssl,
+        pg_pool_size=pg.max_open_conns if pg.max_open_conns > 0 else DEFAULT_PG_POOL,
     )
 
 

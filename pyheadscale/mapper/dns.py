@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from pyheadscale.config import DNSConfig, PrefixesConfig
+
 __all__ = [
     "DNSSettings",
     "ExtraRecordsError",
@@ -60,37 +62,22 @@ class DNSSettings:
     @classmethod
     def from_config(
         cls,
-        dns_cfg: Any,
-        *,
-        prefix_v4: Any = None,
-        prefix_v6: Any = None,
+        dns_cfg: DNSConfig,
+        prefixes: PrefixesConfig,
         file_records: Iterable[Mapping[str, Any]] = (),
     ) -> DNSSettings:
-        """Duck-typed from config.py's ``cfg.dns`` (fields named as in Headscale's YAML)."""
-        ns = getattr(dns_cfg, "nameservers", None)
-        inline = getattr(dns_cfg, "extra_records", None) or ()
-        inline_dicts = [r if isinstance(r, Mapping) else _model_dump(r) for r in inline]
+        """The config's ``dns`` section, its prefixes and the records of extra_records_path."""
+        inline = [r.model_dump() for r in dns_cfg.extra_records]
         return cls(
-            magic_dns=bool(getattr(dns_cfg, "magic_dns", False)),
-            override_local_dns=bool(getattr(dns_cfg, "override_local_dns", False)),
-            nameservers_global=tuple(getattr(ns, "global_", None) or ()),
-            nameservers_split={
-                k: tuple(v or ()) for k, v in (getattr(ns, "split", None) or {}).items()
-            },
-            search_domains=tuple(getattr(dns_cfg, "search_domains", None) or ()),
-            extra_records=tuple(normalize_extra_records([*inline_dicts, *file_records])),
-            prefix_v4=ipaddress.IPv4Network(str(prefix_v4)) if prefix_v4 else None,
-            prefix_v6=ipaddress.IPv6Network(str(prefix_v6)) if prefix_v6 else None,
+            magic_dns=dns_cfg.magic_dns,
+            override_local_dns=dns_cfg.override_local_dns,
+            nameservers_global=tuple(dns_cfg.nameservers.global_),
+            nameservers_split={k: tuple(v) for k, v in dns_cfg.nameservers.split.items()},
+            search_domains=tuple(dns_cfg.search_domains),
+            extra_records=tuple(normalize_extra_records([*inline, *file_records])),
+            prefix_v4=prefixes.v4,
+            prefix_v6=prefixes.v6,
         )
-
-
-def _model_dump(obj: Any) -> Mapping[str, Any]:
-    dump = getattr(obj, "model_dump", None)
-    if callable(dump):
-        result = dump()
-        if isinstance(result, Mapping):
-            return result
-    return {k: getattr(obj, k, None) for k in ("name", "type", "value")}
 
 
 def _resolver(addr: str) -> dict[str, str] | None:

@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pyheadscale.gotext import goquote
 from pyheadscale.policy.autoapprove import AutoApprover
 from pyheadscale.policy.checks import run_policy_tests
 from pyheadscale.policy.compile import (
@@ -31,7 +32,7 @@ from pyheadscale.policy.errors import PolicyError, PolicyTestError
 from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
-from pyheadscale.policy.model import Alias, Policy, goquote, parse_policy
+from pyheadscale.policy.model import Alias, Policy, parse_policy
 from pyheadscale.policy.ssh import (
     compile_ssh_policy,
     localpart_domain,

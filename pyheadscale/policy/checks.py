@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyheadscale.gotext import goquote
 from pyheadscale.policy.compile import Resolver
 from pyheadscale.policy.ipset import IPSet, parse_wire
 from pyheadscale.policy.model import (
@@ -11,7 +12,6 @@ from pyheadscale.policy.model import (
     Policy,
     PolicyTestEntry,
     PortRange,
-    goquote,
     parse_alias,
     parse_alias_with_ports,
     protocol_numbers,

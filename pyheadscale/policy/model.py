@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyheadscale.durations import go_duration_ns
+from pyheadscale.gotext import goquote
 from pyheadscale.policy import hujson
 from pyheadscale.policy.errors import PolicyError
 
@@ -82,29 +84,6 @@ _NUMBER_TO_PROTO = {
 
 SSH_CHECK_PERIOD_DEFAULT = 12 * 3600.0
 SSH_CHECK_PERIOD_MAX = 168 * 3600.0
-
-
-def goquote(s: str) -> str:
-    """Go's %q for a string: printable runes kept, the rest escaped."""
-    out = ['"']
-    for ch in s:
-        if ch == '"' or ch == "\\":
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif not ch.isprintable():
-            o = ord(ch)
-            out.append(
-                f"\\x{o:02x}" if o < 0x80 else (f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
-            )
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
 
 
 class _ParseError(Exception):
@@ -694,73 +673,6 @@ def _parse_node_attr(obj: Any, path: str) -> NodeAttr:
     return NodeAttr(target, attrs, pools)
 
 
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_go_duration(s: str) -> float:
-    """time.ParseDuration, returning seconds; errors carry Go's message."""
-    orig = s
-    err = ValueError(f"time: invalid duration {goquote(orig)}")
-    if not s:
-        raise err
-    neg = False
-    if s[0] in "+-":
-        neg = s[0] == "-"
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        raise err
-    total = 0.0
-    while s:
-        m = re.match(r"([0-9]*)(\.[0-9]*)?", s)
-        if not m or (not m.group(1) and (not m.group(2) or m.group(2) == ".")):
-            raise err
-        num = float((m.group(1) or "0") + (m.group(2) or ""))
-        s = s[m.end() :]
-        u = re.match(r"[^0-9.]+", s)
-        if not u:
-            raise ValueError(f"time: missing unit in duration {goquote(orig)}")
-        unit = u.group(0)
-        if unit not in _DURATION_UNITS:
-            raise ValueError(f"time: unknown unit {goquote(unit)} in duration {goquote(orig)}")
-        total += num * _DURATION_UNITS[unit]
-        s = s[u.end() :]
-    return -total if neg else total
-
-
-def format_go_duration(seconds: float) -> str:
-    """time.Duration.String for whole-second-ish values (enough for error texts)."""
-    if seconds == 0:
-        return "0s"
-    neg = seconds < 0
-    ns = round(abs(seconds) * 1e9)
-    if ns < 1_000_000_000:
-        for unit, div in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
-            if ns >= div:
-                val = ns / div
-                text = f"{val:.9f}".rstrip("0").rstrip(".")
-                return ("-" if neg else "") + text + unit
-    h, rem = divmod(ns, 3_600_000_000_000)
-    m, rem = divmod(rem, 60_000_000_000)
-    sec = rem / 1e9
-    text = f"{sec:.9f}".rstrip("0").rstrip(".") + "s"
-    if h:
-        text = f"{h}h{m}m" + text
-    elif m:
-        text = f"{m}m" + text
-    return ("-" if neg else "") + text
-
-
 def _parse_ssh(obj: Any, path: str) -> SSHRule:
     f = _fields(
         obj,
@@ -808,7 +720,7 @@ def _parse_ssh(obj: Any, path: str) -> SSHRule:
             rule.check_always = True
         else:
             try:
-                rule.check_period = parse_go_duration(raw)
+                rule.check_period = go_duration_ns(raw) / 1e9
             except ValueError as e:
                 raise _ParseError(f"{path}.checkPeriod", str(e)) from None
     rule.accept_env = [

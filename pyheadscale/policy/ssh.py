@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyheadscale.gotext import goquote
 from pyheadscale.policy.compile import NodeInfo, Resolver
 from pyheadscale.policy.ipset import IPSet
 from pyheadscale.policy.model import (
@@ -11,7 +12,6 @@ from pyheadscale.policy.model import (
     Policy,
     SSHRule,
     SSHTestEntry,
-    goquote,
 )
 
 ACCEPT_ACTION = {

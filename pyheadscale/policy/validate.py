@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from pyheadscale.durations import format_go_duration_ns
+from pyheadscale.gotext import goquote
 from pyheadscale.policy.model import (
     AG_DST,
     AG_NODEATTRS,
@@ -24,8 +26,6 @@ from pyheadscale.policy.model import (
     AliasWithPorts,
     Policy,
     SSHRule,
-    format_go_duration,
-    goquote,
     parse_alias_with_ports,
 )
 
@@ -154,12 +154,12 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
                 if rule.check_period < 0:
                     errs.append(
                         f"{base}.checkPeriod: checkPeriod "
-                        f"{format_go_duration(rule.check_period)} must be a positive duration"
+                        f"{format_go_duration_ns(round(rule.check_period * 1e9))} must be a positive duration"
                     )
                 elif rule.check_period > SSH_CHECK_PERIOD_MAX:
                     errs.append(
                         f"{base}.checkPeriod: checkPeriod "
-                        f"{format_go_duration(rule.check_period)} is above the max (168h)"
+                        f"{format_go_duration_ns(round(rule.check_period * 1e9))} is above the max (168h)"
                     )
 
     for i, g in enumerate(pol.grants or []):

@@ -12,7 +12,6 @@ import asyncio
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
@@ -66,16 +65,6 @@ def coalesce(changes: Iterable[Change]) -> list[Change]:
         elif not c.fields <= prev.fields:
             merged[k] = Change(c.kind, c.node_id, prev.fields | c.fields, c.target)
     return list(merged.values())
-
-
-def batch_delay_from_config(cfg: Any) -> float:
-    """`tuning.batch_change_delay` in seconds (timedelta, number or None)."""
-    v = getattr(getattr(cfg, "tuning", None), "batch_change_delay", None)
-    if v is None:
-        return DEFAULT_BATCH_DELAY
-    if hasattr(v, "total_seconds"):
-        return max(0.0, float(v.total_seconds()))
-    return max(0.0, float(v))
 
 
 class Subscription:
@@ -148,10 +137,6 @@ class ChangeBus:
         (many nodes joining) frames grow with sessions x windows and a wider window keeps
         that linear. A quiet tailnet of a few hundred nodes keeps the configured delay."""
         return self.batch_delay * (1 + len(self._subs) // SESSIONS_PER_DELAY)
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ChangeBus:
-        return cls(batch_delay=batch_delay_from_config(cfg))
 
     def subscribe(self, node_id: int) -> Subscription:
         old = self._subs.get(node_id)

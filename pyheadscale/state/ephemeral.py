@@ -13,20 +13,6 @@ from typing import Any
 
 log = logging.getLogger("pyheadscale.ephemeral")
 
-DEFAULT_INACTIVITY_TIMEOUT = 120.0  # seconds; Headscale's code default
-
-
-def inactivity_timeout_from_config(cfg: Any) -> float:
-    node = getattr(cfg, "node", None)
-    eph = getattr(node, "ephemeral", None)
-    v = getattr(eph, "inactivity_timeout", None)
-    if v is None:
-        return DEFAULT_INACTIVITY_TIMEOUT
-    if hasattr(v, "total_seconds"):
-        return float(v.total_seconds())
-    return float(v)
-
-
 class EphemeralGC:
     def __init__(self, timeout: float, delete: Callable[[int], Awaitable[Any]]) -> None:
         self.timeout = timeout

@@ -24,10 +24,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pyheadscale.auth import apikeys as ak
 from pyheadscale.auth import preauthkeys as pk
+from pyheadscale.config import Config
 from pyheadscale.db import models as db
 from pyheadscale.state import names, persist
 from pyheadscale.state.changes import Change, ChangeBus, ChangeKind
-from pyheadscale.state.ephemeral import EphemeralGC, inactivity_timeout_from_config
+from pyheadscale.state.ephemeral import EphemeralGC
 from pyheadscale.state.ipam import IPAllocationError, IPAllocator
 from pyheadscale.state.model import (
     TAGGED_DEVICES_USER_ID,
@@ -89,14 +90,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _seconds(v: Any) -> float:
-    if v is None:
-        return 0.0
-    if hasattr(v, "total_seconds"):
-        return float(v.total_seconds())
-    return float(v)
-
-
 def _groups(groups: Iterable[str]) -> tuple[str, ...]:
     """IdP groups as stored on User: a tuple of strings (a bare string is one group)."""
     if isinstance(groups, str):
@@ -111,24 +104,15 @@ def _digest(s: str) -> bytes:
     return hashlib.sha256(s.encode()).digest()
 
 
-def _cfg(cfg: Any, path: str, default: Any = None) -> Any:
-    cur = cfg
-    for part in path.split("."):
-        cur = getattr(cur, part, None)
-        if cur is None:
-            return default
-    return cur
-
-
 class Tailnet:
-    def __init__(self, engine: Engine, cfg: Any, ipam: IPAllocator,
+    def __init__(self, engine: Engine, cfg: Config, ipam: IPAllocator,
                  bus: ChangeBus | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.ipam = ipam
-        self.bus = bus or ChangeBus.from_config(cfg)
-        self.base_domain: str = _cfg(cfg, "dns.base_domain", "") or ""
-        self.default_expiry = _seconds(_cfg(cfg, "node.expiry"))
+        self.bus = bus or ChangeBus(batch_delay=cfg.tuning.batch_change_delay.total_seconds())
+        self.base_domain = cfg.dns.base_domain
+        self.default_expiry = cfg.node.expiry.total_seconds()
         self.users: dict[int, User] = {}
         self.nodes: dict[int, Node] = {}
         self.preauth_keys: dict[int, PreAuthKey] = {}
@@ -145,7 +129,8 @@ class Tailnet:
         self._apikey_persisted: dict[int, float] = {}
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyheadscale-db")
-        self.gc = EphemeralGC(inactivity_timeout_from_config(cfg), self._gc_delete)
+        self.gc = EphemeralGC(cfg.node.ephemeral.inactivity_timeout.total_seconds(),
+                              self._gc_delete)
         self.generation = 0  # bumped on every committed write
         self.listeners: list[Callable[[tuple[Change, ...]], None]] = []
         # May (user, node or None, tag) carry this tag at interactive registration? Set by
@@ -155,10 +140,9 @@ class Tailnet:
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    async def load(cls, engine: Engine, cfg: Any, bus: ChangeBus | None = None) -> Tailnet:
+    async def load(cls, engine: Engine, cfg: Config, bus: ChangeBus | None = None) -> Tailnet:
         loaded = await asyncio.to_thread(persist.load_all, engine)
-        ipam = IPAllocator(_cfg(cfg, "prefixes.v4"), _cfg(cfg, "prefixes.v6"),
-                           _cfg(cfg, "prefixes.allocation", "sequential") or "sequential")
+        ipam = IPAllocator(cfg.prefixes.v4, cfg.prefixes.v6, cfg.prefixes.allocation)
         tn = cls(engine, cfg, ipam, bus)
         for u in loaded.users:
             tn.users[u.id] = u

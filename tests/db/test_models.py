@@ -6,7 +6,6 @@ import re
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlmodel import Session, col, select
 
+from pyheadscale.config import DatabaseConfig
 from pyheadscale.db.engine import (
     SQLITE_BUSY_TIMEOUT_MS,
     DatabaseConfigError,
@@ -534,16 +534,13 @@ def test_sqlite_writers_wait_instead_of_failing(tmp_path: Path) -> None:
         eng.dispose()
 
 
-def _cfg(**kw: object) -> SimpleNamespace:
-    return SimpleNamespace(**kw)
-
-
 def test_engine_from_config_sqlite(tmp_path: Path) -> None:
-    cfg = _cfg(
-        type="sqlite3",
-        sqlite=_cfg(path=str(tmp_path / "cfg" / "db.sqlite"), write_ahead_log=True),
-        postgres=_cfg(host="unused", port=5432, name="x", user="x", pass_="", ssl="false"),
-    )
+    cfg = DatabaseConfig.model_validate({
+        "type": "sqlite3",
+        "sqlite": {"path": str(tmp_path / "cfg" / "db.sqlite"), "write_ahead_log": True},
+        "postgres": {"host": "unused", "port": 5432, "name": "x", "user": "x", "pass": "",
+                     "ssl": "false"},
+    })
     eng = engine_from_config(cfg)
     try:
         migrate(eng)
@@ -556,18 +553,12 @@ def test_engine_from_config_sqlite(tmp_path: Path) -> None:
 
 def test_engine_from_config_postgres(pg_server: PostgresServer) -> None:
     p = pg_server.create_database()
-    cfg = _cfg(
-        type="postgres",
-        sqlite=_cfg(path="/nonexistent/unused.sqlite", write_ahead_log=True),
-        postgres=_cfg(
-            host=p["host"],
-            port=p["port"],
-            name=p["name"],
-            user=p["user"],
-            pass_=p["password"],
-            ssl="false",
-        ),
-    )
+    cfg = DatabaseConfig.model_validate({
+        "type": "postgres",
+        "sqlite": {"path": "/nonexistent/unused.sqlite", "write_ahead_log": True},
+        "postgres": {"host": p["host"], "port": p["port"], "name": p["name"],
+                     "user": p["user"], "pass": p["password"], "ssl": "false"},
+    })
     eng = engine_from_config(cfg)
     try:
         assert eng.url.drivername == "postgresql+psycopg"

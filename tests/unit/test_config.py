@@ -23,11 +23,11 @@ from pyheadscale.config import (
     ConfigError,
     default_config,
     find_config_file,
-    format_go_duration,
     load_config,
-    parse_go_duration,
-    parse_prometheus_duration,
+    read_go_duration,
+    read_prometheus_duration,
 )
+from pyheadscale.durations import format_go_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.yaml"
@@ -602,13 +602,13 @@ def test_example_marks_extensions() -> None:
     (0, timedelta(0)),
 ])
 def test_go_durations(text: Any, expected: timedelta) -> None:
-    assert parse_go_duration(text) == expected
+    assert read_go_duration(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "1", "h", "1hh", "--1s", "1d", "1 h", "5 minutes", 90, True])
 def test_bad_go_durations(text: Any) -> None:
     with pytest.raises(ValueError):
-        parse_go_duration(text)
+        read_go_duration(text)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -617,13 +617,13 @@ def test_bad_go_durations(text: Any) -> None:
     ("90m", timedelta(minutes=90)), ("1500ms", timedelta(milliseconds=1500)),
 ])
 def test_prometheus_durations(text: Any, expected: timedelta) -> None:
-    assert parse_prometheus_duration(text) == expected
+    assert read_prometheus_duration(text) == expected
 
 
 @pytest.mark.parametrize("text", ["1.5d", "30m1h", "d", "-1d", "180", "1 d"])
 def test_bad_prometheus_durations(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_prometheus_duration(text)
+        read_prometheus_duration(text)
 
 
 @pytest.mark.parametrize(("td", "text"), [

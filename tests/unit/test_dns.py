@@ -3,10 +3,10 @@ types/config.go dnsToTailcfgDNS and app.go reverse-zone routes)."""
 
 import ipaddress
 import json
-from types import SimpleNamespace
 
 import pytest
 
+from pyheadscale.config import DNSConfig, PrefixesConfig
 from pyheadscale.mapper.dns import (
     DNSSettings,
     ExtraRecordsError,
@@ -94,17 +94,17 @@ def test_split_dns_routes():
 
 
 def test_inline_extra_records_and_from_config():
-    cfg_obj = SimpleNamespace(
-        magic_dns=True,
-        base_domain="ts.example",
-        override_local_dns=False,
-        nameservers=SimpleNamespace(global_=["9.9.9.9"], split={}),
-        search_domains=[],
-        extra_records=[{"name": "grafana.ts.example", "type": "A", "value": "100.64.0.5"}],
-    )
+    dns = DNSConfig.model_validate({
+        "magic_dns": True,
+        "base_domain": "ts.example",
+        "override_local_dns": False,
+        "nameservers": {"global": ["9.9.9.9"], "split": {}},
+        "search_domains": [],
+        "extra_records": [{"name": "grafana.ts.example", "type": "A", "value": "100.64.0.5"}],
+    })
     s = DNSSettings.from_config(
-        cfg_obj,
-        prefix_v4="100.64.0.0/10",
+        dns,
+        PrefixesConfig.model_validate({"v4": "100.64.0.0/10"}),
         file_records=[{"Name": "db.ts.example", "Value": "fd7a::5"}],
     )
     cfg = build_dns_config(s, "ts.example")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,17 +24,14 @@ from pyheadscale.auth.oidc import (
     user_fields,
     verify_id_token,
 )
+from pyheadscale.config import OIDCConfig
 from pyheadscale.state.model import User
 
 ISS = "https://idp.example.com"
 
 
-def cfg(**kw: Any) -> SimpleNamespace:
-    base: dict[str, Any] = dict(
-        allowed_groups=[], allowed_domains=[], allowed_users=[], email_verified_required=True,
-        client_id="cid", scope=["openid", "profile", "email"], extra_params={},
-        pkce=SimpleNamespace(enabled=False, method="S256"))
-    return SimpleNamespace(**(base | kw))
+def cfg(**kw: Any) -> OIDCConfig:
+    return OIDCConfig.model_validate({"issuer": ISS, "client_id": "cid"} | kw)
 
 
 @pytest.mark.parametrize("iss,sub,want", [
@@ -130,7 +126,7 @@ META = ProviderMetadata(issuer=ISS, authorization_endpoint=ISS + "/authorize?ten
 @pytest.mark.parametrize("method", ["S256", "plain", None])
 def test_authorization_url(method: str | None) -> None:
     conf = cfg(extra_params={"domain_hint": "example.com", "prompt": "login"},
-               pkce=SimpleNamespace(enabled=method is not None, method=method or "S256"))
+               pkce={"enabled": method is not None, "method": method or "S256"})
     verifier = "v" * 50 if method else None
     url = authorization_url(META, conf, "https://hs.example.com/oidc/callback", "st8",
                             "n0nce", verifier)

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pyheadscale.auth.oidc.errors import OIDCError
+from pyheadscale.config import OIDCConfig
 from pyheadscale.state import names
 
 
@@ -99,7 +100,7 @@ class Claims:
             groups=u.groups if "groups" in info else self.groups)
 
 
-def authorize(oidc: Any, c: Claims) -> None:
+def authorize(oidc: OIDCConfig, c: Claims) -> None:
     """allowed_groups, then (email trusted?) allowed_domains and allowed_users; raises 401."""
     if oidc.allowed_groups and not any(g in c.groups for g in oidc.allowed_groups):
         raise OIDCError(401, "unauthorised group: you are not in any group allowed to log in")

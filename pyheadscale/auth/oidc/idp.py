@@ -15,6 +15,7 @@ from joserfc.jwk import KeySet
 
 from pyheadscale.auth.oidc.errors import DiscoveryError, OIDCError
 from pyheadscale.auth.oidc.protocol import ProviderMetadata, verify_id_token
+from pyheadscale.config import OIDCConfig
 
 log = logging.getLogger("pyheadscale.oidc")
 
@@ -26,7 +27,7 @@ class IdPClient:
     """Talks to the provider configured in `oidc` (the config section); `meta` is None until
     `discover` succeeds."""
 
-    def __init__(self, oidc: Any, redirect_uri: str) -> None:
+    def __init__(self, oidc: OIDCConfig, redirect_uri: str) -> None:
         self.oidc = oidc
         self.redirect_uri = redirect_uri
         self.meta: ProviderMetadata | None = None

@@ -17,6 +17,7 @@ from joserfc.jwk import KeySet
 
 from pyheadscale.auth.oidc.claims import as_str, flex_strs
 from pyheadscale.auth.oidc.errors import DiscoveryError, OIDCError
+from pyheadscale.config import OIDCConfig
 
 ID_TOKEN_ALGS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384",
                  "PS512", "EdDSA"]
@@ -56,7 +57,7 @@ def new_pkce_verifier() -> str:
     return generate_token(64)  # 64 chars of [A-Za-z0-9], within RFC 7636's 43..128
 
 
-def authorization_url(meta: ProviderMetadata, oidc: Any, redirect_uri: str, state: str,
+def authorization_url(meta: ProviderMetadata, oidc: OIDCConfig, redirect_uri: str, state: str,
                       nonce: str, verifier: str | None) -> str:
     extra: dict[str, str] = {}
     if verifier is not None:
@@ -66,7 +67,7 @@ def authorization_url(meta: ProviderMetadata, oidc: Any, redirect_uri: str, stat
         else:
             extra |= {"code_challenge_method": "S256",
                       "code_challenge": create_s256_code_challenge(verifier)}
-    extra |= {str(k): str(v) for k, v in (oidc.extra_params or {}).items()}
+    extra |= oidc.extra_params
     extra["nonce"] = nonce
     return str(prepare_grant_uri(meta.authorization_endpoint, oidc.client_id, "code",
                                  redirect_uri=redirect_uri, scope=" ".join(oidc.scope),

@@ -256,7 +256,7 @@ def _display(u: User) -> str:
 def add_oidc_routes(app: web.Application, control: ControlPlane) -> OIDCProvider | None:
     """With oidc.issuer set: /oidc/callback, POST /register/confirm/{auth_id}, discovery at
     startup, and the register page's redirect (WebAuth.oidc). Returns None without OIDC."""
-    if not getattr(getattr(control.cfg, "oidc", None), "issuer", ""):
+    if not control.cfg.oidc.issuer:
         return None
     provider = OIDCProvider(control)
     control.webflow.oidc = provider
