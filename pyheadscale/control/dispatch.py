@@ -42,7 +42,7 @@ from pyheadscale.mapper.derpmap import (
 )
 from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
 from pyheadscale.mapper.full import PeerCache
-from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import IPNetwork
 from pyheadscale.state.tailnet import Tailnet
 
@@ -150,7 +150,7 @@ class ControlPlane:
         self.mapctx = replace(self.mapctx, primary_routes=dict(routes),
                               generation=self._generation)
         self.tailnet.bus.publish(*(Change(ChangeKind.NODE_CHANGED, nid,
-                                          frozenset({"primary_routes"})) for nid in changed))
+                                          frozenset({Field.PRIMARY_ROUTES})) for nid in changed))
 
     async def _fetch_derp_urls(self) -> None:
         maps = []

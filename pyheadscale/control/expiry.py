@@ -13,7 +13,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime
 
-from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.expiry")
@@ -52,7 +52,7 @@ class ExpiryWatcher:
             log.info("node %d key expired", nid)
         if ids:
             self.tailnet.bus.publish(*(Change(ChangeKind.NODE_KEY_EXPIRY, nid,
-                                              frozenset({"expiry"})) for nid in ids))
+                                              frozenset({Field.EXPIRY})) for nid in ids))
         return ids
 
     async def _run(self) -> None:

@@ -18,7 +18,7 @@ from pyheadscale.config import Config
 from pyheadscale.db.models import Policy as PolicyRow
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
-from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import Node, User
 from pyheadscale.state.tailnet import Tailnet
 
@@ -31,8 +31,8 @@ _POLICY_INPUTS = {ChangeKind.NODE_ADDED, ChangeKind.NODE_REMOVED, ChangeKind.NOD
 # routes, hostinfo, which may carry RoutableIPs, or a field named later) goes to
 # PolicyManager.update(), which itself compares what the policy reads.
 _IRRELEVANT_NODE_FIELDS = frozenset({
-    "endpoints", "disco_key", "derp", "node_key", "hostname", "given_name", "expiry",
-    "last_seen", "online", "offline",
+    Field.ENDPOINTS, Field.DISCO_KEY, Field.HOME_DERP, Field.NODE_KEY, Field.HOSTNAME,
+    Field.GIVEN_NAME, Field.EXPIRY, Field.LAST_SEEN, Field.ONLINE, Field.OFFLINE,
 })
 
 

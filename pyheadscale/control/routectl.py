@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from pyheadscale.state.changes import Change, ChangeKind
+from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.routes import PrimaryRoutes
 from pyheadscale.state.tailnet import StateError
 
@@ -133,7 +133,7 @@ class RouteController:
         touched: set[int] = set()
         for c in changes:
             if c.kind is ChangeKind.NODE_ONLINE and c.node_id is not None:
-                if "online" in c.fields:
+                if Field.ONLINE in c.fields:
                     # A fresh session starts healthy (Headscale Connect clears Unhealthy).
                     self._epoch[c.node_id] = self._epoch.get(c.node_id, 0) + 1
                     self.primaries.set_unhealthy(c.node_id, False)
@@ -237,7 +237,7 @@ class RouteController:
         url = f"{self.cp.cfg.server_url.rstrip('/')}{PING_PATH}?id={ping_id}"
         self.outbox.put(node_id, {"PingRequest": {"URL": url, "Log": False}})
         # Wakes the node's map stream; the mapper ignores SELF changes without fields it knows.
-        self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({"ping"}),
+        self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({Field.PING}),
                                         target=node_id))
         return ping_id, fut
 

@@ -1,15 +1,14 @@
 """(changes, viewer) -> the smallest correct MapResponse delta for one map stream.
 
-Preference (design.md): PeersChangedPatch before PeersChanged before a full map. Rules from
-control-protocol.md §5.2 and pitfalls P4-P6, and Headscale's change constructors
-(``types/change/change.go``): online/offline, endpoint/DERP, key-expiry and key-rotation changes
-are patches; anything else about a peer is a full PeersChanged entry; deleted or no longer
-visible peers go to PeersRemoved (never an empty Peers, P5).
+Preference: PeersChangedPatch before PeersChanged before a full map (docs/protocol.md, "Map
+streaming"). As in Headscale's change constructors (``types/change/change.go``):
+online/offline, endpoint/DERP, key-expiry and key-rotation changes are patches; anything else
+about a peer is a full PeersChanged entry; deleted or no longer visible peers go to
+PeersRemoved (never an empty Peers: the client reads that as "no change").
 
-Changes are duck-typed: ``change.kind`` (an enum or string named like NODE_ADDED, NODE_CHANGED,
-NODE_PATCH, NODE_REMOVED, NODE_ONLINE, POLICY, DNS, DERP, USER, FULL), ``change.node_id`` and
-``change.fields`` (names of the changed Node attributes, or None when unknown). Patchable field
-names: see PATCH_FIELDS. The snapshot (``nodes``) is the truth; changes only say where to look.
+The changes are the ones state/ publishes (``pyheadscale.state.changes``): a ``ChangeKind``,
+the node or user concerned and the ``Field``s that changed (empty: not known, so everything
+is assumed). The snapshot (``nodes``) is the truth; changes only say where to look.
 """
 
 from __future__ import annotations
@@ -27,72 +26,52 @@ from pyheadscale.mapper.full import (
     self_node,
     user_profiles,
 )
+from pyheadscale.state.changes import IDENTITY_FIELDS, PATCH_FIELDS, Change, ChangeKind, Field
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, Node, User
 from pyheadscale.tailcfg import KeyKind, encode_key, format_time
 
-__all__ = ["IDENTITY_FIELDS", "PATCH_FIELDS", "delta"]
+__all__ = ["delta"]
 
-# Node attributes a PeerChange can carry (tailcfg.PeerChange).
-PATCH_FIELDS = frozenset(
-    {"endpoints", "disco_key", "home_derp", "online", "last_seen", "expiry", "node_key", "capver"}
-)
 # Self changes the client must hear about (its own Node); endpoint/disco/online echo are noise.
-_SELF_NODE_FIELDS = frozenset({"expiry", "node_key", "capver"})
-# Self changes that can alter what the viewer may see or receive (visibility, filter, caps).
-IDENTITY_FIELDS = frozenset({"tags", "user_id", "ipv4", "ipv6", "approved_routes"})
-_ALIASES = {
-    "derp": "home_derp",
-    "preferred_derp": "home_derp",
-    "disco": "disco_key",
-    "key_expiry": "expiry",
-    "key": "node_key",
-}
-_NODE_KINDS = frozenset({"NODE_ADDED", "NODE_CHANGED", "NODE_PATCH", "NODE_REMOVED", "NODE_ONLINE"})
+_SELF_NODE_FIELDS = frozenset({Field.EXPIRY, Field.NODE_KEY})
+_NODE_KINDS = frozenset({ChangeKind.NODE_ADDED, ChangeKind.NODE_CHANGED, ChangeKind.NODE_PATCH,
+                         ChangeKind.NODE_REMOVED, ChangeKind.NODE_ONLINE})
+_WHOLE_NODE = frozenset({ChangeKind.NODE_ADDED, ChangeKind.NODE_CHANGED})
 
 
-def _kind(change: Any) -> str:
-    k = getattr(change, "kind", None)
-    name = getattr(k, "name", None)
-    kind = name.upper() if isinstance(name, str) else str(getattr(k, "value", k)).upper()
+def _kind(change: Change) -> ChangeKind:
     # An expiry set, disabled or passed (admin, logout, periodic check): peers get the whole
     # node, because a KeyExpiry patch cannot clear the Expired flag a client already holds.
-    return "NODE_CHANGED" if kind == "NODE_KEY_EXPIRY" else kind
+    if change.kind is ChangeKind.NODE_KEY_EXPIRY:
+        return ChangeKind.NODE_CHANGED
+    return change.kind
 
 
-def _fields(change: Any) -> frozenset[str] | None:
-    f = getattr(change, "fields", None)
-    if not f:
-        return None
-    if isinstance(f, str):
-        f = (f,)
-    return frozenset(_ALIASES.get(str(x), str(x)) for x in f)
-
-
-def _patch(peer: Node, fields: frozenset[str]) -> dict[str, Any] | None:
+def _patch(peer: Node, fields: frozenset[Field]) -> dict[str, Any] | None:
     """A PeerChange for ``fields``, or None when it would carry nothing."""
     pc: dict[str, Any] = {"NodeID": peer.id}
-    if "node_key" in fields:
+    if Field.NODE_KEY in fields:
         pc["Key"] = encode_key(KeyKind.NODE, peer.node_key)
-    if "disco_key" in fields:
+    if Field.DISCO_KEY in fields:
         pc["DiscoKey"] = encode_key(KeyKind.DISCO, peer.disco_key)
-        pc["Online"] = True  # P4: a disco patch with Online:false may be dropped by the client
-    if "endpoints" in fields:
+        # A disco-key patch saying Online:false may be dropped by the client.
+        pc["Online"] = True
+    if Field.ENDPOINTS in fields:
         pc["Endpoints"] = list(peer.endpoints)
-    if "home_derp" in fields and _home_derp(peer):
+    if Field.HOME_DERP in fields and _home_derp(peer):
         pc["DERPRegion"] = _home_derp(peer)
-    if "expiry" in fields:
+    if Field.EXPIRY in fields:
         pc["KeyExpiry"] = format_time(peer.expiry)  # zero time un-expires (Headscale)
-    if "capver" in fields and peer.capver:
-        pc["Cap"] = peer.capver
-    if "online" in fields:
+    if Field.ONLINE in fields:
         pc["Online"] = peer.online
-    if ("online" in fields or "last_seen" in fields) and not peer.online and peer.last_seen:
+    if ((Field.ONLINE in fields or Field.LAST_SEEN in fields) and not peer.online
+            and peer.last_seen):
         pc["LastSeen"] = format_time(peer.last_seen)
     return pc if len(pc) > 1 else None
 
 
 def delta(
-    changes: Iterable[Any],
+    changes: Iterable[Change],
     nodes: Mapping[int, Node] | Iterable[Node],
     users: Mapping[int, User] | Iterable[User],
     viewer: Node,
@@ -111,7 +90,7 @@ def delta(
     user_map: Mapping[int, User] = users if isinstance(users, Mapping) else {u.id: u for u in users}
     viewer = node_map.get(viewer.id, viewer)
     kinds = [_kind(c) for c in changes]
-    if "FULL" in kinds:
+    if ChangeKind.FULL in kinds:
         return full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
     if viewer.id not in node_map:
         return None, set(known_peers)  # the viewer was deleted; the app ends its stream
@@ -122,18 +101,18 @@ def delta(
     resp: dict[str, Any] = {}
 
     full_ids: set[int] = set()
-    patch_fields: dict[int, set[str]] = {}
+    patch_fields: dict[int, set[Field]] = {}
     touched: set[int] = set()
-    policy_changed = "POLICY" in kinds
+    policy_changed = ChangeKind.POLICY in kinds
     self_node_needed = policy_changed
     reconcile_all = policy_changed
     user_change_ids: set[int] | None = set()
 
     for change, kind in zip(changes, kinds, strict=True):
-        nid = getattr(change, "node_id", None)
-        fields = _fields(change)
-        if kind == "USER":
-            uid = getattr(change, "user_id", None)
+        nid = change.node_id
+        fields = change.fields or None  # empty: not known
+        if kind is ChangeKind.USER:
+            uid = change.user_id
             if uid is None or user_change_ids is None:
                 user_change_ids = None  # unknown user: resend every relevant profile
             else:
@@ -142,18 +121,18 @@ def delta(
         if kind not in _NODE_KINDS or nid is None:
             continue
         if nid == viewer.id:
-            if kind in ("NODE_ADDED", "NODE_CHANGED"):
+            if kind in _WHOLE_NODE:
                 self_node_needed = True
                 if fields is None or fields & IDENTITY_FIELDS:
                     reconcile_all = True
-            elif kind == "NODE_PATCH" and (fields is None or fields & _SELF_NODE_FIELDS):
+            elif kind is ChangeKind.NODE_PATCH and (fields is None or fields & _SELF_NODE_FIELDS):
                 self_node_needed = True
             continue
         touched.add(nid)
-        if kind in ("NODE_ADDED", "NODE_CHANGED", "NODE_REMOVED"):
+        if kind in _WHOLE_NODE or kind is ChangeKind.NODE_REMOVED:
             full_ids.add(nid)
-        elif kind == "NODE_ONLINE":
-            patch_fields.setdefault(nid, set()).update(("online", "last_seen"))
+        elif kind is ChangeKind.NODE_ONLINE:
+            patch_fields.setdefault(nid, set()).update((Field.ONLINE, Field.LAST_SEEN))
         elif fields is None or not fields <= PATCH_FIELDS:
             full_ids.add(nid)
         else:
@@ -183,8 +162,8 @@ def delta(
             changed.append(peer)
             continue
         fields = frozenset(patch_fields.get(pid, ()))
-        if "disco_key" in fields and not peer.online:
-            changed.append(peer)  # P4: a disco patch must say Online:true; send the node
+        if Field.DISCO_KEY in fields and not peer.online:
+            changed.append(peer)  # a disco patch must say Online:true; send the node instead
             continue
         pc = _patch(peer, fields)
         if pc is not None:
@@ -204,9 +183,9 @@ def delta(
         ssh = ctx.policy.ssh_policy(viewer)
         # nil means "unchanged", so an explicitly empty policy clears an earlier one.
         resp["SSHPolicy"] = ssh if ssh else {"Rules": []}
-    if "DNS" in kinds or policy_changed:
+    if ChangeKind.DNS in kinds or policy_changed:
         resp["DNSConfig"] = ctx.dns_fragment  # Headscale resends DNS with policy changes
-    if "DERP" in kinds:
+    if ChangeKind.DERP in kinds:
         resp["DERPMap"] = ctx.derp_fragment
 
     profile_nodes: list[Node] = list(changed)

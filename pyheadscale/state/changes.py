@@ -1,6 +1,7 @@
 """The change bus: state/ publishes what changed; each map poll subscribes and gets batches.
 
-A `Change` says what a MapResponse must reflect (the mapper decides how). Each node has at most
+A `Change` says what a MapResponse must reflect (the mapper decides how): a `ChangeKind`, the
+node (or user) it is about and, for node changes, which `Field`s changed. Each node has at most
 one subscription; a newer one replaces the older (whose iterator ends). Changes are coalesced
 over a batching window. A subscriber that falls behind never blocks the publisher or other
 subscribers: its bounded buffer collapses to a single FULL change when it overflows.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
@@ -21,40 +22,71 @@ SESSIONS_PER_DELAY = 250
 class ChangeKind(enum.Enum):
     NODE_ADDED = "node_added"
     NODE_CHANGED = "node_changed"  # peer-visible node fields changed: resend the peer entry
-    NODE_PATCH = "node_patch"  # small runtime change (endpoints, DERP, disco key): PeerChange
+    NODE_PATCH = "node_patch"  # only PATCH_FIELDS changed: peers get a PeerChange
     NODE_REMOVED = "node_removed"
-    NODE_ONLINE = "node_online"  # online/offline flip, fields={"online"} or {"offline"}
-    NODE_KEY_EXPIRY = "node_key_expiry"
+    NODE_ONLINE = "node_online"  # online/offline flip, fields={ONLINE} or {OFFLINE}
+    NODE_KEY_EXPIRY = "node_key_expiry"  # an expiry set, disabled or reached
     SELF = "self"  # only the node itself must see a new self entry
     POLICY = "policy"
     DNS = "dns"
     DERP = "derp"
-    USER = "user"
+    USER = "user"  # a user was added, changed or removed (Change.user_id says which)
     FULL = "full"
+
+
+class Field(enum.Enum):
+    """What about a node changed: the one vocabulary state/ publishes and mapper/ reads."""
+
+    ENDPOINTS = "endpoints"
+    DISCO_KEY = "disco_key"
+    HOME_DERP = "home_derp"  # Hostinfo.NetInfo.PreferredDERP
+    NODE_KEY = "node_key"
+    EXPIRY = "expiry"
+    ONLINE = "online"  # came online (NODE_ONLINE); in a PeerChange: the Online flag
+    OFFLINE = "offline"  # went offline (NODE_ONLINE)
+    LAST_SEEN = "last_seen"
+    HOSTINFO = "hostinfo"  # Hostinfo besides Hostname, RoutableIPs and the preferred DERP
+    HOSTNAME = "hostname"
+    GIVEN_NAME = "given_name"
+    ROUTES = "routes"  # announced routes (Hostinfo.RoutableIPs)
+    APPROVED_ROUTES = "approved_routes"
+    PRIMARY_ROUTES = "primary_routes"  # the routes this node serves as elected primary
+    TAGS = "tags"
+    USER = "user"  # the owning user
+    ADDRESSES = "addresses"
+    PING = "ping"  # a server message (PingRequest) waits for the node's next frame
+
+
+# What a tailcfg.PeerChange can carry: a change of only these is a NODE_PATCH.
+PATCH_FIELDS = frozenset({Field.ENDPOINTS, Field.DISCO_KEY, Field.HOME_DERP, Field.NODE_KEY,
+                          Field.EXPIRY, Field.ONLINE, Field.LAST_SEEN})
+# Changes of the viewer itself that can alter what it may see or receive (visibility,
+# packet filter, SSH policy).
+IDENTITY_FIELDS = frozenset({Field.TAGS, Field.USER, Field.ADDRESSES, Field.APPROVED_ROUTES})
 
 
 @dataclass(frozen=True)
 class Change:
     kind: ChangeKind
     node_id: int | None = None  # the node the change is about
-    fields: frozenset[str] = field(default_factory=frozenset)
+    fields: frozenset[Field] = field(default_factory=frozenset)  # empty: not known
     # When set, only this node's subscription receives the change (self-only updates).
     target: int | None = None
+    user_id: int | None = None  # the user a USER change is about
 
     @classmethod
     def full(cls) -> Change:
         return cls(ChangeKind.FULL)
 
-    def merge_key(self) -> tuple[ChangeKind, int | None, int | None]:
-        return (self.kind, self.node_id, self.target)
+    def merge_key(self) -> tuple[ChangeKind, int | None, int | None, int | None]:
+        return (self.kind, self.node_id, self.target, self.user_id)
 
 
 def coalesce(changes: Iterable[Change]) -> list[Change]:
-    """Merge repeats of the same (kind, node, target) by uniting their fields; keep order.
-
-    A FULL anywhere in the batch subsumes everything else.
+    """Merge repeats of the same (kind, node, target, user) by uniting their fields; keep
+    order. A FULL anywhere in the batch subsumes everything else.
     """
-    merged: dict[tuple[ChangeKind, int | None, int | None], Change] = {}
+    merged: dict[tuple[ChangeKind, int | None, int | None, int | None], Change] = {}
     for c in changes:
         if c.kind is ChangeKind.FULL:
             return [Change.full()]
@@ -63,7 +95,7 @@ def coalesce(changes: Iterable[Change]) -> list[Change]:
         if prev is None:
             merged[k] = c
         elif not c.fields <= prev.fields:
-            merged[k] = Change(c.kind, c.node_id, prev.fields | c.fields, c.target)
+            merged[k] = replace(c, fields=prev.fields | c.fields)
     return list(merged.values())
 
 

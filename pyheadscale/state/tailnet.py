@@ -27,7 +27,7 @@ from pyheadscale.auth import preauthkeys as pk
 from pyheadscale.config import Config
 from pyheadscale.db import models as db
 from pyheadscale.state import names, persist
-from pyheadscale.state.changes import Change, ChangeBus, ChangeKind
+from pyheadscale.state.changes import PATCH_FIELDS, Change, ChangeBus, ChangeKind, Field
 from pyheadscale.state.ephemeral import EphemeralGC
 from pyheadscale.state.ipam import IPAllocationError, IPAllocator
 from pyheadscale.state.model import (
@@ -45,8 +45,6 @@ T = TypeVar("T")
 ZERO_KEY = bytes(32)
 EXIT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 API_KEY_LAST_SEEN_PERSIST = 60.0  # seconds between last_seen writes per API key
-# Runtime patches that peers can take as a PeerChange instead of a whole node.
-PATCH_FIELDS = frozenset({"endpoints", "disco_key", "derp"})
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -375,7 +373,7 @@ class Tailnet:
             uid = await self._commit(lambda tx: tx.insert(db.User, vals))
             user = replace(user, id=uid)
             self.users[uid] = user
-            self._publish(Change(ChangeKind.USER, fields=frozenset({"added"})))
+            self._publish(Change(ChangeKind.USER, user_id=uid))
             return user
 
         return await self._serialized(op)
@@ -396,7 +394,7 @@ class Tailnet:
             vals = persist.user_values(new) | {"updated_at": _utcnow()}
             await self._commit(lambda tx: tx.update(db.User, user_id, vals))
             self.users[user_id] = new
-            self._publish(Change(ChangeKind.USER, fields=frozenset({"changed"})))
+            self._publish(Change(ChangeKind.USER, user_id=user_id))
             return new
 
         return await self._serialized(op)
@@ -418,7 +416,7 @@ class Tailnet:
             vals = {"name": new_name, "updated_at": _utcnow()}
             await self._commit(lambda tx: tx.update(db.User, user_id, vals))
             self.users[user_id] = new
-            self._publish(Change(ChangeKind.USER, fields=frozenset({"changed"})))
+            self._publish(Change(ChangeKind.USER, user_id=user_id))
             return new
 
         return await self._serialized(op)
@@ -441,7 +439,7 @@ class Tailnet:
                 self._drop_pak(kid)
                 self._clear_node_key_refs(kid)
             del self.users[user_id]
-            self._publish(Change(ChangeKind.USER, fields=frozenset({"removed"})))
+            self._publish(Change(ChangeKind.USER, user_id=user_id))
 
         await self._serialized(op)
 
@@ -746,22 +744,25 @@ class Tailnet:
                           hostinfo: dict[str, Any], hostname: str,
                           requested_expiry: datetime | None, converting: bool,
                           mark_used: bool, now: datetime, capver: int) -> Node:
-        fields: set[str] = set()
+        fields: set[Field] = set()
         new = replace(old, node_key=node_key, hostname=hostname,
                       hostinfo=self._merge_hostinfo(old.hostinfo, hostinfo),
                       register_method="authkey", auth_key_id=pak.id, last_seen=now,
                       updated_at=now, capver=capver or old.capver)
         if converting:
             new = replace(new, tags=pak.tags, user_id=None, expiry=None)
-            fields |= {"tags", "user"}
+            fields |= {Field.TAGS, Field.USER}
         if not new.is_tagged:
             new = replace(new, expiry=requested_expiry or self._default_expiry(now))
         if hostname != old.hostname and names.is_auto_derived(old.given_name, old.hostname):
             new = replace(new, given_name=names.unique_given_name(
                 names.given_name_base(hostname), self._taken_names(old.id)))
-        for f in ("node_key", "hostname", "hostinfo", "expiry", "given_name"):
-            if getattr(new, f) != getattr(old, f):
-                fields.add(f)
+        differs = {Field.NODE_KEY: new.node_key != old.node_key,
+                   Field.HOSTNAME: new.hostname != old.hostname,
+                   Field.HOSTINFO: new.hostinfo != old.hostinfo,
+                   Field.EXPIRY: new.expiry != old.expiry,
+                   Field.GIVEN_NAME: new.given_name != old.given_name}
+        fields |= {f for f, changed in differs.items() if changed}
         new.version = old.version + 1
         vals = persist.node_values(new)
 
@@ -774,7 +775,7 @@ class Tailnet:
         if mark_used:
             self._put_pak(replace(pak, used=True))
         self._put_node(new)
-        if "user" in fields:
+        if Field.USER in fields:
             self._publish(Change(ChangeKind.POLICY))
         self._publish(Change(ChangeKind.NODE_CHANGED, new.id, frozenset(fields)))
         return new
@@ -861,7 +862,7 @@ class Tailnet:
                           register_method=register_method, last_seen=now_, updated_at=now_,
                           capver=capver or existing.capver,
                           version=existing.version + 1)
-            fields = {"node_key", "expiry", "hostinfo"}
+            fields = {Field.NODE_KEY, Field.EXPIRY, Field.HOSTINFO}
             if requested:
                 new = replace(new, tags=requested, user_id=None, expiry=None)
             elif existing.is_tagged:
@@ -871,16 +872,16 @@ class Tailnet:
             if not new.is_tagged:
                 new = replace(new, expiry=requested_expiry or self._default_expiry(now_))
             if (new.tags, new.user_id) != (existing.tags, existing.user_id):
-                fields |= {"tags", "user"}
+                fields |= {Field.TAGS, Field.USER}
             node = await self._write_node(existing, new, ChangeKind.NODE_CHANGED, fields)
-            if "tags" in fields:
+            if Field.TAGS in fields:
                 self._publish(Change(ChangeKind.POLICY))
             return node
 
         return await self._serialized(op)
 
     async def _write_node(self, old: Node, new: Node, kind: ChangeKind,
-                          fields: Iterable[str]) -> Node:
+                          fields: Iterable[Field]) -> Node:
         vals = persist.node_values(new)
         await self._commit(lambda tx: tx.update(db.Node, old.id, vals))
         self._put_node(new)
@@ -915,7 +916,7 @@ class Tailnet:
                     continue
                 new = self._bump(old, ipv4=v4, ipv6=v6, updated_at=_utcnow())
                 try:
-                    await self._write_node(old, new, ChangeKind.NODE_CHANGED, {"addresses"})
+                    await self._write_node(old, new, ChangeKind.NODE_CHANGED, {Field.ADDRESSES})
                 except PersistError:
                     self.ipam.release(*(a for a in (v4, v6) if a not in (old.ipv4, old.ipv6)))
                     raise
@@ -931,7 +932,7 @@ class Tailnet:
                 return old
             self._check_node_key_free(new_node_key, old.machine_key)
             new = self._bump(old, node_key=new_node_key, updated_at=_utcnow())
-            return await self._write_node(old, new, ChangeKind.NODE_CHANGED, {"node_key"})
+            return await self._write_node(old, new, ChangeKind.NODE_CHANGED, {Field.NODE_KEY})
 
         return await self._serialized(op)
 
@@ -945,7 +946,7 @@ class Tailnet:
             now = _utcnow()
             expiry = min(at, now) if at is not None else now
             new = self._bump(old, expiry=expiry, updated_at=now)
-            return await self._write_node(old, new, ChangeKind.NODE_KEY_EXPIRY, {"expiry"})
+            return await self._write_node(old, new, ChangeKind.NODE_KEY_EXPIRY, {Field.EXPIRY})
 
         return await self._serialized(op)
 
@@ -954,7 +955,7 @@ class Tailnet:
         async def op() -> Node:
             old = self.get_node(node_id)
             new = self._bump(old, expiry=expiry, updated_at=_utcnow())
-            return await self._write_node(old, new, ChangeKind.NODE_KEY_EXPIRY, {"expiry"})
+            return await self._write_node(old, new, ChangeKind.NODE_KEY_EXPIRY, {Field.EXPIRY})
 
         return await self._serialized(op)
 
@@ -975,7 +976,7 @@ class Tailnet:
             if old.given_name == new_name:
                 return old
             new = self._bump(old, given_name=new_name, updated_at=_utcnow())
-            return await self._write_node(old, new, ChangeKind.NODE_CHANGED, {"given_name"})
+            return await self._write_node(old, new, ChangeKind.NODE_CHANGED, {Field.GIVEN_NAME})
 
         return await self._serialized(op)
 
@@ -1019,7 +1020,7 @@ class Tailnet:
             new = self._bump(old, tags=tag_t, user_id=None, expiry=None,
                              updated_at=_utcnow())
             node = await self._write_node(old, new, ChangeKind.NODE_CHANGED,
-                                          {"tags", "user", "expiry"})
+                                          {Field.TAGS, Field.USER, Field.EXPIRY})
             self._publish(Change(ChangeKind.POLICY))
             return node
 
@@ -1044,7 +1045,7 @@ class Tailnet:
                 return old
             new = self._bump(old, approved_routes=ordered, updated_at=_utcnow())
             return await self._write_node(old, new, ChangeKind.NODE_CHANGED,
-                                          {"approved_routes"})
+                                          {Field.APPROVED_ROUTES})
 
         return await self._serialized(op)
 
@@ -1054,44 +1055,44 @@ class Tailnet:
         self, node_id: int, *, endpoints: Iterable[str] | None = None,
         disco_key: bytes | None = None, hostinfo: dict[str, Any] | None = None,
         capver: int | None = None,
-    ) -> frozenset[str]:
+    ) -> frozenset[Field]:
         """Apply a MapRequest's endpoints, disco key (non-zero only) and hostinfo; returns
-        the names of what changed ("endpoints", "disco_key", "derp", "hostinfo", "hostname",
-        "given_name", "routes"). Empty values never overwrite known ones."""
+        what changed (ENDPOINTS, DISCO_KEY, HOME_DERP, HOSTINFO, HOSTNAME, GIVEN_NAME,
+        ROUTES). Empty values never overwrite known ones."""
         eps = tuple(endpoints) if endpoints is not None else ()
 
-        async def op() -> frozenset[str]:
+        async def op() -> frozenset[Field]:
             old = self.get_node(node_id)
             changes: dict[str, Any] = {}
-            fields: set[str] = set()
+            fields: set[Field] = set()
             if eps and eps != old.endpoints:
                 changes["endpoints"] = eps
-                fields.add("endpoints")
+                fields.add(Field.ENDPOINTS)
             if disco_key and disco_key != ZERO_KEY and disco_key != old.disco_key:
                 changes["disco_key"] = disco_key
-                fields.add("disco_key")
+                fields.add(Field.DISCO_KEY)
             if hostinfo:
                 hi = self._merge_hostinfo(old.hostinfo, hostinfo)
                 if hi != old.hostinfo:
                     changes["hostinfo"] = hi
                     if _derp(hi) != _derp(old.hostinfo):
-                        fields.add("derp")
+                        fields.add(Field.HOME_DERP)
                     if hi.get("RoutableIPs") != old.hostinfo.get("RoutableIPs"):
-                        fields.add("routes")
+                        fields.add(Field.ROUTES)
                     rest_old = {k: v for k, v in old.hostinfo.items() if k != "NetInfo"}
                     rest_new = {k: v for k, v in hi.items() if k != "NetInfo"}
                     if rest_old != rest_new or _netinfo_rest(hi) != _netinfo_rest(old.hostinfo):
-                        fields.add("hostinfo")
+                        fields.add(Field.HOSTINFO)
                     hn = hi.get("Hostname")
                     if isinstance(hn, str) and hn and hn != old.hostname:
                         changes["hostname"] = hn
-                        fields.add("hostname")
+                        fields.add(Field.HOSTNAME)
                         if names.is_auto_derived(old.given_name, old.hostname):
                             gn = names.unique_given_name(names.given_name_base(hn),
                                                          self._taken_names(old.id))
                             if gn != old.given_name:
                                 changes["given_name"] = gn
-                                fields.add("given_name")
+                                fields.add(Field.GIVEN_NAME)
             if capver and capver != old.capver and not fields:
                 # Live-only: no DB write, no peer-visible change.
                 self.nodes[node_id] = replace(old, capver=capver)
@@ -1127,7 +1128,7 @@ class Tailnet:
                 log.warning("could not persist last_seen for node %d", node_id)
             self._put_node(new)
             self._publish(Change(ChangeKind.NODE_ONLINE, node_id,
-                                 frozenset({"online" if online else "offline"})))
+                                 frozenset({Field.ONLINE if online else Field.OFFLINE})))
             return True
 
         return await self._serialized(op)

@@ -1,16 +1,16 @@
 import asyncio
 
-from pyheadscale.state.changes import Change, ChangeBus, ChangeKind
+from pyheadscale.state.changes import Change, ChangeBus, ChangeKind, Field
 
 
 async def test_batching_coalesces_within_window() -> None:
     bus = ChangeBus(batch_delay=0.05)
     sub = bus.subscribe(1)
-    bus.publish(Change(ChangeKind.NODE_PATCH, 7, frozenset({"endpoints"})))
-    bus.publish(Change(ChangeKind.NODE_PATCH, 7, frozenset({"derp"})))
+    bus.publish(Change(ChangeKind.NODE_PATCH, 7, frozenset({Field.ENDPOINTS})))
+    bus.publish(Change(ChangeKind.NODE_PATCH, 7, frozenset({Field.HOME_DERP})))
     bus.publish(Change(ChangeKind.NODE_ADDED, 8))
     batch = await asyncio.wait_for(sub.__anext__(), 1)
-    assert batch == [Change(ChangeKind.NODE_PATCH, 7, frozenset({"endpoints", "derp"})),
+    assert batch == [Change(ChangeKind.NODE_PATCH, 7, frozenset({Field.ENDPOINTS, Field.HOME_DERP})),
                      Change(ChangeKind.NODE_ADDED, 8)]
 
 

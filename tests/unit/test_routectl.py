@@ -13,7 +13,7 @@ import pytest
 
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.expiry import ExpiryWatcher
-from pyheadscale.state.changes import ChangeKind
+from pyheadscale.state.changes import ChangeKind, Field
 from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
 
 LAN = ipaddress.ip_network("10.1.0.0/24")
@@ -65,7 +65,7 @@ async def test_primaries_follow_online_state_and_reach_the_map_context(
     assert cp.mapctx.generation > gen
     batch = await sub.__anext__()
     assert any(c.kind is ChangeKind.NODE_CHANGED and c.node_id == r2
-               and "primary_routes" in c.fields for c in batch)
+               and Field.PRIMARY_ROUTES in c.fields for c in batch)
     await tn.set_online(r2, False)
     assert cp.mapctx.routes_of(r1) == (LAN,)
     await tn.set_online(r2, True)

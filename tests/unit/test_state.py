@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from pyheadscale.state.changes import ChangeKind
+from pyheadscale.state.changes import ChangeKind, Field
 from pyheadscale.state.tailnet import (
     AlreadyExists,
     Conflict,
@@ -198,13 +198,13 @@ async def test_map_request_updates_report_fields(tmp_path: Path) -> None:
     f = await tn.update_from_map_request(n.id, endpoints=["192.0.2.7:1"], disco_key=key(4),
                                          hostinfo={"Hostname": "laptop",
                                                    "NetInfo": {"PreferredDERP": 2}})
-    assert f == {"endpoints", "disco_key", "derp"}
+    assert f == {Field.ENDPOINTS, Field.DISCO_KEY, Field.HOME_DERP}
     assert (await sub.__anext__())[0].kind is ChangeKind.NODE_PATCH
     # Zero disco key / empty endpoints never overwrite; NetInfo omitted is preserved.
     assert await tn.update_from_map_request(n.id, endpoints=[], disco_key=bytes(32),
                                             hostinfo={"Hostname": "laptop"}) == frozenset()
     f = await tn.update_from_map_request(n.id, hostinfo={"Hostname": "Work Laptop"})
-    assert f == {"hostinfo", "hostname", "given_name"}
+    assert f == {Field.HOSTINFO, Field.HOSTNAME, Field.GIVEN_NAME}
     assert tn.nodes[n.id].given_name == "work-laptop"
     assert tn.nodes[n.id].hostinfo["NetInfo"] == {"PreferredDERP": 2}
     # An admin rename sticks when the hostname changes later.
