@@ -16,7 +16,6 @@ from aiohttp import web
 
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
-from pyheadscale.api.policystore import PolicyService
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.auth.oidc import add_oidc_routes
 from pyheadscale.config import Config
@@ -70,7 +69,7 @@ class Server:
         await self.control.start()
         self.oauth = await OAuthStore.load(self.engine, self.tailnet)
         self.v2 = V2Deps(tailnet=self.tailnet, oauth=self.oauth,
-                         policy=PolicyService(self.control), settings=Settings.from_config(cfg),
+                         policy=self.control.policy, settings=Settings.from_config(cfg),
                          revoked_key_retention=cfg.preauth_keys.revoked_retention)
         self.tasks.append(asyncio.create_task(self._reap_hourly()))
 

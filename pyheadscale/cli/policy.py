@@ -4,11 +4,14 @@ against the database named in the config (the server must not be running)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pyheadscale.cli.common import CLIError, call, command, confirm, group, load_cfg, require
+
+if TYPE_CHECKING:  # the database stack is imported only by the bypass commands
+    from sqlalchemy import Engine
 
 BYPASS = "bypass-server-and-access-database-directly"
 BYPASS_029 = "bypass-grpc-and-access-database-directly"  # Headscale <= 0.29 spelling
@@ -32,7 +35,7 @@ def read_policy_file(path: str) -> str:
                        f"{(e.strerror or str(e)).lower()}") from None
 
 
-def open_db(ctx: click.Context) -> Any:
+def open_db(ctx: click.Context) -> Engine:
     if not confirm(ctx, BYPASS_PROMPT):
         raise CLIError("command aborted by user")
     from pyheadscale.db.engine import engine_from_config, migrate
@@ -53,7 +56,7 @@ def register(root: click.Group) -> None:
     @bypass_flags
     def get(ctx: click.Context, bypass: bool, bypass_old: bool) -> None:
         if bypass or bypass_old:
-            from pyheadscale.api.policystore import PolicyNotFound, load_latest
+            from pyheadscale.state.policystore import PolicyNotFound, load_latest
 
             engine = open_db(ctx)
             try:
@@ -74,10 +77,10 @@ def register(root: click.Group) -> None:
         require(file=file_)
         text = read_policy_file(file_ or "")
         if bypass or bypass_old:
-            from pyheadscale.api.policystore import insert
             from pyheadscale.control.policyctl import compile_policy
             from pyheadscale.policy import PolicyError
             from pyheadscale.state.persist import load_all
+            from pyheadscale.state.policystore import insert
 
             engine = open_db(ctx)
             try:

@@ -2,6 +2,7 @@
 
 A rejected policy never replaces the running one: a new `PolicyManager` is built and checked
 first, and only swapped in (and stored, in database mode) once it compiled and its tests pass.
+The text itself lives in state/policystore.py, which the API and the CLI use too.
 """
 
 from __future__ import annotations
@@ -9,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import Session, select
 
 from pyheadscale.config import Config
-from pyheadscale.db.models import Policy as PolicyRow
-from pyheadscale.mapper.context import AllowAllPolicy
+from pyheadscale.mapper.context import AllowAllPolicy, Policy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import Node, User
+from pyheadscale.state.policystore import PolicyStore, PolicyUpdateDisabled, StoredPolicy
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.policy")
@@ -56,24 +55,25 @@ def compile_policy(cfg: Config, text: str | None, users: Sequence[User], nodes: 
                          idp_groups=IdPGroups(pg.prefix) if pg.enabled else None)
 
 
-class PolicyUpdateDisabled(Exception):
-    def __init__(self) -> None:
-        super().__init__("update is disabled for modes other than 'database'")
-
-
 class PolicyController:
+    """The running policy: its text and compiled manager, swapped only whole."""
+
     def __init__(self, cfg: Config, tailnet: Tailnet, engine: Engine,
                  on_swap: Callable[[], None]) -> None:
         self.cfg = cfg
         self.tailnet = tailnet
-        self.engine = engine
+        self.store = PolicyStore(cfg.policy, engine)
         self.on_swap = on_swap  # rebuild the map context and tell every session
-        self.mode = cfg.policy.mode
         self.text: str | None = None
         self.manager: PolicyManager | None = None
 
     @property
-    def policy(self) -> Any:
+    def mode(self) -> str:
+        """"file" or "database" (policy.mode)."""
+        return self.store.mode
+
+    @property
+    def policy(self) -> Policy:
         return self.manager if self.manager is not None else AllowAllPolicy()
 
     def build(self, text: str | None, *, run_tests: bool) -> PolicyManager | None:
@@ -98,41 +98,43 @@ class PolicyController:
                         "\n".join(failures))
 
     async def _read_source(self) -> str | None:
-        if self.mode == "database":
-            return await asyncio.to_thread(self._latest_row)
-        path = self.cfg.policy.path
-        if not path:
-            return None
-        return await asyncio.to_thread(lambda: open(path, encoding="utf-8").read())
-
-    def _latest_row(self) -> str | None:
-        with Session(self.engine) as s:
-            row = s.exec(select(PolicyRow).order_by(PolicyRow.id.desc())).first()  # type: ignore[union-attr]
-            return row.data if row is not None else None
-
-    def _store_row(self, text: str) -> PolicyRow:
-        with Session(self.engine) as s:
-            row = PolicyRow(data=text)
-            s.add(row)
-            s.commit()
-            s.refresh(row)
-            return row
+        current = await asyncio.to_thread(self.store.current)
+        return current.data if current is not None else None
 
     def _swap(self, manager: PolicyManager | None, text: str | None) -> None:
         self.manager, self.text = manager, text
         self.on_swap()
 
-    def check(self, text: str) -> None:
-        """Validate against live users and nodes without storing; raises PolicyError."""
-        self.build(text, run_tests=True)
+    async def get(self) -> StoredPolicy:
+        """The stored policy with its update time (PolicyNotFound, PolicyReadError)."""
+        return await asyncio.to_thread(self.store.get)
 
-    async def set(self, text: str) -> PolicyRow:
+    async def check(self, text: str) -> None:
+        """Validate against live users and nodes without storing; raises PolicyError."""
+        await asyncio.to_thread(self.build, text, run_tests=True)
+
+    async def set(self, text: str) -> StoredPolicy:
+        """Compile once, refuse it whole on any error, store it, then run it.
+
+        Raises PolicyUpdateDisabled (file mode) or PolicyError."""
         if self.mode != "database":
             raise PolicyUpdateDisabled()
         manager = self.build(text, run_tests=True)
-        row = await asyncio.to_thread(self._store_row, text)
+        nodes = self.tailnet.list_nodes()
+        if manager is not None and nodes:
+            manager.ssh_policy(nodes[0])  # Headscale rejects SSH rules that fail to compile
+        stored = await asyncio.to_thread(self.store.put, text)
         self._swap(manager, text)
-        return row
+        return stored
+
+    def tag_exists(self, tag: str) -> bool:
+        return self.manager is not None and self.manager.tag_exists(tag)
+
+    def tag_owned_by_tags(self, tag: str, owner_tags: Sequence[str]) -> bool:
+        """May a credential holding `owner_tags` apply `tag`? A held tag needs no policy."""
+        if tag in owner_tags:
+            return True
+        return self.manager is not None and self.manager.tag_owned_by_tags(tag, owner_tags)
 
     async def reload(self) -> bool:
         """SIGHUP (file mode) or an external change: re-read, keep the old one on error."""
@@ -157,5 +159,4 @@ class PolicyController:
             self.on_swap()
 
 
-__all__ = ["PolicyController", "PolicyError", "PolicyUpdateDisabled"]
-
+__all__ = ["PolicyController", "PolicyError", "PolicyUpdateDisabled", "compile_policy"]

@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from pyheadscale.api import add_api_routes
-from pyheadscale.api.policystore import PolicyService
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.state.oauth import OAuthStore
@@ -86,7 +85,7 @@ async def v2_env(tmp: Path, *, trusted: bool = False, policy: str | None = POLIC
     if policy is not None:
         await cp.policy.set(policy)
     deps = V2Deps(tailnet=tn, oauth=await OAuthStore.load(tn.engine, tn),
-                  policy=PolicyService(cp), settings=Settings.from_config(cfg))
+                  policy=cp.policy, settings=Settings.from_config(cfg))
     app = web.Application(client_max_size=2 << 20)
     add_api_routes(app, cp, trusted=trusted)
     add_v2_routes(app, deps, trusted=trusted)

@@ -304,7 +304,6 @@ async def test_acl_file_mode_is_read_only(tmp_path: Path) -> None:
         object.__setattr__(e.deps.settings, "policy_mode", "file")
         e.cp.cfg.policy.mode = "file"
         e.cp.cfg.policy.path = path
-        e.cp.policy.mode = "file"
         text, tag, _ = await get_acl(e)
         assert text == path.read_text() and tag == etag_of(text)
         status, body, _ = await set_acl(e, ALLOW_ALL)

@@ -9,7 +9,6 @@ from aiohttp import web
 
 from pyheadscale.api import shapes
 from pyheadscale.api.errors import not_found, state_errors
-from pyheadscale.api.policystore import PolicyService
 from pyheadscale.api.request import check_auth_id
 from pyheadscale.auth.webflow import UnknownAuthID
 from pyheadscale.state.model import Node
@@ -21,7 +20,7 @@ class HandlerBase:
     def __init__(self, control: Any) -> None:
         self.control = control
         self.tailnet = control.tailnet
-        self.policy = PolicyService(control)
+        self.policy = control.policy
 
     def _node(self, n: Node, **kw: Any) -> dict[str, Any]:
         tn = self.tailnet

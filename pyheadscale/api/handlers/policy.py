@@ -1,4 +1,5 @@
-"""/api/v1/policy: read, replace and check the policy (file or database mode, policystore.py)."""
+"""/api/v1/policy: read, replace and check the policy (file or database mode; the running
+policy's controller does the work, state/policystore.py holds the text)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from aiohttp import web
 from pyheadscale.api import shapes
 from pyheadscale.api.errors import APIError, bad_request
 from pyheadscale.api.handlers.base import HandlerBase
-from pyheadscale.api.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
 from pyheadscale.api.request import (
     read_body,
     text_field,
 )
 from pyheadscale.policy import PolicyError
+from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
 
 
 class PolicyHandlers(HandlerBase):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from pyheadscale.api.policystore import StoredPolicy
 from pyheadscale.config import Config
 from pyheadscale.state.oauth import OAuthStore
+from pyheadscale.state.policystore import StoredPolicy
 from pyheadscale.state.tailnet import Tailnet
 
 

@@ -13,7 +13,6 @@ import hashlib
 
 from aiohttp import web
 
-from pyheadscale.api.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
 from pyheadscale.api.v2 import models as m
 from pyheadscale.api.v2.common import (
     Principal,
@@ -25,6 +24,7 @@ from pyheadscale.api.v2.common import (
 )
 from pyheadscale.api.v2.deps import V2Deps
 from pyheadscale.policy import PolicyError
+from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
 
 HUJSON = "application/hujson"
 
