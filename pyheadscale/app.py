@@ -17,7 +17,6 @@ from aiohttp import web
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
-from pyheadscale.auth.oidc import add_oidc_routes
 from pyheadscale.config import Config
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
@@ -82,8 +81,8 @@ class Server:
         add_page_routes(app, cfg.server_url)
         app.router.add_post("/verify", self.verify)
         self.control.add_web_routes(app)
-        add_oidc_routes(app, self.control)
-        add_api_routes(app, self.control, trusted=False)
+        add_api_routes(app, self.control.admin, trusted=False,
+                       cors_origins=cfg.cors_allowed_origins)
         add_v2_routes(app, self.v2, trusted=False)
 
         host, port = split_hostport(cfg.listen_addr, 8080)
@@ -134,7 +133,8 @@ class Server:
     async def _unix_site(self, path: str, mode: int) -> None:
         """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
         sock_app = web.Application(client_max_size=1 << 20)
-        add_api_routes(sock_app, self.control, trusted=True)
+        add_api_routes(sock_app, self.control.admin, trusted=True,
+                       cors_origins=self.cfg.cors_allowed_origins)
         add_v2_routes(sock_app, self.v2, trusted=True)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -10,13 +10,14 @@ in handlers/, one module per resource; request.py reads bodies and fields.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from pyheadscale.api.auth import CORS, guard
 from pyheadscale.api.errors import APIError
 from pyheadscale.api.handlers import (
+    AdminDeps,
     ApiKeyHandlers,
     AuthFlowHandlers,
     NodeHandlers,
@@ -26,9 +27,6 @@ from pyheadscale.api.handlers import (
 )
 from pyheadscale.api.request import AUTH_ID_LENGTH, auth_id_error
 from pyheadscale.api.routes import ROUTES, Route
-
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
 
 
 def version_info() -> dict[str, Any]:
@@ -66,17 +64,15 @@ class V1API(UserHandlers, NodeHandlers, AuthFlowHandlers, PreAuthKeyHandlers, Ap
 # --- wiring --------------------------------------------------------------------------------------
 
 
-def add_api_routes(app: web.Application, control: ControlPlane, *, trusted: bool,
-                   cors_origins: Sequence[str] | None = None) -> None:
+def add_api_routes(app: web.Application, deps: AdminDeps, *, trusted: bool,
+                   cors_origins: Sequence[str] = ()) -> None:
     """Mount /api/v1 (plus the OpenAPI documents) on `app`. trusted=True (the unix-socket
-    app) skips the API-key check. CORS origins default to cfg `cors_allowed_origins`."""
+    app) skips the API-key check; `cors_origins` may call it from a browser."""
     from pyheadscale.api import openapi
 
-    if cors_origins is None:
-        cors_origins = control.cfg.cors_allowed_origins
     cors = CORS(cors_origins)
-    api = V1API(control)
-    tn = control.tailnet
+    api = V1API(deps)
+    tn = deps.tailnet
     for r in ROUTES:
         h = guard(getattr(api, r.handler), tn, trusted=trusted, cors=cors)
         app.router.add_route(r.method, r.path, h)
@@ -91,5 +87,5 @@ def add_api_routes(app: web.Application, control: ControlPlane, *, trusted: bool
                          guard(api.not_found, tn, trusted=trusted, cors=cors))
 
 
-__all__ = ["AUTH_ID_LENGTH", "ROUTES", "Route", "V1API", "add_api_routes", "auth_id_error",
+__all__ = ["AUTH_ID_LENGTH", "ROUTES", "AdminDeps", "Route", "V1API", "add_api_routes", "auth_id_error",
            "version_info"]

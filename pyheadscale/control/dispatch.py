@@ -21,15 +21,17 @@ from aiohttp import web
 from sqlalchemy import Engine
 
 from pyheadscale import tailcfg
+from pyheadscale.api.handlers.base import AdminDeps
+from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
-from pyheadscale.control.poll import handle_map
-from pyheadscale.control.register import handle_register, reply
+from pyheadscale.control.poll import MapPoll, handle_map
+from pyheadscale.control.register import Registration, handle_register, reply
 from pyheadscale.control.routectl import RouteController
 from pyheadscale.control.sshcheck import ROUTE as SSH_ACTION_ROUTE
-from pyheadscale.control.sshcheck import SSHChecks, handle_ssh_action
+from pyheadscale.control.sshcheck import SSHCheckAction, SSHChecks, handle_ssh_action
 from pyheadscale.control.tagowners import tag_authorizer
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.control.webauth import WebAuth
@@ -51,18 +53,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyheadscale.control")
 
-MIN_CAPVER = 113  # Tailscale v1.80, the oldest of the last ten minor releases
-
-
 class ControlPlane:
+    """Owns the parts behind the Noise tunnel and the admin API, and hands each handler the
+    few of them it uses (MapPoll, Registration, SSHCheckAction, AdminDeps)."""
+
     def __init__(self, cfg: Config, tailnet: Tailnet, engine: Engine,
                  derp: EmbeddedDerp | None) -> None:
         self.cfg = cfg
         self.tailnet = tailnet
         self.derp = derp
-        self.min_capver = MIN_CAPVER
         self.peer_cache = PeerCache()
-        self.sessions_opened = 0
         self._generation = 0
         self._url_derp_maps: list[dict[str, Any]] = []
         self._extra_records_mtime: float | None = None
@@ -71,15 +71,28 @@ class ControlPlane:
         self.pending = PendingRegistrations(
             cfg.tuning.register_cache_expiration.total_seconds(),
             cfg.tuning.register_cache_max_entries)
-        self.webflow = WebAuth(self)
+        oidc = (OIDCProvider(cfg.oidc, cfg.server_url, self.pending, tailnet)
+                if cfg.oidc.enabled else None)
+        self.webflow = WebAuth(cfg.server_url, self.pending, tailnet, oidc)
         # SSH check-mode sessions, approved like registrations by `headscale auth approve`.
         self.sshchecks = SSHChecks(self.pending.expiration_s, self.pending.max_entries)
         self.policy = PolicyController(cfg, tailnet, engine,
                                        on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
         self.mapctx = MapContext()
-        self.routes = RouteController(self)  # primary election, auto-approval, HA probes
+        # Primary election, auto-approval, HA probes.
+        self.routes = RouteController(tailnet, self.policy, ha=cfg.node.routes.ha,
+                                      server_url=cfg.server_url,
+                                      on_primaries=self.set_primary_routes)
         self.expiry = ExpiryWatcher(tailnet)
         tailnet.tag_authorizer = tag_authorizer(self.policy)  # --advertise-tags vs tagOwners
+        self.map_poll = MapPoll(tailnet, lambda: self.mapctx, self.peer_cache,
+                                self.routes.outbox.take)
+        self.registration = Registration(tailnet, self.webflow.handle)
+        self.ssh_action = SSHCheckAction(tailnet, self.sshchecks, cfg.server_url,
+                                         self.policy.ssh_check_period)
+        self.admin = AdminDeps(tailnet, self.policy, self.pending, self.sshchecks,
+                               register=self.webflow.register,
+                               primary_routes=lambda nid: self.mapctx.routes_of(nid))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -221,12 +234,12 @@ class ControlPlane:
 
     async def dispatch(self, req: ControlRequest, resp: ResponseStream) -> None:
         if req.path == "/machine/map" and req.method == "POST":
-            await handle_map(self, req, resp)
+            await handle_map(self.map_poll, req, resp)
         elif req.path == "/machine/register" and req.method == "POST":
-            await handle_register(self, req, resp)
+            await handle_register(self.registration, req, resp)
         elif req.method == "GET" and (m := SSH_ACTION_ROUTE.match(req.path)):
             # The HoldAndDelegate URL of SSH check rules.
-            await handle_ssh_action(self, req, resp, int(m[1]), int(m[2]))
+            await handle_ssh_action(self.ssh_action, req, resp, int(m[1]), int(m[2]))
         else:
             await reply(resp, 404, "not found")
 
@@ -248,6 +261,6 @@ class ControlPlane:
             "# TYPE headscale_nodes_online gauge\n"
             f"headscale_nodes_online {online}\n"
             "# TYPE pyheadscale_map_sessions_opened_total counter\n"
-            f"pyheadscale_map_sessions_opened_total {self.sessions_opened}\n"
+            f"pyheadscale_map_sessions_opened_total {tn.bus.opened}\n"
         )
 

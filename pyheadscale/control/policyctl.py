@@ -136,6 +136,10 @@ class PolicyController:
             return True
         return self.manager is not None and self.manager.tag_owned_by_tags(tag, owner_tags)
 
+    def ssh_check_period(self, src: Node, dst: Node) -> float | None:
+        """See PolicyManager.ssh_check_period; None without a policy."""
+        return self.manager.ssh_check_period(src, dst) if self.manager is not None else None
+
     async def reload(self) -> bool:
         """SIGHUP (file mode) or an external change: re-read, keep the old one on error."""
         try:

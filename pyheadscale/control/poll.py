@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pyheadscale import tailcfg
 from pyheadscale.control.register import reply
-from pyheadscale.control.types import ControlRequest, ResponseStream, StreamGone
+from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
+from pyheadscale.mapper.context import MapContext
 from pyheadscale.mapper.delta import delta
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
-from pyheadscale.mapper.full import full_map_and_peers
-
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.mapper.full import PeerCache, full_map_and_peers
+from pyheadscale.state.changes import Subscription
+from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.poll")
 
@@ -26,16 +28,27 @@ KEEPALIVE_BASE_S = 50.0
 KEEPALIVE_JITTER_S = 9.0
 
 
-async def handle_map(cp: ControlPlane, req: ControlRequest, resp: ResponseStream) -> None:
+@dataclass(frozen=True)
+class MapPoll:
+    """What the map poll uses."""
+
+    tailnet: Tailnet
+    context: Callable[[], MapContext]  # the current map context (replaced on every change)
+    peer_cache: PeerCache  # encoded peer entries shared by every session
+    # Server-initiated messages (HA PingRequests) waiting for a node's next frame.
+    take_outbox: Callable[[int], dict[str, Any] | None]
+
+
+async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -> None:
     try:
         mr = tailcfg.parse_map_request(req.body)
     except tailcfg.TailcfgError as e:
         await reply(resp, 400, f"bad map request: {e}")
         return
-    if mr.version < cp.min_capver:
+    if mr.version < MIN_CAPVER:
         await reply(resp, 400, f"unsupported client version: capability version {mr.version}")
         return
-    tn = cp.tailnet
+    tn = poll.tailnet
     node = tn.node_by_node_key(mr.node_key)
     if node is None or node.machine_key != req.machine_key:
         await reply(resp, 404, "node not found")
@@ -49,22 +62,21 @@ async def handle_map(cp: ControlPlane, req: ControlRequest, resp: ResponseStream
             await reply(resp, 200, "")
             return
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
-        msg, _ = full_map_and_peers(tn.nodes, tn.users, tn.get_node(node.id), cp.mapctx,
-                                     datetime.now(UTC), cp.peer_cache)
+        msg, _ = full_map_and_peers(tn.nodes, tn.users, tn.get_node(node.id), poll.context(),
+                                     datetime.now(UTC), poll.peer_cache)
         await resp.start(200, [("content-type", "application/json")])
         await resp.end(encode_frame(msg))
         return
 
     # Subscribe before building the full map so no change falls between the two.
     sub = tn.bus.subscribe(node.id)
-    cp.sessions_opened += 1
     try:
         await tn.update_from_map_request(
             node.id, endpoints=mr.endpoints, disco_key=mr.disco_key, hostinfo=mr.hostinfo,
             capver=mr.version)
         await tn.set_online(node.id, True)
         await resp.start(200, [("content-type", "application/json")])
-        await stream_maps(cp, node.id, sub, resp)
+        await stream_maps(poll, node.id, sub, resp)
     except (StreamGone, ConnectionError):
         pass
     finally:
@@ -75,11 +87,12 @@ async def handle_map(cp: ControlPlane, req: ControlRequest, resp: ResponseStream
                 await asyncio.shield(tn.set_online(node.id, False))
 
 
-async def stream_maps(cp: ControlPlane, node_id: int, sub, resp: ResponseStream) -> None:  # type: ignore[no-untyped-def]
-    tn = cp.tailnet
+async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
+                      resp: ResponseStream) -> None:
+    tn = poll.tailnet
     viewer = tn.get_node(node_id)
-    msg, known = full_map_and_peers(tn.nodes, tn.users, viewer, cp.mapctx, datetime.now(UTC),
-                                    cp.peer_cache)
+    msg, known = full_map_and_peers(tn.nodes, tn.users, viewer, poll.context(), datetime.now(UTC),
+                                    poll.peer_cache)
     await resp.write(encode_frame(msg))
     it = sub.__aiter__()
     while True:
@@ -94,10 +107,10 @@ async def stream_maps(cp: ControlPlane, node_id: int, sub, resp: ResponseStream)
         viewer_now = tn.nodes.get(node_id)
         if viewer_now is None:
             return
-        update, known = delta(batch, tn.nodes, tn.users, viewer_now, cp.mapctx,
-                              datetime.now(UTC), known, cp.peer_cache)
+        update, known = delta(batch, tn.nodes, tn.users, viewer_now, poll.context(),
+                              datetime.now(UTC), known, poll.peer_cache)
         # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
-        extra = cp.routes.outbox.take(node_id)
+        extra = poll.take_outbox(node_id)
         if extra:
             update = {**(update or {"KeepAlive": True}), **extra}
         if update is not None:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from pyheadscale import tailcfg
-from pyheadscale.control.types import ControlRequest, ResponseStream
+from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream
 from pyheadscale.state.model import Node
-from pyheadscale.state.tailnet import InvalidAuthKey, StateError
-
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.state.tailnet import InvalidAuthKey, StateError, Tailnet
 
 log = logging.getLogger("pyheadscale.register")
 
@@ -42,17 +41,28 @@ def parse_register(req: ControlRequest) -> dict[str, Any]:
     return body
 
 
-async def handle_register(cp: ControlPlane, req: ControlRequest, resp: ResponseStream) -> None:
+@dataclass(frozen=True)
+class Registration:
+    """What /machine/register uses."""
+
+    tailnet: Tailnet
+    # The interactive flow (AuthURL, Followup) for requests without an auth key.
+    interactive: Callable[[ControlRequest, tailcfg.RegisterRequest, ResponseStream],
+                          Awaitable[None]]
+
+
+async def handle_register(reg: Registration, req: ControlRequest,
+                          resp: ResponseStream) -> None:
     try:
         rr = tailcfg.parse_register_request(parse_register(req))
     except (BadRequest, tailcfg.TailcfgError) as e:
         await reply(resp, 400, str(e))
         return
-    if rr.version < cp.min_capver:
+    if rr.version < MIN_CAPVER:
         await reply(resp, 400, f"unsupported client version: capability version {rr.version}, "
-                    f"pyheadscale needs {cp.min_capver} (Tailscale v1.80) or newer")
+                    f"pyheadscale needs {MIN_CAPVER} (Tailscale v1.80) or newer")
         return
-    tn = cp.tailnet
+    tn = reg.tailnet
     now = datetime.now(UTC)
     node = tn.node_by_node_key(rr.node_key)
     if node is not None and node.machine_key != req.machine_key:
@@ -63,11 +73,11 @@ async def handle_register(cp: ControlPlane, req: ControlRequest, resp: ResponseS
     # Logout: a past expiry with the current node key wins even when an auth key is present.
     if rr.expiry is not None and rr.expiry <= now and node is not None:
         node = await tn.logout(node.id, now)
-        await reply(resp, 200, register_response(cp, node, now) if node else {})
+        await reply(resp, 200, register_response(tn, node, now) if node else {})
         return
 
     if rr.auth_key:
-        refused = await refused_request_tags(cp, rr.auth_key, rr.hostinfo)
+        refused = await refused_request_tags(tn, rr.auth_key, rr.hostinfo)
         if refused:
             await reply(resp, 200, {"Error": refused})
             return
@@ -84,24 +94,24 @@ async def handle_register(cp: ControlPlane, req: ControlRequest, resp: ResponseS
             log.warning("registration refused: %s", e)
             await reply(resp, 200, {"Error": str(e)})
             return
-        await reply(resp, 200, register_response(cp, node, now))
+        await reply(resp, 200, register_response(tn, node, now))
         return
 
     # A new node key without an auth key (`--force-reauth`, re-login after expiry) is a new
     # login, as in Headscale: it goes to the interactive flow, whose completion re-keys the
     # machine's existing node in place (same ID and addresses).
     if node is not None and rr.followup == "":
-        await reply(resp, 200, register_response(cp, node, now))
+        await reply(resp, 200, register_response(tn, node, now))
         return
 
-    await cp.webflow.handle(req, rr, resp)
+    await reg.interactive(req, rr, resp)
 
 
 def format_tags(tags: list[str]) -> str:
     return "[" + " ".join(tags) + "]"  # Go's %v of a []string
 
 
-async def refused_request_tags(cp: ControlPlane, auth_key: str,
+async def refused_request_tags(tailnet: Tailnet, auth_key: str,
                                hostinfo: dict[str, Any] | None) -> str | None:
     """Headscale: a pre-auth-key node takes its tags from the key; `--advertise-tags` naming
     any tag the key does not carry is refused (the key's own tags are redundant, not new)."""
@@ -109,7 +119,7 @@ async def refused_request_tags(cp: ControlPlane, auth_key: str,
     if not isinstance(requested, list) or not requested:
         return None
     try:
-        pak = await cp.tailnet.find_preauth_key(auth_key)
+        pak = await tailnet.find_preauth_key(auth_key)
     except InvalidAuthKey:
         return None  # the registration itself reports the bad key
     extra = [str(t) for t in requested if t not in pak.tags]
@@ -119,8 +129,8 @@ async def refused_request_tags(cp: ControlPlane, auth_key: str,
     return f"requested tags {format_tags(extra)} are invalid or not permitted"
 
 
-def register_response(cp: ControlPlane, node: Node, now: datetime) -> dict[str, Any]:
-    user = cp.tailnet.user_profile(node)
+def register_response(tailnet: Tailnet, node: Node, now: datetime) -> dict[str, Any]:
+    user = tailnet.user_profile(node)
     login = dict(user)
     login["Provider"] = node.register_method
     return {

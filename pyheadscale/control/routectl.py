@@ -1,8 +1,9 @@
 """Subnet routes and exit nodes at run time: primary election, auto-approval, HA probing.
 
 `RouteController` listens to the tailnet's changes (synchronously, before sessions see them)
-and keeps `PrimaryRoutes` current; when the primaries move it hands the new table to the
-control plane, which bumps the map context and tells the affected nodes' peers.
+and keeps `PrimaryRoutes` current; when the primaries move it hands the new table to
+`on_primaries` (the control plane, which bumps the map context and tells the affected nodes'
+peers).
 
 autoApprovers (Headscale `AutoApproveRoutes`): announced routes the policy approves are added
 to the node's approved routes on registration, on announcement and on a policy reload. Approval
@@ -22,17 +23,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
 
+from pyheadscale.config import HARoutesConfig
+from pyheadscale.control.policyctl import PolicyController
+from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
+from pyheadscale.state.model import IPNetwork
 from pyheadscale.state.routes import PrimaryRoutes
-from pyheadscale.state.tailnet import StateError
+from pyheadscale.state.tailnet import StateError, Tailnet
 
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
+# Receives the new primaries (node ID -> routes) and the IDs of nodes whose primaries moved.
+PrimariesListener = Callable[[Mapping[int, Sequence[IPNetwork]], Iterable[int]], None]
 
 log = logging.getLogger("pyheadscale.routes")
 
@@ -84,29 +89,31 @@ class PingTracker:
 
 
 class RouteController:
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
-        self.tailnet = cp.tailnet
+    def __init__(self, tailnet: Tailnet, policy: PolicyController, *, ha: HARoutesConfig,
+                 server_url: str, on_primaries: PrimariesListener) -> None:
+        self.tailnet = tailnet
+        self.policy = policy
+        self.server_url = server_url.rstrip("/")
+        self.on_primaries = on_primaries
         self.primaries = PrimaryRoutes()
         self.outbox = Outbox()
         self.pings = PingTracker()
-        ha = cp.cfg.node.routes.ha
         self.probe_interval = ha.probe_interval.total_seconds()
         self.probe_timeout = ha.probe_timeout.total_seconds()
         self._epoch: dict[int, int] = {}  # bumped on every reconnect of a node
         self._stable: dict[int, int] = {}  # epoch seen at the previous probe cycle
         self._tasks: set[asyncio.Task[Any]] = set()
         self._prober: asyncio.Task[None] | None = None
-        self._manager: Any = None
+        self._manager: PolicyManager | None = None
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self.tailnet.listeners.append(self._on_changes)
-        self._manager = self.cp.policy.manager
+        self._manager = self.policy.manager
         self.primaries.compute(self.tailnet.nodes.values())
-        self.cp.set_primary_routes(self.primaries.by_node(), ())
+        self.on_primaries(self.primaries.by_node(), ())
         self._approve_later(self.tailnet.nodes)
         if self.probe_interval > 0:
             self._prober = asyncio.create_task(self._probe_loop())
@@ -154,12 +161,12 @@ class RouteController:
         if changed:
             log.info("primary routes now %s", {n: [str(p) for p in ps]
                                                for n, ps in self.primaries.by_node().items()})
-            self.cp.set_primary_routes(self.primaries.by_node(), changed)
+            self.on_primaries(self.primaries.by_node(), changed)
 
     def policy_refreshed(self) -> None:
         """The control plane rebuilt its context for a policy change: a new policy (not
         just a recompile for new nodes) may auto-approve routes already announced."""
-        manager = self.cp.policy.manager
+        manager = self.policy.manager
         if manager is not self._manager:
             self._manager = manager
             self._approve_later(self.tailnet.nodes)
@@ -167,20 +174,20 @@ class RouteController:
     # --- autoApprovers --------------------------------------------------------------------
 
     def _approve_later(self, node_ids: Iterable[int]) -> None:
-        if self.cp.policy.manager is None or self._closed:
+        if self.policy.manager is None or self._closed:
             return
         ids = [i for i in node_ids if i in self.tailnet.nodes
                and self.tailnet.nodes[i].announced_routes]
         if ids:
             self._spawn(self._auto_approve(ids))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _auto_approve(self, node_ids: list[int]) -> None:
-        manager = self.cp.policy.manager
+        manager = self.policy.manager
         if manager is None:
             return
         for nid in node_ids:
@@ -234,7 +241,7 @@ class RouteController:
 
     def send_ping(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
         ping_id, fut = self.pings.register(node_id)
-        url = f"{self.cp.cfg.server_url.rstrip('/')}{PING_PATH}?id={ping_id}"
+        url = f"{self.server_url}{PING_PATH}?id={ping_id}"
         self.outbox.put(node_id, {"PingRequest": {"URL": url, "Log": False}})
         # Wakes the node's map stream; the mapper ignores SELF changes without fields it knows.
         self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({Field.PING}),

@@ -22,16 +22,16 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from pyheadscale.auth.webflow import new_auth_id
 from pyheadscale.control.register import reply
 from pyheadscale.control.types import ControlRequest, ResponseStream
-
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.state.model import Node
+from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.sshcheck")
 
@@ -111,14 +111,26 @@ class SSHChecks:
             self._finish(next(iter(self._items)), False)
 
 
+@dataclass(frozen=True)
+class SSHCheckAction:
+    """What the SSH check endpoint uses."""
+
+    tailnet: Tailnet
+    checks: SSHChecks
+    server_url: str
+    # Seconds an approval of src -> dst stays valid under the running policy (0: every
+    # session), None when no check rule covers the pair or there is no policy.
+    check_period: Callable[[Node, Node], float | None]
+
+
 def _base_action() -> dict[str, Any]:
     return {"allowAgentForwarding": True, "allowLocalPortForwarding": True,
             "allowRemotePortForwarding": True}
 
 
-def _hold(cp: ControlPlane, src: int, dst: int) -> dict[str, Any]:
-    check = cp.sshchecks.open(src, dst)
-    base = cp.cfg.server_url.rstrip("/")
+def _hold(act: SSHCheckAction, src: int, dst: int) -> dict[str, Any]:
+    check = act.checks.open(src, dst)
+    base = act.server_url.rstrip("/")
     # The client substitutes the $ variables; auth_id rides along unchanged.
     url = f"{base}{ACTION_PATH}&{urlencode({'auth_id': check.auth_id})}"
     log.info("SSH check pending for node %d -> node %d, auth_id %s", src, dst, check.auth_id)
@@ -139,9 +151,9 @@ async def _await_verdict(check: SSHCheck, resp: ResponseStream) -> bool | None:
                 return None
 
 
-async def handle_ssh_action(cp: ControlPlane, req: ControlRequest, resp: ResponseStream,
+async def handle_ssh_action(act: SSHCheckAction, req: ControlRequest, resp: ResponseStream,
                             src_id: int, dst_id: int) -> None:
-    tn = cp.tailnet
+    tn = act.tailnet
     dst = tn.nodes.get(dst_id)
     if dst is None:
         await reply(resp, 404, "dst node not found")
@@ -152,21 +164,19 @@ async def handle_ssh_action(cp: ControlPlane, req: ControlRequest, resp: Respons
     query = parse_qs(req.query)
     auth_id = (query.get("auth_id") or [""])[0]
     src = tn.nodes.get(src_id)
-    manager = cp.policy.manager
-    period = (manager.ssh_check_period(src, dst)
-              if manager is not None and src is not None else None)
+    period = act.check_period(src, dst) if src is not None else None
 
     if not auth_id:
-        if period and cp.sshchecks.approved_within(src_id, dst_id, period):
+        if period and act.checks.approved_within(src_id, dst_id, period):
             await reply(resp, 200, {**_base_action(), "accept": True})
         else:
-            await reply(resp, 200, _hold(cp, src_id, dst_id))
+            await reply(resp, 200, _hold(act, src_id, dst_id))
         return
 
-    check = cp.sshchecks.get(auth_id)
+    check = act.checks.get(auth_id)
     if check is None:
         if period is not None:  # expired or lost in a restart: start a fresh check
-            await reply(resp, 200, _hold(cp, src_id, dst_id))
+            await reply(resp, 200, _hold(act, src_id, dst_id))
         else:
             await reply(resp, 400, "invalid auth_id: no pending SSH check")
         return
@@ -177,5 +187,5 @@ async def handle_ssh_action(cp: ControlPlane, req: ControlRequest, resp: Respons
     if accept is None:
         return
     if accept and period is not None:
-        cp.sshchecks.record_approval(src_id, dst_id)
+        act.checks.record_approval(src_id, dst_id)
     await reply(resp, 200, {**_base_action(), "accept" if accept else "reject": True})

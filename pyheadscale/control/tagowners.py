@@ -8,27 +8,31 @@ carries a tag that owns it (tags may own tags). Without a policy no tag exists, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pyheadscale.policy import PolicyManager
 from pyheadscale.state.model import Node, User
 
+if TYPE_CHECKING:
+    from pyheadscale.control.policyctl import PolicyController
 
-def user_can_have_tag(manager: Any, user: User, node: Node | None, tag: str) -> bool:
-    pol = getattr(manager, "policy", None)
+
+def user_can_have_tag(manager: PolicyManager, user: User, node: Node | None, tag: str) -> bool:
+    pol = manager.policy
     if pol is None:
         return False
     owners = pol.tag_owners.get(tag)
     if owners is None:
         return False
     # The compiled policy's resolver knows how `name@`/e-mail tokens and groups map to users.
-    res = manager._res
+    res = manager.resolver
     for owner in owners:
         if owner.kind == "user" and user.id in res.user_ids(owner.text):
             return True
         if owner.kind == "group":
             members = pol.groups.get(owner.text)
             if members is None:
-                if user.id in set(getattr(res, "idp_groups", {}).get(owner.text, ())):
+                if user.id in res.idp_groups.get(owner.text, frozenset()):
                     return True
                 continue
             if any(user.id in res.user_ids(m) for m in members):
@@ -38,7 +42,8 @@ def user_can_have_tag(manager: Any, user: User, node: Node | None, tag: str) -> 
     return False
 
 
-def tag_authorizer(policy_controller: Any) -> Callable[[User, Node | None, str], bool]:
+def tag_authorizer(policy_controller: PolicyController
+                   ) -> Callable[[User, Node | None, str], bool]:
     """A check bound to whatever policy is running when it is called."""
 
     def allowed(user: User, node: Node | None, tag: str) -> bool:

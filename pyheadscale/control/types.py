@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 MAX_REQUEST_BODY = 1 << 20  # 1 MiB, like the reference server
+MIN_CAPVER = 113  # Tailscale v1.80, the oldest of the last ten minor releases
 
 
 @dataclass
@@ -14,7 +15,7 @@ class ControlRequest:
     """One HTTP/2 request received over an authenticated Noise connection."""
 
     method: str
-    path: str  # without the query string; route on this only (pitfall P18)
+    path: str  # without the query string; route on this only (clients send odd :authority)
     query: str  # raw query string without "?", "" if none
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes

@@ -5,32 +5,34 @@ from __future__ import annotations
 import asyncio
 import html
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, UnknownAuthID
+from pyheadscale.auth.oidc import OIDCProvider
+from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, PendingRegistrations, UnknownAuthID
 from pyheadscale.control.register import register_response, reply
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.state.model import Node
-
-if TYPE_CHECKING:
-    from pyheadscale.auth.oidc import OIDCProvider
-    from pyheadscale.control.dispatch import ControlPlane
-    from pyheadscale.tailcfg import RegisterRequest
+from pyheadscale.state.tailnet import Tailnet
+from pyheadscale.tailcfg import RegisterRequest
 
 
 class WebAuth:
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
-        # Set by pyheadscale.auth.oidc.add_oidc_routes when oidc.issuer is set.
-        self.oidc: OIDCProvider | None = None
+    """Registrations that wait for a person: the CLI/API `auth register`, or OIDC (`oidc`,
+    when configured) completing them."""
+
+    def __init__(self, server_url: str, pending: PendingRegistrations, tailnet: Tailnet,
+                 oidc: OIDCProvider | None) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.pending = pending
+        self.tailnet = tailnet
+        self.oidc = oidc
 
     def auth_url(self, auth_id: str) -> str:
-        return f"{self.cp.cfg.server_url.rstrip('/')}/register/{auth_id}"
+        return f"{self.server_url}/register/{auth_id}"
 
     async def handle(self, req: ControlRequest, rr: RegisterRequest, resp: ResponseStream) -> None:
-        pending = self.cp.pending
+        pending = self.pending
         if rr.followup:
             auth_id = rr.followup.rstrip("/").rsplit("/", 1)[-1]
             try:
@@ -50,7 +52,7 @@ class WebAuth:
         try:
             node: Node = await asyncio.shield(p.done)
         except UnknownAuthID:
-            fresh = self.cp.pending.add(machine_key=p.machine_key, node_key=p.node_key,
+            fresh = self.pending.add(machine_key=p.machine_key, node_key=p.node_key,
                                         hostinfo=p.hostinfo, expiry=p.expiry,
                                         ephemeral=p.ephemeral, capver=p.capver)
             await reply(resp, 200, {"AuthURL": self.auth_url(fresh.auth_id)})
@@ -58,29 +60,31 @@ class WebAuth:
         except PermissionError as e:
             await reply(resp, 200, {"Error": str(e)})
             return
-        await reply(resp, 200, register_response(self.cp, node, datetime.now(UTC)))
+        await reply(resp, 200, register_response(self.tailnet, node, datetime.now(UTC)))
 
     async def register(self, auth_id: str, user_id: int) -> Node:
         """Complete a pending registration for a user (CLI/API `auth register`)."""
-        p = self.cp.pending.get(auth_id)
-        node = await self.cp.tailnet.register_for_user(
+        p = self.pending.get(auth_id)
+        node = await self.tailnet.register_for_user(
             machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
             user_id=user_id, requested_expiry=p.expiry,
             register_method="cli", capver=p.capver)
-        self.cp.pending.complete(auth_id, node)
+        self.pending.complete(auth_id, node)
         return node
 
     # --- web page ---------------------------------------------------------------------------
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/register/{auth_id}", self.page)
+        if self.oidc is not None:
+            self.oidc.add_routes(app)
 
     async def page(self, request: web.Request) -> web.Response:
         auth_id = request.match_info["auth_id"]
         if not auth_id.startswith(AUTH_ID_PREFIX):
             return web.Response(status=400, text="invalid registration ID")
         try:
-            self.cp.pending.get(auth_id)
+            self.pending.get(auth_id)
         except UnknownAuthID:
             return web.Response(status=404, text="registration not found or expired")
         # OIDC: with a reachable provider the page sends the browser there instead

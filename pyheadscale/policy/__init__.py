@@ -352,6 +352,11 @@ class PolicyManager:
         """The node's announced routes that autoApprovers approve."""
         return self._auto.approvable(self._info(node))
 
+    @property
+    def resolver(self) -> Resolver:
+        """How the current snapshot's users, groups and tags resolve (tag ownership)."""
+        return self._res
+
     def tag_exists(self, tag: str) -> bool:
         return self.policy is not None and tag in self.policy.tag_owners
 

@@ -162,6 +162,7 @@ class ChangeBus:
         self.max_buffer = max_buffer
         self._subs: dict[int, Subscription] = {}
         self.published = 0
+        self.opened = 0  # subscriptions ever made: one per streaming map session
 
     def window(self) -> float:
         """How long a batch collects. The configured delay, widened by one more delay per
@@ -171,6 +172,7 @@ class ChangeBus:
         return self.batch_delay * (1 + len(self._subs) // SESSIONS_PER_DELAY)
 
     def subscribe(self, node_id: int) -> Subscription:
+        self.opened += 1
         old = self._subs.get(node_id)
         sub = Subscription(self, node_id, self.max_buffer)
         self._subs[node_id] = sub

@@ -169,7 +169,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Env, TestClient]]:
     cp = ControlPlane(cfg, tn, tn.engine, None)
     await cp.policy.load()
     app = web.Application()
-    add_api_routes(app, cp, trusted=True)
+    add_api_routes(app, cp.admin, trusted=True)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:

@@ -87,7 +87,7 @@ async def v2_env(tmp: Path, *, trusted: bool = False, policy: str | None = POLIC
     deps = V2Deps(tailnet=tn, oauth=await OAuthStore.load(tn.engine, tn),
                   policy=cp.policy, settings=Settings.from_config(cfg))
     app = web.Application(client_max_size=2 << 20)
-    add_api_routes(app, cp, trusted=trusted)
+    add_api_routes(app, cp.admin, trusted=trusted)
     add_v2_routes(app, deps, trusted=trusted)
     client = TestClient(TestServer(app))
     await client.start_server()

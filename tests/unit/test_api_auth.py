@@ -31,7 +31,7 @@ async def make_client(tmp: Path, *, trusted: bool, **kw: Any) -> tuple[TestClien
         return web.json_response({"version": "v0.29.2"})
 
     app.router.add_get("/version", version)
-    add_api_routes(app, cp, trusted=trusted, **kw)
+    add_api_routes(app, cp.admin, trusted=trusted, **kw)
     client = TestClient(TestServer(app))
     await client.start_server()
     return client, cp

@@ -26,7 +26,7 @@ async def start(tmp: Path, **cfg_over: Any) -> tuple[TestClient, ControlPlane]:
     cp = ControlPlane(cfg, tn, tn.engine, None)
     await cp.policy.load()
     app = web.Application()
-    add_api_routes(app, cp, trusted=True)
+    add_api_routes(app, cp.admin, trusted=True)
     client = TestClient(TestServer(app))
     await client.start_server()
     return client, cp

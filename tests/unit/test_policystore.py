@@ -84,7 +84,7 @@ async def test_api_set_compiles_once_stores_and_swaps(db_mode: ControlPlane,
 
     monkeypatch.setattr(policyctl, "PolicyManager", Counting)
     app = web.Application()
-    add_api_routes(app, db_mode, trusted=True)
+    add_api_routes(app, db_mode.admin, trusted=True)
     async with TestClient(TestServer(app)) as client:
         resp = await client.put("/api/v1/policy", json={"policy": NEW})
         assert resp.status == 200, await resp.text()

@@ -26,29 +26,29 @@ class AuthFlowHandlers(HandlerBase):
     def _pending(self, auth_id: str) -> Pending:
         check_auth_id(auth_id, "invalid auth_id")
         try:
-            return self.control.pending.get(auth_id)
+            return self.pending.get(auth_id)
         except UnknownAuthID:
             raise not_found(f"no pending auth session for auth_id {auth_id}") from None
 
     async def auth_approve(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
-        if auth_id in self.control.sshchecks:  # an SSH check-mode session waits on it
-            self.control.sshchecks.approve(auth_id)
+        if auth_id in self.sshchecks:  # an SSH check-mode session waits on it
+            self.sshchecks.approve(auth_id)
             return web.json_response({})
         self._pending(auth_id)
         # An approval without a user: the waiting client is told to start over with a fresh
         # AuthURL, which is what Headscale's follow-up handler does with a node-less verdict.
-        self.control.pending.discard(auth_id)
+        self.pending.discard(auth_id)
         return web.json_response({})
 
     async def auth_reject(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
-        if auth_id in self.control.sshchecks:
-            self.control.sshchecks.reject(auth_id)
+        if auth_id in self.sshchecks:
+            self.sshchecks.reject(auth_id)
             return web.json_response({})
         self._pending(auth_id)
         try:
-            self.control.pending.reject(auth_id, "auth request rejected")
+            self.pending.reject(auth_id, "auth request rejected")
         except UnknownAuthID:
             raise not_found(f"no pending auth session for auth_id {auth_id}") from None
         return web.json_response({})

@@ -1,38 +1,56 @@
-"""What every /api/v1 handler group shares: the control plane, and how nodes and users
-are looked up and shaped for an answer."""
+"""What every /api/v1 handler group shares: its dependencies (AdminDeps), and how nodes and
+users are looked up and shaped for an answer."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from pyheadscale.api import shapes
 from pyheadscale.api.errors import not_found, state_errors
 from pyheadscale.api.request import check_auth_id
-from pyheadscale.auth.webflow import UnknownAuthID
-from pyheadscale.state.model import Node
+from pyheadscale.auth.webflow import PendingRegistrations, UnknownAuthID
+from pyheadscale.state.model import IPNetwork, Node, User
+from pyheadscale.state.tailnet import Tailnet
+
+if TYPE_CHECKING:  # the CLI imports api/ for messages; it need not load the control plane
+    from pyheadscale.control.policyctl import PolicyController
+    from pyheadscale.control.sshcheck import SSHChecks
+
+
+@dataclass(frozen=True)
+class AdminDeps:
+    """Everything the /api/v1 handlers use (the control plane builds it)."""
+
+    tailnet: Tailnet
+    policy: PolicyController  # the running policy: get, set, check, tag_exists
+    pending: PendingRegistrations  # interactive registrations waiting for `auth register`
+    sshchecks: SSHChecks  # SSH check-mode sessions waiting for `auth approve|reject`
+    register: Callable[[str, int], Awaitable[Node]]  # complete a pending one for a user
+    primary_routes: Callable[[int], tuple[IPNetwork, ...]]  # what a node serves right now
 
 
 class HandlerBase:
     """State and lookups shared by the resource handler groups (mixed together in V1API)."""
 
-    def __init__(self, control: Any) -> None:
-        self.control = control
-        self.tailnet = control.tailnet
-        self.policy = control.policy
+    def __init__(self, deps: AdminDeps) -> None:
+        self.deps = deps
+        self.tailnet = deps.tailnet
+        self.policy = deps.policy
+        self.pending = deps.pending
+        self.sshchecks = deps.sshchecks
 
     def _node(self, n: Node, **kw: Any) -> dict[str, Any]:
         tn = self.tailnet
         return shapes.node(n, tn.users, tn.preauth_keys, **kw)
 
-    def _primary(self, n: Node) -> list[Any]:
-        mapctx = getattr(self.control, "mapctx", None)
-        if mapctx is None:
-            return []
-        return [r for r in mapctx.routes_of(n.id) if r not in shapes.EXIT_ROUTES]
+    def _primary(self, n: Node) -> list[IPNetwork]:
+        return [r for r in self.deps.primary_routes(n.id) if r not in shapes.EXIT_ROUTES]
 
-    def _user_by_name(self, name: str, context: str) -> Any:
+    def _user_by_name(self, name: str, context: str) -> User:
         u = self.tailnet.user_by_name(name) if name else None
         if u is None:
             raise not_found(f"{context}: user not found")
@@ -50,7 +68,7 @@ class HandlerBase:
         u = self._user_by_name(user_name, "looking up user")
         try:
             with state_errors("registering node"):
-                n = await self.control.webflow.register(auth_id, u.id)
+                n = await self.deps.register(auth_id, u.id)
         except UnknownAuthID as e:
             raise not_found(f"registering node: {e}") from None
         return web.json_response({"node": self._node(n)})

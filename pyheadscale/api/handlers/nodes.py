@@ -146,7 +146,7 @@ class NodeHandlers(HandlerBase):
         name = text_field(body, "name")
         hostinfo = {"Hostname": name, "OS": "TestOS", "RoutableIPs": [str(r) for r in routes]}
         machine_key, node_key = secrets.token_bytes(32), secrets.token_bytes(32)
-        self.control.pending.add(auth_id, machine_key=machine_key, node_key=node_key,
+        self.pending.add(auth_id, machine_key=machine_key, node_key=node_key,
                                  hostinfo=hostinfo)
         # A synthetic echo, as Headscale: the node exists once `auth register` completes it.
         echo = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=None,

@@ -51,7 +51,6 @@ from pyheadscale.auth.oidc.web import (
     SESSION_MAX,
     SESSION_TTL_S,
     OIDCProvider,
-    add_oidc_routes,
 )
 from pyheadscale.policy.idpgroups import policy_group_name, policy_groups
 
@@ -59,7 +58,7 @@ __all__ = [
     "CALLBACK_PATH", "CONFIRM_PATH", "COOKIE_PREFIX_LEN", "CSRF_COOKIE", "HTTP_TIMEOUT_S",
     "ID_TOKEN_ALGS", "SESSION_MAX", "SESSION_TTL_S", "Claims", "DiscoveryError", "IdPClient",
     "LoginInfo", "OIDCError", "OIDCProvider", "PendingConfirmation", "ProviderMetadata",
-    "add_oidc_routes", "authorization_url", "authorize", "clean_identifier", "cookie_name",
+    "authorization_url", "authorize", "clean_identifier", "cookie_name",
     "machine_key_short", "new_pkce_verifier", "policy_group_name", "policy_groups",
     "user_fields", "verify_id_token",
 ]

@@ -8,7 +8,6 @@ import logging
 import secrets
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -28,13 +27,11 @@ from pyheadscale.auth.oidc.sessions import (
     PendingConfirmation,
     cookie_name,
 )
-from pyheadscale.auth.webflow import AUTH_ID_PREFIX, UnknownAuthID
-from pyheadscale.state.tailnet import StateError
+from pyheadscale.auth.webflow import AUTH_ID_PREFIX, PendingRegistrations, UnknownAuthID
+from pyheadscale.config import OIDCConfig
+from pyheadscale.state.model import Node, User
+from pyheadscale.state.tailnet import StateError, Tailnet
 from pyheadscale.templates import oidc as pages
-
-if TYPE_CHECKING:
-    from pyheadscale.control.dispatch import ControlPlane
-    from pyheadscale.state.model import Node, User
 
 log = logging.getLogger("pyheadscale.oidc")
 
@@ -48,10 +45,12 @@ SESSION_MAX = 1024
 class OIDCProvider:
     """The OIDC relying party of one server: discovery, redirect, callback, confirmation."""
 
-    def __init__(self, control: ControlPlane) -> None:
-        self.control = control
-        self.oidc = control.cfg.oidc
-        self.server_url = str(control.cfg.server_url).rstrip("/")
+    def __init__(self, oidc: OIDCConfig, server_url: str, pending: PendingRegistrations,
+                 tailnet: Tailnet) -> None:
+        self.oidc = oidc
+        self.pending = pending  # the registrations a login completes
+        self.tailnet = tailnet
+        self.server_url = server_url.rstrip("/")
         self.redirect_uri = self.server_url + CALLBACK_PATH
         self.secure_cookies = self.server_url.startswith("https://")
         self.idp = IdPClient(self.oidc, self.redirect_uri)
@@ -84,6 +83,14 @@ class OIDCProvider:
 
     async def on_cleanup(self, app: web.Application) -> None:
         await self.idp.close()
+
+    def add_routes(self, app: web.Application) -> None:
+        """/oidc/callback, POST /register/confirm/{auth_id}, and discovery at startup (the
+        register page redirects here through WebAuth)."""
+        app.router.add_get(CALLBACK_PATH, self.callback)
+        app.router.add_post(CONFIRM_PATH + "{auth_id}", self.confirm)
+        app.on_startup.append(self.on_startup)
+        app.on_cleanup.append(self.on_cleanup)
 
     # -- GET /register/{auth_id} ---------------------------------------------------------
 
@@ -147,7 +154,7 @@ class OIDCProvider:
         authorize(self.oidc, claims)
 
         try:
-            pending = self.control.pending.get(info.auth_id)
+            pending = self.pending.get(info.auth_id)
         except UnknownAuthID:
             raise OIDCError(410, "login session expired, try again") from None
         user = await self._upsert_user(claims)
@@ -169,7 +176,7 @@ class OIDCProvider:
         return resp
 
     async def _upsert_user(self, c: Claims) -> User:
-        tn = self.control.tailnet
+        tn = self.tailnet
         fields = user_fields(c, self.oidc.email_verified_required)
         ident = fields.pop("provider_identifier")
         user = next((u for u in tn.list_users() if u.provider_identifier == ident), None)
@@ -212,12 +219,12 @@ class OIDCProvider:
         if not secrets.compare_digest(pc.csrf, cookie):
             raise OIDCError(403, "csrf token does not match cached registration")
         try:
-            pending = self.control.pending.get(auth_id)
+            pending = self.pending.get(auth_id)
         except UnknownAuthID:
             self.confirmations.take(auth_id)
             raise OIDCError(410, "registration session expired") from None
         self.confirmations.take(auth_id)
-        tn = self.control.tailnet
+        tn = self.tailnet
         user = tn.get_user(pc.user_id)
         had = {n.id for n in tn.nodes_by_machine_key(pending.machine_key)
                if n.user_id == user.id}
@@ -228,9 +235,9 @@ class OIDCProvider:
                 register_method="oidc", capver=pending.capver)
         except StateError as e:
             # E.g. --advertise-tags the user does not own: the waiting client is told too.
-            self.control.pending.reject(auth_id, str(e))
+            self.pending.reject(auth_id, str(e))
             raise OIDCError(403, str(e)) from None
-        self.control.pending.complete(auth_id, node)
+        self.pending.complete(auth_id, node)
         resp = web.Response(text=pages.auth_success(new_node=node.id not in had,
                                                     user=_display(user)),
                             content_type="text/html")
@@ -253,16 +260,5 @@ def _display(u: User) -> str:
     return u.display_name or u.email or u.name or (u.provider_identifier or "") or str(u.id)
 
 
-def add_oidc_routes(app: web.Application, control: ControlPlane) -> OIDCProvider | None:
-    """With oidc.issuer set: /oidc/callback, POST /register/confirm/{auth_id}, discovery at
-    startup, and the register page's redirect (WebAuth.oidc). Returns None without OIDC."""
-    if not control.cfg.oidc.issuer:
-        return None
-    provider = OIDCProvider(control)
-    control.webflow.oidc = provider
-    app.router.add_get(CALLBACK_PATH, provider.callback)
-    app.router.add_post(CONFIRM_PATH + "{auth_id}", provider.confirm)
-    app.on_startup.append(provider.on_startup)
-    app.on_cleanup.append(provider.on_cleanup)
-    return provider
+
 
