@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiohttp import web
 
 from pyheadscale.api.errors import APIError, error_response, unauthorized
-from pyheadscale.state.tailnet import InvalidAPIKey, StateError, Tailnet
+from pyheadscale.state.errors import InvalidAPIKey, StateError
+from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.api")
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
-from pyheadscale.state.tailnet import (
+from pyheadscale.state.errors import (
     AlreadyExists,
     Conflict,
     InvalidAPIKey,

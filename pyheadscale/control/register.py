@@ -12,8 +12,9 @@ import orjson
 
 from pyheadscale import tailcfg
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream
+from pyheadscale.state.errors import InvalidAuthKey, StateError
 from pyheadscale.state.model import Node
-from pyheadscale.state.tailnet import InvalidAuthKey, StateError, Tailnet
+from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.register")
 

@@ -32,9 +32,10 @@ from pyheadscale.config import HARoutesConfig
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import IPNetwork
 from pyheadscale.state.routes import PrimaryRoutes
-from pyheadscale.state.tailnet import StateError, Tailnet
+from pyheadscale.state.tailnet import Tailnet
 
 # Receives the new primaries (node ID -> routes) and the IDs of nodes whose primaries moved.
 PrimariesListener = Callable[[Mapping[int, Sequence[IPNetwork]], Iterable[int]], None]

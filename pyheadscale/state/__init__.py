@@ -1,7 +1,7 @@
 """The authoritative in-memory tailnet, its change bus, IPAM, names and ephemeral GC."""
 
 from pyheadscale.state.changes import Change, ChangeBus, ChangeKind, Subscription
-from pyheadscale.state.tailnet import (
+from pyheadscale.state.errors import (
     AlreadyExists,
     Conflict,
     InvalidAPIKey,
@@ -10,8 +10,8 @@ from pyheadscale.state.tailnet import (
     NotFound,
     PersistError,
     StateError,
-    Tailnet,
 )
+from pyheadscale.state.tailnet import Tailnet
 
 __all__ = [
     "AlreadyExists", "Change", "ChangeBus", "ChangeKind", "Conflict", "InvalidAPIKey",

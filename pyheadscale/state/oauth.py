@@ -26,7 +26,7 @@ from pyheadscale.auth import oauth as oa
 from pyheadscale.auth import preauthkeys as pk
 from pyheadscale.db import models as db
 from pyheadscale.state import persist
-from pyheadscale.state.tailnet import InvalidArgument, NotFound, StateError
+from pyheadscale.state.errors import InvalidArgument, NotFound, StateError
 
 log = logging.getLogger("pyheadscale.oauth")
 T = TypeVar("T")

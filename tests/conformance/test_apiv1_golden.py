@@ -76,7 +76,7 @@ class Env:
         u = self.tn.user_by_name(user) or await self.tn.create_user(user)
         _, full = await self.tn.create_preauth_key(u.id, tags=tags)
         await self.tn.register_with_authkey(key(n), key(n + 100), None, {"Hostname": host},
-                                            full)
+                                            key=full)
 
     async def api_key(self, expiration: datetime | None = None) -> None:
         a, _ = await self.tn.create_api_key(expiration)

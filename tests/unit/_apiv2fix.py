@@ -56,7 +56,7 @@ class V2Env:
         node = await tn.register_with_authkey(
             n.to_bytes(31, "big") + b"\x02", n.to_bytes(31, "big") + b"\x01", None,
             {"Hostname": hostname, "OS": "linux", "IPNVersion": "1.92.5",
-             "RoutableIPs": ["10.1.0.0/24", "0.0.0.0/0", "::/0"]}, self._keys[wanted])
+             "RoutableIPs": ["10.1.0.0/24", "0.0.0.0/0", "::/0"]}, key=self._keys[wanted])
         return node.id
 
     async def client_secret(self, scopes: list[str], tags: list[str] | None = None) -> str:

@@ -55,7 +55,7 @@ async def alice_node(cp: ControlPlane) -> int:
     n = await cp.tailnet.register_with_authkey(
         key(1), key(2), None, {"Hostname": "node-a", "RoutableIPs": ["10.1.0.0/24",
                                                                      "0.0.0.0/0", "::/0"]},
-        full)
+        key=full)
     return n.id
 
 

@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 
 from pyheadscale.api.v2.policy import DEFAULT_POLICY
 from pyheadscale.api.v2.routes import ROUTES
-from pyheadscale.state.tailnet import InvalidAuthKey
+from pyheadscale.state.errors import InvalidAuthKey
 from tests.unit._apiv2fix import V2Env, v2_env
 
 KEYS = "/api/v2/tailnet/-/keys"

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import text
 
 from pyheadscale.auth import apikeys, preauthkeys
-from pyheadscale.state.tailnet import InvalidAPIKey, InvalidArgument, InvalidAuthKey
+from pyheadscale.state.errors import InvalidAPIKey, InvalidArgument, InvalidAuthKey
 from tests.unit._statefix import key, new_engine, open_tailnet
 
 
@@ -76,7 +76,7 @@ async def test_legacy_plaintext_preauth_key(tmp_path: Path) -> None:
     tn = await open_tailnet(engine)
     node = await tn.register_with_authkey(
         key(1), key(2), None, {"Hostname": "legacy"},
-        "0123456789abcdef0123456789abcdef0123456789abcdef")
+        key="0123456789abcdef0123456789abcdef0123456789abcdef")
     assert node.user_id == u.id
     await tn.close()
 

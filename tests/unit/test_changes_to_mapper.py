@@ -26,9 +26,9 @@ async def _two_users(tmp_path: Path) -> tuple[Tailnet, Node, Node, Node]:
     bob = await tn.create_user("bob")
     _, ka = await tn.create_preauth_key(alice.id, reusable=True)
     _, kb = await tn.create_preauth_key(bob.id)
-    a1 = await tn.register_with_authkey(key(1), key(11), None, {"Hostname": "a1"}, ka)
-    a2 = await tn.register_with_authkey(key(2), key(12), None, {"Hostname": "a2"}, ka)
-    b1 = await tn.register_with_authkey(key(3), key(13), None, {"Hostname": "b1"}, kb)
+    a1 = await tn.register_with_authkey(key(1), key(11), None, {"Hostname": "a1"}, key=ka)
+    a2 = await tn.register_with_authkey(key(2), key(12), None, {"Hostname": "a2"}, key=ka)
+    b1 = await tn.register_with_authkey(key(3), key(13), None, {"Hostname": "b1"}, key=kb)
     return tn, a1, a2, b1
 
 
@@ -106,8 +106,8 @@ async def test_backfilled_address_of_the_viewer_reevaluates_its_filter(
     tn = await open_tailnet(engine, v4_only)
     u = await tn.create_user("alice")
     _, k = await tn.create_preauth_key(u.id, reusable=True)
-    a1 = await tn.register_with_authkey(key(1), key(11), None, {"Hostname": "a1"}, k)
-    a2 = await tn.register_with_authkey(key(2), key(12), None, {"Hostname": "a2"}, k)
+    a1 = await tn.register_with_authkey(key(1), key(11), None, {"Hostname": "a1"}, key=k)
+    a2 = await tn.register_with_authkey(key(2), key(12), None, {"Hostname": "a2"}, key=k)
     await tn.close()
     tn = await open_tailnet(engine, make_cfg())  # IPv6 added to the configuration
     sub = tn.bus.subscribe(a1.id)

@@ -223,7 +223,7 @@ async def test_controller_uses_config_and_persisted_groups(tmp_path: Path) -> No
     ):
         _, full = await tn.create_preauth_key(uid, tags=tags)
         nodes[name] = await tn.register_with_authkey(key(i), key(50 + i), None,
-                                                     {"Hostname": name}, full)
+                                                     {"Hostname": name}, key=full)
     swaps: list[int] = []
     ctl = PolicyController(cfg, tn, engine, on_swap=lambda: swaps.append(1))
     await ctl.load()

@@ -9,7 +9,8 @@ import pytest
 
 from pyheadscale.control.tagowners import user_can_have_tag
 from pyheadscale.policy import PolicyManager
-from pyheadscale.state.tailnet import InvalidArgument, Tailnet
+from pyheadscale.state.errors import InvalidArgument
+from pyheadscale.state.tailnet import Tailnet
 from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
 
 POLICY = {

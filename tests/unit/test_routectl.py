@@ -41,7 +41,7 @@ async def router(cp: ControlPlane, i: int, *routes: str) -> int:
     user = tn.user_by_name("alice") or await tn.create_user("alice")
     _, full = await tn.create_preauth_key(user.id)
     n = await tn.register_with_authkey(key(i), key(100 + i), None,
-                                       {"Hostname": f"r{i}", "RoutableIPs": list(routes)}, full)
+                                       {"Hostname": f"r{i}", "RoutableIPs": list(routes)}, key=full)
     return n.id
 
 

@@ -22,8 +22,8 @@ from pyheadscale.api.request import (
     read_body,
     text_field,
 )
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import Node
-from pyheadscale.state.tailnet import StateError
 
 
 class NodeHandlers(HandlerBase):

@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from pyheadscale.auth.oauth import Scope, grants
-from pyheadscale.state.tailnet import (
+from pyheadscale.state.errors import (
     AlreadyExists,
     Conflict,
     InvalidArgument,

@@ -26,8 +26,8 @@ from pyheadscale.api.v2.common import (
     require_tailnet,
 )
 from pyheadscale.api.v2.deps import V2Deps
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import IPNetwork, Node
-from pyheadscale.state.tailnet import StateError
 from pyheadscale.tailcfg import KeyKind, encode_key
 
 TAGGED_DEVICES = "tagged-devices"

@@ -29,9 +29,9 @@ from pyheadscale.api.v2.deps import V2Deps
 from pyheadscale.auth import oauth as oa
 from pyheadscale.auth.oauth import Scope
 from pyheadscale.auth.preauthkeys import unusable_reason
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import PreAuthKey
 from pyheadscale.state.oauth import OAuthClient
-from pyheadscale.state.tailnet import StateError
 
 DEFAULT_EXPIRY = timedelta(days=90)  # Tailscale's and the Terraform provider's default
 

@@ -23,8 +23,8 @@ from pyheadscale.api.v2 import models as m
 from pyheadscale.api.v2.common import Principal, V2Error, error_response
 from pyheadscale.api.v2.deps import V2Deps
 from pyheadscale.auth.oauth import TOKEN_PREFIX, Scope
+from pyheadscale.state.errors import InvalidAPIKey, StateError
 from pyheadscale.state.oauth import InvalidCredential
-from pyheadscale.state.tailnet import InvalidAPIKey, StateError
 
 log = logging.getLogger("pyheadscale.api.v2")
 

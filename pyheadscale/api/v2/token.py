@@ -18,8 +18,8 @@ from pyheadscale.api.v2.common import V2Error, read_capped
 from pyheadscale.api.v2.deps import V2Deps
 from pyheadscale.auth import oauth as oa
 from pyheadscale.auth.oauth import Scope
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.oauth import InvalidCredential, OAuthClient
-from pyheadscale.state.tailnet import StateError
 
 MAX_FORM = 16 << 10
 MAX_ITEMS = 64

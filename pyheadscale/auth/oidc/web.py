@@ -29,8 +29,9 @@ from pyheadscale.auth.oidc.sessions import (
 )
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX, PendingRegistrations, UnknownAuthID
 from pyheadscale.config import OIDCConfig
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import Node, User
-from pyheadscale.state.tailnet import StateError, Tailnet
+from pyheadscale.state.tailnet import Tailnet
 from pyheadscale.templates import oidc as pages
 
 log = logging.getLogger("pyheadscale.oidc")

@@ -1,0 +1,331 @@
+"""The tailnet's memory, indices and write plumbing, shared by the parts that write.
+
+Reads (map generation, lookups) never touch the database. Every write is a `@serialized`
+method: one at a time under the lock, it validates against memory, persists in one DB
+transaction on a single DB thread (so writes stay ordered and the event loop never blocks on
+SQL), swaps new objects into memory only after the commit, and then publishes Changes. Node
+objects are replaced, never mutated, so a reader holding one sees a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from pyheadscale.auth import apikeys as ak
+from pyheadscale.config import Config
+from pyheadscale.db import models as db
+from pyheadscale.state import persist
+from pyheadscale.state.changes import Change, ChangeBus, ChangeKind, Field
+from pyheadscale.state.ephemeral import EphemeralGC
+from pyheadscale.state.errors import Conflict, NotFound, PersistError
+from pyheadscale.state.ipam import IPAllocator
+from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, ApiKey, Node, PreAuthKey, User
+
+log = logging.getLogger("pyheadscale.state")
+T = TypeVar("T")
+P = ParamSpec("P")
+S = TypeVar("S", bound="TailnetBase")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def digest(s: str) -> bytes:
+    return hashlib.sha256(s.encode()).digest()
+
+
+def serialized(
+    write: Callable[Concatenate[S, P], Awaitable[T]],
+) -> Callable[Concatenate[S, P], Awaitable[T]]:
+    """Make `write` one write of the tailnet: under its lock (one write at a time), in a task
+    of its own (a cancelled caller cannot stop it between its commit and the memory update);
+    a write that returns bumps `generation`. Not re-entrant: a serialized write calls the
+    plain helpers, never another serialized method."""
+
+    @functools.wraps(write)
+    async def one_write(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        async def run() -> T:
+            async with self._lock:
+                result = await write(self, *args, **kwargs)
+                self.generation += 1
+                return result
+
+        return await asyncio.shield(asyncio.ensure_future(run()))
+
+    return one_write
+
+
+class TakenNames:
+    """`in` view of the given-name index that ignores one node (its own current name)."""
+
+    def __init__(self, index: dict[str, int], except_id: int | None) -> None:
+        self.index = index
+        self.except_id = except_id
+
+    def __contains__(self, name: object) -> bool:
+        holder = self.index.get(name) if isinstance(name, str) else None
+        return holder is not None and holder != self.except_id
+
+
+class TailnetBase:
+    """Users, nodes and keys in memory with their indices; how a write commits and
+    publishes. The write methods live in the parts (users, keys, registration, nodes,
+    online) that Tailnet puts together."""
+
+    def __init__(self, engine: Engine, cfg: Config, ipam: IPAllocator,
+                 bus: ChangeBus | None = None) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.ipam = ipam
+        self.bus = bus or ChangeBus(batch_delay=cfg.tuning.batch_change_delay.total_seconds())
+        self.base_domain = cfg.dns.base_domain
+        self.default_expiry = cfg.node.expiry.total_seconds()
+        self.users: dict[int, User] = {}
+        self.nodes: dict[int, Node] = {}
+        self.preauth_keys: dict[int, PreAuthKey] = {}
+        self.api_keys: dict[int, ApiKey] = {}
+        self._by_node_key: dict[bytes, int] = {}
+        self._by_machine_key: dict[bytes, set[int]] = {}
+        self._by_given_name: dict[str, int] = {}
+        self._pak_by_prefix: dict[str, int] = {}
+        self._pak_by_legacy: dict[str, int] = {}
+        self._apikey_by_prefix: dict[str, int] = {}
+        # sha256(full key) -> key id for keys whose bcrypt check already passed.
+        self._verified_paks: dict[bytes, int] = {}
+        self._verified_apikeys: dict[bytes, int] = {}
+        self._apikey_persisted: dict[int, float] = {}
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyheadscale-db")
+        self.gc = EphemeralGC(cfg.node.ephemeral.inactivity_timeout.total_seconds(),
+                              self._gc_delete)
+        self.generation = 0  # bumped on every committed write
+        self.listeners: list[Callable[[tuple[Change, ...]], None]] = []
+        # May (user, node or None, tag) carry this tag at interactive registration? Set by
+        # the control plane from the policy's tagOwners; None refuses every tag.
+        self.tag_authorizer: Callable[[User, Node | None, str], bool] | None = None
+
+    async def close(self) -> None:
+        await self.gc.close()
+        self.bus.close()
+        async with self._lock:
+            self._executor.shutdown(wait=True)
+
+    async def ping_db(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, persist.ping,
+                                                         self.engine)
+
+    # --- write plumbing ----------------------------------------------------------------------
+
+    async def _commit(self, fn: Callable[[persist.Tx], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, persist.run_tx, self.engine, fn)
+        except (SQLAlchemyError, LookupError) as e:
+            log.warning("database write failed: %s", e)
+            raise PersistError(f"database write failed: {e}") from e
+
+    async def run_in_tx(self, fn: Callable[[persist.Tx], T]) -> T:
+        """One transaction on the DB thread, for stores that keep their own memory (OAuth)."""
+        return await self._commit(fn)
+
+    def _publish(self, *changes: Change) -> None:
+        # Listeners (policy, routes) update derived state before any session sees the change.
+        for listener in self.listeners:
+            listener(changes)
+        self.bus.publish(*changes)
+
+    async def _write_node(self, old: Node, new: Node, kind: ChangeKind,
+                          fields: Iterable[Field]) -> Node:
+        vals = persist.node_values(new)
+        await self._commit(lambda tx: tx.update(db.Node, old.id, vals))
+        self._put_node(new)
+        self._publish(Change(kind, new.id, frozenset(fields)))
+        return new
+
+    async def _delete_node_locked(self, node: Node) -> None:
+        await self._commit(lambda tx: tx.delete(db.Node, node.id))
+        self._drop_node(node.id)
+        self.ipam.release(node.ipv4, node.ipv6)
+        self.gc.cancel(node.id)
+        self._publish(Change(ChangeKind.NODE_REMOVED, node.id))
+
+    @serialized
+    async def _gc_delete(self, node_id: int) -> None:
+        """The ephemeral GC's verdict: delete the node if it is still offline."""
+        n = self.nodes.get(node_id)
+        if n is not None and n.ephemeral and not n.online:
+            log.info("deleting inactive ephemeral node %d (%s)", n.id, n.given_name)
+            await self._delete_node_locked(n)
+
+    def _clear_node_key_refs(self, key_id: int) -> None:
+        for n in list(self.nodes.values()):
+            if n.auth_key_id == key_id:
+                self._put_node(replace(n, auth_key_id=None))
+
+    @staticmethod
+    def _bump(n: Node, **changes: Any) -> Node:
+        return replace(n, **changes, version=n.version + 1)
+
+    def _check_node_key_free(self, node_key: bytes, machine_key: bytes) -> None:
+        holder = self.node_by_node_key(node_key)
+        if holder is not None and holder.machine_key != machine_key:
+            raise Conflict("node key already in use by another machine")
+
+    def _taken_names(self, except_id: int | None = None) -> TakenNames:
+        return TakenNames(self._by_given_name, except_id)
+
+    def _default_expiry(self, now: datetime) -> datetime | None:
+        return now + timedelta(seconds=self.default_expiry) if self.default_expiry > 0 else None
+
+    # --- index maintenance -------------------------------------------------------------------
+
+    def _put_node(self, n: Node) -> None:
+        old = self.nodes.get(n.id)
+        if old is not None:
+            self._unindex_node(old)
+        self.nodes[n.id] = n
+        self._by_node_key[n.node_key] = n.id
+        self._by_machine_key.setdefault(n.machine_key, set()).add(n.id)
+        if n.given_name:
+            self._by_given_name.setdefault(n.given_name, n.id)
+
+    def _unindex_node(self, n: Node) -> None:
+        if self._by_node_key.get(n.node_key) == n.id:
+            del self._by_node_key[n.node_key]
+        ids = self._by_machine_key.get(n.machine_key)
+        if ids is not None:
+            ids.discard(n.id)
+            if not ids:
+                del self._by_machine_key[n.machine_key]
+        if self._by_given_name.get(n.given_name) == n.id:
+            del self._by_given_name[n.given_name]
+
+    def _drop_node(self, node_id: int) -> Node | None:
+        n = self.nodes.pop(node_id, None)
+        if n is not None:
+            self._unindex_node(n)
+        return n
+
+    def _put_pak(self, k: PreAuthKey) -> None:
+        self.preauth_keys[k.id] = k
+        if k.prefix:
+            self._pak_by_prefix[k.prefix] = k.id
+        elif k.legacy_key:
+            self._pak_by_legacy[k.legacy_key] = k.id
+
+    def _drop_pak(self, key_id: int) -> None:
+        k = self.preauth_keys.pop(key_id, None)
+        if k is None:
+            return
+        self._pak_by_prefix.pop(k.prefix, None)
+        if k.legacy_key:
+            self._pak_by_legacy.pop(k.legacy_key, None)
+        self._verified_paks = {d: i for d, i in self._verified_paks.items() if i != key_id}
+
+    def _put_apikey(self, a: ApiKey) -> None:
+        self.api_keys[a.id] = a
+        self._apikey_by_prefix[a.prefix] = a.id
+
+    def _drop_apikey(self, key_id: int) -> None:
+        a = self.api_keys.pop(key_id, None)
+        if a is None:
+            return
+        self._apikey_by_prefix.pop(a.prefix, None)
+        self._verified_apikeys = {d: i for d, i in self._verified_apikeys.items()
+                                  if i != key_id}
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def node_by_node_key(self, node_key: bytes) -> Node | None:
+        nid = self._by_node_key.get(node_key)
+        return self.nodes.get(nid) if nid is not None else None
+
+    def nodes_by_machine_key(self, machine_key: bytes) -> list[Node]:
+        return [self.nodes[i] for i in sorted(self._by_machine_key.get(machine_key, ()))]
+
+    def node_by_machine_key(self, machine_key: bytes) -> Node | None:
+        ns = self.nodes_by_machine_key(machine_key)
+        return ns[0] if ns else None
+
+    def node_by_given_name(self, name: str) -> Node | None:
+        nid = self._by_given_name.get(name)
+        return self.nodes.get(nid) if nid is not None else None
+
+    def get_node(self, node_id: int) -> Node:
+        n = self.nodes.get(node_id)
+        if n is None:
+            raise NotFound(f"node not found: {node_id}")
+        return n
+
+    def get_user(self, user_id: int) -> User:
+        u = self.users.get(user_id)
+        if u is None:
+            raise NotFound("user not found")
+        return u
+
+    def user_by_name(self, name: str) -> User | None:
+        for u in self.users.values():
+            if u.name == name:
+                return u
+        return None
+
+    def list_users(self) -> list[User]:
+        return [self.users[i] for i in sorted(self.users)]
+
+    def list_nodes(self, user_id: int | None = None) -> list[Node]:
+        ns = (self.nodes[i] for i in sorted(self.nodes))
+        return [n for n in ns if user_id is None or n.user_id == user_id]
+
+    def list_preauth_keys(self, user_id: int | None = None) -> list[PreAuthKey]:
+        ks = (self.preauth_keys[i] for i in sorted(self.preauth_keys))
+        return [k for k in ks if user_id is None or k.user_id == user_id]
+
+    def list_api_keys(self) -> list[ApiKey]:
+        return [self.api_keys[i] for i in sorted(self.api_keys)]
+
+    def get_preauth_key(self, key_id: int) -> PreAuthKey:
+        k = self.preauth_keys.get(key_id)
+        if k is None:
+            raise NotFound("auth-key not found")
+        return k
+
+    def get_api_key(self, key_id: int) -> ApiKey:
+        a = self.api_keys.get(key_id)
+        if a is None:
+            raise NotFound("API key not found")
+        return a
+
+    def api_key_by_prefix(self, prefix: str) -> ApiKey | None:
+        try:
+            prefix = ak.parse_display_prefix(prefix)
+        except ak.KeyFormatError:
+            return None
+        i = self._apikey_by_prefix.get(prefix)
+        return self.api_keys.get(i) if i is not None else None
+
+    @staticmethod
+    def username(u: User) -> str:
+        """Headscale's User.Username(): email, else name, else provider id, else the ID."""
+        return u.email or u.name or (u.provider_identifier or "") or str(u.id)
+
+    def user_profile(self, node: Node) -> dict[str, Any]:
+        """tailcfg.UserProfile-shaped dict for the node's owner (tagged-devices if tagged)."""
+        u = self.users.get(node.user_id) if node.user_id is not None else None
+        if node.is_tagged or u is None:
+            return {"ID": TAGGED_DEVICES_USER_ID, "LoginName": "tagged-devices",
+                    "DisplayName": "Tagged Devices", "ProfilePicURL": ""}
+        login = self.username(u)
+        return {"ID": u.id, "LoginName": login, "DisplayName": u.display_name or login,
+                "ProfilePicURL": u.profile_pic_url}
