@@ -1,7 +1,7 @@
 """Sans-IO DERP frame codec and NaCl-box handshake.
 
 Nothing here touches a socket or a clock: functions take bytes and return bytes or typed
-events.  Byte layouts follow /work/shared/docs/derp.md (sections 2 and 3); all integers are
+events.  Byte layouts: docs/protocol.md, "DERP"; all integers are
 big-endian.  The server's hot path (derp.server) parses SendPacket inline for speed but uses
 the limits defined here.
 """

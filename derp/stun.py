@@ -2,7 +2,7 @@
 
 Only requests as Tailscale sends them are answered (SOFTWARE "tailnode", FINGERPRINT last and
 correct); anything else is silently ignored, as net/stun does.  The answer is a bare
-XOR-MAPPED-ADDRESS (derp.md section 5).
+XOR-MAPPED-ADDRESS (docs/protocol.md, "STUN").
 """
 
 from __future__ import annotations

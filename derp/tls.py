@@ -1,7 +1,7 @@
 """TLS for the relay: a self-signed certificate kept on disk, its pin, and SSL contexts.
 
 One certificate, SAN = the DERP host name (an IP SAN when it is an IP literal), no metacert:
-the portable choice for clients pinning it with CertName "sha256-raw:<hex>" (derp.md 1.5).
+the portable choice for clients pinning it with CertName "sha256-raw:<hex>" (docs/protocol.md, "DERP").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Admission through an HTTP endpoint (derper's --verify-client-url, derp.md 4.8).
+"""Admission through an HTTP endpoint (derper's --verify-client-url).
 
 POST <url> with {"NodePublic":"nodekey:<hex>","Source":"<ip>"} and no Content-Type; admit
 only on HTTP 200 with {"Allow": true} (read at most 4 KiB).  When the URL cannot be reached

@@ -1,6 +1,6 @@
 """Wire encodings of Tailscale's tailcfg types: keys, times, IDs, JSON, request parsing.
 
-Facts from control-protocol.md §1.1 (key text), §5 (requests), §6.2 (JSON conventions):
+Facts (docs/protocol.md, "Discovery" for key and time text):
 keys are ``prefix + 64 lower hex`` (upper-case hex accepted on input), the empty string is a
 decode error, ``null``/absent means the zero key; times are RFC 3339 with the Go zero time
 ``0001-01-01T00:00:00Z`` meaning unset.
@@ -79,7 +79,8 @@ _ALT_PREFIXES: dict[KeyKind, tuple[str, ...]] = {KeyKind.NL: ("tlpub:",)}
 
 
 def encode_key(kind: KeyKind, raw: bytes | None) -> str:
-    """Text form of a 32-byte key; None encodes as the zero key (never ``""``, pitfall P7)."""
+    """Text form of a 32-byte key; None encodes as the zero key (never ``""``: it is a decode error
+    that discards the whole message)."""
     if raw is None:
         raw = ZERO_KEY
     if len(raw) != _KEY_LEN:

@@ -4,7 +4,7 @@ Transport-agnostic: feed it the ciphertext received from the peer (``feed``/``fe
 and give it a ``ByteSink`` to write ciphertext to.  It works the same over the raw socket
 aiohttp hands over after the 101 and over WebSocket binary messages.
 
-Rules it keeps (control-protocol.md §4, pitfalls P9, P10, P16):
+Rules it keeps (docs/protocol.md, "HTTP/2 inside Noise" and "Noise handshake and records"):
 
 * SETTINGS go out right after the handshake response, before reading anything.
 * Every DataReceived is acknowledged at once, so the 65 535-byte connection window never
@@ -362,7 +362,8 @@ class H2ControlConnection:
             self._reject_too_large(st)
 
     def _on_data(self, ev: h2.events.DataReceived) -> None:
-        # Acknowledge first, whatever happens to the data (pitfall P10).
+        # Acknowledge first, whatever happens to the data: an unacknowledged window stalls
+        # the client once a few dozen lite updates have arrived.
         self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         st = self._streams.get(ev.stream_id)
         if st is None or st.rejected:

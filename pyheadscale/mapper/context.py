@@ -43,7 +43,7 @@ class Policy(Protocol):
         ...
 
 
-# Go's tailcfg FilterAllowAll (control-protocol.md §6.3).
+# Go's tailcfg FilterAllowAll: every source, every destination and port.
 ALLOW_ALL_FILTER: list[dict[str, Any]] = [
     {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}
 ]

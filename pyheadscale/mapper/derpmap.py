@@ -1,7 +1,6 @@
 """The DERP map: the embedded region, regions from derp.paths / derp.urls, and their merge.
 
-Facts (Headscale ``derp/derp.go``, ``derp/server/derp_server.go``, ``derp-example.yaml``;
-control-protocol.md §8.2):
+Facts (Headscale ``derp/derp.go``, ``derp/server/derp_server.go``, ``derp-example.yaml``):
 
 * Sources are merged by region ID, later overriding earlier: derp.urls, then derp.paths, then
   the embedded region (added last when automatically_add_embedded_derp_region).
@@ -253,7 +252,7 @@ def embedded_region(
     """The embedded DERP server's region (Headscale ``GenerateRegion``).
 
     ``cert_sha256`` pins a self-signed certificate as ``CertName: "sha256-raw:<hex>"``
-    (clients >= 1.82 only, control-protocol.md §8.3); give the digest of the DER certificate.
+    (clients >= 1.82 only, docs/protocol.md "DERP"); give the digest of the DER certificate.
     """
     node: dict[str, Any] = {
         "Name": str(region_id),

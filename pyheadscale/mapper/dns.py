@@ -1,7 +1,7 @@
 """tailcfg.DNSConfig from Headscale's ``dns:`` config section.
 
-Facts (Headscale ``types/config.go dnsToTailcfgDNS``, ``app.go``, ``util/dns.go``;
-control-protocol.md §9, P24):
+Facts (Headscale ``types/config.go dnsToTailcfgDNS``, ``app.go``, ``util/dns.go``; the
+client side in docs/protocol.md, "Map streaming"):
 
 * ``Proxied`` = magic_dns. The client itself routes the MagicDNS suffix (self name minus the
   first label) to 100.100.100.100, so base_domain is *not* added to Routes.
@@ -154,7 +154,7 @@ def build_dns_config(settings: DNSSettings, base_domain: str = "") -> dict[str, 
         if settings.prefix_v6 is not None:
             zones += reverse_zones_v6(settings.prefix_v6)
         for z in zones:
-            routes[z] = []  # [] = answered by 100.100.100.100 (P24)
+            routes[z] = []  # [] = answered by 100.100.100.100
     if routes:
         cfg["Routes"] = routes
 

@@ -1,7 +1,7 @@
 """Map-stream framing: JSON (orjson) -> one zstd frame -> u32 LITTLE-endian length prefix.
 
-control-protocol.md §5.2 / P3: current clients always zstd-decode each frame, and the length
-prefix is little-endian (unlike every Noise field).
+Current clients always zstd-decode each frame, and the length prefix is little-endian (unlike
+every Noise field); docs/protocol.md, "Map streaming".
 """
 
 from __future__ import annotations

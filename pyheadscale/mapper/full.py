@@ -1,7 +1,7 @@
 """(tailnet snapshot, viewer) -> the first, complete MapResponse of a map stream.
 
-Field choices follow Headscale's ``types/node.go TailNode`` and ``mapper/builder.go`` and
-control-protocol.md §5.2, §6 and Appendix B. Large parts shared between viewers (peer entries,
+Field choices follow Headscale's ``types/node.go TailNode`` and ``mapper/builder.go``; what
+the client makes of each field is in docs/protocol.md ("Map streaming"). Large parts shared between viewers (peer entries,
 DERPMap, DNSConfig) are pre-encoded ``orjson.Fragment`` values; ``encode.to_plain`` turns a
 response into plain JSON values for inspection.
 """
@@ -133,7 +133,7 @@ def node_entry(node: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool)
     if not node.online and node.last_seen is not None:
         out["LastSeen"] = format_time(node.last_seen)
     out["Online"] = node.online
-    out["MachineAuthorized"] = True  # P20: false would park the client in NeedsMachineAuth
+    out["MachineAuthorized"] = True  # false would park the client in NeedsMachineAuth
     if expired:
         out["Expired"] = True
     return out
@@ -235,7 +235,8 @@ def _user_map(users: Mapping[int, User] | Iterable[User]) -> Mapping[int, User]:
 def visible_peers(
     nodes: Mapping[int, Node] | Iterable[Node], viewer: Node, ctx: MapContext
 ) -> list[Node]:
-    """Peers the viewer may see, sorted by ID, never the viewer itself (P8).
+    """Peers the viewer may see, sorted by ID, never the viewer itself
+    (a client that sees itself among its peers misbehaves).
 
     Expired peers stay (with Expired=true), as in Headscale.
     """
@@ -264,7 +265,7 @@ def full_map_and_peers(
         "DERPMap": ctx.derp_fragment,
         "CollectServices": False,
         "DNSConfig": ctx.dns_fragment,
-        "PacketFilter": list(ctx.policy.packet_filter(viewer)),  # [] would mean deny-all (P6)
+        "PacketFilter": list(ctx.policy.packet_filter(viewer)),  # [] would mean deny-all
         "UserProfiles": user_profiles([viewer, *peers], users),
     }
     domain = ctx.map_domain
@@ -275,7 +276,7 @@ def full_map_and_peers(
     ssh = ctx.policy.ssh_policy(viewer)
     if ssh and ssh.get("Rules"):
         resp["SSHPolicy"] = ssh
-    if peers:  # an empty Peers would mean "unchanged" (P5): omit instead
+    if peers:  # an empty Peers would mean "unchanged": omit instead
         resp["Peers"] = [cache.get(p, ctx, now, legacy_derp=legacy) for p in peers]
     return resp, {p.id for p in peers}
 

@@ -87,7 +87,7 @@ def load_or_create_private_key(path: str | os.PathLike[str]) -> bytes:
     """Read the private key at ``path``, or create it (mode 0600) if the file is missing.
 
     The key must stay stable across restarts: running clients keep the server key they
-    fetched first (pitfall P14), so a malformed file is an error, never silently replaced.
+    fetched first (docs/protocol.md, "Discovery"), so a malformed file is an error, never silently replaced.
     """
     p = Path(path)
     try:

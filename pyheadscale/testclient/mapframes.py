@@ -1,4 +1,5 @@
-"""Map response framing: 4-byte little-endian length + zstd-compressed JSON (pitfall P3)."""
+"""Map response framing: 4-byte little-endian length + zstd-compressed JSON
+(docs/protocol.md, "Map streaming")."""
 
 from __future__ import annotations
 

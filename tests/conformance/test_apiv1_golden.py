@@ -1,4 +1,5 @@
-"""Replay every Headscale /api/v1 golden (../shared/conformance/apiv1) against our API.
+"""Replay every Headscale /api/v1 golden against our API (PYHEADSCALE_APIV1_GOLDENS, see
+data.py).
 
 Each case gets a fresh server state (empty SQLite DB, database policy mode, no address
 ranges, as the goldens were recorded), the seed its index entry describes, then the request.
@@ -22,9 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pyheadscale.api import add_api_routes
 from pyheadscale.control.dispatch import ControlPlane
+from tests.conformance.data import conformance_dir
 from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
 
-GOLDEN = Path("/work/shared/conformance/apiv1")
+GOLDEN = conformance_dir("PYHEADSCALE_APIV1_GOLDENS", "apiv1")
 INDEX = json.loads((GOLDEN / "index.json").read_text())["cases"]
 ZERO = datetime(1, 1, 1, tzinfo=UTC)
 ALLOW_ALL = '{"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}'

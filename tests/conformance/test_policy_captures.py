@@ -1,7 +1,6 @@
 """Policy engine vs. the hosted control plane's recorded behaviour.
 
-Every capture under PYHEADSCALE_POLICY_CAPTURES (default ../shared/conformance/policy next
-to the repo) is evaluated per its README's comparison rules: refusals (with the error text
+Every capture under PYHEADSCALE_POLICY_CAPTURES (see data.py) is evaluated per its README's comparison rules: refusals (with the error text
 as a substring), and for accepted policies each captured node's packet filter (ordered),
 SSH policy, set of visible peers, and CapMap (policy-only level, self and peers).
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +23,9 @@ import pytest
 
 from pyheadscale.policy import PolicyError, PolicyManager
 from pyheadscale.state.model import Node, User
+from tests.conformance.data import conformance_dir
 
-CAPTURES = Path(
-    os.environ.get(
-        "PYHEADSCALE_POLICY_CAPTURES",
-        Path(__file__).resolve().parents[2].parent / "shared/conformance/policy",
-    )
-)
+CAPTURES = conformance_dir("PYHEADSCALE_POLICY_CAPTURES", "policy")
 MIN_PASS_RATE = 0.98
 SERVER_URL = "https://unused"
 # The hosted tailnet's associated e-mail domain (the passkey domain was anonymised to it).

@@ -21,7 +21,7 @@ PY = sys.executable
 REGION_ID = 999
 REGION_CODE = "headscale"
 
-# `tailscale ping` answer lines: "pong from <name> (<ip>) via <path> in <ms>" (derp.md §6.5).
+# `tailscale ping` answer lines: "pong from <name> (<ip>) via <path> in <ms>".
 PONG = re.compile(r"pong from (\S+) \(([^)]+)\) via (\S+) in ")
 
 

@@ -1,6 +1,6 @@
 """Run pyheadscale inside a topology host, plus a throwaway test CA for its TLS listener.
 
-Addresses (control-protocol.md §2.3, pitfall P11): clients treat http:// with a non-private IP
+Addresses (docs/protocol.md, "The /ts2021 upgrade"): clients treat http:// with a non-private IP
 literal as "https on 443 after any quick redial", so the default is server_url
 https://198.51.100.1 with TLS on 443 and a certificate from the test CA (clients get the CA
 via SSL_CERT_FILE). Port 80 stays closed: for an https control URL clients first try

@@ -24,7 +24,8 @@ from typing import Any
 from tests.integration import versions
 from tests.integration.netns import Host
 
-# The daemon's environment in every test (see control-protocol.md §11.2).
+# The daemon's environment in every test: no log uploads, no update checks, nothing that
+# reaches outside the namespaces.
 BASE_ENV: dict[str, str] = {
     "TS_NO_LOGS_NO_SUPPORT": "true",
     "TS_DISABLE_PORTMAPPER": "1",

@@ -1,4 +1,4 @@
-"""The admin surface judged by official clients (issue 5 acceptance 3): web login completed by
+"""The admin surface judged by official clients: web login completed by
 `headscale auth register`, rename, delete, expire and `expire --disable`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The control plane judged by official clients (issue 3): join, peers, ping, MagicDNS,
+"""The control plane judged by official clients: join, peers, ping, MagicDNS,
 presence, server restart, logout/login and refused keys."""
 
 from __future__ import annotations

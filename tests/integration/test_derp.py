@@ -1,6 +1,6 @@
-"""Official clients against pyheadscale's DERP relays and STUN server (issue 4).
+"""Official clients against pyheadscale's DERP relays and STUN server .
 
-Every test builds its own topology of network namespaces (derp.md §6.4: UDP dropped between
+Every test builds its own topology of network namespaces (UDP dropped between
 clients with iptables, TCP to the relay left open), so tests are independent and their
 namespaces never collide. Each pinned client version runs in several scenarios: the pairs
 below give every version two partners, and the single-topology tests run one node per version.

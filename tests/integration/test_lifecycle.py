@@ -1,4 +1,4 @@
-"""Node lifecycle judged by official clients (issue 7): ephemeral nodes, tags as identity,
+"""Node lifecycle judged by official clients: ephemeral nodes, tags as identity,
 key expiry set, disabled and reached."""
 
 from __future__ import annotations

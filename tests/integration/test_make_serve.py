@@ -1,4 +1,4 @@
-"""`make serve` on a fresh copy of the repository (issue 2): installs, answers /health within
+"""`make serve` on a fresh copy of the repository: installs, answers /health within
 60 s, stops cleanly on Ctrl-C, and a second start reuses the Noise key and the database."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OIDC login with official Tailscale clients (issue 8, acceptance 1 and 3).
+"""OIDC login with official Tailscale clients.
 
 Everything runs inside the test's namespaces: the OpenID provider (oidc-provider under node,
 see idp.py) listens on the server host's address next to pyheadscale, and the "browser" is a

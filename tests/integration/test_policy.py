@@ -1,4 +1,4 @@
-"""ACL policies judged by official clients (issue 6): who may open which port, live `policy
+"""ACL policies judged by official clients: who may open which port, live `policy
 set`, tag changes through the API, `autogroup:self`, and bad policies refused everywhere.
 
 Each client host runs a tiny HTTP server bound to its tailnet address on the ports a test

@@ -1,4 +1,4 @@
-"""SIGHUP reloads the DNS section of the config file (issue 5 acceptance 4): clients resolve
+"""SIGHUP reloads the DNS section of the config file: clients resolve
 the edited `dns.extra_records` without a restart."""
 
 from __future__ import annotations

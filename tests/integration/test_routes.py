@@ -1,4 +1,4 @@
-"""Subnet routes, HA failover and exit nodes judged by official clients (issue 7).
+"""Subnet routes, HA failover and exit nodes judged by official clients.
 
 Routers run tailscaled in a NAT router's namespace: its eth0 is on the internet, its br LAN
 carries a plain host with a tiny HTTP server that answers with the address it sees, so a test

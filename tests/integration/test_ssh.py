@@ -1,4 +1,4 @@
-"""Tailscale SSH judged by official clients (issue 6): nodes running `tailscale up --ssh`
+"""Tailscale SSH judged by official clients: nodes running `tailscale up --ssh`
 (kernel TUN, root in their namespace) accept `tailscale ssh root@<node>` from the users the
 policy's `ssh` section allows and refuse everybody else; check mode holds the session until
 an admin approves it with `headscale auth approve`.

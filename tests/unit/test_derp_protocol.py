@@ -1,4 +1,4 @@
-"""Byte vectors for every DERP frame and the NaCl-box handshake (derp.md sections 2-3)."""
+"""Byte vectors for every DERP frame and the NaCl-box handshake (docs/protocol.md, "DERP")."""
 
 from __future__ import annotations
 

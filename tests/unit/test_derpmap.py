@@ -1,4 +1,4 @@
-"""DERP map parsing and merging (control-protocol.md §8.2; Headscale derp/derp.go,
+"""DERP map parsing and merging (Headscale derp/derp.go,
 derp/server/derp_server.go GenerateRegion, derp-example.yaml)."""
 
 import hashlib

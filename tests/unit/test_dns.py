@@ -1,4 +1,4 @@
-"""DNSConfig from Headscale's dns section (control-protocol.md §9, P24; Headscale
+"""DNSConfig from Headscale's dns section (docs/protocol.md, "Map streaming"; Headscale
 types/config.go dnsToTailcfgDNS and app.go reverse-zone routes)."""
 
 import ipaddress
@@ -21,7 +21,7 @@ V6 = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
 
 
 def test_reverse_zones_match_client_magicdns_zones():
-    # §9: the client routes 64..127.100.in-addr.arpa and 0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa
+    # The client routes 64..127.100.in-addr.arpa and 0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa
     v4 = reverse_zones_v4(V4)
     assert len(v4) == 64
     assert v4[0] == "64.100.in-addr.arpa" and v4[-1] == "127.100.in-addr.arpa"

@@ -144,7 +144,8 @@ async def test_settings_first_and_request_fields() -> None:
     wire = h.sink.take()
     assert wire[:51] == h.preamble
     first = h.client_records.feed(wire[51:])[0]
-    # The first 9 plaintext bytes are an HTTP/2 frame header of a SETTINGS frame (P16).
+    # The first 9 plaintext bytes are an HTTP/2 frame header of a SETTINGS frame: the client
+    # reads them before anything else.
     assert first[3] == 0x04 and first[4] == 0 and first[5:9] == b"\0\0\0\0"
     h._got_preamble = True
     h.h2.initiate_connection()

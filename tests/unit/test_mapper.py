@@ -1,6 +1,6 @@
 """Full maps, deltas, the peer cache and map frames.
 
-Expected values are written by hand from control-protocol.md §5.2, §6, Appendix B and
+Expected values are written by hand from docs/protocol.md ("Map streaming"), the client's rules and
 Headscale's TailNode/builder field choices, not copied from this code's output.
 """
 
@@ -444,7 +444,7 @@ def test_last_peer_removed_uses_peers_removed_not_empty_peers():
     resp, known = delta([Change(ChangeKind.NODE_REMOVED, 2)], {1: n1}, USERS, n1, ctx(), NOW, known_in)
     got = plain(resp)
     assert got["PeersRemoved"] == [2]
-    assert "Peers" not in got  # P5
+    assert "Peers" not in got  # an empty Peers would mean "unchanged"
     assert known == set() and known_in == {2}  # input set untouched
 
 

@@ -1,6 +1,6 @@
 """Byte-level tests of the Noise IK handshake, records and key files.
 
-The reference initiator below is written from the Noise spec and control-protocol.md §3
+The reference initiator below is written from the Noise spec and docs/protocol.md ("Noise handshake and records")
 directly on `cryptography` + `hashlib` (not via noiseprotocol), so it checks our responder
 independently.
 """

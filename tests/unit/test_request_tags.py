@@ -1,4 +1,4 @@
-"""`--advertise-tags` at interactive registration, checked against tagOwners (issue 7)."""
+"""`--advertise-tags` at interactive registration, checked against tagOwners."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The route controller wired to a real Tailnet and ControlPlane: primaries in the map
-context, auto-approval, HA probe verdicts, and the expiry watcher (issue 7)."""
+context, auto-approval, HA probe verdicts, and the expiry watcher."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input against the whole server (issue 3 acceptance 6): each bad connection or request is
+"""Bad input against the whole server: each bad connection or request is
 answered or closed on its own, other clients keep working, and nothing half-written is stored.
 
 Runs the real server in-process on loopback with the Python protocol client (never the proof of

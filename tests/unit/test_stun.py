@@ -1,4 +1,4 @@
-"""STUN codec vectors (derp.md section 5) and a live round trip on 127.0.0.1."""
+"""STUN codec vectors (docs/protocol.md, "STUN") and a live round trip on 127.0.0.1."""
 
 from __future__ import annotations
 

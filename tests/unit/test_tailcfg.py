@@ -1,4 +1,4 @@
-"""Key/time encodings and request parsing (control-protocol.md §1.1, §5, §6.2)."""
+"""Key/time encodings and request parsing (docs/protocol.md)."""
 
 from datetime import UTC, datetime, timedelta, timezone
 
