@@ -22,12 +22,13 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.netutil import free_port
 
 __all__ = ["PgServerError", "PostgresServer", "find_pg_bindir"]
 
@@ -57,12 +58,6 @@ def find_pg_bindir() -> Path:
         "PostgreSQL server binaries not found (need /usr/lib/postgresql/<ver>/bin/initdb and "
         "pg_ctl; apt-get install postgresql, or set PG_BINDIR)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PostgresServer:
@@ -204,7 +199,7 @@ class PostgresServer:
         last_err: Exception | None = None
         # The port is picked before the server binds it; retry if someone else grabbed it.
         for _ in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             opts = (
                 f"-c listen_addresses={self.host} -p {self.port} "
                 f"-c unix_socket_directories={self.tmpdir} "

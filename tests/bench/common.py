@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.netutil import LOOPBACK
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-LOOPBACK = "127.0.0.1"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -46,13 +47,6 @@ def install_uvloop() -> bool:
 
 
 # -- ports and processes -------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that was free a moment ago (TCP by default)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:

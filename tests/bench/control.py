@@ -60,7 +60,6 @@ from tests.bench.common import (
     Table,
     cpu_seconds,
     emit_json,
-    free_port,
     install_uvloop,
     machine_info,
     peak_rss_mib,
@@ -72,6 +71,7 @@ from tests.bench.common import (
     tail,
 )
 from tests.bench.policy import make_policy, user_names
+from tests.netutil import free_port
 
 SIZES = {"1k": 1000, "5k": 5000, "10k": 10000}
 CAPVER = 142  # Tailscale v1.102

@@ -48,7 +48,6 @@ from tests.bench.common import (
     child_setup,
     cpu_seconds,
     emit_json,
-    free_port,
     machine_info,
     peak_rss_mib,
     ratio,
@@ -57,6 +56,7 @@ from tests.bench.common import (
     stop_process,
     wait_tcp,
 )
+from tests.netutil import free_port
 
 PAYLOAD = 1300
 PAIRS = 10

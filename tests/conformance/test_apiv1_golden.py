@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from pyheadscale.api import add_api_routes
 from pyheadscale.control.dispatch import ControlPlane
 from tests.conformance.data import conformance_dir
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import api_client, key, open_control
 
 GOLDEN = conformance_dir("PYHEADSCALE_APIV1_GOLDENS", "apiv1")
 INDEX = json.loads((GOLDEN / "index.json").read_text())["cases"]
@@ -165,20 +163,14 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[Env, TestClient]]:
-    cfg = make_cfg(policy={"mode": "database"})
-    tn = await open_tailnet(new_engine(tmp_path), cfg)
-    tn.ipam = NoAddresses()  # type: ignore[assignment]
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
-    app = web.Application()
-    add_api_routes(app, cp.admin, trusted=True)
-    client = TestClient(TestServer(app))
-    await client.start_server()
+    cp = await open_control(tmp_path)
+    cp.tailnet.ipam = NoAddresses()  # type: ignore[assignment]
+    client = await api_client(cp)
     try:
         yield Env(cp), client
     finally:
         await client.close()
-        await tn.close()
+        await cp.tailnet.close()
 
 
 def test_every_golden_file_is_indexed() -> None:

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration import versions
+from tests.netutil import free_port
 
 OIDC_PROVIDER_VERSION = "9.13.3"
 READY = "IDP-READY"
@@ -102,12 +102,6 @@ def ensure(version: str = OIDC_PROVIDER_VERSION, log: Any = sys.stderr) -> Path:
 def server_script(vdir: Path) -> Path:
     """The provider script inside the install (node resolves `oidc-provider` next to it)."""
     return vdir / f"idp-server-{hashlib.sha256(SERVER_JS.encode()).hexdigest()[:12]}.mjs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

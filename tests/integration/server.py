@@ -10,16 +10,12 @@ http://host:80/ts2021, and a refused connection makes them go to 443 at once.
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import datetime as dt
 import ipaddress
 import json
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.integration.netns import SERVER_IP, Host
+from tests.integration.procs import NamespacedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-_SOCK_MAX = 100
 
 
 class ServerError(RuntimeError):
@@ -196,8 +192,10 @@ def default_config(
 # -- the server ----------------------------------------------------------------------------
 
 
-class PyHeadscale:
+class PyHeadscale(NamespacedProcess):
     """pyheadscale serving inside `host`'s namespace; logs in `workdir/server.log`."""
+
+    stop_timeout = 15.0
 
     def __init__(
         self,
@@ -215,25 +213,19 @@ class PyHeadscale:
     ) -> None:
         """`client_ca`: what clients must trust when the certificate is not the test CA's
         (ACME); `env`: extra environment for the server process."""
-        self.host = host
         self._client_ca = client_ca
         self._env = dict(env or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(host, self.workdir / "server.log")
         self.python = str(python)
         self.ca = (ca or make_test_ca(self.workdir / "tls", ips=(host.ip,))) if tls else None
-        self._sockdir: str | None = None
-        sock = self.workdir / "headscale.sock"
-        if len(str(sock)) > _SOCK_MAX:
-            self._sockdir = tempfile.mkdtemp(prefix="phhs-")
-            sock = Path(self._sockdir) / "headscale.sock"
+        sock = self.short_socket(self.workdir / "headscale.sock", "phhs-")
         self.config = deep_merge(
             default_config(self.workdir, host.ip, self.ca, str(sock)), config_overrides or {}
         )
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        self.log_path = self.workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         if start:
             self.start(timeout=start_timeout)
 
@@ -251,24 +243,11 @@ class PyHeadscale:
             return self._client_ca
         return self.ca.ca_cert if self.ca else None
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, timeout: float = 30) -> None:
         if self.running:
             raise ServerError(f"{self!r} already running")
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== harness: starting pyheadscale serve -c {self.config_path}\n".encode())
-            log.flush()
-            self.proc = self.host.popen(
-                [self.python, "-m", "pyheadscale", "-c", str(self.config_path), "serve"],
-                cwd=str(REPO),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={"PYTHONUNBUFFERED": "1", **self._env},
-            )
+        self.spawn([self.python, "-m", "pyheadscale", "-c", str(self.config_path), "serve"],
+                   env={"PYTHONUNBUFFERED": "1", **self._env}, cwd=REPO)
         self.wait_healthy(timeout)
 
     def http_get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
@@ -303,44 +282,6 @@ class PyHeadscale:
         if res.returncode != 0:
             raise ServerError(f"headscale {' '.join(args)} failed: {res.stderr.strip()}")
         return json.loads(res.stdout)
-
-    def stop(self, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def restart(self, timeout: float = 30) -> None:
-        self.stop()
-        self.start(timeout=timeout)
-
-    def close(self) -> None:
-        self.stop()
-        if self._sockdir is not None:
-            shutil.rmtree(self._sockdir, ignore_errors=True)
-            self._sockdir = None
-
-    def __enter__(self) -> PyHeadscale:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 # A tiny HTTP(S) client run with the harness's Python inside a namespace: it prints

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 
 from tests.integration import versions
 from tests.integration.netns import Host
+from tests.integration.procs import NamespacedProcess
 
 # The daemon's environment in every test: no log uploads, no update checks, nothing that
 # reaches outside the namespaces.
@@ -34,7 +32,6 @@ BASE_ENV: dict[str, str] = {
     "TS_DEBUG_LOG_RATE": "all",
 }
 
-_SOCK_MAX = 100  # sun_path is 108 bytes; keep a margin
 
 
 class TailscaleError(RuntimeError):
@@ -53,7 +50,7 @@ def _completed_from_timeout(exc: subprocess.TimeoutExpired) -> subprocess.Comple
     )
 
 
-class Tailscaled:
+class Tailscaled(NamespacedProcess):
     """One tailscaled process in `host`'s namespace with its own state dir, socket and log."""
 
     def __init__(
@@ -70,26 +67,20 @@ class Tailscaled:
         start: bool = True,
         start_timeout: float = 30,
     ) -> None:
-        self.host = host
         self.version = version
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(host, self.workdir / "tailscaled.log")
         self.statedir = self.workdir / "state"
         self.statedir.mkdir(exist_ok=True)
         self.logs_dir = self.workdir / "logs"
         self.logs_dir.mkdir(exist_ok=True)
-        self.log_path = self.workdir / "tailscaled.log"
         self.tailscale = versions.tailscale_bin(version)
         self.tailscaled = versions.tailscaled_bin(version)
         for b in (self.tailscale, self.tailscaled):
             if not b.is_file():
                 raise TailscaleError(f"{b} missing: run `make clients`")
-        self._sockdir: str | None = None
-        sock = self.workdir / "tailscaled.sock"
-        if len(str(sock)) > _SOCK_MAX:
-            self._sockdir = tempfile.mkdtemp(prefix="phts-")
-            sock = Path(self._sockdir) / "tailscaled.sock"
-        self.socket = sock
+        self.socket = self.short_socket(self.workdir / "tailscaled.sock", "phts-")
         # Unique per host namespace, so several daemons may share a host.
         index = getattr(host, "_tailscaled_count", 0)
         host._tailscaled_count = index + 1  # type: ignore[attr-defined]
@@ -103,7 +94,6 @@ class Tailscaled:
         if env:
             self.env.update(env)
         self.extra_args = list(extra_args)
-        self.proc: subprocess.Popen[bytes] | None = None
         if start:
             self.start(timeout=start_timeout)
 
@@ -129,21 +119,8 @@ class Tailscaled:
             raise TailscaleError(f"{self!r} already running")
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== harness: starting {' '.join(self.argv())}\n".encode())
-            log.flush()
-            self.proc = self.host.popen(
-                self.argv(),
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        self.spawn(self.argv(), env=self.env)
         self.wait_socket(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def wait_socket(self, timeout: float = 30) -> None:
         """Wait until the CLI gets an answer through the socket."""
@@ -165,51 +142,6 @@ class Tailscaled:
             f"{self!r}: no answer on {self.socket} after {timeout}s "
             f"({last}); log tail:\n{self.log_tail()}"
         )
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def restart(self, timeout: float = 30) -> None:
-        """Stop and start again with the same state directory (a fresh disco key)."""
-        self.stop()
-        self.start(timeout=timeout)
-
-    def close(self) -> None:
-        self.stop()
-        if self._sockdir is not None:
-            shutil.rmtree(self._sockdir, ignore_errors=True)
-            self._sockdir = None
-
-    def __enter__(self) -> Tailscaled:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     # -- CLI ---------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.netutil import free_port
+
 PY = sys.executable
 POLICY = '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", ' \
          '"src": ["*"], "dst": ["*:*"]}]}'
 AUTH_ID = "hskey-authreq-" + "c0ffee" * 4
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:

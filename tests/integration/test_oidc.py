@@ -14,9 +14,7 @@ import json
 import re
 import secrets
 import shutil
-import socket
 import sqlite3
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -32,9 +29,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from pyheadscale.app import Server
-from pyheadscale.config import load_config
-from pyheadscale.testclient.client import ControlConnection, connect
-from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider, free_port
+from pyheadscale.config import Config
+from pyheadscale.testclient.client import ControlConnection
+from tests.inproc import Machine, running_server, server_config
+from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
+from tests.netutil import free_port
 
 CLIENT_ID = "pyheadscale"
 CLIENT_SECRET = "s3cret-" + secrets.token_hex(8)
@@ -46,12 +45,6 @@ BOB = Account("bob-sub", "bob-pw", email="bob@other.org", name="Bob", preferred_
               groups=["sales"])
 CAROL = Account("carol-sub", "carol-pw", email="carol@example.com", email_verified=False,
                 name="Carol", preferred_username="carol", groups=["eng"])
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -79,50 +72,14 @@ def idp_factory(tmp_path: Path) -> Any:
         idp.stop()
 
 
-def server_config(tmp_path: Path, port: int, oidc: dict[str, Any]) -> Any:
-    d = tmp_path / "hs"
-    d.mkdir(parents=True, exist_ok=True)
-    raw = {
-        "server_url": f"http://127.0.0.1:{port}",
-        "listen_addr": f"127.0.0.1:{port}",
-        "metrics_listen_addr": "",
-        "noise": {"private_key_path": str(d / "noise_private.key")},
-        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48",
-                     "allocation": "sequential"},
-        "derp": {"server": {"enabled": True, "region_id": 999,
-                            "stun_listen_addr": f"127.0.0.1:{free_udp_port()}",
-                            "listen_addr": f"127.0.0.1:{free_port()}",
-                            "private_key_path": str(d / "derp_server_private.key")},
-                 "urls": [], "paths": [], "auto_update_enabled": False},
-        "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite")}},
-        "dns": {"magic_dns": True, "base_domain": "tailnet.test", "override_local_dns": False,
-                "nameservers": {"global": []}},
-        "policy": {"mode": "file", "path": ""},
-        # AF_UNIX paths are limited to 107 bytes; pytest's tmp paths can be longer.
-        "unix_socket": str(Path(tempfile.mkdtemp(prefix="phoidc-")) / "hs.sock"),
-        "node": {"expiry": "0"},
-        "oidc": oidc,
-    }
-    path = d / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path, env={})
+def oidc_config(tmp_path: Path, port: int, oidc: dict[str, Any]) -> Config:
+    return server_config(tmp_path / "hs", port=port, overrides={"oidc": oidc})
 
 
-@contextlib.asynccontextmanager
-async def running_server(tmp_path: Path, port: int, oidc: dict[str, Any]) -> AsyncIterator[Server]:
-    srv = Server(server_config(tmp_path, port, oidc))
-    try:
-        await srv.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await srv.stop()
-        shutil.rmtree(Path(srv.cfg.unix_socket).parent, ignore_errors=True)
-        raise
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-        shutil.rmtree(Path(srv.cfg.unix_socket).parent, ignore_errors=True)
+def oidc_server(tmp_path: Path, port: int,
+                oidc: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Server]:
+    """The server with this `oidc:` section, running for the `async with` block."""
+    return running_server(oidc_config(tmp_path, port, oidc))
 
 
 def oidc_conf(idp: OpenIDProvider, tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -133,57 +90,6 @@ def oidc_conf(idp: OpenIDProvider, tmp_path: Path, **extra: Any) -> dict[str, An
 
 
 # --- the device -----------------------------------------------------------------------------
-
-
-class Device:
-    """A tailscaled stand-in: one machine key, registering interactively."""
-
-    def __init__(self, url: str, hostname: str) -> None:
-        self.url = url
-        self.hostname = hostname
-        self.machine_private = secrets.token_bytes(32)
-        self.node_key = secrets.token_bytes(32)
-        self.request_tags: list[str] = []  # `tailscale up --advertise-tags`
-        self.conn: ControlConnection | None = None
-
-    async def __aenter__(self) -> Device:
-        self.conn = await connect(self.url, self.machine_private)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.conn is not None
-        await self.conn.close()
-
-    def new_node_key(self) -> None:
-        self.node_key = secrets.token_bytes(32)
-
-    async def register(self, followup: str = "") -> dict[str, Any]:
-        assert self.conn is not None
-        hostinfo: dict[str, Any] = {"Hostname": self.hostname, "OS": "linux"}
-        if self.request_tags:
-            hostinfo["RequestTags"] = self.request_tags
-        body = {"Version": 113, "NodeKey": "nodekey:" + self.node_key.hex(),
-                "Hostinfo": hostinfo, "Followup": followup}
-        status, _, data = await self.conn.request("POST", "/machine/register",
-                                                  json.dumps(body).encode())
-        assert status == 200, data
-        return dict(json.loads(data))
-
-    async def start_login(self) -> tuple[str, asyncio.Task[dict[str, Any]]]:
-        """AuthURL, and the Followup long poll running in the background."""
-        first = await self.register()
-        auth_url = first["AuthURL"]
-        follow = asyncio.create_task(self.register(followup=auth_url))
-        await asyncio.sleep(0.05)
-        assert not follow.done()
-        return auth_url, follow
-
-    @property
-    def machine_key_short(self) -> str:
-        from nacl.public import PrivateKey
-
-        pub = bytes(PrivateKey(self.machine_private).public_key)
-        return "[" + base64.b64encode(pub).decode()[:5] + "]"
 
 
 # --- the browser ----------------------------------------------------------------------------
@@ -231,7 +137,7 @@ async def confirm(s: aiohttp.ClientSession, base: str, page: str) -> tuple[int, 
         return r.status, await r.text()
 
 
-async def full_login(srv: Server, dev: Device, account: Account) -> dict[str, Any]:
+async def full_login(srv: Server, dev: Machine, account: Account) -> dict[str, Any]:
     auth_url, follow = await dev.start_login()
     async with browser() as s:
         status, page, _ = await login(s, auth_url, account)
@@ -255,8 +161,8 @@ async def test_full_login_confirmation_registers_node(tmp_path: Path, idp_factor
     idp = idp_factory(hs_port=port, claims_in_id_token=False)
     conf = oidc_conf(idp, tmp_path, pkce={"enabled": True, "method": "S256"},
                      extra_params={"login_hint": "alice"})
-    async with running_server(tmp_path, port, conf) as srv, Device(srv.cfg.server_url,
-                                                                   "alice-laptop") as dev:
+    async with oidc_server(tmp_path, port, conf) as srv, \
+            Machine(srv.cfg.server_url, "alice-laptop") as dev:
         auth_url, follow = await dev.start_login()
         assert auth_url.startswith(f"http://127.0.0.1:{port}/register/hskey-authreq-")
         async with browser() as s:
@@ -321,8 +227,8 @@ async def test_disallowed_users_are_refused(tmp_path: Path, idp_factory: Any,
         "group": ({"allowed_groups": ["eng"]}, BOB, "unauthorised group"),
         "unverified": ({"allowed_domains": ["example.com"]}, CAROL, "unverified email"),
     }[case]
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path, **extra)) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path, **extra)) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         auth_url, follow = await dev.start_login()
         async with browser() as s:
             status, page, _ = await login(s, auth_url, who)
@@ -343,8 +249,8 @@ async def test_tampered_state_and_replayed_callback_are_refused(tmp_path: Path,
                                                                 idp_factory: Any) -> None:
     port = free_port()
     idp = idp_factory(hs_port=port)
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         auth_url, follow = await dev.start_login()
         async with browser() as s:
             _, _, cb = await login(s, auth_url, ALICE, stop_at_callback=True)
@@ -377,8 +283,8 @@ async def test_tampered_state_and_replayed_callback_are_refused(tmp_path: Path,
 async def test_wrong_nonce_is_refused(tmp_path: Path, idp_factory: Any) -> None:
     port = free_port()
     idp = idp_factory(hs_port=port)
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         auth_url, follow = await dev.start_login()
         async with browser() as s:
             _, _, cb = await login(s, auth_url, ALICE, stop_at_callback=True)
@@ -449,8 +355,8 @@ async def test_bad_id_token_is_refused(tmp_path: Path, idp_factory: Any, attack:
             tok["id_token"] = jwt.encode({"alg": "RS256", "kid": "idp-rs256"}, claims, foreign)
 
     async with idp_proxy(idp_port, proxy_port, on_token), \
-            running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+            oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         assert idp.issuer == issuer
         auth_url, follow = await dev.start_login()
         async with browser() as s:
@@ -474,8 +380,8 @@ async def test_use_expiry_from_token_sets_node_expiry(tmp_path: Path, idp_factor
 
     conf = oidc_conf(idp, tmp_path, use_expiry_from_token=True)
     async with idp_proxy(idp_port, proxy_port, on_token), \
-            running_server(tmp_path, port, conf) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+            oidc_server(tmp_path, port, conf) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         resp = await full_login(srv, dev, ALICE)
         assert resp["MachineAuthorized"] is True
         (node,) = srv.tailnet.list_nodes()
@@ -487,8 +393,8 @@ async def test_use_expiry_from_token_sets_node_expiry(tmp_path: Path, idp_factor
 async def test_reauthentication_same_and_other_user(tmp_path: Path, idp_factory: Any) -> None:
     port = free_port()
     idp = idp_factory(hs_port=port)
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "shared-pc") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "shared-pc") as dev:
         await full_login(srv, dev, ALICE)
         (first,) = srv.tailnet.list_nodes()
 
@@ -516,8 +422,8 @@ async def test_unowned_advertised_tags_are_refused_with_a_page(tmp_path: Path,
                                                               idp_factory: Any) -> None:
     port = free_port()
     idp = idp_factory(hs_port=port)
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "tagged-pc") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "tagged-pc") as dev:
         dev.request_tags = ["tag:server"]  # no policy: nobody owns it
         auth_url, follow = await dev.start_login()
         async with browser() as s:
@@ -534,8 +440,8 @@ async def test_group_change_at_next_login_updates_user(tmp_path: Path,
                                                        idp_factory: Any) -> None:
     port = free_port()
     idp = idp_factory(hs_port=port)
-    async with running_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         await full_login(srv, dev, ALICE)
         assert set(users_by_email(srv)["alice@example.com"].groups) == {"eng", "ops"}
         idp.set_account(Account(**{**ALICE.__dict__, "groups": ["eng", "admins"],
@@ -560,7 +466,7 @@ async def test_idp_group_in_policy_controls_reachability_live(tmp_path: Path,
         "tagOwners": {"tag:svc": ["group:idp-ops"]},
         "acls": [{"action": "accept", "src": ["group:idp-ops"], "dst": ["tag:svc:443"]}],
     }))
-    cfg = server_config(tmp_path, port, oidc_conf(
+    cfg = oidc_config(tmp_path, port, oidc_conf(
         idp, tmp_path, policy_groups={"enabled": True, "prefix": "idp-"}))
     cfg.policy.path = policy
     srv = Server(cfg)
@@ -594,15 +500,11 @@ async def test_idp_group_in_policy_controls_reachability_live(tmp_path: Path,
     try:
         await srv.start()
         _, svc_key = await srv.tailnet.create_preauth_key(None, tags=["tag:svc"])
-        async with Device(srv.cfg.server_url, "svc") as svc, \
-                Device(srv.cfg.server_url, "alice-pc") as adev, \
-                Device(srv.cfg.server_url, "bob-pc") as bdev:
-            assert svc.conn is not None
-            body = {"Version": 113, "NodeKey": "nodekey:" + svc.node_key.hex(),
-                    "Auth": {"AuthKey": svc_key}, "Hostinfo": {"Hostname": "svc", "OS": "linux"}}
-            status, _, data = await svc.conn.request("POST", "/machine/register",
-                                                     json.dumps(body).encode())
-            assert status == 200 and json.loads(data)["MachineAuthorized"] is True, data
+        async with Machine(srv.cfg.server_url, "svc") as svc, \
+                Machine(srv.cfg.server_url, "alice-pc") as adev, \
+                Machine(srv.cfg.server_url, "bob-pc") as bdev:
+            answer = await svc.register(auth_key=svc_key)
+            assert answer["MachineAuthorized"] is True, answer
             watcher = asyncio.create_task(follow(svc.conn, svc.node_key))
             try:
                 await until(lambda: seen["filter"] is not None, "no first map")
@@ -647,12 +549,12 @@ async def test_provider_down_at_start(tmp_path: Path) -> None:
     conf = {"issuer": f"http://127.0.0.1:{dead}", "client_id": CLIENT_ID,
             "client_secret": CLIENT_SECRET}
     with pytest.raises(RuntimeError, match="only_start_if_oidc_is_available"):
-        async with running_server(tmp_path / "a", port, conf):
+        async with oidc_server(tmp_path / "a", port, conf):
             pass
     port = free_port()
     conf["only_start_if_oidc_is_available"] = False
-    async with running_server(tmp_path / "b", port, conf) as srv, \
-            Device(srv.cfg.server_url, "dev") as dev:
+    async with oidc_server(tmp_path / "b", port, conf) as srv, \
+            Machine(srv.cfg.server_url, "dev") as dev:
         auth_url, follow = await dev.start_login()
         async with browser() as s, s.get(auth_url, allow_redirects=False) as r:
             assert r.status == 200

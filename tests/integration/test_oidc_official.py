@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -25,7 +24,7 @@ from tests.integration.netns import SERVER_IP, Host
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,22 +38,6 @@ ALICE = Account("alice-sub", "alice-pw", email="alice@example.com", name="Alice 
                 preferred_username="alice", groups=["eng", "ops"])
 BOB = Account("bob-sub", "bob-pw", email="bob@other.org", name="Bob Builder",
               preferred_username="bob", groups=["sales"])
-
-# Answers every GET with "svc <peer address>"; bound to the tailnet address only.
-SERVE = r"""
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"svc {self.client_address[0]}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
-"""
-
 
 @pytest.fixture
 def idp(world: World) -> Iterator[OpenIDProvider]:
@@ -182,7 +165,7 @@ def test_idp_groups_in_policy_decide_reachability_and_follow_the_provider_live(
 
     svc = world.join("svc", NEWEST, key="svc")
     svc_ip = svc.ip("4")[0]
-    serving = svc.host.popen([sys.executable, "-c", SERVE, svc_ip, str(SVC_PORT)])
+    serving = serve_echo(svc.host, svc_ip, [SVC_PORT], "svc")
     wait_for("the service to listen", lambda: fetch(svc.host, svc_ip, timeout=1), timeout=10)
 
     a = world.add_client("alice-pc", OLDEST)

@@ -9,7 +9,6 @@ filter answered, and "blocked" means the connection found no way there within th
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,33 +22,11 @@ from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, ServerError, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
 OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
-
-# Answers every GET on each port given with "<port> <peer address>"; bound to one address.
-SERVE = r"""
-import http.server, socketserver, sys, threading
-addr, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
-def handler(port):
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = f"{port} {self.client_address[0]}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def log_message(self, *a):
-            pass
-    return H
-servers = [http.server.ThreadingHTTPServer((addr, p), handler(p)) for p in ports]
-for s in servers[1:]:
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-servers[0].serve_forever()
-"""
-
 
 class PolicyLab(World):
     """A server with users user1 and user2 (a reusable key each) and clients that join it."""
@@ -118,7 +95,7 @@ class PolicyLab(World):
         """HTTP on `ports` of `name`'s tailnet address, answering once it listens."""
         ts = self.nodes[name]
         ip = self.ip(name)
-        ts.host.popen([sys.executable, "-c", SERVE, ip, *map(str, ports)])
+        serve_echo(ts.host, ip, ports, "{port}")
         for port in ports:
             wait_for(f"{name}'s server on {port}",
                      lambda port=port: fetch(ts.host, ip, port, timeout=1) is not None, 10)

@@ -7,7 +7,6 @@ can tell which router (source NAT) or exit node carried a request.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,28 +19,12 @@ from tests.integration.netns import Namespace, Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
 NEWEST, OLDEST = PINNED[-1], PINNED[0]
 PORT = 8000
-# Answers every GET with the peer address it sees: who carried the request.
-WHOAMI = r"""
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"""
-
-
 class Lab(World):
     """Users alice and bob with a reusable key each; routers join from their own namespace."""
 
@@ -53,7 +36,7 @@ class Lab(World):
         }, ["alice", "bob"], policy)
 
     def web(self, ns: Namespace) -> None:
-        ns.popen([sys.executable, "-c", WHOAMI, str(PORT)])
+        serve_echo(ns, "0.0.0.0", [PORT])
 
     def join(self, ns: Namespace, name: str, version: str = NEWEST,  # type: ignore[override]
              key: str = "alice", args: tuple[str, ...] = ()) -> Tailscaled:

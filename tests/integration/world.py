@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.integration.netns import Host, Topology
+from tests.integration.netns import Host, Namespace, Topology
 from tests.integration.seed import seed
 from tests.integration.server import REPO, PyHeadscale
 from tests.integration.tailscale import Tailscaled
@@ -83,6 +85,16 @@ class World:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+ECHO_HTTP = Path(__file__).with_name("echo_http.py")
+
+
+def serve_echo(ns: Namespace, addr: str, ports: Iterable[int],
+               label: str = "") -> subprocess.Popen[Any]:
+    """A web server in `ns` bound to `addr` on each port, answering every GET with
+    "<label> <peer address>" ("{port}" in the label is the port asked); see echo_http.py."""
+    return ns.popen([sys.executable, str(ECHO_HTTP), addr, label, *map(str, ports)])
 
 
 def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:

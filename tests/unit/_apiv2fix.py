@@ -16,7 +16,7 @@ from pyheadscale.api import add_api_routes
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.state.oauth import OAuthStore
-from tests.unit._statefix import make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import open_control
 
 POLICY = ('{"tagOwners": {"tag:ci": ["alice@"], "tag:prod": ["alice@"], '
           '"tag:k8s-operator": [], "tag:k8s": ["tag:k8s-operator"], "tag:a": [], "tag:b": []},'
@@ -78,10 +78,8 @@ class V2Env:
 @asynccontextmanager
 async def v2_env(tmp: Path, *, trusted: bool = False, policy: str | None = POLICY,
                  **cfg_over: Any) -> AsyncIterator[V2Env]:
-    cfg = make_cfg(policy={"mode": "database"}, **cfg_over)
-    tn = await open_tailnet(new_engine(tmp), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
+    cp = await open_control(tmp, **cfg_over)
+    cfg, tn = cp.cfg, cp.tailnet
     if policy is not None:
         await cp.policy.set(policy)
     deps = V2Deps(tailnet=tn, oauth=await OAuthStore.load(tn.engine, tn),

@@ -13,28 +13,21 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from pyheadscale.api import ROUTES, add_api_routes
-from pyheadscale.control.dispatch import ControlPlane
-from tests.unit._statefix import make_cfg, new_engine, open_tailnet
+from pyheadscale.api import ROUTES
+from tests.unit._statefix import api_client, open_control
 
 
 async def make_client(tmp: Path, *, trusted: bool, **kw: Any) -> tuple[TestClient, Any]:
-    cfg = make_cfg(policy={"mode": "database"})
-    tn = await open_tailnet(new_engine(tmp), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
+    cp = await open_control(tmp)
     app = web.Application()
 
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"version": "v0.29.2"})
 
     app.router.add_get("/version", version)
-    add_api_routes(app, cp.admin, trusted=trusted, **kw)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client, cp
+    return await api_client(cp, trusted=trusted, app=app, **kw), cp
 
 
 @pytest.fixture

@@ -9,27 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from pyheadscale.api import add_api_routes
 from pyheadscale.control.dispatch import ControlPlane
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import api_client, key, open_control
 
 POLICY = '{"tagOwners": {"tag:server": ["alice@"]}, "acls": [{"action": "accept", ' \
          '"src": ["*"], "dst": ["*:*"]}]}'
 
 
 async def start(tmp: Path, **cfg_over: Any) -> tuple[TestClient, ControlPlane]:
-    cfg = make_cfg(**cfg_over)
-    tn = await open_tailnet(new_engine(tmp), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
-    app = web.Application()
-    add_api_routes(app, cp.admin, trusted=True)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client, cp
+    cp = await open_control(tmp, **cfg_over)
+    return await api_client(cp), cp
 
 
 @pytest.fixture

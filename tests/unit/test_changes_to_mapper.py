@@ -19,9 +19,8 @@ from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
 NOW = datetime(2026, 8, 22, 16, 0, tzinfo=UTC)
 
 
-async def _two_users(tmp_path: Path) -> tuple[Tailnet, Node, Node, Node]:
+async def _two_users(tn: Tailnet) -> tuple[Tailnet, Node, Node, Node]:
     """alice owns a1 and a2, bob owns b1."""
-    tn = await open_tailnet(new_engine(tmp_path))
     alice = await tn.create_user("alice")
     bob = await tn.create_user("bob")
     _, ka = await tn.create_preauth_key(alice.id, reusable=True)
@@ -43,8 +42,8 @@ def _delta(tn: Tailnet, batch: list[Change], viewer: Node, known: set[int]) -> d
     return out
 
 
-async def test_user_change_resends_only_that_users_profile(tmp_path: Path) -> None:
-    tn, a1, a2, b1 = await _two_users(tmp_path)
+async def test_user_change_resends_only_that_users_profile(tailnet: Tailnet) -> None:
+    tn, a1, a2, b1 = await _two_users(tailnet)
     sub = tn.bus.subscribe(a1.id)
     assert b1.user_id is not None
     await tn.update_user(b1.user_id, display_name="Bobby")
@@ -54,23 +53,21 @@ async def test_user_change_resends_only_that_users_profile(tmp_path: Path) -> No
     assert got["UserProfiles"] == [{"ID": b1.user_id, "LoginName": "bob",
                                     "DisplayName": "Bobby"}]
     assert "PeersChanged" not in got and "Node" not in got
-    await tn.close()
 
 
 async def test_user_without_visible_nodes_changes_nothing_for_the_viewer(
-        tmp_path: Path) -> None:
-    tn, a1, a2, _ = await _two_users(tmp_path)
+        tailnet: Tailnet) -> None:
+    tn, a1, a2, _ = await _two_users(tailnet)
     sub = tn.bus.subscribe(a1.id)
     carol = await tn.create_user("carol")
     batch = await _next(sub)
     assert batch == [Change(ChangeKind.USER, user_id=carol.id)]
     resp, _ = delta(batch, tn.nodes, tn.users, tn.nodes[a1.id], MapContext(), NOW, {a2.id})
     assert resp is None
-    await tn.close()
 
 
-async def test_endpoint_and_derp_report_is_a_patch_for_peers(tmp_path: Path) -> None:
-    tn, a1, a2, b1 = await _two_users(tmp_path)
+async def test_endpoint_and_derp_report_is_a_patch_for_peers(tailnet: Tailnet) -> None:
+    tn, a1, a2, b1 = await _two_users(tailnet)
     sub = tn.bus.subscribe(a1.id)
     await tn.update_from_map_request(a2.id, endpoints=["192.0.2.9:41641"],
                                      hostinfo={"Hostname": "a2",
@@ -82,11 +79,10 @@ async def test_endpoint_and_derp_report_is_a_patch_for_peers(tmp_path: Path) -> 
     assert got["PeersChangedPatch"] == [{"NodeID": a2.id, "Endpoints": ["192.0.2.9:41641"],
                                          "DERPRegion": 901}]
     assert "PeersChanged" not in got
-    await tn.close()
 
 
-async def test_tagging_the_viewer_reevaluates_its_filter(tmp_path: Path) -> None:
-    tn, a1, a2, b1 = await _two_users(tmp_path)
+async def test_tagging_the_viewer_reevaluates_its_filter(tailnet: Tailnet) -> None:
+    tn, a1, a2, b1 = await _two_users(tailnet)
     sub = tn.bus.subscribe(a1.id)
     await tn.set_tags(a1.id, ["tag:server"])
     batch = await _next(sub)
@@ -95,7 +91,6 @@ async def test_tagging_the_viewer_reevaluates_its_filter(tmp_path: Path) -> None
     got = _delta(tn, batch, a1, {a2.id, b1.id})
     assert got["Node"]["Tags"] == ["tag:server"]
     assert {"PacketFilter", "SSHPolicy", "DNSConfig"} <= set(got)
-    await tn.close()
 
 
 async def test_backfilled_address_of_the_viewer_reevaluates_its_filter(

@@ -25,6 +25,7 @@ from derp.keys import generate_private_key
 from derp.server import DerpServer
 from derp.tls import cert_name, client_ssl_context, ensure_self_signed, server_ssl_context
 from derp.verify import make_url_verifier
+from tests.netutil import free_port
 
 MESH_KEY = "5e" * 32
 REPO = str(Path(__file__).resolve().parents[2])
@@ -605,18 +606,10 @@ async def test_keepalive_sent(plain_relay: Relay, monkeypatch: pytest.MonkeyPatc
     await c.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_standalone_main(tmp_path: Path) -> None:
     import sys
 
-    port = _free_port()
+    port = free_port()
     keyfile = tmp_path / "derper.key"
     keyfile.write_text('{"PrivateKey":"privkey:' + "42" * 32 + '"}')
     proc = await asyncio.create_subprocess_exec(

@@ -20,16 +20,17 @@ from derp.client import DerpClient, _ClientProtocol
 from derp.keys import generate_private_key as derp_key
 from derp.tls import client_ssl_context, ensure_self_signed
 from pyheadscale.app import Server
-from tests.unit.inprocess import running_server
+from tests.inproc import running_server, server_config
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     cert, key = ensure_self_signed(tmp_path / "tls", "127.0.0.1")
-    async with running_server(tmp_path, {
+    cfg = server_config(tmp_path, scheme="https", overrides={
         "tls_cert_path": str(cert), "tls_key_path": str(key),
         "derp": {"server": {"verify_clients": False}},
-    }, scheme="https") as srv:
+    })
+    async with running_server(cfg) as srv:
         yield srv
 
 

@@ -8,6 +8,7 @@ import ipaddress
 import struct
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -29,41 +30,23 @@ from pyheadscale.mapper import (
 from pyheadscale.mapper.derpmap import embedded_region, merge_derp_maps
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, Node, User
+from tests.unit._statefix import key, make_node
 
 NOW = datetime(2026, 8, 22, 16, 0, tzinfo=UTC)
-CREATED = datetime(2026, 8, 22, 15, 59, 58, tzinfo=UTC)
 ZERO = "0" * 64
-
-
-def key(b: int) -> bytes:
-    return bytes([b]) * 32
 
 
 def hexk(b: int) -> str:
     return f"{b:02x}" * 32
 
 
-def mknode(i: int, **kw) -> Node:
-    base = dict(
-        id=i,
-        machine_key=key(0x10 + i),
-        node_key=key(0x20 + i),
-        disco_key=key(0x30 + i),
-        hostname=f"node{i}",
-        given_name=f"node{i}",
-        user_id=1,
-        ipv4=ipaddress.IPv4Address(f"100.64.0.{i}"),
-        ipv6=ipaddress.IPv6Address(f"fd7a:115c:a1e0::{i}"),
-        register_method="authkey",
-        created_at=CREATED,
-        updated_at=CREATED,
-        hostinfo={"Hostname": f"node{i}", "OS": "linux"},
-        online=True,
-        capver=145,
-        version=1,
-    )
-    base.update(kw)
-    return Node(**base)
+def mknode(i: int, **kw: Any) -> Node:
+    """Node i as the expected maps below spell it: keys 0x1i/0x2i/0x3i, name node<i>, online."""
+    fields: dict[str, Any] = dict(
+        machine_key=key(0x10 + i), node_key=key(0x20 + i), disco_key=key(0x30 + i),
+        hostname=f"node{i}", given_name=f"node{i}",
+        hostinfo={"Hostname": f"node{i}", "OS": "linux"}, online=True, capver=145, version=1)
+    return make_node(i, **(fields | kw))
 
 
 USERS = {

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime
 
 from pyheadscale.state.changes import Field
 from pyheadscale.state.mapreq import apply_map_request, merge_hostinfo
 from pyheadscale.state.model import Node
+from tests.unit._statefix import make_node
 
-T0 = datetime(2026, 8, 22, 16, 0, tzinfo=UTC)
 NETINFO = {"PreferredDERP": 900, "WorkingUDP": True}
 
 
 def node(**kw: object) -> Node:
-    base: dict[str, object] = dict(
-        id=1, machine_key=b"\x01" * 32, node_key=b"\x02" * 32, disco_key=b"\x03" * 32,
-        hostname="laptop", given_name="laptop", user_id=1,
-        ipv4=ipaddress.IPv4Address("100.64.0.1"), ipv6=None, register_method="authkey",
-        created_at=T0, updated_at=T0, endpoints=("192.0.2.1:41641",),
-        hostinfo={"Hostname": "laptop", "OS": "linux", "NetInfo": NETINFO}, version=3)
-    base.update(kw)
-    return Node(**base)  # type: ignore[arg-type]
+    fields: dict[str, object] = dict(
+        disco_key=b"\x03" * 32, hostname="laptop", given_name="laptop",
+        endpoints=("192.0.2.1:41641",), version=3,
+        hostinfo={"Hostname": "laptop", "OS": "linux", "NetInfo": NETINFO})
+    return make_node(1, **(fields | kw))
 
 
 def test_nothing_reported_is_the_same_object() -> None:

@@ -4,9 +4,7 @@ the wiring from config through PolicyController and a persisted Tailnet."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,8 @@ from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
 from pyheadscale.policy.idpgroups import policy_group_name, policy_groups
 from pyheadscale.state.model import Node, User
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import key, make_cfg, make_node, new_engine, open_tailnet
 
-_T = datetime(2025, 1, 1, tzinfo=UTC)
 ANN = User(id=1, name="ann", email="ann@example.com", groups=("Eng Team",))
 BOB = User(id=2, name="bob", email="bob@example.com", groups=("/ops",))
 CAROL = User(id=3, name="carol", email="carol@example.com")
@@ -29,13 +26,7 @@ TAGS = '"tagOwners": {"tag:server": ["ann@example.com"]}'
 
 
 def node(i: int, user: int | None = None, tags: tuple[str, ...] = ()) -> Node:
-    return Node(
-        id=i, machine_key=bytes(32), node_key=bytes(32), disco_key=None, hostname=f"n{i}",
-        given_name=f"n{i}", user_id=None if tags else user,
-        ipv4=ipaddress.IPv4Address(f"100.64.0.{i}"),
-        ipv6=ipaddress.IPv6Address(f"fd7a:115c:a1e0::{i}"), register_method="authkey",
-        created_at=_T, updated_at=_T, tags=tags,
-    )
+    return make_node(i, user=user, tags=tags)
 
 
 A, B, C, SRV = node(1, 1), node(2, 2), node(3, 3), node(9, tags=("tag:server",))

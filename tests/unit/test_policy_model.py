@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime
 
 import pytest
 
 from pyheadscale.policy import PolicyError, PolicyManager, PolicyTestError, parse_policy
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.state.model import Node, User
+from tests.unit._statefix import make_node
 
-_T = datetime(2025, 1, 1, tzinfo=UTC)
 USERS = [
     User(id=1, name="alice", email="alice@example.com"),
     User(id=2, name="bob", email="bob@example.com"),
 ]
 
 
-def node(
-    i: int,
-    user: int | None = None,
-    tags: tuple[str, ...] = (),
-    routes: tuple[str, ...] = (),
-    approved: tuple[str, ...] = (),
-) -> Node:
-    return Node(
-        id=i,
-        machine_key=bytes(32),
-        node_key=bytes(32),
-        disco_key=None,
-        hostname=f"n{i}",
-        given_name=f"n{i}",
-        user_id=None if tags else user,
-        ipv4=ipaddress.IPv4Address(f"100.64.0.{i}"),
-        ipv6=ipaddress.IPv6Address(f"fd7a:115c:a1e0::{i}"),
-        register_method="authkey",
-        created_at=_T,
-        updated_at=_T,
-        tags=tags,
-        hostinfo={"RoutableIPs": list(routes)},
-        approved_routes=tuple(ipaddress.ip_network(r) for r in approved),
-    )
+def node(i: int, user: int | None = None, tags: tuple[str, ...] = (),
+         routes: tuple[str, ...] = (), approved: tuple[str, ...] = ()) -> Node:
+    return make_node(i, user=user, tags=tags, routes=routes, approved=approved)
 
 
 TAGS = '"tagOwners": {"tag:server": ["alice@example.com"], "tag:router": ["tag:server"]}'

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import random
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,8 +21,8 @@ import pytest
 from pyheadscale.policy import PolicyError, PolicyManager, reference
 from pyheadscale.policy.ipset import IPSet, prefix_string
 from pyheadscale.state.model import Node, User
+from tests.unit._statefix import make_node
 
-_T = datetime(2026, 1, 1, tzinfo=UTC)
 TAGS = ["tag:a", "tag:b", "tag:c"]
 ROUTES = ["10.1.0.0/16", "10.1.2.0/24", "192.168.7.0/24", "fd00:1::/64", "100.64.0.0/29"]
 EXIT = ["0.0.0.0/0", "::/0"]
@@ -34,7 +33,7 @@ def make_users(rng: random.Random) -> list[User]:
             for i in range(1, rng.randint(2, 4) + 1)]
 
 
-def make_node(rng: random.Random, i: int, users: list[User]) -> Node:
+def random_node(rng: random.Random, i: int, users: list[User]) -> Node:
     tagged = rng.random() < 0.35
     tags = tuple(rng.sample(TAGS, rng.randint(1, 2))) if tagged else ()
     # Mostly consecutive addresses (the renderer splits runs of node addresses), some gaps.
@@ -49,14 +48,11 @@ def make_node(rng: random.Random, i: int, users: list[User]) -> Node:
     approved = [r for r in routes if rng.random() < 0.8]
     if set(EXIT) & set(approved):
         approved = list(dict.fromkeys(approved + EXIT))
-    return Node(
-        id=i, machine_key=i.to_bytes(32, "big"), node_key=(i + 7).to_bytes(32, "big"),
-        disco_key=None, hostname=f"n{i}", given_name=f"n{i}",
-        user_id=None if tagged else rng.choice(users).id,
+    return make_node(
+        i, user=None if tagged else rng.choice(users).id, tags=tags, routes=routes,
+        approved=approved,
+        machine_key=i.to_bytes(32, "big"), node_key=(i + 7).to_bytes(32, "big"),
         ipv4=v4 if rng.random() < 0.95 else None, ipv6=v6 if rng.random() < 0.8 else None,
-        register_method="authkey", created_at=_T, updated_at=_T, tags=tags,
-        hostinfo={"RoutableIPs": routes},
-        approved_routes=tuple(ipaddress.ip_network(r) for r in approved),
     )
 
 
@@ -146,7 +142,7 @@ def mutate(rng: random.Random, nodes: list[Node], users: list[User]) -> list[Nod
                          approved_routes=tuple(ipaddress.ip_network(r) for r in routes))
     else:
         del out[i]
-        out.append(make_node(rng, max(x.id for x in nodes) + 1, users))  # IDs stay unique
+        out.append(random_node(rng, max(x.id for x in nodes) + 1, users))  # IDs stay unique
     return out
 
 
@@ -156,7 +152,7 @@ def test_random_tailnets_match_reference(seed: int) -> None:
     compiled = 0
     for attempt in range(6):
         users = make_users(rng)
-        nodes = [make_node(rng, i, users) for i in range(1, rng.randint(2, 12) + 1)]
+        nodes = [random_node(rng, i, users) for i in range(1, rng.randint(2, 12) + 1)]
         text = make_policy(rng, users)
         try:
             pm = PolicyManager(text, users, nodes, run_tests=False)
@@ -178,17 +174,17 @@ def test_random_tailnets_match_reference(seed: int) -> None:
 def test_no_policy_matches_reference() -> None:
     rng = random.Random(99)
     users = make_users(rng)
-    nodes = [make_node(rng, i, users) for i in range(1, 9)]
+    nodes = [random_node(rng, i, users) for i in range(1, 9)]
     assert_equivalent(PolicyManager(None, users, nodes), nodes, "no policy")
 
 
 def test_unknown_viewer_uses_direct_definition() -> None:
     rng = random.Random(5)
     users = make_users(rng)
-    nodes = [make_node(rng, i, users) for i in range(1, 8)]
+    nodes = [random_node(rng, i, users) for i in range(1, 8)]
     pm = PolicyManager(json.dumps({"acls": [{"action": "accept", "src": ["*"],
                                              "dst": ["*:*"]}]}), users, nodes)
-    stranger = make_node(rng, 50, users)
+    stranger = random_node(rng, 50, users)
     assert pm.packet_filter(stranger) == reference.packet_filter(pm, stranger)
     assert pm.peers(stranger) == reference.peers(pm, stranger, nodes)
 

@@ -3,18 +3,14 @@ policy, a set compiles once, and file mode refuses writes with one exception typ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import Engine, func, update
 from sqlmodel import Session, select
 
-from pyheadscale.api import add_api_routes
 from pyheadscale.control import policyctl
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.db import models as db
@@ -26,27 +22,10 @@ from pyheadscale.state.policystore import (
     insert,
     load_latest,
 )
-from tests.unit._statefix import make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import api_client, make_cfg, new_engine, open_control, open_tailnet
 
 OLD = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}'
 NEW = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:443"]}]}'
-
-
-async def control(tmp: Path, **cfg_over: Any) -> ControlPlane:
-    cfg = make_cfg(**cfg_over)
-    tn = await open_tailnet(new_engine(tmp), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
-    return cp
-
-
-@pytest.fixture
-async def db_mode(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    cp = await control(tmp_path, policy={"mode": "database"})
-    try:
-        yield cp
-    finally:
-        await cp.tailnet.close()
 
 
 def _soft_delete_newest(engine: Engine) -> None:
@@ -72,7 +51,7 @@ async def test_server_and_api_agree_when_the_newest_row_is_soft_deleted(
     await tn.close()
 
 
-async def test_api_set_compiles_once_stores_and_swaps(db_mode: ControlPlane,
+async def test_api_set_compiles_once_stores_and_swaps(control: ControlPlane,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[str] = []
     real = policyctl.PolicyManager
@@ -83,32 +62,30 @@ async def test_api_set_compiles_once_stores_and_swaps(db_mode: ControlPlane,
             super().__init__(text, *a, **kw)
 
     monkeypatch.setattr(policyctl, "PolicyManager", Counting)
-    app = web.Application()
-    add_api_routes(app, db_mode.admin, trusted=True)
-    async with TestClient(TestServer(app)) as client:
+    async with await api_client(control) as client:
         resp = await client.put("/api/v1/policy", json={"policy": NEW})
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["policy"] == NEW
         assert built == [NEW]
-        assert db_mode.policy.text == NEW and db_mode.policy.manager is not None
+        assert control.policy.text == NEW and control.policy.manager is not None
         got = await (await client.get("/api/v1/policy")).json()
         assert got["policy"] == NEW and got["updatedAt"]
 
 
-async def test_rejected_policy_is_neither_stored_nor_run(db_mode: ControlPlane) -> None:
-    await db_mode.policy.set(OLD)
-    running = db_mode.policy.manager
+async def test_rejected_policy_is_neither_stored_nor_run(control: ControlPlane) -> None:
+    await control.policy.set(OLD)
+    running = control.policy.manager
     with pytest.raises(PolicyError):
-        await db_mode.policy.set('{"acls": [{"action": "accept", "src": ["group:nope"], '
+        await control.policy.set('{"acls": [{"action": "accept", "src": ["group:nope"], '
                                  '"dst": ["*:*"]}]}')
-    assert db_mode.policy.manager is running and db_mode.policy.text == OLD
-    assert load_latest(db_mode.tailnet.engine).data == OLD
+    assert control.policy.manager is running and control.policy.text == OLD
+    assert load_latest(control.tailnet.engine).data == OLD
 
 
 async def test_file_mode_refuses_writes_with_the_one_exception(tmp_path: Path) -> None:
     path = tmp_path / "policy.hujson"
     path.write_text(OLD)
-    cp = await control(tmp_path, policy={"mode": "file", "path": str(path)})
+    cp = await open_control(tmp_path, policy={"mode": "file", "path": str(path)})
     try:
         with pytest.raises(PolicyUpdateDisabled,
                            match="update is disabled for modes other than 'database'"):

@@ -14,7 +14,7 @@ import pytest
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.state.changes import ChangeKind, Field
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.unit._statefix import key, open_control
 
 LAN = ipaddress.ip_network("10.1.0.0/24")
 POLICY = ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}], '
@@ -23,11 +23,9 @@ POLICY = ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}], '
 
 @pytest.fixture
 async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    cfg = make_cfg(policy={"mode": "database"},
-                   node={"expiry": "0", "routes": {"ha": {"probe_interval": "0s"}}})
-    tn = await open_tailnet(new_engine(tmp_path), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
+    cp = await open_control(tmp_path, node={"expiry": "0",
+                                            "routes": {"ha": {"probe_interval": "0s"}}})
+    tn = cp.tailnet
     cp.routes.start()
     try:
         yield cp

@@ -9,28 +9,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 from sqlmodel import Session, func, select
 
 from pyheadscale.app import Server
 from pyheadscale.db import models
 from pyheadscale.noise.keys import generate_private_key, public_key
 from pyheadscale.testclient import connect
-from tests.unit.inprocess import free_port, running_server
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    # A plain-http server_url gives the relay its own listener: on a free port, not 8443.
-    async with running_server(tmp_path, {"derp": {"server": {
-            "listen_addr": f"127.0.0.1:{free_port()}"}}}) as srv:
-        yield srv
+from tests.inproc import Machine
 
 
 def url(srv: Server) -> str:
@@ -42,31 +31,14 @@ def rows(srv: Server, table: Any) -> int:
         return int(s.exec(select(func.count()).select_from(table)).one())
 
 
-async def register(srv: Server, key: str, **extra: Any) -> tuple[Any, bytes, bytes]:
-    machine, node = generate_private_key(), generate_private_key()
-    conn = await connect(url(srv), machine, capver=113)
-    body = {"Version": 113, "NodeKey": "nodekey:" + public_key(node).hex(),
-            "OldNodeKey": "nodekey:" + "0" * 64, "Auth": {"AuthKey": key},
-            "Expiry": "0001-01-01T00:00:00Z", "Followup": "", "Hostinfo": {"Hostname": "good"}}
-    body.update(extra)
-    status, _, resp = await conn.request("POST", "/machine/register", orjson.dumps(body))
-    assert status == 200, resp
-    return conn, node, orjson.loads(resp)
-
-
 async def healthy_client_works(srv: Server, key: str) -> None:
-    conn, node, resp = await register(srv, key)
-    try:
+    async with Machine(url(srv), "newcomer") as m:
+        resp = await m.register(auth_key=key)
         assert resp.get("MachineAuthorized") is True, resp
-        req = {"Version": 113, "NodeKey": "nodekey:" + public_key(node).hex(), "Stream": True,
-               "Compress": "zstd", "KeepAlive": True,
-               "DiscoKey": "discokey:" + public_key(generate_private_key()).hex()}
-        async for frame in conn.stream_map(orjson.dumps(req)):
+        async for frame in m.stream_map():
             assert frame["Node"]["MachineAuthorized"] is True
             assert frame["DERPMap"]["Regions"]
             break
-    finally:
-        await conn.close()
 
 
 async def test_bad_input_is_contained(server: Server) -> None:
@@ -75,7 +47,8 @@ async def test_bad_input_is_contained(server: Server) -> None:
     nodes_before = rows(server, models.Node)
 
     # A client that stays connected through all of it.
-    bystander, _, resp = await register(server, key)
+    bystander = await Machine(url(server), "bystander").open()
+    resp = await bystander.register(auth_key=key)
     assert resp["MachineAuthorized"] is True
 
     async with aiohttp.ClientSession() as http:
@@ -128,6 +101,6 @@ async def test_bad_input_is_contained(server: Server) -> None:
 
     # Nothing was written by any of it; the bystander and a newcomer still work.
     assert rows(server, models.Node) == nodes_before + 1
-    assert not bystander.closed
+    assert not bystander.conn.closed
     await healthy_client_works(server, key)
     await bystander.close()

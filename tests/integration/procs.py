@@ -1,0 +1,98 @@
+"""What the harness's long-running processes (pyheadscale, tailscaled) share: a namespace to
+run in, a log file, a unix socket path short enough for AF_UNIX, stop/kill/restart/close."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Self
+
+from tests.integration.netns import Host
+
+SOCK_MAX = 100  # sun_path is 108 bytes; keep a margin
+
+
+class NamespacedProcess:
+    """One process in `host`'s namespace, logging to `log_path`. Subclasses start it (with
+    `spawn`) and say when it is ready."""
+
+    stop_timeout = 10.0  # seconds between SIGTERM and SIGKILL
+
+    def __init__(self, host: Host, log_path: Path) -> None:
+        self.host = host
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._sockdir: str | None = None
+
+    def short_socket(self, path: Path, prefix: str) -> Path:
+        """`path`, or the same file name in a fresh short directory when `path` is too long
+        for a unix socket (removed again by close())."""
+        if len(str(path)) <= SOCK_MAX:
+            return path
+        self._sockdir = tempfile.mkdtemp(prefix=prefix)
+        return Path(self._sockdir) / path.name
+
+    def start(self, timeout: float = 30) -> None:
+        raise NotImplementedError
+
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str],
+              cwd: str | os.PathLike[str] | None = None) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== harness: starting {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = self.host.popen(list(argv), env=dict(env), cwd=cwd, stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_timeout if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self, timeout: float = 30) -> None:
+        self.stop()
+        self.start(timeout=timeout)
+
+    def close(self) -> None:
+        self.stop()
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
