@@ -38,10 +38,10 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, client: DerpClient) -> None:
         self.c = client
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self.c._transport = transport
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         self.c._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -105,7 +105,7 @@ class ClientConn(asyncio.BufferedProtocol):
 
     # ---------------------------------------------------------------------- asyncio.Protocol
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         loop = self.server._loop_get()
         self._timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)

@@ -143,7 +143,7 @@ def server_ssl_context(cert_file: str | os.PathLike[str], key_file: str | os.Pat
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             return None
 
-        ctx.sni_callback = _sni  # type: ignore[assignment]
+        ctx.sni_callback = _sni
     return ctx
 
 

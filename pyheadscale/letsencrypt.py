@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import josepy as jose
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from josepy.jwa import ES256
+from josepy.jwk import JWK, JWKEC
 
 from derp.frontdoor import TEXT, FrontDoor, Reply, RequestHead
 from pyheadscale.config.checks import parse_listen
@@ -70,7 +71,7 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
     response_cls = TLSALPN01Response
     typ = response_cls.typ
 
-    def validation(self, account_key: jose.JWK, **kwargs: Any) -> bytes:
+    def validation(self, account_key: JWK, **kwargs: Any) -> bytes:
         """SHA-256 of the key authorization, the acmeIdentifier extension's content."""
         return hashlib.sha256(self.key_authorization(account_key).encode()).digest()
 
@@ -209,10 +210,10 @@ class AcmeManager:
             raise AcmeError(f"{path} is not an EC private key")
         return key
 
-    def _client(self, jwk: jose.JWK) -> client.ClientV2:
+    def _client(self, jwk: JWK) -> client.ClientV2:
         # requests verifies the CA's TLS with certifi, or SSL_CERT_FILE as Go programs do.
         verify: Any = os.environ.get("SSL_CERT_FILE") or True
-        net = client.ClientNetwork(jwk, alg=jose.ES256, verify_ssl=verify,
+        net = client.ClientNetwork(jwk, alg=ES256, verify_ssl=verify,
                                    user_agent="pyheadscale")
         try:
             directory = client.ClientV2.get_directory(self.s.directory_url, net)
@@ -230,7 +231,7 @@ class AcmeManager:
 
     def _issue(self) -> bytes:
         """Order, prove and download a certificate; store it in the cache; return the chain."""
-        jwk = jose.JWKEC(key=self._account_key())
+        jwk = JWKEC(key=self._account_key())
         acme = self._client(jwk)
         key = ec.generate_private_key(ec.SECP256R1())
         csr = crypto_util.make_csr(_pem_key(key), [self.s.hostname])

@@ -91,13 +91,19 @@ def persistent(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def command(parent: click.Group, name: str, help: str, aliases: Iterable[str] = (),
-            **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
+class AliasCommand(click.Command):
+    """A command that cobra-style aliases also reach (AliasGroup looks them up)."""
+
+    aliases: tuple[str, ...] = ()
+
+
+def command(parent: click.Group, name: str, help: str,
+            aliases: Iterable[str] = ()) -> Callable[[Callable[..., Any]], click.Command]:
     def deco(f: Callable[..., Any]) -> click.Command:
-        cmd = click.command(name=name, help=help,
+        cmd = click.command(name=name, help=help, cls=AliasCommand,
                             context_settings={"help_option_names": ["-h", "--help"]},
-                            **kw)(persistent(click.pass_context(f)))
-        cmd.aliases = tuple(aliases)  # type: ignore[attr-defined]
+                            )(persistent(click.pass_context(f)))
+        cmd.aliases = tuple(aliases)
         parent.add_command(cmd)
         return cmd
 

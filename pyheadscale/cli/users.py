@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -40,12 +42,12 @@ def register(root: click.Group) -> None:
         resp = call(ctx, "creating user", "POST", "/api/v1/user", body)
         emit(ctx, resp["user"], "User created")
 
-    def id_name_flags(f):  # type: ignore[no-untyped-def]
+    def id_name_flags(f: Callable[..., Any]) -> Callable[..., Any]:
         f = click.option("-i", "--identifier", type=int, default=-1,
                          help="User identifier (ID)")(f)
         return click.option("-n", "--name", default="", help="Username")(f)
 
-    def find_one(ctx: click.Context, identifier: int, name: str) -> dict:  # type: ignore[type-arg]
+    def find_one(ctx: click.Context, identifier: int, name: str) -> dict[str, Any]:
         if not name and identifier < 0:
             raise CLIError(ERR_FLAG_REQUIRED)
         q = {"name": name, "id": str(identifier) if identifier > 0 else ""}

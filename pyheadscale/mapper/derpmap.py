@@ -281,9 +281,9 @@ def embedded_region(
         "Nodes": [node],
     }
     # Validate like any other source so a bad config fails here, not in the client.
-    return parse_derp_map({"Regions": {region_id: region}}, "embedded DERP region")["Regions"][
-        str(region_id)
-    ]
+    regions: dict[str, dict[str, Any]] = parse_derp_map(
+        {"Regions": {region_id: region}}, "embedded DERP region")["Regions"]
+    return regions[str(region_id)]
 
 
 def server_url_port(server_url: str) -> int:

@@ -56,7 +56,8 @@ def _run_one(t: PolicyTestEntry, rules: list[dict[str, Any]], res: Resolver) -> 
     return errs
 
 
-def _reachable(src: IPSet, dst: str, proto: str, rules: list[dict], res: Resolver) -> bool:
+def _reachable(src: IPSet, dst: str, proto: str, rules: list[dict[str, Any]],
+               res: Resolver) -> bool:
     awp = parse_alias_with_ports(dst)
     if awp.alias.kind == "user" and not res.find_users(awp.alias.text):
         raise ValueError("resolving destination: user not found")

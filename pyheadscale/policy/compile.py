@@ -362,7 +362,8 @@ def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
     return cg
 
 
-def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange], res: Resolver) -> list[dict]:
+def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange],
+               res: Resolver) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for d in dsts:
         if d.kind == "wildcard":
@@ -494,7 +495,7 @@ def _via_rules(cg: CompiledGrant, node: NodeInfo) -> list[dict[str, Any]]:
 def merge_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge rules sharing SrcIPs and IPProto (DstPorts concatenated, first position kept)."""
     out: list[dict[str, Any]] = []
-    index: dict[tuple, int] = {}
+    index: dict[tuple[Any, ...], int] = {}
     for r in rules:
         if r.get("CapGrant"):
             out.append(r)
@@ -549,7 +550,8 @@ def global_rules(grants: list[CompiledGrant]) -> list[dict[str, Any]]:
     return merge_rules([r for g in grants if g.category != "via" for r in g.rules])
 
 
-def node_rules(grants: list[CompiledGrant], node: NodeInfo, res: Resolver) -> list[dict]:
+def node_rules(grants: list[CompiledGrant], node: NodeInfo,
+               res: Resolver) -> list[dict[str, Any]]:
     """A node's unreduced rules: the global ones plus its autogroup:self and via rules."""
     rules: list[dict[str, Any]] = []
     for g in grants:

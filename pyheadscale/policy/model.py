@@ -424,7 +424,8 @@ def acl_to_grants(acl: ACL) -> list[Grant]:
 # ---------------------------------------------------------------------------- parsing
 
 
-def _fields(obj: Any, path: str, known: dict[str, str], ignore_hash: bool = False) -> dict:
+def _fields(obj: Any, path: str, known: dict[str, str],
+            ignore_hash: bool = False) -> dict[str, Any]:
     """Map an object's members onto canonical field names (case-insensitive, as Go's
     MatchCaseInsensitiveNames) and refuse unknown members."""
     if not isinstance(obj, dict):

@@ -111,7 +111,8 @@ def _prepared(rule: SSHRule, res: Resolver, base_url: str) -> _PreparedRule:
     return prep
 
 
-def _compile_rule(rule: SSHRule, res: Resolver, node: NodeInfo, base_url: str) -> list[dict]:
+def _compile_rule(rule: SSHRule, res: Resolver, node: NodeInfo,
+                  base_url: str) -> list[dict[str, Any]]:
     p = _prepared(rule, res, base_url)
     if not p.src:
         return []

@@ -61,7 +61,7 @@ class UserWrites(TailnetBase):
         return user
 
     @serialized
-    async def update_user(self, user_id: int, **fields: Any) -> User:
+    async def update_user(self, user_id: int, /, **fields: Any) -> User:
         """Update profile fields (display_name, email, profile_pic_url, ...) e.g. from OIDC."""
         if set(fields) - _UPDATABLE:
             raise InvalidArgument(f"cannot update user fields {sorted(set(fields) - _UPDATABLE)}")

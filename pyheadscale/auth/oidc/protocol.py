@@ -54,7 +54,7 @@ class ProviderMetadata:
 
 
 def new_pkce_verifier() -> str:
-    return generate_token(64)  # 64 chars of [A-Za-z0-9], within RFC 7636's 43..128
+    return str(generate_token(64))  # 64 chars of [A-Za-z0-9], within RFC 7636's 43..128
 
 
 def authorization_url(meta: ProviderMetadata, oidc: OIDCConfig, redirect_uri: str, state: str,
