@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
+from pyheadscale.db.engine import make_engine
 from tests.netutil import free_port
 
 __all__ = ["PgServerError", "PostgresServer", "find_pg_bindir"]
@@ -282,6 +285,14 @@ class PostgresServer:
         with self._admin_connection() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.params(name)
+
+    def new_engine(self, *, password: str | None = None, pool_size: int = 10) -> Engine:
+        """An engine on a fresh empty database (`password` overrides the right one)."""
+        p = self.create_database()
+        return make_engine("postgres", pg_host=p["host"], pg_port=p["port"], pg_name=p["name"],
+                           pg_user=p["user"],
+                           pg_password=p["password"] if password is None else password,
+                           pg_ssl=False, pg_pool_size=pool_size)
 
     def drop_database(self, name: str) -> None:
         if not _NAME_RE.match(name):

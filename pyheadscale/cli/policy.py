@@ -3,6 +3,7 @@ against the database named in the config (the server must not be running)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ BYPASS_PROMPT = ("DO NOT run this command if an instance of headscale is running
                  "headscale is not running?")
 
 
-def bypass_flags(f: Any) -> Any:
+def bypass_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(f"--{BYPASS_029}", "bypass_old", is_flag=True, default=False,
                      hidden=True)(f)
     return click.option(f"--{BYPASS}", "bypass", is_flag=True, default=False,
@@ -49,6 +50,33 @@ def open_db(ctx: click.Context) -> Engine:
     return engine
 
 
+def file_flag(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-f", "--file", "file_", default=None,
+                        help="Path to a policy file in HuJSON format")(f)
+
+
+def compile_against_db(ctx: click.Context, text: str, *, with_nodes: bool, store: bool) -> None:
+    """The bypass path: compile `text` against the database's users (and nodes, running the
+    policy's tests); store it as the current policy when asked."""
+    from pyheadscale.control.policyctl import compile_policy
+    from pyheadscale.policy import PolicyError
+    from pyheadscale.state.persist import load_all
+    from pyheadscale.state.policystore import insert
+
+    engine = open_db(ctx)
+    try:
+        loaded = load_all(engine)
+        try:
+            compile_policy(load_cfg(ctx), text, loaded.users,
+                           loaded.nodes if with_nodes else [], run_tests=with_nodes)
+        except PolicyError as e:
+            raise CLIError(f"parsing policy file: {e}") from None
+        if store:
+            insert(engine, text)
+    finally:
+        engine.dispose()
+
+
 def register(root: click.Group) -> None:
     pol = group(root, "policy", "Manage the Headscale ACL Policy")
 
@@ -70,53 +98,26 @@ def register(root: click.Group) -> None:
         print(data, flush=True)
 
     @command(pol, "set", "Updates the ACL Policy", aliases=["put", "update"])
-    @click.option("-f", "--file", "file_", default=None, help="Path to a policy file in HuJSON "
-                  "format")
+    @file_flag
     @bypass_flags
     def set_(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
         require(file=file_)
         text = read_policy_file(file_ or "")
         if bypass or bypass_old:
-            from pyheadscale.control.policyctl import compile_policy
-            from pyheadscale.policy import PolicyError
-            from pyheadscale.state.persist import load_all
-            from pyheadscale.state.policystore import insert
-
-            engine = open_db(ctx)
-            try:
-                users = load_all(engine).users
-                try:
-                    compile_policy(load_cfg(ctx), text, users, [], run_tests=False)
-                except PolicyError as e:
-                    raise CLIError(f"parsing policy file: {e}") from None
-                insert(engine, text)
-            finally:
-                engine.dispose()
+            # As Headscale: users only (nodes may not match yet), no policy tests.
+            compile_against_db(ctx, text, with_nodes=False, store=True)
         else:
             call(ctx, "setting ACL policy", "PUT", "/api/v1/policy", {"policy": text})
         print("Policy updated.", flush=True)
 
     @command(pol, "check", "Check the Policy file for errors")
-    @click.option("-f", "--file", "file_", default=None, help="Path to a policy file in HuJSON "
-                  "format")
+    @file_flag
     @bypass_flags
     def check(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
         require(file=file_)
         text = read_policy_file(file_ or "")
         if bypass or bypass_old:
-            from pyheadscale.control.policyctl import compile_policy
-            from pyheadscale.policy import PolicyError
-            from pyheadscale.state.persist import load_all
-
-            engine = open_db(ctx)
-            try:
-                loaded = load_all(engine)
-                try:
-                    compile_policy(load_cfg(ctx), text, loaded.users, loaded.nodes, run_tests=True)
-                except PolicyError as e:
-                    raise CLIError(f"parsing policy file: {e}") from None
-            finally:
-                engine.dispose()
+            compile_against_db(ctx, text, with_nodes=True, store=False)
         else:
             call(ctx, "", "POST", "/api/v1/policy/check", {"policy": text})
         print("Policy is valid", flush=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.bench.build_go import BuildError, build_local_module, local_module_path
+from tests.bench.build_go import build_local_module, local_module_path
+from tests.buildutil import report
 
 SRC = Path(__file__).resolve().parent / "goclient"
 NAME = "apiv2goclient"
@@ -32,12 +33,7 @@ def ensure_goclient(log=sys.stderr) -> Path:
 
 
 def main() -> int:
-    try:
-        print(f"ok {NAME}: {ensure_goclient()}")
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return report(lambda: [(NAME, ensure_goclient())])
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ temporary directory first, so an interrupted build never leaves a half-written b
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,20 +18,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.buildutil import BuildError, file_lock, report
 from tests.integration import versions
 
 # v0.29.3 is the newest v0.29 patch the Go module proxy serves (v0.29.4 answers 403).
 HEADSCALE_VERSION = "v0.29.3"
 # derper at the newest pinned client version; the integration build may already have made it.
 DERPER_VERSION = versions.newest()
-
-
-class BuildError(RuntimeError):
-    """A Go program could not be built or does not run."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +71,6 @@ def _works(tool: GoTool) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0
-
-
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".build.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: str | None = None) -> str:
@@ -141,7 +125,7 @@ def ensure(tool: GoTool, log=sys.stderr) -> Path:
     if go is None:
         raise BuildError(f"Go is not installed (no `go` on PATH); needed to build {tool.name}")
     group = tool.path.parent.parent
-    with _lock(group):
+    with file_lock(group):
         if _works(tool):
             return tool.path
         pkg = f"{tool.package}@{tool.version}"
@@ -192,7 +176,7 @@ def build_local_module(src: Path, name: str, log=sys.stderr) -> Path:
     if go is None:
         raise BuildError(f"Go is not installed (no `go` on PATH); needed to build {name}")
     group = out.parent.parent
-    with _lock(group):
+    with file_lock(group):
         if out.is_file():
             return out
         print(f"building {name} into {out.parent} (minutes the first time)", file=log,
@@ -225,14 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tools", nargs="*", choices=[*EVERYTHING, []], help="default: all")
     args = parser.parse_args(argv)
-    try:
-        for name in args.tools or EVERYTHING:
-            path = ensure_derpload() if name == "derpload" else ensure(TOOLS[name])
-            print(f"ok {name}: {path}")
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return report(lambda: ((name, ensure_derpload() if name == "derpload" else ensure(TOOLS[name]))
+                           for name in args.tools or EVERYTHING))
 
 
 if __name__ == "__main__":

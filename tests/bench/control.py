@@ -55,6 +55,7 @@ import yaml
 from tests.bench import build_go
 from tests.bench.common import (
     LOOPBACK,
+    REPO,
     VENV_PYTHON,
     BenchError,
     Table,
@@ -740,41 +741,19 @@ def _common_config(work: Path, p: dict[str, int], args: argparse.Namespace) -> d
     return cfg
 
 
-_SEED = r"""
-import asyncio, json, sys
-from datetime import UTC, datetime, timedelta
-from pyheadscale.config import load_config
-from pyheadscale.db.engine import engine_from_config, migrate
-from pyheadscale.state.tailnet import Tailnet
-
-async def main(path, name):
-    cfg = load_config(path)
-    engine = engine_from_config(cfg.database)
-    migrate(engine)
-    tn = await Tailnet.load(engine, cfg)
-    u = tn.user_by_name(name) or await tn.create_user(name)
-    _, key = await tn.create_preauth_key(u.id, reusable=True, ephemeral=False,
-                                         expiration=datetime.now(UTC) + timedelta(hours=6),
-                                         tags=())
-    await tn.close()
-    engine.dispose()
-    print(json.dumps({"key": key}))
-
-asyncio.run(main(sys.argv[1], sys.argv[2]))
-"""
-
-
 def _pyheadscale_key(cfg_path: Path) -> str:
     """User + reusable key, through the CLI when it has the commands, else seeded in the DB."""
     base = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
     help_ = subprocess.run([*base, "--help"], capture_output=True, text=True, timeout=60)
     if "preauthkeys" in help_.stdout:
         return ""  # created through the CLI once the server runs
-    r = subprocess.run([str(VENV_PYTHON), "-c", _SEED, str(cfg_path), USER],
-                       capture_output=True, text=True, timeout=120, cwd=str(cfg_path.parent))
+    spec = {"users": [USER], "keys": {"bench": {"user": USER, "reusable": True,
+                                                "expires_in": 6 * 3600}}}
+    r = subprocess.run([str(VENV_PYTHON), "-m", "tests.seeddb", str(cfg_path), json.dumps(spec)],
+                       capture_output=True, text=True, timeout=120, cwd=str(REPO))
     if r.returncode != 0:
         raise BenchError(f"seeding pyheadscale failed: {r.stderr[-2000:]}")
-    return str(json.loads(r.stdout.strip().splitlines()[-1])["key"])
+    return str(json.loads(r.stdout.strip().splitlines()[-1])["keys"]["bench"])
 
 
 def _cli_key(base: list[str]) -> str:

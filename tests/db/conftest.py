@@ -22,21 +22,6 @@ def pg_server() -> Iterator[PostgresServer]:
         yield pg
 
 
-def _pg_engine(pg: PostgresServer) -> tuple[Engine, str]:
-    p = pg.create_database()
-    eng = make_engine(
-        "postgres",
-        pg_host=p["host"],
-        pg_port=p["port"],
-        pg_name=p["name"],
-        pg_user=p["user"],
-        pg_password=p["password"],
-        pg_ssl=False,
-        pg_pool_size=2,
-    )
-    return eng, p["name"]
-
-
 @pytest.fixture(params=BACKENDS)
 def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A fresh, unmigrated database."""
@@ -46,10 +31,11 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         eng.dispose()
         return
     pg: PostgresServer = request.getfixturevalue("pg_server")
-    eng, name = _pg_engine(pg)
+    eng = pg.new_engine(pool_size=2)
     yield eng
     eng.dispose()
-    pg.drop_database(name)
+    assert eng.url.database is not None
+    pg.drop_database(eng.url.database)
 
 
 @pytest.fixture

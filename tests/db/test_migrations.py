@@ -268,16 +268,9 @@ def test_alembic_cli_from_another_cwd(
         eng = make_engine("sqlite", sqlite_path=str(path))
     else:
         pg_server: PostgresServer = request.getfixturevalue("pg_server")
-        p = pg_server.create_database()
-        url = pg_server.dsn(p["name"])
-        eng = make_engine(
-            "postgres",
-            pg_host=p["host"],
-            pg_port=p["port"],
-            pg_name=p["name"],
-            pg_user=p["user"],
-            pg_password=p["password"],
-        )
+        eng = pg_server.new_engine()
+        assert eng.url.database is not None
+        url = pg_server.dsn(eng.url.database)
 
     def alembic(*args: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini")]
@@ -396,13 +389,17 @@ INSERT INTO database_versions VALUES (1, 'v0.29.1', '2025-03-04 05:06:07+00:00')
 """
 
 
+def headscale_database(path: Path, script: str) -> Engine:
+    """A SQLite file written by `script` (Headscale's own DDL and rows), and an engine on it."""
+    raw = sqlite3.connect(path)
+    raw.executescript(script)
+    raw.close()
+    return make_engine("sqlite", sqlite_path=str(path))
+
+
 def test_adopts_headscale_029_sqlite_database(tmp_path: Path) -> None:
     path = tmp_path / "headscale.sqlite"
-    raw = sqlite3.connect(path)
-    raw.executescript(HEADSCALE_029_DDL + HEADSCALE_029_ROWS)
-    raw.close()
-
-    eng = make_engine("sqlite", sqlite_path=str(path))
+    eng = headscale_database(path, HEADSCALE_029_DDL + HEADSCALE_029_ROWS)
     try:
         assert_headscale_schema(eng, ours=False)
         # Headscale 0.29's schema and ours differ only by the added columns, tables, indexes.
@@ -456,11 +453,8 @@ def test_adopts_headscale_029_sqlite_database(tmp_path: Path) -> None:
 
 
 def test_refuses_pre_029_headscale_database(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
-    raw = sqlite3.connect(path)
-    raw.executescript(HEADSCALE_029_DDL.replace("CREATE TABLE database_versions", "CREATE TABLE x"))
-    raw.close()
-    eng = make_engine("sqlite", sqlite_path=str(path))
+    eng = headscale_database(tmp_path / "old.sqlite", HEADSCALE_029_DDL.replace(
+        "CREATE TABLE database_versions", "CREATE TABLE x"))
     try:
         with pytest.raises(MigrationError, match="0.29"):
             migrate(eng)
@@ -543,10 +537,7 @@ def test_headscale_can_still_write_users_after_0002(tmp_path: Path) -> None:
     # After adoption, Headscale's GORM inserts name only its own columns; the new one must be
     # nullable without a default so those inserts keep working and read back as no groups.
     path = tmp_path / "headscale.sqlite"
-    raw = sqlite3.connect(path)
-    raw.executescript(HEADSCALE_029_DDL + HEADSCALE_029_ROWS)
-    raw.close()
-    eng = make_engine("sqlite", sqlite_path=str(path))
+    eng = headscale_database(path, HEADSCALE_029_DDL + HEADSCALE_029_ROWS)
     try:
         before = _index_sql(eng)
         migrate(eng)

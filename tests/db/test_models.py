@@ -573,15 +573,7 @@ def test_engine_from_config_postgres(pg_server: PostgresServer) -> None:
 
 
 def test_postgres_wrong_password_fails(pg_server: PostgresServer) -> None:
-    p = pg_server.create_database()
-    eng = make_engine(
-        "postgres",
-        pg_host=p["host"],
-        pg_port=p["port"],
-        pg_name=p["name"],
-        pg_user=p["user"],
-        pg_password="wrong",
-    )
+    eng = pg_server.new_engine(password="wrong")
     try:
         with pytest.raises(Exception, match="password"), eng.connect():
             pass

@@ -8,8 +8,6 @@ interrupted or failed build never leaves a half-populated cache.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -18,14 +16,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.buildutil import BuildError, file_lock, report
 from tests.integration import versions
 
 CORE_TOOLS = ("tailscale", "tailscaled")
 EXTRA_TOOLS = ("derper", "derpprobe")
-
-
-class BuildError(RuntimeError):
-    """A client binary could not be built or does not run."""
 
 
 def _version_probe(tool: str) -> list[str]:
@@ -51,19 +46,6 @@ def binary_works(path: Path, tool: str) -> bool:
 def have(version: str, tools: Sequence[str] = CORE_TOOLS) -> bool:
     vdir = versions.version_dir(version)
     return all(binary_works(vdir / t, t) for t in tools)
-
-
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    # Parallel pytest workers may all ask for the clients; only one may build at a time.
-    root = versions.cache_dir() / "tailscale"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _go() -> str:
@@ -104,7 +86,8 @@ def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr) -> P
     vdir = versions.version_dir(version)
     if have(version, tools):
         return vdir
-    with _build_lock():
+    # Parallel pytest workers may all ask for the clients; only one may build at a time.
+    with file_lock(versions.cache_dir() / "tailscale"):
         if have(version, tools):  # another process built it while we waited
             return vdir
         missing = [t for t in tools if not binary_works(vdir / t, t)]
@@ -150,17 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in wanted if v not in versions.PINNED]
     if unknown:
         parser.error(f"not a pinned version: {', '.join(unknown)}")
-    try:
+    def steps() -> Iterator[tuple[str, Path]]:
         for v in wanted:
-            vdir = ensure(v)
-            print(f"ok {v}: {vdir}")
+            yield v, ensure(v)
         if extras:
-            vdir = ensure(versions.newest(), extras)
-            print(f"ok {versions.newest()} {','.join(extras)}: {vdir}")
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            yield f"{versions.newest()} {','.join(extras)}", ensure(versions.newest(), extras)
+
+    return report(steps)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from tests.integration import build_clients
 from tests.integration.netns import Host, Topology
+from tests.integration.procs import NamespacedProcess
 from tests.integration.server import CertAuthority, PyHeadscale, make_test_ca
 from tests.integration.tailscale import Tailscaled
-from tests.integration.world import World
+from tests.integration.world import World, world_fixture
 
 LOG_ROOT = Path(os.environ.get("PYHEADSCALE_TEST_LOGS", "/tmp/pyheadscale-test-logs"))
 _WORKDIR = pytest.StashKey[Path]()
@@ -98,40 +99,45 @@ def test_ca(workdir: Path) -> CertAuthority:
     return make_test_ca(workdir / "tls")
 
 
+P = TypeVar("P", bound=NamespacedProcess)
+
+
+def _started(build: Callable[..., P]) -> Iterator[Callable[..., P]]:
+    """Yield `make(...)`: build(index, ...) then start it; close them all, newest first."""
+    made: list[P] = []
+
+    def make(*args: Any, **kwargs: Any) -> P:
+        proc = build(len(made), *args, **kwargs)
+        made.append(proc)
+        proc.start()
+        return proc
+
+    yield make
+    for proc in reversed(made):
+        proc.close()
+
+
 @pytest.fixture
 def tailscaled_factory(
     topology: Topology, workdir: Path, clients_built: dict[str, Path]
 ) -> Iterator[Callable[..., Tailscaled]]:
     """`make(host, version, **kw)` -> a started Tailscaled; all are stopped at teardown."""
-    made: list[Tailscaled] = []
+    def build(n: int, host: Host, version: str, **kwargs: Any) -> Tailscaled:
+        d = workdir / f"tailscaled-{host.name}-{version}-{n}"
+        return Tailscaled(host, version, d, start=False, **kwargs)
 
-    def make(host: Host, version: str, **kwargs: Any) -> Tailscaled:
-        d = workdir / f"tailscaled-{host.name}-{version}-{len(made)}"
-        ts = Tailscaled(host, version, d, start=False, **kwargs)
-        made.append(ts)
-        ts.start()
-        return ts
-
-    yield make
-    for ts in reversed(made):
-        ts.close()
+    yield from _started(build)
 
 
 @pytest.fixture
 def pyheadscale_factory(topology: Topology, workdir: Path) -> Iterator[Callable[..., PyHeadscale]]:
     """`make(host, overrides=None, **kw)` -> a started PyHeadscale; stopped at teardown."""
-    made: list[PyHeadscale] = []
+    def build(n: int, host: Host, overrides: dict[str, Any] | None = None,
+              **kwargs: Any) -> PyHeadscale:
+        return PyHeadscale(host, workdir / f"server-{host.name}-{n}", overrides, start=False,
+                           **kwargs)
 
-    def make(host: Host, overrides: dict[str, Any] | None = None, **kwargs: Any) -> PyHeadscale:
-        d = workdir / f"server-{host.name}-{len(made)}"
-        srv = PyHeadscale(host, d, overrides, start=False, **kwargs)
-        made.append(srv)
-        srv.start()
-        return srv
-
-    yield make
-    for srv in reversed(made):
-        srv.close()
+    yield from _started(build)
 
 
 # -- keeping logs of failed tests ----------------------------------------------------------
@@ -189,11 +195,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         topo.close()
 
 
-@pytest.fixture
-def world(
-    topology: Topology, workdir: Path, tailscaled_factory: Callable[..., Tailscaled]
-) -> Iterator[World]:
-    """A server host with a seeded pyheadscale (`world.start_server()`) and joining clients."""
-    w = World(topology, workdir, tailscaled_factory)
-    yield w
-    w.close()
+# A server host with a seeded pyheadscale (`world.start_server()`) and joining clients.
+world = world_fixture(World)

@@ -14,8 +14,6 @@ A missing node/npm raises IdPUnavailable: the tests fail, they never skip.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -26,11 +24,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.buildutil import file_lock
 from tests.integration import versions
 from tests.netutil import free_port
 
@@ -54,17 +53,6 @@ def _installed(vdir: Path, version: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".install.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure(version: str = OIDC_PROVIDER_VERSION, log: Any = sys.stderr) -> Path:
     """Install oidc-provider@version into the cache (once) and write the server script."""
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -73,7 +61,7 @@ def ensure(version: str = OIDC_PROVIDER_VERSION, log: Any = sys.stderr) -> Path:
                              "OIDC tests (install Node >= 20 and npm)")
     vdir = idp_dir(version)
     if not _installed(vdir, version):
-        with _lock(vdir.parent):
+        with file_lock(vdir.parent, ".install.lock"):
             if not _installed(vdir, version):
                 print(f"installing oidc-provider@{version} into {vdir}", file=log, flush=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=vdir.parent))

@@ -6,19 +6,16 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import hsapi
-from tests.integration.netns import Topology
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +39,7 @@ class Lab(World):
         return super().join(name, version, key, args)
 
 
-@pytest.fixture
-def lab(topology: Topology, workdir: Path,
-        tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[Lab]:
-    lab = Lab(topology, workdir, tailscaled_factory)
-    yield lab
-    lab.close()
+lab = world_fixture(Lab)
 
 
 REUSABLE = {"user": "alice", "reusable": True}

@@ -76,6 +76,17 @@ def oidc_config(tmp_path: Path, port: int, oidc: dict[str, Any]) -> Config:
     return server_config(tmp_path / "hs", port=port, overrides={"oidc": oidc})
 
 
+@contextlib.asynccontextmanager
+async def server_and_device(tmp_path: Path, idp_factory: Any, hostname: str = "dev",
+                            ) -> AsyncIterator[tuple[Server, Machine, OpenIDProvider]]:
+    """A provider, the server using it, and a device connected to the server."""
+    port = free_port()
+    idp = idp_factory(hs_port=port)
+    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
+            Machine(srv.cfg.server_url, hostname) as dev:
+        yield srv, dev, idp
+
+
 def oidc_server(tmp_path: Path, port: int,
                 oidc: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Server]:
     """The server with this `oidc:` section, running for the `async with` block."""
@@ -247,10 +258,7 @@ async def test_disallowed_users_are_refused(tmp_path: Path, idp_factory: Any,
 
 async def test_tampered_state_and_replayed_callback_are_refused(tmp_path: Path,
                                                                 idp_factory: Any) -> None:
-    port = free_port()
-    idp = idp_factory(hs_port=port)
-    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Machine(srv.cfg.server_url, "dev") as dev:
+    async with server_and_device(tmp_path, idp_factory) as (srv, dev, idp):
         auth_url, follow = await dev.start_login()
         async with browser() as s:
             _, _, cb = await login(s, auth_url, ALICE, stop_at_callback=True)
@@ -281,10 +289,7 @@ async def test_tampered_state_and_replayed_callback_are_refused(tmp_path: Path,
 
 
 async def test_wrong_nonce_is_refused(tmp_path: Path, idp_factory: Any) -> None:
-    port = free_port()
-    idp = idp_factory(hs_port=port)
-    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Machine(srv.cfg.server_url, "dev") as dev:
+    async with server_and_device(tmp_path, idp_factory) as (srv, dev, idp):
         auth_url, follow = await dev.start_login()
         async with browser() as s:
             _, _, cb = await login(s, auth_url, ALICE, stop_at_callback=True)
@@ -391,10 +396,7 @@ async def test_use_expiry_from_token_sets_node_expiry(tmp_path: Path, idp_factor
 
 
 async def test_reauthentication_same_and_other_user(tmp_path: Path, idp_factory: Any) -> None:
-    port = free_port()
-    idp = idp_factory(hs_port=port)
-    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Machine(srv.cfg.server_url, "shared-pc") as dev:
+    async with server_and_device(tmp_path, idp_factory, "shared-pc") as (srv, dev, idp):
         await full_login(srv, dev, ALICE)
         (first,) = srv.tailnet.list_nodes()
 
@@ -420,10 +422,7 @@ async def test_reauthentication_same_and_other_user(tmp_path: Path, idp_factory:
 
 async def test_unowned_advertised_tags_are_refused_with_a_page(tmp_path: Path,
                                                               idp_factory: Any) -> None:
-    port = free_port()
-    idp = idp_factory(hs_port=port)
-    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Machine(srv.cfg.server_url, "tagged-pc") as dev:
+    async with server_and_device(tmp_path, idp_factory, "tagged-pc") as (srv, dev, idp):
         dev.request_tags = ["tag:server"]  # no policy: nobody owns it
         auth_url, follow = await dev.start_login()
         async with browser() as s:
@@ -438,10 +437,7 @@ async def test_unowned_advertised_tags_are_refused_with_a_page(tmp_path: Path,
 
 async def test_group_change_at_next_login_updates_user(tmp_path: Path,
                                                        idp_factory: Any) -> None:
-    port = free_port()
-    idp = idp_factory(hs_port=port)
-    async with oidc_server(tmp_path, port, oidc_conf(idp, tmp_path)) as srv, \
-            Machine(srv.cfg.server_url, "dev") as dev:
+    async with server_and_device(tmp_path, idp_factory) as (srv, dev, idp):
         await full_login(srv, dev, ALICE)
         assert set(users_by_email(srv)["alice@example.com"].groups) == {"eng", "ops"}
         idp.set_account(Account(**{**ALICE.__dict__, "groups": ["eng", "admins"],

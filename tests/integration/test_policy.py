@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, ServerError, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, serve_echo, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -108,12 +108,7 @@ class PolicyLab(World):
         return hsapi.node_id(self.server, name)
 
 
-@pytest.fixture
-def lab(topology: Topology, workdir: Path,
-        tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[PolicyLab]:
-    lab = PolicyLab(topology, workdir, tailscaled_factory)
-    yield lab
-    lab.close()
+lab = world_fixture(PolicyLab)
 
 
 def fetch(host: Host, ip: str, port: int, timeout: float = 2) -> str | None:

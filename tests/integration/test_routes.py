@@ -8,18 +8,16 @@ can tell which router (source NAT) or exit node carried a request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import hsapi
-from tests.integration.netns import Namespace, Topology
+from tests.integration.netns import Namespace
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, serve_echo, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +41,7 @@ class Lab(World):
         return super().join(name, version, key, args, host=ns)
 
 
-@pytest.fixture
-def lab(topology: Topology, workdir: Path,
-        tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[Lab]:
-    lab = Lab(topology, workdir, tailscaled_factory)
-    yield lab
-    lab.close()
+lab = world_fixture(Lab)
 
 
 def fetch(ns: Namespace, ip: str, timeout: float = 3) -> str | None:

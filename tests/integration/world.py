@@ -9,9 +9,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import pytest
 
 from tests.integration.netns import Host, Namespace, Topology
 from tests.integration.seed import seed
@@ -85,6 +87,22 @@ class World:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+W = TypeVar("W", bound="World")
+
+
+def world_fixture(cls: type[W]) -> Callable[..., Iterator[W]]:
+    """A pytest fixture that makes a `cls` (World or a lab built on it) and closes it."""
+
+    @pytest.fixture
+    def fixture(topology: Topology, workdir: Path,
+                tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[W]:
+        world = cls(topology, workdir, tailscaled_factory)
+        yield world
+        world.close()
+
+    return fixture
 
 
 ECHO_HTTP = Path(__file__).with_name("echo_http.py")

@@ -85,6 +85,14 @@ def plain(resp):
     return None if resp is None else to_plain(resp)
 
 
+def peer_delta(change: Change, viewer: Node, peer: Node) -> dict[str, Any]:
+    """The delta `viewer` gets for `change` about `peer`, which it already knows."""
+    resp, _ = delta([change], {viewer.id: viewer, peer.id: peer}, USERS, viewer, ctx(), NOW,
+                    {peer.id})
+    out: dict[str, Any] = plain(resp)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Full map
 
@@ -382,31 +390,13 @@ def test_key_expiry_patch_and_offline_disco_change_sends_full_node():
     )
     assert plain(resp)["PeersChangedPatch"] == [{"NodeID": 2, "KeyExpiry": "2026-08-22T17:00:00Z"}]
     off = replace(n2, online=False)
-    resp, _ = delta(
-        [Change(ChangeKind.NODE_PATCH, 2, frozenset({Field.DISCO_KEY}))],
-        {1: n1, 2: off},
-        USERS,
-        n1,
-        ctx(),
-        NOW,
-        {2},
-    )
-    got = plain(resp)
+    got = peer_delta(Change(ChangeKind.NODE_PATCH, 2, frozenset({Field.DISCO_KEY})), n1, off)
     assert "PeersChangedPatch" not in got and got["PeersChanged"][0]["ID"] == 2
 
 
 def test_other_peer_change_is_full_peers_changed():
     n1, n2 = mknode(1), mknode(2, hostinfo={"Hostname": "renamed", "OS": "linux"}, version=5)
-    resp, _ = delta(
-        [Change(ChangeKind.NODE_CHANGED, 2, frozenset({Field.HOSTINFO}))],
-        {1: n1, 2: n2},
-        USERS,
-        n1,
-        ctx(),
-        NOW,
-        {2},
-    )
-    got = plain(resp)
+    got = peer_delta(Change(ChangeKind.NODE_CHANGED, 2, frozenset({Field.HOSTINFO})), n1, n2)
     assert [p["ID"] for p in got["PeersChanged"]] == [2]
     assert got["PeersChanged"][0]["Hostinfo"]["Hostname"] == "renamed"
     assert "Peers" not in got and "Node" not in got

@@ -43,6 +43,18 @@ async def router(cp: ControlPlane, i: int, *routes: str) -> int:
     return n.id
 
 
+async def online_routers(cp: ControlPlane, *indexes: int) -> list[int]:
+    """Routers for LAN (approved), each with an open map session and online."""
+    ids = []
+    for i in indexes:
+        nid = await router(cp, i, str(LAN))
+        await cp.tailnet.approve_routes(nid, [str(LAN)])
+        cp.tailnet.bus.subscribe(nid)  # an open map session
+        await cp.tailnet.set_online(nid, True)
+        ids.append(nid)
+    return ids
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -96,13 +108,9 @@ async def test_policy_auto_approves_announced_routes_and_exit_pairs(cp: ControlP
 
 async def test_probe_verdicts_fail_over_and_answers_recover_without_flap(
         cp: ControlPlane) -> None:
-    tn, rc = cp.tailnet, cp.routes
+    rc = cp.routes
     rc.probe_timeout = 0.05
-    r1, r2 = await router(cp, 1, str(LAN)), await router(cp, 2, str(LAN))
-    for r in (r1, r2):
-        await tn.approve_routes(r, [str(LAN)])
-        tn.bus.subscribe(r)  # an open map session
-        await tn.set_online(r, True)
+    r1, r2 = await online_routers(cp, 1, 2)
     assert rc.primaries.ha_nodes() == {LAN: [r1, r2]}
 
     async def answer(node_id: int) -> None:
@@ -126,13 +134,9 @@ async def test_probe_verdicts_fail_over_and_answers_recover_without_flap(
 
 async def test_fresh_session_gets_a_cycle_before_a_silent_probe_counts(
         cp: ControlPlane) -> None:
-    tn, rc = cp.tailnet, cp.routes
+    rc = cp.routes
     rc.probe_timeout = 0.05
-    r1, r2 = await router(cp, 1, str(LAN)), await router(cp, 2, str(LAN))
-    for r in (r1, r2):
-        await tn.approve_routes(r, [str(LAN)])
-        tn.bus.subscribe(r)
-        await tn.set_online(r, True)
+    r1, r2 = await online_routers(cp, 1, 2)
     await rc.probe_once()  # nobody answers, but both sessions are new
     assert rc.primaries.unhealthy == set()
     assert rc.outbox.take(r1) is not None  # the PingRequest waited for r1's stream
