@@ -19,7 +19,7 @@ from aiohttp import web
 
 from derp.frontdoor import TEXT, Reply, RequestHead, Route, Upgrade, WebSocket
 from pyheadscale.control.h2server import H2ControlConnection
-from pyheadscale.control.types import MAX_REQUEST_BODY, Dispatch
+from pyheadscale.control.types import MAX_REQUEST_BODY, MIN_CAPVER, Dispatch
 from pyheadscale.listener import add_takeover_route
 from pyheadscale.noise.handshake import HandshakeError, HandshakeResult, error_frame, respond
 from pyheadscale.noise.keys import mkey, public_key
@@ -30,7 +30,6 @@ UPGRADE_PROTOCOL = "tailscale-control-protocol"
 HANDSHAKE_HEADER = "X-Tailscale-Handshake"
 # Clients older than this cannot speak Noise at all (Headscale's NoiseCapabilityVersion).
 NOISE_CAPABILITY_VERSION = 39
-DEFAULT_MIN_CAPVER = 113
 
 
 def _text(status: int, text: str) -> web.Response:
@@ -100,7 +99,7 @@ class Ts2021Server:
         self,
         noise_private_key: bytes,
         dispatch: Dispatch,
-        min_capver: int = DEFAULT_MIN_CAPVER,
+        min_capver: int = MIN_CAPVER,
         max_body: int = MAX_REQUEST_BODY,
     ) -> None:
         self.private_key = bytes(noise_private_key)
@@ -224,7 +223,7 @@ def add_routes(
     app: web.Application,
     noise_private_key: bytes,
     dispatch: Dispatch,
-    min_capver: int = DEFAULT_MIN_CAPVER,
+    min_capver: int = MIN_CAPVER,
 ) -> None:
     """Register ``GET /key`` and the ``GET|POST /ts2021`` takeover route on ``app``.
 
