@@ -13,7 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -65,6 +65,14 @@ def serialized(
         return await asyncio.shield(asyncio.ensure_future(run()))
 
     return one_write
+
+
+def _found(table: Mapping[int, T], key: int, missing: str) -> T:
+    """table[key], or NotFound(missing): the message admins and clients see."""
+    item = table.get(key)
+    if item is None:
+        raise NotFound(missing)
+    return item
 
 
 class TakenNames:
@@ -264,16 +272,10 @@ class TailnetBase:
         return self.nodes.get(nid) if nid is not None else None
 
     def get_node(self, node_id: int) -> Node:
-        n = self.nodes.get(node_id)
-        if n is None:
-            raise NotFound(f"node not found: {node_id}")
-        return n
+        return _found(self.nodes, node_id, f"node not found: {node_id}")
 
     def get_user(self, user_id: int) -> User:
-        u = self.users.get(user_id)
-        if u is None:
-            raise NotFound("user not found")
-        return u
+        return _found(self.users, user_id, "user not found")
 
     def user_by_name(self, name: str) -> User | None:
         for u in self.users.values():
@@ -296,16 +298,10 @@ class TailnetBase:
         return [self.api_keys[i] for i in sorted(self.api_keys)]
 
     def get_preauth_key(self, key_id: int) -> PreAuthKey:
-        k = self.preauth_keys.get(key_id)
-        if k is None:
-            raise NotFound("auth-key not found")
-        return k
+        return _found(self.preauth_keys, key_id, "auth-key not found")
 
     def get_api_key(self, key_id: int) -> ApiKey:
-        a = self.api_keys.get(key_id)
-        if a is None:
-            raise NotFound("API key not found")
-        return a
+        return _found(self.api_keys, key_id, "API key not found")
 
     def api_key_by_prefix(self, prefix: str) -> ApiKey | None:
         try:
