@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
@@ -32,6 +32,10 @@ class ChangeKind(enum.Enum):
     DERP = "derp"
     USER = "user"  # a user was added, changed or removed (Change.user_id says which)
     FULL = "full"
+
+    # Members are singletons compared by identity, so identity hashing is correct; Enum's own
+    # __hash__ is Python code, and the mapper hashes kinds and fields for every viewer.
+    __hash__ = object.__hash__
 
 
 class Field(enum.Enum):
@@ -55,6 +59,8 @@ class Field(enum.Enum):
     USER = "user"  # the owning user
     ADDRESSES = "addresses"
     PING = "ping"  # a server message (PingRequest) waits for the node's next frame
+
+    __hash__ = object.__hash__  # as ChangeKind's
 
 
 # What a tailcfg.PeerChange can carry: a change of only these is a NODE_PATCH.
@@ -95,7 +101,7 @@ def coalesce(changes: Iterable[Change]) -> list[Change]:
         if prev is None:
             merged[k] = c
         elif not c.fields <= prev.fields:
-            merged[k] = replace(c, fields=prev.fields | c.fields)
+            merged[k] = Change(c.kind, c.node_id, prev.fields | c.fields, c.target, c.user_id)
     return list(merged.values())
 
 
