@@ -8,7 +8,7 @@ domain); the peer-entry cache is keyed by it.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
@@ -19,7 +19,12 @@ from pyheadscale.mapper.dns import DNSSettings, build_dns_config
 from pyheadscale.state.model import IPNetwork, Node
 from pyheadscale.tailcfg import dumps
 
-__all__ = ["ALLOW_ALL_FILTER", "AllowAllPolicy", "MapContext", "Policy"]
+__all__ = ["ALLOW_ALL_FILTER", "AllowAllPolicy", "MapContext", "Policy", "exit_routes"]
+
+NODE_ATTR_SUGGEST_EXIT_NODE = "suggest-exit-node"
+# Hides the node's IPv4 address from itself and its peers, and every peer's IPv4 address
+# from it (the hosted plane's behaviour, CGNAT conflicts).
+NODE_ATTR_DISABLE_IPV4 = "disable-ipv4"
 
 
 @runtime_checkable
@@ -40,6 +45,22 @@ class Policy(Protocol):
 
     def node_capmap(self, viewer: Node) -> dict[str, list[Any]]:
         """Policy node attributes, overlaid on the baseline self CapMap."""
+        ...
+
+    def peer_capmap(self, peer: Node) -> dict[str, Any]:
+        """The CapMap ``peer`` shows its viewers (empty for most peers); the same for every
+        viewer, so shared peer entries can carry it."""
+        ...
+
+    def nodes_with_attr(self, attr: str) -> Collection[int]:
+        """IDs of the nodes whose CapMap the policy gives ``attr``."""
+        ...
+
+    def routes_for_peer(
+        self, viewer: Node, peer: Node, primaries: Sequence[IPNetwork]
+    ) -> Sequence[IPNetwork]:
+        """The routes ``peer`` offers ``viewer``, out of its elected ``primaries`` and its
+        approved exit routes (and, with ``via`` grants, routes steered to it)."""
         ...
 
 
@@ -71,14 +92,32 @@ class AllowAllPolicy:
     def node_capmap(self, viewer: Node) -> dict[str, list[Any]]:
         return {}
 
+    def nodes_with_attr(self, attr: str) -> Collection[int]:
+        return ()
+
+    def peer_capmap(self, peer: Node) -> dict[str, Any]:
+        # As the hosted plane does for every policy: approved exit nodes are suggestible.
+        return {NODE_ATTR_SUGGEST_EXIT_NODE: None} if exit_routes(peer) else {}
+
+    def routes_for_peer(
+        self, viewer: Node, peer: Node, primaries: Sequence[IPNetwork]
+    ) -> Sequence[IPNetwork]:
+        return [*primaries, *exit_routes(peer)]  # everyone may use everything
+
+
+def exit_routes(node: Node) -> list[IPNetwork]:
+    """The node's approved and announced exit routes (0.0.0.0/0, ::/0)."""
+    announced = set(node.announced_routes)
+    return [r for r in node.approved_routes if r.prefixlen == 0 and r in announced]
+
 
 @dataclass(frozen=True)
 class MapContext:
     """Inputs shared by every viewer's map.
 
     ``domain`` is MapResponse.Domain (Headscale sends the server_url host); empty falls back
-    to ``base_domain``. ``primary_routes`` maps node ID to the subnet/exit routes that node
-    currently serves (approved, announced and elected primary).
+    to ``base_domain``. ``primary_routes`` maps node ID to the subnet routes that node is the
+    elected primary for (approved, announced, online).
     """
 
     base_domain: str = ""
@@ -108,6 +147,11 @@ class MapContext:
     @cached_property
     def derp_fragment(self) -> orjson.Fragment:
         return orjson.Fragment(dumps(dict(self.derp_map)))
+
+    @cached_property
+    def ipv4_disabled(self) -> frozenset[int]:
+        """IDs of the nodes the policy gives disable-ipv4 (fixed for a context)."""
+        return frozenset(self.policy.nodes_with_attr(NODE_ATTR_DISABLE_IPV4))
 
     def routes_of(self, node_id: int) -> tuple[IPNetwork, ...]:
         out = []

@@ -20,9 +20,12 @@ from typing import Any
 from pyheadscale.mapper.context import MapContext
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
+    KnownPeers,
     PeerCache,
+    PeerView,
     _home_derp,
     full_map_and_peers,
+    peer_view,
     self_node,
     user_profiles,
 )
@@ -77,13 +80,16 @@ def delta(
     viewer: Node,
     ctx: MapContext,
     now: datetime,
-    known_peers: set[int],
+    known_peers: Mapping[int, PeerView],
     cache: PeerCache | None = None,
-) -> tuple[dict[str, Any] | None, set[int]]:
-    """The delta for ``viewer`` and its updated known-peer set (input set is not mutated).
+) -> tuple[dict[str, Any] | None, KnownPeers]:
+    """The delta for ``viewer`` and its updated known peers (the input is not mutated).
 
-    Returns (None, known_peers) when nothing concerns this viewer. A FULL change yields a full
-    map (whose peer set replaces known_peers).
+    ``known_peers`` maps each peer the client holds to the view it was sent (what
+    full_map_and_peers and earlier deltas returned). After a policy change, or a change of
+    the viewer's own identity, a peer whose view changed (its routes for this viewer) is
+    sent again. Returns (None, known_peers) when nothing concerns this viewer. A FULL
+    change yields a full map (whose peers replace known_peers).
     """
     changes = list(changes)
     node_map: Mapping[int, Node] = nodes if isinstance(nodes, Mapping) else {n.id: n for n in nodes}
@@ -92,12 +98,12 @@ def delta(
     kinds = [_kind(c) for c in changes]
     if ChangeKind.FULL in kinds:
         return full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
+    known: KnownPeers = dict(known_peers)
     if viewer.id not in node_map:
-        return None, set(known_peers)  # the viewer was deleted; the app ends its stream
+        return None, known  # the viewer was deleted; the app ends its stream
 
     cache = cache if cache is not None else PeerCache()
     legacy = 0 < viewer.capver < HOME_DERP_CAPVER
-    known = set(known_peers)
     resp: dict[str, Any] = {}
 
     full_ids: set[int] = set()
@@ -138,7 +144,7 @@ def delta(
         else:
             patch_fields.setdefault(nid, set()).update(fields)
 
-    candidates = set(node_map) | known if reconcile_all else touched
+    candidates = set(node_map) | set(known) if reconcile_all else touched
     changed: list[Node] = []
     removed: list[int] = []
     patches: list[dict[str, Any]] = []
@@ -150,16 +156,17 @@ def delta(
         if peer is None or not can_see(viewer, peer):
             if pid in known:
                 removed.append(pid)
-                known.discard(pid)
+                del known[pid]
             continue
-        if pid not in known:
-            changed.append(peer)  # newly visible (added, or allowed by a new policy)
-            known.add(pid)
+        if pid not in known or pid in full_ids:
+            changed.append(peer)  # newly visible (added, or allowed by a new policy), or new
             continue
+        if reconcile_all:
+            view = peer_view(viewer, peer, ctx)
+            if known[pid] != view:
+                changed.append(peer)  # the policy now gives this viewer other routes of it
+                continue
         if pid not in touched:
-            continue
-        if pid in full_ids:
-            changed.append(peer)
             continue
         fields = frozenset(patch_fields.get(pid, ()))
         if Field.DISCO_KEY in fields and not peer.online:
@@ -172,7 +179,11 @@ def delta(
     if self_node_needed:
         resp["Node"] = self_node(viewer, ctx, now)
     if changed:
-        resp["PeersChanged"] = [cache.get(p, ctx, now, legacy_derp=legacy) for p in changed]
+        entries = []
+        for p in changed:
+            view = known[p.id] = peer_view(viewer, p, ctx)
+            entries.append(cache.get(p, ctx, now, legacy_derp=legacy, view=view))
+        resp["PeersChanged"] = entries
     if removed:
         resp["PeersRemoved"] = removed
     if patches:
@@ -182,7 +193,7 @@ def delta(
         resp["PacketFilter"] = list(ctx.policy.packet_filter(viewer))
         ssh = ctx.policy.ssh_policy(viewer)
         # nil means "unchanged", so an explicitly empty policy clears an earlier one.
-        resp["SSHPolicy"] = ssh if ssh else {"Rules": []}
+        resp["SSHPolicy"] = ssh if ssh else {"rules": []}
     if ChangeKind.DNS in kinds or policy_changed:
         resp["DNSConfig"] = ctx.dns_fragment  # Headscale resends DNS with policy changes
     if ChangeKind.DERP in kinds:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from pyheadscale.mapper.context import MapContext
+from pyheadscale.mapper.context import NODE_ATTR_SUGGEST_EXIT_NODE, MapContext
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, IPNetwork, Node, User
 from pyheadscale.tailcfg import (
     KeyKind,
@@ -31,15 +31,18 @@ __all__ = [
     "CAP_FILE_SHARING",
     "CAP_SSH",
     "HOME_DERP_CAPVER",
+    "KnownPeers",
     "NODE_ATTR_DEFAULT_AUTO_UPDATE",
     "NODE_ATTR_SUGGEST_EXIT_NODE",
     "PeerCache",
+    "PeerView",
     "TAGGED_DEVICES_PROFILE",
     "fqdn",
     "full_map",
     "full_map_and_peers",
     "node_entry",
     "peer_entry",
+    "peer_view",
     "self_node",
     "user_profile",
     "user_profiles",
@@ -50,7 +53,6 @@ CAP_ADMIN = "https://tailscale.com/cap/is-admin"
 CAP_SSH = "https://tailscale.com/cap/ssh"
 CAP_FILE_SHARING = "https://tailscale.com/cap/file-sharing"
 NODE_ATTR_DEFAULT_AUTO_UPDATE = "default-auto-update"
-NODE_ATTR_SUGGEST_EXIT_NODE = "suggest-exit-node"
 HOME_DERP_CAPVER = 111  # clients below this need the legacy "DERP": "127.3.3.40:N" string
 LEGACY_DERP_IP = "127.3.3.40"
 
@@ -59,9 +61,6 @@ TAGGED_DEVICES_PROFILE: dict[str, Any] = {
     "LoginName": "tagged-devices",
     "DisplayName": "Tagged Devices",
 }
-
-_EXIT_V4 = ipaddress.ip_network("0.0.0.0/0")
-_EXIT_V6 = ipaddress.ip_network("::/0")
 
 
 def fqdn(node: Node, base_domain: str) -> str:
@@ -76,30 +75,72 @@ def _prefix_key(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
 
 
-def _exit_routes(node: Node) -> list[IPNetwork]:
-    announced = set(node.announced_routes)
-    return [r for r in node.approved_routes if r in (_EXIT_V4, _EXIT_V6) and r in announced]
-
-
 def _home_derp(node: Node) -> int:
     ni = node.hostinfo.get("NetInfo") if isinstance(node.hostinfo, dict) else None
     v = ni.get("PreferredDERP") if isinstance(ni, dict) else None
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-def node_entry(node: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool) -> dict[str, Any]:
-    """tailcfg.Node without CapMap (which differs between the self and the peer view)."""
-    addrs = [ipaddress.ip_network(host_prefix(a)) for a in node.addresses]
-    routes = list(ctx.routes_of(node.id))
-    for r in _exit_routes(node):
-        if r not in routes:
-            routes.append(r)
+class PeerView(NamedTuple):
+    """What of a peer's entry depends on who looks: the routes it offers this viewer
+    (sorted) and whether its IPv4 address is hidden. Viewers with equal views share one
+    encoded entry, so a tailnet encodes each peer once per distinct view, not per viewer.
+    (A tuple: it is hashed for every peer of every map.)"""
+
+    routes: tuple[IPNetwork, ...] = ()
+    hide_v4: bool = False
+
+
+_PLAIN = PeerView()
+_PLAIN_NO_V4 = PeerView((), True)
+
+# What a map stream has told its client about each peer (ID -> the view it was sent).
+KnownPeers = dict[int, PeerView]
+
+
+def _is_exit(r: IPNetwork) -> bool:
+    return r.prefixlen == 0
+
+
+def peer_view(viewer: Node, peer: Node, ctx: MapContext) -> PeerView:
+    hidden = ctx.ipv4_disabled
+    hide_v4 = bool(hidden) and (viewer.id in hidden or peer.id in hidden)
+    if not peer.approved_routes:  # no route to offer anyone (most peers)
+        return _PLAIN_NO_V4 if hide_v4 else _PLAIN
+    primaries = [r for r in ctx.routes_of(peer.id) if not _is_exit(r)]
+    offered = ctx.policy.routes_for_peer(viewer, peer, primaries)
+    return PeerView(tuple(sorted(set(offered), key=_prefix_key)), hide_v4)
+
+
+def _served_routes(node: Node) -> list[IPNetwork]:
+    """Approved and announced routes, exit routes included: what the node itself serves."""
+    announced = set(node.announced_routes)
+    return [r for r in node.approved_routes if r in announced]
+
+
+def node_entry(
+    node: Node,
+    ctx: MapContext,
+    now: datetime,
+    *,
+    legacy_derp: bool,
+    routes: Iterable[IPNetwork],
+    hide_v4: bool,
+) -> dict[str, Any]:
+    """tailcfg.Node without CapMap (which differs between the self and the peer view).
+    ``routes``: what goes into AllowedIPs besides the addresses (PrimaryRoutes are the
+    non-exit ones of them)."""
+    addrs = [
+        ipaddress.ip_network(host_prefix(a))
+        for a in node.addresses
+        if not (hide_v4 and a.version == 4)
+    ]
     allowed: list[IPNetwork] = []
-    for p in addrs + routes:
+    for p in (*addrs, *routes):
         if p not in allowed:
             allowed.append(p)
     allowed.sort(key=_prefix_key)
-    primary = sorted((r for r in routes if r not in (_EXIT_V4, _EXIT_V6)), key=_prefix_key)
+    primary = [r for r in allowed if r not in addrs and not _is_exit(r)]
     expired = node.is_expired(now)
 
     out: dict[str, Any] = {
@@ -140,8 +181,19 @@ def node_entry(node: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool)
 
 
 def self_node(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
-    """The viewer's own Node with its CapMap: Headscale's baseline overlaid by policy attrs."""
-    out = node_entry(viewer, ctx, now, legacy_derp=0 < viewer.capver < HOME_DERP_CAPVER)
+    """The viewer's own Node with its CapMap: Headscale's baseline overlaid by policy attrs.
+
+    Its AllowedIPs hold every route it serves, an HA standby's too; its PrimaryRoutes the
+    ones it is elected for (as the hosted plane sends them)."""
+    served = _served_routes(viewer)
+    primaries = set(ctx.routes_of(viewer.id))
+    out = node_entry(viewer, ctx, now, legacy_derp=0 < viewer.capver < HOME_DERP_CAPVER,
+                     routes=served, hide_v4=viewer.id in ctx.ipv4_disabled)
+    prim = [p for p in served if p in primaries and not _is_exit(p)]
+    if prim:
+        out["PrimaryRoutes"] = [str(p) for p in sorted(prim, key=_prefix_key)]
+    else:
+        out.pop("PrimaryRoutes", None)
     capmap: dict[str, list[Any]] = {CAP_ADMIN: [], CAP_SSH: []}
     if ctx.taildrop:
         capmap[CAP_FILE_SHARING] = []
@@ -151,26 +203,32 @@ def self_node(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
     return out
 
 
-def peer_entry(peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool) -> dict[str, Any]:
-    """A peer as seen by others. Its CapMap carries only caps clients read from peers
-    (suggest-exit-node for an approved exit node, Headscale ``PeerCapMap``)."""
-    out = node_entry(peer, ctx, now, legacy_derp=legacy_derp)
-    if _exit_routes(peer):
-        caps = ctx.policy.node_capmap(peer) or {}
-        if NODE_ATTR_SUGGEST_EXIT_NODE in caps:
-            out["CapMap"] = {NODE_ATTR_SUGGEST_EXIT_NODE: caps[NODE_ATTR_SUGGEST_EXIT_NODE]}
+def peer_entry(
+    peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool, view: PeerView
+) -> dict[str, Any]:
+    """``peer`` as seen by every viewer with ``view`` of it (nothing else of the viewer goes
+    in, which is what lets viewers share it). Its CapMap carries only caps clients read from
+    peers (suggest-exit-node on approved exit nodes)."""
+    out = node_entry(peer, ctx, now, legacy_derp=legacy_derp, routes=view.routes,
+                     hide_v4=view.hide_v4)
+    caps = ctx.policy.peer_capmap(peer)
+    if caps:
+        out["CapMap"] = dict(caps)
     return out
 
 
 class PeerCache:
-    """Encoded peer entries shared by all viewers.
+    """Encoded peer entries shared by all viewers with the same view of the peer.
 
-    Keyed by (node.id, node.version, ctx.generation, expired-now, legacy DERP string). A new
-    version or generation replaces the node's old entries. Not locked: use one per event loop.
+    Keyed by (node.id, node.version, ctx.generation, expired-now) and, within that, by
+    (legacy DERP string, PeerView). A new version or generation replaces the node's old
+    entries. Not locked: use one per event loop.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple[int, int, bool], dict[bool, orjson.Fragment]]] = {}
+        self._entries: dict[
+            int, tuple[tuple[int, int, bool], dict[tuple[bool, PeerView], orjson.Fragment]]
+        ] = {}
         self.hits = 0
         self.misses = 0
 
@@ -178,18 +236,20 @@ class PeerCache:
         return sum(len(v[1]) for v in self._entries.values())
 
     def get(
-        self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool
+        self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool, view: PeerView
     ) -> orjson.Fragment:
         stamp = (peer.version, ctx.generation, peer.is_expired(now))
         slot = self._entries.get(peer.id)
         if slot is None or slot[0] != stamp:
             slot = (stamp, {})
             self._entries[peer.id] = slot
-        frag = slot[1].get(legacy_derp)
+        key = (legacy_derp, view)
+        frag = slot[1].get(key)
         if frag is None:
             self.misses += 1
-            frag = orjson.Fragment(dumps(peer_entry(peer, ctx, now, legacy_derp=legacy_derp)))
-            slot[1][legacy_derp] = frag
+            entry = peer_entry(peer, ctx, now, legacy_derp=legacy_derp, view=view)
+            frag = orjson.Fragment(dumps(entry))
+            slot[1][key] = frag
         else:
             self.hits += 1
         return frag
@@ -253,8 +313,9 @@ def full_map_and_peers(
     ctx: MapContext,
     now: datetime,
     cache: PeerCache | None = None,
-) -> tuple[dict[str, Any], set[int]]:
-    """The full MapResponse and the set of peer IDs it carries (the stream's known peers)."""
+) -> tuple[dict[str, Any], KnownPeers]:
+    """The full MapResponse and the peers it carries with their views (the stream's known
+    peers)."""
     cache = cache if cache is not None else PeerCache()
     users = _user_map(users)
     peers = visible_peers(nodes, viewer, ctx)
@@ -274,11 +335,19 @@ def full_map_and_peers(
     if not ctx.logtail:
         resp["Debug"] = {"DisableLogTail": True}
     ssh = ctx.policy.ssh_policy(viewer)
-    if ssh and ssh.get("Rules"):
+    if ssh and ssh.get("rules"):  # tailcfg.SSHPolicy's JSON name is "rules"
         resp["SSHPolicy"] = ssh
-    if peers:  # an empty Peers would mean "unchanged": omit instead
-        resp["Peers"] = [cache.get(p, ctx, now, legacy_derp=legacy) for p in peers]
-    return resp, {p.id for p in peers}
+    known: KnownPeers = {}
+    entries = []
+    hidden = ctx.ipv4_disabled
+    for p in peers:
+        # peer_view's common case inline: a peer without routes, nobody's IPv4 hidden.
+        view = peer_view(viewer, p, ctx) if p.approved_routes or hidden else _PLAIN
+        known[p.id] = view
+        entries.append(cache.get(p, ctx, now, legacy_derp=legacy, view=view))
+    if entries:  # an empty Peers would mean "unchanged": omit instead
+        resp["Peers"] = entries
+    return resp, known
 
 
 def full_map(

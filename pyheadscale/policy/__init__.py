@@ -33,6 +33,7 @@ from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
 from pyheadscale.policy.model import Alias, Policy, parse_policy
+from pyheadscale.policy.routes import RouteSteering
 from pyheadscale.policy.ssh import (
     compile_ssh_policy,
     localpart_domain,
@@ -180,6 +181,7 @@ class PolicyManager:
         self._auto = AutoApprover(pol, self._res)
         self._via_app = via_app_pairs(pol, self._res) if pol else []
         self._eval: Evaluation | None = None
+        self._steering: RouteSteering | None = None
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
         self._peers: dict[int, set[int]] = {}
@@ -327,6 +329,19 @@ class PolicyManager:
         a, b = self._info(viewer), self._info(peer)
         return self._visible(a, b, self._node_matchers(a))
 
+    def routes_for_peer(
+        self, viewer: Node, peer: Node, primaries: Sequence[IPNetwork]
+    ) -> list[IPNetwork]:
+        """The routes `peer` offers `viewer`: those of its primaries and approved exit routes
+        the viewer may use, steered by `via` grants (policy/routes.py). `primaries` are the
+        peer's elected primary subnet routes."""
+        info = self._known(viewer)
+        if info is None:
+            return []  # not in the snapshot: nothing is known to be allowed
+        if self._steering is None:
+            self._steering = RouteSteering(self.policy, self._res, self._evaluation())
+        return self._steering.routes_for_peer(info, self._info(peer), primaries)
+
     def ssh_policy(self, viewer: Node) -> dict[str, Any] | None:
         info = self._info(viewer)
         if info.id not in self._ssh:
@@ -337,8 +352,12 @@ class PolicyManager:
         """CapMap entries policy adds to viewer's own node (nodeAttrs, randomizeClientPort)."""
         return dict(self._node_attrs.get(viewer.id, {}))
 
-    def peer_capmap(self, viewer: Node, peer: Node) -> dict[str, Any]:
-        """CapMap entries of peer as viewer sees it. The hosted plane marks every approved
+    def nodes_with_attr(self, attr: str) -> frozenset[int]:
+        """IDs of the nodes node_capmap() gives `attr`."""
+        return frozenset(i for i, caps in self._node_attrs.items() if attr in caps)
+
+    def peer_capmap(self, peer: Node) -> dict[str, Any]:
+        """CapMap entries of peer as every viewer sees it. The hosted plane marks every approved
         exit node with suggest-exit-node (Headscale only copies the peer's own nodeAttr)."""
         info = self._info(peer)
         if info.is_exit:

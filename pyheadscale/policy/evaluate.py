@@ -31,7 +31,7 @@ from pyheadscale.policy.compile import (
     _self_rules,
     _via_rules,
 )
-from pyheadscale.policy.ipset import THE_INTERNET, IPSet, parse_wire
+from pyheadscale.policy.ipset import THE_INTERNET, IPNetwork, IPSet, parse_wire
 
 Rule = dict[str, Any]
 # A rule's position in node_rules order: (grant index, 0 for the grant's own rules and
@@ -237,8 +237,9 @@ class Evaluation:
         self._src_of: list[list[int]] = [[] for _ in range(n)]
         self._dst_of: list[list[int]] = [[] for _ in range(n)]
         self._gmasks: list[tuple[int, int]] = []
-        for mi, rule in enumerate(self.global_rules):
-            sm, dm = self.nodesets.matcher_masks(Matcher.of(rule))
+        self._gmatchers = [Matcher.of(rule) for rule in self.global_rules]
+        for mi, matcher in enumerate(self._gmatchers):
+            sm, dm = self.nodesets.matcher_masks(matcher)
             self._gmasks.append((sm, dm))
             for i in _bits(sm):
                 self._src_of[i].append(mi)
@@ -259,6 +260,7 @@ class Evaluation:
         self._classes: dict[Any, _Class] | None = None
         self._dest_pos_cache: dict[Any, dict[int, Pos]] = {}
         self._class_of: list[Any] = []
+        self._route_users: dict[IPNetwork, int] = {}
 
     # ------------------------------------------------------------------ per-node pieces
 
@@ -392,6 +394,29 @@ class Evaluation:
         ids = self._ids
         return {ids[j] for j in _bits(mask)}
 
+    # ------------------------------------------------------------------ routes
+
+    def route_users(self, route: IPNetwork) -> int:
+        """Bitmask (snapshot positions) of the nodes that may use `route` as a peer route.
+
+        Headscale's CanAccessRoute over each node's own matchers: a rule whose sources hold
+        the node (its addresses or subnet routes) and whose destinations overlap the route,
+        or a rule whose sources overlap the route and whose destinations the node serves
+        (return traffic). Serving includes an exit node's Internet, as the hosted plane
+        shows: an exit node reached from `*` gets the routes behind those sources."""
+        mask = self._route_users.get(route)
+        if mask is not None:
+            return mask
+        mask = _route_mask(route, self._gmatchers, self._gmasks)
+        if self.grants:
+            for c in self._ensure_classes().values():
+                mask |= _route_mask(route, c.matchers, c.masks) & c.members
+        self._route_users[route] = mask
+        return mask
+
+    def position(self, node_id: int) -> int | None:
+        return self.pos_of.get(node_id)
+
     def _class_peers(self, i: int, bit: int) -> int:
         classes = self._ensure_classes()
         mask = 0
@@ -440,6 +465,19 @@ class Evaluation:
             src = list(key[0])
             out.append(Matcher.of({"SrcIPs": src, "DstPorts": dsts}))
         return out
+
+
+def _route_mask(route: IPNetwork, matchers: Sequence[Matcher],
+                masks: Sequence[tuple[int, int]]) -> int:
+    """Nodes matchers let use `route`: the sources of rules whose destinations overlap it,
+    the destinations of rules whose sources overlap it (return traffic)."""
+    out = 0
+    for m, (sm, dm) in zip(matchers, masks, strict=True):
+        if m.dests.overlaps_prefix(route):
+            out |= sm
+        if m.srcs.overlaps_prefix(route):
+            out |= dm
+    return out
 
 
 class _Class:

@@ -1,32 +1,39 @@
-"""Policy engine vs. the hosted control plane's recorded behaviour.
+"""Policy engine and mapper vs. the hosted control plane's recorded behaviour.
 
-Every capture under PYHEADSCALE_POLICY_CAPTURES (see data.py) is evaluated per its README's comparison rules: refusals (with the error text
-as a substring), and for accepted policies each captured node's packet filter (ordered),
-SSH policy, set of visible peers, and CapMap (policy-only level, self and peers).
+Every capture under PYHEADSCALE_POLICY_CAPTURES (see data.py) is evaluated per its README's
+comparison rules: refusals (with the error text as a substring), and for accepted policies
+each captured node's full map as the server builds it (policy engine, primary-route
+election and mapper together) against what the node was sent: packet filter (ordered), SSH
+policy, the set of visible peers, its own and every peer's Addresses, AllowedIPs and
+PrimaryRoutes (per viewer: which routes it may use, which router is primary, exit routes),
+and CapMap (policy-only level, self and peers).
 
 Every file that does not pass must be listed in KNOWN_DEVIATIONS with the reason; the test
-fails on an unlisted failure and on a listed file that now passes. The per-category pass rate
-(at least 98%) counts the scenarios without a `deviation` code in index.json: those record
-hosted-plane behaviour Headscale deliberately does not follow.
+fails on an unlisted failure and on a listed file that now passes. Every category must pass
+all of its scenarios without a `deviation` code in index.json (those record hosted-plane
+behaviour Headscale deliberately does not follow).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pyheadscale.mapper import MapContext, full_map, to_plain
 from pyheadscale.policy import PolicyError, PolicyManager
 from pyheadscale.state.model import Node, User
+from pyheadscale.state.routes import PrimaryRoutes
 from tests.conformance.data import conformance_dir
 
 CAPTURES = conformance_dir("PYHEADSCALE_POLICY_CAPTURES", "policy")
-MIN_PASS_RATE = 0.98
+MIN_PASS_RATE = 1.0
 SERVER_URL = "https://unused"
 # The hosted tailnet's associated e-mail domain (the passkey domain was anonymised to it).
 TAILNET_DOMAINS = {"example.com"}
@@ -46,11 +53,6 @@ _STATE_CAPS = {
     "ssh-behavior-v1",
     "ssh-env-vars",
 }
-# What every node gets regardless of policy (Headscale's baseline, Taildrop on).
-_BASELINE_CAPS = {
-    "https://tailscale.com/cap/file-sharing": None,
-    "https://tailscale.com/cap/ssh": None,
-}
 
 _FUNNEL = "deviation funnel: hosted plane accepts the funnel attribute; Headscale refuses it"
 _IPPOOL = "deviation ippool: ipPool needs the IP allocator; Headscale refuses it"
@@ -69,6 +71,9 @@ KNOWN_DEVIATIONS: dict[str, str] = {
 }
 
 _EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+# What evaluate() compared, for the printed figures: maps, peer entries, and peer entries
+# that carry routes (captured or computed).
+COMPARED: Counter[str] = Counter()
 DEFAULT_USERS = [
     {"id": 1, "name": "odin", "email": "odin@example.com"},
     {"id": 2, "name": "thor", "email": "thor@example.org"},
@@ -109,6 +114,7 @@ def build_topology(topo: dict[str, Any]) -> tuple[list[User], list[Node], dict[s
             tags=tags,
             hostinfo={"RoutableIPs": list(d.get("routable_ips") or [])},
             approved_routes=tuple(ipaddress.ip_network(r) for r in d.get("approved_routes") or ()),
+            online=True,
         )
         nodes.append(node)
         by_host[name] = node
@@ -189,6 +195,52 @@ def norm_capmap(cm: dict[str, Any] | None, check_auto_update: bool) -> dict[str,
 # ------------------------------------------------------------------------- evaluation
 
 
+def _norm_prefixes(values: list[str] | None, skip: set[str]) -> list[str]:
+    return sorted(v for v in values or () if v not in skip)
+
+
+def _routes_differ(got: dict[str, Any], want: dict[str, Any], skip: set[str]) -> str | None:
+    """Which of Addresses / AllowedIPs / PrimaryRoutes differ (multisets of CIDR strings),
+    leaving out the route entries in `skip`; None when all agree."""
+    for key in ("Addresses", "AllowedIPs", "PrimaryRoutes"):
+        g = _norm_prefixes(got.get(key), skip)
+        w = _norm_prefixes(want.get(key), skip)
+        if g != w:
+            return f"{key} {g} != {w}"
+    return None
+
+
+def build_maps(d: dict[str, Any], pm: PolicyManager, nodes: list[Node], users: list[User]
+               ) -> dict[int, dict[str, Any]]:
+    """Every captured node's full map as the server would send it: every node online, so
+    the primary of a subnet route is the earliest registered node serving it."""
+    auto_update = (d.get("tailnet") or {}).get("settings", {}).get("devices_auto_updates_on")
+    primaries = PrimaryRoutes()
+    primaries.compute(nodes)
+    ctx = MapContext(policy=pm, primary_routes=primaries.by_node(), taildrop=True,
+                     auto_update=bool(auto_update))
+    by_host = {n.hostname: n for n in nodes}
+    return {
+        by_host[name].id: to_plain(full_map(nodes, users, by_host[name], ctx, _EPOCH))
+        for name in d["captures"]
+    }
+
+
+def _peer_mismatch(got: dict[str, Any] | None, want: dict[str, Any] | None,
+                   skip: set[str]) -> str | None:
+    """How one peer entry of a map differs from the captured one (None: it agrees)."""
+    if (got is None) != (want is None):
+        return "visibility differs (" + ("missing" if got is None else "extra") + ")"
+    if got is None or want is None:
+        return None
+    diff = _routes_differ(got, want, skip)
+    if diff:
+        return diff
+    if norm_capmap(got.get("CapMap"), False) != norm_capmap(want.get("CapMap"), False):
+        return "CapMap differs"
+    return None
+
+
 def evaluate(path: Path) -> str | None:
     """None if the capture passes, else a short description of the first mismatch."""
     d = json.loads(path.read_text(encoding="utf-8"))
@@ -208,41 +260,55 @@ def evaluate(path: Path) -> str | None:
     if refused:
         return f"accepted a refused policy (want {d.get('api_error')!r})"
 
-    auto_update = (d.get("tailnet") or {}).get("settings", {}).get("devices_auto_updates_on")
-    check_au = auto_update is not None
+    check_au = (d.get("tailnet") or {}).get("settings", {}).get(
+        "devices_auto_updates_on") is not None
+    names = {n.id: n.hostname for n in nodes}
+    worlds = [build_maps(d, pm, nodes, users)]
+    # Route approval raced with these captures: the topology says "not approved", some
+    # netmaps already carry the route. The raced route entries are left out of the route
+    # comparison, and a pair involving a raced node may match the world where the route
+    # was already approved (it can make the pair visible); everything else is exact.
+    raced: dict[str, set[str]] = {}
+    for name in d.get("inconsistent_route_nodes") or ():
+        t = d["topology"]["nodes"][name]
+        raced[name] = set(t.get("routable_ips") or ()) - set(t.get("approved_routes") or ())
+    if raced:
+        approved = [
+            replace(n, approved_routes=n.approved_routes
+                    + tuple(ipaddress.ip_network(r) for r in raced.get(n.hostname, ())))
+            for n in nodes
+        ]
+        pm_raced = PolicyManager(d["policy"], users, approved, server_url=SERVER_URL,
+                                 tailnet_domains=TAILNET_DOMAINS)
+        worlds.append(build_maps(d, pm_raced, approved, users))
     for name, cap in sorted(d["captures"].items()):
-        node = by_host[name]
-        got = norm_rules(pm.packet_filter(node))
-        want = norm_rules(cap.get("packet_filter_rules"))
-        if got != want:
+        got = worlds[0][by_host[name].id]
+        if norm_rules(got.get("PacketFilter")) != norm_rules(cap.get("packet_filter_rules")):
             return f"{name}: packet filter differs"
-        if norm_ssh(pm.ssh_policy(node)) != norm_ssh(cap.get("ssh_policy")):
+        if norm_ssh(got.get("SSHPolicy")) != norm_ssh(cap.get("ssh_policy")):
             return f"{name}: ssh policy differs"
-        peers = cap.get("peers") or {}
-        seen = {n.hostname for n in nodes if pm.can_see(node, n)}
-        # Route approval raced with these captures: visibility through those routes is
-        # undefined, so pairs involving the listed nodes are not compared.
-        racing = set(d.get("inconsistent_route_nodes") or ())
-        if name in racing:
-            seen = set(peers)
-        else:
-            seen = (seen - racing) | (set(peers) & racing)
-        if seen != set(peers):
-            return (
-                f"{name}: peers differ (missing {sorted(set(peers) - seen)}, "
-                f"extra {sorted(seen - set(peers))})"
-            )
         self_cap = cap.get("self") or {}
-        mine = dict(_BASELINE_CAPS)
-        mine.update(pm.node_capmap(node))
-        if check_au:
-            mine["default-auto-update"] = [bool(auto_update)]
-        if norm_capmap(mine, check_au) != norm_capmap(self_cap.get("CapMap"), check_au):
+        diff = _routes_differ(got["Node"], self_cap, raced.get(name, set()))
+        if diff:
+            return f"{name}: self {diff}"
+        mine = norm_capmap(got["Node"].get("CapMap"), check_au)
+        if mine != norm_capmap(self_cap.get("CapMap"), check_au):
             return f"{name}: self CapMap differs"
-        for peer_name, peer in peers.items():
-            pcm = pm.peer_capmap(node, by_host[peer_name])
-            if norm_capmap(pcm, False) != norm_capmap(peer.get("CapMap"), False):
-                return f"{name}: peer {peer_name} CapMap differs"
+        want_peers = cap.get("peers") or {}
+        seen = [{names[p["ID"]]: p for p in w[by_host[name].id].get("Peers") or ()}
+                for w in worlds]
+        COMPARED["maps"] += 1
+        for peer_name in sorted(set(want_peers) | set(seen[0])):
+            COMPARED["peer entries"] += 1
+            routed = [x for x in (want_peers.get(peer_name), seen[0].get(peer_name)) if x]
+            if any(set(x.get("AllowedIPs") or ()) - set(x.get("Addresses") or ()) for x in routed):
+                COMPARED["peer entries with routes"] += 1
+            skip = raced.get(peer_name, set()) | raced.get(name, set())
+            tries = seen if name in raced or peer_name in raced else seen[:1]
+            diffs = [_peer_mismatch(s.get(peer_name), want_peers.get(peer_name), skip)
+                     for s in tries]
+            if all(diffs):
+                return f"{name}: peer {peer_name}: {diffs[0]}"
     return None
 
 
@@ -286,6 +352,7 @@ def test_policy_captures() -> None:
         "\npolicy conformance per category (scenarios without a deviation code):\n"
         + "\n".join(lines)
         + f"\nfailing files (incl. deviations): {len(failures)}"
+        + "\ncompared: " + ", ".join(f"{v} {k}" for k, v in sorted(COMPARED.items()))
     )
     unlisted = {k: v for k, v in failures.items() if k not in KNOWN_DEVIATIONS}
     now_passing = sorted(k for k in KNOWN_DEVIATIONS if k not in failures)
@@ -309,3 +376,4 @@ if __name__ == "__main__":
         print(c, sum(cats[c]), "/", len(cats[c]))
     for k, v in sorted(fails.items()):
         print(f"{k}: {v}")
+    print("compared:", dict(COMPARED))

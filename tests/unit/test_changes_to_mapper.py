@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pyheadscale.mapper import MapContext, delta, to_plain
+from pyheadscale.mapper.full import PeerView
 from pyheadscale.state.changes import Change, ChangeKind, Field, Subscription
 from pyheadscale.state.model import Node
 from pyheadscale.state.tailnet import Tailnet
@@ -35,8 +36,14 @@ async def _next(sub: Subscription) -> list[Change]:
     return await sub.__anext__()
 
 
+def _sent(ids: set[int]) -> dict[int, PeerView]:
+    """What the viewer's stream holds: these peers, sent without routes (none has any)."""
+    return {i: PeerView() for i in ids}
+
+
 def _delta(tn: Tailnet, batch: list[Change], viewer: Node, known: set[int]) -> dict[str, Any]:
-    resp, _ = delta(batch, tn.nodes, tn.users, tn.nodes[viewer.id], MapContext(), NOW, known)
+    resp, _ = delta(batch, tn.nodes, tn.users, tn.nodes[viewer.id], MapContext(), NOW,
+                    _sent(known))
     assert resp is not None
     out: dict[str, Any] = to_plain(resp)
     return out
@@ -62,7 +69,8 @@ async def test_user_without_visible_nodes_changes_nothing_for_the_viewer(
     carol = await tn.create_user("carol")
     batch = await _next(sub)
     assert batch == [Change(ChangeKind.USER, user_id=carol.id)]
-    resp, _ = delta(batch, tn.nodes, tn.users, tn.nodes[a1.id], MapContext(), NOW, {a2.id})
+    resp, _ = delta(batch, tn.nodes, tn.users, tn.nodes[a1.id], MapContext(), NOW,
+                    _sent({a2.id}))
     assert resp is None
 
 

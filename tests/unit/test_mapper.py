@@ -28,6 +28,7 @@ from pyheadscale.mapper import (
     to_plain,
 )
 from pyheadscale.mapper.derpmap import embedded_region, merge_derp_maps
+from pyheadscale.mapper.full import PeerView
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, Node, User
 from tests.unit._statefix import key, make_node
@@ -48,6 +49,8 @@ def mknode(i: int, **kw: Any) -> Node:
         hostinfo={"Hostname": f"node{i}", "OS": "linux"}, online=True, capver=145, version=1)
     return make_node(i, **(fields | kw))
 
+
+KNOWN_2 = {2: PeerView()}  # the stream has sent peer 2, with no routes
 
 USERS = {
     1: User(id=1, name="alice", display_name="Alice", email="alice@example.com"),
@@ -88,7 +91,7 @@ def plain(resp):
 def peer_delta(change: Change, viewer: Node, peer: Node) -> dict[str, Any]:
     """The delta `viewer` gets for `change` about `peer`, which it already knows."""
     resp, _ = delta([change], {viewer.id: viewer, peer.id: peer}, USERS, viewer, ctx(), NOW,
-                    {peer.id})
+                    {peer.id: PeerView()})
     out: dict[str, Any] = plain(resp)
     return out
 
@@ -176,7 +179,7 @@ def test_full_map_peers_and_profiles():
     nodes = {3: n3, 1: n1, 2: n2}
     resp, peers = full_map_and_peers(nodes, USERS, n1, ctx(), NOW)
     got = to_plain(resp)
-    assert peers == {2, 3}
+    assert set(peers) == {2, 3}
     assert [p["ID"] for p in got["Peers"]] == [2, 3]  # sorted, never self
     assert all(p["ID"] != 1 for p in got["Peers"])
     p2, p3 = got["Peers"]
@@ -276,9 +279,10 @@ class DenyPolicy(AllowAllPolicy):
 
 def test_policy_visibility_ssh_capmap_and_empty_filter():
     n1, n2, n3 = mknode(1), mknode(2), mknode(3)
+    # tailcfg.SSHPolicy's JSON names are lower camel case ("rules", "principals", ...).
     ssh = {
-        "Rules": [
-            {"Principals": [{"Any": True}], "SSHUsers": {"*": "="}, "Action": {"Accept": True}}
+        "rules": [
+            {"principals": [{"any": True}], "sshUsers": {"*": "="}, "action": {"accept": True}}
         ]
     }
     pol = DenyPolicy(hidden={3}, ssh=ssh, caps={"magicdns-aaaa": []}, rules=[])
@@ -287,7 +291,7 @@ def test_policy_visibility_ssh_capmap_and_empty_filter():
     assert got["SSHPolicy"] == ssh
     assert got["Node"]["CapMap"]["magicdns-aaaa"] == []
     assert got["PacketFilter"] == []  # deny-all must be sent as [], not omitted
-    no_ssh = plain(full_map({1: n1}, USERS, n1, ctx(policy=DenyPolicy(ssh={"Rules": []})), NOW))
+    no_ssh = plain(full_map({1: n1}, USERS, n1, ctx(policy=DenyPolicy(ssh={"rules": []})), NOW))
     assert "SSHPolicy" not in no_ssh
 
 
@@ -339,22 +343,22 @@ def test_peer_cache_notices_expiry_crossing_without_version_bump():
 
 def test_nothing_for_viewer_returns_none():
     nodes = {1: mknode(1), 2: mknode(2)}
-    resp, known = delta([Change(ChangeKind.NODE_ONLINE, 1)], nodes, USERS, nodes[1], ctx(), NOW, {2})
-    assert resp is None and known == {2}
-    resp, known = delta([], nodes, USERS, nodes[1], ctx(), NOW, {2})
+    resp, known = delta([Change(ChangeKind.NODE_ONLINE, 1)], nodes, USERS, nodes[1], ctx(), NOW, KNOWN_2)
+    assert resp is None and set(known) == {2}
+    resp, known = delta([], nodes, USERS, nodes[1], ctx(), NOW, KNOWN_2)
     assert resp is None
 
 
 def test_online_and_offline_patches():
     n1 = mknode(1)
     n2 = mknode(2, online=False, last_seen=datetime(2026, 8, 22, 15, 30, tzinfo=UTC), version=2)
-    resp, known = delta([Change(ChangeKind.NODE_ONLINE, 2)], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, {2})
+    resp, known = delta([Change(ChangeKind.NODE_ONLINE, 2)], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, KNOWN_2)
     assert plain(resp) == {
         "PeersChangedPatch": [{"NodeID": 2, "Online": False, "LastSeen": "2026-08-22T15:30:00Z"}],
         "ControlTime": "2026-08-22T16:00:00Z",
     }
     n2on = replace(n2, online=True)
-    resp, _ = delta([Change(ChangeKind.NODE_ONLINE, 2)], {1: n1, 2: n2on}, USERS, n1, ctx(), NOW, {2})
+    resp, _ = delta([Change(ChangeKind.NODE_ONLINE, 2)], {1: n1, 2: n2on}, USERS, n1, ctx(), NOW, KNOWN_2)
     assert plain(resp)["PeersChangedPatch"] == [{"NodeID": 2, "Online": True}]
 
 
@@ -367,7 +371,7 @@ def test_disco_endpoint_derp_patch_matches_appendix_b():
         hostinfo={"NetInfo": {"PreferredDERP": 900}},
     )
     ch = Change(ChangeKind.NODE_PATCH, 2, frozenset({Field.DISCO_KEY, Field.ENDPOINTS, Field.HOME_DERP}))
-    resp, known = delta([ch], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, {2})
+    resp, known = delta([ch], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, KNOWN_2)
     got = plain(resp)
     assert got["PeersChangedPatch"] == [
         {
@@ -379,14 +383,14 @@ def test_disco_endpoint_derp_patch_matches_appendix_b():
         }
     ]
     assert set(got) == {"PeersChangedPatch", "ControlTime"}
-    assert known == {2}
+    assert set(known) == {2}
 
 
 def test_key_expiry_patch_and_offline_disco_change_sends_full_node():
     n1 = mknode(1)
     n2 = mknode(2, expiry=NOW + timedelta(hours=1))
     resp, _ = delta(
-        [Change(ChangeKind.NODE_PATCH, 2, frozenset({Field.EXPIRY}))], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, {2}
+        [Change(ChangeKind.NODE_PATCH, 2, frozenset({Field.EXPIRY}))], {1: n1, 2: n2}, USERS, n1, ctx(), NOW, KNOWN_2
     )
     assert plain(resp)["PeersChangedPatch"] == [{"NodeID": 2, "KeyExpiry": "2026-08-22T17:00:00Z"}]
     off = replace(n2, online=False)
@@ -404,30 +408,30 @@ def test_other_peer_change_is_full_peers_changed():
 
 def test_new_peer_added_with_profile_and_known_updated():
     n1, n5 = mknode(1), mknode(5, user_id=2)
-    resp, known = delta([Change(ChangeKind.NODE_ADDED, 5)], {1: n1, 5: n5}, USERS, n1, ctx(), NOW, set())
+    resp, known = delta([Change(ChangeKind.NODE_ADDED, 5)], {1: n1, 5: n5}, USERS, n1, ctx(), NOW, {})
     got = plain(resp)
     assert [p["ID"] for p in got["PeersChanged"]] == [5]
     assert got["UserProfiles"] == [{"ID": 2, "LoginName": "bob", "DisplayName": "bob"}]
-    assert known == {5}
+    assert set(known) == {5}
 
 
 def test_last_peer_removed_uses_peers_removed_not_empty_peers():
     n1 = mknode(1)
-    known_in = {2}
+    known_in = dict(KNOWN_2)
     resp, known = delta([Change(ChangeKind.NODE_REMOVED, 2)], {1: n1}, USERS, n1, ctx(), NOW, known_in)
     got = plain(resp)
     assert got["PeersRemoved"] == [2]
     assert "Peers" not in got  # an empty Peers would mean "unchanged"
-    assert known == set() and known_in == {2}  # input set untouched
+    assert known == {} and set(known_in) == {2}  # input untouched
 
 
 def test_patch_for_unknown_peer_not_visible_is_dropped():
     n1, n3 = mknode(1), mknode(3)
     pol = DenyPolicy(hidden={3})
     resp, known = delta(
-        [Change(ChangeKind.NODE_ONLINE, 3)], {1: n1, 3: n3}, USERS, n1, ctx(policy=pol), NOW, set()
+        [Change(ChangeKind.NODE_ONLINE, 3)], {1: n1, 3: n3}, USERS, n1, ctx(policy=pol), NOW, {}
     )
-    assert resp is None and known == set()
+    assert resp is None and known == {}
 
 
 def test_policy_change_reconciles_visibility_and_resends_filter():
@@ -442,34 +446,34 @@ def test_policy_change_reconciles_visibility_and_resends_filter():
         ],
     )
     resp, known = delta(
-        [Change(ChangeKind.POLICY)], {1: n1, 2: n2, 3: n3}, USERS, n1, ctx(policy=pol), NOW, {2}
+        [Change(ChangeKind.POLICY)], {1: n1, 2: n2, 3: n3}, USERS, n1, ctx(policy=pol), NOW, KNOWN_2
     )
     got = plain(resp)
     assert got["PeersRemoved"] == [2]
     assert [p["ID"] for p in got["PeersChanged"]] == [3]
     assert got["PacketFilter"][0]["SrcIPs"] == ["100.64.0.3/32"]
-    assert got["SSHPolicy"] == {"Rules": []}  # explicit empty clears an earlier policy
+    assert got["SSHPolicy"] == {"rules": []}  # explicit empty clears an earlier policy
     assert "Node" in got and "DNSConfig" in got
     assert {"ID": 2, "LoginName": "bob", "DisplayName": "bob"} in got["UserProfiles"]
-    assert known == {3}
+    assert set(known) == {3}
 
 
 def test_self_change_sends_node_and_peer_change_does_not():
     n1 = mknode(1, expiry=NOW + timedelta(days=2), version=3)
     resp, _ = delta(
-        [Change(ChangeKind.NODE_PATCH, 1, frozenset({Field.EXPIRY}))], {1: n1}, USERS, n1, ctx(), NOW, set()
+        [Change(ChangeKind.NODE_PATCH, 1, frozenset({Field.EXPIRY}))], {1: n1}, USERS, n1, ctx(), NOW, {}
     )
     got = plain(resp)
     assert got["Node"]["KeyExpiry"] == "2026-08-24T16:00:00Z"
     assert "PacketFilter" not in got
     # the viewer's own endpoint churn is not echoed back
     resp, _ = delta(
-        [Change(ChangeKind.NODE_PATCH, 1, frozenset({Field.ENDPOINTS}))], {1: n1}, USERS, n1, ctx(), NOW, set()
+        [Change(ChangeKind.NODE_PATCH, 1, frozenset({Field.ENDPOINTS}))], {1: n1}, USERS, n1, ctx(), NOW, {}
     )
     assert resp is None
     # a tag change on self re-evaluates filter and visibility
     resp, _ = delta(
-        [Change(ChangeKind.NODE_CHANGED, 1, frozenset({Field.TAGS}))], {1: n1}, USERS, n1, ctx(), NOW, set()
+        [Change(ChangeKind.NODE_CHANGED, 1, frozenset({Field.TAGS}))], {1: n1}, USERS, n1, ctx(), NOW, {}
     )
     assert set(plain(resp)) >= {"Node", "PacketFilter", "SSHPolicy"}
 
@@ -477,20 +481,20 @@ def test_self_change_sends_node_and_peer_change_does_not():
 def test_dns_derp_user_changes():
     n1, n2 = mknode(1), mknode(2, user_id=2)
     nodes = {1: n1, 2: n2}
-    resp, _ = delta([Change(ChangeKind.DNS), Change(ChangeKind.DERP)], nodes, USERS, n1, ctx(), NOW, {2})
+    resp, _ = delta([Change(ChangeKind.DNS), Change(ChangeKind.DERP)], nodes, USERS, n1, ctx(), NOW, KNOWN_2)
     got = plain(resp)
     assert got["DNSConfig"]["Proxied"] is True
     assert "900" in got["DERPMap"]["Regions"]
-    resp, _ = delta([Change(ChangeKind.USER)], nodes, USERS, n1, ctx(), NOW, {2})
+    resp, _ = delta([Change(ChangeKind.USER)], nodes, USERS, n1, ctx(), NOW, KNOWN_2)
     assert [p["ID"] for p in plain(resp)["UserProfiles"]] == [1, 2]
 
 
 def test_full_change_gives_full_map():
     nodes = {1: mknode(1), 2: mknode(2)}
-    resp, known = delta([Change(ChangeKind.FULL)], nodes, USERS, nodes[1], ctx(), NOW, set())
+    resp, known = delta([Change(ChangeKind.FULL)], nodes, USERS, nodes[1], ctx(), NOW, {})
     got = plain(resp)
     assert "Node" in got and [p["ID"] for p in got["Peers"]] == [2]
-    assert known == {2}
+    assert set(known) == {2}
 
 
 # ---------------------------------------------------------------------------------------------

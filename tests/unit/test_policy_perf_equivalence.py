@@ -3,8 +3,9 @@
 Random small tailnets (users, tagged and owned nodes, subnet routers, exit nodes) and random
 policies (ACLs and grants with users, groups, tags, hosts, prefixes, autogroups including
 self and internet, protocols, via and app grants) are compiled once; every node's packet
-filter must equal, rule for rule and in order, policy/reference.py's reduce(node_rules), and
-its peer set the pairwise evaluation. Also: update() after random changes, the no-op update,
+filter must equal, rule for rule and in order, policy/reference.py's reduce(node_rules), its
+peer set the pairwise evaluation, and the routes each peer offers it the pairwise
+RoutesForPeer. Also: update() after random changes, the no-op update,
 and the cached address renderings against ipaddress's own.
 """
 
@@ -21,6 +22,7 @@ import pytest
 from pyheadscale.policy import PolicyError, PolicyManager, reference
 from pyheadscale.policy.ipset import IPSet, prefix_string
 from pyheadscale.state.model import Node, User
+from pyheadscale.state.routes import PrimaryRoutes
 from tests.unit._statefix import make_node
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
@@ -125,6 +127,14 @@ def assert_equivalent(pm: PolicyManager, nodes: list[Node], label: str) -> None:
         got = pm.packet_filter(n)
         assert got == want, f"{label}: packet filter of node {n.id} differs"
         assert pm.peers(n) == reference.peers(pm, n, nodes), f"{label}: peers of node {n.id}"
+    primaries = PrimaryRoutes()
+    primaries.compute(replace(n, online=True) for n in nodes)
+    for v in nodes:
+        for p in nodes:
+            prim = primaries.routes_of(p.id)
+            got = set(pm.routes_for_peer(v, p, prim))
+            assert got == reference.routes_for_peer(pm, v, p, prim), (
+                f"{label}: routes node {p.id} offers node {v.id}")
 
 
 def mutate(rng: random.Random, nodes: list[Node], users: list[User]) -> list[Node]:
