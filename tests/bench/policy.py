@@ -15,7 +15,10 @@ autogroup:member, hosts and CIDRs with port lists. Timed (best of --repeat):
 * update: update(nodes=...) after one node changed (its tags), then the same
   materialization again (update() drops the per-node caches); then one viewer's filter and
   peers right after a change (building the snapshot's index) and the next viewer's; and an
-  update() where only an endpoint changed (nothing the policy reads: a no-op).
+  update() where only an endpoint changed (nothing the policy reads: a no-op);
+* routes (route_phase): the routes every node is offered by --routers subnet routers/exit
+  nodes under a policy with rules for their prefixes, and the sampled viewers' full maps
+  through one shared peer cache (entries encoded vs. sent: one encoding per distinct view).
 
 Headscale is not timed here: it has no in-process API, and `headscale policy check` times
 process start + database open + global compiles, without per-node filters. The side-by-side
@@ -140,6 +143,55 @@ def materialize(pm: Any, nodes: list[Any]) -> tuple[int, int]:
     return rules, peers
 
 
+def route_phase(nodes: list[Any], users: list[Any], text: str, n_routers: int,
+                rng: random.Random, viewers: list[Any]) -> dict[str, Any]:
+    """Per-viewer routes: every `len(nodes) // n_routers`-th node becomes a router (HA pairs
+    share a 10.x.0.0/16 prefix, every fifth router is also an exit node) and the policy
+    gains one rule per prefix for a random group. Times the routes every node is offered by
+    every router, and the sampled viewers' full maps through one shared peer cache (how many
+    entries get encoded for how many sent: viewers with the same view share one)."""
+    from pyheadscale.mapper import MapContext, PeerCache, full_map_and_peers
+    from pyheadscale.policy import PolicyManager
+    from pyheadscale.state.routes import PrimaryRoutes
+
+    step = max(1, len(nodes) // max(1, n_routers))
+    routed = list(nodes)
+    routers = []
+    for k, i in enumerate(range(0, len(nodes), step)[:n_routers]):
+        adv = [f"10.{k // 2}.0.0/16"] + (["0.0.0.0/0", "::/0"] if k % 5 == 4 else [])
+        routed[i] = replace(nodes[i], online=True, hostinfo={"RoutableIPs": adv},
+                            approved_routes=tuple(ipaddress.ip_network(r) for r in adv))
+        routers.append(routed[i])
+    routed = [n if n.online else replace(n, online=True) for n in routed]
+    doc = json.loads(text)
+    doc["acls"] += [{"action": "accept", "src": [f"group:g{rng.randrange(N_GROUPS)}"],
+                     "dst": [f"10.{k}.0.0/16:*"]} for k in range((n_routers + 1) // 2)]
+    pm = PolicyManager(json.dumps(doc), users, routed, run_tests=False)
+    primaries = PrimaryRoutes()
+    primaries.compute(routed)
+    table = primaries.by_node()
+    pm.peers(routed[0])  # the snapshot's index, timed in the phases above
+    t0 = time.perf_counter()
+    views: dict[int, set[tuple[Any, ...]]] = {r.id: set() for r in routers}
+    for v in routed:
+        for r in routers:
+            views[r.id].add(tuple(pm.routes_for_peer(v, r, table.get(r.id, ()))))
+    t_all = time.perf_counter() - t0
+    ctx = MapContext(policy=pm, primary_routes=table)
+    cache = PeerCache()
+    by_id = {n.id: n for n in routed}
+    t0 = time.perf_counter()
+    sent = 0
+    for v in viewers:
+        _, known = full_map_and_peers(routed, users, by_id[v.id], ctx, _T, cache)
+        sent += len(known)
+    t_maps = time.perf_counter() - t0
+    counts = [len(x) for x in views.values()]
+    return {"all_s": t_all, "maps_s": t_maps, "encoded": len(cache), "sent": sent,
+            "views_max": max(counts, default=0),
+            "views_mean": sum(counts) / max(1, len(counts))}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=1000)
@@ -149,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=50,
                     help="viewers whose filters/peers are timed (then scaled to all nodes)")
     ap.add_argument("--full", action="store_true", help="time every node, no scaling")
+    ap.add_argument("--routers", type=int, default=20,
+                    help="subnet routers (in HA pairs) and exit nodes for the routes phase")
     args = ap.parse_args(argv)
     from pyheadscale.policy import PolicyManager
 
@@ -214,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
              for i, n in enumerate(changed)]
     t_noop_update, _ = best_of(args.repeat, lambda: pm.update(nodes=moved))
     est = "" if scale == 1 else f" (est. from {len(viewers)} viewers x{scale:g})"
+    routes = route_phase(nodes, users, text, args.routers, rng, viewers)
 
     rows: list[Sequence[Any]] = [
         ["construct PolicyManager (s)", rnd(t_construct)],
@@ -224,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         ["next viewer's filter + peers (ms)", rnd(t_next_view * 1000, 3)],
         ["update() after an endpoint-only change (ms)", rnd(t_noop_update * 1000, 3)],
         [f"filter rules / visible peers, {len(viewers)} viewers", f"{n_rules} / {n_peers}"],
+        [f"per-viewer routes, every node x {args.routers} routers (s)", rnd(routes["all_s"])],
+        [f"full maps of {len(viewers)} viewers, shared peer cache (s)", rnd(routes["maps_s"])],
+        ["peer entries encoded / sent in those maps",
+         f"{routes['encoded']} / {routes['sent']}"],
+        ["distinct views of a router (max / mean)",
+         f"{routes['views_max']} / {rnd(routes['views_mean'], 2)}"],
     ]
     print(Table(["pyheadscale", ""], rows).render())
     print("Headscale side by side: not in this in-process benchmark. `python -m "
@@ -245,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                                "noop_update_s": rnd(t_noop_update, 6),
                                "viewers_timed": len(viewers), "scaled_by": scale,
                                "filter_rules_sampled": n_rules,
-                               "visible_peers_sampled": n_peers},
+                               "visible_peers_sampled": n_peers,
+                               "routes": routes},
                "headscale": None,
                "headscale_side_by_side": "tests.bench.control (policy phase)"})
     return 0
