@@ -22,9 +22,10 @@ from pyheadscale.state.errors import (
     StateError,
 )
 
-# HTTP status -> gRPC code (google.golang.org/grpc/codes), as grpc-gateway pairs them.
-GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 412: 9, 413: 8, 429: 8,
-             500: 13, 501: 12, 503: 14, 504: 4}
+# HTTP status -> gRPC code (google.golang.org/grpc/codes) that grpc-gateway turns back into
+# that status (runtime.HTTPStatusFromCode); statuses it never produces get Unknown (2).
+GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 429: 8, 500: 13, 501: 12, 503: 14,
+             504: 4}
 
 
 class APIError(Exception):

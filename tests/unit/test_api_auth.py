@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from pyheadscale.api import ROUTES
+from tests.unit._apicodes import assert_error_body
 from tests.unit._statefix import api_client, open_control
 
 
@@ -98,7 +99,7 @@ async def test_valid_key_reaches_handlers(api: tuple[TestClient, Any]) -> None:
         assert resp.status != 401, (r.method, r.path)
     resp = await client.get("/api/v1/nonexistent", headers=h)
     assert resp.status == 404
-    assert set(await resp.json()) == {"code", "message", "details"}
+    assert_error_body(await resp.json(), 404)
     # last_seen is recorded for a used key.
     keys = (await (await client.get("/api/v1/apikey", headers=h)).json())["apiKeys"]
     assert any(k["lastSeen"] is not None for k in keys)

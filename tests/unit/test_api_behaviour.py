@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pyheadscale.control.dispatch import ControlPlane
+from tests.unit._apicodes import assert_error_body
 from tests.unit._statefix import api_client, key, open_control
 
 POLICY = '{"tagOwners": {"tag:server": ["alice@"]}, "acls": [{"action": "accept", ' \
@@ -37,7 +38,7 @@ async def err(resp: Any, status: int, substring: str) -> None:
     body = await resp.json()
     assert resp.status == status, body
     assert substring in body["message"], body
-    assert body["code"] in (3, 5, 6, 9, 12, 13)
+    assert_error_body(body, status)
 
 
 async def alice_node(cp: ControlPlane) -> int:
