@@ -200,17 +200,25 @@ class Tailscaled(NamespacedProcess):
     def logout(self, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.cli("logout", timeout=timeout)
 
-    def status_json(self, timeout: float = 30) -> dict[str, Any]:
-        res = self.cli("status", "--json", timeout=timeout)
+    def _cli_json(self, what: str, *args: str, timeout: float) -> dict[str, Any]:
+        res = self.cli(*args, timeout=timeout)
         try:
             data = json.loads(res.stdout)
         except json.JSONDecodeError as exc:
             raise TailscaleError(
-                f"status --json gave no JSON (exit {res.returncode}): {res.stderr.strip()}"
+                f"{what} gave no JSON (exit {res.returncode}): {res.stderr.strip()}"
             ) from exc
         if not isinstance(data, dict):
-            raise TailscaleError(f"status --json gave {type(data).__name__}")
+            raise TailscaleError(f"{what} gave {type(data).__name__}")
         return data
+
+    def status_json(self, timeout: float = 30) -> dict[str, Any]:
+        return self._cli_json("status --json", "status", "--json", timeout=timeout)
+
+    def netmap(self, timeout: float = 30) -> dict[str, Any]:
+        """The client's current network map (`tailscale debug netmap`): what control sent,
+        peers' Hostinfo included, before the client derives its status from it."""
+        return self._cli_json("debug netmap", "debug", "netmap", timeout=timeout)
 
     def backend_state(self) -> str:
         return str(self.status_json().get("BackendState", ""))

@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
+from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
 from tests.integration.world import BASE_DOMAIN, World, dns, peers_by_name, wait_for
 
@@ -69,24 +71,40 @@ def test_web_login_rename_delete(world: World) -> None:
                              for p in (a.status_json().get("Peer") or {}).values()), 10)
 
 
+def _bravo(a: Tailscaled) -> dict[str, Any] | None:
+    return peers_by_name(a.status_json()).get("bravo")
+
+
 def test_expire_and_disable(world: World) -> None:
+    """Expiry reaches the peers and is taken back: alpha's status lists bravo with
+    Expired=true (the client omits the field while it is false, so each wait looks at the
+    peer entry itself), then without it again, and traffic follows the flag."""
     srv = world.start_server()
     a = world.join("alpha", PINNED[0])
     b = world.join("bravo", PINNED[1])
-    wait_for("alpha to see bravo", lambda: "bravo" in peers_by_name(a.status_json()), 10)
+    bravo = wait_for("alpha to see bravo", lambda: _bravo(a), 10)
+    assert bravo.get("Expired") is not True and not bravo.get("KeyExpiry"), bravo
+    b_ip = b.ip("4")[0]
+    r = a.ping(b_ip, count=5, until_direct=False)
+    assert r.returncode == 0, r.stdout + r.stderr  # the peer works before it expires
     bid = node_id(world, "bravo")
 
     r = srv.cli("nodes", "expire", "-i", bid)
     assert r.returncode == 0, r.stderr
     wait_for("bravo to report its expiry",
              lambda: b.status_json()["BackendState"] == "NeedsLogin", timeout=10)
-    wait_for("alpha to stop listing bravo as usable",
-             lambda: (peers_by_name(a.status_json()).get("bravo") or {}).get("Expired", True)
-             or "bravo" not in peers_by_name(a.status_json()), timeout=10)
+    expired = wait_for("alpha to list bravo as expired",
+                       lambda: (p := _bravo(a)) is not None and p.get("Expired") is True and p,
+                       timeout=10)
+    assert expired.get("KeyExpiry"), expired  # the expiry time came with it
+    r = a.ping(b_ip, count=2, timeout=2, until_direct=False)
+    assert r.returncode != 0, "alpha still reached the expired bravo: " + r.stdout
 
     r = srv.cli("nodes", "expire", "-i", bid, "--disable")
     assert r.returncode == 0, r.stderr
     wait_for("bravo to run again", lambda: b.status_json()["BackendState"] == "Running", 30)
-    wait_for("alpha to see bravo again",
-             lambda: not (peers_by_name(a.status_json()).get("bravo") or {"Expired": True})
-             .get("Expired", False), timeout=15)
+    wait_for("alpha to list bravo as usable again",
+             lambda: (p := _bravo(a)) is not None and p.get("Expired") is not True
+             and not p.get("KeyExpiry"), timeout=15)
+    r = a.ping(b_ip, count=10, until_direct=False)
+    assert r.returncode == 0, r.stdout + r.stderr

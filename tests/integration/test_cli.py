@@ -1,6 +1,7 @@
 """The headscale-compatible CLI against a live `pyheadscale serve` on 127.0.0.1: over the unix
 socket (trusted) and remotely with an API key; human tables and parsed `-o json` output;
-Headscale's errors on stderr with exit code 1. Needs no namespaces or clients."""
+Headscale's errors on stderr with exit code 1. Needs no namespaces or clients. Each test has
+its own server, so any one runs alone (`pytest tests/integration/test_cli.py::test_policy`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,14 +109,21 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def srv() -> Iterator[Server]:
+    """A fresh server per test: every test runs alone, in any order or worker."""
     d = Path(tempfile.mkdtemp(prefix="hscli", dir="/tmp"))  # short: unix socket path limit
     s = Server(d)
     try:
         yield s
     finally:
         s.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def with_alice(srv: Server) -> str:
+    """Create user alice (what most commands need first); returns her ID."""
+    return str(srv.json("users", "create", "alice", "-e", "a@example.com")["id"])
 
 
 def test_users(srv: Server) -> None:
@@ -148,7 +157,7 @@ def test_users(srv: Server) -> None:
 
 
 def test_preauthkeys(srv: Server) -> None:
-    uid = srv.json("users", "list", "-n", "alice")[0]["id"]
+    uid = with_alice(srv)
     k = srv.json("preauthkeys", "create", "-u", uid, "--reusable", "-e", "24h")
     assert re.fullmatch(r"hskey-auth-[0-9a-f]{12}-[0-9a-f]{64}", k["key"])
     assert k["reusable"] is True and k["user"]["name"] == "alice"
@@ -174,6 +183,7 @@ def test_preauthkeys(srv: Server) -> None:
 
 
 def test_nodes_and_auth(srv: Server) -> None:
+    with_alice(srv)
     srv.fails("debug", "create-node", "--name", "n1", "-u", "alice", "-k", "bad",
               expect="parsing machine key")
     echo = srv.json("debug", "create-node", "--name", "web1", "-u", "alice", "-k", AUTH_ID,
@@ -255,6 +265,7 @@ def test_policy(srv: Server, tmp_path: Path) -> None:
 
 
 def test_apikeys_and_remote(srv: Server) -> None:
+    with_alice(srv)
     key = srv.ok("apikeys", "create", "-e", "1d").strip()
     assert re.fullmatch(r"hskey-api-[0-9a-f]{12}-[0-9a-f]{64}", key)
     keys = srv.json("apikeys", "list")
@@ -301,6 +312,7 @@ def test_misc(srv: Server) -> None:
 def test_oauth_clients(srv: Server) -> None:
     """`headscale oauth-clients` over the socket (v2 with local trust) and remotely; the
     secret it prints mints a token at the live server's /api/v2/oauth/token."""
+    with_alice(srv)
     created = srv.json("oauth-clients", "create", "-s", "devices:core:read", "-s", "users:read",
                        "-d", "monitoring")
     cid, secret = created["id"], created["key"]

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,3 +124,70 @@ def peers_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def dns(host: Host, name: str, qtype: str = "A") -> list[str]:
     r = host.run(["python3", DNSQ, name, qtype], timeout=15)
     return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+
+
+class Reach(enum.Enum):
+    """How an HTTP request from a namespace ended."""
+
+    ANSWERED = "answered"  # a response came back
+    REFUSED = "refused"  # delivered, nothing listening (RST)
+    DROPPED = "dropped"  # no answer within the timeout: a packet filter (or a dead path) ate it
+    UNREACHABLE = "unreachable"  # no route there (ICMP unreachable / no local route)
+    ERROR = "error"  # anything else (reset mid-response, bad HTTP, ...)
+
+
+@dataclass(frozen=True)
+class Probe:
+    reach: Reach
+    body: str = ""  # the response body, or the error for the other outcomes
+
+    @property
+    def answer(self) -> str | None:
+        return self.body if self.reach is Reach.ANSWERED else None
+
+
+# Classifies by exception, not by message text: refused, timed out and unreachable are the
+# outcomes a policy test must tell apart ("blocked by policy" is DROPPED, never REFUSED).
+_PROBE = r"""
+import errno, http.client, socket, sys
+ip, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    c = http.client.HTTPConnection(ip, port, timeout=timeout)
+    c.request("GET", "/")
+    r = c.getresponse()
+    print("answered")
+    sys.stdout.write(r.read().decode(errors="replace"))
+except ConnectionRefusedError as e:
+    print("refused"); print(e)
+except (TimeoutError, socket.timeout) as e:
+    print("dropped"); print(e)
+except OSError as e:
+    unreach = (errno.ENETUNREACH, errno.EHOSTUNREACH)
+    print("unreachable" if e.errno in unreach else "error"); print(e)
+except Exception as e:
+    print("error"); print(repr(e))
+"""
+
+
+def probe(ns: Namespace, ip: str, port: int, timeout: float = 3) -> Probe:
+    """GET http://ip:port/ from inside `ns` and say how it ended."""
+    try:
+        r = ns.run([sys.executable, "-c", _PROBE, ip, str(port), str(timeout)],
+                   timeout=timeout + 15)
+    except subprocess.TimeoutExpired:
+        return Probe(Reach.DROPPED, "probe process timed out")
+    kind, _, rest = r.stdout.partition("\n")
+    try:
+        return Probe(Reach(kind.strip()), rest.strip() if kind != "answered" else rest)
+    except ValueError:
+        return Probe(Reach.ERROR, (r.stdout + r.stderr)[-300:])
+
+
+def metric(srv: PyHeadscale, name: str) -> float:
+    """A counter or gauge from the server's /metrics (listening on its loopback)."""
+    r = srv.host.run(["python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                      "'http://127.0.0.1:9090/metrics', timeout=5).read().decode())"], timeout=15)
+    for line in r.stdout.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics: {r.stdout[-500:]}{r.stderr[-500:]}")
