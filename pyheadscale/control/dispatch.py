@@ -262,5 +262,7 @@ class ControlPlane:
             f"headscale_nodes_online {online}\n"
             "# TYPE pyheadscale_map_sessions_opened_total counter\n"
             f"pyheadscale_map_sessions_opened_total {tn.bus.opened}\n"
+            "# TYPE pyheadscale_ha_probes_answered_total counter\n"
+            f"pyheadscale_ha_probes_answered_total {self.routes.probes_answered}\n"
         )
 

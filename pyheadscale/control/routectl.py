@@ -107,6 +107,7 @@ class RouteController:
         self._prober: asyncio.Task[None] | None = None
         self._manager: PolicyManager | None = None
         self._closed = False
+        self.probes_answered = 0  # exported in /metrics: probe cycles can be observed
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class RouteController:
                             node_id, self.probe_timeout)
                 self._recompute()
             return
+        self.probes_answered += 1
         if self.primaries.set_unhealthy(node_id, False):
             log.info("HA probe: node %d answers again", node_id)
             self._recompute()
