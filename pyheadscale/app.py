@@ -8,26 +8,31 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from sqlalchemy import Engine
 
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
-from pyheadscale.config import Config
+from pyheadscale.config import Config, ConfigError
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
-from pyheadscale.listener import MainListener, add_takeover_route
+from pyheadscale.listener import MainListener, add_takeover_route, socket_access_log
+from pyheadscale.logs import configure as configure_logging
+from pyheadscale.logs import fields
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS
+from pyheadscale.startup import database_step, failing_key
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
 
@@ -44,6 +49,12 @@ def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
 class Server:
     """One running pyheadscale: state, control plane, embedded DERP and the HTTP listeners."""
 
+    # Set by start(), in this order; stop() skips the ones a failed start never reached.
+    engine: Engine
+    tailnet: Tailnet
+    control: ControlPlane
+    main: MainListener
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.runners: list[web.BaseRunner] = []
@@ -53,13 +64,19 @@ class Server:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
+        """Start everything; a failure is a ConfigError naming the key behind it (the caller
+        then stops what did start)."""
         cfg = self.cfg
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        self.engine = engine_from_config(cfg.database)
-        await asyncio.to_thread(migrate, self.engine)
-        self.tailnet = await Tailnet.load(self.engine, cfg)
-        noise_key = load_or_create_private_key(cfg.noise.private_key_path
-                                               or Path(cfg.data_dir) / "noise_private.key")
+        db = cfg.database.type
+        with failing_key("data_dir", "cannot create the data directory"):
+            Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        with database_step(db, "cannot open the database"):
+            self.engine = engine_from_config(cfg.database)
+            await asyncio.to_thread(migrate, self.engine)
+            self.tailnet = await Tailnet.load(self.engine, cfg)
+        with failing_key("noise.private_key_path", "cannot read or create the Noise key"):
+            noise_key = load_or_create_private_key(cfg.noise.private_key_path
+                                                   or Path(cfg.data_dir) / "noise_private.key")
 
         if cfg.derp.server.enabled:
             self.derp = EmbeddedDerp(cfg, self.tailnet)
@@ -97,31 +114,34 @@ class Server:
                 http_listen=cfg.tls_letsencrypt_listen, server_url=cfg.server_url), tls)
         elif cfg.tls_cert_path is not None and cfg.tls_key_path is not None:  # a checked pair
             tls = ServerTLS()
-            tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
+            with failing_key("tls_cert_path", f"cannot load {cfg.tls_cert_path} with "
+                             f"{cfg.tls_key_path}"):
+                tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
         self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies))
-        await self.main.start(host, port, tls)
+        with failing_key("listen_addr", f"cannot listen on {cfg.listen_addr}"):
+            await self.main.start(host, port, tls)
         if self.acme is not None:
             await self.acme.start()
         if cfg.metrics_listen_addr:
             metrics = web.Application()
             metrics.router.add_get("/metrics", self.metrics)
             mhost, mport = split_hostport(cfg.metrics_listen_addr, 9090)
-            await self._site(metrics, mhost, mport, None)
+            with failing_key("metrics_listen_addr", f"cannot listen on {cfg.metrics_listen_addr}"):
+                await self._site(metrics, mhost, mport, None)
         if cfg.unix_socket:
-            await self._unix_site(cfg.unix_socket, cfg.unix_socket_permission)
+            with failing_key("unix_socket", f"cannot serve the CLI socket {cfg.unix_socket}"):
+                await self._unix_site(cfg.unix_socket, cfg.unix_socket_permission)
 
         url = urlsplit(cfg.server_url)
-        log.info("pyheadscale %s listening on %s (server_url %s)", __version__, cfg.listen_addr,
-                 cfg.server_url)
-        print(f"pyheadscale {__version__}: serving {cfg.server_url} on {cfg.listen_addr}", flush=True)
-        print(f"  data directory: {Path(cfg.data_dir).resolve()}", flush=True)
+        log.info("pyheadscale %s: serving %s on %s", __version__, cfg.server_url, cfg.listen_addr,
+                 extra=fields(version=__version__, server_url=cfg.server_url,
+                              listen_addr=cfg.listen_addr))
+        log.info("data directory: %s", Path(cfg.data_dir).resolve())
         if self.derp is not None:
-            print(f"  embedded DERP: {self.derp.describe()}", flush=True)
-        print("  create a user and a key:", flush=True)
-        print("    headscale users create <name>", flush=True)
-        print("    headscale preauthkeys create --user <user id> --reusable", flush=True)
-        print(f"  then: tailscale up --login-server {url.scheme}://{url.netloc} --authkey <key>",
-              flush=True)
+            log.info("embedded DERP: %s", self.derp.describe())
+        log.info("create a user and a key: headscale users create <name>; headscale "
+                 "preauthkeys create --user <user id> --reusable; then: tailscale up "
+                 "--login-server %s://%s --authkey <key>", url.scheme, url.netloc)
 
     async def _site(self, app: web.Application, host: str, port: int,
                     ssl_ctx: ssl.SSLContext | None) -> None:
@@ -132,7 +152,7 @@ class Server:
 
     async def _unix_site(self, path: str, mode: int) -> None:
         """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
-        sock_app = web.Application(client_max_size=1 << 20)
+        sock_app = web.Application(client_max_size=1 << 20, middlewares=[socket_access_log])
         add_api_routes(sock_app, self.control.admin, trusted=True,
                        cors_origins=self.cfg.cors_allowed_origins)
         add_v2_routes(sock_app, self.v2, trusted=True)
@@ -158,21 +178,27 @@ class Server:
                 log.exception("reaping expired credentials failed")
 
     async def stop(self) -> None:
+        """Stop what is running; also after a start that failed half-way."""
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await self.control.stop()
+        started = vars(self)
+        if "control" in started:
+            await self.control.stop()
         if self.acme is not None:
             await self.acme.stop()
-        await self.main.stop()
+        if "main" in started:
+            await self.main.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
         if self.derp is not None:
             await self.derp.stop()
-        await self.tailnet.close()
-        self.engine.dispose()
+        if "tailnet" in started:
+            await self.tailnet.close()
+        if "engine" in started:
+            self.engine.dispose()
 
     # --- plain HTTP handlers -------------------------------------------------------------
 
@@ -202,21 +228,30 @@ class Server:
 
 async def serve(cfg: Config) -> None:
     server = Server(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.stop(), timeout=10)
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.control.reload()))
     await stop.wait()
-    print("pyheadscale: shutting down", flush=True)
+    log.info("pyheadscale: shutting down")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(server.stop(), timeout=10)
 
 
 def run(cfg: Config) -> None:
-    logging.basicConfig(
-        level=logging.getLevelNamesMapping().get(cfg.log.level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(serve(cfg))
+    """`headscale serve`: log as configured, serve until SIGINT/SIGTERM. A start-up failure
+    prints one line naming its config key (the traceback only at debug level), exit 1."""
+    configure_logging(cfg.log.level, cfg.log.format)
+    try:
+        asyncio.run(serve(cfg))
+    except ConfigError as e:
+        log.debug("start-up failed", exc_info=e)
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(1)

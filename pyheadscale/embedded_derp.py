@@ -31,6 +31,7 @@ from derp.stun import serve_stun
 from derp.tls import cert_name, ensure_self_signed, server_ssl_context
 from pyheadscale.config import Config
 from pyheadscale.mapper.derpmap import embedded_region, server_url_port
+from pyheadscale.startup import failing_key
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.derp")
@@ -45,6 +46,8 @@ def _hostport(addr: str) -> tuple[str, int]:
 
 
 class EmbeddedDerp:
+    server: DerpServer  # set by start()
+
     def __init__(self, cfg: Config, tailnet: Tailnet) -> None:
         self.cfg = cfg
         self.srv_cfg = cfg.derp.server
@@ -67,12 +70,26 @@ class EmbeddedDerp:
         return self.tailnet.node_by_node_key(node_key) is not None
 
     async def start(self) -> None:
+        """Read the keys, bind the listeners; a failure names its config key and leaves
+        nothing bound."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         s = self.srv_cfg
         key_path = s.private_key_path or Path(self.cfg.data_dir) / "derp_server_private.key"
         # The mesh key (derper's 64-hex --mesh-psk-file format) also admits mesh peers and
         # probers (derpprobe --mesh-psk-file) past verify_clients, as in derper.
-        mesh_key = Path(s.mesh_key_path).read_text().strip() if s.mesh_key_path else None
-        self.server = DerpServer(load_or_create_private_key(key_path),
+        mesh_key = None
+        if s.mesh_key_path:
+            with failing_key("derp.server.mesh_key_path", "cannot read the mesh key"):
+                mesh_key = Path(s.mesh_key_path).read_text().strip()
+        with failing_key("derp.server.private_key_path", "cannot read or create the DERP key"):
+            private_key = load_or_create_private_key(key_path)
+        self.server = DerpServer(private_key,
                                  verify_client=self._verify if s.verify_clients else None,
                                  mesh_key=mesh_key)
         if not s.listen_addr:  # on the main listener
@@ -81,15 +98,19 @@ class EmbeddedDerp:
             if s.tls_cert_path is not None and s.tls_key_path is not None:  # a checked pair
                 cert, key = s.tls_cert_path, s.tls_key_path
             else:
-                cert, key = ensure_self_signed(Path(self.cfg.data_dir) / "derp_certs",
-                                               s.hostname)
+                with failing_key("data_dir", "cannot create the relay's certificate"):
+                    cert, key = ensure_self_signed(Path(self.cfg.data_dir) / "derp_certs",
+                                                   s.hostname)
                 self.cert_pin = cert_name(cert)
+            with failing_key("derp.server.tls_cert_path", f"cannot load {cert} with {key}"):
+                context = server_ssl_context(cert, key)
             host, self.port = _hostport(s.listen_addr)
-            self._listener = await serve_derp(self.server, host, self.port,
-                                              server_ssl_context(cert, key),
-                                              bootstrap_dns=self._bootstrap_table)
+            with failing_key("derp.server.listen_addr", f"cannot listen on {s.listen_addr}"):
+                self._listener = await serve_derp(self.server, host, self.port, context,
+                                                  bootstrap_dns=self._bootstrap_table)
         stun_host, self.stun_port = _hostport(s.stun_listen_addr)
-        self._stun = await serve_stun(stun_host, self.stun_port)
+        with failing_key("derp.server.stun_listen_addr", f"cannot listen on {s.stun_listen_addr}"):
+            self._stun = await serve_stun(stun_host, self.stun_port)
         for peer in s.mesh_with:
             # "host:port" or a full URL. TLS is not verified on mesh links (as python -m derp
             # does): the mesh key, not the certificate, is what authenticates the peer.
@@ -132,7 +153,8 @@ class EmbeddedDerp:
             self._listener.close()
         if self._stun is not None:
             self._stun.close()
-        await self.server.close()
+        if "server" in vars(self):  # a start that failed early never made one
+            await self.server.close()
 
     def region(self) -> dict[str, Any]:
         s = self.srv_cfg

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from derp.frontdoor import FrontDoor, RequestHead, Router, first_match
+from pyheadscale.logs import fields
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS, peek_client_hello
 
@@ -32,9 +34,34 @@ def log_exchange(head: RequestHead, status: int, size: int, seconds: float) -> N
     """One access-log line per request on the main listener, with Headscale's fields ("http
     request" with method, path, proto, remote, status, bytes, elapsed); the query string is
     left out, as in Headscale (OIDC callbacks carry codes in it)."""
-    access_log.info("http request method=%s path=%s proto=HTTP/%s remote=%s status=%d "
-                    "bytes=%d elapsed=%.1fms", head.method, head.path, head.version,
-                    head.client, status, size, seconds * 1000)
+    access_line(head.method, head.path, f"HTTP/{head.version}", head.client, status, size,
+                seconds)
+
+
+def access_line(method: str, path: str, proto: str, remote: str, status: int, size: int,
+                seconds: float) -> None:
+    access_log.info("http request", extra=fields(
+        method=method, path=path, proto=proto, remote=remote, status=status, bytes=size,
+        elapsed=f"{seconds * 1000:.1f}ms"))
+
+
+@web.middleware
+async def socket_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The access log for an aiohttp application the front door does not see (the CLI's
+    unix socket): the same line, `remote=unix`."""
+    start = time.monotonic()
+    status, size = 500, 0
+    try:
+        resp = await handler(request)
+        status = resp.status
+        size = getattr(resp, "content_length", None) or 0
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        access_line(request.method, request.path, f"HTTP/{request.version.major}."
+                    f"{request.version.minor}", "unix", status, size, time.monotonic() - start)
 
 
 @web.middleware

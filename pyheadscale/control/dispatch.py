@@ -25,6 +25,7 @@ from pyheadscale.api.handlers.base import AdminDeps
 from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
+from pyheadscale.config.errors import key_error
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import MapPoll, handle_map
@@ -44,6 +45,7 @@ from pyheadscale.mapper.derpmap import (
 )
 from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
 from pyheadscale.mapper.full import PeerCache
+from pyheadscale.startup import failing_key
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import IPNetwork
 from pyheadscale.state.tailnet import Tailnet
@@ -97,13 +99,16 @@ class ControlPlane:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.policy.load()
+        with failing_key("policy.path" if self.cfg.policy.mode == "file" else "policy.mode",
+                         "cannot load the policy"):
+            await self.policy.load()
         await self._fetch_derp_urls()
         self._load_extra_records_file(initial=True)
-        self.mapctx = self.build_context()
+        with failing_key("derp.paths", "cannot load a DERP map file"):
+            self.mapctx = self.build_context()
         if not self.mapctx.derp_map.get("Regions"):
-            raise RuntimeError("no DERP region configured: enable derp.server or set "
-                               "derp.urls / derp.paths (clients never reach Running without one)")
+            raise key_error("derp", "no DERP region configured: enable derp.server or set "
+                            "derp.urls / derp.paths (clients never reach Running without one)")
         if self.cfg.dns.extra_records_path:
             self._tasks.append(asyncio.create_task(self._watch_extra_records()))
         # After the policy: its change listener must run before the route controller's.

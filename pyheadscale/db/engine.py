@@ -200,11 +200,11 @@ def engine_from_config(db_cfg: DatabaseConfig) -> Engine:
 
 
 def _alembic_dir() -> Path:
-    """Locate the alembic/ script directory shipped next to the package (editable install)."""
+    """The migration scripts: pyheadscale/migrations, shipped inside the package so that any
+    installation (editable, a wheel, the Docker image) can migrate its database."""
     override = os.environ.get("PYHEADSCALE_ALEMBIC_DIR")
     candidates = [Path(override)] if override else []
-    pkg_root = Path(__file__).resolve().parents[2]  # <repo>/pyheadscale/db/engine.py
-    candidates += [pkg_root / "alembic", Path(__file__).resolve().parents[1] / "alembic"]
+    candidates.append(Path(__file__).resolve().parents[1] / "migrations")
     for c in candidates:
         if (c / "env.py").is_file() and (c / "versions").is_dir():
             return c

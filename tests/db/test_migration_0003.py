@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, select
 
-from alembic import command
 from pyheadscale.db.engine import alembic_config, make_engine, migrate
 from pyheadscale.db.models import ApiKey, OAuthAccessToken, OAuthClient, PreAuthKey, User
 from tests.db.test_migrations import assert_headscale_schema, schema_diff

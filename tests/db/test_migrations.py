@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 from sqlmodel import Session, select
 
-from alembic import command
 from pyheadscale.db.engine import (
     HEADSCALE_COMPAT_VERSION,
     MigrationError,

@@ -29,7 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from pyheadscale.app import Server
-from pyheadscale.config import Config
+from pyheadscale.config import Config, ConfigError
 from pyheadscale.testclient.client import ControlConnection
 from tests.inproc import Machine, running_server, server_config
 from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
@@ -544,7 +544,7 @@ async def test_provider_down_at_start(tmp_path: Path) -> None:
     port, dead = free_port(), free_port()
     conf = {"issuer": f"http://127.0.0.1:{dead}", "client_id": CLIENT_ID,
             "client_secret": CLIENT_SECRET}
-    with pytest.raises(RuntimeError, match="only_start_if_oidc_is_available"):
+    with pytest.raises(ConfigError, match="^config: oidc.issuer: .*only_start_if_oidc_is_available"):
         async with oidc_server(tmp_path / "a", port, conf):
             pass
     port = free_port()

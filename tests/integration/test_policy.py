@@ -283,7 +283,7 @@ def test_failing_policy_tests_only_warn_at_start(lab: PolicyLab) -> None:
     srv.start(timeout=30)
     lines = srv.log_text().splitlines()
     at = [i for i, line in enumerate(lines)
-          if re.search(r" WARNING pyheadscale\.policy: policy tests failed", line)]
+          if re.search(r" WRN pyheadscale\.policy: policy tests failed", line)]
     assert len(at) == 1, srv.log_tail()
     # The failure itself follows the warning: which test and why (no node is registered
     # yet, so the source names no address).

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from pyheadscale.listener import MainListener
+from pyheadscale.logs import TextFormatter
 from pyheadscale.realip import RealIP
 
 PROXY = "198.51.100.7"
@@ -90,7 +91,10 @@ async def test_listener_trusted_and_untrusted(caplog: pytest.LogCaptureFixture) 
         assert await _who(untrusted.port) == b"127.0.0.1 None"
     finally:
         await untrusted.stop()
-    lines = [r.getMessage() for r in caplog.records if r.name == "pyheadscale.access"]
+    # The text format's rendering of each record: what an admin reads in the log.
+    text = TextFormatter()
+    lines = [text.format(r).partition(": ")[2] for r in caplog.records
+             if r.name == "pyheadscale.access"]
     assert len(lines) == 2, lines
     assert lines[0].startswith("http request method=GET path=/who proto=HTTP/1.1 "
                                "remote=192.0.2.1 status=200 bytes=19 elapsed="), lines

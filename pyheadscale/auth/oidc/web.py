@@ -29,6 +29,7 @@ from pyheadscale.auth.oidc.sessions import (
 )
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX, PendingRegistrations, UnknownAuthID
 from pyheadscale.config import OIDCConfig
+from pyheadscale.config.errors import key_error
 from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import Node, User
 from pyheadscale.state.tailnet import Tailnet
@@ -76,9 +77,10 @@ class OIDCProvider:
             await self.discover()
         except DiscoveryError as e:
             if self.oidc.only_start_if_oidc_is_available:
-                raise RuntimeError(
-                    f"OIDC provider {self.oidc.issuer} is not available ({e}); set "
-                    "oidc.only_start_if_oidc_is_available: false to start without it") from None
+                raise key_error(
+                    "oidc.issuer", f"OIDC provider {self.oidc.issuer} is not available ({e}); "
+                    "set oidc.only_start_if_oidc_is_available: false to start without it"
+                ) from None
             log.warning("failed to set up OIDC provider, falling back to CLI based "
                         "authentication: %s", e)
 

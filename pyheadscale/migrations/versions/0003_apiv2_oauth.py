@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0003"

@@ -10,9 +10,9 @@ import os
 from logging.config import fileConfig
 from typing import Any
 
+from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from alembic import context
 from pyheadscale.db.models import JSONText, NumericBool, UTCDateTime, metadata
 
 config = context.config
