@@ -21,7 +21,7 @@ $(DEVSTAMP): $(STAMP)
 	touch $(DEVSTAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/pyheadscale serve
+	$(VENV)/bin/headscale serve
 
 clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients --extra derper,derpprobe

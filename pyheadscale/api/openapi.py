@@ -74,7 +74,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                                      "items": _ref("PreAuthKey")}}),
     "CreateApiKeyResponse": _obj({"apiKey": _S}),
     "ListApiKeysResponse": _obj({"apiKeys": {"type": "array", "items": _ref("ApiKey")}}),
-    "PolicyResponse": _obj({"policy": _S, "updatedAt": _T}),
+    "PolicyResponse": _obj({"policy": _S, "updatedAt": _nullable(_T)}),  # null: file mode
     "HealthResponse": _obj({"databaseConnectivity": _B}),
     # requests
     "CreateUserRequest": _obj({"name": _S, "displayName": _S, "email": _S, "pictureUrl": _S},

@@ -14,6 +14,7 @@ import click
 from pyheadscale.cli import (
     apikeys,
     auth,
+    completion,
     misc,
     nodes,
     oauthclients,
@@ -46,8 +47,13 @@ def load(ctx: click.Context) -> Config:
          "file exists).")
 def serve(ctx: click.Context) -> None:
     from pyheadscale.app import run
+    from pyheadscale.proctitle import present_as_headscale_serve
 
-    run(load(ctx))
+    cfg = load(ctx)
+    # Headplane finds the server by `comm` "headscale" and `serve` as the second word of
+    # its cmdline, then sends SIGHUP: look like that whichever entry point started us.
+    present_as_headscale_serve()
+    run(cfg)
 
 
 @command(cli, "configtest", "Validate the configuration and exit.")
@@ -58,7 +64,8 @@ def configtest(ctx: click.Context) -> None:
     click.echo("config OK")
 
 
-for _module in (users, nodes, preauthkeys, apikeys, oauthclients, auth, policy, misc):
+for _module in (users, nodes, preauthkeys, apikeys, oauthclients, auth, policy, misc,
+                completion):
     _module.register(cli)
 
 

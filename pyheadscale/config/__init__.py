@@ -144,6 +144,11 @@ def load_config(path: str | os.PathLike[str] | None = None,
         data_dir = Path(env.get(env_var_name("data_dir")) or default_data_dir(env))
         warns.append(f"no config file found, using the embedded default (data directory "
                      f"{data_dir})")
+        legacy = Path("data")  # where earlier versions kept the embedded default's files
+        if (legacy / "noise_private.key").is_file() and legacy.resolve() != data_dir.resolve():
+            warns.append(f"{legacy.resolve()} holds an earlier server's keys and database, but "
+                         f"the embedded default now uses {data_dir}: move them there or set "
+                         "PYHEADSCALE_DATA_DIR")
         cfg = _build(embedded_default(data_dir), env, base=None, warns=warns)
     else:
         file = Path(os.path.expanduser(file))

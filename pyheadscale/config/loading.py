@@ -226,3 +226,7 @@ def anchor_paths(cfg: Config, base: Path) -> None:
     srv.tls_cert_path = anchored(srv.tls_cert_path)
     srv.tls_key_path = anchored(srv.tls_key_path)
     srv.mesh_key_path = anchored(srv.mesh_key_path)
+    # Headscale leaves a relative unix_socket to the working directory, so its CLI finds the
+    # server's socket only from where the server was started; anchored, both agree anywhere.
+    if cfg.unix_socket and not Path(cfg.unix_socket).is_absolute():
+        cfg.unix_socket = str(base / cfg.unix_socket)

@@ -252,8 +252,19 @@ class TuningConfig(Section):
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """PYHEADSCALE_DATA_DIR, else $XDG_DATA_HOME/pyheadscale (~/.local/share/pyheadscale).
+
+    Never the working directory: the server and the CLI must resolve the same directory (and
+    so the same CLI socket) wherever each is started from.
+    """
     env = os.environ if env is None else env
-    return Path(env.get("PYHEADSCALE_DATA_DIR") or "./data")
+    if env.get("PYHEADSCALE_DATA_DIR"):
+        return Path(env["PYHEADSCALE_DATA_DIR"])
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is ignored
+        return Path(xdg) / "pyheadscale"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".local" / "share" / "pyheadscale"
 
 
 class Config(BaseModel):

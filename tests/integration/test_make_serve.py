@@ -1,5 +1,6 @@
-"""`make serve` on a fresh copy of the repository: installs, answers /health within
-60 s, stops cleanly on Ctrl-C, and a second start reuses the Noise key and the database."""
+"""`make serve` on a fresh copy of the repository: installs, answers /health within 60 s, is
+found by Headplane's discovery rule and reloads on SIGHUP, serves the CLI from any directory,
+stops cleanly on Ctrl-C, and a second start reuses the Noise key and the database."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.headplane import headscale_serve_pids
 from tests.integration.server import REPO
 
 pytestmark = pytest.mark.integration
@@ -41,8 +43,17 @@ def get(path: str) -> tuple[int, bytes]:
         return 0, b""
 
 
+def clean_env(home: Path) -> dict[str, str]:
+    """No HEADSCALE_*/PYHEADSCALE_*/XDG_* from the caller, and a HOME of the test's own: the
+    embedded default's data directory is ~/.local/share/pyheadscale."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HEADSCALE_", "PYHEADSCALE_", "XDG_"))}
+    env["HOME"] = str(home)
+    return env
+
+
 def start(repo: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADSCALE_", "PYHEADSCALE_"))}
+    env = clean_env(repo.parent / "home")
     with log.open("ab") as out:
         return subprocess.Popen(["make", "serve"], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,29 +83,50 @@ def ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> None:
     assert "pyheadscale: shutting down" in log.read_text()
 
 
+def our_server(make: subprocess.Popen[bytes]) -> int:
+    """The pid Headplane's rule finds among make's children (other servers may run too)."""
+    def parent(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")))
+
+    found = [pid for pid in headscale_serve_pids() if parent(pid) == make.pid]
+    assert len(found) == 1, headscale_serve_pids()
+    return found[0]
+
+
 def test_make_serve_fresh_copy(tmp_path: Path) -> None:
     assert get("/health")[0] == 0, "something already listens on 127.0.0.1:8080"
     repo = fresh_copy(tmp_path / "repo")
+    home = tmp_path / "home"
+    home.mkdir()
+    data = home / ".local" / "share" / "pyheadscale"
     log = tmp_path / "serve.log"
     proc = start(repo, log)
+    cli = repo / ".venv" / "bin" / "headscale"
     try:
         took = wait_healthy(proc, 60, log)
         key1 = json.loads(get("/key?v=113")[1])["publicKey"]
-        cli = repo / ".venv" / "bin" / "headscale"
-        r = subprocess.run([str(cli), "users", "create", "keepme"], cwd=repo, capture_output=True,
-                           text=True, timeout=60)
+        # From another directory: the CLI resolves the same data directory and socket.
+        r = subprocess.run([str(cli), "users", "create", "keepme"], cwd=tmp_path,
+                           env=clean_env(home), capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+        os.kill(our_server(proc), signal.SIGHUP)  # what Headplane sends after a config edit
+        deadline = time.monotonic() + 20
+        while "configuration reloaded" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
     finally:
         ctrl_c(proc, log)
     assert took < 60
-    assert (repo / "data" / "noise_private.key").stat().st_mode & 0o777 == 0o600
+    assert (data / "noise_private.key").stat().st_mode & 0o777 == 0o600
+    assert not (repo / "data").exists()
 
     proc = start(repo, log)
     try:
         wait_healthy(proc, 30, log)
         assert json.loads(get("/key?v=113")[1])["publicKey"] == key1
         r = subprocess.run([str(cli), "users", "list", "-o", "json"], cwd=repo,
-                           capture_output=True, text=True, timeout=60)
+                           env=clean_env(home), capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "keepme" in [u["name"] for u in json.loads(r.stdout)]
     finally:

@@ -447,10 +447,33 @@ def test_searched_json_and_toml_files_load(dirs: dict[str, Path]) -> None:
 def test_no_file_uses_embedded_default(dirs: dict[str, Path]) -> None:
     cfg = load_config(env={"HOME": str(dirs["home"])})
     assert cfg.config_file is None
-    assert cfg.data_dir == Path("data")
+    data = dirs["home"] / ".local" / "share" / "pyheadscale"
+    assert cfg.data_dir == data
+    assert cfg.unix_socket == str(data / "headscale.sock")
     assert any("no config file found" in w for w in cfg.warnings)
-    expected = default_config(Path("data"))
+    expected = default_config(data)
     assert cfg.model_dump(exclude={"warnings"}) == expected.model_dump(exclude={"warnings"})
+
+
+def test_embedded_default_does_not_depend_on_the_working_directory(
+        dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server and the CLI find the same data directory (and CLI socket) wherever each
+    runs: XDG_DATA_HOME when it is absolute, else ~/.local/share, never the cwd."""
+    env = {"HOME": str(dirs["home"])}
+    here = load_config(env=env)
+    monkeypatch.chdir(dirs["etc"])
+    assert load_config(env=env).unix_socket == here.unix_socket
+    xdg = dirs["home"] / "xdg"
+    assert load_config(env={**env, "XDG_DATA_HOME": str(xdg)}).data_dir == xdg / "pyheadscale"
+    assert load_config(env={**env, "XDG_DATA_HOME": "relative"}).data_dir == here.data_dir
+
+
+def test_earlier_data_directory_is_pointed_out(dirs: dict[str, Path]) -> None:
+    (dirs["cwd"] / "data").mkdir()
+    (dirs["cwd"] / "data" / "noise_private.key").write_text("privkey:...")
+    cfg = load_config(env={"HOME": str(dirs["home"])})
+    assert any("earlier server's keys" in w and "PYHEADSCALE_DATA_DIR" in w
+               for w in cfg.warnings), cfg.warnings
 
 
 # --- defaults -------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ class PolicyHandlers(HandlerBase):
             raise APIError(500, f"loading ACL from database: {e}") from None
         except PolicyReadError as e:
             raise APIError(500, str(e)) from None
+        # File mode has no update time: Headscale leaves the field unset, which its JSON
+        # gateway writes as null (Headplane then shows the policy read-only).
         updated = p.updated_at if self.policy.mode == "database" else None
-        return web.json_response({"policy": p.data, "updatedAt": shapes.ts(updated)})
+        return web.json_response({"policy": p.data, "updatedAt": shapes.ts_or_null(updated)})
 
     async def set_policy(self, request: web.Request) -> web.Response:
         text = text_field(await read_body(request), "policy")
