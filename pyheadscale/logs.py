@@ -8,7 +8,8 @@ both formats show them as fields instead of text baked into the message.
 
 zerolog has levels Python's logging lacks: `trace` (below debug), `fatal` (logging's CRITICAL)
 and `panic` (above it); `disabled` turns all output off. Alembic's chatter about migrations is
-debug here, not info.
+debug here, not info, and so are the SQL statements `database.debug` logs (as in Headscale,
+they need `log.level: debug`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _NAMES = {TRACE: "trace", logging.DEBUG: "debug", logging.INFO: "info",
 _SHORT = {"trace": "TRC", "debug": "DBG", "info": "INF", "warn": "WRN", "error": "ERR",
           "fatal": "FTL", "panic": "PNC"}
 # Loggers whose INFO lines are operational detail: shown from `debug` on.
-_DEMOTED = frozenset({"alembic"})
+_DEMOTED = frozenset({"alembic", "sqlalchemy"})  # database.debug SQL lines: debug
 _HANDLER_MARK = "_pyheadscale_handler"
 
 logging.addLevelName(TRACE, "TRACE")

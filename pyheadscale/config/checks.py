@@ -214,6 +214,38 @@ def check(cfg: Config, warns: list[str]) -> None:
     if cfg.policy.mode not in ("file", "database"):
         raise key_error("policy.mode", f"must be file or database, got {quoted(cfg.policy.mode)}")
     _check_oidc(cfg.oidc)
+    _check_unsupported(cfg, warns)
+
+
+# Headscale keys that tune parts pyheadscale does not have. Headscale's default asks for
+# nothing, so it is accepted; any other value would be silently ignored, so it is refused.
+_NO_EQUIVALENT: dict[str, tuple[object, str]] = {
+    "notifier_send_timeout": (timedelta(milliseconds=800), "map updates wait in a per-session "
+                              "queue that never blocks the sender, so there is no send timeout"),
+    "node_mapsession_buffered_chan_size": (30, "a map session's queue holds changes, not "
+                                           "responses, and collapses to a full update instead "
+                                           "of filling up"),
+    "batcher_workers": (0, "map responses are built on one event loop, without workers"),
+    "node_store_batch_size": (100, "state changes apply at once; there is no NodeStore write "
+                              "batching (tuning.batch_change_delay batches what clients get)"),
+    "node_store_batch_timeout": (timedelta(milliseconds=500), "state changes apply at once; "
+                                 "there is no NodeStore write batching"),
+}
+
+
+def _check_unsupported(cfg: Config, warns: list[str]) -> None:
+    for name, (default, why) in _NO_EQUIVALENT.items():
+        value = getattr(cfg.tuning, name)
+        if value != default:
+            shown = format_go_duration(value) if isinstance(value, timedelta) else value
+            raise key_error(f"tuning.{name}", f"not supported by pyheadscale ({why}); remove "
+                                              f"the key (got {shown})")
+    if {"grpc_listen_addr", "grpc_allow_insecure"} & cfg.model_fields_set:
+        # Kept a warning: Headscale's example config sets it, and the REST API and the unix
+        # socket offer everything its gRPC API does.
+        warns.append("grpc_listen_addr: not supported, pyheadscale serves no gRPC; remote "
+                     "CLIs use the REST API (cli.address with an API key) and local ones the "
+                     "unix socket")
 
 
 def _check_derp(cfg: Config) -> None:

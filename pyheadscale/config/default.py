@@ -16,7 +16,6 @@ def embedded_default(data_dir: Path) -> dict[str, Any]:
         "server_url": "http://127.0.0.1:8080",
         "listen_addr": "127.0.0.1:8080",
         "metrics_listen_addr": "127.0.0.1:9090",
-        "grpc_listen_addr": "127.0.0.1:50443",
         "noise": {"private_key_path": str(d / "noise_private.key")},
         "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48",
                      "allocation": "sequential"},

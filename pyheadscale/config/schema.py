@@ -243,9 +243,8 @@ class TuningConfig(Section):
     # pyheadscale batches over tens of milliseconds (Headscale's 800ms feels laggy).
     batch_change_delay: GoDuration = timedelta(milliseconds=100)
     node_mapsession_buffered_chan_size: int = 30
-    batcher_workers: int = 0  # 0: 3/4 of the CPUs, at least 1 (resolved on load)
+    batcher_workers: int = 0  # Headscale: 0 is 3/4 of the CPUs
     register_cache_expiration: GoDuration = timedelta(minutes=15)
-    register_cache_cleanup: GoDuration = timedelta(minutes=20)  # Headscale <=0.28 constant
     register_cache_max_entries: int = 1024
     node_store_batch_size: int = 100
     node_store_batch_timeout: GoDuration = timedelta(milliseconds=500)
@@ -327,8 +326,6 @@ class Config(BaseModel):
             if urlsplit(self.server_url).scheme != "https":
                 host = self.listen_addr.rpartition(":")[0] if ":" in self.listen_addr else ""
                 srv.listen_addr = f"{host}:8443"
-        if self.tuning.batcher_workers <= 0:
-            self.tuning.batcher_workers = max((os.cpu_count() or 1) * 3 // 4, 1)
         if self.tuning.register_cache_expiration <= timedelta(0):
             self.tuning.register_cache_expiration = timedelta(minutes=15)
         if self.tuning.register_cache_max_entries <= 0:

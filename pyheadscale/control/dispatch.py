@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from aiohttp import web
 from sqlalchemy import Engine
@@ -26,6 +25,7 @@ from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.config.errors import key_error
+from pyheadscale.control.derpurls import DerpURLMaps
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import MapPoll, handle_map
@@ -41,7 +41,6 @@ from pyheadscale.mapper.derpmap import (
     DERPMapError,
     load_derp_map_file,
     merge_derp_maps,
-    parse_derp_map_json,
 )
 from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
 from pyheadscale.mapper.full import PeerCache
@@ -66,7 +65,7 @@ class ControlPlane:
         self.derp = derp
         self.peer_cache = PeerCache()
         self._generation = 0
-        self._url_derp_maps: list[dict[str, Any]] = []
+        self.derp_urls = DerpURLMaps(cfg.derp.urls)
         self._extra_records_mtime: float | None = None
         self._file_records: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,7 +101,7 @@ class ControlPlane:
         with failing_key("policy.path" if self.cfg.policy.mode == "file" else "policy.mode",
                          "cannot load the policy"):
             await self.policy.load()
-        await self._fetch_derp_urls()
+        await self.derp_urls.load()
         self._load_extra_records_file(initial=True)
         with failing_key("derp.paths", "cannot load a DERP map file"):
             self.mapctx = self.build_context()
@@ -114,8 +113,11 @@ class ControlPlane:
         # After the policy: its change listener must run before the route controller's.
         self.routes.start()
         self.expiry.start()
+        if self.cfg.derp.auto_update_enabled:
+            self.derp_urls.start_updates(self.cfg.derp.update_frequency, self._derp_updated)
 
     async def stop(self) -> None:
+        await self.derp_urls.stop()
         await self.routes.stop()
         await self.expiry.stop()
         for t in self._tasks:
@@ -136,7 +138,7 @@ class ControlPlane:
         embedded = None
         if self.derp is not None and self.cfg.derp.server.automatically_add_embedded_derp_region:
             embedded = self.derp.region()
-        return merge_derp_maps(self._url_derp_maps, paths, embedded)
+        return merge_derp_maps(self.derp_urls.maps, paths, embedded)
 
     def build_context(self) -> MapContext:
         cfg = self.cfg
@@ -151,6 +153,7 @@ class ControlPlane:
             primary_routes=self.mapctx.primary_routes,
             taildrop=cfg.taildrop.enabled,
             logtail=cfg.logtail.enabled,
+            auto_update=cfg.auto_update.enabled,
             generation=self._generation,
         )
 
@@ -159,6 +162,13 @@ class ControlPlane:
         self.tailnet.bus.publish(Change(kind, None, frozenset()))
         if kind is ChangeKind.POLICY:
             self.routes.policy_refreshed()
+
+    def _derp_updated(self) -> None:
+        """derp.urls answered with a different map: every client gets the new DERP map."""
+        try:
+            self.refresh_context(ChangeKind.DERP)
+        except DERPMapError as e:  # a derp.paths file broke meanwhile: keep the old context
+            log.error("DERP map not updated: %s", e)
 
     def set_primary_routes(self, routes: Mapping[int, Sequence[IPNetwork]],
                            changed: Iterable[int]) -> None:
@@ -169,20 +179,6 @@ class ControlPlane:
                               generation=self._generation)
         self.tailnet.bus.publish(*(Change(ChangeKind.NODE_CHANGED, nid,
                                           frozenset({Field.PRIMARY_ROUTES})) for nid in changed))
-
-    async def _fetch_derp_urls(self) -> None:
-        maps = []
-        urls = self.cfg.derp.urls
-        if urls:
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as s:
-                for url in urls:
-                    try:
-                        async with s.get(url) as r:
-                            maps.append(parse_derp_map_json(await r.read(), url))
-                    except (aiohttp.ClientError, TimeoutError, DERPMapError) as e:
-                        log.warning("DERP map %s not loaded: %s", url, e)
-        self._url_derp_maps = maps
 
     # --- extra records and reloads ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, text
 
 from pyheadscale.config.schema import DatabaseConfig
+from pyheadscale.db.tuning import PoolSettings, pool_settings, tune
 
 __all__ = [
     "HEADSCALE_COMPAT_VERSION",
@@ -82,12 +83,17 @@ def make_engine(
     pg_password: str | None = None,
     pg_ssl: bool | str = False,
     pg_pool_size: int = DEFAULT_PG_POOL,
+    pg_max_overflow: int = 10,
+    pg_pool_recycle: int = -1,
+    prepare: bool = True,
+    hide_parameters: bool = False,
     echo: bool = False,
 ) -> Engine:
     """Create a SQLAlchemy engine for Headscale's database settings."""
     kind = _normalise_type(db_type)
     if kind == "sqlite":
-        return _make_sqlite_engine(sqlite_path, wal=sqlite_wal, echo=echo)
+        return _make_sqlite_engine(sqlite_path, wal=sqlite_wal, echo=echo, prepare=prepare,
+                                   hide_parameters=hide_parameters)
     return _make_pg_engine(
         host=pg_host,
         port=pg_port,
@@ -95,12 +101,15 @@ def make_engine(
         user=pg_user,
         password=pg_password,
         ssl=pg_ssl,
-        pool_size=pg_pool_size,
+        pool=PoolSettings(pg_pool_size, pg_max_overflow, pg_pool_recycle),
+        prepare=prepare,
+        hide_parameters=hide_parameters,
         echo=echo,
     )
 
 
-def _make_sqlite_engine(path: str | os.PathLike[str] | None, *, wal: bool, echo: bool) -> Engine:
+def _make_sqlite_engine(path: str | os.PathLike[str] | None, *, wal: bool, echo: bool,
+                        prepare: bool = True, hide_parameters: bool = False) -> Engine:
     if path is None or not str(path).strip():
         raise DatabaseConfigError("sqlite database needs a path")
     memory = str(path) == ":memory:"
@@ -110,7 +119,11 @@ def _make_sqlite_engine(path: str | os.PathLike[str] | None, *, wal: bool, echo:
         p = Path(path).expanduser().absolute()
         p.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{p}"
-    engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False})
+    connect_args: dict[str, Any] = {"check_same_thread": False}
+    if not prepare:
+        connect_args["cached_statements"] = 0
+    engine = create_engine(url, echo=echo, connect_args=connect_args,
+                           hide_parameters=hide_parameters)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -151,7 +164,9 @@ def _make_pg_engine(
     user: str,
     password: str | None,
     ssl: bool | str,
-    pool_size: int,
+    pool: PoolSettings,
+    prepare: bool,
+    hide_parameters: bool,
     echo: bool,
 ) -> Engine:
     query: dict[str, str] = {}
@@ -167,32 +182,51 @@ def _make_pg_engine(
         database=name or None,
         query=query,
     )
+    connect_args: dict[str, Any] = {"options": "-c timezone=UTC"}
+    if not prepare:
+        connect_args["prepare_threshold"] = None  # psycopg: never prepare
     return create_engine(
         url,
         echo=echo,
-        pool_size=max(1, pool_size),
+        hide_parameters=hide_parameters,
+        pool_size=max(1, pool.size),
+        max_overflow=pool.overflow,
+        pool_recycle=pool.recycle,
         pool_pre_ping=True,
         # Sessions in UTC so server-side rendering of timestamptz matches what we store.
-        connect_args={"options": "-c timezone=UTC"},
+        connect_args=connect_args,
     )
 
 
 def engine_from_config(db_cfg: DatabaseConfig) -> Engine:
-    """Build an engine from the config's `database:` section."""
+    """Build an engine from the config's `database:` section (db/tuning.py says what the
+    debug, gorm, WAL checkpoint and pool keys do here)."""
+    gorm = db_cfg.gorm
+    hide = gorm.parameterized_queries
+    wal_autocheckpoint: int | None = None
     if _normalise_type(db_cfg.type) == "sqlite":
         sq = db_cfg.sqlite
-        return make_engine("sqlite", sqlite_path=sq.path, sqlite_wal=sq.write_ahead_log)
-    pg = db_cfg.postgres
-    return make_engine(
-        "postgres",
-        pg_host=pg.host,
-        pg_port=pg.port,
-        pg_name=pg.name,
-        pg_user=pg.user,
-        pg_password=pg.pass_,
-        pg_ssl=pg.ssl,
-        pg_pool_size=pg.max_open_conns if pg.max_open_conns > 0 else DEFAULT_PG_POOL,
-    )
+        engine = make_engine("sqlite", sqlite_path=sq.path, sqlite_wal=sq.write_ahead_log,
+                             prepare=gorm.prepare_stmt, hide_parameters=hide)
+        if sq.write_ahead_log:
+            wal_autocheckpoint = sq.wal_autocheckpoint
+    else:
+        pg = db_cfg.postgres
+        pool = pool_settings(pg.max_open_conns, pg.max_idle_conns, pg.conn_max_idle_time_secs)
+        engine = make_engine(
+            "postgres",
+            pg_host=pg.host,
+            pg_port=pg.port,
+            pg_name=pg.name,
+            pg_user=pg.user,
+            pg_password=pg.pass_,
+            pg_ssl=pg.ssl,
+            pg_pool_size=pool.size, pg_max_overflow=pool.overflow,
+            pg_pool_recycle=pool.recycle, prepare=gorm.prepare_stmt, hide_parameters=hide,
+        )
+    tune(engine, debug=db_cfg.debug, slow_threshold_ms=gorm.slow_threshold,
+         hide_parameters=hide, wal_autocheckpoint=wal_autocheckpoint)
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ CAP_SSH = "https://tailscale.com/cap/ssh"
 CAP_FILE_SHARING = "https://tailscale.com/cap/file-sharing"
 NODE_ATTR_DEFAULT_AUTO_UPDATE = "default-auto-update"
 HOME_DERP_CAPVER = 111  # clients below this need the legacy "DERP": "127.3.3.40:N" string
+# Clients below this read the tailnet's auto-update default only from the MapResponse's
+# top-level DefaultAutoUpdate, not from the default-auto-update cap.
+AUTO_UPDATE_CAP_CAPVER = 131
 LEGACY_DERP_IP = "127.3.3.40"
 
 TAGGED_DEVICES_PROFILE: dict[str, Any] = {
@@ -334,6 +337,9 @@ def full_map_and_peers(
         resp["Domain"] = domain
     if not ctx.logtail:
         resp["Debug"] = {"DisableLogTail": True}
+    if 0 < viewer.capver < AUTO_UPDATE_CAP_CAPVER:
+        # Headscale sends only the cap, which these clients ignore (auto_update.enabled).
+        resp["DefaultAutoUpdate"] = ctx.auto_update
     ssh = ctx.policy.ssh_policy(viewer)
     if ssh and ssh.get("rules"):  # tailcfg.SSHPolicy's JSON name is "rules"
         resp["SSHPolicy"] = ssh

@@ -532,7 +532,7 @@ def test_defaults_equal_headscale(tmp_path: Path) -> None:
         assert obj == value, key
     # pyheadscale deliberately batches faster than Headscale's 800ms.
     assert timedelta(0) < cfg.tuning.batch_change_delay <= timedelta(milliseconds=100)
-    assert cfg.tuning.batcher_workers >= 1
+    assert cfg.tuning.batcher_workers == 0  # Headscale's "3/4 of the CPUs"
 
 
 def test_embedded_default(tmp_path: Path) -> None:
@@ -568,8 +568,9 @@ def test_embedded_default_round_trips_through_a_file(tmp_path: Path) -> None:
     cfg = default_config(tmp_path)
     data = cfg.model_dump(mode="json", by_alias=True, exclude={"warnings", "config_file"})
     reloaded = load(tmp_path, data)
-    assert reloaded.model_dump(exclude={"config_file"}) == cfg.model_dump(
-        exclude={"config_file"})
+    # The dump spells out grpc_listen_addr, which then warns: compared without warnings.
+    assert reloaded.model_dump(exclude={"config_file", "warnings"}) == cfg.model_dump(
+        exclude={"config_file", "warnings"})
 
 
 # --- the example file -----------------------------------------------------------------------
