@@ -23,11 +23,19 @@ from pyheadscale.config import Config, ConfigError
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
+from pyheadscale.debug import DebugDeps, metrics_app
+from pyheadscale.debugview import owner_name
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
-from pyheadscale.listener import MainListener, add_takeover_route, socket_access_log
+from pyheadscale.listener import (
+    MainListener,
+    add_takeover_route,
+    http_metrics,
+    socket_access_log,
+)
 from pyheadscale.logs import configure as configure_logging
 from pyheadscale.logs import fields
+from pyheadscale.metrics import ServerView, server_registry
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.realip import RealIP
@@ -123,11 +131,9 @@ class Server:
         if self.acme is not None:
             await self.acme.start()
         if cfg.metrics_listen_addr:
-            metrics = web.Application()
-            metrics.router.add_get("/metrics", self.metrics)
             mhost, mport = split_hostport(cfg.metrics_listen_addr, 9090)
             with failing_key("metrics_listen_addr", f"cannot listen on {cfg.metrics_listen_addr}"):
-                await self._site(metrics, mhost, mport, None)
+                await self._site(metrics_app(self.debug_deps()), mhost, mport, None)
         if cfg.unix_socket:
             with failing_key("unix_socket", f"cannot serve the CLI socket {cfg.unix_socket}"):
                 await self._unix_site(cfg.unix_socket, cfg.unix_socket_permission)
@@ -152,7 +158,8 @@ class Server:
 
     async def _unix_site(self, path: str, mode: int) -> None:
         """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
-        sock_app = web.Application(client_max_size=1 << 20, middlewares=[socket_access_log])
+        sock_app = web.Application(client_max_size=1 << 20,
+                                   middlewares=[socket_access_log, http_metrics])
         add_api_routes(sock_app, self.control.admin, trusted=True,
                        cors_origins=self.cfg.cors_allowed_origins)
         add_v2_routes(sock_app, self.v2, trusted=True)
@@ -222,8 +229,26 @@ class Server:
             return web.Response(status=400, text="bad DERPAdmitClientRequest")
         return web.json_response({"Allow": allowed})
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.control.metrics_text(), content_type="text/plain")
+    def debug_deps(self) -> DebugDeps:
+        """What /metrics and /debug/* read (the metrics listener)."""
+        tn, cp = self.tailnet, self.control
+
+        def node_counts() -> dict[str, tuple[int, int]]:
+            out: dict[str, tuple[int, int]] = {}
+            for n in tn.nodes.values():
+                user = "" if n.is_tagged else owner_name(n, tn.users)
+                count, up = out.get(user, (0, 0))
+                out[user] = (count + 1, up + n.online)
+            return out
+
+        derp = self.derp
+        view = ServerView(node_counts=node_counts, total_nodes=lambda: len(tn.nodes),
+                          map_sessions=lambda: sum(1 for i in tn.nodes if tn.bus.subscribed(i)),
+                          sessions_opened=lambda: tn.bus.opened,
+                          ha_probes_answered=lambda: cp.routes.probes_answered,
+                          derp_stats=lambda: derp.server.stats if derp is not None else None)
+        return DebugDeps(cfg=self.cfg, tailnet=tn, policy=cp.policy, mapctx=lambda: cp.mapctx,
+                         routes=cp.routes, pending=cp.pending, registry=server_registry(view))
 
 
 async def serve(cfg: Config) -> None:
@@ -249,6 +274,8 @@ def run(cfg: Config) -> None:
     """`headscale serve`: log as configured, serve until SIGINT/SIGTERM. A start-up failure
     prints one line naming its config key (the traceback only at debug level), exit 1."""
     configure_logging(cfg.log.level, cfg.log.format)
+    for w in cfg.warnings:
+        logging.getLogger("pyheadscale.config").warning("%s", w)
     try:
         asyncio.run(serve(cfg))
     except ConfigError as e:

@@ -41,6 +41,7 @@ from josepy.jwk import JWK, JWKEC
 from derp.frontdoor import TEXT, FrontDoor, Reply, RequestHead
 from pyheadscale.config.checks import parse_listen
 from pyheadscale.servertls import ServerTLS
+from pyheadscale.startup import failing_key
 
 log = logging.getLogger("pyheadscale.acme")
 
@@ -130,7 +131,8 @@ class AcmeManager:
     async def start(self) -> None:
         """Use a cached certificate if one is good, start the HTTP-01 listener, and keep the
         certificate renewed in the background (the first issuance too)."""
-        self.s.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with failing_key("tls_letsencrypt_cache_dir", f"cannot create {self.s.cache_dir}"):
+            self.s.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cached = self._load_cached()
         if cached is not None:
             self._install(cached)
@@ -138,8 +140,10 @@ class AcmeManager:
                      self.s.hostname, cached.not_valid_after_utc.isoformat())
         if self.s.challenge == "HTTP-01":
             host, port = parse_listen(self.s.http_listen)
-            self._http = await asyncio.get_running_loop().create_server(
-                lambda: FrontDoor(self._http01_route), host or None, port, reuse_address=True)
+            with failing_key("tls_letsencrypt_listen", f"cannot listen on {self.s.http_listen}"):
+                self._http = await asyncio.get_running_loop().create_server(
+                    lambda: FrontDoor(self._http01_route), host or None, port,
+                    reuse_address=True)
         self._task = asyncio.get_running_loop().create_task(self._keep_renewed())
 
     async def stop(self) -> None:

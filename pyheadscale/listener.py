@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from derp.frontdoor import FrontDoor, RequestHead, Router, first_match
+from derp.frontdoor import FrontDoor, RequestHead, Route, Router, first_match
+from pyheadscale import metrics
 from pyheadscale.logs import fields
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS, peek_client_hello
@@ -43,6 +44,39 @@ def access_line(method: str, path: str, proto: str, remote: str, status: int, si
     access_log.info("http request", extra=fields(
         method=method, path=path, proto=proto, remote=remote, status=status, bytes=size,
         elapsed=f"{seconds * 1000:.1f}ms"))
+
+
+def endpoint_of(request: web.Request) -> str:
+    """go-chi/metrics' endpoint label: method and route pattern, or "<no-match>"."""
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.http_exception is None else None
+    return f"{request.method} {resource.canonical}" if resource is not None else "<no-match>"
+
+
+@web.middleware
+async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Headscale's HTTP series (http_requests_total, _inflight, _duration) for the requests
+    aiohttp serves; takeovers are counted by the listener's exchange hook."""
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    proto = f"HTTP/{request.version.major}.{request.version.minor}" + (
+        " WebSocket" if upgrade else "")
+    start = time.monotonic()
+    status, aborted = 500, False
+    metrics.http_inflight.labels("", proto).inc()
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except asyncio.CancelledError:
+        aborted = True
+        raise
+    finally:
+        metrics.http_inflight.labels("", proto).dec()
+        metrics.http_request(endpoint_of(request), proto, status, time.monotonic() - start,
+                             aborted=aborted)
 
 
 @web.middleware
@@ -94,6 +128,7 @@ class MainListener:
         self.real_ip = real_ip or RealIP(())
         app[_REAL_IP] = self.real_ip
         app.middlewares.insert(0, real_ip_middleware)
+        app.middlewares.insert(1, http_metrics)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._server: asyncio.base_events.Server | None = None
         self._lsock: socket.socket | None = None  # the TLS-ALPN-01 accept loop's socket
@@ -106,11 +141,30 @@ class MainListener:
         assert fallback is not None  # set by setup()
         routers: list[Router] = self.app[_TAKEOVER] if _TAKEOVER in self.app else []
         router = first_match(routers)
+        # Requests the door answers or takes over (not aiohttp, whose middleware counts its
+        # own), by head, until their exchange ends: their path is a fixed route.
+        door_served: dict[int, RequestHead] = {}
+
+        def routed(head: RequestHead) -> Route:
+            route = router(head)
+            if route is not None:
+                if len(door_served) > 4096:  # exchanges that never ended: forget them
+                    door_served.clear()
+                door_served[id(head)] = head
+            return route
+
+        def exchanged(head: RequestHead, status: int, size: int, seconds: float) -> None:
+            log_exchange(head, status, size, seconds)
+            if door_served.pop(id(head), None) is head:
+                proto = f"HTTP/{head.version}" + (" WebSocket" if status == 101 and any(
+                    k == "upgrade" and v.lower() == "websocket" for k, v in head.headers)
+                    else "")
+                metrics.http_request(f"{head.method} {head.path}", proto, status, seconds)
 
         resolver = self.real_ip
 
         def door() -> FrontDoor:
-            return FrontDoor(router, fallback, resolver=resolver, on_exchange=log_exchange)
+            return FrontDoor(routed, fallback, resolver=resolver, on_exchange=exchanged)
 
         loop = asyncio.get_running_loop()
         if tls is not None and tls.peek_alpn:

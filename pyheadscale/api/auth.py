@@ -12,8 +12,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
+from pyheadscale.api.audited import audited, is_audited, set_actor
 from pyheadscale.api.errors import APIError, error_response, unauthorized
+from pyheadscale.audit import CLI_SOCKET, Actor
 from pyheadscale.state.errors import InvalidAPIKey, StateError
+from pyheadscale.state.model import ApiKey
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.api")
@@ -24,18 +27,18 @@ CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
 
-async def authenticate(tailnet: Tailnet, request: web.Request) -> bool:
+async def authenticate(tailnet: Tailnet, request: web.Request) -> ApiKey | None:
+    """The valid, unexpired API key of the request's Bearer header, else None."""
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
-        return False
+        return None
     token = header[len("Bearer "):].strip()
     if not token:
-        return False
+        return None
     try:
-        await tailnet.validate_api_key(token)
+        return await tailnet.validate_api_key(token)
     except (InvalidAPIKey, StateError):
-        return False
-    return True
+        return None
 
 
 class CORS:
@@ -72,15 +75,27 @@ class CORS:
 
 
 def guard(handler: Handler, tailnet: Tailnet, *, trusted: bool, cors: CORS,
-          public: bool = False) -> Handler:
-    """Wrap an API handler: key check, typed-error mapping, CORS headers."""
+          public: bool = False, op_id: str = "") -> Handler:
+    """Wrap an API handler: key check, typed-error mapping, CORS headers, and the audit line
+    of an admin action (`op_id`, see audited.py) naming the caller."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not trusted and not public and not await authenticate(tailnet, request):
-            resp: web.StreamResponse = unauthorized()
-        else:
+        resp: web.StreamResponse | None = None
+        if trusted:
+            set_actor(request, CLI_SOCKET)
+        elif not public:
+            key = await authenticate(tailnet, request)
+            if key is None:
+                resp = unauthorized()
+            else:
+                set_actor(request, Actor("api_key", key.prefix))
+        if resp is None:
             try:
+                # Read first (aiohttp keeps it for the handler): the audit line names ids
+                # that only the body carries.
+                body = await request.read() if is_audited(op_id) else None
                 resp = await handler(request)
+                audited(op_id, request, resp, body)
             except APIError as e:
                 resp = e.response()
             except web.HTTPException:

@@ -74,7 +74,7 @@ def add_api_routes(app: web.Application, deps: AdminDeps, *, trusted: bool,
     api = V1API(deps)
     tn = deps.tailnet
     for r in ROUTES:
-        h = guard(getattr(api, r.handler), tn, trusted=trusted, cors=cors)
+        h = guard(getattr(api, r.handler), tn, trusted=trusted, cors=cors, op_id=r.op_id)
         app.router.add_route(r.method, r.path, h)
     for path, handler in openapi.public_routes():
         app.router.add_get(path, guard(handler, tn, trusted=trusted, cors=cors, public=True))

@@ -50,6 +50,9 @@ class PendingRegistrations:
         self.max_entries = max_entries
         self._items: OrderedDict[str, Pending] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def _evict(self) -> None:
         now = time.monotonic()
         for auth_id in [a for a, p in self._items.items() if now - p.created > self.expiration_s]:

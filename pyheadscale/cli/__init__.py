@@ -34,10 +34,10 @@ def cli(ctx: click.Context) -> None:
     ctx.obj = {"config_path": ctx.meta.get("config_path")}
 
 
-def load(ctx: click.Context) -> Config:
+def load(ctx: click.Context, log_warnings: bool = True) -> Config:
     """Load the configuration or exit 1 with its one-line error."""
     try:
-        return load_config(ctx.find_root().meta.get("config_path"))
+        return load_config(ctx.find_root().meta.get("config_path"), log_warnings=log_warnings)
     except ConfigError as e:
         click.echo(str(e), err=True)
         sys.exit(1)
@@ -49,7 +49,7 @@ def serve(ctx: click.Context) -> None:
     from pyheadscale.app import run
     from pyheadscale.proctitle import present_as_headscale_serve
 
-    cfg = load(ctx)
+    cfg = load(ctx, log_warnings=False)  # warned once logging has its configured format
     # Headplane finds the server by `comm` "headscale" and `serve` as the second word of
     # its cmdline, then sends SIGHUP: look like that whichever entry point started us.
     present_as_headscale_serve()

@@ -131,7 +131,7 @@ def default_config(data_dir: Path) -> Config:
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
+                env: Mapping[str, str] | None = None, *, log_warnings: bool = True) -> Config:
     """Load `path` (-c/--config), else $HEADSCALE_CONFIG, else the first file found by
     find_config_file, else the embedded default; HEADSCALE_* variables override the file.
 
@@ -154,8 +154,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
         file = Path(os.path.expanduser(file))
         cfg = _build(read_file(file), env, base=file.resolve().parent, warns=warns)
         cfg.config_file = file
-    for w in cfg.warnings:
-        log.warning("%s", w)
+    if log_warnings:  # `serve` logs them itself, once its log format is set up
+        for w in cfg.warnings:
+            log.warning("%s", w)
     return cfg
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import orjson
 from aiohttp import web
 from sqlalchemy import Engine
 
-from pyheadscale import tailcfg
+from pyheadscale import metrics, tailcfg
 from pyheadscale.api.handlers.base import AdminDeps
 from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
@@ -53,6 +54,28 @@ if TYPE_CHECKING:
     from pyheadscale.embedded_derp import EmbeddedDerp
 
 log = logging.getLogger("pyheadscale.control")
+
+class RecordedStream:
+    """A response stream that remembers its status (for the HTTP metrics)."""
+
+    def __init__(self, inner: ResponseStream) -> None:
+        self.inner = inner
+        self.status = 200
+
+    async def start(self, status: int, headers: list[tuple[str, str]] | None = None) -> None:
+        self.status = status
+        await self.inner.start(status, headers)
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.write(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        await self.inner.end(data)
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
 
 class ControlPlane:
     """Owns the parts behind the Noise tunnel and the admin API, and hands each handler the
@@ -234,15 +257,26 @@ class ControlPlane:
     # --- requests --------------------------------------------------------------------------
 
     async def dispatch(self, req: ControlRequest, resp: ResponseStream) -> None:
-        if req.path == "/machine/map" and req.method == "POST":
-            await handle_map(self.map_poll, req, resp)
-        elif req.path == "/machine/register" and req.method == "POST":
-            await handle_register(self.registration, req, resp)
-        elif req.method == "GET" and (m := SSH_ACTION_ROUTE.match(req.path)):
-            # The HoldAndDelegate URL of SSH check rules.
-            await handle_ssh_action(self.ssh_action, req, resp, int(m[1]), int(m[2]))
-        else:
-            await reply(resp, 404, "not found")
+        """Route one request inside Noise; counted like Headscale's Noise router does."""
+        recorded = RecordedStream(resp)
+        start = time.monotonic()
+        endpoint = "<no-match>"
+        try:
+            if req.path == "/machine/map" and req.method == "POST":
+                endpoint = "POST /machine/map"
+                await handle_map(self.map_poll, req, recorded)
+            elif req.path == "/machine/register" and req.method == "POST":
+                endpoint = "POST /machine/register"
+                await handle_register(self.registration, req, recorded)
+            elif req.method == "GET" and (m := SSH_ACTION_ROUTE.match(req.path)):
+                # The HoldAndDelegate URL of SSH check rules.
+                endpoint = "GET /machine/ssh/action/{src_node_id}/to/{dst_node_id}"
+                await handle_ssh_action(self.ssh_action, req, recorded, int(m[1]), int(m[2]))
+            else:
+                await reply(recorded, 404, "not found")
+        finally:
+            metrics.http_request(endpoint, "HTTP/2.0", recorded.status,
+                                 time.monotonic() - start)
 
     async def verify_derp_request(self, raw: bytes) -> bool | None:
         """tailcfg.DERPAdmitClientRequest -> allowed, or None when malformed."""
@@ -252,18 +286,3 @@ class ControlPlane:
         except (orjson.JSONDecodeError, KeyError, TypeError, tailcfg.TailcfgError):
             return None
         return self.tailnet.node_by_node_key(key) is not None
-
-    def metrics_text(self) -> str:
-        tn = self.tailnet
-        online = sum(1 for n in tn.nodes.values() if n.online)
-        return (
-            "# TYPE headscale_nodes gauge\n"
-            f"headscale_nodes {len(tn.nodes)}\n"
-            "# TYPE headscale_nodes_online gauge\n"
-            f"headscale_nodes_online {online}\n"
-            "# TYPE pyheadscale_map_sessions_opened_total counter\n"
-            f"pyheadscale_map_sessions_opened_total {tn.bus.opened}\n"
-            "# TYPE pyheadscale_ha_probes_answered_total counter\n"
-            f"pyheadscale_ha_probes_answered_total {self.routes.probes_answered}\n"
-        )
-

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
+from pyheadscale import metrics
 from pyheadscale.config import Config
 from pyheadscale.mapper.context import AllowAllPolicy, Policy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
@@ -158,8 +159,10 @@ class PolicyController:
         if self.manager is None or not any(_may_affect_policy(c) for c in changes):
             return
         # update() is False when nothing the policy reads changed: no new context then.
-        if self.manager.update(users=list(self.tailnet.users.values()),
-                               nodes=list(self.tailnet.nodes.values())):
+        with metrics.Timer(metrics.nodestore_snapshot_build):
+            changed = self.manager.update(users=list(self.tailnet.users.values()),
+                                          nodes=list(self.tailnet.nodes.values()))
+        if changed:
             self.on_swap()
 
 

@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pyheadscale import tailcfg
+from pyheadscale import metrics, tailcfg
 from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
+from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
 from pyheadscale.mapper.delta import delta
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
@@ -60,6 +62,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
             capver=mr.version)
         if mr.omit_peers:
             await reply(resp, 200, "")
+            metrics.mapresponse_endpoint_updates.labels("ok").inc()
             return
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
         msg, _ = full_map_and_peers(tn.nodes, tn.users, tn.get_node(node.id), poll.context(),
@@ -70,6 +73,8 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
 
     # Subscribe before building the full map so no change falls between the two.
     sub = tn.bus.subscribe(node.id)
+    # "cancelled": a newer poll or the node's deletion ended it; "done": the client went.
+    ended = "cancelled"
     try:
         await tn.update_from_map_request(
             node.id, endpoints=mr.endpoints, disco_key=mr.disco_key, hostinfo=mr.hostinfo,
@@ -78,8 +83,9 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         await resp.start(200, [("content-type", "application/json")])
         await stream_maps(poll, node.id, sub, resp)
     except (StreamGone, ConnectionError):
-        pass
+        ended = "done"
     finally:
+        metrics.mapresponse_ended.labels(ended).inc()
         sub.close()
         # A newer poll of the same node replaced this one: that one owns the online flag.
         if not tn.bus.subscribed(node.id) and node.id in tn.nodes:
@@ -91,16 +97,18 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
                       resp: ResponseStream) -> None:
     tn = poll.tailnet
     viewer = tn.get_node(node_id)
-    msg, known = full_map_and_peers(tn.nodes, tn.users, viewer, poll.context(), datetime.now(UTC),
-                                    poll.peer_cache)
-    await resp.write(encode_frame(msg))
+    with metrics.Timer(metrics.nodestore_peers_calculation):
+        msg, known = full_map_and_peers(tn.nodes, tn.users, viewer, poll.context(),
+                                        datetime.now(UTC), poll.peer_cache)
+    metrics.mapresponse_generated.labels("full").inc()
+    await write_frame(resp, encode_frame(msg), "full", node_id)
     it = sub.__aiter__()
     while True:
         timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
         try:
             batch = await asyncio.wait_for(it.__anext__(), timeout)
         except TimeoutError:
-            await resp.write(KEEPALIVE)
+            await write_frame(resp, KEEPALIVE, "keepalive", node_id)
             continue
         except StopAsyncIteration:
             return  # replaced by a newer poll, or the node was deleted
@@ -114,4 +122,18 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
         if extra:
             update = {**(update or {"KeepAlive": True}), **extra}
         if update is not None:
-            await resp.write(encode_frame(update))
+            kind = metrics.response_type(batch, ping=bool(extra))
+            metrics.mapresponse_generated.labels(kind).inc()
+            await write_frame(resp, encode_frame(update), kind, node_id)
+            metrics.change_delivery.labels(kind).observe(time.monotonic() - sub.batch_since)
+
+
+async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int) -> None:
+    """Write one map frame, counted as Headscale's mapresponse_sent (status, type)."""
+    try:
+        await resp.write(frame)
+    except (StreamGone, ConnectionError):
+        metrics.frame_sent(kind, node_id, ok=False)
+        raise
+    metrics.frame_sent(kind, node_id)
+    trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=len(frame)))

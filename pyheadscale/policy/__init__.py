@@ -282,6 +282,23 @@ class PolicyManager:
         info = self._by_id.get(node.id)
         return info if info is not None and (isinstance(node, Node) or info is node) else None
 
+    def global_filter(self) -> list[dict[str, Any]]:
+        """The tailnet's FilterRules before they are reduced per node (Headscale's
+        State.Filter, shown by /debug/filter)."""
+        return [dict(r) for r in self._global]
+
+    def debug_string(self) -> str:
+        """A summary of the compiled snapshot (/debug/policy-manager)."""
+        pol = self.policy
+        lines = ["=== Policy Manager ===", "",
+                 f"Policy: {'none (allow all)' if pol is None else 'loaded'}",
+                 f"Users: {len(self._users)}", f"Nodes: {len(self._nodes)}",
+                 f"Grants (compiled): {len(self._grants)}",
+                 f"Global filter rules: {len(self._global)}",
+                 f"Per-node filters: {'yes' if self._per_node else 'no'}",
+                 f"Cached node filters: {len(self._filters)}"]
+        return "\n".join(lines) + "\n"
+
     def packet_filter(self, viewer: Node) -> list[dict[str, Any]]:
         """The FilterRules to send to viewer (already reduced to what it serves)."""
         rules = self._filters.get(viewer.id)

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from pyheadscale import metrics
 from pyheadscale.auth import apikeys as ak
 from pyheadscale.config import Config
 from pyheadscale.db import models as db
@@ -150,9 +152,11 @@ class TailnetBase:
 
     def _publish(self, *changes: Change) -> None:
         # Listeners (policy, routes) update derived state before any session sees the change.
+        start = time.perf_counter()
         for listener in self.listeners:
             listener(changes)
         self.bus.publish(*changes)
+        metrics.state_written(changes, time.perf_counter() - start)
 
     async def _write_node(self, old: Node, new: Node, kind: ChangeKind,
                           fields: Iterable[Field]) -> Node:

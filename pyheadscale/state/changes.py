@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -117,10 +118,16 @@ class Subscription:
         self._event = asyncio.Event()
         self.closed = False
         self.overflows = 0
+        # When the oldest change of the pending (then of the last returned) batch arrived:
+        # the start of its change-to-delivery latency.
+        self._first_at = 0.0
+        self.batch_since = 0.0
 
     def _push(self, change: Change) -> None:
         if self.closed or self._overflowed:
             return  # a pending FULL already covers it
+        if not self._buf:
+            self._first_at = time.monotonic()
         if len(self._buf) >= self._max:
             self._buf = [Change.full()]
             self._overflowed = True
@@ -157,6 +164,7 @@ class Subscription:
             if self.closed:
                 raise StopAsyncIteration
         batch, self._buf, self._overflowed = self._buf, [], False
+        self.batch_since = self._first_at
         self._event.clear()
         return coalesce(batch)
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -166,7 +167,9 @@ def users_by_email(srv: Server) -> dict[str, Any]:
 # --- tests ----------------------------------------------------------------------------------
 
 
-async def test_full_login_confirmation_registers_node(tmp_path: Path, idp_factory: Any) -> None:
+async def test_full_login_confirmation_registers_node(tmp_path: Path, idp_factory: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyheadscale.audit")
     port = free_port()
     # Claims only via UserInfo (the ID token carries just `sub`): exercises the UserInfo path.
     idp = idp_factory(hs_port=port, claims_in_id_token=False)
@@ -225,6 +228,11 @@ async def test_full_login_confirmation_registers_node(tmp_path: Path, idp_factor
         assert node.user_id == user.id and node.register_method == "oidc"
         assert node.hostname == "alice-laptop" and node.node_key == dev.node_key
         assert node.expiry is None  # use_expiry_from_token is off, node.expiry is 0
+        # One audit line per action, naming the OIDC user who did it.
+        audit = [(r.fields["action"], r.fields["actor"], r.fields["target"])  # type: ignore[attr-defined]
+                 for r in caplog.records if r.name == "pyheadscale.audit"]
+        assert audit == [("user.create", "oidc:alice@example.com", f"user {user.id}"),
+                         ("node.register", "oidc:alice@example.com", f"node {node.id}")]
 
 
 @pytest.mark.parametrize("case", ["domain", "user", "group", "unverified"])

@@ -3,6 +3,7 @@ rule (`comm` and the second word of `cmdline` in /proc) and reloads on its SIGHU
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from pyheadscale.proctitle import encode, new_cmdline
 from tests.headplane import headscale_serve_pids, matches
+from tests.netutil import free_port
 from tests.unit.test_logs import write_config
 
 BIN = Path(sys.executable).parent
@@ -31,6 +33,13 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+
+
+def filter_ports(metrics_addr: str) -> set[tuple[int, int]]:
+    """The port ranges of the server's running filter (/debug/filter)."""
+    with urllib.request.urlopen(f"http://{metrics_addr}/debug/filter", timeout=5) as r:
+        rules = json.load(r)
+    return {(p["Ports"]["First"], p["Ports"]["Last"]) for r in rules for p in r["DstPorts"]}
 
 
 def wait_for(log: Path, text: str, timeout: float = 20) -> None:
@@ -49,7 +58,9 @@ def wait_for(log: Path, text: str, timeout: float = 20) -> None:
 def test_found_by_headplane_rule_and_reloads_on_sighup(argv: list[str], tmp_path: Path) -> None:
     policy = tmp_path / "policy.hujson"
     policy.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}')
-    config = write_config(tmp_path, {"policy": {"path": str(policy)}})
+    metrics = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, {"policy": {"path": str(policy)},
+                                     "metrics_listen_addr": metrics})
     url = yaml.safe_load(config.read_text())["server_url"]
     cmd = [a.format(config=config, python=sys.executable) for a in argv]
     if not cmd[0].startswith("/"):
@@ -64,10 +75,12 @@ def test_found_by_headplane_rule_and_reloads_on_sighup(argv: list[str], tmp_path
         assert proc.pid in headscale_serve_pids()
         words = [w for w in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0") if w]
         assert words == [b"headscale", b"serve", b"-c", str(config).encode()]
-        # What Headplane does next: SIGHUP the pid it found.
+        assert filter_ports(metrics) == {(0, 65535)}
+        # What Headplane does next: SIGHUP the pid it found. The running filter follows.
         policy.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
         os.kill(proc.pid, signal.SIGHUP)
         wait_for(log, "configuration reloaded")
+        assert filter_ports(metrics) == {(22, 22)}
         assert proc.poll() is None
     finally:
         proc.terminate()

@@ -201,7 +201,9 @@ def test_json_server_output_is_json_lines_with_access_log(tmp_path: Path) -> Non
     """A real `headscale serve` with log.format json: stdout holds only JSON lines (start-up
     banner included), stderr nothing; an API call over the CLI socket and one over TCP each
     leave an access line."""
-    config = write_config(tmp_path, {"log": {"format": "json"}})
+    # grpc_listen_addr: a config warning, which must come out as JSON too.
+    config = write_config(tmp_path, {"log": {"format": "json"},
+                                     "grpc_listen_addr": "127.0.0.1:50443"})
     cfg = yaml.safe_load(config.read_text())
     proc = subprocess.Popen([sys.executable, "-m", "pyheadscale", "serve", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -229,4 +231,37 @@ def test_json_server_output_is_json_lines_with_access_log(tmp_path: Path) -> Non
     assert {"path": "/api/v1/user", "remote": "unix", "status": 200, "method": "GET"} in [
         {k: r[k] for k in ("path", "remote", "status", "method")} for r in access]
     assert any(r["message"] == "pyheadscale: shutting down" for r in records)
+    assert [r["level"] for r in records if r["message"].startswith("grpc_listen_addr")] == [
+        "warn"]
     assert not [r for r in records if r["level"] == "info" and r["logger"].startswith("alembic")]
+
+
+async def test_trace_level_shows_map_frames(tmp_path: Path, restore_logging: None) -> None:
+    """`trace` shows what `debug` does not: each map response sent."""
+    from tests.inproc import running_server
+    from tests.unit.test_config_keys_work import open_map
+
+    for level, shown in (("debug", False), ("trace", True)):
+        out = io.StringIO()
+        logs.configure(level, "json", stream=out)
+        async with running_server(server_config(tmp_path / level)) as srv:
+            conn, frames = await open_map(srv)
+            await frames.__anext__()
+            await conn.close()
+        sent = [r for r in map(json.loads, out.getvalue().splitlines())
+                if r["message"] == "map response sent"]
+        assert bool(sent) is shown
+        if shown:
+            assert sent[0]["level"] == "trace" and sent[0]["type"] == "full"
+
+
+def test_acme_http01_port_in_use_names_its_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        res = serve(write_config(tmp_path, {
+            "server_url": "https://hs.example.test", "tls_letsencrypt_hostname": "hs.example.test",
+            "tls_letsencrypt_listen": addr, "acme_url": "https://127.0.0.1:9/directory",
+            "tls_letsencrypt_cache_dir": str(tmp_path / "acme")}))
+    assert_one_line_failure(res, "tls_letsencrypt_listen")

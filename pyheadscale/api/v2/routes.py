@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
+from pyheadscale.api.audited import audited, set_actor
 from pyheadscale.api.v2 import devices, keys, policy, users
 from pyheadscale.api.v2 import models as m
 from pyheadscale.api.v2.common import Principal, V2Error, error_response
 from pyheadscale.api.v2.deps import V2Deps
+from pyheadscale.audit import CLI_SOCKET, Actor
 from pyheadscale.auth.oauth import TOKEN_PREFIX, Scope
 from pyheadscale.state.errors import InvalidAPIKey, StateError
 from pyheadscale.state.oauth import InvalidCredential
@@ -127,7 +129,9 @@ def credential(header: str) -> str:
 
 
 async def authenticate(d: V2Deps, request: web.Request, trusted: bool) -> Principal:
+    """The caller, also recorded for the audit log (the socket, a key prefix, a client)."""
     if trusted:
+        set_actor(request, CLI_SOCKET)
         return Principal("local")
     cred = credential(request.headers.get("Authorization", ""))
     if not cred or len(cred) > 512:
@@ -135,10 +139,12 @@ async def authenticate(d: V2Deps, request: web.Request, trusted: bool) -> Princi
     try:
         if cred.startswith(TOKEN_PREFIX):
             t = await d.oauth.authenticate_token(cred)
+            set_actor(request, Actor("oauth_client", t.client_id))
             return Principal("token", scopes=t.scopes, tags=t.tags)
         a = await d.tailnet.validate_api_key(cred)
     except (InvalidCredential, InvalidAPIKey, StateError):
         raise V2Error(401, "unauthorized") from None
+    set_actor(request, Actor("api_key", a.prefix))
     return Principal("apikey", user_id=a.user_id)
 
 
@@ -149,7 +155,9 @@ def guard(route: Route, d: V2Deps, *, trusted: bool) -> Callable[
             who = await authenticate(d, request, trusted)
             if route.scope is not None:
                 who.require(route.scope)
-            return await route.handler(d, who, request)
+            resp = await route.handler(d, who, request)
+            audited(route.op_id, request, resp)
+            return resp
         except V2Error as e:
             return e.response()
         except web.HTTPException:

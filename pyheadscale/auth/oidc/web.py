@@ -12,6 +12,8 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from pyheadscale import audit
+from pyheadscale.audit import Actor
 from pyheadscale.auth.oidc.claims import Claims, authorize, machine_key_short, user_fields
 from pyheadscale.auth.oidc.errors import DiscoveryError, OIDCError
 from pyheadscale.auth.oidc.idp import IdPClient
@@ -188,6 +190,7 @@ class OIDCProvider:
                 name=fields.get("name", ""), display_name=fields["display_name"],
                 email=fields.get("email", ""), provider_identifier=ident, provider="oidc",
                 profile_pic_url=fields["profile_pic_url"])
+            audit.record(oidc_actor(user), "user.create", f"user {user.id}", name=user.name)
         # Groups (and every later change of profile) go through update_user, which publishes
         # a USER change so policies using IdP groups are recompiled live.
         return await tn.update_user(user.id, **fields)
@@ -241,11 +244,18 @@ class OIDCProvider:
             self.pending.reject(auth_id, str(e))
             raise OIDCError(403, str(e)) from None
         self.pending.complete(auth_id, node)
+        audit.record(oidc_actor(user), "node.register", f"node {node.id}",
+                     name=node.given_name, user=user.name)
         resp = web.Response(text=pages.auth_success(new_node=node.id not in had,
                                                     user=_display(user)),
                             content_type="text/html")
         resp.del_cookie(CSRF_COOKIE, path=CONFIRM_PATH + auth_id)
         return resp
+
+
+def oidc_actor(user: User) -> Actor:
+    """An OIDC login acts as the user it logged in: named by e-mail, else user name."""
+    return Actor("oidc", user.email or user.name)
 
 
 async def _refusals_as_pages(step: Awaitable[web.Response], refused: str) -> web.Response:
