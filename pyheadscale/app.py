@@ -35,7 +35,7 @@ from pyheadscale.listener import (
 )
 from pyheadscale.logs import configure as configure_logging
 from pyheadscale.logs import fields
-from pyheadscale.metrics import ServerView, server_registry
+from pyheadscale.metrics import ServerView, server_registry, state_written
 from pyheadscale.noise.keys import load_or_create_private_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.realip import RealIP
@@ -82,6 +82,7 @@ class Server:
             self.engine = engine_from_config(cfg.database)
             await asyncio.to_thread(migrate, self.engine)
             self.tailnet = await Tailnet.load(self.engine, cfg)
+            self.tailnet.write_observer = state_written
         with failing_key("noise.private_key_path", "cannot read or create the Noise key"):
             noise_key = load_or_create_private_key(cfg.noise.private_key_path
                                                    or Path(cfg.data_dir) / "noise_private.key")

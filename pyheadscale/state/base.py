@@ -23,7 +23,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from pyheadscale import metrics
 from pyheadscale.auth import apikeys as ak
 from pyheadscale.config import Config
 from pyheadscale.db import models as db
@@ -122,6 +121,9 @@ class TailnetBase:
                               self._gc_delete)
         self.generation = 0  # bumped on every committed write
         self.listeners: list[Callable[[tuple[Change, ...]], None]] = []
+        # Told of every published write and how long its listeners and fan-out took (the
+        # NodeStore metrics; app.py sets it, state/ imports no metrics).
+        self.write_observer: Callable[[tuple[Change, ...], float], None] | None = None
         # May (user, node or None, tag) carry this tag at interactive registration? Set by
         # the control plane from the policy's tagOwners; None refuses every tag.
         self.tag_authorizer: Callable[[User, Node | None, str], bool] | None = None
@@ -156,7 +158,8 @@ class TailnetBase:
         for listener in self.listeners:
             listener(changes)
         self.bus.publish(*changes)
-        metrics.state_written(changes, time.perf_counter() - start)
+        if self.write_observer is not None:
+            self.write_observer(changes, time.perf_counter() - start)
 
     async def _write_node(self, old: Node, new: Node, kind: ChangeKind,
                           fields: Iterable[Field]) -> Node:
