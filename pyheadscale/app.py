@@ -20,6 +20,7 @@ from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
 from pyheadscale.config import Config, ConfigError
+from pyheadscale.console import AdminConsole
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
@@ -69,6 +70,7 @@ class Server:
         self.tasks: list[asyncio.Task[None]] = []
         self.derp: EmbeddedDerp | None = None
         self.acme: AcmeManager | None = None
+        self.console: AdminConsole | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -110,6 +112,9 @@ class Server:
         add_api_routes(app, self.control.admin, trusted=False,
                        cors_origins=cfg.cors_allowed_origins)
         add_v2_routes(app, self.v2, trusted=False)
+        if cfg.admin_console.enabled:
+            self.console = AdminConsole(self.control.console_deps())
+            self.console.mount(app)
 
         host, port = split_hostport(cfg.listen_addr, 8080)
         tls: ServerTLS | None = None
@@ -164,6 +169,8 @@ class Server:
         add_api_routes(sock_app, self.control.admin, trusted=True,
                        cors_origins=self.cfg.cors_allowed_origins)
         add_v2_routes(sock_app, self.v2, trusted=True)
+        if self.console is not None:
+            self.console.add_socket_routes(sock_app)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from a previous run

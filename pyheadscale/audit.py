@@ -20,7 +20,7 @@ from pyheadscale.logs import fields
 
 log = logging.getLogger("pyheadscale.audit")
 
-ActorKind = Literal["api_key", "cli_socket", "oauth_client", "oidc", "system"]
+ActorKind = Literal["api_key", "cli_socket", "oauth_client", "oidc", "console", "system"]
 
 
 @dataclass(frozen=True)

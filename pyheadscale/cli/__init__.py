@@ -12,6 +12,7 @@ import sys
 import click
 
 from pyheadscale.cli import (
+    admin,
     apikeys,
     auth,
     completion,
@@ -65,7 +66,7 @@ def configtest(ctx: click.Context) -> None:
 
 
 for _module in (users, nodes, preauthkeys, apikeys, oauthclients, auth, policy, misc,
-                completion):
+                completion, admin):
     _module.register(cli)
 
 

@@ -50,6 +50,7 @@ from pyheadscale.config.loading import (
 )
 from pyheadscale.config.schema import (
     INTERNAL_FIELDS,
+    AdminConsoleConfig,
     AutoUpdateConfig,
     CLIConfig,
     Config,
@@ -163,7 +164,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
 __all__ = [
     "CGNAT_V4", "CONFIG_NAMES", "ENV_PREFIX", "INTERNAL_FIELDS", "LOG_LEVELS",
     "MIN_EPHEMERAL_INACTIVITY", "SYSTEM_CONFIG_DIR", "TAILSCALE_ULA_V6",
-    "AutoUpdateConfig", "CLIConfig", "Config", "ConfigError", "DERPConfig", "DERPServerConfig",
+    "AdminConsoleConfig", "AutoUpdateConfig", "CLIConfig", "Config", "ConfigError",
+    "DERPConfig", "DERPServerConfig",
     "DNSConfig", "DatabaseConfig", "EphemeralConfig", "ExtraRecord", "GoDuration", "GormConfig",
     "HARoutesConfig", "LogConfig", "LogtailConfig", "NameserversConfig", "NodeConfig",
     "NoiseConfig", "OIDCConfig", "OptPath", "OptStr", "PKCEConfig", "PolicyConfig",

@@ -3,6 +3,7 @@ cross-field rules (validateServerConfig, LoadServerConfig and helpers), with its
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
@@ -215,6 +216,7 @@ def check(cfg: Config, warns: list[str]) -> None:
         raise key_error("policy.mode", f"must be file or database, got {quoted(cfg.policy.mode)}")
     _check_oidc(cfg.oidc)
     _check_unsupported(cfg, warns)
+    _check_admin_console(cfg)
 
 
 # Headscale keys that tune parts pyheadscale does not have. Headscale's default asks for
@@ -301,3 +303,27 @@ def _check_oidc(oidc: OIDCConfig) -> None:
         raise key_error("oidc.client_secret",
                         "oidc.client_secret or oidc.client_secret_path is required when "
                         "oidc.issuer is set")
+
+
+# Paths the server itself serves: the console may not shadow them.
+_RESERVED_PATHS = ("/api", "/key", "/ts2021", "/machine", "/register", "/oidc", "/derp",
+                   "/bootstrap-dns", "/generate_204", "/health", "/version", "/verify",
+                   "/apple", "/windows", "/robots.txt", "/swagger", "/metrics", "/debug")
+
+
+def _check_admin_console(cfg: Config) -> None:
+    ac = cfg.admin_console
+    path = ac.path
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path):
+        raise key_error("admin_console.path", "must be an absolute path like /admin (letters, "
+                        f"digits and ._~- between slashes, no trailing slash), got {quoted(path)}")
+    for reserved in _RESERVED_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise key_error("admin_console.path",
+                            f"{quoted(path)} would shadow the server's own {reserved}")
+    for key in ("session_idle_timeout", "session_max_age", "sign_in_link_ttl"):
+        if getattr(ac, key) <= timedelta(0):
+            raise key_error(f"admin_console.{key}", "must be positive")
+    if ac.session_idle_timeout > ac.session_max_age:
+        raise key_error("admin_console.session_idle_timeout",
+                        "must not be longer than admin_console.session_max_age")

@@ -219,6 +219,20 @@ class OIDCConfig(Section):
         return bool(self.issuer)
 
 
+class AdminConsoleConfig(Section):
+    """pyheadscale-only: the web admin console served by the server (docs/console.md)."""
+
+    enabled: bool = True
+    path: str = "/admin"
+    # A session ends after this long without a request, and in any case after max_age.
+    session_idle_timeout: GoDuration = timedelta(minutes=30)
+    session_max_age: GoDuration = timedelta(hours=12)
+    sign_in_link_ttl: GoDuration = timedelta(minutes=10)
+    # Who may sign in with OIDC: an e-mail address, a user name, or group:<IdP group>.
+    admins: StrList = Field(default_factory=list)
+    auditors: StrList = Field(default_factory=list)  # read-only
+
+
 class LogtailConfig(Section):
     enabled: bool = False
 
@@ -306,6 +320,7 @@ class Config(BaseModel):
     auto_update: AutoUpdateConfig = Field(default_factory=AutoUpdateConfig)
     cli: CLIConfig = Field(default_factory=lambda: CLIConfig.model_validate({}))
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    admin_console: AdminConsoleConfig = Field(default_factory=AdminConsoleConfig)
     # pyheadscale-only: where generated files live (keys, certificates, the default database).
     data_dir: Path = Field(default_factory=default_data_dir)
     # Not YAML keys: filled by load_config.

@@ -21,12 +21,14 @@ from aiohttp import web
 from sqlalchemy import Engine
 
 from pyheadscale import metrics, tailcfg
+from pyheadscale.api.actions import AdminActions
 from pyheadscale.api.handlers.base import AdminDeps
 from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.config.errors import key_error
 from pyheadscale.control.derpurls import DerpURLMaps
+from pyheadscale.console.deps import ConsoleDeps
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import MapPoll, handle_map
@@ -117,6 +119,18 @@ class ControlPlane:
         self.admin = AdminDeps(tailnet, self.policy, self.pending, self.sshchecks,
                                register=self.webflow.register,
                                primary_routes=lambda nid: self.mapctx.routes_of(nid))
+
+    def console_deps(self) -> ConsoleDeps:
+        """What the web admin console uses; its writes go through the API's AdminActions."""
+        derp = self.derp
+        return ConsoleDeps(
+            tailnet=self.tailnet, actions=AdminActions(self.admin), policy=self.policy,
+            pending=self.pending, context=lambda: self.mapctx, dns=self.cfg.dns,
+            oidc=self.webflow.oidc,
+            relay_clients=(lambda: derp.server.connection_count()) if derp is not None
+            else (lambda: None),
+            embedded_region=self.cfg.derp.server.region_id if derp is not None else None,
+            settings=self.cfg.admin_console, server_url=self.cfg.server_url)
 
     # --- lifecycle ------------------------------------------------------------------------
 

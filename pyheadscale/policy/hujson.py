@@ -13,7 +13,7 @@ from typing import Any
 
 from pyheadscale.policy.errors import PolicyError
 
-__all__ = ["HuJSONError", "loads", "standardize"]
+__all__ = ["HuJSONError", "loads", "standardize", "value_positions"]
 
 # Deep nesting is legal JSON, but a recursive parser must bound it to stay crash-free.
 MAX_DEPTH = 400
@@ -188,3 +188,61 @@ def loads(data: str | bytes, *, reject_duplicates: bool = True) -> Any:
 def standardize(data: str | bytes) -> str:
     """Return the document as standard (minified) JSON text."""
     return json.dumps(loads(data), separators=(",", ":"), ensure_ascii=False)
+
+
+Path = tuple[str | int, ...]
+
+
+class _Positions(_Parser):
+    """A second walk over a document that already parsed, noting where each value (and
+    each object member's name) starts; it relies on the first parse for every check."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, reject_duplicates=False)
+        self.path: list[str | int] = []
+        self.at: dict[Path, tuple[int, int]] = {}
+
+    def note(self, pos: int) -> None:
+        line = self.s.count("\n", 0, pos) + 1
+        self.at.setdefault(tuple(self.path), (line, pos - (self.s.rfind("\n", 0, pos) + 1) + 1))
+
+    def walk(self) -> None:
+        self.skip()
+        c = self.s[self.i]
+        if c not in "{[":
+            self.note(self.i)
+            self.value(0)  # a scalar: the parser's own reading moves past it
+            return
+        self.note(self.i)
+        self.i += 1
+        index = 0
+        while True:
+            self.skip()
+            if self.s[self.i] in "}]":
+                self.i += 1
+                return
+            if c == "{":
+                key_at = self.i
+                self.path.append(self.string())
+                self.note(key_at)
+                self.skip()
+                self.i += 1  # the colon
+            else:
+                self.path.append(index)
+                index += 1
+            self.skip()
+            self.walk()
+            self.path.pop()
+            self.skip()
+            if self.s[self.i] == ",":
+                self.i += 1
+
+
+def value_positions(text: str) -> dict[Path, tuple[int, int]]:
+    """Where each value of a valid document starts, as 1-based (line, column), keyed by its
+    path (member names and array indexes); an object member's entry points at its name.
+    Raises HuJSONError for a document that does not parse."""
+    loads(text)
+    p = _Positions(text)
+    p.walk()
+    return p.at

@@ -73,6 +73,31 @@ def insert(engine: Engine, data: str) -> StoredPolicy:
         return StoredPolicy(row.data, _aware(row.updated_at) or now)
 
 
+@dataclass(frozen=True)
+class PolicyVersion:
+    id: int
+    data: str
+    updated_at: datetime | None
+
+
+def history(engine: Engine, limit: int) -> list[PolicyVersion]:
+    """Stored versions, newest (the current one) first; soft-deleted rows are not versions."""
+    with Session(engine) as s:
+        rows = s.execute(
+            select(db.Policy).where(db.Policy.deleted_at.is_(None))  # type: ignore[union-attr]
+            .order_by(db.Policy.id.desc()).limit(limit)  # type: ignore[union-attr]
+        ).scalars().all()
+        return [PolicyVersion(r.id or 0, r.data or "", _aware(r.updated_at)) for r in rows]
+
+
+def version(engine: Engine, version_id: int) -> PolicyVersion | None:
+    with Session(engine) as s:
+        r = s.get(db.Policy, version_id)
+        if r is None or r.deleted_at is not None:
+            return None
+        return PolicyVersion(r.id or 0, r.data or "", _aware(r.updated_at))
+
+
 def read_file(path: Path | None) -> StoredPolicy:
     """The policy file with its modification time; PolicyReadError when unreadable."""
     p = path if path is not None else Path("")
@@ -114,6 +139,13 @@ class PolicyStore:
             return self.get()
         except PolicyNotFound:
             return None
+
+    def history(self, limit: int) -> list[PolicyVersion]:
+        """Earlier versions (database mode; file mode keeps none)."""
+        return history(self.engine, limit) if self.mode == "database" else []
+
+    def version(self, version_id: int) -> PolicyVersion | None:
+        return version(self.engine, version_id) if self.mode == "database" else None
 
     def put(self, text: str) -> StoredPolicy:
         """Store a new version (database mode only, else PolicyUpdateDisabled)."""

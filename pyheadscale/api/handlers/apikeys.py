@@ -7,7 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import bad_request, not_found, state_errors
+from pyheadscale.api.audited import actor_of
+from pyheadscale.api.errors import bad_request, not_found
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     expiration_field,
@@ -30,8 +31,7 @@ class ApiKeyHandlers(HandlerBase):
         expiration = expiration_field(body, "creating api key")
         # pyheadscale extension: the user the key acts for (v2 makes untagged auth keys for it).
         user_id = parse_uint(pick(body, "user", "userId", "user_id"), "invalid user id") or None
-        with state_errors("creating api key"):
-            _, full = await self.tailnet.create_api_key(expiration, user_id=user_id)
+        full = await self.actions.create_api_key(actor_of(request), expiration, user_id)
         return web.json_response({"apiKey": full})
 
     def _lookup_api_key(self, id_value: Any, prefix: str) -> int:
@@ -53,12 +53,10 @@ class ApiKeyHandlers(HandlerBase):
     async def expire_api_key(self, request: web.Request) -> web.Response:
         body = await read_body(request)
         kid = self._lookup_api_key(pick(body, "id"), text_field(body, "prefix"))
-        with state_errors("expiring api key"):
-            await self.tailnet.expire_api_key(kid)
+        await self.actions.expire_api_key(actor_of(request), kid)
         return web.json_response({})
 
     async def delete_api_key(self, request: web.Request) -> web.Response:
         kid = self._lookup_api_key(request.query.get("id", ""), request.match_info["prefix"])
-        with state_errors("deleting api key"):
-            await self.tailnet.delete_api_key(kid)
+        await self.actions.delete_api_key(actor_of(request), kid)
         return web.json_response({})

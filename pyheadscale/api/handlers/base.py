@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import not_found, state_errors
-from pyheadscale.api.request import check_auth_id
-from pyheadscale.auth.webflow import PendingRegistrations, UnknownAuthID
+from pyheadscale.api.actions import AdminActions
+from pyheadscale.api.audited import actor_of
+from pyheadscale.api.errors import not_found
+from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.state.model import IPNetwork, Node, User
 from pyheadscale.state.tailnet import Tailnet
 
@@ -42,6 +43,7 @@ class HandlerBase:
         self.policy = deps.policy
         self.pending = deps.pending
         self.sshchecks = deps.sshchecks
+        self.actions = AdminActions(deps)
 
     def _node(self, n: Node, **kw: Any) -> dict[str, Any]:
         tn = self.tailnet
@@ -51,10 +53,7 @@ class HandlerBase:
         return [r for r in self.deps.primary_routes(n.id) if r not in shapes.EXIT_ROUTES]
 
     def _user_by_name(self, name: str, context: str) -> User:
-        u = self.tailnet.user_by_name(name) if name else None
-        if u is None:
-            raise not_found(f"{context}: user not found")
-        return u
+        return self.actions.user_by_name(name, context)
 
     def _existing_node(self, node_id: int, context: str = "") -> Node:
         n = self.tailnet.nodes.get(node_id)
@@ -62,13 +61,8 @@ class HandlerBase:
             raise not_found(f"{context}: node not found" if context else "node not found")
         return n
 
-    async def _register(self, auth_id: str, user_name: str) -> web.Response:
+    async def _register(self, request: web.Request, auth_id: str,
+                        user_name: str) -> web.Response:
         """Register the node waiting under `auth_id` for `user_name` (nodes and auth routes)."""
-        check_auth_id(auth_id, "registering node")
-        u = self._user_by_name(user_name, "looking up user")
-        try:
-            with state_errors("registering node"):
-                n = await self.deps.register(auth_id, u.id)
-        except UnknownAuthID as e:
-            raise not_found(f"registering node: {e}") from None
+        n = await self.actions.register_pending(actor_of(request), auth_id, user_name)
         return web.json_response({"node": self._node(n)})

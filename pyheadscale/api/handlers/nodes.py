@@ -8,13 +8,12 @@ import secrets
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import bad_request, from_state, state_errors
+from pyheadscale.api.audited import actor_of
+from pyheadscale.api.errors import bad_request
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     bool_value,
     check_auth_id,
-    check_tags,
-    go_list,
     list_field,
     parse_node_id,
     parse_prefix,
@@ -22,7 +21,6 @@ from pyheadscale.api.request import (
     read_body,
     text_field,
 )
-from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import Node
 
 
@@ -44,9 +42,7 @@ class NodeHandlers(HandlerBase):
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
-        self._existing_node(node_id)
-        with state_errors("deleting node"):
-            await self.tailnet.delete_node(node_id)
+        await self.actions.delete_node(actor_of(request), node_id)
         return web.json_response({})
 
     async def expire_node(self, request: web.Request) -> web.Response:
@@ -66,53 +62,26 @@ class NodeHandlers(HandlerBase):
                 expiry = shapes.parse_ts(expiry_text)
             except ValueError as e:
                 raise bad_request(f"expiring node: {e}") from None
-        if disable and expiry is not None:
-            raise bad_request("cannot set both disable_expiry and expiry")
-        with state_errors("expiring node"):
-            if disable:
-                n = await self.tailnet.set_expiry(node_id, None)
-            elif expiry is not None:
-                n = await self.tailnet.set_expiry(node_id, expiry)
-            else:
-                n = await self.tailnet.expire_node(node_id)
+        n = await self.actions.expire_node(actor_of(request), node_id, expiry=expiry,
+                                           disable=disable)
         return web.json_response({"node": self._node(n)})
 
     async def rename_node(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
-        try:
-            n = await self.tailnet.rename_node(node_id, request.match_info["newName"])
-        except StateError as e:
-            # Headscale ErrNodeNameNotUnique / ErrGivenNameInvalid are 400s.
-            err = from_state("renaming node", e)
-            if err.status == 409:
-                err.status = 400
-            raise err from None
+        n = await self.actions.rename_node(actor_of(request), node_id,
+                                           request.match_info["newName"])
         return web.json_response({"node": self._node(n)})
 
     async def set_tags(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
         tags = list_field(await read_body(request), "tags")
-        if not tags:
-            raise bad_request("cannot remove all tags from a node - tagged nodes must have at "
-                              "least one tag")
-        check_tags(tags, "setting tags")
-        self._existing_node(node_id)
-        invalid = [t for t in tags if not self.policy.tag_exists(t)]
-        if invalid:
-            raise bad_request(f"setting tags: requested tags {go_list(invalid)} are invalid or "
-                              "not permitted")
-        with state_errors("setting tags"):
-            n = await self.tailnet.set_tags(node_id, tags)
+        n = await self.actions.set_tags(actor_of(request), node_id, tags)
         return web.json_response({"node": self._node(n)})
 
     async def approve_routes(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
         routes = list_field(await read_body(request), "routes")
-        for r in routes:
-            if parse_prefix(r) is None:
-                raise bad_request(f'parsing route: netip.ParsePrefix("{r}"): invalid prefix')
-        with state_errors("setting approved routes"):
-            n = await self.tailnet.approve_routes(node_id, routes)
+        n = await self.actions.approve_routes(actor_of(request), node_id, routes)
         return web.json_response({"node": self._node(n, subnet_routes=self._primary(n))})
 
     async def register_node(self, request: web.Request) -> web.Response:
@@ -120,7 +89,7 @@ class NodeHandlers(HandlerBase):
         q = request.query
         key = q.get("key") or text_field(body, "key")
         user = q.get("user") or text_field(body, "user")
-        return await self._register(key, user)
+        return await self._register(request, key, user)
 
     async def backfill_ips(self, request: web.Request) -> web.Response:
         body = await read_body(request)
@@ -128,8 +97,7 @@ class NodeHandlers(HandlerBase):
                                                                                  False)))
         if not confirmed:
             raise bad_request("backfilling node IPs: not confirmed, aborting")
-        with state_errors("backfilling node IPs"):
-            changes = await self.tailnet.backfill_node_ips()
+        changes = await self.actions.backfill_ips(actor_of(request))
         return web.json_response({"changes": changes})
 
     async def debug_create_node(self, request: web.Request) -> web.Response:

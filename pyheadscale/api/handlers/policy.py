@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
+from pyheadscale.api.audited import actor_of
 from pyheadscale.api.errors import APIError, bad_request
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
@@ -13,7 +14,7 @@ from pyheadscale.api.request import (
     text_field,
 )
 from pyheadscale.policy import PolicyError
-from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError, PolicyUpdateDisabled
+from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError
 
 
 class PolicyHandlers(HandlerBase):
@@ -33,12 +34,7 @@ class PolicyHandlers(HandlerBase):
 
     async def set_policy(self, request: web.Request) -> web.Response:
         text = text_field(await read_body(request), "policy")
-        try:
-            p = await self.policy.set(text)
-        except PolicyUpdateDisabled as e:
-            raise bad_request(str(e)) from None
-        except PolicyError as e:
-            raise bad_request(f"setting policy: {e}") from None
+        p = await self.actions.set_policy(actor_of(request), text)
         return web.json_response({"policy": p.data, "updatedAt": shapes.ts(p.updated_at)})
 
     async def check_policy(self, request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import state_errors
+from pyheadscale.api.audited import actor_of
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     bool_value,
@@ -32,24 +32,20 @@ class PreAuthKeyHandlers(HandlerBase):
         tags = list_field(body, "aclTags", "acl_tags")
         check_tags(tags, "invalid tag")
         expiration = expiration_field(body, "creating pre-auth key")
-        with state_errors("creating pre-auth key"):
-            if uid:
-                self.tailnet.get_user(uid)
-            k, full = await self.tailnet.create_preauth_key(
-                uid or None, reusable=bool_value(pick(body, "reusable", default=False)),
-                ephemeral=bool_value(pick(body, "ephemeral", default=False)),
-                expiration=expiration, tags=tags)
+        k, full = await self.actions.create_preauth_key(
+            actor_of(request), uid or None,
+            reusable=bool_value(pick(body, "reusable", default=False)),
+            ephemeral=bool_value(pick(body, "ephemeral", default=False)),
+            expiration=expiration, tags=tags)
         return web.json_response(
             {"preAuthKey": shapes.preauth_key(k, self.tailnet.users, full_key=full)})
 
     async def expire_preauth_key(self, request: web.Request) -> web.Response:
         kid = parse_uint(pick(await read_body(request), "id"), "invalid pre-auth key id")
-        with state_errors("expiring pre-auth key"):
-            await self.tailnet.expire_preauth_key(kid)
+        await self.actions.expire_preauth_key(actor_of(request), kid)
         return web.json_response({})
 
     async def delete_preauth_key(self, request: web.Request) -> web.Response:
         kid = parse_uint(request.query.get("id", ""), "invalid pre-auth key id")
-        with state_errors("deleting pre-auth key"):
-            await self.tailnet.delete_preauth_key(kid)
+        await self.actions.delete_preauth_key(actor_of(request), kid)
         return web.json_response({})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import APIError, state_errors
+from pyheadscale.api.audited import actor_of
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     parse_uint,
@@ -33,28 +33,19 @@ class UserHandlers(HandlerBase):
 
     async def create_user(self, request: web.Request) -> web.Response:
         body = await read_body(request)
-        name = text_field(body, "name")
-        if name and self.tailnet.user_by_name(name) is not None:
-            raise APIError(409, "user already exists")
-        with state_errors("creating user"):
-            u = await self.tailnet.create_user(
-                name, display_name=text_field(body, "displayName", "display_name"),
-                email=text_field(body, "email"),
-                profile_pic_url=text_field(body, "pictureUrl", "picture_url"))
+        u = await self.actions.create_user(
+            actor_of(request), text_field(body, "name"),
+            display_name=text_field(body, "displayName", "display_name"),
+            email=text_field(body, "email"),
+            picture_url=text_field(body, "pictureUrl", "picture_url"))
         return web.json_response({"user": shapes.user(u)})
 
     async def rename_user(self, request: web.Request) -> web.Response:
         uid = parse_uint(request.match_info["oldId"], "invalid user id")
-        new_name = request.match_info["newName"]
-        with state_errors("renaming user"):
-            self.tailnet.get_user(uid)
-            u = await self.tailnet.rename_user(uid, new_name)
+        u = await self.actions.rename_user(actor_of(request), uid, request.match_info["newName"])
         return web.json_response({"user": shapes.user(u)})
 
     async def delete_user(self, request: web.Request) -> web.Response:
         uid = parse_uint(request.match_info["id"], "invalid user id")
-        # Headscale ErrUserStillHasNodes (a Conflict) is a 400.
-        with state_errors("deleting user", conflict_status=400):
-            self.tailnet.get_user(uid)
-            await self.tailnet.delete_user(uid)
+        await self.actions.delete_user(actor_of(request), uid)
         return web.json_response({})

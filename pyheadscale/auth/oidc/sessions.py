@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from pyheadscale.auth.oidc.claims import Claims
+
+# A login that is not a node registration (the admin console's sign-in) finishes here with
+# the verified claims instead of registering a node.
+FinishLogin = Callable[["web.Request", "Claims"], Awaitable["web.Response"]]
 
 COOKIE_PREFIX_LEN = 6  # leading characters of state/nonce spliced into their cookie names
 
 
 @dataclass
 class LoginInfo:
-    auth_id: str
+    auth_id: str  # "" for a login that `finish` completes
     nonce: str
     verifier: str | None
     created: float = field(default_factory=time.monotonic)
+    finish: FinishLogin | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pyheadscale.auth.oidc.protocol import (
 from pyheadscale.auth.oidc.sessions import (
     COOKIE_PREFIX_LEN,
     Expiring,
+    FinishLogin,
     LoginInfo,
     PendingConfirmation,
     cookie_name,
@@ -100,10 +101,15 @@ class OIDCProvider:
     # -- GET /register/{auth_id} ---------------------------------------------------------
 
     async def redirect(self, request: web.Request, auth_id: str) -> web.Response:
+        return self.start_login(auth_id, None)
+
+    def start_login(self, auth_id: str, finish: FinishLogin | None) -> web.Response:
+        """Send the browser to the provider; the callback registers the node waiting under
+        `auth_id`, or (another use of the same redirect URI) hands the claims to `finish`."""
         assert self.meta is not None
         state, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
         verifier = new_pkce_verifier() if self.oidc.pkce.enabled else None
-        self.logins.put(state, LoginInfo(auth_id, nonce, verifier))
+        self.logins.put(state, LoginInfo(auth_id, nonce, verifier, finish=finish))
         url = authorization_url(self.meta, self.oidc, self.redirect_uri, state, nonce, verifier)
         resp = web.Response(status=302, headers={"Location": url})
         for base, value in (("state", state), ("nonce", nonce)):
@@ -157,6 +163,11 @@ class OIDCProvider:
         if claims.needs_userinfo() and self.meta.userinfo_endpoint and isinstance(access, str):
             claims = claims.merged_with_userinfo(await self.idp.userinfo(access))
         authorize(self.oidc, claims)
+        if info.finish is not None:
+            done = await info.finish(request, claims)
+            for base, value in (("state", state), ("nonce", nonce)):
+                done.del_cookie(cookie_name(base, value), path=CALLBACK_PATH)
+            return done
 
         try:
             pending = self.pending.get(info.auth_id)

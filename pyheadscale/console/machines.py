@@ -1,0 +1,159 @@
+"""Machines: the list (search, filters, live online state), a node's page and its actions,
+and the registrations waiting for an admin."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from pyheadscale.api.errors import APIError
+from pyheadscale.auth.webflow import AUTH_ID_PREFIX
+from pyheadscale.console.views import NodeRow, matches, node_row, parse_routes, user_label
+from pyheadscale.console.web import Access, Console, form_list, read_form
+
+STATUSES = ("online", "offline", "expired")
+
+
+class Machines:
+    def __init__(self, console: Console) -> None:
+        self.c = console
+        c = console
+        c.add("GET", "/machines", self.list, Access.READ)
+        c.add("GET", "/machines.json", self.live, Access.READ)
+        c.add("GET", "/machines/{id:[0-9]{1,19}}", self.detail, Access.READ)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/rename", self.rename, Access.WRITE)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/expire", self.expire, Access.WRITE)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/disable-expiry", self.disable_expiry,
+              Access.WRITE)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/routes", self.routes, Access.WRITE)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/tags", self.tags, Access.WRITE)
+        c.add("POST", "/machines/{id:[0-9]{1,19}}/delete", self.delete, Access.WRITE)
+        c.add("GET", "/pending", self.pending, Access.READ)
+        c.add("POST", "/pending/approve", self.approve, Access.WRITE)
+        c.add("POST", "/pending/reject", self.reject, Access.WRITE)
+
+    def _rows(self) -> list[NodeRow]:
+        tn = self.c.deps.tailnet
+        ctx = self.c.deps.context()
+        now = datetime.now(UTC)
+        return [node_row(n, tn.users, ctx.routes_of, now)
+                for n in sorted(tn.list_nodes(), key=lambda n: n.id)]
+
+    async def list(self, request: web.Request) -> web.StreamResponse:
+        q = request.query.get("q", "")[:200]
+        user = request.query.get("user", "")[:200]
+        status = request.query.get("status", "")
+        tag = request.query.get("tag", "")[:200]
+        all_rows = self._rows()
+        rows = [r for r in all_rows if matches(r, q)
+                and (not user or r.owner == user)
+                and (status not in STATUSES or r.status == status)
+                and (not tag or tag in r.tags)]
+        tn = self.c.deps.tailnet
+        return self.c.render(
+            request, "machines.html", title="Machines", rows=rows, total=len(all_rows),
+            q=q, user=user, status=status, tag=tag, statuses=STATUSES,
+            users=sorted(user_label(u) for u in tn.list_users()),
+            tags=sorted({t for r in all_rows for t in r.tags}),
+            pending=len(self.c.deps.pending.list()))
+
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        """What the list's script refreshes: each node's state and last-seen text."""
+        return web.json_response({"nodes": [
+            {"id": r.id, "status": r.status, "lastSeen": r.last_seen} for r in self._rows()]})
+
+    def _node_id(self, request: web.Request) -> int:
+        return int(request.match_info["id"])
+
+    async def detail(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        tn = self.c.deps.tailnet
+        n = tn.nodes.get(nid)
+        if n is None:
+            return self.c.render(request, "error.html", code=404, title="Machine",
+                                 message=f"There is no machine {nid}.")
+        row = node_row(n, tn.users, self.c.deps.context().routes_of, datetime.now(UTC))
+        pol = self.c.deps.policy.manager
+        known_tags = sorted(pol.policy.tag_owners) if pol is not None and pol.policy else []
+        return self.c.render(request, "machine.html", title=f"Machine {row.name}", n=row,
+                             known_tags=known_tags)
+
+    # -- actions: each one AdminActions call, as /api/v1 makes it --------------------------
+
+    async def rename(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        name = (await read_form(request)).get("name", "").strip()
+        return await self.c.act(request, self.c.deps.actions.rename_node(
+            self.c.actor(request), nid, name), f"Renamed to {name}.", f"/machines/{nid}")
+
+    async def expire(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        return await self.c.act(request, self.c.deps.actions.expire_node(
+            self.c.actor(request), nid), "Key expired: the machine must log in again.",
+            f"/machines/{nid}")
+
+    async def disable_expiry(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        return await self.c.act(request, self.c.deps.actions.expire_node(
+            self.c.actor(request), nid, disable=True), "Key expiry disabled.",
+            f"/machines/{nid}")
+
+    async def routes(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        routes = parse_routes(await form_list(request, "route"))
+        return await self.c.act(request, self.c.deps.actions.approve_routes(
+            self.c.actor(request), nid, routes), "Routes saved.", f"/machines/{nid}")
+
+    async def tags(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        text = (await read_form(request)).get("tags", "")
+        tags = [t for t in text.replace(",", " ").split() if t]
+        return await self.c.act(request, self.c.deps.actions.set_tags(
+            self.c.actor(request), nid, tags), "Tags saved.", f"/machines/{nid}")
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        nid = self._node_id(request)
+        form = await read_form(request)
+        if form.get("confirm") != "yes":
+            self.c.flash(request, "error", "Tick the box to confirm the deletion.")
+            return self.c.redirect(f"/machines/{nid}")
+        try:
+            await self.c.deps.actions.delete_node(self.c.actor(request), nid)
+        except APIError as e:
+            self.c.flash(request, "error", e.message)
+            return self.c.redirect(f"/machines/{nid}")
+        self.c.flash(request, "ok", f"Machine {nid} deleted.")
+        return self.c.redirect("/machines")
+
+    # -- pending registrations -------------------------------------------------------------
+
+    async def pending(self, request: web.Request) -> web.StreamResponse:
+        now = time.monotonic()
+        items = [{
+            "auth_id": p.auth_id,
+            "hostname": str(p.hostinfo.get("Hostname") or "")[:200],
+            "os": str(p.hostinfo.get("OS") or "")[:100],
+            "version": str(p.hostinfo.get("IPNVersion") or "")[:100],
+            "tags": [t for t in (p.hostinfo.get("RequestTags") or []) if isinstance(t, str)],
+            "machine_key": p.machine_key.hex()[:16],
+            "waiting": f"{int(now - p.created)} s",
+        } for p in self.c.deps.pending.list()]
+        users = sorted(self.c.deps.tailnet.list_users(), key=lambda u: u.name)
+        return self.c.render(request, "pending.html", title="Pending registrations",
+                             items=items, users=users)
+
+    async def approve(self, request: web.Request) -> web.StreamResponse:
+        form = await read_form(request)
+        auth_id, user = form.get("auth_id", ""), form.get("user", "")
+        return await self.c.act(request, self.c.deps.actions.register_pending(
+            self.c.actor(request), auth_id, user), f"Registered for {user}.", "/pending")
+
+    async def reject(self, request: web.Request) -> web.StreamResponse:
+        auth_id = (await read_form(request)).get("auth_id", "")
+        if not auth_id.startswith(AUTH_ID_PREFIX):
+            self.c.flash(request, "error", "No such registration.")
+            return self.c.redirect("/pending")
+        return await self.c.act(request, self.c.deps.actions.reject_pending(
+            self.c.actor(request), auth_id), "Registration rejected.", "/pending")

@@ -1,0 +1,219 @@
+"""The console's web plumbing: one aiohttp sub-application, its session and CSRF guard,
+templates and small helpers the page modules share.
+
+Every route is declared with what it needs: `PUBLIC` (sign-in pages), `READ` (any signed-in
+role) or `WRITE` (admins only). The guard runs before any handler: a GET without a session
+is sent to sign-in; every POST must carry the session's CSRF token (else 403, whoever asks);
+a WRITE route refuses the auditor with 403 before the handler runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from pyheadscale.audit import Actor
+from pyheadscale.api.errors import APIError
+from pyheadscale.console.deps import ConsoleDeps
+from pyheadscale.console.sessions import Session, Sessions
+
+log = logging.getLogger("pyheadscale.console")
+
+HERE = Path(__file__).parent
+COOKIE = "pyheadscale_console"
+CSRF_FIELD = "csrf"
+MAX_FIELD = 1 << 20  # the policy text is the largest field; the app caps bodies at 1 MiB
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+class Access(enum.Enum):
+    PUBLIC = "public"  # sign-in: no session needed (POSTs still carry a CSRF token)
+    READ = "read"  # any signed-in role
+    WRITE = "write"  # admins only
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # below the console's path
+    handler: Handler
+    access: Access
+
+
+SESSION_KEY = "console.session"
+
+
+class Console:
+    """One server's console: its dependencies, sessions and templates."""
+
+    def __init__(self, deps: ConsoleDeps) -> None:
+        self.deps = deps
+        st = deps.settings
+        self.base = st.path
+        self.secure = deps.server_url.startswith("https://")
+        self.sessions = Sessions(st.session_idle_timeout.total_seconds(),
+                                 st.session_max_age.total_seconds(),
+                                 st.sign_in_link_ttl.total_seconds())
+        self.templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.routes: list[Route] = []
+
+    # -- helpers for page modules ----------------------------------------------------------
+
+    def url(self, path: str = "") -> str:
+        return self.base + path
+
+    def origin(self) -> str:
+        u = urlsplit(self.deps.server_url)
+        return f"{u.scheme}://{u.netloc}"
+
+    def render(self, request: web.Request, template: str, code: int = 200,
+               **context: Any) -> web.Response:
+        s: Session | None = request.get(SESSION_KEY)
+        flashes = list(s.flashes) if s is not None else []
+        if s is not None:
+            s.flashes.clear()
+        page = self.templates.get_template(template).render(
+            base=self.base, session=s, csrf=s.csrf if s is not None else "",
+            flashes=flashes, request_path=request.path, **context)
+        return web.Response(text=page, content_type="text/html", status=code)
+
+    def redirect(self, path: str) -> web.Response:
+        return web.Response(status=303, headers={"Location": self.url(path)})
+
+    @staticmethod
+    def session(request: web.Request) -> Session:
+        s = request.get(SESSION_KEY)
+        assert isinstance(s, Session), "READ and WRITE routes always have a session"
+        return s
+
+    def actor(self, request: web.Request) -> Actor:
+        return Actor("console", self.session(request).user)
+
+    @staticmethod
+    def flash(request: web.Request, kind: str, text: str) -> None:
+        s = request.get(SESSION_KEY)
+        if isinstance(s, Session):
+            s.flashes.append((kind, text))
+            del s.flashes[:-5]
+
+    async def act(self, request: web.Request, action: Awaitable[Any], done: str,
+                  back: str) -> web.Response:
+        """Run one admin action: its message (or the API's refusal) shown at `back`."""
+        try:
+            await action
+        except APIError as e:
+            self.flash(request, "error", e.message)
+        else:
+            self.flash(request, "ok", done)
+        return self.redirect(back)
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def add(self, method: str, path: str, handler: Handler, access: Access) -> None:
+        self.routes.append(Route(method, path, handler, access))
+
+    def app(self) -> web.Application:
+        sub = web.Application(middlewares=[self._guard])
+        for r in self.routes:
+            sub.router.add_route(r.method, r.path, self._wrap(r))
+        sub.router.add_static("/static/", HERE / "static", append_version=True)
+        return sub
+
+    def _wrap(self, route: Route) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            s = self.sessions.get(request.cookies.get(COOKIE))
+            if s is not None:
+                request[SESSION_KEY] = s
+            if request.method == "POST":
+                refusal = await self._check_post(request, s, route.access)
+                if refusal is not None:
+                    return refusal
+            elif route.access is not Access.PUBLIC and s is None:
+                return web.Response(status=303, headers={
+                    "Location": self.url("/sign-in") + "?next=" + quote(request.path_qs)})
+            return await route.handler(request)
+
+        return handler
+
+    async def _check_post(self, request: web.Request, s: Session | None,
+                          access: Access) -> web.Response | None:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null" and origin != self.origin():
+            return self.forbidden(request, "cross-site request refused")
+        form = await read_form(request)
+        token = form.get(CSRF_FIELD, "")
+        expected = [s.csrf] if s is not None else []
+        if access is Access.PUBLIC:  # sign-in forms: the pre-session double-submit cookie
+            expected.append(request.cookies.get(PRE_COOKIE, ""))
+        if not token or not any(e and secrets.compare_digest(token, e) for e in expected):
+            return self.forbidden(request, "missing or invalid CSRF token" if s is not None
+                                  or access is Access.PUBLIC
+                                  else "not signed in (or the session ended)")
+        if access is Access.WRITE and (s is None or not s.can_write):
+            return self.forbidden(request, "the auditor role cannot change anything")
+        if access is Access.READ and s is None:
+            return self.forbidden(request, "not signed in (or the session ended)")
+        return None
+
+    def forbidden(self, request: web.Request, why: str) -> web.Response:
+        log.info("console: 403 %s %s: %s", request.method, request.path, why)
+        return self.render(request, "error.html", code=403, title="Forbidden", message=why)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["Content-Security-Policy"] = CSP
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    def set_session_cookie(self, resp: web.StreamResponse, s: Session) -> None:
+        resp.set_cookie(COOKIE, s.id, path=self.base, httponly=True, secure=self.secure,
+                        samesite="Lax", max_age=int(self.sessions.max_age_s))
+
+
+# A pre-session CSRF token for the sign-in forms (double submit: cookie and field).
+PRE_COOKIE = "pyheadscale_console_pre"
+
+FORM_KEY = "console.form"
+
+
+async def read_form(request: web.Request) -> Mapping[str, str]:
+    """The urlencoded form, read once per request; only text fields, each bounded."""
+    cached = request.get(FORM_KEY)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    out: dict[str, str] = {}
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        try:
+            data = await request.post()
+        except (ValueError, web.HTTPException):
+            data = None
+        for k, v in (data or {}).items():
+            if isinstance(v, str) and len(v) <= MAX_FIELD and k not in out:
+                out[k] = v
+    request[FORM_KEY] = out
+    return out
+
+
+async def form_list(request: web.Request, name: str) -> list[str]:
+    """Every value of a repeated field (checkboxes)."""
+    await read_form(request)
+    data = await request.post()
+    return [v for v in data.getall(name, []) if isinstance(v, str) and len(v) <= 4096]

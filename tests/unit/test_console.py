@@ -1,0 +1,259 @@
+"""The admin console in-process: sign-in links, sessions, CSRF, the auditor, the policy
+editor's checks and locations, and one audit line per action (the browser walk with official
+clients is tests/integration/test_console.py)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from pyheadscale.console import AdminConsole
+from pyheadscale.console.policyedit import error_path, locate
+from pyheadscale.console.sessions import Role, Sessions
+from pyheadscale.console.web import Access
+from pyheadscale.control.dispatch import ControlPlane
+from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+
+POLICY = """{
+  "groups": {"group:admins": ["alice@"]},
+  "tagOwners": {"tag:server": ["alice@"]},
+  "acls": [
+    {"action": "accept", "src": ["group:admins"], "dst": ["*:*"]},
+  ],
+}
+"""
+
+
+@dataclass
+class Env:
+    web: TestClient
+    sock: TestClient
+    cp: ControlPlane
+    console: AdminConsole
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    cfg = make_cfg(policy={"mode": "database"})
+    tn = await open_tailnet(new_engine(tmp_path), cfg)
+    cp = ControlPlane(cfg, tn, tn.engine, None)
+    await cp.policy.load()
+    cp.mapctx = cp.build_context()
+    console = AdminConsole(cp.console_deps())
+    app, sock = web.Application(), web.Application()
+    console.mount(app)
+    console.add_socket_routes(sock)
+    w, s = TestClient(TestServer(app)), TestClient(TestServer(sock))
+    await w.start_server()
+    await s.start_server()
+    try:
+        yield Env(w, s, cp, console)
+    finally:
+        await w.close()
+        await s.close()
+        await tn.close()
+
+
+async def sign_in(e: Env, role: str = "admin", user: str = "alice") -> str:
+    """Redeem a fresh one-time link; returns the session's CSRF token."""
+    r = await e.sock.post("/console/sign-in-link", json={"user": user, "role": role})
+    assert r.status == 200, await r.text()
+    url = (await r.json())["url"]
+    path = url[url.index("/admin/"):]
+    page = await e.web.get(path)
+    html = await page.text()
+    assert page.status == 200, html
+    token = re.search(r'name="token" value="([^"]+)"', html)
+    pre = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert token and pre
+    r = await e.web.post("/admin/sign-in/link", data={"token": token[1], "csrf": pre[1]},
+                         allow_redirects=False)
+    assert r.status == 303, await r.text()
+    page = await e.web.get("/admin/machines")
+    m = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert m
+    return m[1]
+
+
+async def test_no_session_redirects_to_sign_in(env: Env) -> None:
+    for path in ("/admin/machines", "/admin/policy", "/admin/users/1", "/admin/tailnet"):
+        r = await env.web.get(path, allow_redirects=False)
+        assert r.status == 303
+        assert r.headers["Location"].startswith("/admin/sign-in?next=")
+
+
+async def test_link_signs_in_once(env: Env) -> None:
+    r = await env.sock.post("/console/sign-in-link", json={"user": "bob", "role": "admin"})
+    url = (await r.json())["url"]
+    path = url[url.index("/admin/"):]
+    html = await (await env.web.get(path)).text()
+    token = re.search(r'name="token" value="([^"]+)"', html)[1]  # type: ignore[index]
+    pre = re.search(r'name="csrf" value="([^"]+)"', html)[1]  # type: ignore[index]
+    first = await env.web.post("/admin/sign-in/link", data={"token": token, "csrf": pre},
+                               allow_redirects=False)
+    assert first.status == 303
+    cookie = first.cookies["pyheadscale_console"]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax"
+    assert (await env.web.get(path)).status == 410  # used: the page says so
+
+
+async def test_bad_link_requests(env: Env) -> None:
+    for body in ({"role": "root"}, {"user": ""}, {"user": "x" * 65}, [1]):
+        r = await env.sock.post("/console/sign-in-link", json=body)
+        assert r.status == 400, body
+    r = await env.sock.post("/console/sign-in-link", data=b"{" * 5000)
+    assert r.status == 413
+
+
+async def test_post_without_csrf_is_refused(env: Env) -> None:
+    csrf = await sign_in(env)
+    before = len(env.cp.tailnet.users)
+    for data in ({"name": "mallory"}, {"name": "mallory", "csrf": "wrong"}):
+        r = await env.web.post("/admin/users", data=data)
+        assert r.status == 403
+    r = await env.web.post("/admin/users", data={"name": "mallory", "csrf": csrf},
+                           headers={"Origin": "https://evil.example"})
+    assert r.status == 403
+    assert len(env.cp.tailnet.users) == before
+    r = await env.web.post("/admin/users", data={"name": "carol", "csrf": csrf})
+    assert r.status == 200  # redirected to the list
+    assert env.cp.tailnet.user_by_name("carol") is not None
+
+
+def _fill(path: str) -> str:
+    return re.sub(r"\{[a-z_]+(?::(?:[^{}]|\{[^{}]*\})*)?\}", "1", path)
+
+
+async def test_auditor_cannot_change_anything(env: Env) -> None:
+    tn = env.cp.tailnet
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id)
+    await tn.register_with_authkey(key(1), key(2), None, {"Hostname": "a"}, key=full)
+    csrf = await sign_in(env, role="auditor", user="audrey")
+    writes = [r for r in env.console.console.routes if r.access is Access.WRITE]
+    assert len(writes) >= 14
+    snapshot = (dict(tn.users), dict(tn.nodes), dict(tn.preauth_keys), dict(tn.api_keys))
+    for r in writes:
+        resp = await env.web.post("/admin" + _fill(r.path),
+                                  data={"csrf": csrf, "name": "x", "confirm": "yes",
+                                        "policy": "{}", "user": "alice", "route": "exit",
+                                        "tags": "tag:server", "expiry": "1d"})
+        assert resp.status == 403, r.path
+        assert "auditor" in await resp.text()
+    assert snapshot == (dict(tn.users), dict(tn.nodes), dict(tn.preauth_keys),
+                        dict(tn.api_keys))
+    assert (await env.web.get("/admin/machines")).status == 200
+
+
+async def test_each_action_leaves_one_audit_line(env: Env,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    tn = env.cp.tailnet
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id)
+    n = await tn.register_with_authkey(key(1), key(2), None, {"Hostname": "a"}, key=full)
+    csrf = await sign_in(env, user="alice")
+    caplog.set_level(logging.INFO, logger="pyheadscale.audit")
+    steps: list[tuple[str, dict[str, Any], str]] = [
+        ("/admin/users", {"name": "carol"}, "user.create"),
+        (f"/admin/machines/{n.id}/rename", {"name": "renamed"}, "node.rename"),
+        (f"/admin/machines/{n.id}/disable-expiry", {}, "node.expire"),
+        (f"/admin/machines/{n.id}/expire", {}, "node.expire"),
+        ("/admin/keys/preauth", {"user": str(u.id), "expiry": "1d"}, "preauthkey.create"),
+        ("/admin/keys/api", {"expiry": "30d"}, "apikey.create"),
+    ]
+    for path, data, action in steps:
+        caplog.clear()
+        r = await env.web.post(path, data={**data, "csrf": csrf})
+        assert r.status == 200, path
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "pyheadscale.audit"]
+        assert len(lines) == 1, (path, lines)
+        assert f"action={action}" in lines[0] and "actor=console:cli:alice" in lines[0]
+    assert tn.nodes[n.id].given_name == "renamed"
+
+
+async def test_new_key_is_shown_once(env: Env) -> None:
+    u = await env.cp.tailnet.create_user("alice")
+    csrf = await sign_in(env)
+    r = await env.web.post("/admin/keys/preauth", data={"csrf": csrf, "user": str(u.id),
+                                                        "reusable": "yes", "expiry": "1h"})
+    html = await r.text()
+    m = re.search(r'id="new-key" class="secret" readonly value="(hskey-auth-[^"]+)"', html)
+    assert m, html
+    assert r.headers["Cache-Control"] == "no-store"
+    again = await (await env.web.get("/admin/keys")).text()
+    assert m[1] not in again
+
+
+async def test_policy_mistake_is_located_and_not_saved(env: Env) -> None:
+    await env.cp.tailnet.create_user("alice")
+    csrf = await sign_in(env)
+    syntax = POLICY.replace('"accept",', '"accept"')  # line 5: missing comma
+    r = await env.web.post("/admin/policy/preview", data={"csrf": csrf, "policy": syntax})
+    assert r.status == 422
+    assert 'data-line="5"' in await r.text()
+    semantic = POLICY.replace('"src": ["group:admins"]', '"src": ["group:nobody"]')
+    r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": semantic})
+    html = await r.text()
+    assert r.status == 422 and 'data-line="5"' in html and "group:nobody" in html
+    assert env.cp.policy.text is None  # nothing stored, nothing running
+    r = await env.web.post("/admin/policy/preview", data={"csrf": csrf, "policy": POLICY})
+    assert r.status == 200 and 'class="d-add"' in await r.text()
+    r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": POLICY})
+    assert r.status == 200 and env.cp.policy.text == POLICY
+    hist = await (await env.web.get("/admin/policy/history")).text()
+    assert "running" in hist
+
+
+async def test_policy_tests_run_before_saving(env: Env) -> None:
+    tn = env.cp.tailnet
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id)
+    await tn.register_with_authkey(key(1), key(2), None, {"Hostname": "a"}, key=full)
+    csrf = await sign_in(env)
+    failing = POLICY.replace("],\n}", '],\n  "tests": [{"src": "alice@", "deny": ["alice@:22"]}],\n}')
+    r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": failing})
+    html = await r.text()
+    assert r.status == 422 and "expected DENIED, got ALLOWED" in html
+    assert env.cp.policy.text is None
+
+
+def test_error_paths_and_locations() -> None:
+    assert error_path('acls[0].src[1]: group not defined') == [
+        ("field", "acls"), ("index", 0), ("field", "src"), ("index", 1)]
+    assert error_path('groups["group:a"]: x') == [("field", "groups"), ("key", "group:a")]
+    assert error_path("tests[2] alice@: -> x") == [("field", "tests"), ("index", 2)]
+    assert error_path("no path here") is None
+    text = '{\n  "ACLs": [\n    {"action": "accept", "src": ["a"], "dst": ["b:*"]},\n  ],\n}'
+    line3 = text.splitlines()[2]
+    assert locate(text, "acls[0].dst[0]: host not defined") == (3, line3.index('"b:*"') + 1)
+    assert locate(text, 'acls[0].bogus: unknown field "bogus"') == (3, 5)
+
+
+def test_sessions_end_when_idle_or_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("pyheadscale.console.sessions.time.monotonic", lambda: now[0])
+    s = Sessions(idle_s=60, max_age_s=300, link_ttl_s=30)
+    a = s.start("alice", Role.ADMIN)
+    now[0] += 59
+    assert s.get(a.id) is a
+    now[0] += 61
+    assert s.get(a.id) is None  # idle
+    b = s.start("bob", Role.AUDITOR)
+    for _ in range(6):
+        now[0] += 55
+        got = s.get(b.id)
+    assert got is None  # absolute
+    link = s.new_link("dave", Role.ADMIN)
+    assert s.redeem_link(link.token) is not None
+    assert s.redeem_link(link.token) is None  # once
+    link = s.new_link("carol", Role.ADMIN)
+    now[0] += 31
+    assert s.redeem_link(link.token) is None
