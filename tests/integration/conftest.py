@@ -27,6 +27,15 @@ from tests.integration.world import World, world_fixture
 LOG_ROOT = Path(os.environ.get("PYHEADSCALE_TEST_LOGS", "/tmp/pyheadscale-test-logs"))
 _WORKDIR = pytest.StashKey[Path]()
 _KEPT = pytest.StashKey[Path]()
+_FAILED = pytest.StashKey[bool]()
+
+
+def test_failed(item: pytest.Item) -> bool:
+    """Whether the test's setup or body failed so far (fixtures keep artefacts then)."""
+    return item.stash.get(_FAILED, False)
+
+
+test_failed.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -174,6 +183,8 @@ def pytest_runtest_makereport(
 ) -> Generator[None, Any, None]:
     outcome = yield
     rep: pytest.TestReport = outcome.get_result()
+    if rep.failed:
+        item.stash[_FAILED] = True
     # Copy while daemons still run (setup/call), and again after teardown for the final lines.
     if rep.failed or (rep.when == "teardown" and _KEPT in item.stash):
         try:

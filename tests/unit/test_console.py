@@ -257,3 +257,10 @@ def test_sessions_end_when_idle_or_old(monkeypatch: pytest.MonkeyPatch) -> None:
     link = s.new_link("carol", Role.ADMIN)
     now[0] += 31
     assert s.redeem_link(link.token) is None
+
+
+def test_browser_test_tries_every_mutating_route(env: Env) -> None:
+    from tests.integration.test_console import MUTATING
+
+    writes = {_fill(r.path) for r in env.console.console.routes if r.access is Access.WRITE}
+    assert writes == set(MUTATING)
