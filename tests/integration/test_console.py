@@ -298,6 +298,9 @@ def test_policy_mistake_shown_at_its_line_then_a_fix_changes_reachability(lab: L
     assert lab.srv.cli("policy", "get").stdout.strip() == POLICY_OK.strip()
     wait_for("the LAN to become unreachable under the new policy",
              lambda: fetch(lab.laptop.host, lab.lan_host.ip, timeout=2) is None, 30)
+    # The picture of the tailnet follows the running policy.
+    edges = lab.go("/tailnet").locator("table.edges tbody").inner_text()
+    assert re.search(r"laptop\s+router\s+all", edges), edges
     history = lab.go("/policy/history").locator("table tbody tr")
     assert history.count() == 1 and "running" in history.first.inner_text()
 

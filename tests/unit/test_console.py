@@ -264,3 +264,23 @@ def test_browser_test_tries_every_mutating_route(env: Env) -> None:
 
     writes = {_fill(r.path) for r in env.console.console.routes if r.access is Access.WRITE}
     assert writes == set(MUTATING)
+
+
+async def test_reachability_follows_the_packet_filters(env: Env) -> None:
+    from pyheadscale.console.reach import picture
+
+    tn = env.cp.tailnet
+    nodes = {}
+    for i, name in enumerate(("alice", "bob"), start=1):
+        u = await tn.create_user(name)
+        _, full = await tn.create_preauth_key(u.id)
+        nodes[name] = await tn.register_with_authkey(key(2 * i), key(2 * i + 1), None,
+                                                     {"Hostname": name}, key=full)
+    pol = '{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["bob@:22,80"]}]}'
+    manager = env.cp.policy.build(pol, run_tests=False)
+    assert manager is not None
+    pic = picture(manager, tn.list_nodes(), tn.users, group=False)
+    a, b = nodes["alice"].id, nodes["bob"].id
+    assert [(e.src, e.dst, e.ports) for e in pic.edges] == [(f"node:{a}", f"node:{b}", "22, 80")]
+    grouped = picture(manager, tn.list_nodes(), tn.users, group=True)
+    assert [(e.src, e.dst) for e in grouped.edges] == [("user:alice", "user:bob")]
