@@ -30,6 +30,8 @@ from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
 from tests.integration.netns import SERVER_IP, Host, Namespace, Router, Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
+from tests.integration.test_routes import PORT as WEB_PORT
+from tests.integration.test_routes import WHOAMI
 from tests.integration.versions import PINNED
 from tests.integration.world import World, peers_by_name, wait_for
 
@@ -42,20 +44,6 @@ ADMIN = Account("carol-sub", "carol-pw", email="carol@example.com", name="Carol 
                 preferred_username="carol")
 OUTSIDER = Account("dan-sub", "dan-pw", email="dan@example.com", name="Dan",
                    preferred_username="dan")
-WEB_PORT = 8000
-WHOAMI = r"""
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"""
 
 # Every route that changes something (the unit tests check this list against the console's
 # route table), with the node/user/key id 1 filled in.

@@ -223,6 +223,18 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("oidc.expiry", merged(oidc={"expiry": "180d"}),
      'config: oidc.expiry: The "oidc.expiry" configuration key has been removed. Please use '
      '"node.expiry" instead.'),
+    ("console path relative", merged(admin_console={"path": "admin"}),
+     "config: admin_console.path: must be an absolute path like /admin"),
+    ("console path trailing slash", merged(admin_console={"path": "/admin/"}),
+     "config: admin_console.path: must be an absolute path like /admin"),
+    ("console path shadows the API", merged(admin_console={"path": "/api/ui"}),
+     'config: admin_console.path: "/api/ui" would shadow the server\'s own /api'),
+    ("console idle longer than max", merged(admin_console={"session_idle_timeout": "2h",
+                                                           "session_max_age": "1h"}),
+     "config: admin_console.session_idle_timeout: must not be longer than "
+     "admin_console.session_max_age"),
+    ("console zero link ttl", merged(admin_console={"sign_in_link_ttl": "0s"}),
+     "config: admin_console.sign_in_link_ttl: must be positive"),
 ]
 
 

@@ -4,6 +4,7 @@ clients is tests/integration/test_console.py)."""
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -284,3 +285,27 @@ async def test_reachability_follows_the_packet_filters(env: Env) -> None:
     assert [(e.src, e.dst, e.ports) for e in pic.edges] == [(f"node:{a}", f"node:{b}", "22, 80")]
     grouped = picture(manager, tn.list_nodes(), tn.users, group=True)
     assert [(e.src, e.dst) for e in grouped.edges] == [("user:alice", "user:bob")]
+
+
+async def test_restore_an_earlier_version(env: Env) -> None:
+    await env.cp.tailnet.create_user("alice")
+    csrf = await sign_in(env)
+    v2 = POLICY.replace('"*:*"', '"alice@:*"')
+    for text in (POLICY, v2):
+        r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": text})
+        assert r.status == 200
+    hist = await (await env.web.get("/admin/policy/history")).text()
+    ids = re.findall(r'/admin/policy/history/(\d+)"', hist)
+    assert len(ids) == 2
+    page = await (await env.web.get(f"/admin/policy/history/{ids[1]}")).text()
+    assert 'id="restore"' in page and 'class="d-del"' in page  # the diff to the running one
+    old = re.search(r'name="policy" value="([^"]*)"', page, re.S)
+    assert old is not None
+    restored = html.unescape(old[1])
+    assert restored == POLICY
+    r = await env.web.post("/admin/policy/preview", data={"csrf": csrf, "policy": restored})
+    assert r.status == 200 and 'id="apply"' in await r.text()
+    r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": restored})
+    assert r.status == 200 and env.cp.policy.text == POLICY
+    hist = await (await env.web.get("/admin/policy/history")).text()
+    assert len(re.findall(r'/admin/policy/history/(\d+)"', hist)) == 3
