@@ -30,14 +30,13 @@ from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
 from tests.integration.netns import SERVER_IP, Host, Namespace, Router, Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
-from tests.integration.test_routes import PORT as WEB_PORT
-from tests.integration.test_routes import WHOAMI
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, peers_by_name, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
 NEWEST, OLDEST = PINNED[-1], PINNED[0]
+WEB_PORT = 8000
 IDP_PORT = 5557
 CLIENT_ID, CLIENT_SECRET = "pyheadscale-console", "console-secret"
 ADMIN = Account("carol-sub", "carol-pw", email="carol@example.com", name="Carol Admin",
@@ -116,7 +115,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, netns_ready: None,
         }, keys={"alice": {"user": "alice", "reusable": True}}, users=["alice", "bob"])
         router = topo.add_nat("router", "192.0.2.0/25")
         lan_host = topo.add_lan_host(router, "lanweb")
-        lan_host.popen([sys.executable, "-c", WHOAMI, str(WEB_PORT)])
+        serve_echo(lan_host, "0.0.0.0", [WEB_PORT])
         laptop = world.join("laptop", NEWEST, "alice", ("--accept-routes",))
         world.join("router", OLDEST, "alice", ("--advertise-routes=192.0.2.0/25",), host=router)
         admin_host = topo.add_host("admin")

@@ -21,7 +21,8 @@ from pyheadscale.console.policyedit import error_path, locate
 from pyheadscale.console.sessions import Role, Sessions
 from pyheadscale.console.web import Access
 from pyheadscale.control.dispatch import ControlPlane
-from tests.unit._statefix import key, make_cfg, new_engine, open_tailnet
+from tests.inproc import running_server, server_config
+from tests.unit._statefix import key, open_control
 
 POLICY = """{
   "groups": {"group:admins": ["alice@"]},
@@ -43,10 +44,8 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    cfg = make_cfg(policy={"mode": "database"})
-    tn = await open_tailnet(new_engine(tmp_path), cfg)
-    cp = ControlPlane(cfg, tn, tn.engine, None)
-    await cp.policy.load()
+    cp = await open_control(tmp_path)
+    tn = cp.tailnet
     cp.mapctx = cp.build_context()
     console = AdminConsole(cp.console_deps())
     app, sock = web.Application(), web.Application()
@@ -309,3 +308,25 @@ async def test_restore_an_earlier_version(env: Env) -> None:
     assert r.status == 200 and env.cp.policy.text == POLICY
     hist = await (await env.web.get("/admin/policy/history")).text()
     assert len(re.findall(r'/admin/policy/history/(\d+)"', hist)) == 3
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_the_server_serves_the_console_unless_disabled(tmp_path: Path,
+                                                             enabled: bool) -> None:
+    import aiohttp
+
+    cfg = server_config(tmp_path, overrides={"admin_console": {"enabled": enabled}})
+    async with running_server(cfg), aiohttp.ClientSession() as web_, aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=cfg.unix_socket)) as sock:
+        r = await sock.post("http://local/console/sign-in-link", json={"user": "ops"})
+        page = await web_.get(cfg.server_url + "/admin/machines", allow_redirects=False)
+        if not enabled:
+            assert r.status == 404 and page.status == 404
+            return
+        url = (await r.json())["url"]
+        assert url.startswith(cfg.server_url + "/admin/sign-in/link?token=")
+        assert page.status == 303
+        link = await web_.get(url)
+        assert link.status == 200 and "cli:ops" in await link.text()
+        assert link.headers["X-Frame-Options"] == "DENY"
+        assert "script-src 'self'" in link.headers["Content-Security-Policy"]
