@@ -19,7 +19,7 @@ from aiohttp import web
 
 from pyheadscale.auth.oidc import Claims
 from pyheadscale.console.sessions import Role
-from pyheadscale.console.web import PRE_COOKIE, Access, Console, read_form
+from pyheadscale.console.web import COOKIE, PRE_COOKIE, Access, Console, read_form
 
 log = logging.getLogger("pyheadscale.console")
 
@@ -146,7 +146,7 @@ class SignIn:
         self.c.sessions.end(s.id)
         resp = web.Response(status=303, headers={
             "Location": self.c.url("/sign-in") + "?m=" + quote("Signed out.")})
-        resp.del_cookie("pyheadscale_console", path=self.c.base)
+        resp.del_cookie(COOKIE, path=self.c.base)
         return resp
 
     # -- the unix socket: `headscale admin login` ------------------------------------------

@@ -10,6 +10,7 @@ a WRITE route refuses the auditor with 403 before the handler runs.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -72,6 +73,16 @@ class Console:
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.routes: list[Route] = []
+        # Our two static files, held in memory: they are small, and a plain response body
+        # needs nothing from the transport (no sendfile). Pages name them with a content
+        # hash, so browsers may keep them for long.
+        self.static: dict[str, tuple[bytes, str]] = {}
+        digest = hashlib.sha256()
+        for name, ctype in (("console.css", "text/css"), ("console.js", "text/javascript")):
+            body = (HERE / "static" / name).read_bytes()
+            self.static[name] = (body, ctype)
+            digest.update(body)
+        self.static_version = digest.hexdigest()[:12]
 
     # -- helpers for page modules ----------------------------------------------------------
 
@@ -89,7 +100,7 @@ class Console:
         if s is not None:
             s.flashes.clear()
         page = self.templates.get_template(template).render(
-            base=self.base, session=s, csrf=s.csrf if s is not None else "",
+            base=self.base, static_version=self.static_version, session=s, csrf=s.csrf if s is not None else "",
             flashes=flashes, request_path=request.path, **context)
         return web.Response(text=page, content_type="text/html", status=code)
 
@@ -132,8 +143,16 @@ class Console:
         sub = web.Application(middlewares=[self._guard])
         for r in self.routes:
             sub.router.add_route(r.method, r.path, self._wrap(r))
-        sub.router.add_static("/static/", HERE / "static", append_version=True)
+        sub.router.add_get("/static/{name}", self._static)
         return sub
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        item = self.static.get(request.match_info["name"])
+        if item is None:
+            raise web.HTTPNotFound()
+        body, ctype = item
+        return web.Response(body=body, content_type=ctype, charset="utf-8",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     def _wrap(self, route: Route) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:

@@ -64,6 +64,7 @@ class Lab:
     lan_host: Host
     laptop: Tailscaled
     workdir: Path
+    broken: list[str]  # resources the page could not load (favicon aside)
 
     @property
     def base(self) -> str:
@@ -121,7 +122,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory, netns_ready: None,
         admin_host = topo.add_host("admin")
         with browser_in(admin_host, workdir) as browser:
             page = browser.context.new_page()
-            yield Lab(world, srv, browser, page, admin_host, router, lan_host, laptop, workdir)
+            broken: list[str] = []
+            page.on("requestfailed", lambda r: broken.append(f"{r.url}: {r.failure}"))
+            page.on("response", lambda r: broken.append(f"{r.url}: {r.status}")
+                    if r.status >= 400 and not r.url.endswith("/favicon.ico")
+                    and r.request.resource_type != "document" else None)
+            yield Lab(world, srv, browser, page, admin_host, router, lan_host, laptop, workdir,
+                      broken)
     finally:
         world.close()
         for ts in reversed(daemons):
@@ -158,7 +165,13 @@ def sign_in_with_link(lab: Lab, *args: str) -> None:
 
 
 def check_page(lab: Lab, path: str, heading: str) -> None:
+    lab.broken.clear()
     page = lab.go(path)
+    page.wait_for_load_state("load")
+    assert lab.broken == [], f"{path}: {lab.broken}"
+    # The stylesheet applied (the focus ring below depends on it too).
+    assert page.evaluate("getComputedStyle(document.querySelector('header.top'))"
+                         ".borderBottomStyle") == "solid", path
     assert page.get_by_role("heading", level=1).inner_text().startswith(heading), path
     assert unlabelled_controls(page) == [], path
     missed, no_focus_ring = keyboard_gaps(page)
@@ -180,6 +193,9 @@ def test_sign_in_with_link_and_walk_every_page(lab: Lab) -> None:
     sign_in_with_link(lab, "--name", "ops")
     page = lab.page
     assert "cli:ops" in page.locator("header").inner_text()
+    cookie = next(c for c in lab.browser.context.cookies() if c["name"] == "pyheadscale_console")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Lax"
+    assert cookie["path"] == "/admin"
     rows = page.locator("table.machines tbody tr")
     wait_for("both machines listed online", lambda: (lab.go("/machines"), rows.count() == 2
              and page.locator("text=online").count() >= 2)[1], 30, 1)
@@ -294,12 +310,21 @@ def test_policy_mistake_shown_at_its_line_then_a_fix_changes_reachability(lab: L
 
 def test_expire_a_node_and_the_client_needs_login(lab: Lab) -> None:
     newcomer = lab.world.nodes["newcomer"]
-    page = lab.go(f"/machines/{hsapi.node_id(lab.srv, 'newcomer')}")
+    node_id = hsapi.node_id(lab.srv, "newcomer")
+    # A second tab keeps the machine list open: its script updates the state in place.
+    listing = lab.browser.context.new_page()
+    listing.goto(lab.base + "/machines")
+    status = listing.locator(f'tr[data-node-id="{node_id}"] [data-field="status"]')
+    assert status.inner_text() == "online"
+    page = lab.go(f"/machines/{node_id}")
     page.get_by_role("button", name="Expire key now").click()
     page.wait_for_load_state()
     lab.browser.shot(page, "expired")
     assert "Key expired" in page.locator("main").inner_text()
     newcomer.wait_state("NeedsLogin", timeout=60)
+    wait_for("the open list to show the node expired", lambda: status.inner_text() == "expired",
+             20, 1)
+    listing.close()
 
 
 def test_oidc_sign_in(lab: Lab) -> None:
