@@ -10,8 +10,9 @@ picture needs no script.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pyheadscale.mapper.context import Policy
 from pyheadscale.policy.compile import Matcher
@@ -36,10 +37,10 @@ class Vertex:
     y: float
 
 
-def _ports(rules: Iterable[dict[str, object]], dst: Node) -> str:
+def _ports(rules: Iterable[Mapping[str, Any]]) -> str:
     ranges: set[tuple[int, int]] = set()
     for r in rules:
-        for dp in r.get("DstPorts") or ():  # type: ignore[attr-defined]
+        for dp in r.get("DstPorts") or ():
             p = dp.get("Ports") or {}
             ranges.add((int(p.get("First", 0)), int(p.get("Last", 65535))))
     if not ranges or (0, 65535) in ranges:
@@ -58,7 +59,7 @@ def machine_edges(policy: Policy, nodes: Sequence[Node]) -> list[tuple[Node, Nod
             hits = [r for m, r in matchers
                     if m.srcs.contains_any(a.addresses) and m.dests.contains_any(b.addresses)]
             if hits:
-                out.append((a, b, _ports(hits, b)))
+                out.append((a, b, _ports(hits)))
     return out
 
 

@@ -216,8 +216,8 @@ FORM_KEY = "console.form"
 async def read_form(request: web.Request) -> Mapping[str, str]:
     """The urlencoded form, read once per request; only text fields, each bounded."""
     cached = request.get(FORM_KEY)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
+    if isinstance(cached, dict):
+        return cached
     out: dict[str, str] = {}
     if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         try:

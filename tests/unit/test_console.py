@@ -330,3 +330,22 @@ async def test_the_server_serves_the_console_unless_disabled(tmp_path: Path,
         assert link.status == 200 and "cli:ops" in await link.text()
         assert link.headers["X-Frame-Options"] == "DENY"
         assert "script-src 'self'" in link.headers["Content-Security-Policy"]
+
+
+def test_who_may_sign_in_with_oidc() -> None:
+    from pyheadscale.auth.oidc import Claims
+    from pyheadscale.console.signin import role_for
+
+    admins, auditors = ["Alice@Example.com", "group:netadmins"], ["bob", "group:audit"]
+    alice = Claims(sub="1", iss="i", email="alice@example.com", email_verified=True)
+    assert role_for(admins, auditors, alice) is Role.ADMIN
+    unverified = Claims(sub="1", iss="i", email="alice@example.com", email_verified=False)
+    assert role_for(admins, auditors, unverified) is None  # an unverified address names nobody
+    ops = Claims(sub="2", iss="i", groups=("netadmins", "audit"))
+    assert role_for(admins, auditors, ops) is Role.ADMIN  # the stronger role wins
+    assert role_for(admins, auditors, Claims(sub="3", iss="i", username="bob")) is Role.AUDITOR
+    assert role_for(admins, auditors, Claims(sub="4", iss="i", groups=("audit",))) \
+        is Role.AUDITOR
+    assert role_for(admins, auditors, Claims(sub="5", iss="i", username="group:netadmins")) \
+        is None
+    assert role_for([], [], alice) is None
