@@ -211,6 +211,20 @@ def test_sign_in_with_link_and_walk_every_page(lab: Lab) -> None:
     page = lab.go("/machines?q=rout")
     assert page.locator("table.machines tbody tr").count() == 1
     assert "router" in page.locator("table.machines tbody").inner_text()
+    # With scripts off, the read-only pages say the same (everything is in the HTML).
+    plain = lab.browser.context.new_page()
+    cdp = plain.context.new_cdp_session(plain)
+    cdp.send("Emulation.setScriptExecutionDisabled", {"value": True})
+    plain.goto(lab.base + "/machines")
+    assert plain.locator("table.machines tbody tr").count() == 2
+    assert plain.locator("text=online").count() >= 2
+    plain.goto(lab.base + "/tailnet")
+    assert plain.locator("svg.graph .vertex").count() == 2
+    plain.goto(lab.base + "/policy")
+    assert plain.get_by_label(re.compile("^Policy")).is_editable()
+    assert plain.locator(".editor.live").count() == 0  # our script really did not run
+    assert lab.go("/policy").locator(".editor.live").count() == 1  # and runs normally
+    plain.close()
     # The relay is the embedded one, and the server reaches it.
     page = lab.go("/derp")
     assert "healthy" in page.locator("section.card h2").first.inner_text()
