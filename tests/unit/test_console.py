@@ -349,3 +349,36 @@ def test_who_may_sign_in_with_oidc() -> None:
     assert role_for(admins, auditors, Claims(sub="5", iss="i", username="group:netadmins")) \
         is None
     assert role_for([], [], alice) is None
+
+
+async def test_hostile_input_is_escaped_bounded_and_refused_cleanly(env: Env) -> None:
+    tn = env.cp.tailnet
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id)
+    evil = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    n = await tn.register_with_authkey(key(1), key(2), None,
+                                       {"Hostname": "a", "OS": evil, "IPNVersion": evil},
+                                       key=full)
+    env.cp.pending.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": evil})
+    csrf = await sign_in(env)
+    for path in ("/admin/machines", f"/admin/machines/{n.id}", "/admin/pending"):
+        html_text = await (await env.web.get(path)).text()
+        assert "<script>alert" not in html_text and "<img src=x" not in html_text, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text, path
+    text = '{"acls": []} // </textarea><script>alert(3)</script>'
+    r = await env.web.post("/admin/policy/preview", data={"csrf": csrf, "policy": text})
+    assert "<script>alert(3)" not in await r.text()
+    # Ids out of range, unknown ids, a body over the server's limit, a wrong field type.
+    for path in ("/admin/machines/99999999999999999", "/admin/users/0",
+                 "/admin/policy/history/123"):
+        assert (await env.web.get(path)).status == 404, path
+    r = await env.web.post("/admin/machines/99999999999999999/rename",
+                           data={"csrf": csrf, "name": "x"})
+    assert r.status == 404 and "node not found" in await r.text()  # the API's refusal
+    r = await env.web.post("/admin/users", data={"csrf": csrf, "name": "x" * (2 << 20)})
+    assert r.status == 413
+    r = await env.web.post("/admin/users", data={"csrf": csrf, "name": "bad name!"})
+    assert r.status == 200 and "flash-error" in await r.text()
+    assert tn.user_by_name("bad name!") is None
+    r = await env.web.get("/admin/machines?q=" + "%00" * 1000 + "&status=nonsense")
+    assert r.status == 200
