@@ -28,6 +28,12 @@ if TYPE_CHECKING:  # handlers/base.py builds AdminActions from its AdminDeps
 audit_log = logging.getLogger("pyheadscale.audit")
 
 
+def audit(actor: Actor, action: str, target: str, detail: str = "") -> None:
+    """The one audit line of an admin action that took effect."""
+    audit_log.info("audit actor=%s action=%s target=%s%s", actor, action, target,
+                   f" {detail}" if detail else "")
+
+
 class AdminActions:
     """The admin writes, with the checks and messages of Headscale's API."""
 
@@ -36,8 +42,7 @@ class AdminActions:
         self.tailnet = deps.tailnet
 
     def _audit(self, actor: Actor, action: str, target: str, detail: str = "") -> None:
-        audit_log.info("audit actor=%s action=%s target=%s%s", actor, action, target,
-                       f" {detail}" if detail else "")
+        audit(actor, action, target, detail)
 
     def _node(self, node_id: int) -> Node:
         n = self.tailnet.nodes.get(node_id)

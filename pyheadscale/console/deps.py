@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,5 +28,8 @@ class ConsoleDeps:
     oidc: OIDCProvider | None  # sign-in with the configured provider
     relay_clients: Callable[[], int | None]  # clients on the embedded relay (None: none)
     embedded_region: int | None  # the embedded relay's region id
+    # Replace the extra DNS records (only with dns.extra_records_path: the config file
+    # itself is never written).
+    write_extra_records: Callable[[Sequence[Mapping[str, str]]], Awaitable[None]] | None
     settings: AdminConsoleConfig
     server_url: str

@@ -11,9 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
+from pyheadscale.api.actions import audit
 from pyheadscale.console.reach import picture
-from pyheadscale.console.web import Access, Console
+from pyheadscale.console.web import Access, Console, read_form
 from pyheadscale.mapper.context import AllowAllPolicy
+from pyheadscale.mapper.dns import ExtraRecordsError
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_CACHE_S = 30.0
@@ -70,6 +72,8 @@ class TailnetPages:
         console.add("GET", "/tailnet", self.tailnet, Access.READ)
         console.add("GET", "/derp", self.derp, Access.READ)
         console.add("GET", "/dns", self.dns, Access.READ)
+        console.add("POST", "/dns/records/add", self.add_record, Access.WRITE)
+        console.add("POST", "/dns/records/remove", self.remove_record, Access.WRITE)
 
     async def tailnet(self, request: web.Request) -> web.StreamResponse:
         tn = self.c.deps.tailnet
@@ -144,8 +148,43 @@ class TailnetPages:
             nameservers=list(d.nameservers_global),
             split={k: list(v) for k, v in d.nameservers_split.items()},
             search=list(d.search_domains),
-            records=[{"name": r.get("name", ""), "type": r.get("type", "") or "auto",
-                      "value": r.get("value", "")} for r in d.extra_records],
+            records=self._records(),
             records_path=str(cfg.extra_records_path or ""),
+            editable=self.c.deps.write_extra_records is not None,
             settings=self.c.deps.settings, server_url=self.c.deps.server_url,
             policy_mode=self.c.deps.policy.mode)
+
+    # -- extra records (only those of dns.extra_records_path) ------------------------------
+
+    def _records(self) -> list[dict[str, str]]:
+        return [{"name": str(r.get("Name", "")), "type": str(r.get("Type", "")),
+                 "value": str(r.get("Value", ""))}
+                for r in self.c.deps.context().dns.extra_records]
+
+    async def _save(self, request: web.Request, records: list[dict[str, str]],
+                    what: str) -> web.StreamResponse:
+        write = self.c.deps.write_extra_records
+        if write is None:
+            self.c.flash(request, "error", "The records are in the config file: edit it there.")
+            return self.c.redirect("/dns")
+        try:
+            await write(records)
+        except ExtraRecordsError as e:
+            self.c.flash(request, "error", str(e))
+            return self.c.redirect("/dns")
+        audit(self.c.actor(request), "dns.extra_records", "dns", what)
+        self.c.flash(request, "ok", "Records saved; clients are getting them now.")
+        return self.c.redirect("/dns")
+
+    async def add_record(self, request: web.Request) -> web.StreamResponse:
+        f = await read_form(request)
+        new = {"name": f.get("name", "").strip()[:253], "type": f.get("type", "")[:4],
+               "value": f.get("value", "").strip()[:64]}
+        return await self._save(request, [*self._records(), new],
+                                f"added={new['name']}:{new['value']}")
+
+    async def remove_record(self, request: web.Request) -> web.StreamResponse:
+        f = await read_form(request)
+        gone = (f.get("name", ""), f.get("value", ""))
+        kept = [r for r in self._records() if (r["name"], r["value"]) != gone]
+        return await self._save(request, kept, f"removed={gone[0]}:{gone[1]}")

@@ -45,7 +45,12 @@ from pyheadscale.mapper.derpmap import (
     load_derp_map_file,
     merge_derp_maps,
 )
-from pyheadscale.mapper.dns import DNSSettings, ExtraRecordsError, load_extra_records
+from pyheadscale.mapper.dns import (
+    DNSSettings,
+    ExtraRecordsError,
+    load_extra_records,
+    normalize_extra_records,
+)
 from pyheadscale.mapper.full import PeerCache
 from pyheadscale.startup import failing_key
 from pyheadscale.state.changes import Change, ChangeKind, Field
@@ -130,6 +135,8 @@ class ControlPlane:
             relay_clients=(lambda: derp.server.connection_count()) if derp is not None
             else (lambda: None),
             embedded_region=self.cfg.derp.server.region_id if derp is not None else None,
+            write_extra_records=(self.write_extra_records if self.cfg.dns.extra_records_path
+                                 else None),
             settings=self.cfg.admin_console, server_url=self.cfg.server_url)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -240,6 +247,31 @@ class ControlPlane:
         changed = records != self._file_records
         self._file_records = records
         return changed
+
+    async def write_extra_records(self, records: Sequence[Mapping[str, str]]) -> None:
+        """Replace the records of dns.extra_records_path (the console edits them): checked
+        whole, written atomically, and sent to clients now rather than at the next poll.
+        Raises ExtraRecordsError for a bad record or an unwritable file."""
+        path = self.cfg.dns.extra_records_path
+        if path is None:
+            raise ExtraRecordsError("dns.extra_records_path is not set: the records are in "
+                                    "the config file")
+        clean = normalize_extra_records(records)
+        text = orjson.dumps([{"name": r["Name"], "type": r.get("Type", ""), "value": r["Value"]}
+                             for r in clean], option=orjson.OPT_INDENT_2)
+
+        def write() -> None:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(text + b"\n")
+            os.replace(tmp, path)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as e:
+            raise ExtraRecordsError(f"writing {path}: {e}") from None
+        self._extra_records_mtime = None  # a coarse file clock may not have moved
+        if self._load_extra_records_file():
+            self.refresh_context(ChangeKind.DNS)
 
     async def _watch_extra_records(self) -> None:
         while True:

@@ -32,7 +32,14 @@ from tests.integration.netns import SERVER_IP, Host, Namespace, Router, Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, serve_echo, wait_for
+from tests.integration.world import (
+    BASE_DOMAIN,
+    World,
+    dns,
+    peers_by_name,
+    serve_echo,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +58,7 @@ MUTATING = ["/users", "/users/1/rename", "/users/1/delete", "/machines/1/rename"
             "/machines/1/expire", "/machines/1/disable-expiry", "/machines/1/routes",
             "/machines/1/tags", "/machines/1/delete", "/pending/approve", "/pending/reject",
             "/keys/preauth", "/keys/preauth/1/expire", "/keys/api", "/keys/api/1/expire",
-            "/policy/apply"]
+            "/policy/apply", "/dns/records/add", "/dns/records/remove"]
 
 
 @dataclass
@@ -109,11 +116,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory, netns_ready: None,
             pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
         secret = workdir / "client_secret"
         secret.write_text(CLIENT_SECRET)
+        records = workdir / "extra-records.json"
+        records.write_text("[]")
         srv = world.start_server({
             "policy": {"mode": "database"},
             "oidc": {"issuer": idp.issuer, "client_id": CLIENT_ID,
                      "client_secret_path": str(secret), "scope": ["openid", "profile", "email"]},
             "admin_console": {"admins": [ADMIN.email]},
+            "dns": {"extra_records_path": str(records)},
         }, keys={"alice": {"user": "alice", "reusable": True}}, users=["alice", "bob"])
         router = topo.add_nat("router", "192.0.2.0/25")
         lan_host = topo.add_lan_host(router, "lanweb")
@@ -322,6 +332,24 @@ def test_policy_mistake_shown_at_its_line_then_a_fix_changes_reachability(lab: L
     assert re.search(r"laptop\s+router\s+all", edges), edges
     history = lab.go("/policy/history").locator("table tbody tr")
     assert history.count() == 1 and "running" in history.first.inner_text()
+
+
+def test_extra_dns_record_reaches_the_clients(lab: Lab) -> None:
+    name = f"svc.{BASE_DOMAIN}"
+    page = lab.go("/dns")
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Type").select_option("A")
+    page.get_by_label("Address").fill("100.64.50.7")
+    page.get_by_role("button", name="Add record").click()
+    page.wait_for_load_state()
+    lab.browser.shot(page, "dns-added")
+    assert "Records saved" in page.locator("main").inner_text()
+    wait_for("the laptop to resolve the new record",
+             lambda: dns(lab.laptop.host, name) == ["100.64.50.7"], 20, 1)
+    page.get_by_role("button", name=f"Remove {name} 100.64.50.7").click()
+    page.wait_for_load_state()
+    wait_for("the record to be gone", lambda: dns(lab.laptop.host, name) != ["100.64.50.7"],
+             20, 1)
 
 
 def test_expire_a_node_and_the_client_needs_login(lab: Lab) -> None:

@@ -4,7 +4,9 @@ clients is tests/integration/test_console.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -42,10 +44,9 @@ class Env:
     console: AdminConsole
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    cp = await open_control(tmp_path)
-    tn = cp.tailnet
+@contextlib.asynccontextmanager
+async def console_env(cp: ControlPlane) -> AsyncIterator[Env]:
+    """The console of `cp` on a test server, and its socket route on another."""
     cp.mapctx = cp.build_context()
     console = AdminConsole(cp.console_deps())
     app, sock = web.Application(), web.Application()
@@ -59,7 +60,13 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     finally:
         await w.close()
         await s.close()
-        await tn.close()
+        await cp.tailnet.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with console_env(await open_control(tmp_path)) as e:
+        yield e
 
 
 async def sign_in(e: Env, role: str = "admin", user: str = "alice") -> str:
@@ -382,3 +389,42 @@ async def test_hostile_input_is_escaped_bounded_and_refused_cleanly(env: Env) ->
     assert tn.user_by_name("bad name!") is None
     r = await env.web.get("/admin/machines?q=" + "%00" * 1000 + "&status=nonsense")
     assert r.status == 200
+
+
+async def test_extra_records_edited_only_in_their_own_file(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    path = tmp_path / "records.json"
+    path.write_text("[]")
+    cp = await open_control(tmp_path, dns={"base_domain": "ts.example",
+                                           "extra_records_path": str(path)})
+    caplog.set_level(logging.INFO, logger="pyheadscale.audit")
+    async with console_env(cp) as env:
+        csrf = await sign_in(env)
+        r = await env.web.post("/admin/dns/records/add", data={
+            "csrf": csrf, "name": "svc.ts.example", "type": "A", "value": "100.64.9.9"})
+        page = await r.text()
+        assert "Records saved" in page and "<td>svc.ts.example</td>" in page
+        assert json.loads(path.read_text()) == [
+            {"name": "svc.ts.example", "type": "A", "value": "100.64.9.9"}]
+        assert [dict(x) for x in cp.mapctx.dns.extra_records] == [
+            {"Name": "svc.ts.example", "Type": "A", "Value": "100.64.9.9"}]
+        r = await env.web.post("/admin/dns/records/add", data={
+            "csrf": csrf, "name": "bad.ts.example", "type": "AAAA", "value": "100.64.9.9"})
+        assert "AAAA record" in await r.text()  # refused whole, the file untouched
+        assert len(json.loads(path.read_text())) == 1
+        r = await env.web.post("/admin/dns/records/remove", data={
+            "csrf": csrf, "name": "svc.ts.example", "value": "100.64.9.9"})
+        assert json.loads(path.read_text()) == [] and cp.mapctx.dns.extra_records == ()
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "pyheadscale.audit"]
+        assert len(lines) == 2 and all("action=dns.extra_records" in x for x in lines)
+
+
+async def test_records_in_the_config_file_stay_read_only(env: Env) -> None:
+    assert env.cp.console_deps().write_extra_records is None
+    csrf = await sign_in(env)
+    page = await (await env.web.get("/admin/dns")).text()
+    assert "Add record" not in page
+    r = await env.web.post("/admin/dns/records/add", data={
+        "csrf": csrf, "name": "svc.ts.example", "value": "100.64.9.9"})
+    assert "config file" in await r.text()
