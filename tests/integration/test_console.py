@@ -273,6 +273,33 @@ def test_approve_a_pending_registration(lab: Lab) -> None:
     assert users[str(st["Self"]["UserID"])] == "bob"
 
 
+def test_new_user_and_key_then_a_client_joins_with_it(lab: Lab) -> None:
+    page = lab.go("/users")
+    page.get_by_label("Name", exact=True).fill("carol")
+    page.get_by_role("button", name="Create user").click()
+    page.wait_for_load_state()
+    assert "User carol created" in page.locator("main").inner_text()
+    page = lab.go("/keys")
+    page.get_by_label("User", exact=True).select_option(label="carol")
+    page.get_by_label("Reusable").check()
+    page.get_by_label("Expires in", exact=True).select_option("1h")
+    page.get_by_role("button", name="Create pre-auth key").click()
+    page.wait_for_load_state()
+    lab.browser.shot(page, "new-key")
+    key = page.get_by_label("Pre-auth key", exact=True).input_value()
+    assert key.startswith("hskey-auth-")
+    lab.browser.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.get_by_role("button", name="Copy").click()
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    assert key not in lab.go("/keys").content()  # shown once
+    ts = lab.world.add_client("carol-pc", NEWEST)
+    r = ts.up(lab.srv.url, authkey=key, hostname="carol-pc", timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = ts.status_json()
+    assert st["BackendState"] == "Running"
+    assert st["User"][str(st["Self"]["UserID"])]["LoginName"] == "carol"
+
+
 def test_approve_a_route_then_the_client_reaches_the_subnet(lab: Lab) -> None:
     assert fetch(lab.laptop.host, lab.lan_host.ip) is None, "reached before approval"
     router_id = hsapi.node_id(lab.srv, "router")
