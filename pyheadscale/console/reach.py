@@ -81,12 +81,25 @@ def circle(items: Sequence[tuple[str, str, str]], size: float) -> list[Vertex]:
             for i, (k, label, kind) in enumerate(items)]
 
 
+VERTEX_R = 14  # the circle's radius in the SVG
+
+
 @dataclass(frozen=True)
 class Picture:
     vertices: list[Vertex]
     edges: list[Edge]
     size: int
     truncated: bool
+
+    def segment(self, e: Edge) -> tuple[float, float, float, float]:
+        """The edge's line, cut short at both circles so its arrowhead stays visible."""
+        pos = {v.key: v for v in self.vertices}
+        a, b = pos[e.src], pos[e.dst]
+        dx, dy = b.x - a.x, b.y - a.y
+        length = math.hypot(dx, dy) or 1.0
+        cut = (VERTEX_R + 3) / length
+        return (round(a.x + dx * cut, 1), round(a.y + dy * cut, 1),
+                round(b.x - dx * cut, 1), round(b.y - dy * cut, 1))
 
 
 def picture(policy: Policy, nodes: Sequence[Node], users: dict[int, User], *,

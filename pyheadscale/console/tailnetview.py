@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from pyheadscale.api.actions import audit
-from pyheadscale.console.reach import picture
+from pyheadscale.console.reach import VERTEX_R, picture
 from pyheadscale.console.web import Access, Console, read_form
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.mapper.dns import ExtraRecordsError
@@ -93,9 +93,8 @@ class TailnetPages:
             pic = type(pic)(pic.vertices, [e for e in pic.edges
                                            if node in (e.src, e.dst)], pic.size, pic.truncated)
         labels = {v.key: v.label for v in pic.vertices}
-        pos = {v.key: v for v in pic.vertices}
         return self.c.render(
-            request, "tailnet.html", title="Tailnet", pic=pic, labels=labels, pos=pos,
+            request, "tailnet.html", title="Tailnet", pic=pic, labels=labels, vertex_r=VERTEX_R,
             view=view, user=user, tag=tag, node=node,
             users=sorted(u.name for u in tn.list_users()),
             tags=sorted({t for n in tn.list_nodes() for t in n.tags}),

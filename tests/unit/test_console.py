@@ -428,3 +428,23 @@ async def test_records_in_the_config_file_stay_read_only(env: Env) -> None:
     r = await env.web.post("/admin/dns/records/add", data={
         "csrf": csrf, "name": "svc.ts.example", "value": "100.64.9.9"})
     assert "config file" in await r.text()
+
+
+async def test_file_mode_policy_is_checked_but_never_saved(tmp_path: Path) -> None:
+    path = tmp_path / "policy.hujson"
+    path.write_text(POLICY)
+    cp = await open_control(tmp_path, policy={"mode": "file", "path": str(path)})
+    await cp.tailnet.create_user("alice")
+    async with console_env(cp) as env:
+        csrf = await sign_in(env)
+        page = await (await env.web.get("/admin/policy")).text()
+        assert "policy.mode is <code>file</code>" in page
+        changed = POLICY.replace('"*:*"', '"alice@:*"')
+        r = await env.web.post("/admin/policy/preview", data={"csrf": csrf, "policy": changed})
+        review = await r.text()
+        assert r.status == 200 and 'class="d-add"' in review and 'id="apply"' not in review
+        r = await env.web.post("/admin/policy/apply", data={"csrf": csrf, "policy": changed})
+        assert r.status == 400 and "update is disabled" in await r.text()
+        assert path.read_text() == POLICY
+        hist = await (await env.web.get("/admin/policy/history")).text()
+        assert "database mode only" in hist
