@@ -55,7 +55,12 @@ class Route:
     access: Access
 
 
-SESSION_KEY = "console.session"
+SESSION_KEY = web.RequestKey("console_session", Session)
+
+
+def session_of(request: web.Request) -> Session | None:
+    """The live session the guard found for this request, if any."""
+    return request[SESSION_KEY] if SESSION_KEY in request else None
 
 
 class Console:
@@ -95,7 +100,7 @@ class Console:
 
     def render(self, request: web.Request, template: str, code: int = 200,
                **context: Any) -> web.Response:
-        s: Session | None = request.get(SESSION_KEY)
+        s = session_of(request)
         flashes = list(s.flashes) if s is not None else []
         if s is not None:
             s.flashes.clear()
@@ -109,8 +114,8 @@ class Console:
 
     @staticmethod
     def session(request: web.Request) -> Session:
-        s = request.get(SESSION_KEY)
-        assert isinstance(s, Session), "READ and WRITE routes always have a session"
+        s = session_of(request)
+        assert s is not None, "READ and WRITE routes always have a session"
         return s
 
     def actor(self, request: web.Request) -> Actor:
@@ -118,8 +123,8 @@ class Console:
 
     @staticmethod
     def flash(request: web.Request, kind: str, text: str) -> None:
-        s = request.get(SESSION_KEY)
-        if isinstance(s, Session):
+        s = session_of(request)
+        if s is not None:
             s.flashes.append((kind, text))
             del s.flashes[:-5]
 
@@ -210,14 +215,13 @@ class Console:
 # A pre-session CSRF token for the sign-in forms (double submit: cookie and field).
 PRE_COOKIE = "pyheadscale_console_pre"
 
-FORM_KEY = "console.form"
+FORM_KEY: web.RequestKey[Mapping[str, str]] = web.RequestKey("console_form", dict)
 
 
 async def read_form(request: web.Request) -> Mapping[str, str]:
     """The urlencoded form, read once per request; only text fields, each bounded."""
-    cached = request.get(FORM_KEY)
-    if isinstance(cached, dict):
-        return cached
+    if FORM_KEY in request:
+        return request[FORM_KEY]
     out: dict[str, str] = {}
     if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         try:
