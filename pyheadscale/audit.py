@@ -2,10 +2,10 @@
 
 Every admin path calls `record` once per action that changed something: the REST APIs
 (/api/v1, /api/v2, and the CLI through the unix socket) from their route guards
-(api/audited.py), OIDC logins from the web flow, and any later admin surface the same way.
+(api/audited.py), the web console through the same table, OIDC logins from the web flow.
 Lines go to the `pyheadscale.audit` logger at info, message `audit`, with the fields
 `action` (e.g. `user.create`), `actor` (`api_key:<prefix>`, `cli_socket`,
-`oauth_client:<client id>`, `oidc:<user>`), `target` (what was acted on) and, for some
+`oauth_client:<client id>`, `oidc:<user>`, `console:<session user>`), `target` (what was acted on) and, for some
 actions, details. Secrets (keys, tokens, client secrets) never appear; a key is named by its
 public prefix or ID.
 """

@@ -1,21 +1,21 @@
 """Every admin write, once: the REST API (/api/v1) and the web console both call these.
 
 An action checks its input the way Headscale's API does (same messages, raised as APIError
-with the API's status), performs the write through the tailnet or the policy controller,
-and writes exactly one audit line naming who did it. Callers only translate their own
-input (JSON bodies, form fields) into arguments and the result into their own answer.
+with the API's status) and performs the write through the tailnet or the policy controller.
+Callers only translate their own input (JSON bodies, form fields) into arguments and the
+result into their own answer. The audit line is not written here but by the caller, from
+the one table of api/audited.py keyed by the API operation: the /api/v1 guard after a 2xx
+answer, the console after the action returned.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pyheadscale.api.errors import APIError, bad_request, from_state, not_found, state_errors
 from pyheadscale.api.request import check_auth_id, check_tags, go_list, parse_prefix
-from pyheadscale.audit import Actor
 from pyheadscale.auth.webflow import UnknownAuthID
 from pyheadscale.policy import PolicyError
 from pyheadscale.state.errors import StateError
@@ -25,24 +25,12 @@ from pyheadscale.state.policystore import PolicyUpdateDisabled, StoredPolicy
 if TYPE_CHECKING:  # handlers/base.py builds AdminActions from its AdminDeps
     from pyheadscale.api.handlers.base import AdminDeps
 
-audit_log = logging.getLogger("pyheadscale.audit")
-
-
-def audit(actor: Actor, action: str, target: str, detail: str = "") -> None:
-    """The one audit line of an admin action that took effect."""
-    audit_log.info("audit actor=%s action=%s target=%s%s", actor, action, target,
-                   f" {detail}" if detail else "")
-
-
 class AdminActions:
     """The admin writes, with the checks and messages of Headscale's API."""
 
     def __init__(self, deps: AdminDeps) -> None:
         self.deps = deps
         self.tailnet = deps.tailnet
-
-    def _audit(self, actor: Actor, action: str, target: str, detail: str = "") -> None:
-        audit(actor, action, target, detail)
 
     def _node(self, node_id: int) -> Node:
         n = self.tailnet.nodes.get(node_id)
@@ -58,13 +46,12 @@ class AdminActions:
 
     # -- nodes -----------------------------------------------------------------------------
 
-    async def delete_node(self, actor: Actor, node_id: int) -> None:
-        n = self._node(node_id)
+    async def delete_node(self, node_id: int) -> None:
+        self._node(node_id)
         with state_errors("deleting node"):
             await self.tailnet.delete_node(node_id)
-        self._audit(actor, "node.delete", f"node:{node_id}", f"name={n.given_name}")
 
-    async def expire_node(self, actor: Actor, node_id: int, *, expiry: datetime | None = None,
+    async def expire_node(self, node_id: int, *, expiry: datetime | None = None,
                           disable: bool = False) -> Node:
         """Expire now, at `expiry`, or never (`disable`)."""
         if disable and expiry is not None:
@@ -76,11 +63,9 @@ class AdminActions:
                 n = await self.tailnet.set_expiry(node_id, expiry)
             else:
                 n = await self.tailnet.expire_node(node_id)
-        what = "never" if disable else (expiry.isoformat() if expiry is not None else "now")
-        self._audit(actor, "node.expire", f"node:{node_id}", f"expiry={what}")
         return n
 
-    async def rename_node(self, actor: Actor, node_id: int, new_name: str) -> Node:
+    async def rename_node(self, node_id: int, new_name: str) -> Node:
         try:
             n = await self.tailnet.rename_node(node_id, new_name)
         except StateError as e:
@@ -89,10 +74,9 @@ class AdminActions:
             if err.status == 409:
                 err.status = 400
             raise err from None
-        self._audit(actor, "node.rename", f"node:{node_id}", f"name={n.given_name}")
         return n
 
-    async def set_tags(self, actor: Actor, node_id: int, tags: Sequence[str]) -> Node:
+    async def set_tags(self, node_id: int, tags: Sequence[str]) -> Node:
         if not tags:
             raise bad_request("cannot remove all tags from a node - tagged nodes must have at "
                               "least one tag")
@@ -104,29 +88,25 @@ class AdminActions:
                               "not permitted")
         with state_errors("setting tags"):
             n = await self.tailnet.set_tags(node_id, tags)
-        self._audit(actor, "node.tags", f"node:{node_id}", f"tags={','.join(n.tags)}")
         return n
 
-    async def approve_routes(self, actor: Actor, node_id: int, routes: Sequence[str]) -> Node:
+    async def approve_routes(self, node_id: int, routes: Sequence[str]) -> Node:
         """Replace the node's approved routes (an empty list unapproves them all)."""
         for r in routes:
             if parse_prefix(r) is None:
                 raise bad_request(f'parsing route: netip.ParsePrefix("{r}"): invalid prefix')
         with state_errors("setting approved routes"):
             n = await self.tailnet.approve_routes(node_id, routes)
-        self._audit(actor, "node.routes", f"node:{node_id}",
-                    "approved=" + ",".join(str(r) for r in n.approved_routes))
         return n
 
-    async def backfill_ips(self, actor: Actor) -> list[str]:
+    async def backfill_ips(self) -> list[str]:
         with state_errors("backfilling node IPs"):
             changes = await self.tailnet.backfill_node_ips()
-        self._audit(actor, "node.backfill_ips", "tailnet", f"changed={len(changes)}")
         return changes
 
     # -- pending registrations -------------------------------------------------------------
 
-    async def register_pending(self, actor: Actor, auth_id: str, user_name: str) -> Node:
+    async def register_pending(self, auth_id: str, user_name: str) -> Node:
         """Complete the interactive registration waiting under `auth_id` for a user."""
         check_auth_id(auth_id, "registering node")
         u = self.user_by_name(user_name, "looking up user")
@@ -135,10 +115,9 @@ class AdminActions:
                 n = await self.deps.register(auth_id, u.id)
         except UnknownAuthID as e:
             raise not_found(f"registering node: {e}") from None
-        self._audit(actor, "node.register", f"node:{n.id}", f"user={u.name} auth_id={auth_id}")
         return n
 
-    async def reject_pending(self, actor: Actor, auth_id: str) -> None:
+    async def reject_pending(self, auth_id: str) -> None:
         """Refuse a waiting registration or SSH check; the client is told."""
         if auth_id in self.deps.sshchecks:  # an SSH check-mode session waits on it
             self.deps.sshchecks.reject(auth_id)
@@ -149,9 +128,8 @@ class AdminActions:
                 self.deps.pending.reject(auth_id, "auth request rejected")
             except UnknownAuthID:
                 raise not_found(f"no pending auth session for auth_id {auth_id}") from None
-        self._audit(actor, "auth.reject", f"auth:{auth_id}")
 
-    async def approve_pending(self, actor: Actor, auth_id: str) -> None:
+    async def approve_pending(self, auth_id: str) -> None:
         """Approve an SSH check; a registration approved without a user starts over."""
         if auth_id in self.deps.sshchecks:
             self.deps.sshchecks.approve(auth_id)
@@ -164,37 +142,33 @@ class AdminActions:
             # The waiting client is told to start over with a fresh AuthURL, which is what
             # Headscale's follow-up handler does with a node-less verdict.
             self.deps.pending.discard(auth_id)
-        self._audit(actor, "auth.approve", f"auth:{auth_id}")
 
     # -- users -----------------------------------------------------------------------------
 
-    async def create_user(self, actor: Actor, name: str, *, display_name: str = "",
+    async def create_user(self, name: str, *, display_name: str = "",
                           email: str = "", picture_url: str = "") -> User:
         if name and self.tailnet.user_by_name(name) is not None:
             raise APIError(409, "user already exists")
         with state_errors("creating user"):
             u = await self.tailnet.create_user(name, display_name=display_name, email=email,
                                                profile_pic_url=picture_url)
-        self._audit(actor, "user.create", f"user:{u.id}", f"name={u.name}")
         return u
 
-    async def rename_user(self, actor: Actor, user_id: int, new_name: str) -> User:
+    async def rename_user(self, user_id: int, new_name: str) -> User:
         with state_errors("renaming user"):
             self.tailnet.get_user(user_id)
             u = await self.tailnet.rename_user(user_id, new_name)
-        self._audit(actor, "user.rename", f"user:{user_id}", f"name={u.name}")
         return u
 
-    async def delete_user(self, actor: Actor, user_id: int) -> None:
+    async def delete_user(self, user_id: int) -> None:
         # Headscale ErrUserStillHasNodes (a Conflict) is a 400.
         with state_errors("deleting user", conflict_status=400):
-            u = self.tailnet.get_user(user_id)
+            self.tailnet.get_user(user_id)
             await self.tailnet.delete_user(user_id)
-        self._audit(actor, "user.delete", f"user:{user_id}", f"name={u.name}")
 
     # -- pre-auth keys and API keys --------------------------------------------------------
 
-    async def create_preauth_key(self, actor: Actor, user_id: int | None, *, reusable: bool,
+    async def create_preauth_key(self, user_id: int | None, *, reusable: bool,
                                  ephemeral: bool, expiration: datetime | None,
                                  tags: Sequence[str]) -> tuple[PreAuthKey, str]:
         """A new key and its full text (shown once)."""
@@ -205,40 +179,33 @@ class AdminActions:
             k, full = await self.tailnet.create_preauth_key(
                 user_id or None, reusable=reusable, ephemeral=ephemeral,
                 expiration=expiration, tags=list(tags))
-        self._audit(actor, "preauthkey.create", f"preauthkey:{k.id}",
-                    f"user={user_id or '-'} reusable={reusable} ephemeral={ephemeral}")
         return k, full
 
-    async def expire_preauth_key(self, actor: Actor, key_id: int) -> None:
+    async def expire_preauth_key(self, key_id: int) -> None:
         with state_errors("expiring pre-auth key"):
             await self.tailnet.expire_preauth_key(key_id)
-        self._audit(actor, "preauthkey.expire", f"preauthkey:{key_id}")
 
-    async def delete_preauth_key(self, actor: Actor, key_id: int) -> None:
+    async def delete_preauth_key(self, key_id: int) -> None:
         with state_errors("deleting pre-auth key"):
             await self.tailnet.delete_preauth_key(key_id)
-        self._audit(actor, "preauthkey.delete", f"preauthkey:{key_id}")
 
-    async def create_api_key(self, actor: Actor, expiration: datetime | None,
+    async def create_api_key(self, expiration: datetime | None,
                              user_id: int | None = None) -> str:
         with state_errors("creating api key"):
             a, full = await self.tailnet.create_api_key(expiration, user_id=user_id)
-        self._audit(actor, "apikey.create", f"apikey:{a.id}", f"prefix={a.prefix}")
         return full
 
-    async def expire_api_key(self, actor: Actor, key_id: int) -> None:
+    async def expire_api_key(self, key_id: int) -> None:
         with state_errors("expiring api key"):
             await self.tailnet.expire_api_key(key_id)
-        self._audit(actor, "apikey.expire", f"apikey:{key_id}")
 
-    async def delete_api_key(self, actor: Actor, key_id: int) -> None:
+    async def delete_api_key(self, key_id: int) -> None:
         with state_errors("deleting api key"):
             await self.tailnet.delete_api_key(key_id)
-        self._audit(actor, "apikey.delete", f"apikey:{key_id}")
 
     # -- policy ----------------------------------------------------------------------------
 
-    async def set_policy(self, actor: Actor, text: str) -> StoredPolicy:
+    async def set_policy(self, text: str) -> StoredPolicy:
         """Compile, run the policy's tests, store, swap in (PolicyController.set)."""
         try:
             p = await self.deps.policy.set(text)
@@ -246,5 +213,4 @@ class AdminActions:
             raise bad_request(str(e)) from None
         except PolicyError as e:
             raise bad_request(f"setting policy: {e}") from None
-        self._audit(actor, "policy.set", "policy", f"bytes={len(text.encode())}")
         return p

@@ -2,7 +2,9 @@
 
 The /api/v1 and /api/v2 guards (which the CLI's unix socket goes through too) record the
 caller (`set_actor`) and, after a handler answered 2xx for an operation listed here, call
-`audited` once: one audit line per action, whatever the transport. The target comes from the
+`audited` once: one audit line per action, whatever the transport. The web console makes
+the same writes (api/actions.py) and calls `record` with the operation each one is and what
+the API would have seen, so a console action leaves the very line its API call leaves. The target comes from the
 path, the v1 request body (read by the guard before the handler, which then gets aiohttp's
 cached copy) and the JSON answer;
 secrets in answers (new API keys, pre-auth keys, client secrets) are never copied, only
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -37,10 +39,10 @@ def actor_of(request: web.Request) -> Actor:
 class Seen:
     """What an action's target is read from."""
 
-    path: Mapping[str, str]
-    query: Mapping[str, str]
-    body: Mapping[str, Any]  # the v1 request's JSON object ({} otherwise)
-    answer: Mapping[str, Any]  # the JSON answer ({} when empty or not an object)
+    path: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+    body: Mapping[str, Any] = field(default_factory=dict)  # the v1 request's JSON object
+    answer: Mapping[str, Any] = field(default_factory=dict)  # the JSON answer, if an object
 
 
 Describe = Callable[[Seen], tuple[str, dict[str, object]]]
@@ -154,13 +156,17 @@ def audited(op_id: str, request: web.Request, response: web.StreamResponse,
             body: bytes | None = None) -> None:
     """Record the action `op_id` if it is one and it succeeded (`body`: the request's, when
     the guard read it)."""
-    entry = ACTIONS.get(op_id)
-    if entry is None or not 200 <= response.status < 300:
+    if op_id not in ACTIONS or not 200 <= response.status < 300:
         return
-    action, describe = entry
     answer = _json_of(response.body if isinstance(response, web.Response) and
                       isinstance(response.body, bytes) else None)
-    seen = Seen(path=dict(request.match_info), query=dict(request.query),
-                body=_json_of(body), answer=answer)
+    record(op_id, actor_of(request), Seen(path=dict(request.match_info),
+                                          query=dict(request.query), body=_json_of(body),
+                                          answer=answer))
+
+
+def record(op_id: str, actor: Actor, seen: Seen) -> None:
+    """The audit line of the admin action `op_id` (a key of ACTIONS) that took effect."""
+    action, describe = ACTIONS[op_id]
     target, details = describe(seen)
-    audit.record(actor_of(request), action, target, **details)
+    audit.record(actor, action, target, **details)

@@ -2,8 +2,9 @@
 
 Server-rendered pages (Jinja2, autoescaped) with a little of our own JavaScript for live
 updates, highlighting and copy buttons; every read-only page works without it. Every change
-goes through `AdminActions`, the code path of /api/v1, so the console and the API check,
-refuse and audit alike. See docs/console.md.
+goes through `AdminActions`, the code path of /api/v1, and is audited from the API's own
+table (api/audited.py), so the console and the API check, refuse and audit alike. See
+docs/console.md.
 
 The parts: sessions.py (sessions, one-time links), web.py (the sub-application and its
 guard), signin.py, machines.py, people.py (users and keys), policyedit.py, tailnetview.py

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX
 from pyheadscale.console.views import NodeRow, matches, node_row, parse_routes, user_label
@@ -85,33 +86,33 @@ class Machines:
     async def rename(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
         name = (await read_form(request)).get("name", "").strip()
-        return await self.c.act(request, self.c.deps.actions.rename_node(
-            self.c.actor(request), nid, name), f"Renamed to {name}.", f"/machines/{nid}")
+        return await self.c.act(request, "renameNode", self.c.deps.actions.rename_node(
+            nid, name), self.c.node_seen, f"Renamed to {name}.", f"/machines/{nid}")
 
     async def expire(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
-        return await self.c.act(request, self.c.deps.actions.expire_node(
-            self.c.actor(request), nid), "Key expired: the machine must log in again.",
+        return await self.c.act(request, "expireNode", self.c.deps.actions.expire_node(
+            nid), self.c.node_seen, "Key expired: the machine must log in again.",
             f"/machines/{nid}")
 
     async def disable_expiry(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
-        return await self.c.act(request, self.c.deps.actions.expire_node(
-            self.c.actor(request), nid, disable=True), "Key expiry disabled.",
-            f"/machines/{nid}")
+        return await self.c.act(request, "expireNode", self.c.deps.actions.expire_node(
+            nid, disable=True), self.c.node_seen, "Key expiry disabled.", f"/machines/{nid}")
 
     async def routes(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
         routes = parse_routes(await form_list(request, "route"))
-        return await self.c.act(request, self.c.deps.actions.approve_routes(
-            self.c.actor(request), nid, routes), "Routes saved.", f"/machines/{nid}")
+        return await self.c.act(request, "setApprovedRoutes",
+                                self.c.deps.actions.approve_routes(nid, routes),
+                                self.c.node_seen, "Routes saved.", f"/machines/{nid}")
 
     async def tags(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
         text = (await read_form(request)).get("tags", "")
         tags = [t for t in text.replace(",", " ").split() if t]
-        return await self.c.act(request, self.c.deps.actions.set_tags(
-            self.c.actor(request), nid, tags), "Tags saved.", f"/machines/{nid}")
+        return await self.c.act(request, "setTags", self.c.deps.actions.set_tags(nid, tags),
+                                self.c.node_seen, "Tags saved.", f"/machines/{nid}")
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         nid = self._node_id(request)
@@ -120,10 +121,11 @@ class Machines:
             self.c.flash(request, "error", "Tick the box to confirm the deletion.")
             return self.c.redirect(f"/machines/{nid}")
         try:
-            await self.c.deps.actions.delete_node(self.c.actor(request), nid)
+            await self.c.deps.actions.delete_node(nid)
         except APIError as e:
             self.c.flash(request, "error", e.message)
             return self.c.redirect(f"/machines/{nid}")
+        self.c.audit(request, "deleteNode", Seen(path={"nodeId": str(nid)}))
         self.c.flash(request, "ok", f"Machine {nid} deleted.")
         return self.c.redirect("/machines")
 
@@ -147,13 +149,15 @@ class Machines:
     async def approve(self, request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
         auth_id, user = form.get("auth_id", ""), form.get("user", "")
-        return await self.c.act(request, self.c.deps.actions.register_pending(
-            self.c.actor(request), auth_id, user), f"Registered for {user}.", "/pending")
+        return await self.c.act(request, "registerNode", self.c.deps.actions.register_pending(
+            auth_id, user), self.c.node_seen, f"Registered for {user}.", "/pending")
 
     async def reject(self, request: web.Request) -> web.StreamResponse:
         auth_id = (await read_form(request)).get("auth_id", "")
         if not auth_id.startswith(AUTH_ID_PREFIX):
             self.c.flash(request, "error", "No such registration.")
             return self.c.redirect("/pending")
-        return await self.c.act(request, self.c.deps.actions.reject_pending(
-            self.c.actor(request), auth_id), "Registration rejected.", "/pending")
+        return await self.c.act(request, "authReject",
+                                self.c.deps.actions.reject_pending(auth_id),
+                                lambda _: Seen(body={"authId": auth_id}),
+                                "Registration rejected.", "/pending")

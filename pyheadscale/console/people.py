@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from pyheadscale.api import shapes
+from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
 from pyheadscale.console.views import iso, key_row, node_row, user_label, when
 from pyheadscale.console.web import Access, Console, read_form
@@ -60,9 +62,10 @@ class People:
     async def create_user(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         name = f.get("name", "").strip()
-        return await self.c.act(request, self.c.deps.actions.create_user(
-            self.c.actor(request), name, display_name=f.get("display_name", "").strip(),
-            email=f.get("email", "").strip()), f"User {name} created.", "/users")
+        return await self.c.act(request, "createUser", self.c.deps.actions.create_user(
+            name, display_name=f.get("display_name", "").strip(),
+            email=f.get("email", "").strip()), self.c.user_seen, f"User {name} created.",
+            "/users")
 
     async def user(self, request: web.Request) -> web.StreamResponse:
         uid = int(request.match_info["id"])
@@ -83,8 +86,8 @@ class People:
     async def rename_user(self, request: web.Request) -> web.StreamResponse:
         uid = int(request.match_info["id"])
         name = (await read_form(request)).get("name", "").strip()
-        return await self.c.act(request, self.c.deps.actions.rename_user(
-            self.c.actor(request), uid, name), f"Renamed to {name}.", f"/users/{uid}")
+        return await self.c.act(request, "renameUser", self.c.deps.actions.rename_user(
+            uid, name), self.c.user_seen, f"Renamed to {name}.", f"/users/{uid}")
 
     async def delete_user(self, request: web.Request) -> web.StreamResponse:
         uid = int(request.match_info["id"])
@@ -92,10 +95,11 @@ class People:
             self.c.flash(request, "error", "Tick the box to confirm the deletion.")
             return self.c.redirect(f"/users/{uid}")
         try:
-            await self.c.deps.actions.delete_user(self.c.actor(request), uid)
+            await self.c.deps.actions.delete_user(uid)
         except APIError as e:
             self.c.flash(request, "error", e.message)
             return self.c.redirect(f"/users/{uid}")
+        self.c.audit(request, "deleteUser", Seen(path={"id": str(uid)}))
         self.c.flash(request, "ok", "User deleted, with their pre-auth keys.")
         return self.c.redirect("/users")
 
@@ -121,8 +125,8 @@ class People:
         try:
             uid = int(f.get("user", "0") or "0")
             tags = [t for t in f.get("tags", "").replace(",", " ").split() if t]
-            _, full = await self.c.deps.actions.create_preauth_key(
-                self.c.actor(request), uid or None, reusable=f.get("reusable") == "yes",
+            k, full = await self.c.deps.actions.create_preauth_key(
+                uid or None, reusable=f.get("reusable") == "yes",
                 ephemeral=f.get("ephemeral") == "yes", expiration=_expiry(f.get("expiry", "")),
                 tags=tags)
         except ValueError:
@@ -131,24 +135,33 @@ class People:
         except APIError as e:
             self.c.flash(request, "error", e.message)
             return self.c.redirect("/keys")
+        tn = self.c.deps.tailnet
+        self.c.audit(request, "createPreAuthKey",
+                     Seen(answer={"preAuthKey": shapes.preauth_key(k, tn.users)}))
         return await self.keys(request, new_key=full, new_kind="pre-auth key")
 
     async def expire_preauth_key(self, request: web.Request) -> web.StreamResponse:
         kid = int(request.match_info["id"])
-        return await self.c.act(request, self.c.deps.actions.expire_preauth_key(
-            self.c.actor(request), kid), f"Pre-auth key {kid} expired.", "/keys")
+        return await self.c.act(request, "expirePreAuthKey",
+                                self.c.deps.actions.expire_preauth_key(kid),
+                                lambda _: Seen(body={"id": kid}),
+                                f"Pre-auth key {kid} expired.", "/keys")
 
     async def create_api_key(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         try:
-            full = await self.c.deps.actions.create_api_key(self.c.actor(request),
-                                                            _expiry(f.get("expiry", "")))
+            full = await self.c.deps.actions.create_api_key(_expiry(f.get("expiry", "")))
         except APIError as e:
             self.c.flash(request, "error", e.message)
             return self.c.redirect("/keys")
+        self.c.audit(request, "createApiKey", Seen(answer={"apiKey": full}))
         return await self.keys(request, new_key=full, new_kind="API key")
 
     async def expire_api_key(self, request: web.Request) -> web.StreamResponse:
         kid = int(request.match_info["id"])
-        return await self.c.act(request, self.c.deps.actions.expire_api_key(
-            self.c.actor(request), kid), f"API key {kid} expired.", "/keys")
+        a = self.c.deps.tailnet.api_keys.get(kid)
+        # Named by its prefix, as `headscale apikeys expire --prefix` names it.
+        seen = Seen(body={"prefix": a.prefix} if a is not None else {"id": kid})
+        return await self.c.act(request, "expireApiKey",
+                                self.c.deps.actions.expire_api_key(kid), lambda _: seen,
+                                f"API key {kid} expired.", "/keys")

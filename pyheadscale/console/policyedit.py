@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
 from pyheadscale.console.views import iso
 from pyheadscale.console.web import Access, Console, read_form
@@ -158,7 +159,7 @@ class PolicyPages:
     async def apply(self, request: web.Request) -> web.StreamResponse:
         text = (await read_form(request)).get("policy", "")
         try:
-            await self.c.deps.actions.set_policy(self.c.actor(request), text)
+            await self.c.deps.actions.set_policy(text)
         except APIError as e:
             # The API says "setting policy: <error>"; show where it is as the preview does.
             try:
@@ -167,6 +168,7 @@ class PolicyPages:
                 return self._editor(request, text, found=problems(text, pe), code=422)
             return self._editor(request, text, found=[Problem(e.message, None, None)],
                                 code=e.status)
+        self.c.audit(request, "setPolicy", Seen(body={"policy": text}))
         self.c.flash(request, "ok", "Policy saved; clients are getting it now.")
         return self.c.redirect("/policy")
 

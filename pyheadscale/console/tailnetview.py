@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pyheadscale.api.actions import audit
+from pyheadscale import audit
 from pyheadscale.console.reach import VERTEX_R, picture
 from pyheadscale.console.web import Access, Console, read_form
 from pyheadscale.mapper.context import AllowAllPolicy
@@ -171,7 +171,9 @@ class TailnetPages:
         except ExtraRecordsError as e:
             self.c.flash(request, "error", str(e))
             return self.c.redirect("/dns")
-        audit(self.c.actor(request), "dns.extra_records", "dns", what)
+        # Not an API operation (Headscale's API cannot change DNS): the one audit helper
+        # directly, under an action name of our own.
+        audit.record(self.c.actor(request), "dns.extra_records", "dns", change=what)
         self.c.flash(request, "ok", "Records saved; clients are getting them now.")
         return self.c.redirect("/dns")
 

@@ -16,16 +16,19 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
 
-from pyheadscale.audit import Actor
+from pyheadscale.api import shapes
+from pyheadscale.api.audited import Seen, record
 from pyheadscale.api.errors import APIError
+from pyheadscale.audit import Actor
 from pyheadscale.console.deps import ConsoleDeps
 from pyheadscale.console.sessions import Session, Sessions
+from pyheadscale.state.model import Node, User
 
 log = logging.getLogger("pyheadscale.console")
 
@@ -45,6 +48,7 @@ class Access(enum.Enum):
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -128,14 +132,30 @@ class Console:
             s.flashes.append((kind, text))
             del s.flashes[:-5]
 
-    async def act(self, request: web.Request, action: Awaitable[Any], done: str,
-                  back: str) -> web.Response:
-        """Run one admin action: its message (or the API's refusal) shown at `back`."""
+    def audit(self, request: web.Request, op_id: str, seen: Seen) -> None:
+        """The audit line of API operation `op_id`, which this request just performed: the
+        line the API's guard writes for it, from what the API call would have carried."""
+        record(op_id, self.actor(request), seen)
+
+    def node_seen(self, n: Node) -> Seen:
+        tn = self.deps.tailnet
+        return Seen(answer={"node": shapes.node(n, tn.users, tn.preauth_keys)})
+
+    @staticmethod
+    def user_seen(u: User) -> Seen:
+        return Seen(answer={"user": shapes.user(u)})
+
+    async def act(self, request: web.Request, op_id: str, action: Awaitable[T],
+                  seen: Callable[[T], Seen], done: str, back: str) -> web.Response:
+        """Run one admin action (API operation `op_id`; `seen` turns its result into what
+        the API would have carried, for the audit line): its message, or the API's refusal,
+        shown at `back`."""
         try:
-            await action
+            result = await action
         except APIError as e:
             self.flash(request, "error", e.message)
         else:
+            self.audit(request, op_id, seen(result))
             self.flash(request, "ok", done)
         return self.redirect(back)
 

@@ -27,8 +27,8 @@ from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.config.errors import key_error
-from pyheadscale.control.derpurls import DerpURLMaps
 from pyheadscale.console.deps import ConsoleDeps
+from pyheadscale.control.derpurls import DerpURLMaps
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import MapPoll, handle_map

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -179,3 +180,89 @@ async def test_v2_with_api_key_and_oauth_client(env: Env) -> None:
     await env.once("node.delete", actor, "DELETE", f"/api/v2/device/{nid}")
     await env.once("key.delete", actor, "DELETE", f"{V2}/keys/{client_id}")
     assert await env.none("GET", f"{V2}/devices") == 200
+
+
+async def console_session(e: Env) -> tuple[aiohttp.ClientSession, str]:
+    """A console session from a one-time link minted over the socket; its CSRF token."""
+    async with e.sock.post("http://local/console/sign-in-link",
+                           json={"user": "ann", "role": "admin"}) as r:
+        assert r.status == 200, await r.text()
+        url = (await r.json())["url"]
+    web = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # 127.0.0.1
+    async with web.get(url) as r:
+        page = await r.text()
+    token = re.search(r'name="token" value="([^"]+)"', page)
+    pre = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token and pre, page
+    async with web.post(e.base + "/admin/sign-in/link",
+                        data={"token": token[1], "csrf": pre[1]}) as r:
+        page = await r.text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf, page
+    return web, csrf[1]
+
+
+async def test_console_leaves_the_lines_the_api_leaves(env: Env) -> None:
+    """The console's writes are API operations: each leaves the line its API call leaves,
+    naming the console's signed-in user instead of the API key."""
+    api = f"api_key:{env.prefix}"
+    await env.once("policy.set", api, "PUT", "/api/v1/policy", json={"policy": POLICY})
+    uid = (await env.srv.tailnet.create_user("alice")).id
+    nid = await node_of(env, uid, "box")
+    web, csrf = await console_session(env)
+
+    async def console(action: str, path: str, **form: str) -> dict[str, Any]:
+        before = len(env.lines())
+        async with web.post(env.base + "/admin" + path, data={**form, "csrf": csrf}) as r:
+            assert r.status == 200, (path, await r.text())
+        new = env.lines()[before:]
+        assert [(x["action"], x["actor"]) for x in new] == [(action, "console:cli:ann")], new
+        return new[0]
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+        drop = {"actor", "_text", "_body"}
+        assert {k: v for k, v in a.items() if k not in drop} == \
+            {k: v for k, v in b.items() if k not in drop}
+
+    async with web:
+        same(await console("node.rename", f"/machines/{nid}/rename", name="web1"),
+             await env.once("node.rename", api, "POST", f"/api/v1/node/{nid}/rename/web1"))
+        same(await console("node.routes.approve", f"/machines/{nid}/routes",
+                           route="10.7.0.0/24"),
+             await env.once("node.routes.approve", api, "POST",
+                            f"/api/v1/node/{nid}/approve_routes",
+                            json={"routes": ["10.7.0.0/24"]}))
+        same(await console("node.tags", f"/machines/{nid}/tags", tags="tag:ci"),
+             await env.once("node.tags", api, "POST", f"/api/v1/node/{nid}/tags",
+                            json={"tags": ["tag:ci"]}))
+        same(await console("policy.set", "/policy/apply", policy=POLICY),
+             await env.once("policy.set", api, "PUT", "/api/v1/policy",
+                            json={"policy": POLICY}))
+        line = await console("user.create", "/users", name="carol")
+        assert line["target"].startswith("user ") and line["name"] == "carol"
+        line = await console("preauthkey.create", "/keys/preauth", user=str(uid), expiry="1h")
+        kid = line["target"].split()[1]
+        assert line["user"] == "alice" and line["reusable"] is False
+        same(await console("preauthkey.expire", f"/keys/preauth/{kid}/expire"),
+             await env.once("preauthkey.expire", api, "POST", "/api/v1/preauthkey/expire",
+                            json={"id": kid}))
+        line = await console("apikey.create", "/keys/api", expiry="1d")
+        prefix = line["target"].split()[1]
+        assert prefix in {k.prefix for k in env.srv.tailnet.list_api_keys()}
+        kid = next(k.id for k in env.srv.tailnet.list_api_keys() if k.prefix == prefix)
+        same(await console("apikey.expire", f"/keys/api/{kid}/expire"),
+             await env.once("apikey.expire", api, "POST", "/api/v1/apikey/expire",
+                            json={"prefix": prefix}))
+        same(await console("node.delete", f"/machines/{nid}/delete", confirm="yes"),
+             {"action": "node.delete", "target": f"node {nid}"})
+        line = await console("node.expire", f"/machines/{await node_of(env, uid, 'two')}"
+                             "/expire")
+        assert line["expiry"]
+        # Failures and checks leave nothing, as in the API.
+        before = len(env.lines())
+        async with web.post(env.base + "/admin/users", data={"name": "carol", "csrf": csrf}):
+            pass
+        async with web.post(env.base + "/admin/policy/preview",
+                            data={"policy": POLICY, "csrf": csrf}):
+            pass
+        assert env.lines()[before:] == []

@@ -180,9 +180,10 @@ async def test_each_action_leaves_one_audit_line(env: Env,
         caplog.clear()
         r = await env.web.post(path, data={**data, "csrf": csrf})
         assert r.status == 200, path
-        lines = [rec.getMessage() for rec in caplog.records if rec.name == "pyheadscale.audit"]
+        lines = [rec.fields for rec in caplog.records  # type: ignore[attr-defined]
+                 if rec.name == "pyheadscale.audit"]
         assert len(lines) == 1, (path, lines)
-        assert f"action={action}" in lines[0] and "actor=console:cli:alice" in lines[0]
+        assert (lines[0]["action"], lines[0]["actor"]) == (action, "console:cli:alice")
     assert tn.nodes[n.id].given_name == "renamed"
 
 
@@ -416,8 +417,10 @@ async def test_extra_records_edited_only_in_their_own_file(tmp_path: Path,
         r = await env.web.post("/admin/dns/records/remove", data={
             "csrf": csrf, "name": "svc.ts.example", "value": "100.64.9.9"})
         assert json.loads(path.read_text()) == [] and cp.mapctx.dns.extra_records == ()
-        lines = [rec.getMessage() for rec in caplog.records if rec.name == "pyheadscale.audit"]
-        assert len(lines) == 2 and all("action=dns.extra_records" in x for x in lines)
+        lines = [rec.fields for rec in caplog.records  # type: ignore[attr-defined]
+                 if rec.name == "pyheadscale.audit"]
+        assert [x["action"] for x in lines] == ["dns.extra_records"] * 2, lines
+        assert lines[0]["target"] == "dns" and "svc.ts.example" in str(lines[0]["change"])
 
 
 async def test_records_in_the_config_file_stay_read_only(env: Env) -> None:

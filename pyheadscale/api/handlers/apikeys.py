@@ -7,7 +7,6 @@ from typing import Any
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.errors import bad_request, not_found
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
@@ -31,7 +30,7 @@ class ApiKeyHandlers(HandlerBase):
         expiration = expiration_field(body, "creating api key")
         # pyheadscale extension: the user the key acts for (v2 makes untagged auth keys for it).
         user_id = parse_uint(pick(body, "user", "userId", "user_id"), "invalid user id") or None
-        full = await self.actions.create_api_key(actor_of(request), expiration, user_id)
+        full = await self.actions.create_api_key(expiration, user_id)
         return web.json_response({"apiKey": full})
 
     def _lookup_api_key(self, id_value: Any, prefix: str) -> int:
@@ -53,10 +52,10 @@ class ApiKeyHandlers(HandlerBase):
     async def expire_api_key(self, request: web.Request) -> web.Response:
         body = await read_body(request)
         kid = self._lookup_api_key(pick(body, "id"), text_field(body, "prefix"))
-        await self.actions.expire_api_key(actor_of(request), kid)
+        await self.actions.expire_api_key(kid)
         return web.json_response({})
 
     async def delete_api_key(self, request: web.Request) -> web.Response:
         kid = self._lookup_api_key(request.query.get("id", ""), request.match_info["prefix"])
-        await self.actions.delete_api_key(actor_of(request), kid)
+        await self.actions.delete_api_key(kid)
         return web.json_response({})

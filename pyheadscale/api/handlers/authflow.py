@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     read_body,
@@ -18,15 +17,15 @@ class AuthFlowHandlers(HandlerBase):
 
     async def auth_register(self, request: web.Request) -> web.Response:
         body = await read_body(request)
-        return await self._register(request, text_field(body, "authId", "auth_id"),
+        return await self._register(text_field(body, "authId", "auth_id"),
                                     text_field(body, "user"))
 
     async def auth_approve(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
-        await self.actions.approve_pending(actor_of(request), auth_id)
+        await self.actions.approve_pending(auth_id)
         return web.json_response({})
 
     async def auth_reject(self, request: web.Request) -> web.Response:
         auth_id = text_field(await read_body(request), "authId", "auth_id")
-        await self.actions.reject_pending(actor_of(request), auth_id)
+        await self.actions.reject_pending(auth_id)
         return web.json_response({})

@@ -11,7 +11,6 @@ from aiohttp import web
 
 from pyheadscale.api import shapes
 from pyheadscale.api.actions import AdminActions
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.errors import not_found
 from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.state.model import IPNetwork, Node, User
@@ -61,8 +60,7 @@ class HandlerBase:
             raise not_found(f"{context}: node not found" if context else "node not found")
         return n
 
-    async def _register(self, request: web.Request, auth_id: str,
-                        user_name: str) -> web.Response:
+    async def _register(self, auth_id: str, user_name: str) -> web.Response:
         """Register the node waiting under `auth_id` for `user_name` (nodes and auth routes)."""
-        n = await self.actions.register_pending(actor_of(request), auth_id, user_name)
+        n = await self.actions.register_pending(auth_id, user_name)
         return web.json_response({"node": self._node(n)})

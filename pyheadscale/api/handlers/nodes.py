@@ -8,7 +8,6 @@ import secrets
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.errors import bad_request
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
@@ -42,7 +41,7 @@ class NodeHandlers(HandlerBase):
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
-        await self.actions.delete_node(actor_of(request), node_id)
+        await self.actions.delete_node(node_id)
         return web.json_response({})
 
     async def expire_node(self, request: web.Request) -> web.Response:
@@ -62,26 +61,24 @@ class NodeHandlers(HandlerBase):
                 expiry = shapes.parse_ts(expiry_text)
             except ValueError as e:
                 raise bad_request(f"expiring node: {e}") from None
-        n = await self.actions.expire_node(actor_of(request), node_id, expiry=expiry,
-                                           disable=disable)
+        n = await self.actions.expire_node(node_id, expiry=expiry, disable=disable)
         return web.json_response({"node": self._node(n)})
 
     async def rename_node(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
-        n = await self.actions.rename_node(actor_of(request), node_id,
-                                           request.match_info["newName"])
+        n = await self.actions.rename_node(node_id, request.match_info["newName"])
         return web.json_response({"node": self._node(n)})
 
     async def set_tags(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
         tags = list_field(await read_body(request), "tags")
-        n = await self.actions.set_tags(actor_of(request), node_id, tags)
+        n = await self.actions.set_tags(node_id, tags)
         return web.json_response({"node": self._node(n)})
 
     async def approve_routes(self, request: web.Request) -> web.Response:
         node_id = parse_node_id(request.match_info["nodeId"])
         routes = list_field(await read_body(request), "routes")
-        n = await self.actions.approve_routes(actor_of(request), node_id, routes)
+        n = await self.actions.approve_routes(node_id, routes)
         return web.json_response({"node": self._node(n, subnet_routes=self._primary(n))})
 
     async def register_node(self, request: web.Request) -> web.Response:
@@ -89,7 +86,7 @@ class NodeHandlers(HandlerBase):
         q = request.query
         key = q.get("key") or text_field(body, "key")
         user = q.get("user") or text_field(body, "user")
-        return await self._register(request, key, user)
+        return await self._register(key, user)
 
     async def backfill_ips(self, request: web.Request) -> web.Response:
         body = await read_body(request)
@@ -97,7 +94,7 @@ class NodeHandlers(HandlerBase):
                                                                                  False)))
         if not confirmed:
             raise bad_request("backfilling node IPs: not confirmed, aborting")
-        changes = await self.actions.backfill_ips(actor_of(request))
+        changes = await self.actions.backfill_ips()
         return web.json_response({"changes": changes})
 
     async def debug_create_node(self, request: web.Request) -> web.Response:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.errors import APIError, bad_request
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
@@ -34,7 +33,7 @@ class PolicyHandlers(HandlerBase):
 
     async def set_policy(self, request: web.Request) -> web.Response:
         text = text_field(await read_body(request), "policy")
-        p = await self.actions.set_policy(actor_of(request), text)
+        p = await self.actions.set_policy(text)
         return web.json_response({"policy": p.data, "updatedAt": shapes.ts(p.updated_at)})
 
     async def check_policy(self, request: web.Request) -> web.Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     bool_value,
@@ -33,7 +32,7 @@ class PreAuthKeyHandlers(HandlerBase):
         check_tags(tags, "invalid tag")
         expiration = expiration_field(body, "creating pre-auth key")
         k, full = await self.actions.create_preauth_key(
-            actor_of(request), uid or None,
+            uid or None,
             reusable=bool_value(pick(body, "reusable", default=False)),
             ephemeral=bool_value(pick(body, "ephemeral", default=False)),
             expiration=expiration, tags=tags)
@@ -42,10 +41,10 @@ class PreAuthKeyHandlers(HandlerBase):
 
     async def expire_preauth_key(self, request: web.Request) -> web.Response:
         kid = parse_uint(pick(await read_body(request), "id"), "invalid pre-auth key id")
-        await self.actions.expire_preauth_key(actor_of(request), kid)
+        await self.actions.expire_preauth_key(kid)
         return web.json_response({})
 
     async def delete_preauth_key(self, request: web.Request) -> web.Response:
         kid = parse_uint(request.query.get("id", ""), "invalid pre-auth key id")
-        await self.actions.delete_preauth_key(actor_of(request), kid)
+        await self.actions.delete_preauth_key(kid)
         return web.json_response({})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.audited import actor_of
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     parse_uint,
@@ -34,7 +33,7 @@ class UserHandlers(HandlerBase):
     async def create_user(self, request: web.Request) -> web.Response:
         body = await read_body(request)
         u = await self.actions.create_user(
-            actor_of(request), text_field(body, "name"),
+            text_field(body, "name"),
             display_name=text_field(body, "displayName", "display_name"),
             email=text_field(body, "email"),
             picture_url=text_field(body, "pictureUrl", "picture_url"))
@@ -42,10 +41,10 @@ class UserHandlers(HandlerBase):
 
     async def rename_user(self, request: web.Request) -> web.Response:
         uid = parse_uint(request.match_info["oldId"], "invalid user id")
-        u = await self.actions.rename_user(actor_of(request), uid, request.match_info["newName"])
+        u = await self.actions.rename_user(uid, request.match_info["newName"])
         return web.json_response({"user": shapes.user(u)})
 
     async def delete_user(self, request: web.Request) -> web.Response:
         uid = parse_uint(request.match_info["id"], "invalid user id")
-        await self.actions.delete_user(actor_of(request), uid)
+        await self.actions.delete_user(uid)
         return web.json_response({})
