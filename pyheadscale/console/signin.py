@@ -20,6 +20,7 @@ from aiohttp import web
 from pyheadscale.auth.oidc import Claims
 from pyheadscale.console.sessions import Role
 from pyheadscale.console.web import COOKIE, PRE_COOKIE, Access, Console, read_form
+from pyheadscale.logs import fields
 
 log = logging.getLogger("pyheadscale.console")
 
@@ -106,7 +107,7 @@ class SignIn:
         if s is None:
             return self.c.render(request, "error.html", code=410, title="Sign-in link",
                                  message="This sign-in link is unknown, used or expired.")
-        log.info("console: %s signed in with a one-time link as %s", s.user, s.role.value)
+        log.info("console sign-in", extra=fields(user=s.user, role=s.role.value, via="link"))
         resp = self.c.redirect("/machines")
         self.c.set_session_cookie(resp, s)
         resp.del_cookie(PRE_COOKIE, path=self.c.base)
@@ -130,13 +131,13 @@ class SignIn:
         role = role_for(st.admins, st.auditors, claims)
         who = claims.email or claims.username or claims.sub
         if role is None:
-            log.info("console: OIDC sign-in refused for %s: not in admin_console.admins or "
-                     "auditors", who)
+            log.info("console sign-in refused: not in admin_console.admins or auditors",
+                     extra=fields(user=who, via="oidc"))
             return self.c.render(request, "error.html", code=403, title="Sign in",
                                  message=f"{who} may not use the admin console (see "
                                          "admin_console.admins and auditors).")
         s = self.c.sessions.start(f"oidc:{who}", role)
-        log.info("console: %s signed in with OIDC as %s", s.user, role.value)
+        log.info("console sign-in", extra=fields(user=s.user, role=role.value, via="oidc"))
         resp = web.Response(status=303, headers={"Location": nxt})
         self.c.set_session_cookie(resp, s)
         return resp

@@ -28,6 +28,7 @@ from pyheadscale.api.errors import APIError
 from pyheadscale.audit import Actor
 from pyheadscale.console.deps import ConsoleDeps
 from pyheadscale.console.sessions import Session, Sessions
+from pyheadscale.logs import fields
 from pyheadscale.state.model import Node, User
 
 log = logging.getLogger("pyheadscale.console")
@@ -216,7 +217,8 @@ class Console:
         return None
 
     def forbidden(self, request: web.Request, why: str) -> web.Response:
-        log.info("console: 403 %s %s: %s", request.method, request.path, why)
+        log.info("console request refused", extra=fields(
+            status=403, method=request.method, path=request.path, reason=why))
         return self.render(request, "error.html", code=403, title="Forbidden", message=why)
 
     @web.middleware
