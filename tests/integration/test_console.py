@@ -311,6 +311,10 @@ def test_approve_a_route_then_the_client_reaches_the_subnet(lab: Lab) -> None:
     page.wait_for_load_state()
     lab.browser.shot(page, "route-approved")
     assert "Routes saved" in page.locator("main").inner_text()
+    # The line the API's approve_routes leaves, naming the console's signed-in user.
+    assert re.search(rf'audit action=node\.routes\.approve actor=console:cli:ops '
+                     rf'target="node {router_id}" routes=\S*192\.0\.2\.0/25',
+                     lab.srv.log_path.read_text(errors="replace")), "no audit line"
     wait_for("the laptop to learn the route", lambda: "192.0.2.0/25" in (
         peers_by_name(lab.laptop.status_json())["router"].get("PrimaryRoutes") or []), 30)
     seen = wait_for("an answer from the LAN through the router",
@@ -352,6 +356,10 @@ def test_policy_mistake_shown_at_its_line_then_a_fix_changes_reachability(lab: L
     page.wait_for_load_state()
     assert "Policy saved" in page.locator("main").inner_text()
     assert lab.srv.cli("policy", "get").stdout.strip() == POLICY_OK.strip()
+    audits = re.findall(r"audit action=policy\.set actor=(\S+) target=policy "
+                        r"policy_sha256=\w+ bytes=\d+",
+                        lab.srv.log_path.read_text(errors="replace"))
+    assert audits == ["console:cli:ops"], audits
     wait_for("the LAN to become unreachable under the new policy",
              lambda: fetch(lab.laptop.host, lab.lan_host.ip, timeout=2) is None, 30)
     # The picture of the tailnet follows the running policy.
