@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from pyheadscale import audit
+from pyheadscale.audit import CLI_SOCKET
 from pyheadscale.auth.oidc import Claims
 from pyheadscale.console.sessions import Role
 from pyheadscale.console.web import COOKIE, PRE_COOKIE, Access, Console, read_form
@@ -173,6 +175,9 @@ class SignIn:
             return web.json_response({"message": "the admin console is disabled "
                                                  "(admin_console.enabled: false)"}, status=409)
         link = self.c.sessions.new_link(f"cli:{user}", role)
+        # A link is a credential, as a new API key is: audited, its token never written.
+        audit.record(CLI_SOCKET, "console.sign_in_link", f"console user cli:{user}",
+                     role=role.value)
         url = (self.c.deps.server_url.rstrip("/") + self.c.url("/sign-in/link") + "?token="
                + link.token)
         return web.json_response({"url": url, "role": role.value,

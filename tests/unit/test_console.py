@@ -97,9 +97,16 @@ async def test_no_session_redirects_to_sign_in(env: Env) -> None:
         assert r.headers["Location"].startswith("/admin/sign-in?next=")
 
 
-async def test_link_signs_in_once(env: Env) -> None:
+async def test_link_signs_in_once(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyheadscale.audit")
     r = await env.sock.post("/console/sign-in-link", json={"user": "bob", "role": "admin"})
     url = (await r.json())["url"]
+    lines = [rec.fields for rec in caplog.records  # type: ignore[attr-defined]
+             if rec.name == "pyheadscale.audit"]
+    assert lines == [{"action": "console.sign_in_link", "actor": "cli_socket",
+                      "target": "console user cli:bob", "role": "admin"}]
+    token = url.split("token=")[1]
+    assert all(token not in repr(vars(rec)) for rec in caplog.records)
     path = url[url.index("/admin/"):]
     html = await (await env.web.get(path)).text()
     token = re.search(r'name="token" value="([^"]+)"', html)[1]  # type: ignore[index]
@@ -402,6 +409,7 @@ async def test_extra_records_edited_only_in_their_own_file(tmp_path: Path,
     caplog.set_level(logging.INFO, logger="pyheadscale.audit")
     async with console_env(cp) as env:
         csrf = await sign_in(env)
+        caplog.clear()  # the sign-in link's line
         r = await env.web.post("/admin/dns/records/add", data={
             "csrf": csrf, "name": "svc.ts.example", "type": "A", "value": "100.64.9.9"})
         page = await r.text()
