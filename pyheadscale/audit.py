@@ -5,9 +5,9 @@ Every admin path calls `record` once per action that changed something: the REST
 (api/audited.py), the web console through the same table, OIDC logins from the web flow.
 Lines go to the `pyheadscale.audit` logger at info, message `audit`, with the fields
 `action` (e.g. `user.create`), `actor` (`api_key:<prefix>`, `cli_socket`,
-`oauth_client:<client id>`, `oidc:<user>`, `console:<session user>`), `target` (what was acted on) and, for some
-actions, details. Secrets (keys, tokens, client secrets) never appear; a key is named by its
-public prefix or ID.
+`oauth_client:<client id>`, `oidc:<user>`, `console:<session user>`), `target` (what was
+acted on) and, for some actions, details. Secrets (keys, tokens, client secrets) never
+appear; a key is named by its public prefix or ID.
 """
 
 from __future__ import annotations

@@ -4,11 +4,10 @@ The /api/v1 and /api/v2 guards (which the CLI's unix socket goes through too) re
 caller (`set_actor`) and, after a handler answered 2xx for an operation listed here, call
 `audited` once: one audit line per action, whatever the transport. The web console makes
 the same writes (api/actions.py) and calls `record` with the operation each one is and what
-the API would have seen, so a console action leaves the very line its API call leaves. The target comes from the
-path, the v1 request body (read by the guard before the handler, which then gets aiohttp's
-cached copy) and the JSON answer;
-secrets in answers (new API keys, pre-auth keys, client secrets) are never copied, only
-their public prefix or ID.
+the API would have seen, so a console action leaves the very line its API call leaves.
+The target comes from the path, the v1 request body (read by the guard before the handler,
+which then gets aiohttp's cached copy) and the JSON answer; secrets in answers (new API
+keys, pre-auth keys, client secrets) are never copied, only their public prefix or ID.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class Console:
         if s is not None:
             s.flashes.clear()
         page = self.templates.get_template(template).render(
-            base=self.base, static_version=self.static_version, session=s, csrf=s.csrf if s is not None else "",
-            flashes=flashes, request_path=request.path, **context)
+            base=self.base, static_version=self.static_version, session=s,
+            csrf=s.csrf if s is not None else "", flashes=flashes, request_path=request.path, **context)
         return web.Response(text=page, content_type="text/html", status=code)
 
     def redirect(self, path: str) -> web.Response:
