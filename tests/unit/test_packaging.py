@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zipfile
@@ -189,9 +190,11 @@ def test_wheel_carries_its_migrations(tmp_path: Path) -> None:
 
 def test_cli_finds_the_embedded_default_socket_from_any_directory(tmp_path: Path) -> None:
     """No config file: server and CLI resolve the same data directory (and so socket)
-    whichever directory each starts in."""
-    home, there, elsewhere = tmp_path / "home", tmp_path / "a", tmp_path / "b"
-    for d in (home, there, elsewhere):
+    whichever directory each starts in. HOME is a short directory of its own: the socket
+    path under it must fit AF_UNIX's 107 bytes, which pytest's tmp_path can exceed."""
+    home = Path(tempfile.mkdtemp(prefix="hs-"))
+    there, elsewhere = tmp_path / "a", tmp_path / "b"
+    for d in (there, elsewhere):
         d.mkdir()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADSCALE_", "PYHEADSCALE_",
@@ -225,6 +228,7 @@ def test_cli_finds_the_embedded_default_socket_from_any_directory(tmp_path: Path
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_relative_socket_is_taken_from_the_config_directory(tmp_path: Path) -> None:
