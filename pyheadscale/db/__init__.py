@@ -1,5 +1,6 @@
 """Persistence: SQLModel tables shaped like Headscale 0.29's, engines, and migrations."""
 
+from pyheadscale.db import cluster as cluster  # registers the cluster tables in metadata
 from pyheadscale.db.engine import (
     HEADSCALE_COMPAT_VERSION,
     DatabaseConfigError,

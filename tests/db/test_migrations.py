@@ -97,14 +97,29 @@ ADDED_TABLES: dict[str, list[str]] = {
     "oauth_access_tokens": ["id", "prefix", "hash", "client_id", "scopes", "tags",
                             "expiration", "created_at"],
 }
+# Tables added by 0004: pyheadscale's own, for several instances on one PostgreSQL.
+CLUSTER_TABLES: dict[str, list[str]] = {
+    "cluster_changes": ["id", "instance", "created_at", "rows"],
+    "cluster_instances": ["id", "name", "started_at", "heartbeat_at", "applied_id", "info"],
+    "cluster_presence": ["node_id", "instance_id", "capver", "since"],
+    "cluster_state": ["key", "value", "updated_at"],
+    "cluster_registrations": ["auth_id", "machine_key", "data", "created_at", "expires_at",
+                              "node_id", "error"],
+}
+ADDED_TABLES.update(CLUSTER_TABLES)
 ADDED_INDEXES: dict[str, tuple[str, list[str], bool]] = {
     "idx_oauth_clients_client_id": ("oauth_clients", ["client_id"], True),
     "idx_oauth_access_tokens_prefix": ("oauth_access_tokens", ["prefix"], True),
+    "idx_cluster_presence_instance": ("cluster_presence", ["instance_id"], False),
+}
+# Foreign keys added by 0004.
+ADDED_FKS: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("cluster_presence", "node_id"): ("nodes", "CASCADE"),
 }
 ADDED_SQLITE_TYPES: dict[tuple[str, str], str] = {
     ("pre_auth_keys", "revoked"): "datetime",
     ("api_keys", "user_id"): "integer",
-    **{(t, "id"): "integer" for t in ADDED_TABLES},
+    **{(t, "id"): "integer" for t in ("oauth_clients", "oauth_access_tokens")},
     ("oauth_clients", "secret_hash"): "blob",
     ("oauth_clients", "user_id"): "integer",
     ("oauth_clients", "created_at"): "datetime",
@@ -112,8 +127,20 @@ ADDED_SQLITE_TYPES: dict[tuple[str, str], str] = {
     ("oauth_access_tokens", "hash"): "blob",
     ("oauth_access_tokens", "expiration"): "datetime",
     ("oauth_access_tokens", "created_at"): "datetime",
+    ("cluster_changes", "id"): "integer",
+    ("cluster_changes", "created_at"): "datetime",
+    ("cluster_instances", "started_at"): "datetime",
+    ("cluster_instances", "heartbeat_at"): "datetime",
+    ("cluster_instances", "applied_id"): "integer",
+    ("cluster_presence", "node_id"): "integer",
+    ("cluster_presence", "capver"): "integer",
+    ("cluster_presence", "since"): "datetime",
+    ("cluster_state", "updated_at"): "datetime",
+    ("cluster_registrations", "created_at"): "datetime",
+    ("cluster_registrations", "expires_at"): "datetime",
+    ("cluster_registrations", "node_id"): "integer",
 }
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 # Same source: declared SQLite column types where they are not plain "text".
 HEADSCALE_SQLITE_TYPES: dict[tuple[str, str], str] = {
@@ -193,7 +220,7 @@ def assert_headscale_schema(eng: Engine, *, ours: bool = True) -> None:
                 ondelete = None
             (col,) = fk["constrained_columns"]
             fks[(table, col)] = (fk["referred_table"], ondelete and ondelete.upper())
-    assert fks == HEADSCALE_FKS
+    assert fks == {**HEADSCALE_FKS, **(ADDED_FKS if ours else {})}
 
     if eng.dialect.name == "sqlite":
         with eng.connect() as conn:
