@@ -21,22 +21,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from pyheadscale.auth import apikeys as ak
 from pyheadscale.config import Config
 from pyheadscale.db import models as db
 from pyheadscale.state import persist
+from pyheadscale.state.changelog import ChangeLog, Stale
 from pyheadscale.state.changes import Change, ChangeBus, ChangeKind, Field
 from pyheadscale.state.ephemeral import EphemeralGC
-from pyheadscale.state.errors import Conflict, NotFound, PersistError
+from pyheadscale.state.errors import Conflict, NotFound, PersistError, Unavailable
 from pyheadscale.state.ipam import IPAllocator
+from pyheadscale.state.membership import Membership
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, ApiKey, Node, PreAuthKey, User
 
 log = logging.getLogger("pyheadscale.state")
 T = TypeVar("T")
 P = ParamSpec("P")
 S = TypeVar("S", bound="TailnetBase")
+STALE_RETRIES = 20  # a write re-run this often without success gives up (Unavailable)
 
 
 def utcnow() -> datetime:
@@ -53,15 +56,25 @@ def serialized(
     """Make `write` one write of the tailnet: under its lock (one write at a time), in a task
     of its own (a cancelled caller cannot stop it between its commit and the memory update);
     a write that returns bumps `generation`. Not re-entrant: a serialized write calls the
-    plain helpers, never another serialized method."""
+    plain helpers, never another serialized method.
+
+    With other instances on the database, a write that finds a change it has not applied yet
+    (`Stale`, before anything is written) is run again once memory has caught up."""
 
     @functools.wraps(write)
     async def one_write(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         async def run() -> T:
             async with self._lock:
-                result = await write(self, *args, **kwargs)
-                self.generation += 1
-                return result
+                for _ in range(STALE_RETRIES):
+                    try:
+                        result = await write(self, *args, **kwargs)
+                    except Stale:
+                        await self._catch_up_locked()
+                        continue
+                    self.generation += 1
+                    return result
+                raise Unavailable("database write failed: other instances keep writing "
+                                  "changes this one cannot catch up with; try again")
 
         return await asyncio.shield(asyncio.ensure_future(run()))
 
@@ -91,11 +104,18 @@ class TakenNames:
 class TailnetBase:
     """Users, nodes and keys in memory with their indices; how a write commits and
     publishes. The write methods live in the parts (users, keys, registration, nodes,
-    online) that Tailnet puts together."""
+    online, replica) that Tailnet puts together."""
 
     def __init__(self, engine: Engine, cfg: Config, ipam: IPAllocator,
-                 bus: ChangeBus | None = None) -> None:
+                 bus: ChangeBus | None = None, changelog: ChangeLog | None = None) -> None:
         self.engine = engine
+        # Several instances on one PostgreSQL: every commit is logged for the others, and
+        # they tell us theirs (replica.py). None: this instance is alone.
+        self.changelog = changelog
+        self.membership = Membership(changelog.instance_id if changelog else "",
+                                     clustered=changelog is not None)
+        # Cluster mode: node id -> the instance holding its map session (online nodes only).
+        self.presence: dict[int, str] = {}
         self.cfg = cfg
         self.ipam = ipam
         self.bus = bus or ChangeBus(batch_delay=cfg.tuning.batch_change_delay.total_seconds())
@@ -124,6 +144,8 @@ class TailnetBase:
         # Told of every published write and how long its listeners and fan-out took (the
         # NodeStore metrics; app.py sets it, state/ imports no metrics).
         self.write_observer: Callable[[tuple[Change, ...], float], None] | None = None
+        # Cluster mode: rooms that keep a table in memory, told when another instance wrote it.
+        self.table_hooks: dict[str, list[Callable[[set[str] | None], None]]] = {}
         # May (user, node or None, tag) carry this tag at interactive registration? Set by
         # the control plane from the policy's tagOwners; None refuses every tag.
         self.tag_authorizer: Callable[[User, Node | None, str], bool] | None = None
@@ -140,17 +162,36 @@ class TailnetBase:
 
     # --- write plumbing ----------------------------------------------------------------------
 
-    async def _commit(self, fn: Callable[[persist.Tx], T]) -> T:
+    async def _commit(self, fn: Callable[[persist.Tx], T], *, check: bool = True) -> T:
+        """Run `fn` in one transaction on the DB thread. In cluster mode the change is logged
+        and, with `check` (serialized writes), refused as Stale if memory is behind."""
         loop = asyncio.get_running_loop()
+        cl = self.changelog
         try:
-            return await loop.run_in_executor(self._executor, persist.run_tx, self.engine, fn)
-        except (SQLAlchemyError, LookupError) as e:
+            result, entry = await loop.run_in_executor(
+                self._executor, persist.run_tx, self.engine, fn, cl, check)
+        except Stale:
+            raise
+        except (DBAPIError, SQLAlchemyError, LookupError) as e:
             log.warning("database write failed: %s", e)
+            if isinstance(e, DBAPIError) and e.connection_invalidated or isinstance(
+                    e, OperationalError | InterfaceError):
+                raise Unavailable(f"database unavailable: {e.__class__.__name__}: "
+                                  f"{str(e).splitlines()[0]}") from e
             raise PersistError(f"database write failed: {e}") from e
+        if cl is not None and check and entry is not None:
+            # Nothing was left to apply under the append lock: ours is the next change.
+            cl.applied = max(cl.applied, entry)
+        return result  # type: ignore[no-any-return]
 
     async def run_in_tx(self, fn: Callable[[persist.Tx], T]) -> T:
-        """One transaction on the DB thread, for stores that keep their own memory (OAuth)."""
-        return await self._commit(fn)
+        """One transaction on the DB thread, for stores that keep their own memory (OAuth,
+        the policy). Not checked against the log: these writes never read the tailnet."""
+        return await self._commit(fn, check=False)
+
+    async def _catch_up_locked(self) -> int:
+        """Apply what other instances committed (replica.py); the caller holds the lock."""
+        return 0
 
     def _publish(self, *changes: Change) -> None:
         # Listeners (policy, routes) update derived state before any session sees the change.
@@ -178,7 +219,10 @@ class TailnetBase:
 
     @serialized
     async def _gc_delete(self, node_id: int) -> None:
-        """The ephemeral GC's verdict: delete the node if it is still offline."""
+        """The ephemeral GC's verdict: delete the node if it is still offline. Every instance
+        keeps the timers; only the leader deletes (a new leader restarts them)."""
+        if not self.membership.is_leader:
+            return
         n = self.nodes.get(node_id)
         if n is not None and n.ephemeral and not n.online:
             log.info("deleting inactive ephemeral node %d (%s)", n.id, n.given_name)

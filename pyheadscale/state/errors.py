@@ -27,6 +27,10 @@ class PersistError(StateError):
     """The database refused the write; memory was left unchanged."""
 
 
+class Unavailable(PersistError):
+    """The database cannot be reached (or is too busy): nothing was written, try again."""
+
+
 class InvalidAuthKey(StateError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -40,7 +40,7 @@ def _netinfo_rest(hostinfo: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ni.items() if k != "PreferredDERP"}
 
 
-def _hostinfo_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[Field]:
+def hostinfo_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[Field]:
     """Which of HOME_DERP, ROUTES and HOSTINFO (everything else) differ."""
     fields: set[Field] = set()
     if home_derp(new) != home_derp(old):
@@ -75,7 +75,7 @@ def apply_map_request(
         hi = merge_hostinfo(old.hostinfo, hostinfo)
         if hi != old.hostinfo:
             changes["hostinfo"] = hi
-            fields |= _hostinfo_fields(old.hostinfo, hi)
+            fields |= hostinfo_fields(old.hostinfo, hi)
             hn = hi.get("Hostname")
             if isinstance(hn, str) and hn and hn != old.hostname:
                 changes["hostname"] = hn

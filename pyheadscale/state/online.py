@@ -9,7 +9,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import delete
+from sqlmodel import col
+
 from pyheadscale.db import models as db
+from pyheadscale.db.cluster import ClusterPresence
+from pyheadscale.state import changelog, persist
 from pyheadscale.state.base import TailnetBase, serialized, utcnow
 from pyheadscale.state.changes import PATCH_FIELDS, Change, ChangeKind, Field
 from pyheadscale.state.errors import PersistError
@@ -47,24 +52,83 @@ class OnlineTracking(TailnetBase):
     @serialized
     async def set_online(self, node_id: int, online: bool, at: datetime | None = None) -> bool:
         """Mark a node online/offline (with last_seen); returns whether the flag flipped.
-        Offline ephemeral nodes are scheduled for deletion; reconnecting cancels it."""
+        Offline ephemeral nodes are scheduled for deletion; reconnecting cancels it.
+
+        In cluster mode the node's presence row says which instance holds its session: a
+        session opened here takes the node over, and one that ends here only takes the node
+        offline if no other instance took it over meanwhile."""
         old = self.nodes.get(node_id)
         if old is None:
             return False
         now = at or utcnow()
+        cl = self.changelog
+        me = self.membership.instance_id
+        if cl is not None:
+            held_here = self.presence.get(node_id) == me
+            if online and old.online and held_here:
+                return False
+            if not online and not held_here:
+                return False  # another instance holds it now (or nobody did)
+        elif old.online == online:
+            return False
         if online:
             self.gc.cancel(node_id)
         elif old.ephemeral:
             self.gc.schedule(node_id)
-        if old.online == online:
-            return False
-        new = self._bump(old, online=online, last_seen=now)
+        flipped = old.online != online
+        capver = old.capver
+
+        def tx_fn(tx: persist.Tx) -> None:
+            tx.update(db.Node, node_id, {"last_seen": now})
+            if cl is not None:
+                if online:
+                    changelog.set_presence(tx.s, node_id, me, capver, now)
+                else:
+                    changelog.clear_presence(tx.s, [node_id], me)
+                tx.touch("cluster_presence", node_id)
+
         try:
-            await self._commit(lambda tx: tx.update(db.Node, node_id, {"last_seen": now}))
+            await self._commit(tx_fn)
         except PersistError:
-            # Online state is runtime-only; a lost last_seen write must not hide it.
+            # Online state is runtime-only; a lost last_seen write must not hide it (after
+            # an outage, reassert_presence() tells the other instances).
             log.warning("could not persist last_seen for node %d", node_id)
-        self._put_node(new)
+        if cl is not None:
+            if online:
+                self.presence[node_id] = me
+            else:
+                self.presence.pop(node_id, None)
+        if not flipped:
+            return False
+        self._put_node(self._bump(old, online=online, last_seen=now))
         self._publish(Change(ChangeKind.NODE_ONLINE, node_id,
                              frozenset({Field.ONLINE if online else Field.OFFLINE})))
         return True
+
+    @serialized
+    async def reassert_presence(self, sessions: Iterable[int]) -> None:
+        """Cluster mode, after (re)connecting to the database: the presence rows of this
+        instance become exactly `sessions` (the map sessions it holds), so writes it could
+        not make while the database was away reach the other instances now."""
+        cl = self.changelog
+        if cl is None:
+            return
+        me = self.membership.instance_id
+        live = sorted(i for i in set(sessions) if i in self.nodes)
+        now = utcnow()
+        caps = {i: self.nodes[i].capver for i in live}
+
+        def tx_fn(tx: persist.Tx) -> None:
+            tx.s.execute(delete(ClusterPresence).where(
+                col(ClusterPresence.instance_id) == me,
+                col(ClusterPresence.node_id).not_in(live)))
+            for nid in live:
+                changelog.set_presence(tx.s, nid, me, caps[nid], now)
+            tx.touch("cluster_presence")
+
+        await self._commit(tx_fn)
+        for nid in [n for n, holder in self.presence.items() if holder == me]:
+            if nid not in live:
+                del self.presence[nid]
+        for nid in live:
+            self.presence[nid] = me

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, text, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from pyheadscale.db import models as db
+from pyheadscale.db.cluster import ClusterPresence
+from pyheadscale.state.changelog import ChangeLog, Touched, last_id
 from pyheadscale.state.model import ApiKey, Node, PreAuthKey, User
 from pyheadscale.tailcfg import KeyKind, KeyParseError, encode_key, parse_key
 
@@ -175,18 +177,67 @@ class Loaded:
     nodes: list[Node]
     preauth_keys: list[PreAuthKey]
     api_keys: list[ApiKey]
+    # Cluster mode: node id -> (instance holding its session, capability version), and the
+    # id of the last change the rows reflect.
+    presence: dict[int, tuple[str, int]] = field(default_factory=dict)
+    log_id: int = 0
 
 
-def load_all(engine: Engine) -> Loaded:
+def _only(stmt: Any, column: Any, keys: set[Any] | None) -> Any:
+    return stmt if keys is None else stmt.where(column.in_(sorted(keys)))
+
+
+def load_rows(s: Session, want: Touched | None = None, *, presence: bool = False) -> Loaded:
+    """Rows of users, keys and nodes: all of them (`want` None) or those `want` names (a node
+    whose presence changed is reloaded too); with `presence`, who holds which session."""
+    def keys(table: str) -> set[Any] | None:
+        return None if want is None else want.ids(table)
+
+    user_ids, pak_ids, apikey_ids = keys("users"), keys("pre_auth_keys"), keys("api_keys")
+    node_ids = keys("nodes")
+    pres_ids = keys("cluster_presence")
+    if node_ids is not None:
+        node_ids = None if pres_ids is None else node_ids | {int(i) for i in pres_ids}
+    live_users = select(db.User).where(db.User.deleted_at.is_(None))  # type: ignore[union-attr]
+    users = ([] if user_ids == set() else [user_from_row(r) for r in s.execute(
+        _only(live_users, db.User.id, user_ids)).scalars()])
+    paks = ([] if pak_ids == set() else [pak_from_row(r) for r in s.execute(
+        _only(select(db.PreAuthKey), db.PreAuthKey.id, pak_ids)).scalars()])
+    apikeys = ([] if apikey_ids == set() else [apikey_from_row(r) for r in s.execute(
+        _only(select(db.ApiKey), db.ApiKey.id, apikey_ids)).scalars()])
+    nodes: list[Node] = []
+    pres: dict[int, tuple[str, int]] = {}
+    if node_ids != set():
+        live_nodes = select(db.Node).where(db.Node.deleted_at.is_(None))  # type: ignore[union-attr]
+        rows = list(s.execute(_only(live_nodes, db.Node.id, node_ids)).scalars())
+        if want is None:
+            ephemeral = {k.id for k in paks if k.ephemeral}
+        else:
+            # Headscale derives ephemerality from the key the node registered with.
+            key_ids = sorted({r.auth_key_id for r in rows if r.auth_key_id is not None})
+            pid = col(db.PreAuthKey.id)
+            ephemeral = {int(i) for i in s.execute(select(pid).where(
+                pid.in_(key_ids), col(db.PreAuthKey.ephemeral) == True)  # noqa: E712
+            ).scalars() if i is not None} if key_ids else set()
+        nodes = [node_from_row(r, ephemeral) for r in rows]
+        if presence:
+            q = _only(select(ClusterPresence), ClusterPresence.node_id, node_ids)
+            pres = {int(p.node_id): (p.instance_id, int(p.capver or 0))
+                    for p in s.execute(q).scalars()}
+    return Loaded(users, nodes, paks, apikeys, pres)
+
+
+def load_all(engine: Engine, *, cluster: bool = False) -> Loaded:
+    """Everything, at start. In cluster mode in one REPEATABLE READ snapshot with the id of
+    the last change it reflects, so catching up from there misses nothing."""
     with Session(engine) as s:
-        users = [user_from_row(r) for r in s.execute(
-            select(db.User).where(db.User.deleted_at.is_(None))).scalars()]  # type: ignore[union-attr]
-        paks = [pak_from_row(r) for r in s.execute(select(db.PreAuthKey)).scalars()]
-        ephemeral = {k.id for k in paks if k.ephemeral}
-        nodes = [node_from_row(r, ephemeral) for r in s.execute(
-            select(db.Node).where(db.Node.deleted_at.is_(None))).scalars()]  # type: ignore[union-attr]
-        apikeys = [apikey_from_row(r) for r in s.execute(select(db.ApiKey)).scalars()]
-    return Loaded(users, nodes, paks, apikeys)
+        if cluster:
+            s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            log_id = last_id(s)
+            loaded = load_rows(s, presence=True)
+            loaded.log_id = log_id
+            return loaded
+        return load_rows(s)
 
 
 # --- writes ----------------------------------------------------------------------------------
@@ -194,31 +245,52 @@ def load_all(engine: Engine) -> Loaded:
 
 
 class Tx:
-    def __init__(self, session: Session) -> None:
+    """One transaction's statements; it records which rows they touch (the change log tells
+    other instances to reload them)."""
+
+    def __init__(self, session: Session, changelog: ChangeLog | None = None) -> None:
         self.s = session
+        self.touched = Touched()
+        self.changelog = changelog  # None: a single instance (nobody else to tell)
+
+    def touch(self, table: str, key: Any = None) -> None:
+        """Record a row (or, without key, the whole table) changed by a statement of its own."""
+        self.touched.add(table, key)
 
     def insert(self, table: type[Any], values: dict[str, Any]) -> int:
         row = table(**values)
         self.s.add(row)
         self.s.flush()
+        self.touched.add(table.__tablename__, int(row.id))
         return int(row.id)
 
     def update(self, table: type[Any], row_id: int, values: dict[str, Any]) -> None:
         res = self.s.execute(update(table).where(table.id == row_id).values(**values))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise LookupError(f"{table.__tablename__} row {row_id} not found")
+        self.touched.add(table.__tablename__, row_id)
 
     def delete(self, table: type[Any], row_id: int) -> None:
         self.s.execute(delete(table).where(table.id == row_id))
+        self.touched.add(table.__tablename__, row_id)
 
     def clear_auth_key_refs(self, key_id: int) -> None:
         self.s.execute(update(db.Node).where(db.Node.auth_key_id == key_id)  # type: ignore[arg-type]
                        .values(auth_key_id=None))
 
 
-def run_tx(engine: Engine, fn: Any) -> Any:
+def run_tx(engine: Engine, fn: Any, changelog: ChangeLog | None = None,
+           check: bool = False) -> tuple[Any, int | None]:
+    """Run `fn(tx)` in one transaction; with a change log, append what it touched (after
+    taking the append lock and, with `check`, making sure nothing is left to apply first).
+    Returns fn's result and the id of the change appended (None: none)."""
     with Session(engine) as s, s.begin():
-        return fn(Tx(s))
+        tx = Tx(s, changelog)
+        if changelog is not None:
+            changelog.begin(s, check=check)
+        result = fn(tx)
+        entry = changelog.append(s, tx.touched) if changelog is not None and tx.touched else None
+        return result, entry
 
 
 def ping(engine: Engine) -> None:

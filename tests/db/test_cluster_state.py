@@ -1,0 +1,151 @@
+"""Two tailnets on one PostgreSQL database, as two instances would run them: what one commits
+reaches the other through the change log, uniqueness holds across them, and presence says
+which instance holds a node's session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from pyheadscale.db.engine import make_engine, migrate
+from pyheadscale.state import InvalidAuthKey
+from pyheadscale.state.changelog import ChangeLog
+from pyheadscale.state.changes import ChangeKind, Field
+from pyheadscale.state.tailnet import Tailnet
+from tests.pgserver import PostgresServer
+from tests.unit._statefix import key, make_cfg
+
+
+def _engine(params: dict[str, Any]) -> Engine:
+    return make_engine("postgres", pg_host=params["host"], pg_port=params["port"],
+                       pg_name=params["name"], pg_user=params["user"],
+                       pg_password=params["password"], pg_pool_size=4)
+
+
+@pytest.fixture
+async def pair(pg_server: PostgresServer) -> AsyncIterator[tuple[Tailnet, Tailnet]]:
+    params = pg_server.create_database()
+    engines = [_engine(params), _engine(params)]
+    migrate(engines[0])
+    cfg = make_cfg()
+    a = await Tailnet.load(engines[0], cfg, changelog=ChangeLog("inst-a"))
+    b = await Tailnet.load(engines[1], cfg, changelog=ChangeLog("inst-b"))
+    yield a, b
+    for tn in (a, b):
+        await tn.close()
+    for e in engines:
+        e.dispose()
+    pg_server.drop_database(params["name"])
+
+
+async def _user_and_key(tn: Tailnet, *, reusable: bool = True, ephemeral: bool = False
+                        ) -> tuple[int, str]:
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id, reusable=reusable, ephemeral=ephemeral)
+    return u.id, full
+
+
+async def test_writes_reach_the_other_instance(pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    uid, full = await _user_and_key(a)
+    assert await b.catch_up() == 2
+    assert b.get_user(uid).name == "alice" and len(b.list_preauth_keys()) == 1
+    sub = a.bus.subscribe(999)
+    n = await b.register_with_authkey(key(1), key(2), None, {"Hostname": "web"}, key=full)
+    await a.catch_up()
+    seen = a.get_node(n.id)
+    assert (seen.ipv4, seen.ipv6, seen.given_name) == (n.ipv4, n.ipv6, "web")
+    # The other instance's sessions hear of it as they would of a local write.
+    batch = await asyncio.wait_for(sub.__anext__(), 5)
+    assert [(c.kind, c.node_id) for c in batch] == [(ChangeKind.NODE_ADDED, n.id)]
+    await b.rename_node(n.id, "www")
+    await a.catch_up()
+    batch = await asyncio.wait_for(sub.__anext__(), 5)
+    assert [(c.kind, c.fields) for c in batch] == [
+        (ChangeKind.NODE_CHANGED, frozenset({Field.GIVEN_NAME}))]
+    assert a.get_node(n.id).given_name == "www" and a.node_by_given_name("www") is not None
+    # Re-registering through the other instance keeps the node's identity and addresses.
+    again = await a.register_with_authkey(key(1), key(3), key(2), {"Hostname": "web"}, key=full)
+    assert (again.id, again.ipv4, again.ipv6) == (n.id, n.ipv4, n.ipv6)
+    await b.catch_up()
+    assert b.get_node(n.id).node_key == key(3)
+    await a.delete_node(n.id)
+    await b.catch_up()
+    assert n.id not in b.nodes and not b.ipam.in_use(n.ipv4)  # type: ignore[arg-type]
+
+
+async def test_concurrent_registrations_get_distinct_addresses_and_names(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    _, full = await _user_and_key(a)
+    await b.catch_up()
+    # Neither catches up in between: every write finds the other's change and is re-run.
+    regs = [tn.register_with_authkey(key(10 + i), key(100 + i), None, {"Hostname": "host"},
+                                     key=full)
+            for i in range(20) for tn in ((a, b)[i % 2],)]
+    nodes = await asyncio.gather(*regs)
+    assert len({n.id for n in nodes}) == 20
+    assert len({n.ipv4 for n in nodes}) == 20 and len({n.ipv6 for n in nodes}) == 20
+    assert len({n.given_name for n in nodes}) == 20
+    await a.catch_up()
+    await b.catch_up()
+    assert {n.id: (n.ipv4, n.given_name) for n in a.nodes.values()} == {
+        n.id: (n.ipv4, n.given_name) for n in b.nodes.values()}
+
+
+async def test_single_use_key_holds_across_instances(pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    _, full = await _user_and_key(a, reusable=False)
+    await b.catch_up()
+    await a.register_with_authkey(key(1), key(2), None, {"Hostname": "one"}, key=full)
+    # b has not seen the key used: its write is re-run on fresh memory and refused.
+    with pytest.raises(InvalidAuthKey):
+        await b.register_with_authkey(key(3), key(4), None, {"Hostname": "two"}, key=full)
+    assert len(b.nodes) == 1
+
+
+async def test_presence_follows_the_session(pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    _, full = await _user_and_key(a)
+    n = await a.register_with_authkey(key(1), key(2), None, {"Hostname": "h"}, key=full)
+    await b.catch_up()
+    sub = b.bus.subscribe(999)
+    assert await a.set_online(n.id, True)
+    await b.catch_up()
+    assert b.get_node(n.id).online and b.presence[n.id] == "inst-a"
+    batch = await asyncio.wait_for(sub.__anext__(), 5)
+    assert [(c.kind, c.fields) for c in batch] == [
+        (ChangeKind.NODE_ONLINE, frozenset({Field.ONLINE}))]
+    # The client moves to b; a's old session ending afterwards must not take it offline.
+    await b.set_online(n.id, True)
+    await a.catch_up()
+    assert a.presence[n.id] == "inst-b"
+    assert not await a.set_online(n.id, False)
+    await b.catch_up()
+    assert b.get_node(n.id).online and a.get_node(n.id).online
+    assert await b.set_online(n.id, False)
+    await a.catch_up()
+    assert not a.get_node(n.id).online and n.id not in a.presence
+
+
+async def test_presence_reasserted_and_resync(pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    _, full = await _user_and_key(a)
+    n1 = await a.register_with_authkey(key(1), key(2), None, {"Hostname": "h1"}, key=full)
+    n2 = await a.register_with_authkey(key(3), key(4), None, {"Hostname": "h2"}, key=full)
+    await a.set_online(n1.id, True)
+    await b.catch_up()
+    # What a holds after an outage: n2, not n1.
+    await a.reassert_presence([n2.id])
+    await b.catch_up()
+    assert not b.get_node(n1.id).online and b.get_node(n2.id).online
+    # A change the log no longer holds: b reloads everything.
+    await a.rename_node(n1.id, "renamed")
+    with a.engine.begin() as c:
+        c.execute(text("DELETE FROM cluster_changes"))
+    await b.resync()
+    assert b.get_node(n1.id).given_name == "renamed"
