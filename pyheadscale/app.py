@@ -11,6 +11,7 @@ import ssl
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -19,6 +20,8 @@ from sqlalchemy import Engine
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
+from pyheadscale.cluster import ClusterMember, is_clustered
+from pyheadscale.cluster.member import new_instance_id
 from pyheadscale.config import Config, ConfigError
 from pyheadscale.console import AdminConsole
 from pyheadscale.control.dispatch import ControlPlane
@@ -42,6 +45,7 @@ from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS
 from pyheadscale.startup import database_step, failing_key
+from pyheadscale.state.changelog import ChangeLog
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
 
@@ -69,6 +73,7 @@ class Server:
         self.runners: list[web.BaseRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.derp: EmbeddedDerp | None = None
+        self.cluster: ClusterMember | None = None
         self.acme: AcmeManager | None = None
         self.console: AdminConsole | None = None
         self.stopped = asyncio.Event()
@@ -83,7 +88,9 @@ class Server:
         with database_step(db, "cannot open the database"):
             self.engine = engine_from_config(cfg.database)
             await asyncio.to_thread(migrate, self.engine)
-            self.tailnet = await Tailnet.load(self.engine, cfg)
+            # On PostgreSQL other instances may share the database: log every write for them.
+            changelog = ChangeLog(new_instance_id()) if is_clustered(self.engine) else None
+            self.tailnet = await Tailnet.load(self.engine, cfg, changelog=changelog)
             self.tailnet.write_observer = state_written
         with failing_key("noise.private_key_path", "cannot read or create the Noise key"):
             noise_key = load_or_create_private_key(cfg.noise.private_key_path
@@ -95,10 +102,15 @@ class Server:
         self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
         await self.control.start()
         self.oauth = await OAuthStore.load(self.engine, self.tailnet)
+        for table in ("oauth_clients", "oauth_access_tokens"):
+            self.tailnet.on_table(table, lambda _keys: self.oauth.reload_soon())
         self.v2 = V2Deps(tailnet=self.tailnet, oauth=self.oauth,
                          policy=self.control.policy, settings=Settings.from_config(cfg),
                          revoked_key_retention=cfg.preauth_keys.revoked_retention)
         self.tasks.append(asyncio.create_task(self._reap_hourly()))
+        if changelog is not None:
+            self.cluster = ClusterMember(self.tailnet, info=self._cluster_info)
+            await self.cluster.start()
 
         app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
         add_routes(app, noise_key, self.control.dispatch)
@@ -180,11 +192,17 @@ class Server:
         os.chmod(path, mode)
         self.runners.append(runner)
 
+    def _cluster_info(self) -> dict[str, Any]:
+        """What this instance offers the others: its relay's DERP node and mesh address."""
+        return {}
+
     async def _reap_hourly(self) -> None:
         """Expired OAuth tokens and long-revoked auth keys go; the checks that reject them
-        do not depend on this, it only keeps the tables small."""
+        do not depend on this, it only keeps the tables small. The leader's job."""
         while True:
             await asyncio.sleep(3600)
+            if not self.tailnet.membership.is_leader:
+                continue
             try:
                 await self.oauth.reap()
                 cutoff = datetime.now(UTC) - self.v2.revoked_key_retention
@@ -194,6 +212,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop what is running; also after a start that failed half-way."""
+        if self.cluster is not None:
+            await self.cluster.stop()
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:

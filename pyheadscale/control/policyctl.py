@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from pyheadscale import metrics
 from pyheadscale.config import Config
@@ -67,6 +68,7 @@ class PolicyController:
         self.on_swap = on_swap  # rebuild the map context and tell every session
         self.text: str | None = None
         self.manager: PolicyManager | None = None
+        self._reloading: asyncio.Task[bool] | None = None
 
     @property
     def mode(self) -> str:
@@ -90,6 +92,13 @@ class PolicyController:
         self.text = text
         self._warn_failing_tests(self.manager)
         self.tailnet.listeners.append(self._on_changes)
+        if self.mode == "database":
+            # Another instance (or the CLI's direct access) stored a new version.
+            self.tailnet.on_table("policies", lambda _keys: self._reload_soon())
+
+    def _reload_soon(self) -> None:
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
 
     @staticmethod
     def _warn_failing_tests(manager: PolicyManager | None) -> None:
@@ -124,7 +133,7 @@ class PolicyController:
         nodes = self.tailnet.list_nodes()
         if manager is not None and nodes:
             manager.ssh_policy(nodes[0])  # Headscale rejects SSH rules that fail to compile
-        stored = await asyncio.to_thread(self.store.put, text)
+        stored = await self.tailnet.run_in_tx(lambda tx: self.store.put_tx(tx, text))
         self._swap(manager, text)
         return stored
 
@@ -145,11 +154,11 @@ class PolicyController:
         """SIGHUP (file mode) or an external change: re-read, keep the old one on error."""
         try:
             text = await self._read_source()
+            if text == self.text:
+                return False
             manager = self.build(text, run_tests=False)
-        except (OSError, PolicyError) as e:
+        except (OSError, SQLAlchemyError, PolicyError) as e:
             log.error("policy not reloaded, keeping the running one: %s", e)
-            return False
-        if text == self.text:
             return False
         self._swap(manager, text)
         log.info("policy reloaded")

@@ -37,6 +37,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 DEFAULT_PG_POOL = 10  # Headscale's max_open_conns default
 # First (and so far only) alembic revision; equals Headscale 0.29's schema.
 _BASELINE_REVISION = "0001"
+MIGRATE_LOCK = 0x7079_6873_2D6D_6967  # pg_advisory_xact_lock key ("pyhs-mig")
 
 
 class DatabaseConfigError(ValueError):
@@ -292,6 +293,10 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
             _raw_exec(conn, "PRAGMA foreign_keys = OFF")
         try:
             with conn.begin():
+                if not sqlite:
+                    # Several instances may start at once on one database: one migrates,
+                    # the others wait and then find nothing to do.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
                 if _adopt_headscale_database(conn):
                     command.stamp(alembic_config(conn), _BASELINE_REVISION)
                 command.upgrade(alembic_config(conn), "head")

@@ -104,7 +104,9 @@ def _token_from_row(r: db.OAuthAccessToken) -> AccessToken:
         expiration=_aware(r.expiration), created_at=_aware(r.created_at) or _now())
 
 
-def _load(engine: Engine) -> tuple[list[OAuthClient], list[AccessToken]]:
+def _load(engine: Engine | None) -> tuple[list[OAuthClient], list[AccessToken]]:
+    if engine is None:
+        return [], []
     with Session(engine) as s:
         clients = [_client_from_row(r) for r in s.execute(select(db.OAuthClient)).scalars()]
         tokens = [_token_from_row(r) for r in s.execute(select(db.OAuthAccessToken)).scalars()]
@@ -153,14 +155,34 @@ class OAuthStore:
         self._verified_tokens: dict[bytes, str] = {}
         self._lock = asyncio.Lock()
         self._hashing = asyncio.Semaphore(HASH_CONCURRENCY)
+        self.engine: Engine | None = None
+        self._reloading: asyncio.Task[None] | None = None
 
     @classmethod
     async def load(cls, engine: Engine, writer: Writer) -> OAuthStore:
-        clients, tokens = await asyncio.to_thread(_load, engine)
         store = cls(writer)
-        store.clients = {c.client_id: c for c in clients if c.client_id}
-        store.tokens = {t.prefix: t for t in tokens if t.prefix}
+        store.engine = engine
+        await store.reload()
         return store
+
+    async def reload(self) -> None:
+        """Everything from the database again (another instance wrote OAuth rows)."""
+        clients, tokens = await asyncio.to_thread(_load, self.engine)
+
+        async def op() -> None:
+            self.clients = {c.client_id: c for c in clients if c.client_id}
+            self.tokens = {t.prefix: t for t in tokens if t.prefix}
+            self._verified_clients = {d: i for d, i in self._verified_clients.items()
+                                      if i in self.clients}
+            self._verified_tokens = {d: p for d, p in self._verified_tokens.items()
+                                     if p in self.tokens}
+
+        await self._serialized(op)
+
+    def reload_soon(self) -> None:
+        """Reload in the background (a change-log hook cannot wait)."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
 
     async def _hash(self, secret: str) -> bytes:
         async with self._hashing:
@@ -252,6 +274,8 @@ class OAuthStore:
                              .where(db.OAuthAccessToken.client_id == client_id))  # type: ignore[arg-type]
                 tx.s.execute(delete(db.OAuthClient)
                              .where(db.OAuthClient.client_id == client_id))  # type: ignore[arg-type]
+                tx.touch("oauth_clients")
+                tx.touch("oauth_access_tokens")
 
             await self._writer.run_in_tx(tx_fn)
             self.clients.pop(client_id, None)
@@ -336,8 +360,12 @@ class OAuthStore:
             if not dead:
                 return 0
             ids = [t.id for t in dead]
-            await self._writer.run_in_tx(lambda tx: tx.s.execute(
-                delete(db.OAuthAccessToken).where(db.OAuthAccessToken.id.in_(ids))))  # type: ignore[union-attr]
+            def tx_fn(tx: persist.Tx) -> None:
+                tx.s.execute(delete(db.OAuthAccessToken).where(
+                    db.OAuthAccessToken.id.in_(ids)))  # type: ignore[union-attr]
+                tx.touch("oauth_access_tokens")
+
+            await self._writer.run_in_tx(tx_fn)
             gone = {t.prefix for t in dead}
             for p in gone:
                 self.tokens.pop(p, None)

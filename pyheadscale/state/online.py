@@ -9,11 +9,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlmodel import col
 
 from pyheadscale.db import models as db
-from pyheadscale.db.cluster import ClusterPresence
+from pyheadscale.db.cluster import ClusterInstance, ClusterPresence
 from pyheadscale.state import changelog, persist
 from pyheadscale.state.base import TailnetBase, serialized, utcnow
 from pyheadscale.state.changes import PATCH_FIELDS, Change, ChangeKind, Field
@@ -132,3 +132,45 @@ class OnlineTracking(TailnetBase):
                 del self.presence[nid]
         for nid in live:
             self.presence[nid] = me
+
+    @serialized
+    async def drop_instances(self, instance_ids: Iterable[str]) -> list[int]:
+        """Cluster mode: instances that are gone (dead, or this one shutting down). Their
+        presence rows and instance rows go; the nodes they held are offline until they
+        reconnect somewhere. Returns those nodes' IDs."""
+        ids = sorted(set(instance_ids))
+        now = utcnow()
+        if self.changelog is None or not ids:
+            return []
+
+        def tx_fn(tx: persist.Tx) -> list[int]:
+            res = tx.s.execute(delete(ClusterPresence).where(
+                col(ClusterPresence.instance_id).in_(ids)).returning(
+                col(ClusterPresence.node_id)))
+            gone = sorted(int(r) for r in res.scalars())
+            if gone:
+                tx.s.execute(update(db.Node).where(col(db.Node.id).in_(gone))
+                             .values(last_seen=now))
+            tx.s.execute(delete(ClusterInstance).where(col(ClusterInstance.id).in_(ids)))
+            for nid in gone:
+                tx.touch("cluster_presence", nid)
+                tx.touch("nodes", nid)
+            for i in ids:
+                tx.touch("cluster_instances", i)
+            return gone
+
+        gone = await self._commit(tx_fn)
+        changes = []
+        for nid in gone:
+            if self.presence.get(nid) in ids:
+                del self.presence[nid]
+            n = self.nodes.get(nid)
+            if n is None or not n.online or nid in self.presence:
+                continue
+            self._put_node(self._bump(n, online=False, last_seen=now))
+            changes.append(Change(ChangeKind.NODE_ONLINE, nid, frozenset({Field.OFFLINE})))
+            if n.ephemeral:
+                self.gc.schedule(nid)
+        if changes:
+            self._publish(*changes)
+        return gone

@@ -19,6 +19,8 @@ from sqlmodel import Session
 
 from pyheadscale.config import PolicyConfig
 from pyheadscale.db import models as db
+from pyheadscale.state.changelog import append_external
+from pyheadscale.state.persist import Tx
 
 ERR_UPDATE_DISABLED = "update is disabled for modes other than 'database'"
 ERR_NOT_FOUND = "acl policy not found"
@@ -63,14 +65,22 @@ def load_latest(engine: Engine) -> StoredPolicy:
         return StoredPolicy(row.data or "", _aware(row.updated_at))
 
 
-def insert(engine: Engine, data: str) -> StoredPolicy:
-    """Store a new version; it becomes the current policy."""
+def insert_tx(tx: Tx, data: str) -> StoredPolicy:
+    """Store a new version in `tx`; it becomes the current policy."""
     now = datetime.now(UTC)
+    tx.insert(db.Policy, {"data": data, "created_at": now, "updated_at": now})
+    return StoredPolicy(data, now)
+
+
+def insert(engine: Engine, data: str) -> StoredPolicy:
+    """Store a new version from outside a running server (the CLI's direct access); on
+    PostgreSQL the change log tells running instances to load it."""
     with Session(engine) as s, s.begin():
-        row = db.Policy(data=data, created_at=now, updated_at=now)
-        s.add(row)
-        s.flush()
-        return StoredPolicy(row.data, _aware(row.updated_at) or now)
+        tx = Tx(s)
+        stored = insert_tx(tx, data)
+        if engine.dialect.name == "postgresql":
+            append_external(s, "cli", tx.touched)
+        return stored
 
 
 @dataclass(frozen=True)
@@ -152,3 +162,9 @@ class PolicyStore:
         if self.mode != "database":
             raise PolicyUpdateDisabled()
         return insert(self.engine, text)
+
+    def put_tx(self, tx: Tx, text: str) -> StoredPolicy:
+        """put() inside a tailnet transaction (a running server: logged for the others)."""
+        if self.mode != "database":
+            raise PolicyUpdateDisabled()
+        return insert_tx(tx, text)
