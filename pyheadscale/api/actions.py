@@ -213,4 +213,6 @@ class AdminActions:
             raise bad_request(str(e)) from None
         except PolicyError as e:
             raise bad_request(f"setting policy: {e}") from None
+        except StateError as e:  # the database is away: 503, nothing stored
+            raise from_state("setting policy", e) from None
         return p

@@ -20,6 +20,7 @@ from pyheadscale.state.errors import (
     InvalidAuthKey,
     NotFound,
     StateError,
+    Unavailable,
 )
 
 # HTTP status -> gRPC code (google.golang.org/grpc/codes) that grpc-gateway turns back into
@@ -69,6 +70,8 @@ def from_state(context: str, e: StateError, *, conflict_status: int = 409) -> AP
         return APIError(409, msg)
     if isinstance(e, Conflict):
         return APIError(conflict_status, msg)
+    if isinstance(e, Unavailable):
+        return APIError(503, msg)  # nothing was written: retry once the database is back
     return APIError(500, msg)
 
 

@@ -19,6 +19,7 @@ from pyheadscale.config import Config
 from pyheadscale.mapper.context import AllowAllPolicy, Policy
 from pyheadscale.policy import IdPGroups, PolicyError, PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
+from pyheadscale.state.errors import Unavailable
 from pyheadscale.state.model import Node, User
 from pyheadscale.state.policystore import PolicyStore, PolicyUpdateDisabled, StoredPolicy
 from pyheadscale.state.tailnet import Tailnet
@@ -116,8 +117,12 @@ class PolicyController:
         self.on_swap()
 
     async def get(self) -> StoredPolicy:
-        """The stored policy with its update time (PolicyNotFound, PolicyReadError)."""
-        return await asyncio.to_thread(self.store.get)
+        """The stored policy with its update time (PolicyNotFound, PolicyReadError,
+        Unavailable)."""
+        try:
+            return await asyncio.to_thread(self.store.get)
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {str(e).splitlines()[0]}") from e
 
     async def check(self, text: str) -> None:
         """Validate against live users and nodes without storing; raises PolicyError."""

@@ -21,6 +21,7 @@ from pyheadscale.mapper.delta import delta
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
 from pyheadscale.mapper.full import PeerCache, full_map_and_peers
 from pyheadscale.state.changes import Subscription
+from pyheadscale.state.errors import PersistError
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.poll")
@@ -57,9 +58,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         return
 
     if not mr.stream:
-        await tn.update_from_map_request(
-            node.id, endpoints=mr.endpoints, disco_key=mr.disco_key, hostinfo=mr.hostinfo,
-            capver=mr.version)
+        await _apply_request(tn, node.id, mr)
         if mr.omit_peers:
             await reply(resp, 200, "")
             metrics.mapresponse_endpoint_updates.labels("ok").inc()
@@ -76,9 +75,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
     # "cancelled": a newer poll or the node's deletion ended it; "done": the client went.
     ended = "cancelled"
     try:
-        await tn.update_from_map_request(
-            node.id, endpoints=mr.endpoints, disco_key=mr.disco_key, hostinfo=mr.hostinfo,
-            capver=mr.version)
+        await _apply_request(tn, node.id, mr)
         await tn.set_online(node.id, True)
         await resp.start(200, [("content-type", "application/json")])
         await stream_maps(poll, node.id, sub, resp)
@@ -91,6 +88,17 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         if not tn.bus.subscribed(node.id) and node.id in tn.nodes:
             with contextlib.suppress(Exception):
                 await asyncio.shield(tn.set_online(node.id, False))
+
+
+async def _apply_request(tn: Tailnet, node_id: int, mr: tailcfg.MapRequest) -> None:
+    """What the request reports, persisted. Without the database the map keeps flowing from
+    memory: the report is dropped (the client sends it again when it changes next)."""
+    try:
+        await tn.update_from_map_request(
+            node_id, endpoints=mr.endpoints, disco_key=mr.disco_key, hostinfo=mr.hostinfo,
+            capver=mr.version)
+    except PersistError as e:
+        log.warning("node %d: map request not recorded: %s", node_id, e)
 
 
 async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from pyheadscale.config import HARoutesConfig
 from pyheadscale.control.policyctl import PolicyController
+from pyheadscale.control.routeshare import SharedPrimaries
 from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.errors import StateError
@@ -108,6 +109,9 @@ class RouteController:
         self._manager: PolicyManager | None = None
         self._closed = False
         self.probes_answered = 0  # exported in /metrics: probe cycles can be observed
+        # Several instances: the leader elects, probes and auto-approves; it shares the
+        # primaries through the database and the others adopt them (routeshare.py).
+        self.shared = SharedPrimaries(tailnet, self)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -117,8 +121,16 @@ class RouteController:
         self.primaries.compute(self.tailnet.nodes.values())
         self.on_primaries(self.primaries.by_node(), ())
         self._approve_later(self.tailnet.nodes)
+        self.shared.start()
         if self.probe_interval > 0:
             self._prober = asyncio.create_task(self._probe_loop())
+
+    def leading(self, leader: bool) -> None:
+        """This instance became the leader: elect from the shared table, approve what the
+        policy approves, probe from the next cycle."""
+        if leader and not self._closed:
+            self._recompute(share=True)
+            self._approve_later(self.tailnet.nodes)
 
     async def stop(self) -> None:
         self._closed = True
@@ -158,12 +170,25 @@ class RouteController:
         if touched:
             self._approve_later(touched)
 
-    def _recompute(self) -> None:
+    def _recompute(self, share: bool = False) -> None:
+        if not self.tailnet.membership.is_leader:
+            return  # the leader elects; its table arrives through adopt()
         changed = self.primaries.compute(self.tailnet.nodes.values())
         if changed:
-            log.info("primary routes now %s", {n: [str(p) for p in ps]
-                                               for n, ps in self.primaries.by_node().items()})
-            self.on_primaries(self.primaries.by_node(), changed)
+            self._announce(changed)
+        if changed or share:
+            self.shared.publish()
+
+    def adopt(self, primaries: Mapping[IPNetwork, int]) -> None:
+        """The leader's table (this instance follows)."""
+        changed = self.primaries.adopt(primaries)
+        if changed:
+            self._announce(changed)
+
+    def _announce(self, changed: Iterable[int]) -> None:
+        log.info("primary routes now %s", {n: [str(p) for p in ps]
+                                           for n, ps in self.primaries.by_node().items()})
+        self.on_primaries(self.primaries.by_node(), changed)
 
     def policy_refreshed(self) -> None:
         """The control plane rebuilt its context for a policy change: a new policy (not
@@ -176,7 +201,7 @@ class RouteController:
     # --- autoApprovers --------------------------------------------------------------------
 
     def _approve_later(self, node_ids: Iterable[int]) -> None:
-        if self.policy.manager is None or self._closed:
+        if self.policy.manager is None or self._closed or not self.tailnet.membership.is_leader:
             return
         ids = [i for i in node_ids if i in self.tailnet.nodes
                and self.tailnet.nodes[i].announced_routes]
@@ -211,7 +236,9 @@ class RouteController:
 
     def _connected(self, node_id: int) -> bool:
         node = self.tailnet.nodes.get(node_id)
-        return node is not None and node.online and self.tailnet.bus.subscribed(node_id)
+        if node is None or not node.online:
+            return False
+        return self.shared.held_elsewhere(node_id) or self.tailnet.bus.subscribed(node_id)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -224,6 +251,9 @@ class RouteController:
                 log.exception("HA probe cycle failed")
 
     async def probe_once(self) -> None:
+        if not self.tailnet.membership.is_leader:
+            self._stable.clear()
+            return
         ha = self.primaries.ha_nodes()
         ids = sorted({i for nodes in ha.values() for i in nodes})
         for nid in list(self._stable):
@@ -243,12 +273,20 @@ class RouteController:
 
     def send_ping(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
         ping_id, fut = self.pings.register(node_id)
-        url = f"{self.server_url}{PING_PATH}?id={ping_id}"
-        self.outbox.put(node_id, {"PingRequest": {"URL": url, "Log": False}})
+        url = f"{self.server_url}{PING_PATH}?id={ping_id}{self.shared.url_suffix()}"
+        request = {"PingRequest": {"URL": url, "Log": False}}
+        if self.shared.held_elsewhere(node_id):
+            self.shared.relay_ping(node_id, request)  # its session is on another instance
+        else:
+            self.deliver(node_id, request)
+        return ping_id, fut
+
+    def deliver(self, node_id: int, message: dict[str, Any]) -> None:
+        """Put a server message on the node's next map frame (its session is here)."""
+        self.outbox.put(node_id, message)
         # Wakes the node's map stream; the mapper ignores SELF changes without fields it knows.
         self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({Field.PING}),
                                         target=node_id))
-        return ping_id, fut
 
     async def _probe(self, node_id: int, epoch: int, stable: bool) -> None:
         ping_id, fut = self.send_ping(node_id)
@@ -272,6 +310,7 @@ class RouteController:
 
     async def ping_response(self, request: web.Request) -> web.Response:
         ping_id = request.query.get("id", "")
-        ok = self.pings.complete(ping_id)
+        ok = self.pings.complete(ping_id) or self.shared.relay_pong(
+            ping_id, request.query.get("i", ""))
         # Close the connection: each probe then proves the node can still open one.
         return web.Response(status=200 if ok else 404, headers={"Connection": "close"})

@@ -116,6 +116,7 @@ class TailnetBase:
                                      clustered=changelog is not None)
         # Cluster mode: node id -> the instance holding its map session (online nodes only).
         self.presence: dict[int, str] = {}
+        self.membership.on_leadership(self._leading)
         self.cfg = cfg
         self.ipam = ipam
         self.bus = bus or ChangeBus(batch_delay=cfg.tuning.batch_change_delay.total_seconds())
@@ -216,6 +217,14 @@ class TailnetBase:
         self.ipam.release(node.ipv4, node.ipv6)
         self.gc.cancel(node.id)
         self._publish(Change(ChangeKind.NODE_REMOVED, node.id))
+
+    def _leading(self, leader: bool) -> None:
+        """A new leader restarts the GC timers of offline ephemeral nodes (the old leader's
+        were lost with it; every instance keeps timers, only the leader deletes)."""
+        if leader:
+            for n in self.nodes.values():
+                if n.ephemeral and not n.online:
+                    self.gc.schedule(n.id)
 
     @serialized
     async def _gc_delete(self, node_id: int) -> None:

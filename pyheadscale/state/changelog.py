@@ -25,7 +25,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col
 
-from pyheadscale.db.cluster import ClusterChange, ClusterPresence
+from pyheadscale.db.cluster import ClusterChange, ClusterPresence, ClusterState
 
 CHANNEL = "pyheadscale_changes"
 # pg_advisory_xact_lock key of the append lock (any fixed 64-bit value; "pyhs-log").
@@ -143,3 +143,16 @@ def entries_after(s: Session, after: int, limit: int) -> list[Entry]:
 
 def last_id(s: Session) -> int:
     return int(s.execute(text("SELECT COALESCE(MAX(id), 0) FROM cluster_changes")).scalar_one())
+
+
+def put_shared(s: Session, key: str, value: Any) -> None:
+    """Set a shared value (the caller's transaction logs it: touch cluster_state/key)."""
+    stmt = pg_insert(ClusterState).values(key=key, value=value, updated_at=datetime.now(UTC))
+    s.execute(stmt.on_conflict_do_update(
+        index_elements=["key"], set_={"value": stmt.excluded.value,
+                                      "updated_at": stmt.excluded.updated_at}))
+
+
+def read_shared(s: Session, key: str) -> Any:
+    row = s.get(ClusterState, key)
+    return row.value if row is not None else None

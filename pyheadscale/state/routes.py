@@ -75,6 +75,13 @@ class PrimaryRoutes:
         after = self.by_node()
         return {i for i in set(before) | set(after) if before.get(i) != after.get(i)}
 
+    def adopt(self, primaries: Mapping[IPNetwork, int]) -> set[int]:
+        """Take another instance's election as ours; returns the nodes whose primaries moved."""
+        before = self.by_node()
+        self.primaries = dict(primaries)
+        after = self.by_node()
+        return {i for i in set(before) | set(after) if before.get(i) != after.get(i)}
+
     def by_node(self) -> dict[int, tuple[IPNetwork, ...]]:
         out: dict[int, list[IPNetwork]] = {}
         for prefix, nid in self.primaries.items():

@@ -6,13 +6,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyheadscale.api import shapes
-from pyheadscale.api.errors import APIError, bad_request
+from pyheadscale.api.errors import APIError, bad_request, from_state
 from pyheadscale.api.handlers.base import HandlerBase
 from pyheadscale.api.request import (
     read_body,
     text_field,
 )
 from pyheadscale.policy import PolicyError
+from pyheadscale.state.errors import StateError
 from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError
 
 
@@ -26,6 +27,8 @@ class PolicyHandlers(HandlerBase):
             raise APIError(500, f"loading ACL from database: {e}") from None
         except PolicyReadError as e:
             raise APIError(500, str(e)) from None
+        except StateError as e:
+            raise from_state("loading ACL from database", e) from None
         # File mode has no update time: Headscale leaves the field unset, which its JSON
         # gateway writes as null (Headplane then shows the policy read-only).
         updated = p.updated_at if self.policy.mode == "database" else None

@@ -23,6 +23,7 @@ from pyheadscale.state.errors import (
     InvalidAuthKey,
     NotFound,
     StateError,
+    Unavailable,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -58,6 +59,8 @@ def from_state(context: str, e: StateError) -> V2Error:
         return V2Error(404, msg)
     if isinstance(e, InvalidArgument | InvalidAuthKey | AlreadyExists | Conflict):
         return V2Error(400, msg)
+    if isinstance(e, Unavailable):
+        return V2Error(503, msg)  # nothing was written: retry once the database is back
     return V2Error(500, msg)
 
 
