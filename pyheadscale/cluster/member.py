@@ -235,6 +235,7 @@ class ClusterMember:
             if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
                 self._pruned_at = time.monotonic()
                 await conn.execute(sql.PRUNE, (LOG_RETENTION_S,))
+                await conn.execute(sql.PRUNE_REGISTRATIONS)
 
     async def _heartbeat(self) -> bool:
         """False when this instance's row is gone (the leader took it for dead)."""

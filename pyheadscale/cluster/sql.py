@@ -30,3 +30,5 @@ DELETE FROM cluster_changes
 WHERE id < (SELECT COALESCE(MIN(applied_id), 0) FROM cluster_instances)
   AND created_at < now() - make_interval(secs => %s)
 """
+# Registrations nobody completed, past their expiry (every instance ignores them already).
+PRUNE_REGISTRATIONS = "DELETE FROM cluster_registrations WHERE expires_at < now()"

@@ -24,7 +24,6 @@ from pyheadscale import metrics, tailcfg
 from pyheadscale.api.actions import AdminActions
 from pyheadscale.api.handlers.base import AdminDeps
 from pyheadscale.auth.oidc import OIDCProvider
-from pyheadscale.auth.webflow import PendingRegistrations
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.config.errors import key_error
 from pyheadscale.console.deps import ConsoleDeps
@@ -34,6 +33,7 @@ from pyheadscale.control.policyctl import PolicyController
 from pyheadscale.control.poll import MapPoll, handle_map
 from pyheadscale.control.register import Registration, handle_register, reply
 from pyheadscale.control.routectl import RouteController
+from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.control.sshcheck import ROUTE as SSH_ACTION_ROUTE
 from pyheadscale.control.sshcheck import SSHCheckAction, SSHChecks, handle_ssh_action
 from pyheadscale.control.tagowners import tag_authorizer
@@ -99,9 +99,9 @@ class ControlPlane:
         self._extra_records_mtime: float | None = None
         self._file_records: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self.pending = PendingRegistrations(
+        self.pending = SharedPending(
             cfg.tuning.register_cache_expiration.total_seconds(),
-            cfg.tuning.register_cache_max_entries)
+            cfg.tuning.register_cache_max_entries, tailnet)
         oidc = (OIDCProvider(cfg.oidc, cfg.server_url, self.pending, tailnet)
                 if cfg.oidc.enabled else None)
         self.webflow = WebAuth(cfg.server_url, self.pending, tailnet, oidc)

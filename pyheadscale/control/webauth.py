@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from pyheadscale.auth.oidc import OIDCProvider
-from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, PendingRegistrations, UnknownAuthID
+from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, UnknownAuthID
 from pyheadscale.control.register import register_response, reply
+from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.state.model import Node
 from pyheadscale.state.tailnet import Tailnet
@@ -21,7 +22,7 @@ class WebAuth:
     """Registrations that wait for a person: the CLI/API `auth register`, or OIDC (`oidc`,
     when configured) completing them."""
 
-    def __init__(self, server_url: str, pending: PendingRegistrations, tailnet: Tailnet,
+    def __init__(self, server_url: str, pending: SharedPending, tailnet: Tailnet,
                  oidc: OIDCProvider | None) -> None:
         self.server_url = server_url.rstrip("/")
         self.pending = pending
@@ -36,7 +37,7 @@ class WebAuth:
         if rr.followup:
             auth_id = rr.followup.rstrip("/").rsplit("/", 1)[-1]
             try:
-                p = pending.get(auth_id)
+                p = await pending.fetch(auth_id)  # opened on another instance, maybe
             except UnknownAuthID:
                 p = None
             if p is not None and p.machine_key == req.machine_key:
@@ -46,6 +47,7 @@ class WebAuth:
         p = pending.add(machine_key=req.machine_key, node_key=rr.node_key,
                         hostinfo=rr.hostinfo, expiry=rr.expiry, ephemeral=rr.ephemeral,
                         capver=rr.version)
+        await pending.publish(p)
         await reply(resp, 200, {"AuthURL": self.auth_url(p.auth_id)})
 
     async def _wait(self, p: Pending, resp: ResponseStream) -> None:
@@ -55,6 +57,7 @@ class WebAuth:
             fresh = self.pending.add(machine_key=p.machine_key, node_key=p.node_key,
                                         hostinfo=p.hostinfo, expiry=p.expiry,
                                         ephemeral=p.ephemeral, capver=p.capver)
+            await self.pending.publish(fresh)
             await reply(resp, 200, {"AuthURL": self.auth_url(fresh.auth_id)})
             return
         except PermissionError as e:
@@ -64,7 +67,7 @@ class WebAuth:
 
     async def register(self, auth_id: str, user_id: int) -> Node:
         """Complete a pending registration for a user (CLI/API `auth register`)."""
-        p = self.pending.get(auth_id)
+        p = await self.pending.fetch(auth_id)
         node = await self.tailnet.register_for_user(
             machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
             user_id=user_id, requested_expiry=p.expiry,
@@ -84,7 +87,7 @@ class WebAuth:
         if not auth_id.startswith(AUTH_ID_PREFIX):
             return web.Response(status=400, text="invalid registration ID")
         try:
-            self.pending.get(auth_id)
+            await self.pending.fetch(auth_id)
         except UnknownAuthID:
             return web.Response(status=404, text="registration not found or expired")
         # OIDC: with a reachable provider the page sends the browser there instead

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.db.engine import make_engine, migrate
 from pyheadscale.state import InvalidAuthKey
 from pyheadscale.state.changelog import ChangeLog
@@ -149,3 +150,46 @@ async def test_presence_reasserted_and_resync(pair: tuple[Tailnet, Tailnet]) -> 
         c.execute(text("DELETE FROM cluster_changes"))
     await b.resync()
     assert b.get_node(n1.id).given_name == "renamed"
+
+
+async def _settle(*pendings: SharedPending) -> None:
+    for p in pendings:
+        while p._tasks:
+            await asyncio.gather(*list(p._tasks))
+
+
+async def test_pending_registration_completed_on_another_instance(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    uid, _ = await _user_and_key(a)
+    pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
+    # Opened on a (the client's register request); its Followup waits there.
+    p = pa.add(machine_key=key(1), node_key=key(2), hostinfo={"Hostname": "web"})
+    await pa.publish(p)
+    await b.catch_up()
+    await _settle(pb)
+    mirrored = pb.get(p.auth_id)  # b mirrors it: a Followup or the admin may land there
+    assert (mirrored.machine_key, mirrored.hostinfo) == (key(1), {"Hostname": "web"})
+    # The admin approves on b; the client waiting on a gets its node.
+    node = await b.register_for_user(key(1), key(2), uid, mirrored.hostinfo)
+    pb.complete(p.auth_id, node)
+    await _settle(pb)
+    await a.catch_up()
+    await _settle(pa)
+    got = await asyncio.wait_for(asyncio.shield(p.done), 5)
+    assert got.id == node.id and got.ipv4 == node.ipv4
+    # One opened on b and rejected on a: b's waiter hears the refusal.
+    q = pb.add(machine_key=key(3), node_key=key(4), hostinfo={})
+    await pb.publish(q)
+    await a.catch_up()
+    await _settle(pa)
+    pa.reject(q.auth_id, "auth request rejected")
+    await _settle(pa)
+    await b.catch_up()
+    await _settle(pb)
+    with pytest.raises(PermissionError):
+        await asyncio.wait_for(asyncio.shield(q.done), 5)
+    # A Followup reaching an instance before the change log did reads the database.
+    r = pa.add(machine_key=key(5), node_key=key(6), hostinfo={})
+    await pa.publish(r)
+    assert (await pb.fetch(r.auth_id)).machine_key == key(5)
