@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -39,7 +40,9 @@ log = logging.getLogger("pyheadscale.state")
 T = TypeVar("T")
 P = ParamSpec("P")
 S = TypeVar("S", bound="TailnetBase")
-STALE_RETRIES = 20  # a write re-run this often without success gives up (Unavailable)
+# The open transaction of a write re-run under the append lock (see serialized); only the
+# task running that write sees it.
+HELD: ContextVar[persist.Held | None] = ContextVar("pyheadscale_held_tx", default=None)
 
 
 def utcnow() -> datetime:
@@ -59,22 +62,20 @@ def serialized(
     plain helpers, never another serialized method.
 
     With other instances on the database, a write that finds a change it has not applied yet
-    (`Stale`, before anything is written) is run again once memory has caught up."""
+    (`Stale`, before anything is written) runs again inside one transaction that holds the
+    append lock from the start: memory catches up in it, so no newer change can slip in
+    (re-running optimistically would livelock while other instances write all the time)."""
 
     @functools.wraps(write)
     async def one_write(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         async def run() -> T:
             async with self._lock:
-                for _ in range(STALE_RETRIES):
-                    try:
-                        result = await write(self, *args, **kwargs)
-                    except Stale:
-                        await self._catch_up_locked()
-                        continue
-                    self.generation += 1
-                    return result
-                raise Unavailable("database write failed: other instances keep writing "
-                                  "changes this one cannot catch up with; try again")
+                try:
+                    result = await write(self, *args, **kwargs)
+                except Stale:
+                    result = await self._write_holding_lock(write, args, kwargs)
+                self.generation += 1
+                return result
 
         return await asyncio.shield(asyncio.ensure_future(run()))
 
@@ -168,7 +169,11 @@ class TailnetBase:
         and, with `check` (serialized writes), refused as Stale if memory is behind."""
         loop = asyncio.get_running_loop()
         cl = self.changelog
+        held = HELD.get() if check else None
         try:
+            if held is not None:
+                result, entry = await loop.run_in_executor(self._executor, held.run, fn)
+                return result  # type: ignore[no-any-return]
             result, entry = await loop.run_in_executor(
                 self._executor, persist.run_tx, self.engine, fn, cl, check)
         except Stale:
@@ -190,9 +195,44 @@ class TailnetBase:
         the policy). Not checked against the log: these writes never read the tailnet."""
         return await self._commit(fn, check=False)
 
-    async def _catch_up_locked(self) -> int:
-        """Apply what other instances committed (replica.py); the caller holds the lock."""
+    async def _catch_up_locked(self, held: persist.Held | None = None) -> int:
+        """Apply what other instances committed (replica.py), reading in `held` when given;
+        the caller holds the lock."""
         return 0
+
+    async def _write_holding_lock(self, write: Callable[..., Awaitable[T]],
+                                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        """Run `write` in one transaction that takes the append lock first and catches up in
+        it: its statements then commit together, after memory already took them (so a
+        failed final commit reloads memory from the database)."""
+        cl = self.changelog
+        assert cl is not None
+        loop = asyncio.get_running_loop()
+        try:
+            held = await loop.run_in_executor(self._executor, persist.Held.open, self.engine, cl)
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {str(e).splitlines()[0]}") from e
+        token = HELD.set(held)
+        try:
+            await self._catch_up_locked(held)
+            result = await write(self, *args, **kwargs)
+            await loop.run_in_executor(self._executor, held.commit)
+        except BaseException as e:
+            await loop.run_in_executor(self._executor, held.rollback)
+            if held.entries:  # memory took statements that were never committed
+                log.error("a write failed after changing memory; reloading from the database")
+                asyncio.get_running_loop().create_task(self._resync_later())
+            if isinstance(e, SQLAlchemyError):
+                raise Unavailable(f"database write failed: {str(e).splitlines()[0]}") from e
+            raise
+        finally:
+            HELD.reset(token)
+        if held.entries:
+            cl.applied = max(cl.applied, *held.entries)
+        return result
+
+    async def _resync_later(self) -> None:
+        """Reload everything (replica.py)."""
 
     def _publish(self, *changes: Change) -> None:
         # Listeners (policy, routes) update derived state before any session sees the change.

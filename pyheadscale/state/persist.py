@@ -279,6 +279,45 @@ class Tx:
                        .values(auth_key_id=None))
 
 
+class Held:
+    """A transaction kept open across one write that holds the append lock from its start
+    (state/base.py, serialized): statements run in it as the write goes, commit at the end."""
+
+    def __init__(self, session: Session, changelog: ChangeLog) -> None:
+        self.session = session
+        self.changelog = changelog
+        self.entries: list[int] = []
+
+    @classmethod
+    def open(cls, engine: Engine, changelog: ChangeLog) -> Held:
+        s = Session(engine)
+        try:
+            s.begin()
+            changelog.begin(s, check=False)
+        except BaseException:
+            s.close()
+            raise
+        return cls(s, changelog)
+
+    def run(self, fn: Any) -> tuple[Any, int | None]:
+        tx = Tx(self.session, self.changelog)
+        result = fn(tx)
+        entry = self.changelog.append(self.session, tx.touched) if tx.touched else None
+        if entry is not None:
+            self.entries.append(entry)
+        return result, entry
+
+    def commit(self) -> None:
+        self.session.commit()
+        self.session.close()
+
+    def rollback(self) -> None:
+        try:
+            self.session.rollback()
+        finally:
+            self.session.close()
+
+
 def run_tx(engine: Engine, fn: Any, changelog: ChangeLog | None = None,
            check: bool = False) -> tuple[Any, int | None]:
     """Run `fn(tx)` in one transaction; with a change log, append what it touched (after

@@ -74,17 +74,21 @@ class Batch:
     loaded: persist.Loaded
 
 
-def fetch_batch(engine: Engine, after: int, limit: int = BATCH) -> Batch | None:
+def read_batch(s: Session, after: int, limit: int = BATCH) -> Batch | None:
     """The entries after `after` and the rows they name, read together (DB thread)."""
+    entries = entries_after(s, after, limit)
+    if not entries:
+        return None
+    touched = Touched()
+    for e in entries:
+        touched.merge(e.rows)
+    return Batch(entries[-1].id, len(entries), touched,
+                 persist.load_rows(s, touched, presence=True))
+
+
+def fetch_batch(engine: Engine, after: int, limit: int = BATCH) -> Batch | None:
     with Session(engine) as s:
-        entries = entries_after(s, after, limit)
-        if not entries:
-            return None
-        touched = Touched()
-        for e in entries:
-            touched.merge(e.rows)
-        return Batch(entries[-1].id, len(entries), touched,
-                     persist.load_rows(s, touched, presence=True))
+        return read_batch(s, after, limit)
 
 
 class Replica(TailnetBase):
@@ -98,15 +102,19 @@ class Replica(TailnetBase):
         async with self._lock:
             return await self._catch_up_locked()
 
-    async def _catch_up_locked(self) -> int:
+    async def _catch_up_locked(self, held: persist.Held | None = None) -> int:
         cl = self.changelog
         if cl is None:
             return 0
         loop = asyncio.get_running_loop()
         total = 0
         while True:
-            batch = await loop.run_in_executor(self._executor, fetch_batch, self.engine,
-                                               cl.applied)
+            if held is not None:
+                batch = await loop.run_in_executor(self._executor, read_batch, held.session,
+                                                   cl.applied)
+            else:
+                batch = await loop.run_in_executor(self._executor, fetch_batch, self.engine,
+                                                   cl.applied)
             if batch is None:
                 return total
             self._apply(batch.loaded, batch.touched)
@@ -114,6 +122,12 @@ class Replica(TailnetBase):
             total += batch.count
             if batch.count < BATCH:
                 return total
+
+    async def _resync_later(self) -> None:
+        try:
+            await self.resync()
+        except Exception:  # the next catch-up or reconnection tries again
+            log.exception("reloading from the database failed")
 
     async def resync(self) -> None:
         """Reload everything (this instance missed changes the log no longer holds)."""

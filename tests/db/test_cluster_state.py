@@ -84,14 +84,26 @@ async def test_concurrent_registrations_get_distinct_addresses_and_names(
     a, b = pair
     _, full = await _user_and_key(a)
     await b.catch_up()
-    # Neither catches up in between: every write finds the other's change and is re-run.
+    # Neither catches up in between: a write that finds the other's change is run again,
+    # holding the append lock, after catching up.
+    held = 0
+    for tn in (a, b):
+        plain = tn._write_holding_lock
+
+        async def counting(*args: Any, plain: Any = plain) -> Any:
+            nonlocal held
+            held += 1
+            return await plain(*args)
+
+        tn._write_holding_lock = counting  # type: ignore[method-assign]
     regs = [tn.register_with_authkey(key(10 + i), key(100 + i), None, {"Hostname": "host"},
                                      key=full)
-            for i in range(20) for tn in ((a, b)[i % 2],)]
+            for i in range(60) for tn in ((a, b)[i % 2],)]
     nodes = await asyncio.gather(*regs)
-    assert len({n.id for n in nodes}) == 20
-    assert len({n.ipv4 for n in nodes}) == 20 and len({n.ipv6 for n in nodes}) == 20
-    assert len({n.given_name for n in nodes}) == 20
+    assert len({n.id for n in nodes}) == 60
+    assert len({n.ipv4 for n in nodes}) == 60 and len({n.ipv6 for n in nodes}) == 60
+    assert len({n.given_name for n in nodes}) == 60
+    assert held > 0
     await a.catch_up()
     await b.catch_up()
     assert {n.id: (n.ipv4, n.given_name) for n in a.nodes.values()} == {
