@@ -196,6 +196,7 @@ class ClusterMember:
             await self._register()
         else:
             await self.tailnet.catch_up()
+        await self.tailnet.flush_unsaved()
         await self.tailnet.reassert_presence(self.tailnet.bus.subscribers())
         log.info("cluster: reconnected to the database")
 

@@ -117,6 +117,8 @@ class TailnetBase:
                                      clustered=changelog is not None)
         # Cluster mode: node id -> the instance holding its map session (online nodes only).
         self.presence: dict[int, str] = {}
+        # Cluster mode: nodes whose map-request changes live only in memory (no database).
+        self.unsaved: set[int] = set()
         self.membership.on_leadership(self._leading)
         self.cfg = cfg
         self.ipam = ipam

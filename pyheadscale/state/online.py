@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -17,10 +18,14 @@ from pyheadscale.db.cluster import ClusterInstance, ClusterPresence
 from pyheadscale.state import changelog, persist
 from pyheadscale.state.base import TailnetBase, serialized, utcnow
 from pyheadscale.state.changes import PATCH_FIELDS, Change, ChangeKind, Field
-from pyheadscale.state.errors import PersistError
+from pyheadscale.state.errors import PersistError, Unavailable
 from pyheadscale.state.mapreq import apply_map_request
 
 log = logging.getLogger("pyheadscale.state")
+
+
+def _write_row(node_id: int, values: dict[str, Any], tx: persist.Tx) -> None:
+    tx.update(db.Node, node_id, values)
 
 
 class OnlineTracking(TailnetBase):
@@ -46,8 +51,33 @@ class OnlineTracking(TailnetBase):
         new = replace(new, capver=capver or old.capver, updated_at=utcnow(),
                       version=old.version + 1)
         kind = ChangeKind.NODE_PATCH if fields <= PATCH_FIELDS else ChangeKind.NODE_CHANGED
-        await self._write_node(old, new, kind, fields)
+        try:
+            await self._write_node(old, new, kind, fields)
+        except Unavailable:
+            if self.changelog is None:
+                raise
+            # Several instances and no database: this instance's sessions still learn the
+            # node's new endpoints and disco key (a restarted client keeps talking to its
+            # peers here); the others learn them when flush_unsaved() writes them.
+            log.warning("node %d: no database, its new %s reach only this instance's "
+                        "sessions for now", node_id, sorted(f.value for f in fields))
+            self._put_node(new)
+            self._publish(Change(kind, new.id, fields))
+            self.unsaved.add(node_id)
         return fields
+
+    @serialized
+    async def flush_unsaved(self) -> int:
+        """Cluster mode, the database back: write what map requests changed while it was
+        away. Returns how many nodes were written."""
+        done = 0
+        for nid in sorted(self.unsaved):
+            n = self.nodes.get(nid)
+            if n is not None:
+                await self._commit(functools.partial(_write_row, nid, persist.node_values(n)))
+                done += 1
+            self.unsaved.discard(nid)
+        return done
 
     @serialized
     async def set_online(self, node_id: int, online: bool, at: datetime | None = None) -> bool:

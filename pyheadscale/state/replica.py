@@ -233,6 +233,11 @@ class Replica(TailnetBase):
                 self.presence.pop(nid, None)
             else:
                 self.presence[nid] = holder
+            if nid in self.unsaved and old is not None:
+                # What its map requests reported while the database was away is newer.
+                row = replace(row, endpoints=old.endpoints, disco_key=old.disco_key,
+                              hostinfo=old.hostinfo, hostname=old.hostname,
+                              given_name=old.given_name)
             new = replace(row, online=online, capver=capver)
             if old is None:
                 for a in new.addresses:
