@@ -149,12 +149,14 @@ class OnlineTracking(TailnetBase):
         caps = {i: self.nodes[i].capver for i in live}
 
         def tx_fn(tx: persist.Tx) -> None:
-            tx.s.execute(delete(ClusterPresence).where(
+            gone = tx.s.execute(delete(ClusterPresence).where(
                 col(ClusterPresence.instance_id) == me,
-                col(ClusterPresence.node_id).not_in(live)))
+                col(ClusterPresence.node_id).not_in(live)).returning(
+                col(ClusterPresence.node_id))).scalars()
+            for nid in [*gone, *live]:
+                tx.touch("cluster_presence", int(nid))
             for nid in live:
                 changelog.set_presence(tx.s, nid, me, caps[nid], now)
-            tx.touch("cluster_presence")
 
         await self._commit(tx_fn)
         for nid in [n for n, holder in self.presence.items() if holder == me]:
