@@ -314,6 +314,12 @@ class DerpServer:
         link.start()
         return link
 
+    async def remove_mesh_peer(self, link: Any) -> None:
+        """Stop a link made by add_mesh_peer (the other relay left the region)."""
+        if link in self._mesh_links:
+            self._mesh_links.remove(link)
+        await link.close()
+
     async def close(self) -> None:
         """Stop mesh links and close every client connection."""
         for link in self._mesh_links:

@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from sqlalchemy import Engine
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
-from pyheadscale.cluster import ClusterMember, is_clustered
-from pyheadscale.cluster.member import new_instance_id
+from pyheadscale.cluster import ClusterMember, InstanceInfo, is_clustered
+from pyheadscale.cluster.member import first_value, new_instance_id, shared_secret
 from pyheadscale.config import Config, ConfigError
+from pyheadscale.config.errors import key_error
 from pyheadscale.console import AdminConsole
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.upgrade import add_routes
@@ -40,16 +42,19 @@ from pyheadscale.listener import (
 from pyheadscale.logs import configure as configure_logging
 from pyheadscale.logs import fields
 from pyheadscale.metrics import ServerView, server_registry, state_written
-from pyheadscale.noise.keys import load_or_create_private_key
+from pyheadscale.noise.keys import load_or_create_private_key, public_key
 from pyheadscale.pages import add_page_routes, security_headers
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS
 from pyheadscale.startup import database_step, failing_key
 from pyheadscale.state.changelog import ChangeLog
+from pyheadscale.state.changes import ChangeKind
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale")
+MESH_KEY = "derp_mesh_key"  # cluster_state key of the relays' shared mesh key
+NOISE_KEY = "noise_public_key"  # cluster_state key: the control key every instance serves
 
 
 def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
@@ -74,6 +79,7 @@ class Server:
         self.tasks: list[asyncio.Task[None]] = []
         self.derp: EmbeddedDerp | None = None
         self.cluster: ClusterMember | None = None
+        self._relay_tasks: set[asyncio.Task[None]] = set()
         self.acme: AcmeManager | None = None
         self.console: AdminConsole | None = None
         self.stopped = asyncio.Event()
@@ -92,12 +98,30 @@ class Server:
             changelog = ChangeLog(new_instance_id()) if is_clustered(self.engine) else None
             self.tailnet = await Tailnet.load(self.engine, cfg, changelog=changelog)
             self.tailnet.write_observer = state_written
+        mesh_key, node_name = None, ""
+        if changelog is not None and cfg.derp.server.enabled:
+            # One region of every instance's relay, meshed with a key they share.
+            node_name = changelog.instance_id
+            if not cfg.derp.server.mesh_key_path:
+                with database_step(db, "cannot read the shared relay mesh key"):
+                    mesh_key = await asyncio.to_thread(shared_secret, self.engine, MESH_KEY)
+        noise_path = cfg.noise.private_key_path or Path(cfg.data_dir) / "noise_private.key"
         with failing_key("noise.private_key_path", "cannot read or create the Noise key"):
-            noise_key = load_or_create_private_key(cfg.noise.private_key_path
-                                                   or Path(cfg.data_dir) / "noise_private.key")
+            noise_key = load_or_create_private_key(noise_path)
+        if changelog is not None:
+            # Clients keep the server key they fetched first: every instance needs the same.
+            mine = public_key(noise_key).hex()
+            with database_step(db, "cannot read the shared Noise public key"):
+                first = await asyncio.to_thread(first_value, self.engine, NOISE_KEY, mine)
+            if first != mine:
+                raise key_error("noise.private_key_path",
+                                f"{noise_path} holds another key than the other instances "
+                                f"on this database use (public key {first}); copy their "
+                                "key file here")
 
         if cfg.derp.server.enabled:
-            self.derp = EmbeddedDerp(cfg, self.tailnet)
+            self.derp = EmbeddedDerp(cfg, self.tailnet, mesh_key=mesh_key,
+                                     node_name=node_name)
             await self.derp.start()
         self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
         await self.control.start()
@@ -110,6 +134,7 @@ class Server:
         self.tasks.append(asyncio.create_task(self._reap_hourly()))
         if changelog is not None:
             self.cluster = ClusterMember(self.tailnet, info=self._cluster_info)
+            self.cluster.on_instances.append(self._instances_changed)
             await self.cluster.start()
 
         app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
@@ -194,7 +219,23 @@ class Server:
 
     def _cluster_info(self) -> dict[str, Any]:
         """What this instance offers the others: its relay's DERP node and mesh address."""
-        return {}
+        return {"derp": self.derp.cluster_info()} if self.derp is not None else {}
+
+    def _instances_changed(self, instances: Mapping[str, InstanceInfo]) -> None:
+        if self.derp is None or self.cluster is None:
+            return
+        me = self.cluster.id
+        peers = {i: inst.info["derp"] for i, inst in instances.items()
+                 if i != me and isinstance(inst.info.get("derp"), dict)}
+        task = asyncio.get_running_loop().create_task(self._set_relay_peers(peers))
+        self._relay_tasks.add(task)
+        task.add_done_callback(self._relay_tasks.discard)
+
+    async def _set_relay_peers(self, peers: dict[str, dict[str, Any]]) -> None:
+        assert self.derp is not None
+        if await self.derp.set_peers(peers):
+            log.info("relay region now %d nodes", len(peers) + 1)
+            self.control.refresh_context(ChangeKind.DERP)
 
     async def _reap_hourly(self) -> None:
         """Expired OAuth tokens and long-revoked auth keys go; the checks that reject them
@@ -214,6 +255,8 @@ class Server:
         """Stop what is running; also after a start that failed half-way."""
         if self.cluster is not None:
             await self.cluster.stop()
+        for rt in list(self._relay_tasks):
+            rt.cancel()
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:

@@ -48,8 +48,16 @@ def _hostport(addr: str) -> tuple[str, int]:
 class EmbeddedDerp:
     server: DerpServer  # set by start()
 
-    def __init__(self, cfg: Config, tailnet: Tailnet) -> None:
+    def __init__(self, cfg: Config, tailnet: Tailnet, *, mesh_key: str | None = None,
+                 node_name: str = "") -> None:
+        """`mesh_key` (cluster mode, when derp.server.mesh_key_path is unset) is the region's
+        shared key; `node_name` names this relay's node in a region of several instances."""
         self.cfg = cfg
+        self._mesh_key = mesh_key
+        self.node_name = node_name
+        # Cluster mode: the other instances' relays (instance id -> DERP node, mesh link).
+        self._peer_nodes: dict[str, dict[str, Any]] = {}
+        self._peer_links: dict[str, tuple[str, Any]] = {}
         self.srv_cfg = cfg.derp.server
         self.tailnet = tailnet
         self._listener: asyncio.base_events.Server | None = None
@@ -83,7 +91,7 @@ class EmbeddedDerp:
         key_path = s.private_key_path or Path(self.cfg.data_dir) / "derp_server_private.key"
         # The mesh key (derper's 64-hex --mesh-psk-file format) also admits mesh peers and
         # probers (derpprobe --mesh-psk-file) past verify_clients, as in derper.
-        mesh_key = None
+        mesh_key = self._mesh_key
         if s.mesh_key_path:
             with failing_key("derp.server.mesh_key_path", "cannot read the mesh key"):
                 mesh_key = Path(s.mesh_key_path).read_text().strip()
@@ -146,6 +154,38 @@ class EmbeddedDerp:
             table[host] = sorted({str(i[4][0]) for i in infos})
         self._bootstrap = table
 
+    # --- a region of several instances (cluster mode) --------------------------------------
+
+    def cluster_info(self) -> dict[str, Any]:
+        """What the other instances need: this relay's DERP node and where to mesh with it."""
+        node = dict(self.region()["Nodes"][0])
+        host = node.get("HostName") or node.get("IPv4")
+        return {"node": node, "key": self.server.public_key.hex(),
+                "mesh_url": f"https://{host}:{self.port}/derp"}
+
+    async def set_peers(self, peers: Mapping[str, Mapping[str, Any]]) -> bool:
+        """The other live instances (id -> their cluster_info()): their nodes join this
+        relay's region in the DERP map and this relay meshes with each. Returns whether the
+        region changed."""
+        nodes = {i: dict(p["node"]) for i, p in peers.items()
+                 if isinstance(p.get("node"), dict) and p["node"].get("HostName")}
+        changed = nodes != self._peer_nodes
+        self._peer_nodes = nodes
+        if self.server.mesh_key:
+            for i in [i for i in self._peer_links if i not in peers]:
+                _, link = self._peer_links.pop(i)
+                await self.server.remove_mesh_peer(link)
+            for i, p in peers.items():
+                url = p.get("mesh_url")
+                if not isinstance(url, str) or self._peer_links.get(i, ("",))[0] == url:
+                    continue
+                if i in self._peer_links:
+                    await self.server.remove_mesh_peer(self._peer_links.pop(i)[1])
+                # The database told us this relay's address; the mesh key is what both
+                # sides prove to each other.
+                self._peer_links[i] = (url, self.server.add_mesh_peer(url))
+        return changed
+
     async def stop(self) -> None:
         if self._resolving is not None:
             self._resolving.cancel()
@@ -169,10 +209,17 @@ class EmbeddedDerp:
             ipv4 = ipv4 or (str(literal) if literal.version == 4 else "none")
             ipv6 = ipv6 or (str(literal) if literal.version == 6 else "none")
         pin = self.cert_pin.removeprefix("sha256-raw:") if self.cert_pin else None
-        return embedded_region(
+        region = embedded_region(
             host=s.hostname, derp_port=self.port, stun_port=self.stun_port,
             region_id=s.region_id, region_code=s.region_code, region_name=s.region_name,
             ipv4=ipv4, ipv6=ipv6, cert_sha256=pin, insecure_for_tests=s.insecure_for_tests)
+        if self.node_name:
+            # Several instances: this relay first (its own clients home on it), then the
+            # others' (clients fall back to them; the mesh carries packets between them).
+            region["Nodes"][0]["Name"] = f"{s.region_id}-{self.node_name}"
+            region["Nodes"] += [dict(n, RegionID=s.region_id)
+                                for _, n in sorted(self._peer_nodes.items())]
+        return region
 
     def describe(self) -> str:
         where = (f"the main listener ({urlsplit(self.cfg.server_url).netloc})"

@@ -72,6 +72,29 @@ class InstanceInfo:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def first_value(engine: Engine, key: str, proposed: str) -> str:
+    """The shared value under `key`: `proposed` if this instance is the first to set it,
+    else what the first one set."""
+    with Session(engine) as s, s.begin():
+        s.execute(text("INSERT INTO cluster_state (key, value, updated_at) "
+                       "VALUES (:k, :v, now()) ON CONFLICT (key) DO NOTHING"),
+                  {"k": key, "v": orjson.dumps(proposed).decode()})
+        value = orjson.loads(s.execute(text("SELECT value FROM cluster_state WHERE key = :k"),
+                                       {"k": key}).scalar_one())
+    if not isinstance(value, str):
+        raise ValueError(f"cluster_state {key!r} does not hold text")
+    return value
+
+
+def shared_secret(engine: Engine, key: str) -> str:
+    """A 32-byte hex secret every instance shares (the relay mesh key when none is
+    configured): the first instance to ask creates it."""
+    secret = first_value(engine, key, secrets.token_hex(32))
+    if len(secret) != 64:
+        raise ValueError(f"cluster_state {key!r} does not hold a 64-hex secret")
+    return secret
+
+
 def _conninfo(engine: Engine) -> str:
     url = engine.url.set(drivername="postgresql")
     return url.render_as_string(hide_password=False)
