@@ -9,6 +9,10 @@ Independent of pytest. Usage:
 The cluster lives in a fresh temp directory, listens on 127.0.0.1 on a free port, runs as the
 unprivileged `postgres` OS user when we are root (initdb refuses root), uses password auth, and
 is stopped and deleted on exit. Missing binaries raise PgServerError: tests must fail, not skip.
+
+With `netns`, the server runs inside that network namespace and listens on `listen` (an
+address of the namespace, port 5432 unless given); the test process still reaches it through
+its unix socket, which lives in the temp directory (sockets are files, not network objects).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import ipaddress
 import os
 import pwd
 import re
@@ -64,11 +69,14 @@ def find_pg_bindir() -> Path:
 
 
 class PostgresServer:
-    def __init__(self, *, bindir: Path | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, *, bindir: Path | None = None, start_timeout: float = 60.0,
+                 netns: str | None = None, listen: str = "127.0.0.1",
+                 port: int | None = None) -> None:
         self.bindir = bindir or find_pg_bindir()
         self.start_timeout = start_timeout
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.netns = netns
+        self.host = listen
+        self.port = port or (5432 if netns else 0)
         self.user = _SUPERUSER
         self.password = secrets.token_hex(16)
         self.tmpdir: Path | None = None
@@ -153,6 +161,8 @@ class PostgresServer:
             argv = [self._su, _SUPERUSER, "-s", "/bin/sh", "-c", shlex.join(argv)]
         else:
             argv = self._as_user + argv
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         proc = subprocess.run(
             argv,
             capture_output=True,
@@ -196,36 +206,22 @@ class PostgresServer:
             ]
         )
         pwfile.unlink()
+        if self.netns is not None:
+            # Clients come from the namespace's own network (initdb allows only loopback).
+            net = ipaddress.ip_network(f"{self.host}/24", strict=False)
+            with open(self.datadir / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {net} scram-sha-256\n")
 
     def _start_server(self) -> None:
         assert self.tmpdir is not None
         last_err: Exception | None = None
         # The port is picked before the server binds it; retry if someone else grabbed it.
-        for _ in range(3):
-            self.port = free_port()
-            opts = (
-                f"-c listen_addresses={self.host} -p {self.port} "
-                f"-c unix_socket_directories={self.tmpdir} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=50 -c shared_buffers=16MB"
-            )
+        fixed = self.port != 0
+        for _ in range(1 if fixed else 3):
+            if not fixed:
+                self.port = free_port()
             try:
-                self._run(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "-D",
-                        str(self.datadir),
-                        "-o",
-                        opts,
-                        "-l",
-                        str(self.tmpdir / "server.log"),
-                        "-w",
-                        "-t",
-                        str(int(self.start_timeout)),
-                        "start",
-                    ],
-                    timeout=self.start_timeout + 30,
-                )
+                self._pg_ctl_start()
             except PgServerError as e:
                 last_err = e
                 continue
@@ -236,6 +232,39 @@ class PostgresServer:
         with contextlib.suppress(OSError):
             log = (self.tmpdir / "server.log").read_text()[-2000:]
         raise PgServerError(f"postgres did not start: {last_err}\n{log}")
+
+    def _pg_ctl_start(self) -> None:
+        assert self.tmpdir is not None
+        # Commits are flushed (synchronous_commit on): a restart must lose no acknowledged
+        # write. fsync stays off: the machine itself does not crash in a test.
+        opts = (
+            f"-c listen_addresses={self.host} -p {self.port} "
+            f"-c unix_socket_directories={self.tmpdir} "
+            "-c fsync=off -c full_page_writes=off "
+            "-c max_connections=100 -c shared_buffers=16MB"
+        )
+        self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", opts,
+             "-l", str(self.tmpdir / "server.log"), "-w", "-t", str(int(self.start_timeout)),
+             "start"],
+            timeout=self.start_timeout + 30,
+        )
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (`mode`: pg_ctl's smart, fast or immediate)."""
+        if not self._running:
+            return
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w",
+                   "-t", "60", "stop"], timeout=90)
+        self._running = False
+
+    def resume(self) -> None:
+        """Start it again after pause(), on the same port."""
+        if self._running:
+            return
+        self._pg_ctl_start()
+        self._running = True
+        self._wait_ready()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -252,7 +281,7 @@ class PostgresServer:
         import psycopg
 
         return psycopg.connect(
-            host=self.host,
+            host=str(self.tmpdir) if self.netns else self.host,
             port=self.port,
             user=self.user,
             password=self.password,
@@ -285,6 +314,13 @@ class PostgresServer:
         with self._admin_connection() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.params(name)
+
+    def local_engine(self, name: str) -> Engine:
+        """An engine for the test process on database `name` (through the unix socket when
+        the server lives in a namespace)."""
+        return make_engine("postgres", pg_host=str(self.tmpdir) if self.netns else self.host,
+                           pg_port=self.port, pg_name=name, pg_user=self.user,
+                           pg_password=self.password, pg_ssl=False, pg_pool_size=2)
 
     def new_engine(self, *, password: str | None = None, pool_size: int = 10) -> Engine:
         """An engine on a fresh empty database (`password` overrides the right one)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -128,11 +129,12 @@ class WsPipe(BytePipe):
         await self.session.close()
 
 
-def _host_port(base_url: str) -> tuple[str, int]:
+def _host_port(base_url: str) -> tuple[str, int, bool]:
     u = urlsplit(base_url)
-    if u.scheme != "http" or not u.hostname:
-        raise ValueError(f"test client supports http:// URLs only, got {base_url!r}")
-    return u.hostname, u.port or 80
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"test client supports http(s):// URLs only, got {base_url!r}")
+    tls = u.scheme == "https"
+    return u.hostname, u.port or (443 if tls else 80), tls
 
 
 async def _finish(pipe: BytePipe, ini: Initiator) -> HandshakeResult:
@@ -143,8 +145,10 @@ async def _finish(pipe: BytePipe, ini: Initiator) -> HandshakeResult:
 
 async def open_http(base_url: str, ini: Initiator) -> tuple[BytePipe, HandshakeResult]:
     """POST /ts2021 with the initiation, expect 101 + the handshake response."""
-    host, port = _host_port(base_url)
-    reader, writer = await asyncio.open_connection(host, port)
+    host, port, tls = _host_port(base_url)
+    # https: the system's CAs (SSL_CERT_FILE names a test CA).
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ssl.create_default_context() if tls else None)
     pipe = TcpPipe(reader, writer)
     try:
         hs = base64.b64encode(ini.initiation()).decode()

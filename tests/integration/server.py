@@ -226,6 +226,7 @@ class PyHeadscale(NamespacedProcess):
         )
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.own_url: str | None = None
         if start:
             self.start(timeout=start_timeout)
 
@@ -251,8 +252,11 @@ class PyHeadscale(NamespacedProcess):
         self.wait_healthy(timeout)
 
     def http_get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
-        """GET `path` from inside the server's namespace (status, body); status 0 = no answer."""
-        return http_get_from(self.host, self.url + path, ca_file=self.ca_file, timeout=timeout)
+        """GET `path` from inside the server's namespace (status, body); status 0 = no answer.
+        `own_url`, when set, is asked instead of server_url (an instance behind a load
+        balancer)."""
+        base = self.own_url or self.url
+        return http_get_from(self.host, base + path, ca_file=self.ca_file, timeout=timeout)
 
     def wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
