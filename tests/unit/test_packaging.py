@@ -130,6 +130,54 @@ def test_compose_example_uses_postgres() -> None:
     assert {"8080", "3478/udp"} <= published
 
 
+COMPOSE_HA = REPO / "packaging" / "docker" / "compose-ha.yaml"
+HAPROXY_CFG = REPO / "packaging" / "docker" / "haproxy.cfg"
+
+
+def test_compose_ha_example_runs_two_instances_on_one_postgres_behind_haproxy() -> None:
+    services = yaml.safe_load(COMPOSE_HA.read_text())["services"]
+    pg = services["postgres"]
+    instances = {n: s for n, s in services.items() if n.startswith("headscale")}
+    assert len(instances) == 2
+    cfgs = {}
+    for name, svc in instances.items():
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        cfg = load_config(CONTAINER_CONFIG, env=compose_env(svc, {"POSTGRES_PASSWORD": "pw"}))
+        pgc = cfg.database.postgres
+        assert cfg.database.type == "postgres"
+        assert (pgc.host, pgc.name, pgc.user, pgc.pass_) == (
+            "postgres", pg["environment"]["POSTGRES_DB"], pg["environment"]["POSTGRES_USER"],
+            "pw")
+        # The instance's relay listens on a port it publishes, STUN too.
+        published = {p.rsplit(":", 1)[-1] for p in svc["ports"]}
+        assert cfg.derp.server.listen_addr is not None
+        relay_port = cfg.derp.server.listen_addr.rsplit(":", 1)[-1]
+        stun_port = cfg.derp.server.stun_listen_addr.rsplit(":", 1)[-1]
+        assert {relay_port, f"{stun_port}/udp"} <= published, (name, published)
+        # Shared files come from one read-only mount, the data from the instance's own volume.
+        mounts = {v.split(":")[1]: v for v in svc["volumes"]}
+        assert cfg.noise.private_key_path is not None
+        assert Path("/etc/headscale/ha") in Path(cfg.noise.private_key_path).parents
+        assert mounts["/etc/headscale/ha"].endswith(":ro")
+        cfgs[name] = cfg
+    one, two = cfgs.values()
+    # Same tailnet and Noise key, different relay nodes.
+    assert one.server_url == two.server_url and one.server_url.startswith("https://")
+    assert one.noise.private_key_path == two.noise.private_key_path
+    assert one.derp.server.hostname != two.derp.server.hostname
+    assert {v for s in instances.values() for v in s["volumes"] if "data" in v} == {
+        f"{n}-data:/var/lib/headscale" for n in instances}
+    # HAProxy sends :443 to every instance's main listener, and Debian's haproxy accepts
+    # the file.
+    text = HAPROXY_CFG.read_text()
+    backends = dict(re.findall(r"^\s*server (\S+) (\S+)$", text, re.M))
+    assert backends == {n: f"{n}:{c.listen_addr.rsplit(':', 1)[-1]}" for n, c in cfgs.items()}
+    assert "443:443" in services["haproxy"]["ports"]
+    r = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "Configuration file is valid" in r.stdout, r.stdout + r.stderr
+
+
 # --- systemd --------------------------------------------------------------------------------
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
