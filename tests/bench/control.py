@@ -331,13 +331,24 @@ def worker_entry(pipe: Connection, spec: dict[str, Any]) -> None:
 
 @dataclass
 class Target:
-    """A running control server under test."""
+    """A running control server under test: one process, or several instances of one
+    tailnet (client worker w dials urls[w % K]; CPU and RSS are summed over them)."""
 
     name: str
-    url: str
-    pid: int
+    urls: list[str]
+    pids: list[int]
     authkey: str
     api_key: str = ""  # for the REST calls of the policy phase
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids)
+
+    def peak_rss(self) -> float:
+        return sum(peak_rss_mib(p) for p in self.pids)
 
 
 def _fetch_server_key(url: str) -> str:
@@ -355,7 +366,7 @@ class Clients:
 
     def __init__(self, target: Target, n: int, workers: int, concurrency: int) -> None:
         ctx = mp.get_context("spawn")
-        spec_base = {"url": target.url, "server_key": _fetch_server_key(target.url),
+        spec_base = {"server_key": _fetch_server_key(target.url),
                      "authkey": target.authkey, "concurrency": concurrency}
         self.procs: list[Any] = []
         self.pipes: list[Connection] = []
@@ -363,8 +374,8 @@ class Clients:
         for w in range(workers):
             indices = list(range(w, n, workers))
             mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=worker_entry, args=(theirs, {**spec_base, "indices": indices}),
-                            daemon=True)
+            spec = {**spec_base, "indices": indices, "url": target.urls[w % len(target.urls)]}
+            p = ctx.Process(target=worker_entry, args=(theirs, spec), daemon=True)
             p.start()
             self.procs.append(p)
             self.pipes.append(mine)
@@ -430,7 +441,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     n = args.nodes
     clients = Clients(target, n, args.workers, args.concurrency)
     try:
-        cpu0 = cpu_seconds(target.pid)
+        cpu0 = target.cpu()
         t0 = clients.go()
         deadline = t0 + args.timeout
         st = clients.status()
@@ -457,7 +468,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         first_p50 = percentile([t - t0 for t in st["first_maps"]], 50)
         client_cpu_join = st["cpu"]
         st_join = st
-        cpu_join = cpu_seconds(target.pid) - cpu0
+        cpu_join = target.cpu() - cpu0
         wall_join = t_first - t0
 
         # Let the peer-update storm of the joins die down before timing a single change.
@@ -470,11 +481,11 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.25)
         settled = st["last_frame"] - t0
         frames_join = st["frames"]
-        cpu_settle = cpu_seconds(target.pid) - cpu0
+        cpu_settle = target.cpu() - cpu0
 
         lat: list[float] = []
         rounds = []
-        cpu_c0 = cpu_seconds(target.pid)
+        cpu_c0 = target.cpu()
         client_c0 = clients.status()["cpu"]
         for r in range(1, args.changes + 1):
             endpoint = _endpoint(0, 1000 + r)
@@ -500,11 +511,11 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
                            "p50_s": rnd(percentile(d, 50)), "max_s": rnd(max(d, default=None)),
                            "reply_s": rnd(t_done - t_send)})
             time.sleep(args.quiet_s)
-        cpu_changes = cpu_seconds(target.pid) - cpu_c0
+        cpu_changes = target.cpu() - cpu_c0
         client_cpu_changes = clients.status()["cpu"] - client_c0
         # Totals before the policy phase, so they stay comparable with runs without it.
-        cpu_total = cpu_seconds(target.pid) - cpu0
-        rss = peak_rss_mib(target.pid)
+        cpu_total = target.cpu() - cpu0
+        rss = target.peak_rss()
         pol = run_policy(target, clients, args) if args.policy_rules else {}
         final = clients.status()
     finally:
@@ -583,7 +594,7 @@ def _collect(clients: Clients, rnd_: int) -> tuple[list[float], int, list[float]
     return recv, missing, hits
 
 
-def _quiet(clients: Clients, pid: int, quiet: float, deadline: float,
+def _quiet(clients: Clients, target: Target, quiet: float, deadline: float,
            until: Any = None) -> bool:
     """Wait until no poll got a frame and the server used under a tenth of a core for `quiet`
     seconds (and `until()`, if given, holds); False at the deadline. The CPU test matters
@@ -591,7 +602,7 @@ def _quiet(clients: Clients, pid: int, quiet: float, deadline: float,
     samples: list[tuple[float, float]] = []
     while True:
         now = time.monotonic()
-        samples.append((now, cpu_seconds(pid)))
+        samples.append((now, target.cpu()))
         while len(samples) > 1 and samples[1][0] <= now - quiet:
             samples.pop(0)
         idle = (samples[0][0] <= now - quiet
@@ -618,7 +629,7 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
     Each step is bounded by --policy-timeout; the tag step is skipped when the policy had
     not reached every poll by then (the server would still be busy with it)."""
     timeout = args.policy_timeout
-    cpu0 = cpu_seconds(target.pid)
+    cpu0 = target.cpu()
     frames0 = clients.status()["frames"]
 
     # (1) + (2): the call (validate + compile + store), then every poll's new PacketFilter.
@@ -646,10 +657,10 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
         "policy_filter_receivers": len(d_pol),
         "policy_filter_missing": missing,
     }
-    settled = _quiet(clients, target.pid, args.quiet_s, time.monotonic() + timeout)
+    settled = _quiet(clients, target, args.quiet_s, time.monotonic() + timeout)
     res |= {"policy_frames": clients.status()["frames"] - frames0,
-            "policy_server_cpu_s": rnd(cpu_seconds(target.pid) - cpu0, 2),
-            "policy_phase_peak_rss_mib": rnd(peak_rss_mib(target.pid), 1)}
+            "policy_server_cpu_s": rnd(target.cpu() - cpu0, 2),
+            "policy_phase_peak_rss_mib": rnd(target.peak_rss(), 1)}
     if missing or not settled:
         print(f"  [{target.name}] policy not on every poll ({missing} missing) or server "
               f"still busy after {timeout:g}s: tag step skipped", flush=True)
@@ -664,7 +675,7 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
         raise BenchError(f"{target.name}: GET /api/v1/node answered HTTP {status}: "
                          f"{str(body)[:500]}")
     node_id = min(int(nd["id"]) for nd in body["nodes"])
-    cpu1 = cpu_seconds(target.pid)
+    cpu1 = target.cpu()
     frames1 = clients.status()["frames"]
     clients.ask(("arm", TAG_ROUND, f'"{TAG}"'.encode(), True))
     t_tag = time.monotonic()
@@ -674,7 +685,7 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
     if status != 200:
         raise BenchError(f"{target.name}: POST /api/v1/node/{node_id}/tags answered HTTP "
                          f"{status}: {str(body)[:500]}")
-    done = _quiet(clients, target.pid, args.quiet_s, t_tag + timeout,
+    done = _quiet(clients, target, args.quiet_s, t_tag + timeout,
                   until=lambda: bool(_collect(clients, TAG_ROUND)[0]))
     tag_recv, _, tag_hits = _collect(clients, TAG_ROUND)
     d_tag = [t - t_tag for t in tag_recv]
@@ -689,9 +700,9 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
         "tag_seen_by": len(d_hit),
         "tag_seen_p50_s": rnd(percentile(d_hit, 50)),
         "tag_frames": clients.status()["frames"] - frames1,
-        "tag_server_cpu_s": rnd(cpu_seconds(target.pid) - cpu1, 2),
+        "tag_server_cpu_s": rnd(target.cpu() - cpu1, 2),
         "tag_settled": done,
-        "policy_phase_peak_rss_mib": rnd(peak_rss_mib(target.pid), 1),
+        "policy_phase_peak_rss_mib": rnd(target.peak_rss(), 1),
     }
 
 
@@ -830,7 +841,7 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
         if not key:
             key = _cli_key(cli)
-        target = Target("pyheadscale", cfg["server_url"], proc.pid, key)
+        target = Target("pyheadscale", [cfg["server_url"]], [proc.pid], key)
         _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
@@ -850,7 +861,7 @@ def bench_headscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         _wait_health(cfg["server_url"], proc, log)
         cli = [str(binary), "-c", str(cfg_path)]
         key = _cli_key(cli)
-        target = Target("headscale", cfg["server_url"], proc.pid, key)
+        target = Target("headscale", [cfg["server_url"]], [proc.pid], key)
         _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
@@ -947,6 +958,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="registrations in flight per client process")
     ap.add_argument("--changes", type=int, default=3, help="endpoint-change rounds")
     ap.add_argument("--servers", default="pyheadscale,headscale")
+    ap.add_argument("--instances", default="",
+                    help="K[,K...]: also run pyheadscale as K instances on one PostgreSQL "
+                    "(tests/bench/cluster.py), e.g. --servers '' --instances 1,2 compares one "
+                    "instance with two sharing the nodes (needs --workers >= K)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds allowed for all first maps (default 60 + 0.2 s per node)")
     ap.add_argument("--change-timeout", type=float, default=30.0)
@@ -978,6 +993,9 @@ def main(argv: list[str] | None = None) -> int:
     args.policy_text = (make_policy(args.policy_rules, random.Random(args.seed), policy_users())
                         if args.policy_rules else "")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    instances = [int(k) for k in args.instances.split(",") if k.strip()]
+    if any(k < 1 or k > args.workers for k in instances):
+        ap.error("--instances: each K must be between 1 and --workers")
     info = machine_info()
     print(f"control benchmark: {args.nodes} nodes, {args.workers} client processes x "
           f"{args.concurrency} registrations in flight, {args.changes} endpoint changes, "
@@ -994,6 +1012,14 @@ def main(argv: list[str] | None = None) -> int:
             # Each server's figures as soon as they exist, in case a later step fails.
             print(f"   {s}: " + json.dumps({k: v for k, v in results[s].items()
                                              if k != "change_rounds"}), flush=True)
+        for k in instances:
+            from tests.bench.cluster import bench_pyheadscale_cluster
+
+            name = f"pyheadscale-pg{k}"
+            print(f"-- {name}: {k} instance(s) on one PostgreSQL", flush=True)
+            results[name] = bench_pyheadscale_cluster(args, root, k)
+            print(f"   {name}: " + json.dumps({k: v for k, v in results[name].items()
+                                                if k != "change_rounds"}), flush=True)
     except (BenchError, build_go.BuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         emit_json({"benchmark": "control", "error": str(e)[:2000], "results": results})
