@@ -158,7 +158,7 @@ class EmbeddedDerp:
 
     def cluster_info(self) -> dict[str, Any]:
         """What the other instances need: this relay's DERP node and where to mesh with it."""
-        node = dict(self.region()["Nodes"][0])
+        node = dict(self.region()["Nodes"][0], Name=self._cluster_node_name())
         host = node.get("HostName") or node.get("IPv4")
         return {"node": node, "key": self.server.public_key.hex(),
                 "mesh_url": f"https://{host}:{self.port}/derp"}
@@ -213,13 +213,18 @@ class EmbeddedDerp:
             host=s.hostname, derp_port=self.port, stun_port=self.stun_port,
             region_id=s.region_id, region_code=s.region_code, region_name=s.region_name,
             ipv4=ipv4, ipv6=ipv6, cert_sha256=pin, insecure_for_tests=s.insecure_for_tests)
-        if self.node_name:
+        if self._peer_nodes:
             # Several instances: this relay first (its own clients home on it), then the
             # others' (clients fall back to them; the mesh carries packets between them).
-            region["Nodes"][0]["Name"] = f"{s.region_id}-{self.node_name}"
+            # A lone instance keeps the single-node region unchanged.
+            region["Nodes"][0]["Name"] = self._cluster_node_name()
             region["Nodes"] += [dict(n, RegionID=s.region_id)
                                 for _, n in sorted(self._peer_nodes.items())]
         return region
+
+    def _cluster_node_name(self) -> str:
+        """This relay's node name in a region of several instances (unique per instance)."""
+        return f"{self.srv_cfg.region_id}-{self.node_name}"
 
     def describe(self) -> str:
         where = (f"the main listener ({urlsplit(self.cfg.server_url).netloc})"

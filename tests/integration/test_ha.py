@@ -96,7 +96,9 @@ def test_clients_on_both_instances_mesh_resolve_and_obey_a_policy_set_on_the_oth
     t0 = time.monotonic()
     wait_until("c3 -> c4:80 to be dropped", lambda: _reach(lab, "c3", "c4") is None, 3,
                interval=0.05)
-    assert time.monotonic() - t0 <= 3.0
+    enforced = time.monotonic() - t0
+    print(f"policy set on instance 1 enforced on instance 2 after {enforced:.2f} s")
+    assert enforced <= 3.0
     assert _reach(lab, "c2", "c4", timeout=2) == f"80 {ips['c2']}"
     assert _reach(lab, "c4", "c1", timeout=2) is None
     # Enforced through the open map sessions: no client logged in or polled again.
@@ -198,7 +200,9 @@ def test_sigkill_of_an_instance_moves_its_clients_to_the_other_without_reauth(
         lab.nodes[name].wait_state("Running", timeout=30)
     wait_until("every session on instance 2",
                lambda: lab.holders() == {n: "inst2" for n in CLIENTS}, 30)
-    assert time.monotonic() - killed <= 30
+    failover = time.monotonic() - killed
+    print(f"every client Running on instance 2, {failover:.1f} s after the SIGKILL")
+    assert failover <= 30
     assert {name: lab.ip(name) for name in CLIENTS} == ips
     for src, dst in (("c1", "c3"), ("c2", "c1"), ("c4", "c2")):
         paths, out = ping_paths(lab.nodes[src], ips[dst], count=2, until_direct=False)
