@@ -931,7 +931,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
             row.append(None if callable(key) else
                        ratio(results[names[0]].get(key), results[names[1]].get(key)))
         rows.append(row)
-    header = ["", *names] + (["ratio py/hs"] if len(names) == 2 else [])
+    label = ("ratio py/hs" if names == ["pyheadscale", "headscale"]
+             else f"ratio {names[0]}/{names[1]}" if len(names) == 2 else "")
+    header = ["", *names] + ([label] if len(names) == 2 else [])
     print(Table(header, rows).render())
     ratios = {}
     if "pyheadscale" in results and "headscale" in results:
