@@ -120,14 +120,17 @@ class KeyWrites(TailnetBase):
             parsed = pk.parse_key(key)
         except pk.KeyFormatError:
             raise InvalidAuthKey(pk.ERR_UNKNOWN) from None
-        if parsed.prefix is None:
-            kid = self._pak_by_legacy.get(key)
-            if kid is None:
-                raise InvalidAuthKey(pk.ERR_UNKNOWN)
-            return self.preauth_keys[kid]
-        kid = self._pak_by_prefix.get(parsed.prefix)
+        kid = self._pak_id(key, parsed)
+        if kid is None and self.changelog is not None:
+            # Another instance may have created it a moment ago, before its notification
+            # arrived here: read the change log once before calling it unknown.
+            async with self._lock:
+                await self._catch_up_locked()
+            kid = self._pak_id(key, parsed)
         if kid is None:
             raise InvalidAuthKey(pk.ERR_UNKNOWN)
+        if parsed.prefix is None:
+            return self.preauth_keys[kid]
         d = digest(key)
         if self._verified_paks.get(d) != kid:
             stored = self.preauth_keys[kid]
@@ -137,6 +140,11 @@ class KeyWrites(TailnetBase):
                 raise InvalidAuthKey(pk.ERR_UNKNOWN)
             self._verified_paks[d] = kid
         return self.preauth_keys[kid]
+
+    def _pak_id(self, key: str, parsed: pk.ParsedKey) -> int | None:
+        if parsed.prefix is None:
+            return self._pak_by_legacy.get(key)
+        return self._pak_by_prefix.get(parsed.prefix)
 
     async def validate_preauth_key(self, key: str, machine_key: bytes | None = None,
                                    now: datetime | None = None) -> PreAuthKey:

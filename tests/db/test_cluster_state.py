@@ -121,6 +121,22 @@ async def test_single_use_key_holds_across_instances(pair: tuple[Tailnet, Tailne
     assert len(b.nodes) == 1
 
 
+
+async def test_reregistering_on_another_instance_keeps_id_and_addresses(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    _, full = await _user_and_key(a)
+    first = await a.register_with_authkey(key(1), key(2), None, {"Hostname": "roam"}, key=full)
+    # The same machine registers again (a new node key, as after `tailscale up
+    # --force-reauth`) through the other instance, which has not caught up explicitly.
+    again = await b.register_with_authkey(key(1), key(5), key(2), {"Hostname": "roam"},
+                                          key=full)
+    assert (again.id, again.ipv4, again.ipv6, again.given_name) == (
+        first.id, first.ipv4, first.ipv6, first.given_name)
+    assert again.node_key == key(5) and len(b.nodes) == 1
+    await a.catch_up()
+    assert a.nodes[first.id].node_key == key(5) and len(a.nodes) == 1
+
 async def test_presence_follows_the_session(pair: tuple[Tailnet, Tailnet]) -> None:
     a, b = pair
     _, full = await _user_and_key(a)
