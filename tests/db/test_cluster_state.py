@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from pyheadscale.cluster import ClusterMember
+from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S
 from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.db.engine import make_engine, migrate
 from pyheadscale.state import InvalidAuthKey
@@ -221,3 +223,45 @@ async def test_pending_registration_completed_on_another_instance(
     r = pa.add(machine_key=key(5), node_key=key(6), hostinfo={})
     await pa.publish(r)
     assert (await pb.fetch(r.auth_id)).machine_key == key(5)
+
+
+async def _until(what: str, check: Any, within: float) -> float:
+    t0 = asyncio.get_running_loop().time()
+    while not check():
+        if asyncio.get_running_loop().time() - t0 > within:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return asyncio.get_running_loop().time() - t0
+
+
+async def test_a_dead_leader_is_replaced_and_swept(pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    ma, mb = ClusterMember(a), ClusterMember(b)
+    await ma.start()
+    try:
+        await _until("a to lead", lambda: a.membership.is_leader, 5)
+        await mb.start()
+        try:
+            await _until("a and b to know each other", lambda: set(mb.instances) == {
+                "inst-a", "inst-b"}, 10)
+            await asyncio.sleep(2 * TICK_S)
+            assert a.membership.is_leader and not b.membership.is_leader  # one leader
+            # a dies as a killed process does: its loop stops, its connection closes (with
+            # its locks), nothing says goodbye.
+            assert ma._task is not None and ma._conn is not None
+            ma._task.cancel()
+            await ma._conn.close()
+            took = await _until("b to lead", lambda: b.membership.is_leader, 5)
+            print(f"leader taken over {took:.2f} s after the leader's connection closed")
+            assert took <= 3 * TICK_S
+            # Once its liveness lock has been gone long enough, the new leader drops it.
+            await _until("a to be swept", lambda: set(mb.instances) == {"inst-b"},
+                         DEAD_AFTER_S + 5)
+            with b.engine.connect() as c:
+                rows = c.execute(text("SELECT id FROM cluster_instances")).scalars().all()
+            assert rows == ["inst-b"]
+        finally:
+            await mb.stop()
+    finally:
+        ma._closed = True
+        await ma._close_conn()
