@@ -14,7 +14,6 @@ balancer's address and their own (their relays are the DERP region's nodes).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +157,4 @@ class HALab:
         self.pg.stop()
 
 
-def wait_until(what: str, check: Any, timeout: float, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-__all__ = ["API_WRITER", "BASE_DOMAIN", "HALab", "INSTANCE_IPS", "wait_until"]
+__all__ = ["API_WRITER", "BASE_DOMAIN", "HALab", "INSTANCE_IPS"]

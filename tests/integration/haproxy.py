@@ -13,13 +13,13 @@ where it goes when that instance dies.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.integration.netns import Host
+from tests.integration.procs import NamespacedProcess
 
 _GLOBAL = """global
     maxconn 4096
@@ -40,7 +40,7 @@ class HAProxyError(RuntimeError):
     pass
 
 
-class HAProxy:
+class HAProxy(NamespacedProcess):
     """HAProxy on `host`:`port` over `backends` (name -> "ip:port"). `prefer` maps client
     source addresses to the backend name they should reach first; others go to the first
     backend first."""
@@ -51,7 +51,6 @@ class HAProxy:
         if not Path(binary).exists():
             raise HAProxyError("haproxy is not installed (Debian package haproxy; .ci/run "
                                "installs it)")
-        self.host = host
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         names = list(backends)
@@ -67,16 +66,14 @@ class HAProxy:
                              f"fall 2 rise 2 on-marked-down shutdown-sessions{backup}")
         self.config = workdir / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n")
-        self.log = workdir / "haproxy.log"
+        super().__init__(host, workdir / "haproxy.log")
         check = host.run([binary, "-c", "-f", str(self.config)], timeout=30)
         if check.returncode != 0:
             raise HAProxyError(f"bad haproxy config: {check.stdout}{check.stderr}")
-        with open(self.log, "ab") as out:
-            self.proc = host.popen([binary, "-db", "-f", str(self.config)], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.spawn([binary, "-db", "-f", str(self.config)], env={})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if not self.running:
                 raise HAProxyError(f"haproxy exited:\n{self.log_text()}")
             probe = f"import socket; socket.create_connection(('{host.ip}', {port}), 2)"
             if host.run([sys.executable, "-c", probe], timeout=10).returncode == 0:
@@ -85,18 +82,4 @@ class HAProxy:
         raise HAProxyError(f"haproxy did not listen:\n{self.log_text()}")
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-def source_prefs(groups: Mapping[str, Sequence[str]]) -> dict[str, str]:
-    """{backend: [client ip, ...]} -> {client ip: backend}."""
-    return {ip: name for name, ips in groups.items() for ip in ips}
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

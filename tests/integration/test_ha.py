@@ -19,12 +19,12 @@ from sqlalchemy import text
 
 from tests.integration.conftest import _WORKDIR
 from tests.integration.derp_helpers import ping_paths, wait_peer
-from tests.integration.ha import API_WRITER, BASE_DOMAIN, HALab, wait_until
+from tests.integration.ha import API_WRITER, BASE_DOMAIN, HALab
 from tests.integration.netns import Topology
 from tests.integration.server import VENV_PYTHON
 from tests.integration.test_policy import control_activity, fetch
 from tests.integration.versions import PINNED
-from tests.integration.world import dns, serve_echo
+from tests.integration.world import dns, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def _reach(lab: HALab, src: str, dst: str, port: int = 80, timeout: float = 1) -
 
 def test_clients_on_both_instances_mesh_resolve_and_obey_a_policy_set_on_the_other(
         lab: HALab) -> None:
-    assert wait_until("sessions on their preferred instances", lambda: lab.holders() == {
+    assert wait_for("sessions on their preferred instances", lambda: lab.holders() == {
         name: inst for name, (_, inst) in CLIENTS.items()}, 20)
     ips = {name: lab.ip(name) for name in CLIENTS}
     for src in CLIENTS:
@@ -83,8 +83,8 @@ def test_clients_on_both_instances_mesh_resolve_and_obey_a_policy_set_on_the_oth
 
     for name in ("c1", "c4"):
         serve_echo(lab.client_hosts[name], ips[name], [80], "{port}")
-    assert wait_until("c3 -> c4:80", lambda: _reach(lab, "c3", "c4"), 20) == f"80 {ips['c3']}"
-    assert wait_until("c2 -> c4:80", lambda: _reach(lab, "c2", "c4"), 20) == f"80 {ips['c2']}"
+    assert wait_for("c3 -> c4:80", lambda: _reach(lab, "c3", "c4"), 20) == f"80 {ips['c3']}"
+    assert wait_for("c2 -> c4:80", lambda: _reach(lab, "c2", "c4"), 20) == f"80 {ips['c2']}"
     # A policy set through instance 1's CLI: only c1 and c2 (held by instance 1) may open
     # connections. c4 (on instance 2) must drop c3's within 3 s.
     policy = {"acls": [{"action": "accept", "src": [ips["c1"], ips["c2"]], "dst": ["*:*"]}]}
@@ -94,7 +94,7 @@ def test_clients_on_both_instances_mesh_resolve_and_obey_a_policy_set_on_the_oth
     r = lab.cli("inst1", "policy", "set", "-f", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
     t0 = time.monotonic()
-    wait_until("c3 -> c4:80 to be dropped", lambda: _reach(lab, "c3", "c4") is None, 3,
+    wait_for("c3 -> c4:80 to be dropped", lambda: _reach(lab, "c3", "c4") is None, 3,
                interval=0.05)
     enforced = time.monotonic() - t0
     print(f"policy set on instance 1 enforced on instance 2 after {enforced:.2f} s")
@@ -109,15 +109,15 @@ def test_clients_on_both_instances_mesh_resolve_and_obey_a_policy_set_on_the_oth
     allow_all.write_text(json.dumps({"acls": [{"action": "accept", "src": ["*"],
                                                "dst": ["*:*"]}]}))
     assert lab.cli("inst2", "policy", "set", "-f", str(allow_all)).returncode == 0
-    wait_until("c3 -> c4:80 again", lambda: _reach(lab, "c3", "c4"), 10)
+    wait_for("c3 -> c4:80 again", lambda: _reach(lab, "c3", "c4"), 10)
 
 
 def test_udp_blocked_clients_on_different_instances_relay_through_the_meshed_relays(
         lab: HALab) -> None:
     # Each client's DERP home is its own instance's relay (first node of the region in
     # the map that instance sends).
-    wait_until("c1 on relay 1", lambda: lab.derp_peer("c1") == {"inst1"}, 30)
-    wait_until("c3 on relay 2", lambda: lab.derp_peer("c3") == {"inst2"}, 30)
+    wait_for("c1 on relay 1", lambda: lab.derp_peer("c1") == {"inst1"}, 30)
+    wait_for("c3 on relay 2", lambda: lab.derp_peer("c3") == {"inst2"}, 30)
     h1, h3 = lab.client_hosts["c1"], lab.client_hosts["c3"]
     lab.topology.block_udp(h1, h3)
     try:
@@ -126,7 +126,7 @@ def test_udp_blocked_clients_on_different_instances_relay_through_the_meshed_rel
             paths, out = ping_paths(lab.nodes[src], dst, count=3, until_direct=False)
             assert paths and all(p.startswith("DERP(") for p in paths), out
         serve_echo(h3, ip3, [8080], "relayed")
-        got = wait_until("c1 -> c3:8080 over the relays",
+        got = wait_for("c1 -> c3:8080 over the relays",
                          lambda: fetch(h1, ip3, 8080, timeout=3), 30)
         assert got == f"relayed {ip1}"
         # Still one relay each: packets went relay 1 -> mesh -> relay 2 and back.
@@ -176,10 +176,10 @@ def test_postgres_restart_loses_no_acknowledged_write_and_refuses_writes_whole_m
         stored = {str(n) for (n,) in c.execute(text("SELECT name FROM users"))}
     assert set(acked) <= stored and not {n for n, _ in refused} & stored
     marker = f"after-{int(time.time())}"
-    wait_until("a write through instance 2",
+    wait_for("a write through instance 2",
                lambda: lab.cli("inst2", "users", "create", marker).returncode == 0, 30)
     for inst in ("inst1", "inst2"):
-        wait_until(f"{inst} to hold the marker", lambda inst=inst: marker in _users(lab, inst),
+        wait_for(f"{inst} to hold the marker", lambda inst=inst: marker in _users(lab, inst),
                    15)
         names = _users(lab, inst)
         assert set(acked) <= names and not {n for n, _ in refused} & names
@@ -192,13 +192,13 @@ def test_sigkill_of_an_instance_moves_its_clients_to_the_other_without_reauth(
         lab: HALab) -> None:
     ips = {name: lab.ip(name) for name in CLIENTS}
     logins = {n: control_activity(lab.nodes[n])[0] for n in CLIENTS}
-    wait_until("sessions back on their preferred instances", lambda: lab.holders() == {
+    wait_for("sessions back on their preferred instances", lambda: lab.holders() == {
         name: inst for name, (_, inst) in CLIENTS.items()}, 30)
     killed = time.monotonic()
     lab.servers["inst1"].kill()
     for name in CLIENTS:
         lab.nodes[name].wait_state("Running", timeout=30)
-    wait_until("every session on instance 2",
+    wait_for("every session on instance 2",
                lambda: lab.holders() == {n: "inst2" for n in CLIENTS}, 30)
     failover = time.monotonic() - killed
     print(f"every client Running on instance 2, {failover:.1f} s after the SIGKILL")
@@ -214,10 +214,10 @@ def test_sigkill_of_an_instance_moves_its_clients_to_the_other_without_reauth(
     # its writes reach the other.
     lab.cli("inst2", "users", "create", "while-down")
     lab.servers["inst1"].start(timeout=60)
-    wait_until("two instances", lambda: lab.instance_count() == 2, 30)
+    wait_for("two instances", lambda: lab.instance_count() == 2, 30)
     assert "while-down" in _users(lab, "inst1")
     assert lab.cli("inst1", "users", "create", "after-rejoin").returncode == 0
-    wait_until("instance 2 to see it", lambda: "after-rejoin" in _users(lab, "inst2"), 10)
+    wait_for("instance 2 to see it", lambda: "after-rejoin" in _users(lab, "inst2"), 10)
 
 
 def test_200_concurrent_registrations_on_two_instances_get_distinct_addresses_and_names(
@@ -230,7 +230,7 @@ def test_200_concurrent_registrations_on_two_instances_get_distinct_addresses_an
         result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
         assert result.get("ok") == 100, (result, err[-2000:])
     for inst in ("inst1", "inst2"):
-        wait_until(f"{inst} to hold every node", lambda inst=inst: len(
+        wait_for(f"{inst} to hold every node", lambda inst=inst: len(
             lab.cli_json(inst, "nodes", "list")) == before + 200, 30)
         nodes = lab.cli_json(inst, "nodes", "list")
         assert sum(1 for n in nodes if n["name"] == "load") == 200
