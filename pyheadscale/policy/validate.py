@@ -47,54 +47,61 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
         if a.text not in pol.hosts:
             errs.append(f"{path}: host not defined in policy: {goquote(a.text)}")
 
-    def ag_src(a: Alias, path: str, allowed: tuple[str, ...], what: str) -> None:
-        if a.text == "autogroup:internet":
-            errs.append(f"{path}: autogroup:internet can only be used in ACL destinations")
-        elif a.text == "autogroup:self" and what == "ACL sources":
-            errs.append(f'{path}: "autogroup:self" not valid on the src side of a rule')
+    internet_dst_only = "autogroup:internet can only be used in ACL destinations"
+
+    def autogroup_ok(
+        a: Alias, path: str, allowed: tuple[str, ...], unsupported: str, refused: dict[str, str]
+    ) -> None:
+        # refused: autogroups with a message of their own; any other outside `allowed` gets
+        # Headscale's "<unsupported>: X, can be [...]".
+        if a.text in refused:
+            errs.append(f"{path}: {refused[a.text]}")
         elif a.text not in allowed:
             errs.append(
-                f"{path}: autogroup not supported for {what}: {goquote(a.text)}, can be "
-                f"[{' '.join(allowed)}]"
+                f"{path}: {unsupported}: {goquote(a.text)}, can be [{' '.join(allowed)}]"
             )
 
-    def ag_dst(a: Alias, path: str) -> None:
-        if a.text == "autogroup:danger-all":
-            errs.append(f"{path}: cannot use autogroup:danger-all as a dst")
-        elif a.text not in AG_DST:
-            errs.append(
-                f"{path}: autogroup not supported for ACL destinations: {goquote(a.text)}, can be "
-                f"[{' '.join(AG_DST)}]"
-            )
+    def owner_ok(a: Alias, path: str, tag_fmt: str = "{e}") -> None:
+        if a.kind == "group":
+            group_ok(a, path)
+        elif a.kind == "tag":
+            tag_ok(a, path, tag_fmt)
 
     def check_src(a: Alias, path: str) -> None:
         if a.kind == "host":
             host_ok(a, path)
         elif a.kind == "autogroup":
-            ag_src(a, path, AG_SRC, "ACL sources")
-        elif a.kind == "group":
-            group_ok(a, path)
-        elif a.kind == "tag":
-            if a.text not in pol.tag_owners:
-                errs.append(f"{path}: src=tag not found: {goquote(a.text)}")
+            autogroup_ok(a, path, AG_SRC, "autogroup not supported for ACL sources", {
+                "autogroup:internet": internet_dst_only,
+                "autogroup:self": '"autogroup:self" not valid on the src side of a rule',
+            })
+        else:
+            owner_ok(a, path, "src={e}")
+
+    def check_dst(a: Alias, path: str, tag_fmt: str = "{e}") -> None:
+        if a.kind == "host":
+            host_ok(a, path)
+        elif a.kind == "autogroup":
+            autogroup_ok(a, path, AG_DST, "autogroup not supported for ACL destinations",
+                         {"autogroup:danger-all": "cannot use autogroup:danger-all as a dst"})
+        else:
+            owner_ok(a, path, tag_fmt)
 
     self_src_err = "autogroup:self can only be used with users, groups, or supported autogroups"
+
+    def self_dst_ok(srcs: list[Alias], base: str, kinds: tuple[str, ...]) -> None:
+        # autogroup:self in a destination needs every source to be a user-like principal.
+        for s in srcs:
+            if s.kind not in kinds and s.text != "autogroup:member":
+                errs.append(f"{base}.src: {self_src_err}")
+                break
 
     for i, acl in enumerate(pol.acls or []):
         base = f"acls[{i}]"
         for j, s in enumerate(acl.src):
             check_src(s, f"{base}.src[{j}]")
         for j, awp in enumerate(acl.dst):
-            p = f"{base}.dst[{j}]"
-            a = awp.alias
-            if a.kind == "host":
-                host_ok(a, p)
-            elif a.kind == "autogroup":
-                ag_dst(a, p)
-            elif a.kind == "group":
-                group_ok(a, p)
-            elif a.kind == "tag" and a.text not in pol.tag_owners:
-                errs.append(f"{p}: dst={goquote(a.text)}: tag not found: {goquote(a.text)}")
+            check_dst(awp.alias, f"{base}.dst[{j}]", "dst={t}: {e}")
         if acl.proto not in ("", "tcp", "udp", "sctp"):
             for awp in acl.dst:
                 if any(pr != ANY_PORT for pr in awp.ports):
@@ -104,11 +111,7 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
                     )
                     break
         if any(d.alias.text == "autogroup:self" for d in acl.dst):
-            for s in acl.src:
-                if s.kind in ("user", "group", "wildcard") or s.text == "autogroup:member":
-                    continue
-                errs.append(f"{base}.src: {self_src_err}")
-                break
+            self_dst_ok(acl.src, base, ("user", "group", "wildcard"))
 
     for i, rule in enumerate(pol.ssh):
         base = f"ssh[{i}]"
@@ -125,21 +128,15 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
         for j, s in enumerate(rule.src):
             p = f"{base}.src[{j}]"
             if s.kind == "autogroup":
-                ag_src(s, p, AG_SSH_SRC, "SSH sources")
-            elif s.kind == "group":
-                group_ok(s, p)
-            elif s.kind == "tag":
-                tag_ok(s, p)
+                autogroup_ok(s, p, AG_SSH_SRC, "autogroup not supported for SSH sources",
+                             {"autogroup:internet": internet_dst_only})
+            else:
+                owner_ok(s, p)
         for j, d in enumerate(rule.dst):
             p = f"{base}.dst[{j}]"
             if d.kind == "autogroup":
-                if d.text == "autogroup:internet":
-                    errs.append(f"{p}: autogroup:internet can only be used in ACL destinations")
-                elif d.text not in AG_SSH_DST:
-                    errs.append(
-                        f"{p}: autogroup not supported for SSH destinations: {goquote(d.text)}, "
-                        f"can be [{' '.join(AG_SSH_DST)}]"
-                    )
+                autogroup_ok(d, p, AG_SSH_DST, "autogroup not supported for SSH destinations",
+                             {"autogroup:internet": internet_dst_only})
             elif d.kind == "tag":
                 tag_ok(d, p)
             elif d.kind == "host":
@@ -151,16 +148,11 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
             if rule.action != "check":
                 errs.append(f'{base}.checkPeriod: checkPeriod is only valid with action "check"')
             elif not rule.check_always and rule.check_period is not None:
+                period = format_go_duration_ns(round(rule.check_period * 1e9))
                 if rule.check_period < 0:
-                    errs.append(
-                        f"{base}.checkPeriod: checkPeriod "
-                        f"{format_go_duration_ns(round(rule.check_period * 1e9))} must be a positive duration"
-                    )
+                    errs.append(f"{base}.checkPeriod: checkPeriod {period} must be a positive duration")
                 elif rule.check_period > SSH_CHECK_PERIOD_MAX:
-                    errs.append(
-                        f"{base}.checkPeriod: checkPeriod "
-                        f"{format_go_duration_ns(round(rule.check_period * 1e9))} is above the max (168h)"
-                    )
+                    errs.append(f"{base}.checkPeriod: checkPeriod {period} is above the max (168h)")
 
     for i, g in enumerate(pol.grants or []):
         base = f"grants[{i}]"
@@ -183,24 +175,12 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
         for j, s in enumerate(g.src):
             check_src(s, f"{base}.src[{j}]")
         for j, d in enumerate(g.dst):
-            p = f"{base}.dst[{j}]"
-            if d.kind == "host":
-                host_ok(d, p)
-            elif d.kind == "autogroup":
-                ag_dst(d, p)
-            elif d.kind == "group":
-                group_ok(d, p)
-            elif d.kind == "tag":
-                tag_ok(d, p)
+            check_dst(d, f"{base}.dst[{j}]")
         for j, v in enumerate(g.via):
             if v not in pol.tag_owners:
                 errs.append(f"{base}.via[{j}]: tag {goquote(v)} not found")
         if any(d.text == "autogroup:self" for d in g.dst):
-            for s in g.src:
-                if s.kind in ("user", "group") or s.text == "autogroup:member":
-                    continue
-                errs.append(f"{base}.src: {self_src_err}")
-                break
+            self_dst_ok(g.src, base, ("user", "group"))
 
     for i, na in enumerate(pol.node_attrs):
         base = f"nodeAttrs[{i}]"
@@ -209,15 +189,10 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
             if t.kind == "host":
                 host_ok(t, p)
             elif t.kind == "autogroup":
-                if t.text not in AG_NODEATTRS:
-                    errs.append(
-                        f"{p}: nodeAttrs target does not support this autogroup: "
-                        f"{goquote(t.text)}, can be [{' '.join(AG_NODEATTRS)}]"
-                    )
-            elif t.kind == "group":
-                group_ok(t, p)
-            elif t.kind == "tag":
-                tag_ok(t, p)
+                autogroup_ok(t, p, AG_NODEATTRS,
+                             "nodeAttrs target does not support this autogroup", {})
+            else:
+                owner_ok(t, p)
         for attr in na.attr:
             if attr in UNSUPPORTED_NODE_ATTRS:
                 errs.append(
@@ -246,24 +221,12 @@ def validate(pol: Policy, idp_group: Callable[[str], bool] | None = None) -> lis
 
     for tag, owners in pol.tag_owners.items():
         for o in owners:
-            p = f"tagOwners[{goquote(tag)}]"
-            if o.kind == "group":
-                group_ok(o, p)
-            elif o.kind == "tag":
-                tag_ok(o, p)
-
+            owner_ok(o, f"tagOwners[{goquote(tag)}]")
     for net, approvers in pol.auto_approve_routes.items():
         for a in approvers:
-            p = f"autoApprovers.routes[{goquote(str(net))}]"
-            if a.kind == "group":
-                group_ok(a, p)
-            elif a.kind == "tag":
-                tag_ok(a, p)
+            owner_ok(a, f"autoApprovers.routes[{goquote(str(net))}]")
     for a in pol.auto_approve_exit:
-        if a.kind == "group":
-            group_ok(a, "autoApprovers.exitNode")
-        elif a.kind == "tag":
-            tag_ok(a, "autoApprovers.exitNode")
+        owner_ok(a, "autoApprovers.exitNode")
 
     errs.extend(_validate_tests(pol))
     errs.extend(_validate_ssh_tests(pol))
