@@ -445,6 +445,7 @@ def _fields(obj: Any, path: str, known: dict[str, str],
 
 
 def _jtype(v: Any) -> str:
+    """The JSON kind of a decoded value, as encoding/json names it in unmarshal errors."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -456,6 +457,17 @@ def _jtype(v: Any) -> str:
     if isinstance(v, list):
         return "array"
     return "object"
+
+
+# The Go type encoding/json decodes each JSON kind into (interface{} targets), as %T prints it.
+_GO_TYPES = {
+    "null": "<nil>", "boolean": "bool", "number": "float64", "string": "string",
+    "array": "[]interface {}", "object": "map[string]interface {}",
+}
+
+
+def _gotype(v: Any) -> str:
+    return _GO_TYPES[_jtype(v)]
 
 
 def _list(v: Any, path: str) -> list[Any]:
@@ -529,20 +541,6 @@ def _parse_groups(v: Any) -> dict[str, list[str]]:
                     f"groups[{goquote(key)}]", f"username must contain @, got: {goquote(u)}"
                 )
     return raw
-
-
-def _gotype(v: Any) -> str:
-    if v is None:
-        return "<nil>"
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, int | float):
-        return "float64"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "[]interface {}"
-    return "map[string]interface {}"
 
 
 def _parse_hosts(v: Any) -> dict[str, IPNetwork]:
