@@ -116,14 +116,18 @@ class _Parser:
         self.i = j + 1
         return str(out)
 
+    def peek(self, where: str) -> str:
+        """The next significant character inside an object or array (`where`); EOF is an error."""
+        self.skip()
+        if self.i >= self.n:
+            raise self.error(f"unexpected end of input in {where}")
+        return self.s[self.i]
+
     def obj(self, depth: int) -> dict[str, Any]:
         self.i += 1
         out: dict[str, Any] = {}
         while True:
-            self.skip()
-            if self.i >= self.n:
-                raise self.error("unexpected end of input in object")
-            if self.s[self.i] == "}":
+            if self.peek("object") == "}":
                 self.i += 1
                 return out
             if self.s[self.i] != '"':
@@ -137,10 +141,7 @@ class _Parser:
                 raise self.error("expected ':' after object member name")
             self.i += 1
             out[key] = self.value(depth + 1)
-            self.skip()
-            if self.i >= self.n:
-                raise self.error("unexpected end of input in object")
-            c = self.s[self.i]
+            c = self.peek("object")
             if c == ",":
                 self.i += 1
             elif c != "}":
@@ -150,17 +151,11 @@ class _Parser:
         self.i += 1
         out: list[Any] = []
         while True:
-            self.skip()
-            if self.i >= self.n:
-                raise self.error("unexpected end of input in array")
-            if self.s[self.i] == "]":
+            if self.peek("array") == "]":
                 self.i += 1
                 return out
             out.append(self.value(depth + 1))
-            self.skip()
-            if self.i >= self.n:
-                raise self.error("unexpected end of input in array")
-            c = self.s[self.i]
+            c = self.peek("array")
             if c == ",":
                 self.i += 1
             elif c != "]":
