@@ -30,6 +30,7 @@ from pyheadscale.state.errors import InvalidArgument, NotFound, StateError
 
 log = logging.getLogger("pyheadscale.oauth")
 T = TypeVar("T")
+V = TypeVar("V")
 
 MAX_DESCRIPTION = 50  # Tailscale's limit on a key's description
 # Argon2id costs 19 MiB per check and the token endpoint is unauthenticated: bound how many
@@ -192,16 +193,19 @@ class OAuthStore:
         async with self._hashing:
             return await asyncio.to_thread(oa.check_secret, secret, hashed)
 
-    async def _check_once(self, seen: dict[bytes, str], text: str, key: str, secret: str,
-                          hashed: bytes) -> bool:
-        """Argon2id-check `secret` unless this exact credential text already passed for `key`."""
+    async def _verified(self, table: dict[str, V], hash_of: Callable[[V], bytes],
+                        seen: dict[bytes, str], text: str, key: str, secret: str) -> V | None:
+        """`table[key]` if `secret` matches its hash (Argon2id, skipped when this exact
+        credential text already passed for `key`) and it still exists after hashing."""
+        entry = table.get(key)
+        if entry is None:
+            return None
         d = _digest(text)
-        if seen.get(d) == key:
-            return True
-        if not await self._check(secret, hashed):
-            return False
-        seen[d] = key
-        return True
+        if seen.get(d) != key:
+            if not await self._check(secret, hash_of(entry)):
+                return None
+            seen[d] = key
+        return table.get(key)  # deleted while we were hashing?
 
     async def _serialized(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One write under the lock in its own task, so a cancelled caller cannot stop it
@@ -295,13 +299,8 @@ class OAuthStore:
             client_id, secret = oa.parse_client_secret(secret_text)
         except oa.KeyFormatError:
             raise InvalidCredential("invalid client credentials") from None
-        c = self.clients.get(client_id)
-        if c is None:
-            raise InvalidCredential("invalid client credentials")
-        if not await self._check_once(self._verified_clients, secret_text.partition("?")[0],
-                                      client_id, secret, c.secret_hash):
-            raise InvalidCredential("invalid client credentials")
-        c = self.clients.get(client_id)  # deleted while we were hashing?
+        c = await self._verified(self.clients, lambda c: c.secret_hash, self._verified_clients,
+                                 secret_text.partition("?")[0], client_id, secret)
         if c is None or c.revoked is not None:
             raise InvalidCredential("invalid client credentials")
         return c
@@ -338,12 +337,8 @@ class OAuthStore:
             prefix, secret = oa.parse_access_token(text)
         except oa.KeyFormatError:
             raise InvalidCredential("invalid access token") from None
-        t = self.tokens.get(prefix)
-        if t is None:
-            raise InvalidCredential("invalid access token")
-        if not await self._check_once(self._verified_tokens, text, prefix, secret, t.hash):
-            raise InvalidCredential("invalid access token")
-        t = self.tokens.get(prefix)
+        t = await self._verified(self.tokens, lambda t: t.hash, self._verified_tokens, text,
+                                 prefix, secret)
         if t is None or t.expired(now or _now()):
             raise InvalidCredential("invalid access token")
         c = self.clients.get(t.client_id)
