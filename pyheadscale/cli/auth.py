@@ -19,18 +19,18 @@ def register(root: click.Group) -> None:
                     {"user": user, "authId": auth_id})
         emit(ctx, resp["node"], f"Node {resp['node']['givenName']} registered")
 
-    @command(auth, "approve", "Approve a pending authentication request")
-    @click.option("--auth-id", default=None, help="Auth ID")
-    def approve(ctx: click.Context, auth_id: str | None) -> None:
-        require(auth_id=auth_id)
-        resp = call(ctx, "approving auth request", "POST", "/api/v1/auth/approve",
-                    {"authId": auth_id})
-        emit(ctx, resp, "Auth request approved")
+    for verb, doing, done in (("approve", "approving", "approved"),
+                              ("reject", "rejecting", "rejected")):
+        _decision(auth, verb, doing, done)
 
-    @command(auth, "reject", "Reject a pending authentication request")
+
+def _decision(auth: click.Group, verb: str, doing: str, done: str) -> None:
+    """`auth approve` and `auth reject`: one auth id, one POST, differing only in the verb."""
+
+    @command(auth, verb, f"{verb.capitalize()} a pending authentication request")
     @click.option("--auth-id", default=None, help="Auth ID")
-    def reject(ctx: click.Context, auth_id: str | None) -> None:
+    def decide(ctx: click.Context, auth_id: str | None) -> None:
         require(auth_id=auth_id)
-        resp = call(ctx, "rejecting auth request", "POST", "/api/v1/auth/reject",
+        resp = call(ctx, f"{doing} auth request", "POST", f"/api/v1/auth/{verb}",
                     {"authId": auth_id})
-        emit(ctx, resp, "Auth request rejected")
+        emit(ctx, resp, f"Auth request {done}")

@@ -101,23 +101,27 @@ def register(root: click.Group) -> None:
     @file_flag
     @bypass_flags
     def set_(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
-        require(file=file_)
-        text = read_policy_file(file_ or "")
-        if bypass or bypass_old:
-            # As Headscale: users only (nodes may not match yet), no policy tests.
-            compile_against_db(ctx, text, with_nodes=False, store=True)
-        else:
-            call(ctx, "setting ACL policy", "PUT", "/api/v1/policy", {"policy": text})
+        _submit(ctx, file_, bypass or bypass_old, store=True)
         print("Policy updated.", flush=True)
 
     @command(pol, "check", "Check the Policy file for errors")
     @file_flag
     @bypass_flags
     def check(ctx: click.Context, file_: str | None, bypass: bool, bypass_old: bool) -> None:
-        require(file=file_)
-        text = read_policy_file(file_ or "")
-        if bypass or bypass_old:
-            compile_against_db(ctx, text, with_nodes=True, store=False)
-        else:
-            call(ctx, "", "POST", "/api/v1/policy/check", {"policy": text})
+        _submit(ctx, file_, bypass or bypass_old, store=False)
         print("Policy is valid", flush=True)
+
+
+def _submit(ctx: click.Context, file_: str | None, bypass: bool, *, store: bool) -> None:
+    """Compile the policy file and, for `set` (store), make it current: through the server, or
+    with the bypass flag straight against the database."""
+    require(file=file_)
+    text = read_policy_file(file_ or "")
+    if bypass:
+        # As Headscale: set compiles against users only (nodes may not match yet) and runs no
+        # policy tests; check also resolves the nodes.
+        compile_against_db(ctx, text, with_nodes=not store, store=store)
+    elif store:
+        call(ctx, "setting ACL policy", "PUT", "/api/v1/policy", {"policy": text})
+    else:
+        call(ctx, "", "POST", "/api/v1/policy/check", {"policy": text})

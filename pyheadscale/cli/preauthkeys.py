@@ -21,6 +21,14 @@ from pyheadscale.cli.output import colour_time, fmt_time, render_table
 DEFAULT_EXPIRY = "1h"
 
 
+def _key_id(flag: str | None) -> str:
+    """The required -i/--id of expire and delete, as the API takes it."""
+    kid = parse_uint(flag, "-i, --id")
+    if kid == 0:
+        raise CLIError("missing --id parameter: missing parameters")
+    return str(kid)
+
+
 def expiration_from_flag(text: str) -> str:
     """Now + a Prometheus duration ("30m", "24h", "90d"), as RFC 3339."""
     from pyheadscale.durations import parse_prometheus_duration
@@ -83,20 +91,14 @@ def register(root: click.Group) -> None:
     @command(keys, "expire", "Expire a preauthkey", aliases=["revoke", "exp", "e"])
     @click.option("-i", "--id", "key_id", default=None, help="Authkey ID")
     def expire(ctx: click.Context, key_id: str | None) -> None:
-        kid = parse_uint(key_id, "-i, --id")
-        if kid == 0:
-            raise CLIError("missing --id parameter: missing parameters")
         resp = call(ctx, "expiring preauthkey", "POST", "/api/v1/preauthkey/expire",
-                    {"id": str(kid)})
+                    {"id": _key_id(key_id)})
         emit(ctx, resp, "Key expired")
 
     @command(keys, "delete", "Delete a preauthkey", aliases=["del", "rm", "d"])
     @click.option("-i", "--id", "key_id", default=None, help="Authkey ID")
     def delete(ctx: click.Context, key_id: str | None) -> None:
-        kid = parse_uint(key_id, "-i, --id")
-        if kid == 0:
-            raise CLIError("missing --id parameter: missing parameters")
         resp = call(ctx, "deleting preauthkey", "DELETE", "/api/v1/preauthkey",
-                    query={"id": str(kid)})
+                    query={"id": _key_id(key_id)})
         emit(ctx, resp, "Key deleted")
 
