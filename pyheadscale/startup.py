@@ -9,8 +9,8 @@ our code the exception was raised.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from pyheadscale.config.errors import ConfigError, key_error
 
@@ -33,14 +33,22 @@ def one_line(e: BaseException) -> str:
 
 
 @contextmanager
-def failing_key(key: str, doing: str) -> Iterator[None]:
-    """Any failure inside becomes `config: <key>: <doing>: <reason>`."""
+def _blaming(key_of: Callable[[Exception], str], doing: str,
+             reason: Callable[[Exception], str]) -> Iterator[None]:
+    """Any failure inside (a ConfigError passes as it is) becomes
+    `config: <key_of(e)>: <doing>: <reason(e)>`."""
     try:
         yield
     except ConfigError:
         raise
-    except Exception as e:  # the step is specific enough that its key is the cause
-        raise key_error(key, f"{doing}: {one_line(e)}") from e
+    except Exception as e:
+        raise key_error(key_of(e), f"{doing}: {reason(e)}") from e
+
+
+def failing_key(key: str, doing: str) -> AbstractContextManager[None]:
+    """Any failure inside becomes `config: <key>: <doing>: <reason>`: the step is specific
+    enough that its key is the cause."""
+    return _blaming(lambda _e: key, doing, one_line)
 
 
 def database_key(db_type: str, e: BaseException) -> str:
@@ -56,15 +64,14 @@ def database_key(db_type: str, e: BaseException) -> str:
     return "database.postgres.host"
 
 
-@contextmanager
-def database_step(db_type: str, doing: str) -> Iterator[None]:
+def _database_reason(e: Exception) -> str:
+    # SQLAlchemy wraps the driver's error in .orig; its first line is the driver's message.
+    cause = getattr(e, "orig", None) or e
+    first = (one_line(cause) if isinstance(cause, OSError)
+             else (str(cause).strip().splitlines() or [type(cause).__name__])[0])
+    return " ".join(first.split())
+
+
+def database_step(db_type: str, doing: str) -> AbstractContextManager[None]:
     """Like failing_key, with the key chosen from the database error."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except Exception as e:  # SQLAlchemy wraps the driver's error in .orig; its first line
-        cause = getattr(e, "orig", None) or e
-        first = (one_line(cause) if isinstance(cause, OSError)
-                 else (str(cause).strip().splitlines() or [type(cause).__name__])[0])
-        raise key_error(database_key(db_type, e), f"{doing}: {' '.join(first.split())}") from e
+    return _blaming(lambda e: database_key(db_type, e), doing, _database_reason)
