@@ -92,6 +92,17 @@ def announced_in_netmap(ts: Tailscaled, peer: str, prefix: str) -> dict[str, Any
     return None
 
 
+def primary_routes(ts: Tailscaled) -> dict[str, list[str]]:
+    """Each peer's PrimaryRoutes as `ts` was told them."""
+    peers = peers_by_name(ts.status_json())
+    return {n: sorted(p.get("PrimaryRoutes") or []) for n, p in peers.items()}
+
+
+def primary_of(ts: Tailscaled, prefix: str = "192.0.2.0/24") -> str | None:
+    """The peer `ts` was told is the primary router of `prefix`, if any."""
+    return next((n for n, routes in primary_routes(ts).items() if prefix in routes), None)
+
+
 POLICY = {
     "acls": [{"action": "accept", "src": ["*"],
               "dst": ["*:*", "192.0.2.0/24:*", "autogroup:internet:*"]}],
@@ -170,13 +181,7 @@ def test_ha_failover_within_20s_and_no_flap_back(lab: Lab) -> None:
     ts1 = lab.join(r1, "router1", args=("--advertise-routes=192.0.2.0/24",))
     lab.join(r2, "router2", OLDEST, args=("--advertise-routes=192.0.2.0/24",))
 
-    def primary_of() -> str | None:
-        for name, p in peers_by_name(c.status_json()).items():
-            if "192.0.2.0/24" in (p.get("PrimaryRoutes") or []):
-                return name
-        return None
-
-    wait_for("router1 (first to register) to be primary", lambda: primary_of() == "router1", 15)
+    wait_for("router1 (first to register) to be primary", lambda: primary_of(c) == "router1", 15)
     assert wait_for("traffic through router1", lambda: fetch(client, web.ip), 20) == r1.lan.gateway
 
     ts1.stop()
@@ -184,14 +189,14 @@ def test_ha_failover_within_20s_and_no_flap_back(lab: Lab) -> None:
     wait_for("traffic to move to router2",
              lambda: fetch(client, web.ip, timeout=2) == r2.ip, 20)
     assert time.monotonic() - stopped < 20
-    assert primary_of() == "router2"
+    assert primary_of(c) == "router2"
 
     ts1.start()
     wait_for("router1 to be back online",
              lambda: peers_by_name(c.status_json()).get("router1", {}).get("Online") is True, 30)
     end = time.monotonic() + 8
     while time.monotonic() < end:  # router1 is back but router2 keeps the prefix
-        assert primary_of() == "router2"
+        assert primary_of(c) == "router2"
         assert fetch(client, web.ip) == r2.ip
         time.sleep(1)
 
@@ -213,21 +218,15 @@ def test_ha_probe_fails_over_from_a_router_that_stops_answering(lab: Lab) -> Non
     lab.join(r1, "router1", OLDEST, args=("--advertise-routes=192.0.2.0/24",))
     lab.join(r2, "router2", args=("--advertise-routes=192.0.2.0/24",))
 
-    def primary_of() -> str | None:
-        for name, p in peers_by_name(c.status_json()).items():
-            if "192.0.2.0/24" in (p.get("PrimaryRoutes") or []):
-                return name
-        return None
-
-    wait_for("router1 to be primary", lambda: primary_of() == "router1", 15)
+    wait_for("router1 to be primary", lambda: primary_of(c) == "router1", 15)
     # Three probe cycles of both routers answered: the answers keep router1 primary.
     answered = metric(srv, PROBES)
     wait_for("six more answered probes", lambda: metric(srv, PROBES) >= answered + 6, 20)
-    assert primary_of() == "router1"
+    assert primary_of(c) == "router1"
     # router1's existing control connection stays up; every new connection is dropped.
     r1.iptables("-I", "OUTPUT", "-o", "eth0", "-p", "tcp", "--syn", "-d", lab.server_host.ip,
                 "-j", "DROP")
-    wait_for("the prober to move the prefix to router2", lambda: primary_of() == "router2", 20)
+    wait_for("the prober to move the prefix to router2", lambda: primary_of(c) == "router2", 20)
     assert peers_by_name(c.status_json())["router1"]["Online"] is True
 
 
@@ -266,12 +265,6 @@ def test_exit_node_carries_internet_traffic(lab: Lab) -> None:
     wait_for("requests to vanish without the exit node",
              lambda: probe(client, www.ip, PORT, timeout=2).reach is Reach.DROPPED, 20)
     assert fetch(exit_host, www.ip) == exit_host.ip
-
-
-def primary_routes(ts: Tailscaled) -> dict[str, list[str]]:
-    """Each peer's PrimaryRoutes as `ts` was told them."""
-    peers = peers_by_name(ts.status_json())
-    return {n: sorted(p.get("PrimaryRoutes") or []) for n, p in peers.items()}
 
 
 LOWER, UPPER = "192.0.2.0/25", "192.0.2.128/25"
