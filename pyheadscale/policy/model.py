@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pyheadscale.durations import go_duration_ns
 from pyheadscale.gotext import goquote
@@ -20,6 +20,7 @@ from pyheadscale.policy import hujson
 from pyheadscale.policy.errors import PolicyError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 AUTOGROUPS = (
     "autogroup:internet",
@@ -484,15 +485,20 @@ def _str(v: Any, path: str) -> str:
     return v
 
 
-def _aliases(v: Any, path: str) -> list[Alias]:
+def _each(v: Any, path: str, parse: Callable[[str], T]) -> list[T]:
+    """Parse every string of a JSON array; a parser's ValueError is reported at its element."""
     out = []
     for i, item in enumerate(_list(v, path)):
         p = f"{path}[{i}]"
         try:
-            out.append(parse_alias(_str(item, p).strip()))
+            out.append(parse(_str(item, p)))
         except ValueError as e:
             raise _ParseError(p, str(e)) from None
     return out
+
+
+def _aliases(v: Any, path: str) -> list[Alias]:
+    return _each(v, path, lambda text: parse_alias(text.strip()))
 
 
 def _parse_groups(v: Any) -> dict[str, list[str]]:
@@ -614,13 +620,7 @@ def _parse_acl(obj: Any, path: str) -> ACL:
         except ValueError as e:
             raise _ParseError(f"{path}.proto", str(e)) from None
     src = _aliases(f.get("src"), f"{path}.src")
-    dst = []
-    for i, d in enumerate(_list(f.get("dst"), f"{path}.dst")):
-        p = f"{path}.dst[{i}]"
-        try:
-            dst.append(parse_alias_with_ports(_str(d, p)))
-        except ValueError as e:
-            raise _ParseError(p, str(e)) from None
+    dst = _each(f.get("dst"), f"{path}.dst", parse_alias_with_ports)
     return ACL(action, proto, src, dst)
 
 
@@ -628,13 +628,7 @@ def _parse_grant(obj: Any, path: str) -> Grant:
     f = _fields(obj, path, {"src": "src", "dst": "dst", "ip": "ip", "app": "app", "via": "via"})
     src = _aliases(f.get("src"), f"{path}.src")
     dst = _aliases(f.get("dst"), f"{path}.dst")
-    ips = []
-    for i, x in enumerate(_list(f.get("ip"), f"{path}.ip")):
-        p = f"{path}.ip[{i}]"
-        try:
-            ips.append(parse_protocol_port(_str(x, p)))
-        except ValueError as e:
-            raise _ParseError(p, str(e)) from None
+    ips = _each(f.get("ip"), f"{path}.ip", parse_protocol_port)
     app = None
     if f.get("app") is not None:
         raw = f["app"]
