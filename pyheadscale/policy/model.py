@@ -150,6 +150,17 @@ def tag_error(tag: str) -> str | None:
     return None
 
 
+def _principal(text: str) -> Alias | None:
+    """A user (has an @), group: or tag: alias, else None. Tag name rules are enforced where
+    tags are defined (tagOwners keys, via), not here."""
+    if "@" in text:
+        return Alias("user", text)
+    for kind in ("group", "tag"):
+        if text.startswith(f"{kind}:"):
+            return Alias(kind, text)
+    return None
+
+
 def parse_alias(text: str) -> Alias:
     try:
         return Alias("prefix", text, parse_prefix(text))
@@ -157,13 +168,9 @@ def parse_alias(text: str) -> Alias:
         pass
     if text == "*":
         return WILDCARD
-    if "@" in text:
-        return Alias("user", text)
-    if text.startswith("group:"):
-        return Alias("group", text)
-    if text.startswith("tag:"):
-        # Name rules are enforced where tags are defined (tagOwners keys, via), not here.
-        return Alias("tag", text)
+    principal = _principal(text)
+    if principal is not None:
+        return principal
     if text.startswith("autogroup:"):
         if text not in AUTOGROUPS:
             raise ValueError(
@@ -572,13 +579,10 @@ def _parse_hosts(v: Any) -> dict[str, IPNetwork]:
 
 
 def _owner(text: str, path: str, what: str) -> Alias:
-    if "@" in text:
-        return Alias("user", text)
-    if text.startswith("group:"):
-        return Alias("group", text)
-    if text.startswith("tag:"):
-        return Alias("tag", text)
-    raise _ParseError(path, f"invalid {what} format: {goquote(text)}")
+    principal = _principal(text)
+    if principal is None:
+        raise _ParseError(path, f"invalid {what} format: {goquote(text)}")
+    return principal
 
 
 def _parse_tag_owners(v: Any) -> dict[str, list[Alias]]:
