@@ -36,12 +36,20 @@ lint: $(DEVSTAMP)
 unit: $(DEVSTAMP)
 	$(PY) -m pytest -q tests/unit tests/conformance tests/db
 
+# Integration tests mostly wait on daemons and the network, so several run at once even on
+# two cores: each worker's tests live in namespaces of their own (tests/integration/README.md).
+# A file is the unit of work (its tests may share a module fixture and build on each other);
+# files go out in collection order, so the long integration files start first and the short
+# unit files fill the end.
+TEST_WORKERS ?= 4
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 integration: $(DEVSTAMP) clients
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q $(XDIST) tests/integration
 
 # One pytest run so the summary line ends the output.
 test: $(DEVSTAMP) lint clients
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) tests
 
 bench: $(DEVSTAMP) clients
 	$(PY) -m tests.bench.build_go

@@ -2,7 +2,11 @@
 
 Missing prerequisites (root, `ip netns`, iptables, the client binaries) make tests fail, never
 skip. When a test fails, its work directory (server and tailscaled logs, configs) is copied to
-/tmp/pyheadscale-test-logs/<test id>/ and the path is added to the failure report.
+/tmp/pyheadscale-test-logs/<test id>/ and the path is added to the failure report; a module's
+shared tailnet (`shared_world_fixture`) is copied along into its `shared/` subdirectory.
+
+Tests run in parallel under pytest-xdist (tests/integration/README.md): everything a test
+makes is its own (namespaces named by a per-topology id, its tmp_path, its processes).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from tests.integration.world import World, world_fixture
 LOG_ROOT = Path(os.environ.get("PYHEADSCALE_TEST_LOGS", "/tmp/pyheadscale-test-logs"))
 _WORKDIR = pytest.StashKey[Path]()
 _KEPT = pytest.StashKey[Path]()
+# Work directories of module-shared tailnets, by test file, kept with a failing test's logs.
+_SHARED_DIRS: dict[str, Path] = {}
 _FAILED = pytest.StashKey[bool]()
 
 
@@ -91,9 +97,7 @@ def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def topology(netns_ready: None) -> Iterator[Topology]:
-    """A fresh topology with only the internet segment; always torn down."""
+def _topology() -> Iterator[Topology]:
     topo = Topology()
     try:
         yield topo
@@ -101,6 +105,12 @@ def topology(netns_ready: None) -> Iterator[Topology]:
         topo.close()
         left = topo.leftovers()
         assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def topology(netns_ready: None) -> Iterator[Topology]:
+    """A fresh topology with only the internet segment; always torn down."""
+    yield from _topology()
 
 
 @pytest.fixture
@@ -126,16 +136,44 @@ def _started(build: Callable[..., P]) -> Iterator[Callable[..., P]]:
         proc.close()
 
 
-@pytest.fixture
-def tailscaled_factory(
-    topology: Topology, workdir: Path, clients_built: dict[str, Path]
-) -> Iterator[Callable[..., Tailscaled]]:
-    """`make(host, version, **kw)` -> a started Tailscaled; all are stopped at teardown."""
+def _tailscaleds(workdir: Path) -> Iterator[Callable[..., Tailscaled]]:
     def build(n: int, host: Host, version: str, **kwargs: Any) -> Tailscaled:
         d = workdir / f"tailscaled-{host.name}-{version}-{n}"
         return Tailscaled(host, version, d, start=False, **kwargs)
 
     yield from _started(build)
+
+
+@pytest.fixture
+def tailscaled_factory(
+    topology: Topology, workdir: Path, clients_built: dict[str, Path]
+) -> Iterator[Callable[..., Tailscaled]]:
+    """`make(host, version, **kw)` -> a started Tailscaled; all are stopped at teardown."""
+    yield from _tailscaleds(workdir)
+
+
+# -- one tailnet shared by the tests of a module -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_workdir(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of a module-shared tailnet (kept with any failing test's logs)."""
+    d = tmp_path_factory.mktemp(Path(str(request.node.fspath)).stem)
+    _SHARED_DIRS[str(request.node.fspath)] = d
+    return d
+
+
+@pytest.fixture(scope="module")
+def module_topology(netns_ready: None) -> Iterator[Topology]:
+    yield from _topology()
+
+
+@pytest.fixture(scope="module")
+def module_tailscaled_factory(
+    module_topology: Topology, module_workdir: Path, clients_built: dict[str, Path]
+) -> Iterator[Callable[..., Tailscaled]]:
+    yield from _tailscaleds(module_workdir)
 
 
 @pytest.fixture
@@ -153,8 +191,11 @@ def pyheadscale_factory(topology: Topology, workdir: Path) -> Iterator[Callable[
 
 
 def _keep_workdir(item: pytest.Item) -> Path | None:
-    src = item.stash.get(_WORKDIR, None)
-    if src is None or not src.exists():
+    own = item.stash.get(_WORKDIR, None)
+    shared = _SHARED_DIRS.get(str(item.fspath))
+    sources = [(src, sub) for src, sub in ((own, ""), (shared, "shared"))
+               if src is not None and src.exists()]
+    if not sources:
         return None
     dest = item.stash.get(_KEPT, None)
     if dest is None:
@@ -162,11 +203,12 @@ def _keep_workdir(item: pytest.Item) -> Path | None:
         dest = LOG_ROOT / safe
         shutil.rmtree(dest, ignore_errors=True)
         item.stash[_KEPT] = dest
-    # Sockets and other special files cannot be copied; skip them.
-    shutil.copytree(
-        src, dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
-        ignore=lambda d, names: [n for n in names if _is_special(Path(d) / n)],
-    )  # fmt: skip
+    for src, sub in sources:
+        # Sockets and other special files cannot be copied; skip them.
+        shutil.copytree(
+            src, dest / sub, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+            ignore=lambda d, names: [n for n in names if _is_special(Path(d) / n)],
+        )  # fmt: skip
     return dest
 
 

@@ -235,7 +235,7 @@ class Topology:
     """
 
     def __init__(self, run_id: str | None = None) -> None:
-        self.run_id = run_id or _new_run_id()
+        self.run_id = run_id or ""
         self._undo: list[tuple[str, Callable[[], object]]] = []
         self._nsnames: set[str] = set()
         self.namespaces: dict[str, Namespace] = {}
@@ -245,7 +245,7 @@ class Topology:
         self._lock = threading.Lock()
         _LIVE.add(self)
         try:
-            self.switch = self._add_ns(Switch, "sw")
+            self.switch = self._claim_run_id(run_id)
             self.switch._sysctl("net.ipv4.ip_forward", "1")
             self.internet = self._add_bridge_segment(
                 "internet", self.switch, INTERNET_SUBNET, gateway_host=254
@@ -254,6 +254,19 @@ class Topology:
         except BaseException:
             self.close()
             raise
+
+    def _claim_run_id(self, run_id: str | None) -> Switch:
+        """Create the switch namespace under `run_id` or a fresh id. Parallel workers may
+        draw the same id at once; `ip netns add` is atomic, so the loser draws again."""
+        for _ in range(20):
+            self.run_id = run_id or _new_run_id()
+            try:
+                switch: Switch = self._add_ns(Switch, "sw")
+                return switch
+            except TopologyError as exc:
+                if run_id is not None or "File exists" not in str(exc):
+                    raise
+        raise TopologyError("could not claim a run id")
 
     # -- context manager ---------------------------------------------------------------------
 

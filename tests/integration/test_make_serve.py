@@ -1,6 +1,11 @@
 """`make serve` on a fresh copy of the repository: installs, answers /health within 60 s, is
 found by Headplane's discovery rule and reloads on SIGHUP, serves the CLI from any directory,
-stops cleanly on Ctrl-C, and a second start reuses the Noise key and the database."""
+stops cleanly on Ctrl-C, and a second start reuses the Noise key and the database.
+
+The embedded default listens on fixed loopback ports (8080, 8443, 9090, 3478), so the server
+runs in a network namespace of its own: parallel test workers and anything else on the
+machine keep their ports. The install step (`make`'s venv target) runs first in the root
+namespace, because pip needs the package index and a namespace has no route out."""
 
 from __future__ import annotations
 
@@ -10,13 +15,13 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.headplane import headscale_serve_pids
-from tests.integration.server import REPO
+from tests.integration.netns import Host, Topology
+from tests.integration.server import REPO, http_get_from
 
 pytestmark = pytest.mark.integration
 
@@ -35,36 +40,49 @@ def fresh_copy(dest: Path) -> Path:
     return dest
 
 
-def get(path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(URL + path, timeout=2) as r:
-            return r.status, r.read()
-    except OSError:
-        return 0, b""
-
-
 def clean_env(home: Path) -> dict[str, str]:
-    """No HEADSCALE_*/PYHEADSCALE_*/XDG_* from the caller, and a HOME of the test's own: the
-    embedded default's data directory is ~/.local/share/pyheadscale."""
+    """No HEADSCALE_*/PYHEADSCALE_*/XDG_* nor make's own variables from the caller, and a HOME
+    of the test's own: the embedded default's data directory is ~/.local/share/pyheadscale."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HEADSCALE_", "PYHEADSCALE_", "XDG_"))}
+           if not k.startswith(("HEADSCALE_", "PYHEADSCALE_", "XDG_", "MAKE", "MFLAGS"))}
     env["HOME"] = str(home)
     return env
 
 
-def start(repo: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = clean_env(repo.parent / "home")
+def get(host: Host, path: str) -> tuple[int, bytes]:
+    return http_get_from(host, URL + path, timeout=2)
+
+
+def install(repo: Path, home: Path, log: Path) -> None:
+    """What `make serve` does first on a fresh copy: create the venv and install."""
     with log.open("ab") as out:
-        return subprocess.Popen(["make", "serve"], cwd=repo, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        r = subprocess.run(["make", ".venv/.installed"], cwd=repo, env=clean_env(home),
+                           stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
+    assert r.returncode == 0, f"install failed:\n{log.read_text()[-3000:]}"
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> float:
+def start(host: Host, repo: Path, home: Path, log: Path) -> subprocess.Popen[bytes]:
+    # Not host.popen: that adds this process's environment back. `ip netns exec` execs in
+    # place, so the process is make itself; the topology's teardown ends anything left.
+    with log.open("ab") as out:
+        return subprocess.Popen(host.exec_argv(["make", "serve"]), cwd=repo,
+                                env=clean_env(home), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def headscale(host: Host, repo: Path, home: Path, cwd: Path,
+              *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(host.exec_argv([str(repo / ".venv" / "bin" / "headscale"), *args]),
+                          cwd=cwd, env=clean_env(home), capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def wait_healthy(host: Host, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise AssertionError(f"make serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if get("/health")[0] == 200:
+        if get(host, "/health")[0] == 200:
             return time.monotonic() - t0
         time.sleep(0.5)
     raise AssertionError(f"no healthy /health within {timeout}s:\n{log.read_text()[-3000:]}")
@@ -94,21 +112,24 @@ def our_server(make: subprocess.Popen[bytes]) -> int:
     return found[0]
 
 
-def test_make_serve_fresh_copy(tmp_path: Path) -> None:
-    assert get("/health")[0] == 0, "something already listens on 127.0.0.1:8080"
+def test_make_serve_fresh_copy(tmp_path: Path, topology: Topology) -> None:
+    host = topology.add_host("serve")
     repo = fresh_copy(tmp_path / "repo")
     home = tmp_path / "home"
     home.mkdir()
     data = home / ".local" / "share" / "pyheadscale"
     log = tmp_path / "serve.log"
-    proc = start(repo, log)
-    cli = repo / ".venv" / "bin" / "headscale"
+    install(repo, home, log)
+    installed = log.read_text()
+    assert "pip install" in installed, installed[-3000:]
+    proc = start(host, repo, home, log)
     try:
-        took = wait_healthy(proc, 60, log)
-        key1 = json.loads(get("/key?v=113")[1])["publicKey"]
+        took = wait_healthy(host, proc, 60, log)
+        # `make serve` found the install up to date and went straight to serving.
+        assert "pip install" not in log.read_text()[len(installed):]
+        key1 = json.loads(get(host, "/key?v=113")[1])["publicKey"]
         # From another directory: the CLI resolves the same data directory and socket.
-        r = subprocess.run([str(cli), "users", "create", "keepme"], cwd=tmp_path,
-                           env=clean_env(home), capture_output=True, text=True, timeout=60)
+        r = headscale(host, repo, home, tmp_path, "users", "create", "keepme")
         assert r.returncode == 0, r.stderr
         os.kill(our_server(proc), signal.SIGHUP)  # what Headplane sends after a config edit
         deadline = time.monotonic() + 20
@@ -121,12 +142,11 @@ def test_make_serve_fresh_copy(tmp_path: Path) -> None:
     assert (data / "noise_private.key").stat().st_mode & 0o777 == 0o600
     assert not (repo / "data").exists()
 
-    proc = start(repo, log)
+    proc = start(host, repo, home, log)
     try:
-        wait_healthy(proc, 30, log)
-        assert json.loads(get("/key?v=113")[1])["publicKey"] == key1
-        r = subprocess.run([str(cli), "users", "list", "-o", "json"], cwd=repo,
-                           env=clean_env(home), capture_output=True, text=True, timeout=60)
+        wait_healthy(host, proc, 30, log)
+        assert json.loads(get(host, "/key?v=113")[1])["publicKey"] == key1
+        r = headscale(host, repo, home, repo, "users", "list", "-o", "json")
         assert r.returncode == 0, r.stderr
         assert "keepme" in [u["name"] for u in json.loads(r.stdout)]
     finally:

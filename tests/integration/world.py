@@ -107,6 +107,26 @@ def world_fixture(cls: type[W]) -> Callable[..., Iterator[W]]:
     return fixture
 
 
+def shared_world_fixture(cls: type[W], setup: Callable[[W], None] | None = None
+                         ) -> Callable[..., Iterator[W]]:
+    """A module-scoped fixture: one `cls` built (and `setup` run) once for all the tests of
+    a file, which run one after another on one worker (`--dist loadfile`). Its tests must
+    leave the tailnet usable for the next one."""
+
+    @pytest.fixture(scope="module")
+    def fixture(module_topology: Topology, module_workdir: Path,
+                module_tailscaled_factory: Callable[..., Tailscaled]) -> Iterator[W]:
+        world = cls(module_topology, module_workdir, module_tailscaled_factory)
+        try:
+            if setup is not None:
+                setup(world)
+            yield world
+        finally:
+            world.close()
+
+    return fixture
+
+
 ECHO_HTTP = Path(__file__).with_name("echo_http.py")
 
 
