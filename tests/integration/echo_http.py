@@ -1,6 +1,6 @@
 """A tiny web server run inside a test namespace: every GET on each port is answered with
 "<label> <peer address>" ("{port}" in the label becomes the port), so a test sees who
-reached whom, and through which path.
+reached whom, and through which path. ADDRESS may be IPv4 or IPv6.
 
     python echo_http.py ADDRESS LABEL PORT [PORT ...]
 
@@ -8,6 +8,7 @@ Standalone on purpose (the harness's Python runs it in the namespace): standard 
 """
 
 import http.server
+import socket
 import sys
 import threading
 
@@ -28,9 +29,14 @@ def handler(label: str, port: int) -> type[http.server.BaseHTTPRequestHandler]:
     return Echo
 
 
+class Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main() -> None:
     addr, label, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
-    servers = [http.server.ThreadingHTTPServer((addr, p), handler(label, p)) for p in ports]
+    cls = Server6 if ":" in addr else http.server.ThreadingHTTPServer
+    servers = [cls((addr, p), handler(label, p)) for p in ports]
     for s in servers[1:]:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     servers[0].serve_forever()

@@ -1,0 +1,249 @@
+"""Headscale's ACL scenarios (integration/acl_test.go) on one tailnet of official clients:
+user1 owns a1 (oldest client) and a2 (middle), user2 owns b1 (newest) and b2 (oldest). Each
+test sets its policy live (`headscale policy set`, database mode) and checks what the clients
+do: who lists whom as a peer, and who reaches whose ports 80/22 over IPv4 and IPv6.
+
+Headscale starts a fresh tailnet per test with the policy in a file; here one tailnet moves
+from policy to policy, so every check also proves the change reached running clients. See
+acl_lab.py for the witness node and the revision port that make refusals trustworthy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from tests.integration.acl_lab import (
+    ALLOW_ALL,
+    MIDDLE,
+    NEWEST,
+    OLDEST,
+    AclLab,
+    acl,
+)
+from tests.integration.world import shared_world_fixture
+
+pytestmark = pytest.mark.integration
+
+USER1, USER2 = ("a1", "a2"), ("b1", "b2")
+ALL = USER1 + USER2
+
+
+def _boot(lab: AclLab) -> None:
+    lab.boot(["user1", "user2"], [("a1", "user1", OLDEST), ("a2", "user1", MIDDLE),
+                                  ("b1", "user2", NEWEST), ("b2", "user2", OLDEST)])
+
+
+lab = shared_world_fixture(AclLab, _boot)
+
+
+def pairs(srcs: tuple[str, ...], dsts: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(s, d) for s, d in itertools.product(srcs, dsts) if s != d]
+
+
+# -- TestACLHostsInNetMapTable: who is in whose netmap -------------------------------------
+
+# Headscale's "veryLargeDestination": 0.0.0.0/0 minus the private and CGNAT ranges, as
+# 30 prefixes (issue 1372: a policy this large must not drop peers).
+LARGE = ["0.0.0.0/5", "8.0.0.0/7", "11.0.0.0/8", "12.0.0.0/6", "16.0.0.0/4", "32.0.0.0/3",
+         "64.0.0.0/2", "128.0.0.0/3", "160.0.0.0/5", "168.0.0.0/6", "172.0.0.0/12",
+         "172.32.0.0/11", "172.64.0.0/10", "172.128.0.0/9", "173.0.0.0/8", "174.0.0.0/7",
+         "176.0.0.0/4", "192.0.0.0/9", "192.128.0.0/11", "192.160.0.0/13", "192.169.0.0/16",
+         "192.170.0.0/15", "192.172.0.0/14", "192.176.0.0/12", "192.192.0.0/10",
+         "193.0.0.0/8", "194.0.0.0/7", "196.0.0.0/6", "200.0.0.0/5", "208.0.0.0/4"]
+LARGE_DST = [f"{p}:*" for p in LARGE]
+
+# case -> (policy, peers each user1 node lists, peers each user2 node lists)
+NETMAP_CASES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "base-acls": (ALLOW_ALL, 3, 3),
+    "two-isolated-users": ({"acls": [acl(["user1@"], ["user1@:*"]),
+                                     acl(["user2@"], ["user2@:*"])]}, 1, 1),
+    "two-restricted-present-in-netmap": ({"acls": [
+        acl(["user1@"], ["user1@:22"]), acl(["user2@"], ["user2@:22"]),
+        acl(["user1@"], ["user2@:22"]), acl(["user2@"], ["user1@:22"])]}, 3, 3),
+    # user2 lists user1's nodes too: they need each other for the return path.
+    "two-ns-one-isolated": ({"acls": [acl(["user1@"], ["user1@:*"]),
+                                      acl(["user2@"], ["user2@:*"]),
+                                      acl(["user1@"], ["user2@:*"])]}, 3, 3),
+    "very-large-destination-prefix-1372": ({"acls": [
+        acl(["user1@"], ["user1@:*", *LARGE_DST]), acl(["user2@"], ["user2@:*", *LARGE_DST]),
+        acl(["user1@"], ["user2@:*", *LARGE_DST])]}, 3, 3),
+    "ipv6-acls-1470": ({"acls": [acl(["*"], ["0.0.0.0/0:*", "::/0:*"])]}, 3, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(NETMAP_CASES))
+def test_hosts_in_netmap_table(lab: AclLab, case: str) -> None:
+    policy, user1_peers, user2_peers = NETMAP_CASES[case]
+    lab.set_policy(policy)
+    for name in USER1:
+        lab.wait_peer_count(name, user1_peers)
+    for name in USER2:
+        lab.wait_peer_count(name, user2_peers)
+
+
+# -- single-policy reachability ------------------------------------------------------------
+
+
+def test_allow_user80_dst(lab: AclLab) -> None:
+    """user1 -> user2:80 only: user1 reaches user2 on 80, user2 reaches nobody in user1 (and
+    user1 not even its own nodes)."""
+    lab.set_policy({"acls": [acl(["user1@"], ["user2@:80"])]})
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst, 80)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst, 80)
+    lab.expect_denied("a1", "a2", 80)
+    lab.expect_denied("a1", "b1", 22)
+
+
+def test_deny_all_port80(lab: AclLab) -> None:
+    """A group of both users may reach everything on port 22 only: port 80 is refused for
+    every pair while 22 answers."""
+    lab.set_policy({"groups": {"group:integration-acl-test": ["user1@", "user2@"]},
+                    "acls": [acl(["group:integration-acl-test"], ["*:22"])]})
+    for src, dst in pairs(ALL, ALL):
+        lab.expect_denied(src, dst, 80)
+    for src, dst in (("a1", "b2"), ("b1", "a2")):
+        lab.expect_reach(src, dst, 22)
+
+
+def test_allow_user_dst(lab: AclLab) -> None:
+    lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
+
+
+def test_allow_star_dst(lab: AclLab) -> None:
+    lab.set_policy({"acls": [acl(["user1@"], ["*:*"])]})
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
+
+
+def test_named_hosts_can_reach_by_subnet(lab: AclLab) -> None:
+    """A named host covering the whole tailnet's first /24 as the destination of `*`."""
+    lab.set_policy({"hosts": {"all": "100.64.0.0/24"}, "acls": [acl(["*"], ["all:*"])]})
+    for src, dst in pairs(USER1, USER2) + pairs(USER2, USER1):
+        lab.expect_reach(src, dst)
+
+
+@pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
+def test_named_hosts_can_reach(lab: AclLab, family: str) -> None:
+    """hosts test1..3 = the first three nodes' addresses: everyone may reach test3, test1
+    may reach test2; nothing else, checked over the addresses of `family`."""
+    t1, t2, t3 = "a1", "a2", "b1"
+    bits = "/32" if family == "4" else "/128"
+    lab.set_policy({
+        "hosts": {f"test{i}": lab.addr(n, family) + bits for i, n in enumerate((t1, t2, t3), 1)},
+        "acls": [acl(["*"], ["test3:*"]), acl(["test1"], ["test2:*"])],
+    })
+    lab.expect_reach(t1, t3, family=family)
+    lab.expect_reach(t2, t3, family=family)
+    lab.expect_denied(t3, t1, family=family)
+    lab.expect_denied(t3, t2, family=family)
+    lab.expect_reach(t1, t2, family=family)
+    lab.expect_denied(t2, t1, family=family)
+
+
+DEVICE_CASES = ["ipv4", "ipv6", "hostv4cidr", "hostv6cidr", "group"]
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_device1_can_access_device2(lab: AclLab, case: str) -> None:
+    """One device (a1, user1) may reach another (b1, user2), named by address, by a named
+    host or by group; the reverse is refused."""
+    d1, d2 = "a1", "b1"
+    family = "6" if "6" in case else "4"
+    bits = "/128" if family == "6" else "/32"
+    p1, p2 = lab.addr(d1, family) + bits, lab.addr(d2, family) + bits
+    policy: dict[str, Any]
+    if case in ("ipv4", "ipv6"):
+        policy = {"acls": [acl([p1], [f"{p2}:*"])]}
+    elif case.startswith("host"):
+        policy = {"hosts": {"test1": p1, "test2": p2}, "acls": [acl(["test1"], ["test2:*"])]}
+    else:
+        policy = {"groups": {"group:one": ["user1@"], "group:two": ["user2@"]},
+                  "acls": [acl(["group:one"], ["group:two:*"])]}
+    lab.set_policy(policy)
+    lab.expect_reach(d1, d2, family=family)
+    lab.expect_denied(d2, d1, family=family)
+
+
+# -- policy changes on a running tailnet ---------------------------------------------------
+
+
+def test_policy_update_while_running_with_cli_in_database(lab: AclLab) -> None:
+    lab.set_policy(ALLOW_ALL)
+    for src, dst in pairs(ALL, ALL):
+        lab.expect_reach(src, dst)
+    sent = lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])], "hosts": {}})
+    r = lab.cli("policy", "get", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == sent
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
+
+
+def test_autogroup_member(lab: AclLab) -> None:
+    lab.set_policy({"acls": [acl(["autogroup:member"], ["autogroup:member:*"])]})
+    for name in ALL:
+        assert not lab.nodes[name].status_json()["Self"].get("Tags"), f"{name} is tagged"
+    for src, dst in pairs(ALL, ALL):
+        lab.expect_reach(src, dst)
+
+
+ITERATIONS = 3  # Headscale runs 5; each round here is the same four phases
+
+
+def test_policy_propagation_over_time(lab: AclLab) -> None:
+    """Allow-all, then autogroup:self (a node joins user1 and is deleted again), then
+    user1 -> user2 only; round after round, each phase takes effect on running clients."""
+    self_policy = {"acls": [acl(["autogroup:member"], ["autogroup:self:*"])]}
+    for i in range(ITERATIONS):
+        lab.set_policy(ALLOW_ALL)
+        for name in ALL:
+            lab.wait_peer_count(name, 3)
+        for src, dst in pairs(ALL, ALL):
+            lab.expect_reach(src, dst)
+
+        lab.set_policy(self_policy)
+        for group in (USER1, USER2):
+            for name in group:
+                lab.wait_peers(name, set(group) - {name})
+            for src, dst in pairs(group, group):
+                lab.expect_reach(src, dst)
+        for src, dst in pairs(USER1, USER2) + pairs(USER2, USER1):
+            lab.expect_denied(src, dst)
+
+        extra = f"a3i{i}"
+        lab.add_node(extra, "user1", NEWEST)
+        lab.wait_rev()
+        grown = (*USER1, extra)
+        for name in grown:
+            lab.wait_peers(name, set(grown) - {name})
+        for src, dst in pairs(grown, grown):
+            lab.expect_reach(src, dst)
+        for src, dst in pairs((extra,), USER2):
+            lab.expect_denied(src, dst)
+        assert lab.server is not None
+        user1_nodes = lab.server.cli_json("nodes", "list", "--user", "user1")
+        assert sorted(n["name"] for n in user1_nodes) == sorted(grown)
+        lab.remove_node(extra)
+        for name in USER1:
+            lab.wait_peers(name, set(USER1) - {name})
+        assert len(lab.server.cli_json("nodes", "list", "--user", "user1")) == 2
+
+        lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
+        for src, dst in pairs(USER1, USER2):
+            lab.expect_reach(src, dst)
+        for src, dst in pairs(USER2, USER1):
+            lab.expect_denied(src, dst)
