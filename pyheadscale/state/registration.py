@@ -49,17 +49,16 @@ class Registration(KeyWrites):
 
     def _existing_for_pak(self, machine_key: bytes, pak: PreAuthKey) -> Node | None:
         """Headscale findExistingNodeForPAK: the node this machine already has for the key's
-        owner (or a tagged one); a tagged key may convert a single user-owned node."""
+        owner (or a tagged one); a tagged key without an owner may convert a single
+        user-owned node. A key with an owner never takes another user's node: a user1 node
+        logging in with user2's tagged key becomes a new node, user1's stays."""
         nodes = self.nodes_by_machine_key(machine_key)
         tagged = [n for n in nodes if n.is_tagged]
         if pak.user_id is not None:
             for n in nodes:
                 if n.user_id == pak.user_id and not n.is_tagged:
                     return n
-            if tagged:
-                return tagged[0]
-            if not pak.tags:
-                return None
+            return tagged[0] if tagged else None
         if pak.tags:
             if tagged:
                 return tagged[0]

@@ -314,3 +314,25 @@ async def test_serialized_writes_run_one_at_a_time_and_survive_a_cancelled_calle
     tn2 = await open_tailnet(engine)
     assert tn2.users[uid].name == "renamed"
     await tn2.close()
+
+
+async def test_tagged_key_of_another_user_makes_a_new_node(tmp_path: Path) -> None:
+    """Headscale's findExistingNodeForPAK: a key with an owner finds only that owner's node
+    (or a tagged one); only a key without an owner converts the machine's user node."""
+    tn, uid = await _setup(tmp_path)
+    bob = await tn.create_user("bob")
+    _, alices = await tn.create_preauth_key(uid, reusable=True)
+    _, bobs_tagged = await tn.create_preauth_key(bob.id, reusable=True, tags=["tag:a"])
+    _, ownerless = await tn.create_preauth_key(None, reusable=True, tags=["tag:b"])
+    n = await tn.register_with_authkey(MK, NK, None, {"Hostname": "h"}, key=alices)
+    m = await tn.register_with_authkey(MK, NK2, None, {"Hostname": "h"}, key=bobs_tagged)
+    assert m.id != n.id and m.tags == ("tag:a",) and m.user_id is None
+    assert tn.nodes[n.id].user_id == uid and not tn.nodes[n.id].tags
+    # The machine now has a tagged node: the ownerless tagged key re-registers that one.
+    o = await tn.register_with_authkey(MK, key(7), None, {"Hostname": "h"}, key=ownerless)
+    assert o.id == m.id and len(tn.nodes) == 2
+    # A machine with only a user node: the ownerless tagged key converts it in place.
+    p = await tn.register_with_authkey(key(8), key(9), None, {"Hostname": "p"}, key=alices)
+    q = await tn.register_with_authkey(key(8), key(10), None, {"Hostname": "p"}, key=ownerless)
+    assert q.id == p.id and q.tags == ("tag:b",) and q.user_id is None
+    await tn.close()
