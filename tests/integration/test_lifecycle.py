@@ -3,8 +3,6 @@ key expiry set, disabled and reached."""
 
 from __future__ import annotations
 
-import re
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +13,13 @@ from tests.integration import hsapi
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for, world_fixture
+from tests.integration.world import (
+    World,
+    interactive_up,
+    peers_by_name,
+    wait_for,
+    world_fixture,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -157,27 +161,6 @@ def test_expire_now_disable_and_future_expiry(lab: Lab) -> None:
     wait_for("bravo to drop alpha", lambda: seen_expired(b, "alpha"), 10)
 
 
-def _interactive_up(ts: Tailscaled, server: PyHeadscale,
-                    *args: str) -> tuple[subprocess.Popen[str], str]:
-    """`tailscale up` without a key: returns the waiting process and the printed auth ID."""
-    up = ts.host.popen([str(ts.tailscale), f"--socket={ts.socket}", "up",
-                        f"--login-server={server.url}", f"--hostname={ts.host.name}",
-                        "--accept-dns=false", "--timeout=90s", *args],
-                       env=ts.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url_re = re.compile(re.escape(server.url) + r"/register/(hskey-authreq-[0-9a-f]+)")
-    out = ""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = up.stdout.readline()  # type: ignore[union-attr]
-        out += line
-        if m := url_re.search(line):
-            return up, m.group(1)
-        if not line and up.poll() is not None:
-            break
-    up.kill()
-    raise AssertionError(f"no register URL printed: {out}")
-
-
 def test_advertise_tags_at_web_login_are_checked_and_reauth_returns_the_node(
         lab: Lab) -> None:
     policy = {
@@ -187,7 +170,7 @@ def test_advertise_tags_at_web_login_are_checked_and_reauth_returns_the_node(
     srv = lab.start_server({"alice": REUSABLE}, {"node": {"expiry": "24h"}}, policy)
     viewer = lab.join("viewer", "alice", OLDEST)
     ts = lab.client("webby")
-    up, auth_id = _interactive_up(ts, srv, "--advertise-tags=tag:server")
+    up, auth_id = interactive_up(ts, srv, "--advertise-tags=tag:server")
 
     # bob does not own tag:server: the registration is refused and nothing is created.
     r = srv.cli("auth", "register", "--auth-id", auth_id, "--user", "bob")
@@ -205,7 +188,7 @@ def test_advertise_tags_at_web_login_are_checked_and_reauth_returns_the_node(
              == ["tag:server"], 10)
 
     # Re-auth with an empty --advertise-tags returns the node to the user who logs in.
-    up, auth_id = _interactive_up(ts, srv, "--advertise-tags=", "--force-reauth")
+    up, auth_id = interactive_up(ts, srv, "--advertise-tags=", "--force-reauth")
     r = srv.cli("auth", "register", "--auth-id", auth_id, "--user", "alice")
     assert r.returncode == 0, r.stderr
     assert up.wait(timeout=60) == 0

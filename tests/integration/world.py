@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import subprocess
 import sys
 import time
@@ -203,6 +204,27 @@ def probe(ns: Namespace, ip: str, port: int, timeout: float = 3) -> Probe:
         return Probe(Reach.ERROR, (r.stdout + r.stderr)[-300:])
 
 
+def interactive_up(ts: Tailscaled, server: PyHeadscale,
+                    *args: str) -> tuple[subprocess.Popen[str], str]:
+    """`tailscale up` without a key: returns the waiting process and the printed auth ID."""
+    up = ts.host.popen([str(ts.tailscale), f"--socket={ts.socket}", "up",
+                        f"--login-server={server.url}", f"--hostname={ts.host.name}",
+                        "--accept-dns=false", "--timeout=90s", *args],
+                       env=ts.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url_re = re.compile(re.escape(server.url) + r"/register/(hskey-authreq-[0-9a-f]+)")
+    out = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()  # type: ignore[union-attr]
+        out += line
+        if m := url_re.search(line):
+            return up, m.group(1)
+        if not line and up.poll() is not None:
+            break
+    up.kill()
+    raise AssertionError(f"no register URL printed: {out}")
+
+
 def metric(srv: PyHeadscale, name: str) -> float:
     """A counter or gauge from the server's /metrics (listening on its loopback)."""
     r = srv.host.run(["python3", "-c", "import urllib.request; print(urllib.request.urlopen("
@@ -211,3 +233,32 @@ def metric(srv: PyHeadscale, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no {name} in /metrics: {r.stdout[-500:]}{r.stderr[-500:]}")
+
+
+def online_peers(ts: Tailscaled) -> set[str]:
+    """The tailnet addresses of the peers `ts` shows online (by address, not host name: a
+    client that changed owner leaves its old, logged-out node behind under the same name)."""
+    peers = (ts.status_json().get("Peer") or {}).values()
+    return {a for p in peers if p.get("Online") for a in p.get("TailscaleIPs") or []}
+
+
+def login_name(ts: Tailscaled) -> str:
+    """The login name `ts` shows for its own user profile."""
+    st = ts.status_json()
+    return str(st["User"][str(st["Self"]["UserID"])]["LoginName"])
+
+
+def wait_mesh(nodes: list[Tailscaled], timeout: float = 60) -> None:
+    """Each node lists every other online and gets a `tailscale ping` answer from each
+    (every ordered pair, as Headscale's ping-all does)."""
+    addrs = [ts.ip("4")[0] for ts in nodes]
+    for ts, mine in zip(nodes, addrs, strict=True):
+        want = set(addrs) - {mine}
+        wait_for(f"{ts.host.name} to see {sorted(want)} online",
+                 lambda ts=ts, want=want: want <= online_peers(ts), timeout)
+    for ts, mine in zip(nodes, addrs, strict=True):
+        for dst in addrs:
+            if dst != mine:
+                wait_for(f"{ts.host.name} to ping {dst}",
+                         lambda ts=ts, dst=dst: ts.ping(dst, count=1, until_direct=False)
+                         .returncode == 0, 30)
