@@ -247,3 +247,104 @@ def test_policy_propagation_over_time(lab: AclLab) -> None:
             lab.expect_reach(src, dst)
         for src, dst in pairs(USER2, USER1):
             lab.expect_denied(src, dst)
+
+
+# -- groups naming users that do not exist (Headscale issue 2967) --------------------------
+
+
+def both_ways(lab: AclLab, x: str, y: str) -> None:
+    lab.expect_reach(x, y)
+    lab.expect_reach(y, x)
+
+
+def group_policy(*members: str, dst: str = "group:test:*") -> dict[str, Any]:
+    return {"groups": {"group:test": [f"{m}@" for m in members]},
+            "acls": [acl(["group:test"], [dst])]}
+
+
+def add_user_with_node(lab: AclLab, user: str, node: str) -> None:
+    """`headscale users create`, a key from `preauthkeys create`, and an official client."""
+    assert lab.server is not None
+    r = lab.cli("users", "create", user)
+    assert r.returncode == 0, r.stdout + r.stderr
+    uid = lab.server.cli_json("users", "list", "-n", user)[0]["id"]
+    lab.keys[user] = lab.server.cli_json("preauthkeys", "create", "-u", str(uid),
+                                         "-e", "1h")["key"]
+    lab.add_node(node, user, NEWEST)
+    lab.wait_rev()
+
+
+def delete_user(lab: AclLab, user: str) -> None:
+    r = lab.cli("users", "delete", "-n", user, "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_group_with_unknown_user(lab: AclLab) -> None:
+    """A group naming a user who does not exist still works for the users who do (the
+    group's rule is the only one between them)."""
+    lab.set_policy(group_policy("user1", "user2", "nonexistent"))
+    both_ways(lab, "a1", "b1")
+    both_ways(lab, "a2", "b2")
+
+
+def test_dynamic_unknown_user_addition(lab: AclLab) -> None:
+    """An unknown user added to a working group (live) keeps the group working."""
+    lab.set_policy(group_policy("user1", "user2"))
+    both_ways(lab, "a1", "b1")
+    lab.set_policy(group_policy("user1", "user2", "nonexistent"))
+    both_ways(lab, "a1", "b1")
+
+
+def test_dynamic_unknown_user_removal(lab: AclLab) -> None:
+    """A group with an unknown user works, and still does once the unknown user is
+    removed (live)."""
+    lab.set_policy(group_policy("user1", "user2", "invaliduser"))
+    both_ways(lab, "a1", "b1")
+    lab.set_policy(group_policy("user1", "user2"))
+    both_ways(lab, "a1", "b1")
+
+
+@pytest.mark.parametrize("case", ["after-user-deletion", "exact-reproduction"])
+def test_group_survives_user_deletion(lab: AclLab, case: str) -> None:
+    """Headscale's TestACLGroupAfterUserDeletion / ...ExactReproduction: a group names
+    three users; the third user's node and then the user are deleted while the policy
+    still names them; the others keep reaching each other, also after a new user is
+    created (the moment the server re-resolves the policy's users)."""
+    gone, node, newcomer = f"gone-{case[:5]}", f"c-{case[:5]}", f"new-{case[:5]}"
+    dst = "group:test:*" if case == "after-user-deletion" else "*:*"
+    add_user_with_node(lab, gone, node)
+    lab.set_policy(group_policy("user1", "user2", gone, dst=dst))
+    both_ways(lab, "a1", "b1")
+    both_ways(lab, "a1", node)
+    lab.remove_node(node)
+    delete_user(lab, gone)
+    both_ways(lab, "a1", "b1")
+    r = lab.cli("users", "create", newcomer)
+    assert r.returncode == 0, r.stdout + r.stderr
+    both_ways(lab, "a1", "b1")
+    # The server re-resolves its users here; a revision of the same policy proves every
+    # node holds what the server computes now.
+    lab.set_policy(group_policy("user1", "user2", gone, dst=dst))
+    both_ways(lab, "a1", "b1")
+    both_ways(lab, "a2", "b2")
+
+
+# -- cli_policy_test.go ---------------------------------------------------------------------
+
+
+def test_ssh_tests_reject_failing_policy(lab: AclLab) -> None:
+    """`headscale policy set` refuses a policy whose sshTests fail ("test(s) failed") and
+    leaves the stored policy as it was."""
+    ssh = [{"action": "accept", "src": ["user1@"], "dst": ["autogroup:member"],
+            "users": ["root"]}]
+    good = lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])], "ssh": ssh,
+                           "sshTests": [{"src": "user1@", "dst": ["autogroup:member"],
+                                         "accept": ["root"]}]})
+    r = lab.cli("policy", "get", "--output", "json")
+    assert r.returncode == 0 and json.loads(r.stdout) == good, r.stdout + r.stderr
+    bad = dict(good, sshTests=[{"src": "user2@", "dst": ["autogroup:member"],
+                                "accept": ["root"]}])
+    r = lab.cli("policy", "set", "-f", str(lab.policy_file(bad)))
+    assert r.returncode != 0 and "test(s) failed" in r.stdout + r.stderr, r
+    r = lab.cli("policy", "get", "--output", "json")
+    assert r.returncode == 0 and json.loads(r.stdout) == good, r.stdout + r.stderr
