@@ -15,20 +15,17 @@ from typing import Any
 import pytest
 
 from tests.integration import hsapi
-from tests.integration.tailscale import Tailscaled
+from tests.integration.relogin_lab import USERS, ReloginLab, identity
 from tests.integration.versions import PINNED
 from tests.integration.world import (
-    World,
     login_name,
     peers_by_name,
     shared_world_fixture,
     wait_for,
-    wait_mesh,
 )
 
 pytestmark = pytest.mark.integration
 
-USERS = ("user1", "user2")
 # Headscale's test route is 10.55.0.0/24; a documentation prefix keeps it off real networks.
 ROUTE = "203.0.113.0/26"
 POLICY = {
@@ -37,10 +34,8 @@ POLICY = {
 }
 
 
-class KeyLab(World):
-    """The server, and the user-owned nodes of the shared tailnet by user."""
-
-    by_user: dict[str, list[str]]
+class KeyLab(ReloginLab):
+    """Nodes that join with pre-auth keys."""
 
     def boot(self) -> None:
         keys = {u: {"user": u, "reusable": True} for u in USERS}
@@ -55,10 +50,6 @@ class KeyLab(World):
                  lambda: all(len(peers_by_name(self.nodes[n].status_json()))
                              == len(self.members) - 1 for n in self.members), 60)
 
-    @property
-    def members(self) -> list[str]:
-        return [n for u in USERS for n in self.by_user[u]]
-
     def cli_json(self, *args: str) -> Any:
         assert self.server is not None
         return self.server.cli_json(*args)
@@ -71,26 +62,6 @@ class KeyLab(World):
         return dict(self.cli_json("preauthkeys", "create", "-u", self.user_id(user),
                                   "-e", "24h", *flags))
 
-    def listed(self, user: str | None = None) -> list[dict[str, Any]]:
-        args = ["nodes", "list"] + (["--user", user] if user else [])
-        return list(self.cli_json(*args) or [])
-
-    def online(self, name: str) -> bool | None:
-        node = hsapi.node_by_name(self.server, name)  # type: ignore[arg-type]
-        return None if node is None else bool(node["online"])
-
-    def log_out(self, names: list[str]) -> None:
-        """`tailscale logout` on each; the clients need a login and the server shows them
-        offline, still listed."""
-        for name in names:
-            r = self.nodes[name].logout()
-            assert r.returncode == 0, f"{name}: {r.stdout}{r.stderr}"
-        for name in names:
-            wait_for(f"{name} to need a login",
-                     lambda name=name: self.nodes[name].backend_state() == "NeedsLogin", 30)
-            wait_for(f"the server to show {name} offline",
-                     lambda name=name: self.online(name) is False, 30)
-
     def log_in(self, name: str, key: str, *args: str) -> None:
         """`tailscale up --authkey ... --reset` (after a logout a client may ask for
         every non-default setting to be named again, or --reset)."""
@@ -98,9 +69,6 @@ class KeyLab(World):
         r = self.nodes[name].up(self.server.url, authkey=key, hostname=name,
                                 extra_args=("--reset", *args))
         assert r.returncode == 0, f"{name} did not log in again: {r.stdout}{r.stderr}"
-
-    def wait_mesh(self, names: list[str]) -> None:
-        wait_mesh([self.nodes[n] for n in names])
 
 
 def _boot(lab: KeyLab) -> None:
@@ -110,16 +78,11 @@ def _boot(lab: KeyLab) -> None:
 lab = shared_world_fixture(KeyLab, _boot)
 
 
-def self_of(ts: Tailscaled) -> tuple[str, tuple[str, ...]]:
-    me = ts.status_json()["Self"]
-    return str(me["ID"]), tuple(me["TailscaleIPs"])
-
-
 def test_auth_key_logout_and_relogin_same_user(lab: KeyLab) -> None:
     """Every node logs out and back in with a new key of its own user: the server keeps
     the same nodes (now offline, then online), the clients keep their IDs and addresses
     and reach each other again."""
-    before = {n: self_of(lab.nodes[n]) for n in lab.members}
+    before = {n: identity(lab.nodes[n]) for n in lab.members}
     count = len(lab.listed())
     assert count == len(lab.members)
     lab.log_out(lab.members)
@@ -128,9 +91,9 @@ def test_auth_key_logout_and_relogin_same_user(lab: KeyLab) -> None:
         key = lab.new_key(user, "--reusable")["key"]
         for name in lab.by_user[user]:
             lab.log_in(name, key)
+    lab.wait_online(lab.members)
     for name in lab.members:
-        wait_for(f"the server to show {name} online", lambda name=name: lab.online(name), 60)
-        assert self_of(lab.nodes[name]) == before[name], f"{name} changed identity"
+        assert identity(lab.nodes[name]) == before[name], f"{name} changed identity"
     assert len(lab.listed()) == count
     lab.wait_mesh(lab.members)
 

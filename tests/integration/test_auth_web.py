@@ -7,32 +7,22 @@ node per pinned version each; the tests run in order on that tailnet.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from tests.integration import hsapi
+from tests.integration.relogin_lab import USERS, ReloginLab, identity
 from tests.integration.server import http_get_from
-from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
 from tests.integration.world import (
-    World,
     interactive_up,
     login_name,
     shared_world_fixture,
-    wait_for,
-    wait_mesh,
 )
 
 pytestmark = pytest.mark.integration
 
-USERS = ("user1", "user2")
 
-
-class WebLab(World):
+class WebLab(ReloginLab):
     """user1 and user2 (no keys): every node joins through the web flow."""
-
-    by_user: dict[str, list[str]]
 
     def boot(self) -> None:
         self.start_server(keys={}, users=list(USERS))
@@ -43,10 +33,6 @@ class WebLab(World):
                 self.add_client(name, version)
                 self.web_login(name, u)
                 self.by_user[u].append(name)
-
-    @property
-    def members(self) -> list[str]:
-        return [n for u in USERS for n in self.by_user[u]]
 
     def web_login(self, name: str, user: str) -> None:
         """`tailscale up` prints the register URL; the page there names the auth ID; the
@@ -66,38 +52,12 @@ class WebLab(World):
                 up.kill()
         ts.wait_tun_address()
 
-    def listed(self, user: str) -> list[dict[str, Any]]:
-        assert self.server is not None
-        return list(self.server.cli_json("nodes", "list", "--user", user) or [])
-
-    def online(self, name: str) -> bool | None:
-        node = hsapi.node_by_name(self.server, name)  # type: ignore[arg-type]
-        return None if node is None else bool(node["online"])
-
-    def log_out_all(self) -> None:
-        for name in self.members:
-            r = self.nodes[name].logout()
-            assert r.returncode == 0, f"{name}: {r.stdout}{r.stderr}"
-        for name in self.members:
-            wait_for(f"{name} to need a login",
-                     lambda name=name: self.nodes[name].backend_state() == "NeedsLogin", 30)
-            wait_for(f"the server to show {name} offline",
-                     lambda name=name: self.online(name) is False, 30)
-
-    def wait_mesh(self) -> None:
-        wait_mesh([self.nodes[n] for n in self.members])
-
 
 def _boot(lab: WebLab) -> None:
     lab.boot()
 
 
 lab = shared_world_fixture(WebLab, _boot)
-
-
-def identity(ts: Tailscaled) -> tuple[str, tuple[str, ...]]:
-    me = ts.status_json()["Self"]
-    return str(me["ID"]), tuple(me["TailscaleIPs"])
 
 
 def test_auth_web_flow_authentication_ping_all(lab: WebLab) -> None:
@@ -114,13 +74,13 @@ def test_auth_web_flow_logout_and_relogin_same_user(lab: WebLab) -> None:
     """Every node logs out and registers again for its own user: same nodes, same IDs
     and addresses, all online and meshed again."""
     before = {n: identity(lab.nodes[n]) for n in lab.members}
-    lab.log_out_all()
+    lab.log_out(lab.members)
     for user in USERS:
         assert sorted(n["name"] for n in lab.listed(user)) == sorted(lab.by_user[user])
         for name in lab.by_user[user]:
             lab.web_login(name, user)
+    lab.wait_online(lab.members)
     for name in lab.members:
-        wait_for(f"the server to show {name} online", lambda name=name: lab.online(name), 60)
         assert identity(lab.nodes[name]) == before[name], f"{name} changed identity"
     for user in USERS:
         assert len(lab.listed(user)) == len(lab.by_user[user])
@@ -131,7 +91,7 @@ def test_auth_web_flow_logout_and_relogin_new_user(lab: WebLab) -> None:
     """Every node logs out and registers for user1: user1 owns a node for every client,
     user2's old nodes stay listed, every client shows user1 as its login, and all reach
     each other."""
-    lab.log_out_all()
+    lab.log_out(lab.members)
     for name in lab.members:
         lab.web_login(name, "user1")
     assert sorted(n["name"] for n in lab.listed("user1")) == sorted(lab.members)
