@@ -201,3 +201,35 @@ def test_idp_groups_in_policy_decide_reachability_and_follow_the_provider_live(
     assert (a.ip("4")[0], b.ip("4")[0]) == (a_ip, b_ip)
     assert len(srv.cli_json("nodes", "list")) == 3
     assert all(p is not None and p.poll() is None for p in procs), "something restarted"
+
+
+def test_oidc_relogin_same_user_routes_preserved(world: World, idp: OpenIDProvider) -> None:
+    """Headscale's TestOIDCReloginSameUserRoutesPreserved: a node logged in through OIDC
+    advertises a route the policy auto-approves for its user; it logs out and logs in
+    again through OIDC as the same user: the same node, its route still available,
+    approved and served."""
+    route = "203.0.113.64/26"
+    over = oidc_overrides(world, idp)
+    srv = world.start_server(over, users=[], policy={
+        "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+        "autoApprovers": {"routes": {route: [ALICE.email]}},
+    })
+    ts = world.add_client("router", NEWEST)
+    web_login(srv, ts, ALICE, "router", f"--advertise-routes={route}")
+
+    def served() -> dict[str, Any] | None:
+        nodes = srv.cli_json("nodes", "list")
+        ok = len(nodes) == 1 and nodes[0]["availableRoutes"] == nodes[0]["approvedRoutes"] \
+            == nodes[0]["subnetRoutes"] == [route]
+        return nodes[0] if ok else None
+
+    first = wait_for("the route to be approved and served", served, timeout=30)
+    assert first["user"]["email"] == ALICE.email
+    r = ts.logout()
+    assert r.returncode == 0, r.stdout + r.stderr
+    ts.wait_state("NeedsLogin", timeout=30)
+    assert len(srv.cli_json("nodes", "list")) == 1, "logging out must not delete the node"
+    web_login(srv, ts, ALICE, "router", "--reset", f"--advertise-routes={route}",
+              expect="Node reauthenticated")
+    again = wait_for("the route to be served again after the relogin", served, timeout=60)
+    assert again["id"] == first["id"]
