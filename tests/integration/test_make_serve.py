@@ -22,6 +22,7 @@ import pytest
 from tests.headplane import headscale_serve_pids
 from tests.integration.netns import Host, Topology
 from tests.integration.server import REPO, http_get_from
+from tests.netutil import short_dir
 
 pytestmark = pytest.mark.integration
 
@@ -113,10 +114,13 @@ def our_server(make: subprocess.Popen[bytes]) -> int:
 
 
 def test_make_serve_fresh_copy(tmp_path: Path, topology: Topology) -> None:
+    with short_dir("ph-home-") as home:  # the CLI socket lives under HOME
+        _make_serve_fresh_copy(tmp_path, topology, home)
+
+
+def _make_serve_fresh_copy(tmp_path: Path, topology: Topology, home: Path) -> None:
     host = topology.add_host("serve")
     repo = fresh_copy(tmp_path / "repo")
-    home = tmp_path / "home"
-    home.mkdir()
     data = home / ".local" / "share" / "pyheadscale"
     log = tmp_path / "serve.log"
     install(repo, home, log)
