@@ -204,49 +204,50 @@ def test_autogroup_member(lab: AclLab) -> None:
 ITERATIONS = 3  # Headscale runs 5; each round here is the same four phases
 
 
-def test_policy_propagation_over_time(lab: AclLab) -> None:
+@pytest.mark.parametrize("i", range(ITERATIONS), ids=lambda i: f"round{i}")
+def test_policy_propagation_over_time(lab: AclLab, i: int) -> None:
     """Allow-all, then autogroup:self (a node joins user1 and is deleted again), then
-    user1 -> user2 only; round after round, each phase takes effect on running clients."""
+    user1 -> user2 only; round after round (one test each, in order, on the same running
+    clients), each phase takes effect."""
     self_policy = {"acls": [acl(["autogroup:member"], ["autogroup:self:*"])]}
-    for i in range(ITERATIONS):
-        lab.set_policy(ALLOW_ALL)
-        for name in ALL:
-            lab.wait_peer_count(name, 3)
-        for src, dst in pairs(ALL, ALL):
-            lab.expect_reach(src, dst)
+    lab.set_policy(ALLOW_ALL)
+    for name in ALL:
+        lab.wait_peer_count(name, 3)
+    for src, dst in pairs(ALL, ALL):
+        lab.expect_reach(src, dst)
 
-        lab.set_policy(self_policy)
-        for group in (USER1, USER2):
-            for name in group:
-                lab.wait_peers(name, set(group) - {name})
-            for src, dst in pairs(group, group):
-                lab.expect_reach(src, dst)
-        for src, dst in pairs(USER1, USER2) + pairs(USER2, USER1):
-            lab.expect_denied(src, dst)
-
-        extra = f"a3i{i}"
-        lab.add_node(extra, "user1", NEWEST)
-        lab.wait_rev()
-        grown = (*USER1, extra)
-        for name in grown:
-            lab.wait_peers(name, set(grown) - {name})
-        for src, dst in pairs(grown, grown):
+    lab.set_policy(self_policy)
+    for group in (USER1, USER2):
+        for name in group:
+            lab.wait_peers(name, set(group) - {name})
+        for src, dst in pairs(group, group):
             lab.expect_reach(src, dst)
-        for src, dst in pairs((extra,), USER2):
-            lab.expect_denied(src, dst)
-        assert lab.server is not None
-        user1_nodes = lab.server.cli_json("nodes", "list", "--user", "user1")
-        assert sorted(n["name"] for n in user1_nodes) == sorted(grown)
-        lab.remove_node(extra)
-        for name in USER1:
-            lab.wait_peers(name, set(USER1) - {name})
-        assert len(lab.server.cli_json("nodes", "list", "--user", "user1")) == 2
+    for src, dst in pairs(USER1, USER2) + pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
 
-        lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
-        for src, dst in pairs(USER1, USER2):
-            lab.expect_reach(src, dst)
-        for src, dst in pairs(USER2, USER1):
-            lab.expect_denied(src, dst)
+    extra = f"a3i{i}"
+    lab.add_node(extra, "user1", NEWEST)
+    lab.wait_rev()
+    grown = (*USER1, extra)
+    for name in grown:
+        lab.wait_peers(name, set(grown) - {name})
+    for src, dst in pairs(grown, grown):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs((extra,), USER2):
+        lab.expect_denied(src, dst)
+    assert lab.server is not None
+    user1_nodes = lab.server.cli_json("nodes", "list", "--user", "user1")
+    assert sorted(n["name"] for n in user1_nodes) == sorted(grown)
+    lab.remove_node(extra)
+    for name in USER1:
+        lab.wait_peers(name, set(USER1) - {name})
+    assert len(lab.server.cli_json("nodes", "list", "--user", "user1")) == 2
+
+    lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
 
 
 # -- groups naming users that do not exist (Headscale issue 2967) --------------------------
