@@ -38,6 +38,9 @@ class KeyWrites(TailnetBase):
                                  tags: Iterable[str] = (), description: str = "",
                                  ) -> tuple[PreAuthKey, str]:
         """Returns the key and its full "hskey-auth-..." text (shown once, never stored)."""
+        # Taken before hashing (a thread hop that a busy machine makes slow), so a caller's
+        # `now + lifetime` expiration is `lifetime` after the creation time it reports.
+        created = utcnow()
         try:
             tag_t = pk.validate_tags(list(tags))
         except ValueError as e:
@@ -48,7 +51,7 @@ class KeyWrites(TailnetBase):
         hashed = await asyncio.to_thread(pk.hash_secret, secret)
         key = PreAuthKey(id=0, prefix=prefix, hash=hashed, legacy_key=None, user_id=user_id,
                          reusable=reusable, ephemeral=ephemeral, used=False, tags=tag_t,
-                         created_at=utcnow(), expiration=expiration, description=description)
+                         created_at=created, expiration=expiration, description=description)
         return await self._insert_preauth_key(key), full
 
     @serialized
