@@ -2,8 +2,16 @@
 
 A `Change` says what a MapResponse must reflect (the mapper decides how): a `ChangeKind`, the
 node (or user) it is about and, for node changes, which `Field`s changed. Each node has at most
-one subscription; a newer one replaces the older (whose iterator ends). Changes are coalesced
-over a batching window. A subscriber that falls behind never blocks the publisher or other
+one subscription; a newer one replaces the older (whose iterator ends).
+
+Changes are coalesced over one batching window for the whole bus: it opens with the first
+change and, when it closes, every subscriber is handed the same batch (the same list object,
+so the mapper can build and encode a delta once for all viewers that are in the same
+situation). While a window's fan-out is still being worked through (sessions building and
+writing their frames), the next window stays open at least as long as that fan-out took: in
+a storm (thousands of nodes joining) frames per session stay bounded and the map sessions get
+at most about half of the CPU, while a lone change after a quiet spell still goes out after
+the configured delay. A subscriber that falls behind never blocks the publisher or the other
 subscribers: its bounded buffer collapses to a single FULL change when it overflows.
 """
 
@@ -17,7 +25,10 @@ from dataclasses import dataclass, field
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
-SESSIONS_PER_DELAY = 250
+# The next window lasts at least STRETCH x the time the last fan-out took, but never longer
+# than MAX_STRETCH x the configured delay: that bounds what one change waits in a storm.
+STRETCH = 1.0
+MAX_STRETCH = 20
 
 
 class ChangeKind(enum.Enum):
@@ -107,42 +118,54 @@ def coalesce(changes: Iterable[Change]) -> list[Change]:
 
 
 class Subscription:
-    """One node's feed. `async for batch in sub` yields coalesced lists of changes."""
+    """One node's feed. `async for batch in sub` yields coalesced lists of changes.
+
+    A batch taken while nothing else was waiting is the bus's shared list: do not mutate it.
+    """
 
     def __init__(self, bus: ChangeBus, node_id: int, max_buffer: int) -> None:
         self.bus = bus
         self.node_id = node_id
         self._max = max_buffer
-        self._buf: list[Change] = []
+        self._batches: list[list[Change]] = []
+        self._count = 0  # changes in _batches
         self._overflowed = False
         self._event = asyncio.Event()
         self.closed = False
         self.overflows = 0
-        # When the oldest change of the pending (then of the last returned) batch arrived:
-        # the start of its change-to-delivery latency.
+        self._owes = 0  # the bus fan-out whose batch this subscriber has not answered yet
+        self._took = 0  # the fan-out of the last batch it took
+        # When the oldest change of the pending (then of the last returned) batch was
+        # published: the start of its change-to-delivery latency.
         self._first_at = 0.0
         self.batch_since = 0.0
 
-    def _push(self, change: Change) -> None:
+    def _deliver(self, batch: list[Change], since: float) -> None:
         if self.closed or self._overflowed:
             return  # a pending FULL already covers it
-        if not self._buf:
-            self._first_at = time.monotonic()
-        if len(self._buf) >= self._max:
-            self._buf = [Change.full()]
+        if not self._batches:
+            self._first_at = since
+        # A batch the subscriber has nothing else waiting with is the shared list whatever
+        # its size (it costs this subscriber nothing); the bound is on what piles up behind.
+        if self._batches and self._count + len(batch) > self._max:
+            self._batches = [[Change.full()]]
+            self._count = 1
             self._overflowed = True
             self.overflows += 1
         else:
-            self._buf.append(change)
+            self._batches.append(batch)
+            self._count += len(batch)
         self._event.set()
 
     def pending(self) -> int:
-        return len(self._buf)
+        """Changes published for this subscriber that it has not taken yet."""
+        return self._count + self.bus._undelivered(self.node_id)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._buf = []
+            self._batches = []
+            self._count = 0
             self._event.set()
             self.bus._unsubscribe(self)
 
@@ -150,23 +173,20 @@ class Subscription:
         return self
 
     async def __anext__(self) -> list[Change]:
-        while not self._buf:
+        self.bus._answered(self)  # whatever the last batch caused is written by now
+        while not self._batches:
             if self.closed:
                 raise StopAsyncIteration
             self._event.clear()
             await self._event.wait()
         if self.closed:
             raise StopAsyncIteration
-        delay = self.bus.window()
-        if delay > 0 and not self._overflowed:
-            # The window opens with the first change: later ones ride along.
-            await asyncio.sleep(delay)
-            if self.closed:
-                raise StopAsyncIteration
-        batch, self._buf, self._overflowed = self._buf, [], False
+        batches, self._batches, self._count, self._overflowed = self._batches, [], 0, False
         self.batch_since = self._first_at
         self._event.clear()
-        return coalesce(batch)
+        self._took = self._owes
+        # One batch is taken as delivered: the shared list, already coalesced.
+        return batches[0] if len(batches) == 1 else coalesce(c for b in batches for c in b)
 
 
 class ChangeBus:
@@ -177,13 +197,26 @@ class ChangeBus:
         self._subs: dict[int, Subscription] = {}
         self.published = 0
         self.opened = 0  # subscriptions ever made: one per streaming map session
+        self.flushes = 0  # windows closed (batches handed out)
+        self._pending: list[Change] = []  # broadcast changes of the open window
+        self._targeted: dict[int, list[Change]] = {}  # node id -> its own changes
+        self._opened_at = 0.0  # monotonic time the open window began
+        self._timer: asyncio.TimerHandle | None = None
+        # The last fan-out: when it began, how many subscribers have not come back for
+        # their next batch, and how long it took once they all had.
+        self._fanout_id = 0
+        self._fanout_start = 0.0
+        self._outstanding = 0
+        self._fanout_end = 0.0
+        self.last_fanout_s = 0.0
 
     def window(self) -> float:
-        """How long a batch collects. The configured delay, widened by one more delay per
-        SESSIONS_PER_DELAY sessions: each change reaches every session, so during a storm
-        (many nodes joining) frames grow with sessions x windows and a wider window keeps
-        that linear. A quiet tailnet of a few hundred nodes keeps the configured delay."""
-        return self.batch_delay * (1 + len(self._subs) // SESSIONS_PER_DELAY)
+        """How long the next window stays open at least, measured from the end of the last
+        fan-out: the configured delay, or the last fan-out's duration (x STRETCH, capped)
+        when that was longer. Measured from its first change a window never closes before
+        the configured delay either."""
+        stretch = min(STRETCH * self.last_fanout_s, MAX_STRETCH * self.batch_delay)
+        return max(self.batch_delay, stretch)
 
     def subscribe(self, node_id: int) -> Subscription:
         self.opened += 1
@@ -195,6 +228,7 @@ class ChangeBus:
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
+        self._answered(sub, closing=True)
         if self._subs.get(sub.node_id) is sub:
             del self._subs[sub.node_id]
 
@@ -204,18 +238,94 @@ class ChangeBus:
     def subscribers(self) -> list[int]:
         return list(self._subs)
 
+    def _undelivered(self, node_id: int) -> int:
+        return len(self._pending) + len(self._targeted.get(node_id, ()))
+
     def publish(self, *changes: Change) -> None:
-        """Never blocks: each subscriber's buffer takes the change or collapses to FULL."""
+        """Never blocks: changes wait for the window to close; each subscriber's buffer takes
+        its batch or collapses to FULL."""
+        if not (self._pending or self._targeted):
+            self._opened_at = time.monotonic()  # this publish opens the window
         for change in changes:
             self.published += 1
             if change.target is not None:
-                sub = self._subs.get(change.target)
-                if sub is not None:
-                    sub._push(change)
+                if change.target in self._subs:
+                    self._targeted.setdefault(change.target, []).append(change)
+            else:
+                self._pending.append(change)
+        if not (self._pending or self._targeted):
+            return
+        if self.batch_delay <= 0:
+            self._flush()  # no window: every publish is its own batch
+            return
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): hand it out now
+            self._flush()
+            return
+        now = time.monotonic()
+        due = self._opened_at + self.batch_delay
+        if self._outstanding:
+            # The last fan-out is still being written: wait for it (its end reschedules),
+            # but never past the cap, so a stuck session cannot hold every other one.
+            due = max(due, self._fanout_start + MAX_STRETCH * self.batch_delay)
+        else:
+            due = max(due, self._fanout_end + self.window())
+        self._timer = loop.call_at(loop.time() + max(0.0, due - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._flush()
+
+    def _answered(self, sub: Subscription, closing: bool = False) -> None:
+        """`sub` is back for more (or gone): its part of the current fan-out is done."""
+        owes = sub._owes
+        if not owes or owes != self._fanout_id or (sub._took != owes and not closing):
+            return
+        sub._owes = 0
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._fanout_end = time.monotonic()
+            self.last_fanout_s = self._fanout_end - self._fanout_start
+            if self._timer is not None:  # a window waited for this fan-out: re-time it
+                self._timer.cancel()
+                self._schedule()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        targeted, self._targeted = self._targeted, {}
+        if not (pending or targeted):
+            return
+        self.flushes += 1
+        self._fanout_id += 1
+        self._fanout_start = time.monotonic()
+        self._outstanding = 0
+        shared = coalesce(pending) if pending else []
+        for nid, sub in list(self._subs.items()):
+            own = targeted.get(nid)
+            if own:
+                batch = coalesce([*shared, *own])
+            elif shared:
+                batch = shared
+            else:
                 continue
-            for sub in list(self._subs.values()):
-                sub._push(change)
+            sub._deliver(batch, self._opened_at)
+            sub._owes = self._fanout_id
+            self._outstanding += 1
+        if not self._outstanding:
+            self._fanout_end = self._fanout_start
+            self.last_fanout_s = 0.0
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for sub in list(self._subs.values()):
             sub.close()

@@ -83,13 +83,68 @@ async def test_full_subsumes_batch() -> None:
     assert not bus.subscribed(1)
 
 
-def test_window_widens_with_sessions() -> None:
-    from pyheadscale.state.changes import SESSIONS_PER_DELAY
+async def test_every_subscriber_gets_the_same_batch_object() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    a, b = bus.subscribe(1), bus.subscribe(2)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3), Change(ChangeKind.NODE_ONLINE, 3))
+    got_a = await asyncio.wait_for(a.__anext__(), 1)
+    got_b = await asyncio.wait_for(b.__anext__(), 1)
+    assert got_a is got_b  # one batch, so the mapper can encode it once for both
+    assert [c.kind for c in got_a] == [ChangeKind.NODE_ADDED, ChangeKind.NODE_ONLINE]
 
+
+async def test_targeted_change_joins_the_shared_batch_for_its_target_only() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    a, b = bus.subscribe(1), bus.subscribe(2)
+    bus.publish(Change(ChangeKind.DNS), Change(ChangeKind.SELF, 2, target=2))
+    assert await asyncio.wait_for(a.__anext__(), 1) == [Change(ChangeKind.DNS)]
+    assert await asyncio.wait_for(b.__anext__(), 1) == [Change(ChangeKind.DNS),
+                                                        Change(ChangeKind.SELF, 2, target=2)]
+
+
+async def test_slow_fanout_stretches_the_next_window() -> None:
+    """While the sessions are still writing one batch the next window stays open; once they
+    are done it stays open as long as that took (storm protection), within the cap."""
+    from pyheadscale.state.changes import MAX_STRETCH
+
+    bus = ChangeBus(batch_delay=0.02)
+    a, b = bus.subscribe(1), bus.subscribe(2)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3))
+    await asyncio.wait_for(a.__anext__(), 1)
+    await asyncio.wait_for(b.__anext__(), 1)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 4))  # b has not come back for more yet
+    nxt = asyncio.ensure_future(a.__anext__())
+    await asyncio.sleep(0.1)
+    assert not nxt.done()  # held: the last fan-out (b's part) is not finished
+    t0 = asyncio.get_running_loop().time()
+    late = asyncio.ensure_future(b.__anext__())  # b is done with batch 1
+    await asyncio.wait_for(nxt, 1)
+    waited = asyncio.get_running_loop().time() - t0
+    assert bus.last_fanout_s >= 0.1
+    assert 0.09 <= waited <= MAX_STRETCH * 0.02 + 0.1  # ~ as long as the slow fan-out took
+    await asyncio.wait_for(late, 1)
+
+
+async def test_a_stuck_session_holds_the_next_window_only_up_to_the_cap() -> None:
+    from pyheadscale.state.changes import MAX_STRETCH
+
+    bus = ChangeBus(batch_delay=0.01)
+    a, stuck = bus.subscribe(1), bus.subscribe(2)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3))
+    await asyncio.wait_for(a.__anext__(), 1)
+    await asyncio.wait_for(stuck.__anext__(), 1)  # takes it, never comes back
+    t0 = asyncio.get_running_loop().time()
+    bus.publish(Change(ChangeKind.NODE_ADDED, 4))
+    await asyncio.wait_for(a.__anext__(), 2)
+    assert asyncio.get_running_loop().time() - t0 <= MAX_STRETCH * 0.01 + 0.1
+
+
+def test_window_is_the_delay_after_quick_fanouts() -> None:
     bus = ChangeBus(batch_delay=0.1)
     assert bus.window() == 0.1
-    subs = [bus.subscribe(i) for i in range(SESSIONS_PER_DELAY)]
-    assert bus.window() == 0.2
-    for s in subs:
-        s.close()
-    assert bus.window() == 0.1
+    bus.last_fanout_s = 0.5
+    assert bus.window() == 0.5
+    bus.last_fanout_s = 1000.0
+    from pyheadscale.state.changes import MAX_STRETCH
+
+    assert bus.window() == MAX_STRETCH * 0.1
