@@ -129,7 +129,8 @@ class RouteController:
         """This instance became the leader: elect from the shared table, approve what the
         policy approves, probe from the next cycle."""
         if leader and not self._closed:
-            self._recompute(share=True)
+            # A follower kept no election state of its own: elect from the whole snapshot.
+            self._recompute(None, share=True)
             self._approve_later(self.tailnet.nodes)
 
     async def stop(self) -> None:
@@ -152,7 +153,10 @@ class RouteController:
         if not any(c.kind in _ROUTE_INPUTS for c in changes):
             return  # endpoint/DERP patches and the like never move routes
         touched: set[int] = set()
+        moved: set[int] | None = set()  # nodes whose serving may differ; None: all of them
         for c in changes:
+            if c.node_id is not None and moved is not None:
+                moved.add(c.node_id)
             if c.kind is ChangeKind.NODE_ONLINE and c.node_id is not None:
                 if Field.ONLINE in c.fields:
                     # A fresh session starts healthy (Headscale Connect clears Unhealthy).
@@ -166,14 +170,19 @@ class RouteController:
                 touched.add(c.node_id)
             elif c.kind is ChangeKind.FULL:
                 touched |= set(self.tailnet.nodes)
-        self._recompute()
+                moved = None
+        self._recompute(moved)
         if touched:
             self._approve_later(touched)
 
-    def _recompute(self, share: bool = False) -> None:
+    def _recompute(self, moved: Iterable[int] | None = (), share: bool = False) -> None:
+        """Re-elect primaries after the nodes in `moved` changed (None: any node did)."""
         if not self.tailnet.membership.is_leader:
             return  # the leader elects; its table arrives through adopt()
-        changed = self.primaries.compute(self.tailnet.nodes.values())
+        if moved is None:
+            changed = self.primaries.compute(self.tailnet.nodes.values())
+        else:
+            changed = self.primaries.update(self.tailnet.nodes, moved)
         if changed:
             self._announce(changed)
         if changed or share:

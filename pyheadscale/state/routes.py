@@ -46,18 +46,41 @@ class PrimaryRoutes:
     def __init__(self) -> None:
         self.primaries: dict[IPNetwork, int] = {}
         self.unhealthy: set[int] = set()
-        # prefix -> online node IDs serving it (ascending), from the last compute().
+        # prefix -> online node IDs serving it (ascending), from the last election.
         self.candidates: dict[IPNetwork, list[int]] = {}
+        # Online nodes serving at least one subnet route, with those routes: what an
+        # election reads, kept up to date node by node (update) so that a change of one node
+        # costs what the route-serving nodes cost, not what the whole tailnet costs.
+        self._serving: dict[int, list[IPNetwork]] = {}
+
+    def _note(self, node_id: int, node: Node | None) -> None:
+        routes = served_subnet_routes(node) if node is not None and node.online else []
+        if routes:
+            self._serving[node_id] = routes
+        else:
+            self._serving.pop(node_id, None)
 
     def compute(self, nodes: Iterable[Node]) -> set[int]:
-        """Re-elect from a snapshot; returns the IDs of nodes whose primary set changed."""
+        """Re-elect from a whole snapshot; returns the IDs of nodes whose primary set
+        changed."""
+        self._serving = {}
+        for n in nodes:
+            self._note(n.id, n)
+        return self._elect()
+
+    def update(self, nodes: Mapping[int, Node], touched: Iterable[int]) -> set[int]:
+        """Re-elect after the nodes in `touched` changed (or were deleted); the others are
+        taken as they were. Returns what compute() returns."""
+        for nid in touched:
+            self._note(nid, nodes.get(nid))
+        return self._elect()
+
+    def _elect(self) -> set[int]:
         before = self.by_node()
         cands: dict[IPNetwork, list[int]] = {}
-        for n in sorted(nodes, key=lambda n: n.id):
-            if not n.online:
-                continue
-            for r in served_subnet_routes(n):
-                cands.setdefault(r, []).append(n.id)
+        for nid in sorted(self._serving):
+            for r in self._serving[nid]:
+                cands.setdefault(r, []).append(nid)
         new: dict[IPNetwork, int] = {}
         for prefix, ids in cands.items():
             prev = self.primaries.get(prefix)

@@ -93,3 +93,29 @@ def test_distinct_prefixes_have_their_own_primaries() -> None:
     pr.compute([router(1, LAN), router(2, OTHER, LAN)])
     assert pr.by_node() == {1: (LAN,), 2: (OTHER,)}
     assert pr.ha_nodes() == {LAN: [1, 2]}
+
+
+def test_node_by_node_update_elects_what_a_whole_recompute_elects() -> None:
+    """update() re-examines only the nodes a change names; over random sequences of node
+    changes it must keep electing exactly what compute() over the whole snapshot elects."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(30):
+        nodes: dict[int, Node] = {}
+        inc, full = PrimaryRoutes(), PrimaryRoutes()
+        for _ in range(40):
+            nid = rng.randint(1, 8)
+            if rng.random() < 0.15:
+                nodes.pop(nid, None)
+            else:
+                routes = rng.sample([LAN, OTHER, EXIT4], rng.randint(0, 2))
+                nodes[nid] = router(nid, *routes, online=rng.random() < 0.7)
+            got = inc.update(nodes, [nid])
+            assert got == full.compute(nodes.values())
+            assert inc.primaries == full.primaries and inc.candidates == full.candidates
+            if rng.random() < 0.2:  # a health verdict, then re-elect without node changes
+                verdict = rng.random() < 0.5
+                inc.set_unhealthy(nid, verdict)
+                full.set_unhealthy(nid, verdict)
+                assert inc.update(nodes, ()) == full.compute(nodes.values())
