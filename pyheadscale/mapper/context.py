@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
@@ -19,7 +20,8 @@ from pyheadscale.mapper.dns import DNSSettings, build_dns_config
 from pyheadscale.state.model import IPNetwork, Node
 from pyheadscale.tailcfg import dumps
 
-__all__ = ["ALLOW_ALL_FILTER", "AllowAllPolicy", "MapContext", "Policy", "exit_routes"]
+__all__ = ["ALLOW_ALL_FILTER", "AllowAllPolicy", "MapContext", "PeerIndex", "Policy",
+           "exit_routes", "visible_ids"]
 
 NODE_ATTR_SUGGEST_EXIT_NODE = "suggest-exit-node"
 # Hides the node's IPv4 address from itself and its peers, and every peer's IPv4 address
@@ -61,6 +63,17 @@ class Policy(Protocol):
     ) -> Sequence[IPNetwork]:
         """The routes ``peer`` offers ``viewer``, out of its elected ``primaries`` and its
         approved exit routes (and, with ``via`` grants, routes steered to it)."""
+        ...
+
+
+@runtime_checkable
+class PeerIndex(Protocol):
+    """A policy that knows each viewer's whole peer set at once (policy/ implements it):
+    the mapper then works with set operations instead of asking `can_see` per pair."""
+
+    def peer_ids(self, viewer: Node, nodes: Mapping[int, Node]) -> AbstractSet[int]:
+        """The IDs of ``nodes`` that ``viewer`` may see, as ``can_see`` says, never its own;
+        the set may also name nodes no longer in ``nodes`` (callers intersect). Read only."""
         ...
 
 
@@ -109,6 +122,16 @@ def exit_routes(node: Node) -> list[IPNetwork]:
     """The node's approved and announced exit routes (0.0.0.0/0, ::/0)."""
     announced = set(node.announced_routes)
     return [r for r in node.approved_routes if r.prefixlen == 0 and r in announced]
+
+
+def visible_ids(policy: Policy, viewer: Node,
+                nodes: Mapping[int, Node]) -> AbstractSet[int] | None:
+    """The IDs in ``nodes`` the viewer may see, or None for every node but itself."""
+    if type(policy) is AllowAllPolicy:
+        return None
+    if isinstance(policy, PeerIndex):
+        return policy.peer_ids(viewer, nodes)
+    return {i for i, n in nodes.items() if i != viewer.id and policy.can_see(viewer, n)}
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,24 @@ PeersRemoved (never an empty Peers: the client reads that as "no change").
 The changes are the ones state/ publishes (``pyheadscale.state.changes``): a ``ChangeKind``,
 the node or user concerned and the ``Field``s that changed (empty: not known, so everything
 is assumed). The snapshot (``nodes``) is the truth; changes only say where to look.
+
+What a batch says is worked out once (``BatchView``) and then applied per viewer; the viewer's
+work follows the batch's size, except where its whole peer set must be reconciled (policy,
+its own identity), and that is done with set operations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pyheadscale.mapper.context import MapContext
+from pyheadscale.mapper.context import MapContext, visible_ids
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
+    PLAIN_VIEW,
     KnownPeers,
     PeerCache,
     PeerView,
@@ -33,7 +40,7 @@ from pyheadscale.state.changes import IDENTITY_FIELDS, PATCH_FIELDS, Change, Cha
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, Node, User
 from pyheadscale.tailcfg import KeyKind, encode_key, format_time
 
-__all__ = ["delta"]
+__all__ = ["BatchView", "delta", "delta_into", "route_nodes"]
 
 # Self changes the client must hear about (its own Node); endpoint/disco/online echo are noise.
 _SELF_NODE_FIELDS = frozenset({Field.EXPIRY, Field.NODE_KEY})
@@ -73,6 +80,66 @@ def _patch(peer: Node, fields: frozenset[Field]) -> dict[str, Any] | None:
     return pc if len(pc) > 1 else None
 
 
+@dataclass
+class BatchView:
+    """What one batch of changes says, for any viewer (the viewer's own changes included:
+    ``own`` keeps them apart so each viewer can tell them from its peers')."""
+
+    full: bool = False  # a FULL change: every viewer gets a full map
+    policy: bool = False
+    dns: bool = False
+    derp: bool = False
+    # Users whose profile changed; None: unknown, resend every relevant profile.
+    user_ids: set[int] | None = field(default_factory=set)
+    full_ids: set[int] = field(default_factory=set)  # peers to resend whole (or remove)
+    patch_fields: dict[int, set[Field]] = field(default_factory=dict)
+    touched: set[int] = field(default_factory=set)  # every node a node change is about
+    # Per node: does a change about it make that node's own Node entry due, and must that
+    # node reconcile everything it sees (its identity changed)?
+    own: dict[int, tuple[bool, bool]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, changes: Iterable[Change]) -> BatchView:
+        b = cls()
+        for change in changes:
+            kind = _kind(change)
+            if kind is ChangeKind.FULL:
+                b.full = True
+            elif kind is ChangeKind.POLICY:
+                b.policy = True
+            elif kind is ChangeKind.DNS:
+                b.dns = True
+            elif kind is ChangeKind.DERP:
+                b.derp = True
+            elif kind is ChangeKind.USER:
+                uid = change.user_id
+                if uid is None or b.user_ids is None:
+                    b.user_ids = None
+                else:
+                    b.user_ids.add(uid)
+            if kind not in _NODE_KINDS or change.node_id is None:
+                continue
+            nid = change.node_id
+            fields = change.fields or None  # empty: not known
+            node_due, reconcile = b.own.get(nid, (False, False))
+            if kind in _WHOLE_NODE:
+                node_due = True
+                reconcile = reconcile or fields is None or bool(fields & IDENTITY_FIELDS)
+            elif kind is ChangeKind.NODE_PATCH and (fields is None or fields & _SELF_NODE_FIELDS):
+                node_due = True
+            b.own[nid] = (node_due, reconcile)
+            b.touched.add(nid)
+            if kind in _WHOLE_NODE or kind is ChangeKind.NODE_REMOVED:
+                b.full_ids.add(nid)
+            elif kind is ChangeKind.NODE_ONLINE:
+                b.patch_fields.setdefault(nid, set()).update((Field.ONLINE, Field.LAST_SEEN))
+            elif fields is None or not fields <= PATCH_FIELDS:
+                b.full_ids.add(nid)
+            else:
+                b.patch_fields.setdefault(nid, set()).update(fields)
+        return b
+
+
 def delta(
     changes: Iterable[Change],
     nodes: Mapping[int, Node] | Iterable[Node],
@@ -91,90 +158,93 @@ def delta(
     sent again. Returns (None, known_peers) when nothing concerns this viewer. A FULL
     change yields a full map (whose peers replace known_peers).
     """
-    changes = list(changes)
     node_map: Mapping[int, Node] = nodes if isinstance(nodes, Mapping) else {n.id: n for n in nodes}
     user_map: Mapping[int, User] = users if isinstance(users, Mapping) else {u.id: u for u in users}
-    viewer = node_map.get(viewer.id, viewer)
-    kinds = [_kind(c) for c in changes]
-    if ChangeKind.FULL in kinds:
-        return full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
     known: KnownPeers = dict(known_peers)
+    resp = delta_into(BatchView.of(changes), node_map, user_map, viewer, ctx, now, known, cache)
+    return resp, known
+
+
+def route_nodes(nodes: Mapping[int, Node]) -> frozenset[int]:
+    """Nodes with approved routes: the only ones whose view can differ between viewers
+    (besides disable-ipv4)."""
+    return frozenset(i for i, n in nodes.items() if n.approved_routes)
+
+
+def delta_into(
+    b: BatchView,
+    node_map: Mapping[int, Node],
+    user_map: Mapping[int, User],
+    viewer: Node,
+    ctx: MapContext,
+    now: datetime,
+    known: KnownPeers,
+    cache: PeerCache | None = None,
+    routers: AbstractSet[int] | None = None,
+) -> dict[str, Any] | None:
+    """``delta`` for a batch already looked at; updates ``known`` in place. ``routers``:
+    ``route_nodes(node_map)`` when the caller has it (it is shared by a batch's viewers)."""
+    viewer = node_map.get(viewer.id, viewer)
+    if b.full:
+        full, peers = full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
+        known.clear()
+        known.update(peers)
+        return full
     if viewer.id not in node_map:
-        return None, known  # the viewer was deleted; the app ends its stream
+        return None  # the viewer was deleted; the app ends its stream
 
     cache = cache if cache is not None else PeerCache()
     legacy = 0 < viewer.capver < HOME_DERP_CAPVER
     resp: dict[str, Any] = {}
+    node_due, reconcile = b.own.get(viewer.id, (False, False))
+    self_node_needed = b.policy or node_due
+    reconcile_all = b.policy or reconcile
+    touched = b.touched - {viewer.id} if viewer.id in b.touched else b.touched
 
-    full_ids: set[int] = set()
-    patch_fields: dict[int, set[Field]] = {}
-    touched: set[int] = set()
-    policy_changed = ChangeKind.POLICY in kinds
-    self_node_needed = policy_changed
-    reconcile_all = policy_changed
-    user_change_ids: set[int] | None = set()
-
-    for change, kind in zip(changes, kinds, strict=True):
-        nid = change.node_id
-        fields = change.fields or None  # empty: not known
-        if kind is ChangeKind.USER:
-            uid = change.user_id
-            if uid is None or user_change_ids is None:
-                user_change_ids = None  # unknown user: resend every relevant profile
-            else:
-                user_change_ids.add(uid)
-            continue
-        if kind not in _NODE_KINDS or nid is None:
-            continue
-        if nid == viewer.id:
-            if kind in _WHOLE_NODE:
-                self_node_needed = True
-                if fields is None or fields & IDENTITY_FIELDS:
-                    reconcile_all = True
-            elif kind is ChangeKind.NODE_PATCH and (fields is None or fields & _SELF_NODE_FIELDS):
-                self_node_needed = True
-            continue
-        touched.add(nid)
-        if kind in _WHOLE_NODE or kind is ChangeKind.NODE_REMOVED:
-            full_ids.add(nid)
-        elif kind is ChangeKind.NODE_ONLINE:
-            patch_fields.setdefault(nid, set()).update((Field.ONLINE, Field.LAST_SEEN))
-        elif fields is None or not fields <= PATCH_FIELDS:
-            full_ids.add(nid)
-        else:
-            patch_fields.setdefault(nid, set()).update(fields)
-
-    candidates = set(node_map) | set(known) if reconcile_all else touched
-    changed: list[Node] = []
-    removed: list[int] = []
+    changed_ids: set[int] = set()
+    removed: set[int] = set()
     patches: list[dict[str, Any]] = []
+    if reconcile_all:
+        # The viewer's whole peer set, with set operations (it may be every node).
+        vis = visible_ids(ctx.policy, viewer, node_map)
+        visible = (node_map.keys() - {viewer.id}) if vis is None else vis & node_map.keys()
+        removed = known.keys() - visible
+        changed_ids = visible - known.keys()
+        # Peers whose view (routes for this viewer, hidden IPv4) may have changed: those
+        # with routes, those sent with a non-plain view, or all when IPv4 is hidden anywhere.
+        held = known.keys() & visible
+        if ctx.ipv4_disabled:
+            check: Iterable[int] = held
+        else:
+            if routers is None:
+                routers = route_nodes(node_map)
+            check = (held & routers) | {p for p in held if known[p] != PLAIN_VIEW}
+        for pid in check:
+            if known[pid] != peer_view(viewer, node_map[pid], ctx):
+                changed_ids.add(pid)  # the policy now gives this viewer other routes of it
+        candidates: Iterable[int] = sorted((touched & held) - changed_ids)
+    else:
+        candidates = sorted(touched)
     can_see = ctx.policy.can_see
-    for pid in sorted(candidates):
-        if pid == viewer.id:
-            continue
+    for pid in candidates:
         peer = node_map.get(pid)
-        if peer is None or not can_see(viewer, peer):
+        if peer is None or not (reconcile_all or can_see(viewer, peer)):
             if pid in known:
-                removed.append(pid)
-                del known[pid]
+                removed.add(pid)
             continue
-        if pid not in known or pid in full_ids:
-            changed.append(peer)  # newly visible (added, or allowed by a new policy), or new
+        if pid not in known or pid in b.full_ids:
+            changed_ids.add(pid)  # newly visible (added, or allowed by a new policy), or whole
             continue
-        if reconcile_all:
-            view = peer_view(viewer, peer, ctx)
-            if known[pid] != view:
-                changed.append(peer)  # the policy now gives this viewer other routes of it
-                continue
-        if pid not in touched:
-            continue
-        fields = frozenset(patch_fields.get(pid, ()))
+        fields = frozenset(b.patch_fields.get(pid, ()))
         if Field.DISCO_KEY in fields and not peer.online:
-            changed.append(peer)  # a disco patch must say Online:true; send the node instead
+            changed_ids.add(pid)  # a disco patch must say Online:true; send the node instead
             continue
         pc = _patch(peer, fields)
         if pc is not None:
             patches.append(pc)
+    for pid in removed:
+        del known[pid]
+    changed = [node_map[p] for p in sorted(changed_ids)]
 
     if self_node_needed:
         resp["Node"] = self_node(viewer, ctx, now)
@@ -185,7 +255,7 @@ def delta(
             entries.append(cache.get(p, ctx, now, legacy_derp=legacy, view=view))
         resp["PeersChanged"] = entries
     if removed:
-        resp["PeersRemoved"] = removed
+        resp["PeersRemoved"] = sorted(removed)
     if patches:
         resp["PeersChangedPatch"] = patches
 
@@ -194,20 +264,18 @@ def delta(
         ssh = ctx.policy.ssh_policy(viewer)
         # nil means "unchanged", so an explicitly empty policy clears an earlier one.
         resp["SSHPolicy"] = ssh if ssh else {"rules": []}
-    if ChangeKind.DNS in kinds or policy_changed:
+    if b.dns or b.policy:
         resp["DNSConfig"] = ctx.dns_fragment  # Headscale resends DNS with policy changes
-    if ChangeKind.DERP in kinds:
+    if b.derp:
         resp["DERPMap"] = ctx.derp_fragment
 
     profile_nodes: list[Node] = list(changed)
-    if user_change_ids is None or user_change_ids:
+    if b.user_ids is None or b.user_ids:
         relevant = [viewer, *(node_map[p] for p in sorted(known) if p in node_map)]
-        if user_change_ids is not None:
-            relevant = [
-                n
-                for n in relevant
-                if (TAGGED_DEVICES_USER_ID if n.is_tagged else n.user_id) in user_change_ids
-            ]
+        if b.user_ids is not None:
+            wanted = b.user_ids
+            relevant = [n for n in relevant
+                        if (TAGGED_DEVICES_USER_ID if n.is_tagged else n.user_id) in wanted]
         profile_nodes += relevant
     if profile_nodes:
         profiles = user_profiles(profile_nodes, user_map)
@@ -215,6 +283,6 @@ def delta(
             resp["UserProfiles"] = profiles
 
     if not resp:
-        return None, known
+        return None
     resp["ControlTime"] = format_time(now)
-    return resp, known
+    return resp

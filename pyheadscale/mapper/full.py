@@ -35,6 +35,7 @@ __all__ = [
     "NODE_ATTR_DEFAULT_AUTO_UPDATE",
     "NODE_ATTR_SUGGEST_EXIT_NODE",
     "PeerCache",
+    "PLAIN_VIEW",
     "PeerView",
     "TAGGED_DEVICES_PROFILE",
     "fqdn",
@@ -94,7 +95,7 @@ class PeerView(NamedTuple):
     hide_v4: bool = False
 
 
-_PLAIN = PeerView()
+PLAIN_VIEW = PeerView()
 _PLAIN_NO_V4 = PeerView((), True)
 
 # What a map stream has told its client about each peer (ID -> the view it was sent).
@@ -109,7 +110,7 @@ def peer_view(viewer: Node, peer: Node, ctx: MapContext) -> PeerView:
     hidden = ctx.ipv4_disabled
     hide_v4 = bool(hidden) and (viewer.id in hidden or peer.id in hidden)
     if not peer.approved_routes:  # no route to offer anyone (most peers)
-        return _PLAIN_NO_V4 if hide_v4 else _PLAIN
+        return _PLAIN_NO_V4 if hide_v4 else PLAIN_VIEW
     primaries = [r for r in ctx.routes_of(peer.id) if not _is_exit(r)]
     offered = ctx.policy.routes_for_peer(viewer, peer, primaries)
     return PeerView(tuple(sorted(set(offered), key=_prefix_key)), hide_v4)
@@ -348,7 +349,7 @@ def full_map_and_peers(
     hidden = ctx.ipv4_disabled
     for p in peers:
         # peer_view's common case inline: a peer without routes, nobody's IPv4 hidden.
-        view = peer_view(viewer, p, ctx) if p.approved_routes or hidden else _PLAIN
+        view = peer_view(viewer, p, ctx) if p.approved_routes or hidden else PLAIN_VIEW
         known[p.id] = view
         entries.append(cache.get(p, ctx, now, legacy_derp=legacy, view=view))
     if entries:  # an empty Peers would mean "unchanged": omit instead

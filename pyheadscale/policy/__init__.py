@@ -7,7 +7,8 @@ text and a snapshot of users and nodes, and call `update()` when those change.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from pyheadscale.gotext import goquote
@@ -337,6 +338,17 @@ class PolicyManager:
         if mb is ma or (self.policy is None or not self._per_node):
             return False
         return can_access(a, b, mb) or can_access(b, a, mb)
+
+    def peer_ids(self, viewer: Node, nodes: Mapping[int, Node]) -> AbstractSet[int]:
+        """The mapper's PeerIndex: everything in ``nodes`` ``viewer`` may see, from the cached
+        peer set (plus a pairwise look at nodes this snapshot does not have yet)."""
+        if viewer.id not in self._by_id:
+            return {i for i, n in nodes.items() if self.can_see(viewer, n)}
+        out = self.peers(viewer)
+        extra = nodes.keys() - self._by_id.keys()
+        if extra:
+            out = out | {i for i in extra if self.can_see(viewer, nodes[i])}
+        return out
 
     def can_see(self, viewer: Node, peer: Node) -> bool:
         if viewer.id == peer.id:
