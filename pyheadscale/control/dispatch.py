@@ -51,6 +51,7 @@ from pyheadscale.mapper.dns import (
     load_extra_records,
     normalize_extra_records,
 )
+from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import PeerCache
 from pyheadscale.startup import failing_key
 from pyheadscale.state.changes import Change, ChangeKind, Field
@@ -116,7 +117,7 @@ class ControlPlane:
                                       on_primaries=self.set_primary_routes)
         self.expiry = ExpiryWatcher(tailnet)
         tailnet.tag_authorizer = tag_authorizer(self.policy)  # --advertise-tags vs tagOwners
-        self.map_poll = MapPoll(tailnet, lambda: self.mapctx, self.peer_cache,
+        self.map_poll = MapPoll(tailnet, lambda: self.mapctx, self.peer_cache, SharedDeltas(),
                                 self.routes.outbox.take)
         self.registration = Registration(tailnet, self.webflow.handle)
         self.ssh_action = SSHCheckAction(tailnet, self.sshchecks, cfg.server_url,

@@ -17,9 +17,9 @@ from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
-from pyheadscale.mapper.delta import delta
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
-from pyheadscale.mapper.full import PeerCache, full_map_and_peers
+from pyheadscale.mapper.fanout import SharedDeltas
+from pyheadscale.mapper.full import PeerCache
 from pyheadscale.state.changes import Subscription
 from pyheadscale.state.errors import PersistError
 from pyheadscale.state.tailnet import Tailnet
@@ -38,6 +38,7 @@ class MapPoll:
     tailnet: Tailnet
     context: Callable[[], MapContext]  # the current map context (replaced on every change)
     peer_cache: PeerCache  # encoded peer entries shared by every session
+    deltas: SharedDeltas  # one encoding of each batch for every session it reaches alike
     # Server-initiated messages (HA PingRequests) waiting for a node's next frame.
     take_outbox: Callable[[int], dict[str, Any] | None]
 
@@ -64,10 +65,10 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
             metrics.mapresponse_endpoint_updates.labels("ok").inc()
             return
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
-        msg, _ = full_map_and_peers(tn.nodes, tn.users, tn.get_node(node.id), poll.context(),
-                                     datetime.now(UTC), poll.peer_cache)
+        frame, _ = poll.deltas.first_frame(tn.nodes, tn.users, tn.get_node(node.id),
+                                           poll.context(), datetime.now(UTC), poll.peer_cache)
         await resp.start(200, [("content-type", "application/json")])
-        await resp.end(encode_frame(msg))
+        await resp.end(frame)
         return
 
     # Subscribe before building the full map so no change falls between the two.
@@ -106,10 +107,10 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
     tn = poll.tailnet
     viewer = tn.get_node(node_id)
     with metrics.Timer(metrics.nodestore_peers_calculation):
-        msg, known = full_map_and_peers(tn.nodes, tn.users, viewer, poll.context(),
-                                        datetime.now(UTC), poll.peer_cache)
+        first, known = poll.deltas.first_frame(tn.nodes, tn.users, viewer, poll.context(),
+                                               datetime.now(UTC), poll.peer_cache)
     metrics.mapresponse_generated.labels("full").inc()
-    await write_frame(resp, encode_frame(msg), "full", node_id)
+    await write_frame(resp, first, "full", node_id)
     it = sub.__aiter__()
     while True:
         timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
@@ -123,16 +124,20 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
         viewer_now = tn.nodes.get(node_id)
         if viewer_now is None:
             return
-        update, known = delta(batch, tn.nodes, tn.users, viewer_now, poll.context(),
-                              datetime.now(UTC), known, poll.peer_cache)
+        ctx, now = poll.context(), datetime.now(UTC)
         # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
         extra = poll.take_outbox(node_id)
         if extra:
-            update = {**(update or {"KeepAlive": True}), **extra}
-        if update is not None:
+            update = poll.deltas.delta(batch, tn.nodes, tn.users, viewer_now, ctx, now, known,
+                                       poll.peer_cache)
+            frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
+        else:
+            frame = poll.deltas.frame(batch, tn.nodes, tn.users, viewer_now, ctx, now, known,
+                                      poll.peer_cache)
+        if frame is not None:
             kind = metrics.response_type(batch, ping=bool(extra))
             metrics.mapresponse_generated.labels(kind).inc()
-            await write_frame(resp, encode_frame(update), kind, node_id)
+            await write_frame(resp, frame, kind, node_id)
             metrics.change_delivery.labels(kind).observe(time.monotonic() - sub.batch_since)
 
 

@@ -1,4 +1,4 @@
-"""Map-stream framing: JSON (orjson) -> one zstd frame -> u32 LITTLE-endian length prefix.
+"""Map-stream framing: JSON (orjson) -> zstd frame(s) -> u32 LITTLE-endian length prefix.
 
 Current clients always zstd-decode each frame, and the length prefix is little-endian (unlike
 every Noise field); docs/protocol.md, "Map streaming".
@@ -75,9 +75,13 @@ def decode_frame(frame: bytes) -> tuple[Any, bytes]:
     if n > _MAX_FRAME or len(frame) < 4 + n:
         raise FrameError(f"frame claims {n} bytes, {len(frame) - 4} available")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(frame[4 : 4 + n], max_output_size=_MAX_FRAME)
+        # A map may be several zstd frames back to back (mapper/firstmap.py).
+        dec = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        raw = dec.decompress(frame[4 : 4 + n])
     except zstandard.ZstdError as e:
         raise FrameError(f"not a zstd frame: {e}") from None
+    if not raw or len(raw) > _MAX_FRAME:
+        raise FrameError(f"frame decodes to {len(raw)} bytes")
     return orjson.loads(raw), frame[4 + n :]
 
 

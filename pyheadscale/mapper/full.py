@@ -41,9 +41,12 @@ __all__ = [
     "fqdn",
     "full_map",
     "full_map_and_peers",
+    "map_head",
     "node_entry",
     "peer_entry",
     "peer_view",
+    "profile_owner",
+    "profiles_of",
     "self_node",
     "user_profile",
     "user_profiles",
@@ -231,7 +234,8 @@ class PeerCache:
 
     def __init__(self) -> None:
         self._entries: dict[
-            int, tuple[tuple[int, int, bool], dict[tuple[bool, PeerView], orjson.Fragment]]
+            int,
+            tuple[tuple[int, int, bool], dict[tuple[bool, PeerView], tuple[bytes, orjson.Fragment]]],
         ] = {}
         self.hits = 0
         self.misses = 0
@@ -239,24 +243,32 @@ class PeerCache:
     def __len__(self) -> int:
         return sum(len(v[1]) for v in self._entries.values())
 
-    def get(
-        self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool, view: PeerView
-    ) -> orjson.Fragment:
+    def _slot(self, peer: Node, ctx: MapContext, now: datetime, legacy_derp: bool,
+              view: PeerView) -> tuple[bytes, orjson.Fragment]:
         stamp = (peer.version, ctx.generation, peer.is_expired(now))
         slot = self._entries.get(peer.id)
         if slot is None or slot[0] != stamp:
             slot = (stamp, {})
             self._entries[peer.id] = slot
         key = (legacy_derp, view)
-        frag = slot[1].get(key)
-        if frag is None:
+        got = slot[1].get(key)
+        if got is None:
             self.misses += 1
-            entry = peer_entry(peer, ctx, now, legacy_derp=legacy_derp, view=view)
-            frag = orjson.Fragment(dumps(entry))
-            slot[1][key] = frag
+            raw = dumps(peer_entry(peer, ctx, now, legacy_derp=legacy_derp, view=view))
+            got = slot[1][key] = (raw, orjson.Fragment(raw))
         else:
             self.hits += 1
-        return frag
+        return got
+
+    def get(
+        self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool, view: PeerView
+    ) -> orjson.Fragment:
+        return self._slot(peer, ctx, now, legacy_derp, view)[1]
+
+    def encoded(self, peer: Node, ctx: MapContext, now: datetime, *, legacy_derp: bool,
+                view: PeerView) -> bytes:
+        """The peer's entry as JSON bytes."""
+        return self._slot(peer, ctx, now, legacy_derp, view)[0]
 
     def forget(self, node_id: int) -> None:
         self._entries.pop(node_id, None)
@@ -275,16 +287,28 @@ def user_profile(user: User) -> dict[str, Any]:
     return out
 
 
+def profile_owner(node: Node) -> int | None:
+    """The UserProfile ID a node shows: its user's, or tagged-devices'."""
+    return TAGGED_DEVICES_USER_ID if node.is_tagged else node.user_id
+
+
 def user_profiles(owners: Iterable[Node], users: Mapping[int, User]) -> list[dict[str, Any]]:
     """Profiles of the given nodes' owners, by ID; tagged nodes map to "tagged-devices"."""
+    return profiles_of({profile_owner(n) for n in owners}, users)
+
+
+def profiles_of(ids: Iterable[int | None], users: Mapping[int, User]) -> list[dict[str, Any]]:
+    """Profiles for profile IDs (from ``profile_owner``), by ID; unknown users are left out."""
     found: dict[int, dict[str, Any]] = {}
-    for n in owners:
-        if n.is_tagged:
-            found[TAGGED_DEVICES_USER_ID] = TAGGED_DEVICES_PROFILE
-        elif n.user_id is not None and n.user_id not in found:
-            u = users.get(n.user_id)
+    for uid in ids:
+        if uid is None or uid in found:
+            continue
+        if uid == TAGGED_DEVICES_USER_ID:
+            found[uid] = TAGGED_DEVICES_PROFILE
+        else:
+            u = users.get(uid)
             if u is not None:
-                found[n.user_id] = user_profile(u)
+                found[uid] = user_profile(u)
     return [dict(found[k]) for k in sorted(found)]
 
 
@@ -310,20 +334,9 @@ def visible_peers(
     return peers
 
 
-def full_map_and_peers(
-    nodes: Mapping[int, Node] | Iterable[Node],
-    users: Mapping[int, User] | Iterable[User],
-    viewer: Node,
-    ctx: MapContext,
-    now: datetime,
-    cache: PeerCache | None = None,
-) -> tuple[dict[str, Any], KnownPeers]:
-    """The full MapResponse and the peers it carries with their views (the stream's known
-    peers)."""
-    cache = cache if cache is not None else PeerCache()
-    users = _user_map(users)
-    peers = visible_peers(nodes, viewer, ctx)
-    legacy = 0 < viewer.capver < HOME_DERP_CAPVER
+def map_head(viewer: Node, ctx: MapContext, now: datetime,
+             profiles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything of a full MapResponse but its Peers (which, when any, come last)."""
     resp: dict[str, Any] = {
         "ControlTime": format_time(now),
         "Node": self_node(viewer, ctx, now),
@@ -331,7 +344,7 @@ def full_map_and_peers(
         "CollectServices": False,
         "DNSConfig": ctx.dns_fragment,
         "PacketFilter": list(ctx.policy.packet_filter(viewer)),  # [] would mean deny-all
-        "UserProfiles": user_profiles([viewer, *peers], users),
+        "UserProfiles": profiles,
     }
     domain = ctx.map_domain
     if domain:
@@ -344,6 +357,27 @@ def full_map_and_peers(
     ssh = ctx.policy.ssh_policy(viewer)
     if ssh and ssh.get("rules"):  # tailcfg.SSHPolicy's JSON name is "rules"
         resp["SSHPolicy"] = ssh
+    return resp
+
+
+def full_map_and_peers(
+    nodes: Mapping[int, Node] | Iterable[Node],
+    users: Mapping[int, User] | Iterable[User],
+    viewer: Node,
+    ctx: MapContext,
+    now: datetime,
+    cache: PeerCache | None = None,
+) -> tuple[dict[str, Any], KnownPeers]:
+    """The full MapResponse and the peers it carries with their views (the stream's known
+    peers).
+
+    The map sessions send the same response through mapper/firstmap.py, which shares the
+    encoding of runs of peers between viewers; this is its reference."""
+    cache = cache if cache is not None else PeerCache()
+    users = _user_map(users)
+    peers = visible_peers(nodes, viewer, ctx)
+    legacy = 0 < viewer.capver < HOME_DERP_CAPVER
+    resp = map_head(viewer, ctx, now, user_profiles([viewer, *peers], users))
     known: KnownPeers = {}
     entries = []
     hidden = ctx.ipv4_disabled

@@ -40,7 +40,9 @@ class MapFrameDecoder:
             comp = bytes(self._buf[4 : 4 + n])
             del self._buf[: 4 + n]
             try:
-                raw = zstandard.ZstdDecompressor().decompressobj().decompress(comp)
+                # A message may be several zstd frames back to back (as DecodeAll reads it).
+                dec = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+                raw = dec.decompress(comp)
                 msg = json.loads(raw)
             except (zstandard.ZstdError, ValueError) as e:
                 raise MapFrameError(f"undecodable map frame: {e}") from None

@@ -1,0 +1,201 @@
+"""One encoded delta per batch, shared by every viewer the batch reaches the same way.
+
+The bus hands every map session the same batch (the same list object). Most viewers are in
+the same situation towards it: the batch is not about them, they see every node it touches,
+and they already know the peers it patches or removes. For those the delta is the same
+bytes, so it is built, encoded and compressed once (the first such viewer pays) and the
+others only check the situation (set operations over the batch's nodes) and update their
+known peers. A peer entry sent whole is shared only when it is the same for every viewer
+(no routes, no hidden IPv4: ``PLAIN_VIEW``). Any other viewer gets its own delta from ``delta_into``; the result is the
+same either way (tests/unit/test_fanout.py compares the two).
+
+Not locked: use one per event loop, like ``PeerCache``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pyheadscale.mapper.context import AllowAllPolicy, MapContext
+from pyheadscale.mapper.delta import BatchView, _patch, delta_into, route_nodes
+from pyheadscale.mapper.encode import encode_frame
+from pyheadscale.mapper.firstmap import PeerRuns
+from pyheadscale.mapper.full import (
+    HOME_DERP_CAPVER,
+    PLAIN_VIEW,
+    KnownPeers,
+    PeerCache,
+    user_profiles,
+)
+from pyheadscale.state.changes import Change, Field
+from pyheadscale.state.model import Node, User
+from pyheadscale.tailcfg import format_time
+
+__all__ = ["SharedDeltas"]
+
+
+@dataclass
+class _Plan:
+    batch: list[Change]  # held so the id() it is filed under stays this batch's
+    view: BatchView
+    shareable: bool
+    present: frozenset[int] = frozenset()  # touched nodes in the snapshot
+    removed: frozenset[int] = frozenset()  # touched nodes no longer there
+    entries: frozenset[int] = frozenset()  # present nodes sent whole
+    patched: frozenset[int] = frozenset()  # present nodes sent as a PeerChange
+    frame: bytes | None = None
+    built: bool = False
+    routers: frozenset[int] | None = None  # route_nodes() of the snapshot, once per batch
+
+
+class SharedDeltas:
+    """Recent batches' plans and shared frames."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._plans: dict[tuple[int, int, bool], _Plan] = {}
+        self.runs = PeerRuns()  # full maps: first frames and FULL resends
+        self.shared = 0  # frames served from a shared encoding
+        self.own = 0  # deltas built for one viewer
+
+    def _plan(self, batch: list[Change], ctx: MapContext, legacy: bool) -> _Plan:
+        key = (id(batch), ctx.generation, legacy)
+        plan = self._plans.get(key)
+        if plan is None or plan.batch is not batch:
+            view = BatchView.of(batch)
+            # A policy or profile change reconciles each viewer's own peer set: never shared.
+            shareable = not (view.full or view.policy or view.user_ids is None or view.user_ids)
+            plan = _Plan(batch, view, shareable)
+            if len(self._plans) >= self.size:
+                del self._plans[next(iter(self._plans))]  # oldest first (insertion order)
+            self._plans[key] = plan
+        return plan
+
+    def frame(
+        self,
+        batch: list[Change],
+        nodes: Mapping[int, Node],
+        users: Mapping[int, User],
+        viewer: Node,
+        ctx: MapContext,
+        now: datetime,
+        known: KnownPeers,
+        cache: PeerCache,
+    ) -> bytes | None:
+        """The encoded frame of the viewer's delta (None: nothing for it); updates ``known``."""
+        legacy = 0 < viewer.capver < HOME_DERP_CAPVER
+        plan = self._plan(batch, ctx, legacy)
+        if plan.view.full and viewer.id in nodes:
+            frame, peers = self.first_frame(nodes, users, nodes[viewer.id], ctx, now, cache)
+            known.clear()
+            known.update(peers)
+            return frame
+        if plan.shareable and viewer.id not in plan.view.touched:
+            if not plan.built:
+                self._build(plan, nodes, users, ctx, now, cache, legacy)
+            if (plan.shareable and plan.patched <= known.keys() and plan.removed <= known.keys()
+                    and self._sees_all(ctx, viewer, nodes, plan.present)):
+                self.shared += 1
+                for p in plan.removed:
+                    del known[p]
+                for p in plan.entries:
+                    known[p] = PLAIN_VIEW
+                return plan.frame
+        self.own += 1
+        resp = delta_into(plan.view, nodes, users, viewer, ctx, now, known, cache,
+                          self._routers(plan, nodes))
+        return encode_frame(resp) if resp is not None else None
+
+    @staticmethod
+    def _routers(plan: _Plan, nodes: Mapping[int, Node]) -> frozenset[int] | None:
+        # Only a viewer reconciling its whole peer set reads it; one scan per batch then.
+        b = plan.view
+        if not (b.policy or any(r for _, r in b.own.values())):
+            return None
+        if plan.routers is None:
+            plan.routers = route_nodes(nodes)
+        return plan.routers
+
+    def first_frame(
+        self,
+        nodes: Mapping[int, Node],
+        users: Mapping[int, User],
+        viewer: Node,
+        ctx: MapContext,
+        now: datetime,
+        cache: PeerCache,
+    ) -> tuple[bytes, KnownPeers]:
+        """A stream's first map (framed) and the peers it carries with their views."""
+        return self.runs.first_frame(nodes, users, viewer, ctx, now, cache)
+
+    def delta(
+        self,
+        batch: list[Change],
+        nodes: Mapping[int, Node],
+        users: Mapping[int, User],
+        viewer: Node,
+        ctx: MapContext,
+        now: datetime,
+        known: KnownPeers,
+        cache: PeerCache,
+    ) -> dict[str, Any] | None:
+        """The viewer's own delta as a dictionary (to add to it); updates ``known``."""
+        plan = self._plan(batch, ctx, 0 < viewer.capver < HOME_DERP_CAPVER)
+        self.own += 1
+        return delta_into(plan.view, nodes, users, viewer, ctx, now, known, cache,
+                          self._routers(plan, nodes))
+
+    @staticmethod
+    def _sees_all(ctx: MapContext, viewer: Node, nodes: Mapping[int, Node],
+                  ids: frozenset[int]) -> bool:
+        if type(ctx.policy) is AllowAllPolicy:
+            return True
+        can_see = ctx.policy.can_see
+        return all(can_see(viewer, nodes[i]) for i in ids if i in nodes)
+
+    @staticmethod
+    def _build(plan: _Plan, nodes: Mapping[int, Node], users: Mapping[int, User],
+               ctx: MapContext, now: datetime, cache: PeerCache, legacy: bool) -> None:
+        """The delta of a viewer that sees every node of the batch, knows those it patches
+        or removes and is not itself in the batch: ``delta_into``'s rules for that case."""
+        b = plan.view
+        present = frozenset(b.touched & nodes.keys())
+        entries = set(present & b.full_ids)
+        for pid in present - entries:
+            fields = b.patch_fields.get(pid, set())
+            if Field.DISCO_KEY in fields and not nodes[pid].online:
+                entries.add(pid)  # a disco patch must say Online:true; send the node instead
+        plan.present = present
+        plan.removed = frozenset(b.touched - present)
+        plan.entries = frozenset(entries)
+        plan.patched = present - plan.entries
+        plan.built = True
+        changed = [nodes[p] for p in sorted(plan.entries)]
+        if ctx.ipv4_disabled or any(p.approved_routes for p in changed):
+            # Such an entry may differ between viewers (routes, hidden IPv4): each its own.
+            plan.shareable = False
+            return
+        resp: dict[str, Any] = {}
+        if changed:
+            resp["PeersChanged"] = [cache.get(p, ctx, now, legacy_derp=legacy, view=PLAIN_VIEW)
+                                    for p in changed]
+        if plan.removed:
+            resp["PeersRemoved"] = sorted(plan.removed)
+        patches = [pc for p in sorted(plan.patched)
+                   if (pc := _patch(nodes[p], frozenset(b.patch_fields.get(p, ())))) is not None]
+        if patches:
+            resp["PeersChangedPatch"] = patches
+        if b.dns:
+            resp["DNSConfig"] = ctx.dns_fragment
+        if b.derp:
+            resp["DERPMap"] = ctx.derp_fragment
+        if changed:
+            profiles = user_profiles(changed, users)
+            if profiles:
+                resp["UserProfiles"] = profiles
+        if resp:
+            resp["ControlTime"] = format_time(now)
+            plan.frame = encode_frame(resp)
