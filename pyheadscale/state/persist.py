@@ -265,8 +265,10 @@ class Tx:
         return int(row.id)
 
     def update(self, table: type[Any], row_id: int, values: dict[str, Any]) -> None:
-        res = self.s.execute(update(table).where(table.id == row_id).values(**values))
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+        # On the session's connection (Core): the ORM's bulk-update bookkeeping costs more
+        # than the statement, and no ORM objects are kept in these sessions.
+        res = self.s.connection().execute(update(table).where(table.id == row_id).values(**values))
+        if res.rowcount != 1:
             raise LookupError(f"{table.__tablename__} row {row_id} not found")
         self.touched.add(table.__tablename__, row_id)
 
