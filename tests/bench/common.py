@@ -121,12 +121,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
 # -- /proc figures -------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of one of its threads, in seconds."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as fh:
         stat = fh.read()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process's main thread (a Python server's event loop)."""
+    return cpu_seconds(pid, pid)
 
 
 def _status_kib(pid: int, name: str) -> int:

@@ -63,6 +63,7 @@ from tests.bench.common import (
     emit_json,
     install_uvloop,
     machine_info,
+    main_thread_cpu_seconds,
     peak_rss_mib,
     percentile,
     pipe_commands,
@@ -347,6 +348,10 @@ class Target:
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids)
 
+    def main_thread_cpu(self) -> float:
+        """The servers' event loop threads (a Python server's other thread is the DB's)."""
+        return sum(main_thread_cpu_seconds(p) for p in self.pids)
+
     def peak_rss(self) -> float:
         return sum(peak_rss_mib(p) for p in self.pids)
 
@@ -442,6 +447,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     clients = Clients(target, n, args.workers, args.concurrency)
     try:
         cpu0 = target.cpu()
+        main0 = target.main_thread_cpu()
         t0 = clients.go()
         deadline = t0 + args.timeout
         st = clients.status()
@@ -469,6 +475,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         client_cpu_join = st["cpu"]
         st_join = st
         cpu_join = target.cpu() - cpu0
+        main_join = target.main_thread_cpu() - main0
         wall_join = t_first - t0
 
         # Let the peer-update storm of the joins die down before timing a single change.
@@ -527,6 +534,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "first_map_p50_s": rnd(first_p50, 3),
         "first_maps_received": len(st_join["first_maps"]),
         "join_server_cpu_s": rnd(cpu_join, 2),
+        "join_server_main_thread_cpu_s": rnd(main_join, 2),
         "join_client_cpu_s": rnd(client_cpu_join, 2),
         "join_wall_s": rnd(wall_join, 2),
         "settled_s": rnd(settled, 3),
@@ -832,11 +840,15 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     key = _pyheadscale_key(cfg_path)
     log = work / "server.log"
     argv = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path), "serve"]
-    if args.profile:
+    if args.profile == "pyinstrument":
         argv = [str(VENV_PYTHON), "-m", "pyinstrument", "-r", "text", "-o",
-                str(root / "pyheadscale.pyinstrument.txt"), "-m", "pyheadscale", "-c",
-                str(cfg_path), "serve"]
-    with server_process(argv, log, env={"PYTHONUNBUFFERED": "1"}, cwd=work) as proc:
+                str(args.profile_dir / "pyheadscale.pyinstrument.txt"), "-m", "pyheadscale",
+                "-c", str(cfg_path), "serve"]
+    elif args.profile == "cprofile":
+        argv = [str(VENV_PYTHON), "-m", "tests.bench.cpuprofile",
+                str(args.profile_dir / "pyheadscale.cprofile"), "-c", str(cfg_path), "serve"]
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    with server_process(argv, log, env=env, cwd=work) as proc:
         _wait_health(cfg["server_url"], proc, log)
         cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
         if not key:
@@ -876,6 +888,7 @@ _ROWS = [
     ("all first maps (s)", "all_first_maps_s"),
     ("first map p50 (s)", "first_map_p50_s"),
     ("join: server CPU (s)", "join_server_cpu_s"),
+    ("join: server CPU, main thread (s)", "join_server_main_thread_cpu_s"),
     ("join: client CPU (s)", "join_client_cpu_s"),
     ("updates settled (s)", "settled_s"),
     ("frames until settled", "frames_until_settled"),
@@ -979,8 +992,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds allowed per policy step (default 60 + 0.06 s per node)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the generated policy")
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--profile", action="store_true",
-                    help="run pyheadscale under pyinstrument (must be importable)")
+    ap.add_argument("--profile", choices=["pyinstrument", "cprofile"], default=None,
+                    help="run pyheadscale under a profiler (pyinstrument must be importable); "
+                    "the report goes to --profile-dir")
+    ap.add_argument("--profile-dir", type=Path, default=Path("."),
+                    help="where --profile writes (default: the current directory)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
