@@ -7,7 +7,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 # Official Tailscale clients are built once per version into this cache, outside the repo.
 export PYHEADSCALE_CACHE ?= $(HOME)/.cache/pyheadscale
 
-.PHONY: serve test unit integration lint clients bench bench-derp clean
+.PHONY: serve test unit integration lint clients bench bench-derp fuzz clean
 
 # `make serve` installs only what the server needs; the test targets add the dev tools.
 $(STAMP): pyproject.toml
@@ -27,6 +27,7 @@ clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients --extra derper,derpprobe
 	$(PY) -m tests.integration.idp
 	$(PY) -m tests.apiv2.build
+	$(PY) -m tests.gocheck.oracle
 	$(PY) -m tests.bench.build_go pebble pebble-challtestsrv
 
 lint: $(DEVSTAMP)
@@ -50,6 +51,13 @@ integration: $(DEVSTAMP) clients
 # One pytest run so the summary line ends the output.
 test: $(DEVSTAMP) lint clients
 	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) tests
+
+# Seeded fuzzing of every parser and server path a client or admin reaches (tests/fuzz);
+# `make test` runs a small count of it (tests/unit/test_fuzz.py).
+FUZZ_COUNT ?= 1000000
+FUZZ_SEED ?= 1
+fuzz: $(DEVSTAMP)
+	$(PY) -m tests.fuzz --count $(FUZZ_COUNT) --seed $(FUZZ_SEED)
 
 bench: $(DEVSTAMP) clients
 	$(PY) -m tests.bench.build_go

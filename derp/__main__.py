@@ -157,8 +157,9 @@ async def run(args: argparse.Namespace) -> None:
             if name.split(":")[0] == args.hostname and not dial:
                 continue  # ourselves
             target = dial or name
-            url = f"{scheme}://{target}/derp"
-            srv.add_mesh_peer(url, server_hostname=name.split(":")[0] if use_tls else None)
+            # Like derper: always TLS, the certificate verified for `name` (SSL_CERT_FILE
+            # adds a CA), so the mesh key is only ever sealed to the real peer relay.
+            srv.add_mesh_peer(f"https://{target}/derp", server_hostname=name.split(":")[0])
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -93,12 +93,15 @@ class DerpClient:
         is_prober: bool = False,
         fast_start_key: bytes | None = None,
         ideal_node: str | None = None,
+        expect_server_key: bytes | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109
     ) -> DerpClient:
         """Dial ``http(s)://host:port/derp``, upgrade and handshake.
 
         ``fast_start_key``: the server's public key, known in advance; sends
         ``Derp-Fast-Start: 1`` with ClientInfo pipelined behind the request.
+        ``expect_server_key``: a pinned server key; a server presenting another one is
+        refused before ClientInfo (and the mesh key in it) is sealed to it.
         For https with ``ssl=None`` certificate verification is off (tests, pinned labs).
         """
         u = urlsplit(url)
@@ -116,6 +119,7 @@ class DerpClient:
         self = cls(private_key)
         self._info = p.ClientInfo(mesh_key=mesh_key, can_ack_pings=can_ack_pings,
                                   is_prober=is_prober)
+        self._expect_server_key = expect_server_key
         loop = asyncio.get_running_loop()
 
         async def _go() -> None:
@@ -199,6 +203,8 @@ class DerpClient:
             if ftype != p.FrameType.SERVER_KEY:
                 raise p.HandshakeError(f"first frame type {ftype:#x}, want ServerKey")
             self.server_key = p.parse_server_key(payload)
+            if self._expect_server_key is not None and self.server_key != self._expect_server_key:
+                raise p.HandshakeError("server key differs from the pinned key")
             self._transport.write(
                 p.client_info_frame(self.private_key, self.server_key, self._info))
             return

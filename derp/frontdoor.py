@@ -27,6 +27,7 @@ from typing import Protocol, cast
 import h11
 from wsproto.utilities import generate_accept_token
 
+from .gate import SourceGate
 from .passthrough import Passthrough
 from .websocket import WebSocketTransport
 
@@ -35,6 +36,15 @@ log = logging.getLogger("derp.frontdoor")
 MAX_HEAD = 16 << 10
 HEAD_TIMEOUT = 30.0  # for the first request head of a connection
 IDLE_TIMEOUT = 75.0  # between requests on a keep-alive connection (aiohttp's default)
+
+
+@dataclass(frozen=True)
+class DoorLimits:
+    """Bounds of one listener's connections before any takeover (pyheadscale's `limits:`)."""
+
+    head_timeout: float = HEAD_TIMEOUT  # accept (after TLS) to a complete first head
+    idle_timeout: float = IDLE_TIMEOUT  # between requests on a kept-alive connection
+    gate: SourceGate | None = None  # open connections per source address, if limited
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -192,8 +202,10 @@ class FrontDoor(asyncio.Protocol):
                  fallback: Callable[[], asyncio.Protocol] | None = None,
                  on_accept: Callable[[asyncio.Transport], None] | None = None, *,
                  resolver: ClientResolver | None = None,
-                 on_exchange: OnExchange | None = None) -> None:
+                 on_exchange: OnExchange | None = None,
+                 limits: DoorLimits | None = None) -> None:
         self._router = router
+        self._limits = limits or DoorLimits()
         self._fallback = fallback
         self._on_accept = on_accept
         self._resolver = resolver
@@ -222,9 +234,15 @@ class FrontDoor(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = (unmap_ip(str(peer[0])), int(peer[1]))
         self._tls = transport.get_extra_info("sslcontext") is not None
+        gate = self._limits.gate
+        if gate is not None and not gate.admit(self._peer[0],
+                                               transport.get_extra_info("socket")):
+            self._done = True
+            transport.abort()  # over its source's limit: nothing is read or answered
+            return
         if self._on_accept is not None:
             self._on_accept(transport)
-        self._arm_timer(HEAD_TIMEOUT)
+        self._arm_timer(self._limits.head_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._t is None or self._done:
@@ -405,7 +423,7 @@ class FrontDoor(asyncio.Protocol):
             self._in.receive_data(data)
         if closed:  # h11's end-of-stream marker is an empty receive
             self._in.receive_data(b"")
-        self._arm_timer(IDLE_TIMEOUT)
+        self._arm_timer(self._limits.idle_timeout)
         self._pause("pipeline", False)
         asyncio.get_running_loop().call_soon(self._pump)
 

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 from .frontdoor import (
     TEXT,
+    DoorLimits,
     FrontDoor,
     Reply,
     RequestHead,
@@ -133,7 +134,8 @@ def tune_socket(transport: asyncio.Transport) -> None:
 async def serve_derp(server: DerpServer, host: str, port: int,
                      ssl_context: ssl.SSLContext | None, *,
                      bootstrap_dns: dict[str, list[str]] | BootstrapDNS | None = None,
-                     reuse_port: bool = False) -> asyncio.base_events.Server:
+                     reuse_port: bool = False,
+                     limits: DoorLimits | None = None) -> asyncio.base_events.Server:
     """Listen on host:port (TLS when ``ssl_context`` is given) and serve the DERP endpoints.
 
     Returns the started asyncio Server; ``server.close()`` stops accepting (existing DERP
@@ -150,8 +152,9 @@ async def serve_derp(server: DerpServer, host: str, port: int,
     router = first_match([derp_router(server, bootstrap_dns=lookup), _derper_pages])
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: FrontDoor(router, on_accept=tune_socket),
+        lambda: FrontDoor(router, on_accept=tune_socket, limits=limits),
         host, port, ssl=ssl_context, reuse_address=True, reuse_port=reuse_port or None,
+        ssl_handshake_timeout=(limits or DoorLimits()).head_timeout if ssl_context else None,
         backlog=1024,
     )
 

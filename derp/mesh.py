@@ -4,13 +4,20 @@ A link is a DERP client to the other relay that authenticates with this relay's 
 key plus the mesh key, sends WatchConns, and turns PeerPresent/PeerGone into packet
 forwarders on the local DerpServer.  Packets for keys learned this way go out as
 ForwardPacket.  When the link breaks, every learned key is dropped and the link retries.
+
+The mesh key goes out sealed to the DERP key the other end presents, so that end must be
+the real peer relay before anything is sent: either its TLS certificate is verified (the
+system's CAs or a given CA file, and the host name, as derper's Go client does), or its
+DERP public key is pinned and checked before ClientInfo. Nothing is ever sent to an
+unverified server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import ssl as _ssl
+from typing import TYPE_CHECKING
 
 from . import protocol as p
 from .client import DerpClient, DerpClientError
@@ -23,12 +30,34 @@ log = logging.getLogger("derp.mesh")
 MESH_MAX_BUFFER = 4 << 20  # beyond this a stalled link drops instead of buffering
 
 
+def verifying_context(cafile: str | None = None) -> _ssl.SSLContext:
+    """Certificate and host-name verification, against `cafile` or the system's CAs (which
+    honour SSL_CERT_FILE, as Go does)."""
+    ctx = _ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = True
+    ctx.verify_mode = _ssl.CERT_REQUIRED
+    return ctx
+
+
+def pinned_only_context() -> _ssl.SSLContext:
+    """TLS without certificate checks: only for a peer whose DERP key is pinned, where the
+    key check (before ClientInfo) is what authenticates it."""
+    ctx = _ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = _ssl.CERT_NONE
+    return ctx
+
+
 class MeshLink:
-    def __init__(self, server: DerpServer, url: str, *, ssl: Any = None,
-                 retry_interval: float = 5.0, server_hostname: str | None = None) -> None:
+    def __init__(self, server: DerpServer, url: str, *, ssl: _ssl.SSLContext | None = None,
+                 retry_interval: float = 5.0, server_hostname: str | None = None,
+                 public_key: bytes | None = None) -> None:
+        if public_key is None and not url.startswith(("https://", "wss://")):
+            raise ValueError(f"mesh peer {url}: without TLS its DERP public key must be pinned")
         self.server = server
         self.url = url
-        self.ssl = ssl
+        self.public_key = public_key
+        self.ssl = ssl or (pinned_only_context() if public_key else verifying_context())
         self.server_hostname = server_hostname
         self.retry_interval = retry_interval
         self.client: DerpClient | None = None
@@ -76,7 +105,8 @@ class MeshLink:
             try:
                 c = await DerpClient.connect(self.url, srv.private_key, ssl=self.ssl,
                                              server_hostname=self.server_hostname,
-                                             mesh_key=srv.mesh_key)
+                                             mesh_key=srv.mesh_key,
+                                             expect_server_key=self.public_key)
             except (TimeoutError, OSError, DerpClientError, p.DerpProtocolError) as e:
                 log.info("mesh %s: connect failed: %s", self.url, e)
                 await asyncio.sleep(self.retry_interval)

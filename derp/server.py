@@ -297,11 +297,13 @@ class DerpServer:
                 self._peer_gone_from_region(key)
 
     def add_mesh_peer(self, url: str, *, ssl: Any = None, retry_interval: float = 5.0,
-                      server_hostname: str | None = None) -> Any:
+                      server_hostname: str | None = None, public_key: bytes | None = None) -> Any:
         """Start a mesh link to another relay of the region (``http(s)://host[:port]/derp``).
 
         The link authenticates with this server's own DERP key and the mesh key, sends
         WatchConns and learns which keys live there; packets for them go out as ForwardPacket.
+        The peer is verified first (derp/mesh.py): by ``ssl`` (default: the system's CAs and
+        the host name) or, with ``public_key``, by its pinned DERP key.
         Returns the ``MeshLink`` (call ``await link.close()`` to stop it).  Requires mesh_key.
         """
         from .mesh import MeshLink
@@ -309,7 +311,7 @@ class DerpServer:
         if not self.mesh_key:
             raise ValueError("add_mesh_peer needs a mesh_key")
         link = MeshLink(self, url, ssl=ssl, retry_interval=retry_interval,
-                        server_hostname=server_hostname)
+                        server_hostname=server_hostname, public_key=public_key)
         self._mesh_links.append(link)
         link.start()
         return link

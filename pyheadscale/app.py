@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
-import ssl
 import sys
+from asyncio import sslproto
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,20 +29,24 @@ from pyheadscale.config import Config, ConfigError
 from pyheadscale.config.errors import key_error
 from pyheadscale.console import AdminConsole
 from pyheadscale.control.dispatch import ControlPlane
+from pyheadscale.control.h2limits import H2Limits
 from pyheadscale.control.upgrade import add_routes
 from pyheadscale.db.engine import engine_from_config, migrate
 from pyheadscale.debug import DebugDeps, metrics_app
 from pyheadscale.debugview import owner_name
 from pyheadscale.embedded_derp import EmbeddedDerp
+from pyheadscale.fsperms import private_dir
 from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
 from pyheadscale.listener import (
     MainListener,
     add_takeover_route,
+    door_limits,
     http_metrics,
     socket_access_log,
 )
 from pyheadscale.logs import configure as configure_logging
 from pyheadscale.logs import fields
+from pyheadscale.memory import trim_periodically
 from pyheadscale.metrics import ServerView, server_registry, state_written
 from pyheadscale.noise.keys import load_or_create_private_key, public_key
 from pyheadscale.pages import add_page_routes, security_headers
@@ -83,6 +88,7 @@ class Server:
         self._relay_tasks: set[asyncio.Task[None]] = set()
         self.acme: AcmeManager | None = None
         self.console: AdminConsole | None = None
+        self.metrics_listener: MainListener | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -91,7 +97,9 @@ class Server:
         cfg = self.cfg
         db = cfg.database.type
         with failing_key("data_dir", "cannot create the data directory"):
-            Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+            private_dir(cfg.data_dir)
+        open_files = raise_fd_limit()
+        shrink_tls_read_buffers()
         with database_step(db, "cannot open the database"):
             self.engine = engine_from_config(cfg.database)
             await asyncio.to_thread(migrate, self.engine)
@@ -120,8 +128,9 @@ class Server:
                                 f"on this database use (public key {first}); copy their "
                                 "key file here")
 
+        limits = door_limits(cfg.limits)
         if cfg.derp.server.enabled:
-            self.derp = EmbeddedDerp(cfg, self.tailnet, mesh_key=mesh_key,
+            self.derp = EmbeddedDerp(cfg, self.tailnet, limits, mesh_key=mesh_key,
                                      node_name=node_name)
             await self.derp.start()
         self.control = ControlPlane(cfg, self.tailnet, self.engine, self.derp)
@@ -137,9 +146,13 @@ class Server:
             self.cluster = ClusterMember(self.tailnet, info=self._cluster_info)
             self.cluster.on_instances.append(self._instances_changed)
             await self.cluster.start()
+        self.tasks.append(asyncio.create_task(trim_periodically()))
 
         app = web.Application(client_max_size=1 << 20, middlewares=[security_headers])
-        add_routes(app, noise_key, self.control.dispatch)
+        tailnet = self.tailnet
+        add_routes(app, noise_key, self.control.dispatch, limits=H2Limits.from_config(cfg.limits),
+                   body_budget=cfg.limits.http2_max_buffered_body_total,
+                   is_registered=lambda mk: bool(tailnet.nodes_by_machine_key(mk)))
         if self.derp is not None:
             add_takeover_route(app, self.derp.router(lambda: self.control.mapctx.derp_map))
         app.router.add_get("/health", self.health)
@@ -169,7 +182,7 @@ class Server:
             with failing_key("tls_cert_path", f"cannot load {cfg.tls_cert_path} with "
                              f"{cfg.tls_key_path}"):
                 tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
-        self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies))
+        self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies), limits)
         with failing_key("listen_addr", f"cannot listen on {cfg.listen_addr}"):
             await self.main.start(host, port, tls)
         if self.acme is not None:
@@ -177,7 +190,10 @@ class Server:
         if cfg.metrics_listen_addr:
             mhost, mport = split_hostport(cfg.metrics_listen_addr, 9090)
             with failing_key("metrics_listen_addr", f"cannot listen on {cfg.metrics_listen_addr}"):
-                await self._site(metrics_app(self.debug_deps()), mhost, mport, None)
+                # Behind a front door too: the same head and keep-alive timeouts as the others.
+                self.metrics_listener = MainListener(metrics_app(self.debug_deps()),
+                                                     limits=limits, observed=False)
+                await self.metrics_listener.start(mhost, mport, None)
         if cfg.unix_socket:
             with failing_key("unix_socket", f"cannot serve the CLI socket {cfg.unix_socket}"):
                 await self._unix_site(cfg.unix_socket, cfg.unix_socket_permission)
@@ -187,18 +203,13 @@ class Server:
                  extra=fields(version=__version__, server_url=cfg.server_url,
                               listen_addr=cfg.listen_addr))
         log.info("data directory: %s", Path(cfg.data_dir).resolve())
+        # Logged once started: a start-up failure stays the only line on stderr.
+        log.info("open files limit: %s", open_files)
         if self.derp is not None:
             log.info("embedded DERP: %s", self.derp.describe())
         log.info("create a user and a key: headscale users create <name>; headscale "
                  "preauthkeys create --user <user id> --reusable; then: tailscale up "
                  "--login-server %s://%s --authkey <key>", url.scheme, url.netloc)
-
-    async def _site(self, app: web.Application, host: str, port: int,
-                    ssl_ctx: ssl.SSLContext | None) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True).start()
-        self.runners.append(runner)
 
     async def _unix_site(self, path: str, mode: int) -> None:
         """The CLI's socket: the API with local trust (access to the socket is the boundary)."""
@@ -270,6 +281,8 @@ class Server:
             await self.acme.stop()
         if "main" in started:
             await self.main.stop()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         for runner in reversed(self.runners):
             await runner.cleanup()
         if self.derp is not None:
@@ -282,11 +295,14 @@ class Server:
     # --- plain HTTP handlers -------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
+        """Pass or fail only, as Headscale answers; the reason goes to the log, never to an
+        anonymous caller (database errors name hosts, users and paths)."""
         try:
             await self.tailnet.ping_db()
         except Exception as e:  # the DB is the only dependency health reports on
-            return web.json_response({"status": "fail", "error": str(e)}, status=503)
-        return web.json_response({"status": "pass"})
+            log.error("health check failed: database: %s", e)
+            return _health(500, "fail")
+        return _health(200, "pass")
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response(version_info())
@@ -321,6 +337,37 @@ class Server:
                           derp_stats=lambda: derp.server.stats if derp is not None else None)
         return DebugDeps(cfg=self.cfg, tailnet=tn, policy=cp.policy, mapctx=lambda: cp.mapctx,
                          routes=cp.routes, pending=cp.pending, registry=server_registry(view))
+
+
+def _health(status: int, text: str) -> web.Response:
+    return web.Response(status=status, body=b'{"status":"%s"}\n' % text.encode(),
+                        content_type="application/health+json", charset="utf-8")
+
+
+TLS_READ_BUFFER = 32 * 1024
+
+
+def shrink_tls_read_buffers() -> None:
+    """asyncio gives every TLS connection a zero-filled 256 KiB read buffer (SSLProtocol.
+    max_size), resident for the connection's life: 256 MiB for 1,000 clients holding their
+    map poll, and what an attacker's open connections cost. Two TLS records' worth (reads
+    loop until the socket is drained) keeps throughput and takes an eighth of it."""
+    sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
+
+def raise_fd_limit() -> str:
+    """Raise the open-files soft limit to the hard limit (systemd's soft default is 1,024;
+    every client holds a connection or two); returns the limit now in force, for the log."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open files limit: %s", e)
+        return "unchanged"
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 async def serve(cfg: Config) -> None:

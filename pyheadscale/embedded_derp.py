@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from derp.frontdoor import Router
+from derp.frontdoor import DoorLimits, Router
 from derp.http import derp_router, serve_derp
 from derp.keys import load_or_create_private_key
+from derp.mesh import verifying_context
 from derp.server import DerpServer
 from derp.stun import serve_stun
 from derp.tls import cert_name, ensure_self_signed, server_ssl_context
@@ -33,6 +34,7 @@ from pyheadscale.config import Config
 from pyheadscale.mapper.derpmap import embedded_region, server_url_port
 from pyheadscale.startup import failing_key
 from pyheadscale.state.tailnet import Tailnet
+from pyheadscale.tailcfg import KeyKind, parse_key
 
 log = logging.getLogger("pyheadscale.derp")
 
@@ -48,11 +50,13 @@ def _hostport(addr: str) -> tuple[str, int]:
 class EmbeddedDerp:
     server: DerpServer  # set by start()
 
-    def __init__(self, cfg: Config, tailnet: Tailnet, *, mesh_key: str | None = None,
-                 node_name: str = "") -> None:
-        """`mesh_key` (cluster mode, when derp.server.mesh_key_path is unset) is the region's
-        shared key; `node_name` names this relay's node in a region of several instances."""
+    def __init__(self, cfg: Config, tailnet: Tailnet, door_limits: DoorLimits | None = None,
+                 *, mesh_key: str | None = None, node_name: str = "") -> None:
+        """`door_limits` bound the relay's own listener; `mesh_key` (cluster mode, when
+        derp.server.mesh_key_path is unset) is the region's shared key; `node_name` names this
+        relay's node in a region of several instances."""
         self.cfg = cfg
+        self.door_limits = door_limits
         self._mesh_key = mesh_key
         self.node_name = node_name
         # Cluster mode: the other instances' relays (instance id -> DERP node, mesh link).
@@ -115,15 +119,19 @@ class EmbeddedDerp:
             host, self.port = _hostport(s.listen_addr)
             with failing_key("derp.server.listen_addr", f"cannot listen on {s.listen_addr}"):
                 self._listener = await serve_derp(self.server, host, self.port, context,
-                                                  bootstrap_dns=self._bootstrap_table)
+                                                  bootstrap_dns=self._bootstrap_table,
+                                                  limits=self.door_limits)
         stun_host, self.stun_port = _hostport(s.stun_listen_addr)
         with failing_key("derp.server.stun_listen_addr", f"cannot listen on {s.stun_listen_addr}"):
             self._stun = await serve_stun(stun_host, self.stun_port)
         for peer in s.mesh_with:
-            # "host:port" or a full URL. TLS is not verified on mesh links (as python -m derp
-            # does): the mesh key, not the certificate, is what authenticates the peer.
-            url = peer if "://" in peer else f"https://{peer}/derp"
-            self.server.add_mesh_peer(url)
+            # The mesh key is sealed to the key the peer presents: verify the peer first, by
+            # its certificate (system CAs or mesh_ca_cert_path) and/or its pinned DERP key.
+            url = peer.url if "://" in peer.url else f"https://{peer.url}/derp"
+            pin = parse_key(KeyKind.NODE, peer.public_key) if peer.public_key else None
+            ca = str(s.mesh_ca_cert_path) if s.mesh_ca_cert_path else None
+            ctx = verifying_context(ca) if ca or pin is None else None
+            self.server.add_mesh_peer(url, ssl=ctx, public_key=pin)
 
     def router(self, derp_map: Callable[[], Mapping[str, Any]]) -> Router:
         """The relay's routes for the main listener; /bootstrap-dns answers for the hosts of
@@ -181,9 +189,16 @@ class EmbeddedDerp:
                     continue
                 if i in self._peer_links:
                     await self.server.remove_mesh_peer(self._peer_links.pop(i)[1])
-                # The database told us this relay's address; the mesh key is what both
-                # sides prove to each other.
-                self._peer_links[i] = (url, self.server.add_mesh_peer(url))
+                # The database (which holds the mesh key too) told us this relay's address and
+                # DERP key: pin that key, so the mesh key is only sealed to that relay.
+                try:
+                    pin = bytes.fromhex(str(p.get("key")))
+                except ValueError:
+                    pin = b""
+                if len(pin) != 32:
+                    log.warning("relay of instance %s: no valid DERP key shared, not meshed", i)
+                    continue
+                self._peer_links[i] = (url, self.server.add_mesh_peer(url, public_key=pin))
         return changed
 
     async def stop(self) -> None:
@@ -231,5 +246,7 @@ class EmbeddedDerp:
                  if self.on_main_listener else
                  f"{self.srv_cfg.listen_addr} (TLS, "
                  f"{'self-signed, pinned' if self.cert_pin else 'configured certificate'})")
+        # The public key is what other relays pin in their mesh_with.
         return (f"region {self.srv_cfg.region_id} ({self.srv_cfg.region_code}) on {where}, "
-                f"STUN on {self.srv_cfg.stun_listen_addr}")
+                f"STUN on {self.srv_cfg.stun_listen_addr}, "
+                f"key nodekey:{self.server.public_key.hex()}")

@@ -18,15 +18,16 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from derp.frontdoor import FrontDoor, RequestHead, Route, Router, first_match
+from derp.frontdoor import DoorLimits, FrontDoor, RequestHead, Route, Router, first_match
+from derp.gate import SourceGate
 from pyheadscale import metrics
+from pyheadscale.config.schema import LimitsConfig
 from pyheadscale.logs import fields
 from pyheadscale.realip import RealIP
 from pyheadscale.servertls import ServerTLS, peek_client_hello
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pyheadscale.access")
-HANDSHAKE_TIMEOUT = 10.0
 _REAL_IP = web.AppKey("pyheadscale_real_ip", RealIP)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,15 +121,30 @@ def add_takeover_route(app: web.Application, router: Router) -> None:
     app[_TAKEOVER].append(router)
 
 
-class MainListener:
-    """One TCP (optionally TLS) listener serving ``app`` and its takeover routes."""
+def door_limits(c: LimitsConfig) -> DoorLimits:
+    """The `limits:` of every listener's front door; one gate counts a source's connections
+    on all of them."""
+    gate = SourceGate(c.max_connections_per_source) if c.max_connections_per_source else None
+    return DoorLimits(head_timeout=c.request_head_timeout.total_seconds(),
+                      idle_timeout=c.keepalive_timeout.total_seconds(), gate=gate)
 
-    def __init__(self, app: web.Application, real_ip: RealIP | None = None) -> None:
+
+class MainListener:
+    """One TCP (optionally TLS) listener serving ``app`` and its takeover routes.
+
+    ``observed=False`` (the metrics listener) keeps the door's timeouts and limits but leaves
+    its requests out of the access log and the HTTP series, as Headscale does for scrapes."""
+
+    def __init__(self, app: web.Application, real_ip: RealIP | None = None,
+                 limits: DoorLimits | None = None, *, observed: bool = True) -> None:
         self.app = app
+        self.limits = limits or DoorLimits()
+        self.observed = observed
         self.real_ip = real_ip or RealIP(())
         app[_REAL_IP] = self.real_ip
         app.middlewares.insert(0, real_ip_middleware)
-        app.middlewares.insert(1, http_metrics)
+        if observed:
+            app.middlewares.insert(1, http_metrics)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._server: asyncio.base_events.Server | None = None
         self._lsock: socket.socket | None = None  # the TLS-ALPN-01 accept loop's socket
@@ -164,7 +180,9 @@ class MainListener:
         resolver = self.real_ip
 
         def door() -> FrontDoor:
-            return FrontDoor(routed, fallback, resolver=resolver, on_exchange=exchanged)
+            return FrontDoor(routed, fallback, resolver=resolver,
+                             on_exchange=exchanged if self.observed else None,
+                             limits=self.limits)
 
         loop = asyncio.get_running_loop()
         if tls is not None and tls.peek_alpn:
@@ -175,6 +193,7 @@ class MainListener:
             return
         self._server = await loop.create_server(
             door, host or None, port, ssl=None if tls is None else tls.base,
+            ssl_handshake_timeout=None if tls is None else self.limits.head_timeout,
             reuse_address=True, backlog=1024)
 
     async def _accept_loop(self, lsock: socket.socket, door: Callable[[], FrontDoor],
@@ -196,9 +215,10 @@ class MainListener:
         """Pick the context from the ClientHello (TLS-ALPN-01), then serve as usual."""
         loop = asyncio.get_running_loop()
         try:
-            hello = await asyncio.wait_for(peek_client_hello(sock), HANDSHAKE_TIMEOUT)
+            # The ClientHello and the handshake share the request-head deadline.
+            hello = await asyncio.wait_for(peek_client_hello(sock), self.limits.head_timeout)
             await loop.connect_accepted_socket(door, sock, ssl=tls.context_for(hello),
-                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                                               ssl_handshake_timeout=self.limits.head_timeout)
         except (OSError, TimeoutError, ConnectionError) as e:
             log.debug("TLS connection failed before the handshake finished: %r", e)
             sock.close()

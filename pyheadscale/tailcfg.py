@@ -11,12 +11,15 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
 
 import orjson
+
+from pyheadscale.gojson import ABSENT, Bool, Bytes, DecodeError, GoType, Int, List, Ptr, Str, Struct
+from pyheadscale.hostinfo import ADDRPORT, HOSTINFO_PTR, Hostinfo
 
 __all__ = [
     "GO_ZERO_TIME",
@@ -217,61 +220,98 @@ def _obj(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
-def _int(d: Mapping[str, Any], key: str, default: int = 0) -> int:
-    v = d.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise RequestParseError(f"{key} must be an integer")
-    return v
+class _Key(GoType):
+    """A key.*Public field: text ``prefix:<64 hex>``, null = zero; decodes to raw bytes."""
+
+    def __init__(self, kind: KeyKind) -> None:
+        self.kind = kind
+
+    def decode(self, value: Any, path: str, lenient: bool) -> Any:
+        if value is None:
+            return ABSENT
+        if isinstance(value, str) and len(value) > 128:
+            raise KeyParseError(f"{path}: key text too long")
+        try:
+            raw = parse_key(self.kind, value)
+        except KeyParseError as e:
+            raise KeyParseError(f"{path}: {e}") from None
+        return ABSENT if raw == ZERO_KEY else raw
 
 
-def _bool(d: Mapping[str, Any], key: str) -> bool:
-    v = d.get(key)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise RequestParseError(f"{key} must be a boolean")
-    return v
+class _Time(GoType):
+    """time.Time: an RFC 3339 string; null leaves it unset."""
+
+    def decode(self, value: Any, path: str, lenient: bool) -> Any:
+        if value is None:
+            return ABSENT
+        if isinstance(value, str) and len(value) > 64:
+            raise TimeParseError(f"{path}: time text too long")
+        try:
+            t = parse_time(value)
+        except TimeParseError as e:
+            raise TimeParseError(f"{path}: {e}") from None
+        return ABSENT if t is None else t
 
 
-def _str(d: Mapping[str, Any], key: str) -> str:
-    v = d.get(key)
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise RequestParseError(f"{key} must be a string")
-    return v
+MAX_ENDPOINTS = 128
+MAX_DEBUG_FLAGS = 32
+_TIME = _Time()
+
+_REGISTER_REQUEST = Struct("tailcfg.RegisterRequest", {
+    "Version": Int(),
+    "NodeKey": _Key(KeyKind.NODE),
+    "OldNodeKey": _Key(KeyKind.NODE),
+    "NLKey": _Key(KeyKind.NL),
+    "Auth": Ptr(Struct("tailcfg.RegisterResponseAuth", {
+        "Oauth2Token": Ptr(Struct("tailcfg.Oauth2Token", {
+            "access_token": Str(4096), "token_type": Str(64), "refresh_token": Str(4096),
+            "expiry": _TIME,
+        })),
+        "AuthKey": Str(512),
+    })),
+    "Expiry": _TIME,
+    "Followup": Str(2048),
+    "Hostinfo": HOSTINFO_PTR,
+    "Ephemeral": Bool,
+    "NodeKeySignature": Bytes(4096),
+    "SignatureType": Int(),
+    "Timestamp": _TIME,
+    "DeviceCert": Bytes(16384),
+    "Signature": Bytes(4096),
+    "Tailnet": Str(256),
+})
+
+_MAP_REQUEST = Struct("tailcfg.MapRequest", {
+    "Version": Int(),
+    "Compress": Str(16),
+    "KeepAlive": Bool,
+    "NodeKey": _Key(KeyKind.NODE),
+    "DiscoKey": _Key(KeyKind.DISCO),
+    "HardwareAttestationKey": Str(512),
+    "HardwareAttestationKeySignature": Bytes(1024),
+    "HardwareAttestationKeySignatureTimestamp": _TIME,
+    "Stream": Bool,
+    "Hostinfo": HOSTINFO_PTR,
+    "MapSessionHandle": Str(256),
+    "MapSessionSeq": Int(),
+    "Endpoints": List(ADDRPORT, MAX_ENDPOINTS),
+    "EndpointTypes": List(Int(), MAX_ENDPOINTS),
+    "TKAHead": Str(512),
+    "ReadOnly": Bool,
+    "OmitPeers": Bool,
+    "DebugFlags": List(Str(64), MAX_DEBUG_FLAGS),
+    "ConnectionHandleForTest": Str(256),
+})
 
 
-def _dict(d: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    v = d.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise RequestParseError(f"{key} must be an object")
-    return v
-
-
-def _endpoint(text: Any) -> str:
-    """Validate an ``ip:port`` / ``[ipv6]:port`` string (netip.AddrPort text form)."""
-    if not isinstance(text, str):
-        raise RequestParseError("Endpoints entries must be strings")
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise RequestParseError(f"bad endpoint {text[:60]!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        family = 6
-    else:
-        family = 4
+def _decode(schema: Struct, body: Any) -> dict[str, Any]:
+    d = _obj(body, schema.name.removeprefix("tailcfg."))
     try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        raise RequestParseError(f"bad endpoint {text[:60]!r}") from None
-    if addr.version != family:
-        raise RequestParseError(f"bad endpoint {text[:60]!r}")
-    return text
+        return schema.decode_object(d, schema.name.removeprefix("tailcfg."), lenient=False)
+    except (KeyParseError, TimeParseError):
+        raise
+    except DecodeError as e:
+        raise RequestParseError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -283,40 +323,29 @@ class RegisterRequest:
     auth_key: str | None
     expiry: datetime | None  # None = no expiry requested; past = logout
     followup: str
-    hostinfo: dict[str, Any]
+    hostinfo: Hostinfo  # decoded and capped (pyheadscale.hostinfo)
     ephemeral: bool
     tailnet: str
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
 
 
 def parse_register_request(body: Any) -> RegisterRequest:
-    """Validate a ``/machine/register`` body (bytes or decoded dict)."""
-    d = _obj(body, "RegisterRequest")
-    try:
-        node_key = parse_key(KeyKind.NODE, d.get("NodeKey"))
-        if node_key == ZERO_KEY:
-            raise RequestParseError("RegisterRequest.NodeKey is missing or zero")
-        old = _optional_key(KeyKind.NODE, d.get("OldNodeKey"))
-        nl = _optional_key(KeyKind.NL, d.get("NLKey"))
-        expiry = parse_time(d.get("Expiry"))
-    except KeyParseError as e:
-        raise KeyParseError(f"RegisterRequest: {e}") from None
-    auth = _dict(d, "Auth")
-    auth_key: str | None = None
-    if auth is not None:
-        auth_key = _str(auth, "AuthKey") or None
+    """Decode a ``/machine/register`` body (bytes or decoded dict) as Go would, with caps."""
+    d = _decode(_REGISTER_REQUEST, body)
+    node_key = d.get("NodeKey")
+    if node_key is None:
+        raise RequestParseError("RegisterRequest.NodeKey is missing or zero")
+    auth = d.get("Auth") or {}
     return RegisterRequest(
-        version=_int(d, "Version"),
+        version=d.get("Version", 0),
         node_key=node_key,
-        old_node_key=old,
-        nl_key=nl,
-        auth_key=auth_key,
-        expiry=expiry,
-        followup=_str(d, "Followup"),
-        hostinfo=_dict(d, "Hostinfo") or {},
-        ephemeral=_bool(d, "Ephemeral"),
-        tailnet=_str(d, "Tailnet"),
-        raw=d,
+        old_node_key=d.get("OldNodeKey"),
+        nl_key=d.get("NLKey"),
+        auth_key=auth.get("AuthKey") or None,
+        expiry=d.get("Expiry"),
+        followup=d.get("Followup", ""),
+        hostinfo=d.get("Hostinfo") or {},
+        ephemeral=d.get("Ephemeral", False),
+        tailnet=d.get("Tailnet", ""),
     )
 
 
@@ -329,11 +358,10 @@ class MapRequest:
     keep_alive: bool
     stream: bool
     omit_peers: bool
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str, ...]  # canonical netip.AddrPort text
     endpoint_types: tuple[int, ...]
-    hostinfo: dict[str, Any] | None
+    hostinfo: Hostinfo | None  # None when the client sent none (keep the stored one)
     debug_flags: tuple[str, ...]
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @property
     def is_lite_update(self) -> bool:
@@ -341,41 +369,27 @@ class MapRequest:
 
     @property
     def preferred_derp(self) -> int:
-        ni = (self.hostinfo or {}).get("NetInfo")
-        v = ni.get("PreferredDERP") if isinstance(ni, dict) else None
-        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+        ni = (self.hostinfo or {}).get("NetInfo") or {}
+        v = ni.get("PreferredDERP", 0)
+        return v if isinstance(v, int) else 0
 
 
 def parse_map_request(body: Any) -> MapRequest:
-    """Validate a ``/machine/map`` body (bytes or decoded dict)."""
-    d = _obj(body, "MapRequest")
-    try:
-        node_key = parse_key(KeyKind.NODE, d.get("NodeKey"))
-        if node_key == ZERO_KEY:
-            raise RequestParseError("MapRequest.NodeKey is missing or zero")
-        disco = _optional_key(KeyKind.DISCO, d.get("DiscoKey"))
-    except KeyParseError as e:
-        raise KeyParseError(f"MapRequest: {e}") from None
-    eps = d.get("Endpoints") or []
-    types = d.get("EndpointTypes") or []
-    flags = d.get("DebugFlags") or []
-    if not isinstance(eps, list) or not isinstance(types, list) or not isinstance(flags, list):
-        raise RequestParseError("Endpoints/EndpointTypes/DebugFlags must be arrays")
-    if any(not isinstance(t, int) or isinstance(t, bool) for t in types):
-        raise RequestParseError("EndpointTypes entries must be integers")
-    if any(not isinstance(f, str) for f in flags):
-        raise RequestParseError("DebugFlags entries must be strings")
+    """Decode a ``/machine/map`` body (bytes or decoded dict) as Go would, with caps."""
+    d = _decode(_MAP_REQUEST, body)
+    node_key = d.get("NodeKey")
+    if node_key is None:
+        raise RequestParseError("MapRequest.NodeKey is missing or zero")
     return MapRequest(
-        version=_int(d, "Version"),
+        version=d.get("Version", 0),
         node_key=node_key,
-        disco_key=disco,
-        compress=_str(d, "Compress"),
-        keep_alive=_bool(d, "KeepAlive"),
-        stream=_bool(d, "Stream"),
-        omit_peers=_bool(d, "OmitPeers"),
-        endpoints=tuple(_endpoint(e) for e in eps),
-        endpoint_types=tuple(types),
-        hostinfo=_dict(d, "Hostinfo"),
-        debug_flags=tuple(flags),
-        raw=d,
+        disco_key=d.get("DiscoKey"),
+        compress=d.get("Compress", ""),
+        keep_alive=d.get("KeepAlive", False),
+        stream=d.get("Stream", False),
+        omit_peers=d.get("OmitPeers", False),
+        endpoints=tuple(d.get("Endpoints", ())),
+        endpoint_types=tuple(d.get("EndpointTypes", ())),
+        hostinfo=d.get("Hostinfo"),
+        debug_flags=tuple(d.get("DebugFlags", ())),
     )

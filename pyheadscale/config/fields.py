@@ -21,7 +21,7 @@ from ipaddress import (
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 
 from pyheadscale.config.errors import quoted
 from pyheadscale.durations import (
@@ -146,9 +146,45 @@ def _group_prefix(value: Any) -> Any:
     return value
 
 
+def _node_key(value: Any) -> Any:
+    # A DERP server's public key as derper prints it: nodekey:<64 hex>.
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    if not re.fullmatch(r"nodekey:[0-9a-fA-F]{64}", text):
+        raise ValueError(f"not a DERP public key (nodekey:<64 hex digits>): {quoted(text)}")
+    return text.lower()
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _byte_size(value: Any) -> Any:
+    # A byte count: 1048576, "1MiB", "64 KiB", "10MB".
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"not a byte size (e.g. 1048576, 64KiB, 1MiB): {quoted(str(value))}")
+        n = int(m.group(1)) * _SIZE_UNITS[unit]
+    if n < 0:
+        raise ValueError(f"must not be negative, got {n}")
+    return n
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"must be positive, got {format_go_duration(value)}")
+    return value
+
+
 # Dumped (mode="json") in the YAML's own syntax, so a dumped config loads back.
 GoDuration = Annotated[timedelta, BeforeValidator(read_go_duration),
                       PlainSerializer(format_go_duration, return_type=str, when_used="json")]
+PositiveDuration = Annotated[GoDuration, AfterValidator(_positive)]
 PromDuration = Annotated[timedelta, BeforeValidator(read_prometheus_duration),
                          PlainSerializer(format_prometheus_duration, return_type=str,
                                          when_used="json")]
@@ -158,6 +194,8 @@ OptPath = Annotated[Path | None, BeforeValidator(_empty_none)]
 OptStr = Annotated[str | None, BeforeValidator(_empty_none)]
 OptInt = Annotated[int | None, BeforeValidator(_empty_none)]
 LowerStr = Annotated[str, BeforeValidator(_lower)]
+ByteSize = Annotated[int, BeforeValidator(_byte_size)]
+NodeKeyText = Annotated[str | None, BeforeValidator(_node_key)]
 ProxyPrefix = Annotated[IPv4Network | IPv6Network, BeforeValidator(_proxy_prefix)]
 ProxyPrefixList = Annotated[list[ProxyPrefix], BeforeValidator(words)]
 IPv4Prefix = Annotated[IPv4Network | None, BeforeValidator(_versioned("prefix", 4, _network))]

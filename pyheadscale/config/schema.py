@@ -10,12 +10,13 @@ import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from pyheadscale.config.fields import (
+    ByteSize,
     FileMode,
     GoDuration,
     GroupPrefix,
@@ -24,10 +25,12 @@ from pyheadscale.config.fields import (
     IPv6Addr,
     IPv6Prefix,
     LowerStr,
+    NodeKeyText,
     OptInt,
     OptPath,
     OptStr,
     PathList,
+    PositiveDuration,
     PromDuration,
     ProxyPrefixList,
     Section,
@@ -36,6 +39,7 @@ from pyheadscale.config.fields import (
     StrListMap,
     StrMap,
     json_if_str,
+    words,
 )
 
 
@@ -47,6 +51,21 @@ class PrefixesConfig(Section):
     v4: IPv4Prefix = None
     v6: IPv6Prefix = None
     allocation: str = "sequential"
+
+
+def _mesh_peer(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class MeshPeer(Section):
+    """pyheadscale-only: a relay of the same region to mesh with (docs/limits.md).
+
+    `url` is host:port or a full URL. Without `public_key` the peer's TLS certificate is
+    verified (system CAs, or derp.server.mesh_ca_cert_path); with it, the peer must present
+    that DERP key before the mesh key is sealed to it."""
+
+    url: str
+    public_key: NodeKeyText = None
 
 
 class DERPServerConfig(Section):
@@ -71,7 +90,9 @@ class DERPServerConfig(Section):
     # pyheadscale-only: mesh with the other relays of this region (derper's --mesh-psk-file
     # and --mesh-with); a region with several relays is described in derp.paths.
     mesh_key_path: OptPath = None
-    mesh_with: StrList = Field(default_factory=list)
+    mesh_with: Annotated[list[Annotated[MeshPeer, BeforeValidator(_mesh_peer)]],
+                         BeforeValidator(words)] = Field(default_factory=list)
+    mesh_ca_cert_path: OptPath = None  # CA to verify mesh peers with (default: the system's)
 
 
 class DERPConfig(Section):
@@ -264,6 +285,31 @@ class TuningConfig(Section):
     node_store_batch_timeout: GoDuration = timedelta(milliseconds=500)
 
 
+class LimitsConfig(Section):
+    """pyheadscale-only: what an anonymous or hostile peer can make the server hold.
+
+    Every default is documented with its reason in docs/limits.md."""
+
+    # Every TCP listener (main, metrics, the relay's own TLS listener).
+    request_head_timeout: PositiveDuration = timedelta(seconds=30)
+    keepalive_timeout: PositiveDuration = timedelta(seconds=75)
+    max_connections_per_source: int = Field(0, ge=0)  # 0: no limit
+    # Noise (/ts2021) connections.
+    noise_handshake_timeout: PositiveDuration = timedelta(seconds=10)
+    unregistered_idle_timeout: PositiveDuration = timedelta(seconds=60)
+    # HTTP/2 inside Noise.
+    http2_max_concurrent_streams: int = Field(100, ge=1)
+    http2_max_buffered_body: ByteSize = 1 << 20  # per connection
+    http2_max_buffered_body_total: ByteSize = 64 << 20  # all connections together
+    http2_body_timeout: PositiveDuration = timedelta(seconds=30)
+    http2_max_queued_control_frames: int = Field(10_000, ge=16)
+    # Interactive (web/OIDC) registrations waiting for an admin or the user.
+    pending_per_source: int = Field(16, ge=1)
+    pending_hostinfo_bytes: ByteSize = 8 << 20  # all pending registrations together
+    registration_rate: float = Field(1.0, gt=0)  # per second and source address
+    registration_burst: int = Field(20, ge=1)
+
+
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     """PYHEADSCALE_DATA_DIR, else $XDG_DATA_HOME/pyheadscale (~/.local/share/pyheadscale).
 
@@ -321,6 +367,8 @@ class Config(BaseModel):
     cli: CLIConfig = Field(default_factory=lambda: CLIConfig.model_validate({}))
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     admin_console: AdminConsoleConfig = Field(default_factory=AdminConsoleConfig)
+    # pyheadscale-only: bounds for anonymous and hostile peers (docs/limits.md).
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig.model_validate({}))
     # pyheadscale-only: where generated files live (keys, certificates, the default database).
     data_dir: Path = Field(default_factory=default_data_dir)
     # Not YAML keys: filled by load_config.

@@ -100,9 +100,12 @@ class ControlPlane:
         self._extra_records_mtime: float | None = None
         self._file_records: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        limits = cfg.limits
         self.pending = SharedPending(
             cfg.tuning.register_cache_expiration.total_seconds(),
-            cfg.tuning.register_cache_max_entries, tailnet)
+            cfg.tuning.register_cache_max_entries, tailnet,
+            per_source=limits.pending_per_source, hostinfo_budget=limits.pending_hostinfo_bytes,
+            rate=limits.registration_rate, burst=limits.registration_burst)
         oidc = (OIDCProvider(cfg.oidc, cfg.server_url, self.pending, tailnet)
                 if cfg.oidc.enabled else None)
         self.webflow = WebAuth(cfg.server_url, self.pending, tailnet, oidc)

@@ -7,8 +7,10 @@ aiohttp hands over after the 101 and over WebSocket binary messages.
 Rules it keeps (docs/protocol.md, "HTTP/2 inside Noise" and "Noise handshake and records"):
 
 * SETTINGS go out right after the handshake response, before reading anything.
-* Every DataReceived is acknowledged at once, so the 65 535-byte connection window never
-  runs dry however many lite updates arrive.
+* DataReceived is acknowledged at once while the connection's buffered bodies are under
+  their caps, so the 65 535-byte connection window never runs dry however many lite updates
+  arrive; past the caps window is granted again as handlers take their bodies (h2limits.py
+  has every bound a peer meets).
 * Outbound DATA respects the peer's windows and max frame size; writers wait for
   WINDOW_UPDATE.
 * One writer task per connection seals records and writes them in order; handlers only
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import h2.config
@@ -31,6 +34,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from pyheadscale.control.h2limits import MAX_UNSENT_OUTPUT, BodyBudget, H2Limits
+from pyheadscale.control.h2response import H2ResponseStream
 from pyheadscale.control.types import (
     MAX_REQUEST_BODY,
     ControlRequest,
@@ -54,13 +59,18 @@ class ByteSink(Protocol):
 
     async def close(self) -> None: ...
 
+    def abort(self) -> None:
+        """Drop the connection at once, unsent output and all (a peer that does not read)."""
+        ...
+
 
 def _text(b: bytes | str) -> str:
     return b if isinstance(b, str) else b.decode("utf-8", "replace")
 
 
 class _Stream:
-    __slots__ = ("sid", "headers", "body", "declared_len", "rejected", "task", "response")
+    __slots__ = ("sid", "headers", "body", "declared_len", "rejected", "task", "response",
+                 "unacked", "deadline")
 
     def __init__(self, sid: int, headers: list[tuple[str, str]]) -> None:
         self.sid = sid
@@ -70,99 +80,8 @@ class _Stream:
         self.rejected = False
         self.task: asyncio.Task[None] | None = None
         self.response: H2ResponseStream | None = None
-
-
-class H2ResponseStream:
-    """``ResponseStream`` implementation for one h2 stream."""
-
-    def __init__(self, conn: H2ControlConnection, stream_id: int) -> None:
-        self._conn = conn
-        self.stream_id = stream_id
-        self.started = False
-        self.ended = False
-        self.gone = False
-        self._window = asyncio.Event()
-
-    @property
-    def closed(self) -> bool:
-        return self.ended or self.gone or self._conn.closing
-
-    def _check(self) -> None:
-        if self.gone or self._conn.closing:
-            raise StreamGone(f"stream {self.stream_id} is gone")
-        if self.ended:
-            raise RuntimeError("response already ended")
-
-    def _mark_gone(self) -> None:
-        self.gone = True
-        self._window.set()
-
-    def _window_changed(self) -> None:
-        self._window.set()
-
-    async def start(self, status: int, headers: list[tuple[str, str]] | None = None) -> None:
-        self._check()
-        if self.started:
-            raise RuntimeError("response already started")
-        hdrs = [(":status", str(int(status)))]
-        for k, v in headers or ():
-            hdrs.append((k.lower(), v))
-        try:
-            self._conn.h2.send_headers(self.stream_id, hdrs)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-            self._mark_gone()
-            raise StreamGone(str(e)) from None
-        self.started = True
-        self._conn.flush()
-
-    async def write(self, data: bytes) -> None:
-        if not self.started:
-            await self.start(200)
-        view = memoryview(data)
-        conn = self._conn
-        while view:
-            self._check()
-            try:
-                window = conn.h2.local_flow_control_window(self.stream_id)
-                n = min(len(view), window, conn.h2.max_outbound_frame_size)
-                if n <= 0:
-                    self._window.clear()
-                    await self._window.wait()
-                    continue
-                conn.h2.send_data(self.stream_id, bytes(view[:n]))
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-                self._mark_gone()
-                raise StreamGone(str(e)) from None
-            view = view[n:]
-            conn.flush()
-            await conn.wait_writable()
-
-    async def end(self, data: bytes = b"") -> None:
-        if data:
-            await self.write(data)
-        elif not self.started:
-            await self.start(200)
-        if self.ended:
-            return
-        self._check()
-        try:
-            self._conn.h2.end_stream(self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-            self._mark_gone()
-            raise StreamGone(str(e)) from None
-        self.ended = True
-        self._conn.flush()
-
-    def reset(self, error_code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
-        """Abort the stream with RST_STREAM (used when a handler fails mid-response)."""
-        if self.gone or self._conn.closing:
-            return
-        self._mark_gone()
-        try:
-            self._conn.h2.reset_stream(self.stream_id, error_code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self._conn.flush()
+        self.unacked = 0  # flow-controlled bytes received but not yet given back as window
+        self.deadline: asyncio.TimerHandle | None = None  # for the rest of the body
 
 
 class H2ControlConnection:
@@ -178,6 +97,10 @@ class H2ControlConnection:
         capver: int,
         conn_id: int | None = None,
         max_body: int = MAX_REQUEST_BODY,
+        limits: H2Limits | None = None,
+        budget: BodyBudget | None = None,
+        is_registered: Callable[[bytes], bool] | None = None,
+        remote: str = "",
     ) -> None:
         self.records = records
         self.sink = sink
@@ -186,9 +109,23 @@ class H2ControlConnection:
         self.capver = capver
         self.conn_id = next(_conn_ids) if conn_id is None else conn_id
         self.max_body = max_body
+        self.limits = limits or H2Limits()
+        self.budget = budget or BodyBudget()
+        self.is_registered = is_registered or (lambda _key: True)
+        self.remote = remote
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
+        # Current at once (not pending an ACK), so h2 enforces it from the first stream.
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
+        })
+        self.buffered = 0  # request-body bytes held for streams not yet handed to a handler
+        self._reactive = 0  # output queued in answer to the peer since the socket last took some
+        self._queued_total = 0
+        self._preface_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._abort = False  # close by dropping the socket: the peer does not read
         self.closing = False
         self.close_reason = ""
         self._streams: dict[int, _Stream] = {}
@@ -210,9 +147,27 @@ class H2ControlConnection:
         self._raw_out += preamble
         self.h2.initiate_connection()
         self.flush()
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_loop(), name=f"noise-writer-{self.conn_id}"
-        )
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop(), name=f"noise-writer-{self.conn_id}")
+        self._preface_timer = loop.call_later(
+            self.limits.handshake_timeout, self._fail, "no HTTP/2 preface before the deadline")
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """(Re)start the idle clock: it runs while the connection has no open stream."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.limits.unregistered_idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.closing or self._streams:
+            return  # re-armed when the last stream goes
+        if self.is_registered(self.machine_key):
+            self._arm_idle()
+            return
+        self._fail("idle without a registered node")
 
     @property
     def active_streams(self) -> int:
@@ -227,23 +182,31 @@ class H2ControlConnection:
             return
         self.closing = True
         self.close_reason = reason
+        for timer in (self._preface_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
         try:
             self.h2.close_connection()
         except h2.exceptions.ProtocolError:
             pass
         self.flush()
         for st in list(self._streams.values()):
+            self._release(st, grant=False)
             if st.response is not None:
                 st.response._mark_gone()
             if st.task is not None:
                 st.task.cancel()
+        self.budget.forget(self.conn_id)
         self._drained.set()
         self._wake.set()
         if self._writer is None:  # never started: nothing will close the sink for us
             self._closed.set()
+        elif self._abort:
+            self._writer.cancel()  # it may be stuck in a write the peer never takes
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, abort: bool = False) -> None:
         log.info("control connection %d closed: %s", self.conn_id, reason)
+        self._abort = self._abort or abort
         self.close(reason)
 
     # -- output --------------------------------------------------------------------------
@@ -253,8 +216,13 @@ class H2ControlConnection:
         data = self.h2.data_to_send()
         if data:
             self._plain_out += data
+            self._queued_total += len(data)
             if len(self._plain_out) > HIGH_WATER:
                 self._drained.clear()
+                if len(self._plain_out) > MAX_UNSENT_OUTPUT and not self.closing:
+                    self._plain_out.clear()  # the peer does not read: nothing will flow
+                    self._fail("peer does not read its output", abort=True)
+                    return
             self._wake.set()
 
     async def wait_writable(self) -> None:
@@ -275,6 +243,7 @@ class H2ControlConnection:
                 self._plain_out.clear()
                 self._drained.set()
                 await self.sink.write(out)
+                self._reactive = 0  # the socket takes data again
         except asyncio.CancelledError:
             pass
         except Exception as e:  # the socket went away; nothing else can be sent
@@ -283,7 +252,10 @@ class H2ControlConnection:
             if not self.closing:
                 self.close("write failed")
             try:
-                await self.sink.close()
+                if self._abort:
+                    self.sink.abort()
+                else:
+                    await self.sink.close()
             except Exception:  # closing a dead transport may fail; it is closed either way
                 pass
             self._closed.set()
@@ -299,6 +271,7 @@ class H2ControlConnection:
         except RecordError as e:
             self._fail(f"bad noise record: {e}")
             return
+        queued_before = self._queued_total
         try:
             for pt in chunks:
                 try:
@@ -316,6 +289,10 @@ class H2ControlConnection:
             self._fail("internal error")
             return
         self.flush()
+        # Output the peer made us queue (acknowledgements, resets) while we cannot send.
+        self._reactive += self._queued_total - queued_before
+        if self._reactive > self.limits.max_reactive_output and not self.closing:
+            self._fail("too many queued control frames: the peer does not read", abort=True)
 
     def feed_eof(self) -> None:
         self.close("peer closed the connection")
@@ -337,6 +314,9 @@ class H2ControlConnection:
             else:
                 self._wake_all()
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            if self._preface_timer is not None:  # the client's preface ends with SETTINGS
+                self._preface_timer.cancel()
+                self._preface_timer = None
             self._wake_all()  # INITIAL_WINDOW_SIZE / MAX_FRAME_SIZE may have grown
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._fail(f"peer sent GOAWAY (error code {ev.error_code})")
@@ -360,21 +340,84 @@ class H2ControlConnection:
                     pass
         if st.declared_len is not None and st.declared_len > self.max_body:
             self._reject_too_large(st)
+        elif not ev.stream_ended:
+            st.deadline = asyncio.get_running_loop().call_later(
+                self.limits.body_timeout, self._body_too_slow, sid)
 
     def _on_data(self, ev: h2.events.DataReceived) -> None:
-        # Acknowledge first, whatever happens to the data: an unacknowledged window stalls
-        # the client once a few dozen lite updates have arrived.
-        self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         st = self._streams.get(ev.stream_id)
         if st is None or st.rejected:
+            # Discarded data still gives its window back, or the connection window runs dry.
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             return
-        st.body += ev.data or b""
+        data = ev.data or b""
+        st.body += data
+        self.buffered += len(data)
+        self.budget.take(len(data))
+        if self._under_caps():
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        else:  # window comes back when a handler takes a body (_release)
+            st.unacked += ev.flow_controlled_length
+            self.budget.wait(self.conn_id, self._grant_deferred)
         if len(st.body) > self.max_body:
             self._reject_too_large(st)
 
+    def _under_caps(self) -> bool:
+        # Never below one maximal body, or a single large request could not complete.
+        cap = max(self.limits.max_buffered_body, self.max_body)
+        return self.buffered <= cap and not self.budget.exhausted
+
+    def _release(self, st: _Stream, grant: bool = True) -> None:
+        """`st` no longer holds its body here: count it out and give its window back."""
+        if st.deadline is not None:
+            st.deadline.cancel()
+            st.deadline = None
+        n = len(st.body)
+        st.body = bytearray()
+        self.buffered -= n
+        if st.unacked and not self.closing:
+            # Also for a closed stream: h2 then restores the connection window only.
+            self.h2.acknowledge_received_data(st.unacked, st.sid)
+        st.unacked = 0
+        if n:
+            self.budget.release(n)
+        if grant:
+            self._grant_deferred()
+
+    def _grant_deferred(self) -> None:
+        if self.closing:
+            return
+        for st in self._streams.values():
+            if st.unacked and self._under_caps():
+                self.h2.acknowledge_received_data(st.unacked, st.sid)
+                st.unacked = 0
+        if any(st.unacked for st in self._streams.values()):
+            self.budget.wait(self.conn_id, self._grant_deferred)
+        self.flush()
+
+    def _body_too_slow(self, sid: int) -> None:
+        st = self._streams.pop(sid, None)
+        if st is None:
+            return
+        st.deadline = None
+        log.info("control connection %d: stream %d body not finished in %.0fs", self.conn_id,
+                 sid, self.limits.body_timeout)
+        if st.response is not None:
+            st.response._mark_gone()
+        try:
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._release(st)
+        self._stream_gone()
+
+    def _stream_gone(self) -> None:
+        if not self._streams and not self.closing:
+            self._arm_idle()
+
     def _reject_too_large(self, st: _Stream) -> None:
         st.rejected = True
-        st.body = bytearray()
+        self._release(st)
         text = f"request body too large (limit {self.max_body} bytes)\n".encode()
         sid = st.sid
         try:
@@ -395,12 +438,16 @@ class H2ControlConnection:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
         self._streams.pop(sid, None)
+        self._stream_gone()
         self.flush()
 
     def _on_end(self, sid: int) -> None:
         st = self._streams.get(sid)
         if st is None or st.rejected or st.task is not None:
             return
+        if st.deadline is not None:
+            st.deadline.cancel()
+            st.deadline = None
         st.task = asyncio.get_running_loop().create_task(
             self._run(st), name=f"control-stream-{self.conn_id}-{sid}"
         )
@@ -409,10 +456,12 @@ class H2ControlConnection:
         st = self._streams.pop(sid, None)
         if st is None:
             return
+        self._release(st)
         if st.response is not None:
             st.response._mark_gone()
         if st.task is not None:
             st.task.cancel()
+        self._stream_gone()
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -441,6 +490,7 @@ class H2ControlConnection:
             conn_id=self.conn_id,
             stream_id=st.sid,
             header_list=header_list,
+            remote=self.remote,
         )
 
     async def _run(self, st: _Stream) -> None:
@@ -448,7 +498,7 @@ class H2ControlConnection:
         assert resp is not None
         try:
             req = self._build_request(st)
-            st.body = bytearray()
+            self._release(st)  # the handler has the body now
             await self.dispatch(req, resp)
             if not resp.closed:
                 if not resp.started:
@@ -473,6 +523,7 @@ class H2ControlConnection:
         finally:
             if self._streams.get(st.sid) is st:
                 del self._streams[st.sid]
+                self._stream_gone()
 
     @staticmethod
     async def _send_error(resp: H2ResponseStream, status: int, text: str) -> None:

@@ -49,6 +49,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
     except tailcfg.TailcfgError as e:
         await reply(resp, 400, f"bad map request: {e}")
         return
+    req.body = b""  # a poll lives for hours: keep the decoded request, not up to 1 MiB of it
     if mr.version < MIN_CAPVER:
         await reply(resp, 400, f"unsupported client version: capability version {mr.version}")
         return

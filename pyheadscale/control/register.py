@@ -59,6 +59,7 @@ async def handle_register(reg: Registration, req: ControlRequest,
     except (BadRequest, tailcfg.TailcfgError) as e:
         await reply(resp, 400, str(e))
         return
+    req.body = b""  # a Followup waits up to 15 min: keep the decoded request only
     if rr.version < MIN_CAPVER:
         await reply(resp, 400, f"unsupported client version: capability version {rr.version}, "
                     f"pyheadscale needs {MIN_CAPVER} (Tailscale v1.80) or newer")

@@ -20,8 +20,15 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlmodel import Session, col
 
-from pyheadscale.auth.webflow import Pending, PendingRegistrations, UnknownAuthID
+from pyheadscale.auth.webflow import (
+    Pending,
+    PendingRegistrations,
+    RegistrationRefused,
+    UnknownAuthID,
+)
 from pyheadscale.db.cluster import ClusterRegistration
+from pyheadscale.gojson import DecodeError
+from pyheadscale.hostinfo import decode_hostinfo
 from pyheadscale.state import persist
 from pyheadscale.state.errors import PersistError
 from pyheadscale.state.model import Node
@@ -36,7 +43,8 @@ def _row_values(p: Pending, expiration_s: float) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {"machine_key": encode_key(KeyKind.MACHINE, p.machine_key),
             "data": {"node_key": encode_key(KeyKind.NODE, p.node_key),
-                     "hostinfo": dict(p.hostinfo),
+                     # Already decoded and capped by add() on this instance.
+                     "hostinfo": p.hostinfo,
                      "expiry": p.expiry.isoformat() if p.expiry else None,
                      "ephemeral": p.ephemeral, "capver": p.capver},
             "created_at": now, "expires_at": now + timedelta(seconds=expiration_s),
@@ -52,8 +60,11 @@ def _read(engine: Engine, keys: set[str] | None) -> list[ClusterRegistration]:
 
 
 class SharedPending(PendingRegistrations):
-    def __init__(self, expiration_s: float, max_entries: int, tailnet: Tailnet) -> None:
-        super().__init__(expiration_s, max_entries)
+    def __init__(self, expiration_s: float, max_entries: int, tailnet: Tailnet, *,
+                 per_source: int = 16, hostinfo_budget: int = 8 << 20, rate: float = 1.0,
+                 burst: int = 20) -> None:
+        super().__init__(expiration_s, max_entries, per_source=per_source,
+                         hostinfo_budget=hostinfo_budget, rate=rate, burst=burst)
         self.tailnet = tailnet
         self.shared = tailnet.changelog is not None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -167,11 +178,20 @@ class SharedPending(PendingRegistrations):
         except (KeyParseError, ValueError, TypeError):
             log.warning("registration %s: unreadable shared row ignored", row.auth_id)
             return
-        hostinfo = data.get("hostinfo")
-        self.add(row.auth_id, machine_key=mk, node_key=nk,
-                 hostinfo=hostinfo if isinstance(hostinfo, dict) else {},
-                 expiry=expiry, ephemeral=bool(data.get("ephemeral")),
-                 capver=int(data.get("capver") or 0))
+        # The writer stored the decoded, capped form, but a row is still input from outside
+        # this process: the same typed decoder and caps, leniently (drop what fails), as for
+        # stored nodes. No source: the quota and rate were charged where the client asked.
+        try:
+            hostinfo = decode_hostinfo(data.get("hostinfo"), lenient=True)
+            capver = data.get("capver") or 0
+            if not isinstance(capver, int) or isinstance(capver, bool):
+                raise TypeError("capver")
+            self.add(row.auth_id, machine_key=mk, node_key=nk, hostinfo=hostinfo,
+                     expiry=expiry, ephemeral=data.get("ephemeral") is True, capver=capver)
+        except (DecodeError, TypeError) as e:
+            log.warning("registration %s: unreadable shared row ignored: %s", row.auth_id, e)
+        except RegistrationRefused as e:
+            log.warning("registration %s: not mirrored here: %s", row.auth_id, e)
 
     def _local(self, auth_id: str) -> Pending | None:
         try:

@@ -24,6 +24,7 @@ class ControlRequest:
     conn_id: int
     stream_id: int = 0
     header_list: list[tuple[str, str]] = field(default_factory=list)  # in order, repeats kept
+    remote: str = ""  # the peer's address as the listener resolved it ("" when unknown)
 
 
 class StreamGone(Exception):

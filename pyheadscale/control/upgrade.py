@@ -13,11 +13,13 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from derp.frontdoor import TEXT, Reply, RequestHead, Route, Upgrade, WebSocket
+from pyheadscale.control.h2limits import BodyBudget, H2Limits
 from pyheadscale.control.h2server import H2ControlConnection
 from pyheadscale.control.types import MAX_REQUEST_BODY, MIN_CAPVER, Dispatch
 from pyheadscale.listener import add_takeover_route
@@ -47,6 +49,9 @@ def _decode_handshake(value: str) -> bytes | None:
         return None
 
 
+CLOSE_GRACE = 5.0
+
+
 class _NoiseStream(asyncio.Protocol):
     """The socket (or WebSocket) of one Noise connection after the takeover.
 
@@ -68,6 +73,12 @@ class _NoiseStream(asyncio.Protocol):
 
     async def close(self) -> None:
         self._t.close()
+        # A graceful close (TLS close_notify after the unsent output) needs a peer that
+        # reads; one that does not is cut off, so its socket cannot outlive the connection.
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, self._t.abort)
+
+    def abort(self) -> None:
+        self._t.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
@@ -101,12 +112,18 @@ class Ts2021Server:
         dispatch: Dispatch,
         min_capver: int = MIN_CAPVER,
         max_body: int = MAX_REQUEST_BODY,
+        limits: H2Limits | None = None,
+        body_budget: int = 64 << 20,
+        is_registered: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.private_key = bytes(noise_private_key)
         self.public_key = public_key(self.private_key)
         self.dispatch = dispatch
         self.min_capver = min_capver
         self.max_body = max_body
+        self.limits = limits or H2Limits()
+        self.budget = BodyBudget(body_budget)
+        self.is_registered = is_registered
         self.connections: set[H2ControlConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -164,7 +181,7 @@ class Ts2021Server:
 
         def attach(transport: asyncio.Transport, prefix: bytes,
                    surplus: bytes) -> asyncio.BaseProtocol:
-            return self._attach(result, transport, prefix, surplus)
+            return self._attach(result, transport, prefix, surplus, head.client)
 
         if where == "parameter":
             return WebSocket(attach, UPGRADE_PROTOCOL)
@@ -177,20 +194,17 @@ class Ts2021Server:
             return str(e)
 
     def _attach(self, result: HandshakeResult | str, transport: asyncio.Transport,
-                prefix: bytes, surplus: bytes) -> asyncio.BaseProtocol:
+                prefix: bytes, surplus: bytes, remote: str) -> asyncio.BaseProtocol:
         stream = _NoiseStream(transport)
         if isinstance(result, str):  # the client shows this message ("server error: ...")
             transport.write(prefix + error_frame(result))
             transport.close()
             return stream
         conn = H2ControlConnection(
-            records=result.records(),
-            sink=stream,
-            dispatch=self.dispatch,
-            machine_key=result.peer_static,
-            capver=result.version,
-            max_body=self.max_body,
-        )
+            records=result.records(), sink=stream, dispatch=self.dispatch,
+            machine_key=result.peer_static, capver=result.version, max_body=self.max_body,
+            limits=self.limits, budget=self.budget, is_registered=self.is_registered,
+            remote=remote)
         stream.conn = conn
         conn.start(preamble=prefix + result.message)
         self.connections.add(conn)
@@ -224,13 +238,20 @@ def add_routes(
     noise_private_key: bytes,
     dispatch: Dispatch,
     min_capver: int = MIN_CAPVER,
+    *,
+    limits: H2Limits | None = None,
+    body_budget: int = 64 << 20,
+    is_registered: Callable[[bytes], bool] | None = None,
 ) -> None:
     """Register ``GET /key`` and the ``GET|POST /ts2021`` takeover route on ``app``.
 
     ``dispatch`` receives every HTTP/2 request made over an established Noise connection.
     Clients whose capability version is below ``min_capver`` get a Noise error frame.
+    ``is_registered(machine_key)`` tells whether a node has that key: connections of keys
+    without one are closed after ``limits.unregistered_idle_timeout`` without a stream.
     """
-    server = Ts2021Server(noise_private_key, dispatch, min_capver)
+    server = Ts2021Server(noise_private_key, dispatch, min_capver, limits=limits,
+                          body_budget=body_budget, is_registered=is_registered)
     app[_APP_KEY] = server
     app.router.add_route("GET", "/key", server.handle_key)
     add_takeover_route(app, server.route)

@@ -9,10 +9,16 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from pyheadscale.auth.oidc import OIDCProvider
-from pyheadscale.auth.webflow import AUTH_ID_PREFIX, Pending, UnknownAuthID
+from pyheadscale.auth.webflow import (
+    AUTH_ID_PREFIX,
+    Pending,
+    RegistrationRefused,
+    UnknownAuthID,
+)
 from pyheadscale.control.register import register_response, reply
 from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.control.types import ControlRequest, ResponseStream
+from pyheadscale.ratelimit import source_key
 from pyheadscale.state.model import Node
 from pyheadscale.state.tailnet import Tailnet
 from pyheadscale.tailcfg import RegisterRequest
@@ -44,19 +50,34 @@ class WebAuth:
                 await self._wait(p, resp)
                 return
             # Expired or unknown: a *new* URL (the same one would make the client back off).
-        p = pending.add(machine_key=req.machine_key, node_key=rr.node_key,
-                        hostinfo=rr.hostinfo, expiry=rr.expiry, ephemeral=rr.ephemeral,
-                        capver=rr.version)
+        source = source_key(req.remote)
+        if not pending.rate.allow(source):
+            await reply(resp, 429, "too many registration requests from this address; "
+                        "retry later")
+            return
+        try:
+            p = pending.add(machine_key=req.machine_key, node_key=rr.node_key,
+                            hostinfo=rr.hostinfo, expiry=rr.expiry, ephemeral=rr.ephemeral,
+                            capver=rr.version, source=source)
+        except RegistrationRefused as e:
+            await reply(resp, 429, str(e))
+            return
         await pending.publish(p)
         await reply(resp, 200, {"AuthURL": self.auth_url(p.auth_id)})
 
     async def _wait(self, p: Pending, resp: ResponseStream) -> None:
         try:
-            node: Node = await asyncio.shield(p.done)
+            with self.pending.waiting(p):
+                node: Node = await asyncio.shield(p.done)
         except UnknownAuthID:
-            fresh = self.pending.add(machine_key=p.machine_key, node_key=p.node_key,
-                                        hostinfo=p.hostinfo, expiry=p.expiry,
-                                        ephemeral=p.ephemeral, capver=p.capver)
+            try:
+                fresh = self.pending.add(machine_key=p.machine_key, node_key=p.node_key,
+                                         hostinfo=p.hostinfo, expiry=p.expiry,
+                                         ephemeral=p.ephemeral, capver=p.capver,
+                                         source=p.source)
+            except RegistrationRefused as e:
+                await reply(resp, 429, str(e))
+                return
             await self.pending.publish(fresh)
             await reply(resp, 200, {"AuthURL": self.auth_url(fresh.auth_id)})
             return

@@ -11,6 +11,7 @@ transactions short. Read-only work can opt out per connection with
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, t
 
 from pyheadscale.config.schema import DatabaseConfig
 from pyheadscale.db.tuning import PoolSettings, pool_settings, tune
+from pyheadscale.fsperms import private_dir, private_file
 
 __all__ = [
     "HEADSCALE_COMPAT_VERSION",
@@ -118,7 +120,12 @@ def _make_sqlite_engine(path: str | os.PathLike[str] | None, *, wal: bool, echo:
         url = "sqlite://"
     else:
         p = Path(path).expanduser().absolute()
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.parent.exists():
+            private_dir(p.parent)
+        # SQLite gives its -wal and -shm files the database file's mode.
+        for f in (p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")):
+            if f == p or f.exists():
+                private_file(f)
         url = f"sqlite:///{p}"
     connect_args: dict[str, Any] = {"check_same_thread": False}
     if not prepare:
@@ -297,6 +304,7 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
                     # Several instances may start at once on one database: one migrates,
                     # the others wait and then find nothing to do.
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
+                stored = check_database_version(conn)
                 if _adopt_headscale_database(conn):
                     command.stamp(alembic_config(conn), _BASELINE_REVISION)
                 command.upgrade(alembic_config(conn), "head")
@@ -304,11 +312,69 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
                     bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if bad:
                         raise MigrationError(f"foreign key violations after migration: {bad}")
-                if version is not None:
-                    _record_version(conn, version)
+                if version is not None and not _newer(stored, version):
+                    _record_version(conn, version)  # never rewritten downwards
         finally:
             if sqlite:
                 _raw_exec(conn, "PRAGMA foreign_keys = ON")
+
+
+_SEMVER = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
+# Go module pseudo-versions of untagged builds; Headscale treats them (and "dev") as no version.
+_PSEUDO = re.compile(r"[-.]\d{14}-[0-9a-f]{12}$")
+
+
+def _semver(v: str | None) -> tuple[int, int, int] | None:
+    if not v or v in ("dev", "(devel)") or _PSEUDO.search(v):
+        return None
+    m = _SEMVER.fullmatch(v)
+    if m is None:
+        raise MigrationError(f"database_versions holds {v!r}, which is not a version "
+                             "(major.minor.patch); refusing to guess what wrote this database")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def _newer(stored: str | None, ours: str) -> bool:
+    s, o = _semver(stored), _semver(ours)
+    return s is not None and o is not None and s > o
+
+
+def check_database_version(conn: Connection) -> str | None:
+    """Refuse a database that Headscale's own upgrade rules would refuse us, and one written
+    by a newer Headscale minor release than the schema we implement (its migrations are
+    unknown to us; it is never rewritten downwards). Returns the stored version."""
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" in tables:
+        rev = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        try:
+            known = rev is None or bool(
+                ScriptDirectory.from_config(alembic_config()).get_revision(rev))
+        except CommandError:
+            known = False
+        if not known:
+            raise MigrationError(f"database schema revision {rev!r} is from a newer "
+                                 "pyheadscale; refusing to run an older one on it")
+    if "database_versions" not in tables:
+        return None
+    stored = conn.exec_driver_sql("SELECT version FROM database_versions WHERE id = 1").scalar()
+    sv, ours = _semver(stored), _semver(HEADSCALE_COMPAT_VERSION)
+    if sv is None or ours is None:
+        return stored
+    adopted = f"v{ours[0]}.{ours[1]}"
+    if sv[0] != ours[0] or sv[1] > ours[1]:
+        raise MigrationError(
+            f"database was last used by Headscale {stored}, newer than the {adopted} schema "
+            f"this pyheadscale implements; a database is never migrated downwards. Run "
+            f"Headscale {stored} on it, or restore a backup taken before that upgrade")
+    if ours[1] - sv[1] > 1:
+        raise MigrationError(
+            f"database was last used by Headscale {stored}; upgrading more than one minor "
+            f"version at a time is not supported (as in Headscale): upgrade it with "
+            f"Headscale v{sv[0]}.{sv[1] + 1}.x first")
+    return stored
 
 
 def _raw_exec(conn: Connection, sql: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+
+from pyheadscale.hostinfo import Hostinfo
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,7 +68,7 @@ class Node:
     expiry: datetime | None = None
     last_seen: datetime | None = None
     endpoints: tuple[str, ...] = ()
-    hostinfo: dict[str, Any] = field(default_factory=dict)
+    hostinfo: Hostinfo = field(default_factory=dict)  # decoded and capped (hostinfo.py)
     approved_routes: tuple[IPNetwork, ...] = ()
     ephemeral: bool = False
     # Live state, never persisted:

@@ -5,6 +5,7 @@ SQL work each Tailnet write runs in one transaction (on the Tailnet's DB thread)
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,9 +16,13 @@ from sqlmodel import Session, col
 
 from pyheadscale.db import models as db
 from pyheadscale.db.cluster import ClusterPresence
+from pyheadscale.gojson import DecodeError, addrport_text
+from pyheadscale.hostinfo import Hostinfo, decode_hostinfo
 from pyheadscale.state.changelog import ChangeLog, Touched, last_id
 from pyheadscale.state.model import ApiKey, Node, PreAuthKey, User
-from pyheadscale.tailcfg import KeyKind, KeyParseError, encode_key, parse_key
+from pyheadscale.tailcfg import MAX_ENDPOINTS, KeyKind, KeyParseError, encode_key, parse_key
+
+log = logging.getLogger("pyheadscale.state")
 
 
 def _aware(dt: datetime | None) -> datetime | None:
@@ -126,6 +131,29 @@ def _routes(items: Iterable[str] | None) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def stored_hostinfo(node_id: int | None, raw: Any) -> Hostinfo:
+    """A Hostinfo column as peers may see it: rows written before client data was typed (or
+    by another server) may hold values official clients cannot decode; those fields go."""
+    try:
+        hi = decode_hostinfo(raw, lenient=True)
+    except DecodeError:
+        hi = {}
+    if raw and hi != raw:
+        log.warning("node %s: stored Hostinfo had fields clients cannot decode; dropped them",
+                    node_id)
+    return hi
+
+
+def stored_endpoints(raw: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for e in raw if isinstance(raw, list) else ():
+        try:
+            out.append(addrport_text(e) if isinstance(e, str) else "")
+        except ValueError:
+            continue
+    return tuple(e for e in out if e)[:MAX_ENDPOINTS]
+
+
 def node_from_row(r: db.Node, ephemeral_keys: set[int]) -> Node:
     mk = _key_or_none(KeyKind.MACHINE, r.machine_key) or bytes(32)
     nk = _key_or_none(KeyKind.NODE, r.node_key) or bytes(32)
@@ -138,8 +166,8 @@ def node_from_row(r: db.Node, ephemeral_keys: set[int]) -> Node:
         register_method=r.register_method or "", created_at=created,
         updated_at=_aware(r.updated_at) or created, tags=tuple(r.tags or ()),
         auth_key_id=r.auth_key_id, expiry=_aware(r.expiry), last_seen=_aware(r.last_seen),
-        endpoints=tuple(str(e) for e in (r.endpoints or ())),
-        hostinfo=dict(r.host_info or {}), approved_routes=_routes(r.approved_routes),
+        endpoints=stored_endpoints(r.endpoints),
+        hostinfo=stored_hostinfo(r.id, r.host_info), approved_routes=_routes(r.approved_routes),
         # Headscale derives ephemerality from the key the node registered with.
         ephemeral=r.auth_key_id is not None and r.auth_key_id in ephemeral_keys,
     )

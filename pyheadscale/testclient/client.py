@@ -393,12 +393,16 @@ async def connect(
     server_public_key: bytes | None = None,
     websocket: bool = False,
     dial_timeout: float = 10.0,
+    local_addr: tuple[str, int] | None = None,
 ) -> ControlConnection:
-    """Open a control connection (``async with await connect(...) as conn``)."""
+    """Open a control connection (``async with await connect(...) as conn``).
+
+    ``local_addr`` binds the TCP connection's source (HTTP upgrade only)."""
     base_url = base_url.rstrip("/")
     if server_public_key is None:
         server_public_key = await fetch_key(base_url, capver)
     ini = Initiator(machine_private_key, server_public_key, capver)
-    opener = open_websocket if websocket else open_http
-    pipe, hs = await asyncio.wait_for(opener(base_url, ini), dial_timeout)
+    opening = (open_websocket(base_url, ini) if websocket
+               else open_http(base_url, ini, local_addr))
+    pipe, hs = await asyncio.wait_for(opening, dial_timeout)
     return ControlConnection(base_url, pipe, hs, machine_private_key)

@@ -143,12 +143,13 @@ async def _finish(pipe: BytePipe, ini: Initiator) -> HandshakeResult:
     return ini.finish(head + await pipe.readexactly(n))
 
 
-async def open_http(base_url: str, ini: Initiator) -> tuple[BytePipe, HandshakeResult]:
+async def open_http(base_url: str, ini: Initiator, local_addr: tuple[str, int] | None = None,
+                    ) -> tuple[BytePipe, HandshakeResult]:
     """POST /ts2021 with the initiation, expect 101 + the handshake response."""
     host, port, tls = _host_port(base_url)
     # https: the system's CAs (SSL_CERT_FILE names a test CA).
     reader, writer = await asyncio.open_connection(
-        host, port, ssl=ssl.create_default_context() if tls else None)
+        host, port, ssl=ssl.create_default_context() if tls else None, local_addr=local_addr)
     pipe = TcpPipe(reader, writer)
     try:
         hs = base64.b64encode(ini.initiation()).decode()

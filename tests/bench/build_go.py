@@ -166,9 +166,10 @@ def local_module_path(src: Path, name: str) -> Path:
     return versions.cache_dir() / name / h.hexdigest()[:16] / name
 
 
-def build_local_module(src: Path, name: str, log=sys.stderr) -> Path:
-    """`go build` our Go program in `src` (its go.mod and go.sum pin every module, fetched from
-    the Go module proxy) with the local toolchain; reuses an earlier build of the same files."""
+def build_local_module(src: Path, name: str, log=sys.stderr, modfile: str = "go.mod") -> Path:
+    """`go build` our Go program in `src` (its go.mod and go.sum, or `modfile` and its .sum,
+    pin every module, fetched from the Go module proxy) with the local toolchain; reuses an
+    earlier build of the same files."""
     out = local_module_path(src, name)
     if out.is_file() and os.access(out, os.X_OK):
         return out
@@ -185,7 +186,8 @@ def build_local_module(src: Path, name: str, log=sys.stderr) -> Path:
         env = dict(os.environ, GOTOOLCHAIN="local", CGO_ENABLED="0",
                    GOFLAGS="-mod=readonly -trimpath")
         try:
-            err = _run([go, "build", "-o", str(tmp / name), "."], env, cwd=str(src))
+            err = _run([go, "build", f"-modfile={modfile}", "-o", str(tmp / name), "."], env,
+                       cwd=str(src))
             if err:
                 raise BuildError(f"building {name} failed:\n{err[-3000:]}")
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -276,6 +276,7 @@ class MeshRegion:
                        "tls_cert_path": str(self.ca.cert), "tls_key_path": str(self.ca.key),
                        "hostname": self.NAMES[0],
                        "mesh_key_path": str(self.mesh_key_file),
+                       "mesh_ca_cert_path": str(self.ca.ca_cert),
                        "mesh_with": [f"{relay_ip}:443"]},
         }})  # fmt: skip
         self.embedded_url = f"https://{srv_ip}:8443/derp"

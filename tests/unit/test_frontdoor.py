@@ -14,8 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from derp import frontdoor
-from derp.frontdoor import RequestHead, Route, Upgrade
+from derp.frontdoor import DoorLimits, RequestHead, Route, Upgrade
 from pyheadscale.listener import MainListener, add_takeover_route
 
 
@@ -181,9 +180,8 @@ async def test_bad_requests_refused(listener: MainListener, raw: bytes, status: 
     w.close()
 
 
-async def test_silent_connection_times_out(listener: MainListener,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frontdoor, "HEAD_TIMEOUT", 0.2)
+async def test_silent_connection_times_out(listener: MainListener) -> None:
+    listener.limits = DoorLimits(head_timeout=0.2)  # (read when each connection is made)
     r, w = await _open(listener)
     w.write(b"GET / HTTP/1.1\r\n")  # never finished
     assert await asyncio.wait_for(r.read(), 5) == b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -30,6 +31,10 @@ class MemorySink:
         self.closed = True
         self.event.set()
 
+    def abort(self) -> None:
+        self.closed = True
+        self.event.set()
+
     def take(self) -> bytes:
         data = b"".join(self.chunks)
         self.chunks.clear()
@@ -42,7 +47,7 @@ Handler = Callable[[ControlRequest, ResponseStream], Awaitable[None]]
 class Harness:
     """Client side: seals h2 client frames, opens the server's records."""
 
-    def __init__(self, dispatch: Handler, max_body: int = 1 << 20) -> None:
+    def __init__(self, dispatch: Handler, max_body: int = 1 << 20, **kw: Any) -> None:
         skey = generate_private_key()
         self.machine = generate_private_key()
         ini = Initiator(self.machine, public_key(skey), 131)
@@ -58,6 +63,7 @@ class Harness:
             capver=res.version,
             conn_id=7,
             max_body=max_body,
+            **kw,
         )
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)

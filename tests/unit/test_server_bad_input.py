@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -104,3 +106,27 @@ async def test_bad_input_is_contained(server: Server) -> None:
     assert not bystander.conn.closed
     await healthy_client_works(server, key)
     await bystander.close()
+
+
+async def test_health_says_pass_or_fail_only(server: Server, caplog: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url(server) + "/health") as r:
+            assert (r.status, await r.json(content_type=None)) == (200, {"status": "pass"})
+            assert r.content_type == "application/health+json"
+
+        async def broken() -> None:
+            raise OSError("connection to server at 10.9.8.7 (db-secret-host) refused")
+
+        server.tailnet.ping_db = broken  # type: ignore[method-assign]
+        async with http.get(url(server) + "/health") as r:
+            body = await r.read()
+            assert r.status == 500 and orjson.loads(body) == {"status": "fail"}
+    assert b"db-secret-host" not in body and "db-secret-host" in caplog.text
+
+
+async def test_data_dir_and_database_are_private(server: Server) -> None:
+    data = Path(server.cfg.data_dir)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    db_path = Path(server.cfg.database.sqlite.path)
+    for f in db_path.parent.glob(db_path.name + "*"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f

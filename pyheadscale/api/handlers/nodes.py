@@ -20,6 +20,9 @@ from pyheadscale.api.request import (
     read_body,
     text_field,
 )
+from pyheadscale.auth.webflow import RegistrationRefused
+from pyheadscale.gojson import DecodeError
+from pyheadscale.hostinfo import decode_hostinfo
 from pyheadscale.state.model import Node
 
 
@@ -109,10 +112,17 @@ class NodeHandlers(HandlerBase):
         auth_id = text_field(body, "key")
         check_auth_id(auth_id, "debug creating node")
         name = text_field(body, "name")
-        hostinfo = {"Hostname": name, "OS": "TestOS", "RoutableIPs": [str(r) for r in routes]}
+        try:
+            hostinfo = decode_hostinfo(
+                {"Hostname": name, "OS": "TestOS", "RoutableIPs": [str(r) for r in routes]})
+        except DecodeError as e:
+            raise bad_request(f"debug creating node: {e}") from None
         machine_key, node_key = secrets.token_bytes(32), secrets.token_bytes(32)
-        self.pending.add(auth_id, machine_key=machine_key, node_key=node_key,
-                                 hostinfo=hostinfo)
+        try:
+            self.pending.add(auth_id, machine_key=machine_key, node_key=node_key,
+                             hostinfo=hostinfo, source="admin")
+        except RegistrationRefused as e:
+            raise bad_request(f"debug creating node: {e}") from None
         # A synthetic echo, as Headscale: the node exists once `auth register` completes it.
         echo = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=None,
                     hostname=name, given_name="", user_id=u.id, ipv4=None, ipv6=None,

@@ -1,0 +1,93 @@
+"""Pending interactive registrations are bounded and a flood cannot push out a waiting user."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyheadscale.auth.webflow import PendingRegistrations, RegistrationRefused, UnknownAuthID
+from pyheadscale.ratelimit import TokenBuckets, source_key
+
+
+def mk(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def table(**kw: int) -> PendingRegistrations:
+    args = {"per_source": 4, "hostinfo_budget": 1 << 20} | kw
+    return PendingRegistrations(900, kw.pop("max_entries", 8), per_source=args["per_source"],
+                                hostinfo_budget=args["hostinfo_budget"])
+
+
+async def test_one_entry_per_machine_key_keeps_its_auth_id() -> None:
+    t = table()
+    a = t.add(machine_key=mk(1), node_key=mk(2), hostinfo={"Hostname": "a"}, source="s")
+    b = t.add(machine_key=mk(1), node_key=mk(3), hostinfo={"Hostname": "b" * 100}, source="s")
+    assert a is b and len(t) == 1 and b.node_key == mk(3)
+    assert t.bytes == len(b'{"Hostname":"' + b"b" * 100 + b'"}')
+
+
+async def test_a_source_over_its_quota_loses_its_own_oldest_idle_entry() -> None:
+    t = table(per_source=2)
+    other = t.add(machine_key=mk(100), node_key=mk(1), hostinfo={}, source="user")
+    first = t.add(machine_key=mk(1), node_key=mk(1), hostinfo={}, source="flood")
+    t.add(machine_key=mk(2), node_key=mk(1), hostinfo={}, source="flood")
+    t.add(machine_key=mk(3), node_key=mk(1), hostinfo={}, source="flood")
+    with pytest.raises(UnknownAuthID):
+        t.get(first.auth_id)
+    assert t.get(other.auth_id) is other and len(t) == 3
+    with pytest.raises(UnknownAuthID):
+        first.done.result()
+
+
+async def test_waiting_entries_are_never_evicted_by_newcomers() -> None:
+    t = table(max_entries=4, per_source=100)
+    user = t.add(machine_key=mk(100), node_key=mk(1), hostinfo={"Hostname": "me"}, source="u")
+    with t.waiting(user):
+        for i in range(50):
+            t.add(machine_key=mk(i), node_key=mk(1), hostinfo={}, source="flood")
+        assert t.get(user.auth_id) is user and len(t) == 4
+        flood_waiters = [t.add(machine_key=mk(200 + i), node_key=mk(1), hostinfo={},
+                               source="flood") for i in range(3)]
+        with t.waiting(flood_waiters[0]), t.waiting(flood_waiters[1]), \
+                t.waiting(flood_waiters[2]):
+            with pytest.raises(RegistrationRefused):
+                t.add(machine_key=mk(300), node_key=mk(1), hostinfo={}, source="late")
+    assert t.get(user.auth_id) is user
+
+
+async def test_hostinfo_bytes_are_budgeted() -> None:
+    t = table(hostinfo_budget=1000, per_source=100, max_entries=100)
+    big = {"Hostname": "h" * 200}
+    for i in range(20):
+        t.add(machine_key=mk(i), node_key=mk(1), hostinfo=big, source="s")
+    assert t.bytes <= 1000 and len(t) == 1000 // 215
+
+
+async def test_complete_and_reject_free_the_slot() -> None:
+    t = table(per_source=1)
+    p = t.add(machine_key=mk(1), node_key=mk(1), hostinfo={"Hostname": "x"}, source="s")
+    t.complete(p.auth_id, "node")
+    assert p.done.result() == "node" and len(t) == 0 and t.bytes == 0
+    q = t.add(machine_key=mk(2), node_key=mk(1), hostinfo={}, source="s")
+    t.reject(q.auth_id, "no")
+    assert len(t) == 0
+    t.add(machine_key=mk(3), node_key=mk(1), hostinfo={}, source="s")
+
+
+def test_token_buckets() -> None:
+    now = [0.0]
+    b = TokenBuckets(rate=2, burst=3, max_keys=2, clock=lambda: now[0])
+    assert [b.allow("a") for _ in range(4)] == [True, True, True, False]
+    now[0] = 0.5
+    assert b.allow("a") and not b.allow("a")
+    b.allow("b")
+    b.allow("c")  # "a" is forgotten: at most two keys are kept
+    assert len(b) == 2 and b.allow("a")
+
+
+def test_source_keys_group_ipv6_by_64() -> None:
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:ffff::9")
+    assert source_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key(None) == ""
