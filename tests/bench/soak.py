@@ -206,9 +206,22 @@ class Worker:
         n.up_since = None
 
     async def change(self, n: Node, port: int) -> int:
+        """Send the endpoint change once `n` is connected (it may be in a reconnect the soak
+        itself started); 0 if it could not be sent within a minute."""
+        from pyheadscale.testclient.client import ConnectionClosed
+
         n.port = port
-        status, _, _ = await n.conn.request("POST", "/machine/map", n.body(stream=False))
-        return int(status)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if n.conn is not None and not n.conn.closed and n.up_since is not None:
+                try:
+                    status, _, _ = await n.conn.request("POST", "/machine/map",
+                                                        n.body(stream=False))
+                    return int(status)
+                except ConnectionClosed:  # closed under us by a reconnect: wait for the new one
+                    pass
+            await asyncio.sleep(0.2)
+        return 0
 
     async def close(self, n: Node) -> None:
         n.up_since = None
