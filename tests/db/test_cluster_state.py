@@ -13,9 +13,11 @@ from sqlalchemy import Engine, text
 
 from pyheadscale.cluster import ClusterMember
 from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S
+from pyheadscale.control import sharedreg
 from pyheadscale.control.sharedreg import SharedPending
+from pyheadscale.db.cluster import ClusterRegistration
 from pyheadscale.db.engine import make_engine, migrate
-from pyheadscale.state import InvalidAuthKey
+from pyheadscale.state import InvalidAuthKey, persist
 from pyheadscale.state.changelog import ChangeLog
 from pyheadscale.state.changes import ChangeKind, Field
 from pyheadscale.state.tailnet import Tailnet
@@ -265,3 +267,33 @@ async def test_a_dead_leader_is_replaced_and_swept(pair: tuple[Tailnet, Tailnet]
     finally:
         ma._closed = True
         await ma._close_conn()
+
+
+async def test_mirrored_registrations_are_decoded_and_charged_where_opened(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    pa = SharedPending(60, 100, a, per_source=1)
+    pb = SharedPending(60, 100, b, per_source=1)
+    # Two sources on a, one entry each: b mirrors both though its own quota is 1 per source.
+    opened = []
+    for i, src in enumerate(("198.51.100.7", "198.51.100.8")):
+        p = pa.add(machine_key=key(10 + i), node_key=key(20 + i),
+                   hostinfo={"Hostname": f"h{i}"}, source=src)
+        await pa.publish(p)
+        opened.append(p)
+    # A row as a buggy or hostile writer might leave it: wrong types, unknown keys, padding.
+    def poison(tx: persist.Tx) -> None:
+        row = tx.s.get(ClusterRegistration, opened[1].auth_id)
+        assert row is not None
+        row.data = dict(row.data or {}, hostinfo={
+            "Hostname": "h1", "OS": 7, "Bogus": "x" * 100_000,
+            "RoutableIPs": ["not-a-prefix"]})
+        tx.touch(sharedreg.TABLE, opened[1].auth_id)
+
+    await a.run_in_tx(poison)
+    await b.catch_up()
+    await _settle(pb)
+    assert pb.get(opened[0].auth_id).hostinfo == {"Hostname": "h0"}
+    # Decoded as a stored row is (leniently): the wrong fields and unknown keys dropped.
+    assert pb.get(opened[1].auth_id).hostinfo == {"Hostname": "h1"}
+    assert len(pb) == 2
