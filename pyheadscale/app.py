@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import uvloop
 from aiohttp import web
 from sqlalchemy import Engine
 
@@ -396,10 +395,12 @@ def run(cfg: Config) -> None:
     for w in cfg.warnings:
         logging.getLogger("pyheadscale.config").warning("%s", w)
     try:
-        # uvloop's event loop (C callbacks, timers and transports) costs the map sessions'
-        # per-frame scheduling a fraction of asyncio's: the control plane spends much of a
-        # connect storm switching between thousands of sessions (tests/bench/control.py).
-        uvloop.run(serve(cfg))
+        # asyncio's own loop, not uvloop (which would make a connect storm cheaper): two
+        # bounds against anonymous peers rely on asyncio's transports: the TLS read buffer
+        # cap (sslproto.SSLProtocol.max_size, see shrink_tls_read_buffers) and the unread-output
+        # cap, whose writes uvloop's transport buffers out of our sight. Under uvloop
+        # tests/integration/test_attacks.py exceeds both; see docs/limits.md.
+        asyncio.run(serve(cfg))
     except ConfigError as e:
         log.debug("start-up failed", exc_info=e)
         print(str(e), file=sys.stderr, flush=True)
