@@ -33,7 +33,8 @@ from pyheadscale.policy.errors import PolicyError, PolicyTestError
 from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
-from pyheadscale.policy.model import Alias, Policy, parse_policy
+from pyheadscale.policy.model import Alias, Policy
+from pyheadscale.policy.parse import parse_policy
 from pyheadscale.policy.routes import RouteSteering
 from pyheadscale.policy.ssh import (
     compile_ssh_policy,
