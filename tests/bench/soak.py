@@ -50,6 +50,7 @@ from tests.bench.control import (
     Target,
     _cli_api_key,
     _cli_key,
+    _fetch_server_key,
     _common_config,
     _ports,
     _rest,
@@ -309,7 +310,7 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
             step += 1
             now = time.monotonic()
             if now >= next_sample:
-                samples.append((now - t_start, rss_mib(target.pid), _fds(target.pid)))
+                samples.append((now - t_start, rss_mib(target.pids[0]), _fds(target.pids[0])))
                 next_sample = now + 10
             # An endpoint change, watched for by everyone.
             who = rng.randrange(args.nodes)
@@ -349,7 +350,7 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
             for _, exp, got, _errs in w.all("check", m, t, by):
                 expected += exp
                 delivered += got
-        samples.append((time.monotonic() - t_start, rss_mib(target.pid), _fds(target.pid)))
+        samples.append((time.monotonic() - t_start, rss_mib(target.pids[0]), _fds(target.pids[0])))
     finally:
         w.stop()
     warm = [s for s in samples if s[0] >= args.warmup * 60] or samples
@@ -404,10 +405,8 @@ def main() -> None:
         with server_process(argv, log, env={"PYTHONUNBUFFERED": "1"}, cwd=work) as proc:
             _wait_health(cfg["server_url"], proc, log)
             cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
-            target = Target("pyheadscale", cfg["server_url"], proc.pid, _cli_key(cli))
+            target = Target("pyheadscale", [cfg["server_url"]], [proc.pid], _cli_key(cli))
             target.api_key = _cli_api_key(cli)
-            from tests.bench.control import _fetch_server_key
-
             try:
                 res = run_soak(target, _fetch_server_key(target.url), args)
             except BenchError as e:
