@@ -11,7 +11,9 @@ API, a node is renamed and a pre-auth key created through the API. Every endpoin
 must reach every node whose poll stayed up from the change until the check (checked after
 --grace seconds): "delivered". The server's RSS and open fds are sampled every 10 s.
 
-Reported: delivered / expected per change (all must be delivered), RSS and fds after the
+Reported: delivered / expected per change (all must be delivered within --grace; a miss is
+then "late" if it arrived on the same poll by the end of the run, "lost" if that poll is still
+up without it, else the node reconnected meanwhile), RSS and fds after the
 warm-up (--warmup minutes) and at the end, growth in percent, the server's CPU, one JSON
 line. Everything listens on and dials 127.0.0.1 only.
 """
@@ -25,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import tempfile
 import time
 from multiprocessing.connection import Connection
@@ -58,6 +61,9 @@ from tests.bench.control import (
 )
 
 EXTRA_BASE = 1_000_000  # indices of nodes registered during the run
+# The soak's endpoints are 192.0.2.x:port; each change gives its node a port no other
+# change used, so the port is the change's marker in a peer's map.
+ENDPOINT_PORT = re.compile(rb'192\.0\.2\.\d+:(\d+)"')
 
 
 def _fds(pid: int) -> int:
@@ -111,7 +117,12 @@ class Worker:
         self.authkey: str = spec["authkey"]
         self.nodes: dict[int, Node] = {i: Node(i) for i in spec["indices"]}
         self._zstd = zstandard.ZstdDecompressor()
-        self.markers: list[bytes] = []
+        self.markers: set[str] = set()  # the endpoint ports of the changes under watch
+        # marker -> the nodes that had not seen it when its grace period ended: the final
+        # pass tells late deliveries from lost ones.
+        # Kept with the poll's start: a marker seen only after a reconnect came with a full
+        # map, so the delta itself was lost.
+        self.missed: dict[str, list[tuple[Node, float | None]]] = {}
 
     async def run(self) -> None:
         cmds = pipe_commands(self.pipe)
@@ -124,7 +135,7 @@ class Worker:
                 await asyncio.gather(*(self.join(n, sem) for n in self.nodes.values()))
                 self.pipe.send(("started", sum(1 for n in self.nodes.values() if n.up_since)))
             elif op == "watch":
-                self.markers.append(args[0].encode())
+                self.markers.add(args[0])
                 self.pipe.send(("ok",))
             elif op == "change":
                 n = self.nodes[args[0]]
@@ -150,8 +161,21 @@ class Worker:
                 expected = [n for n in self.nodes.values() if n.idx != changer
                             and n.up_since is not None and n.up_since <= t_change]
                 got = sum(1 for n in expected if marker in n.seen)
+                self.missed[marker] = [(n, n.up_since) for n in expected
+                                       if marker not in n.seen]
                 self.pipe.send(("checked", len(expected), got,
                                 sum(n.errors for n in self.nodes.values())))
+            elif op == "late":  # the misses: arrived late on the same poll, never, or unknown
+                late, lost, moved = [], 0, 0  # moved: the node reconnected meanwhile
+                for m, ns in self.missed.items():
+                    for n, since in ns:
+                        if n.up_since != since:
+                            moved += 1
+                        elif m in n.seen:
+                            late.append(n.seen[m] - args[0][m])
+                        else:
+                            lost += 1
+                self.pipe.send(("late", len(late), lost, moved, max(late, default=0.0)))
             elif op == "stop":
                 await asyncio.gather(*(self.close(n) for n in self.nodes.values()))
                 self.pipe.send(("stopped",))
@@ -199,9 +223,10 @@ class Worker:
                         first.set_result(None)
                     if size > 40:  # not a bare keep-alive
                         raw = self._zstd.decompressobj().decompress(frame)
-                        for m in self.markers[-64:]:
-                            if m in raw and m.decode() not in n.seen:
-                                n.seen[m.decode()] = time.monotonic()
+                        for port in ENDPOINT_PORT.findall(raw):
+                            m = port.decode()
+                            if m in self.markers and m not in n.seen:
+                                n.seen[m] = time.monotonic()
         except Exception:  # noqa: BLE001 (the poll ended: reconnect() or an error)
             pass
         n.up_since = None
@@ -301,6 +326,7 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
         print(f"{started} nodes polling after {time.monotonic() - t0:.0f}s", flush=True)
         samples: list[tuple[float, float, int]] = []
         changes: list[tuple[str, float, int]] = []
+        checked: list[tuple[str, float, int]] = []
         delivered, expected, extra, errors = 0, 0, [], 0
         t_start = time.monotonic()
         end = t_start + args.minutes * 60
@@ -314,8 +340,8 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
                 next_sample = now + 10
             # An endpoint change, watched for by everyone.
             who = rng.randrange(args.nodes)
-            marker = f":{20000 + step % 40000}\""
             port = 20000 + step % 40000
+            marker = str(port)
             w.all("watch", marker)
             t_change = time.monotonic()
             if w.one(who, "change", who, port)[1] != 200:
@@ -340,6 +366,7 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
             # Check the changes whose grace period is over.
             while changes and time.monotonic() - changes[0][1] > args.grace:
                 m, t, by = changes.pop(0)
+                checked.append((m, t, by))
                 for _, exp, got, errs in w.all("check", m, t, by):
                     expected += exp
                     delivered += got
@@ -347,15 +374,24 @@ def run_soak(target: Target, server_key: str, args: argparse.Namespace) -> dict[
             time.sleep(max(0.0, args.interval - (time.monotonic() - now)))
         time.sleep(args.grace)
         for m, t, by in changes:
+            checked.append((m, t, by))
             for _, exp, got, _errs in w.all("check", m, t, by):
                 expected += exp
                 delivered += got
         samples.append((time.monotonic() - t_start, rss_mib(target.pids[0]), _fds(target.pids[0])))
+        time.sleep(args.grace)  # a last chance for late deliveries, then count them
+        t_of = {m: t for m, t, _ in checked}
+        late, lost, moved, late_max = 0, 0, 0, 0.0
+        for _, n_late, n_lost, n_moved, worst in w.all("late", t_of):
+            late, lost, moved = late + n_late, lost + n_lost, moved + n_moved
+            late_max = max(late_max, worst)
     finally:
         w.stop()
     warm = [s for s in samples if s[0] >= args.warmup * 60] or samples
     return {"nodes": args.nodes, "minutes": args.minutes, "changes": step,
             "delivered": delivered, "expected": expected, "errors": errors,
+            "late": late, "lost": lost, "missed_then_reconnected": moved,
+            "late_max_s": round(late_max, 1),
             "rss_warm_mib": round(warm[0][1], 1), "rss_end_mib": round(samples[-1][1], 1),
             "rss_max_mib": round(max(s[1] for s in warm), 1),
             "rss_growth_pct": round(100 * (samples[-1][1] - warm[0][1]) / warm[0][1], 1),
@@ -413,7 +449,8 @@ def main() -> None:
                 raise BenchError(f"{e}\nserver log:\n{tail(log)}") from None
             res["server_cpu_s"] = round(cpu_seconds(proc.pid), 1)
     t = Table(["figure", "value"], [])
-    for k in ("nodes", "minutes", "changes", "delivered", "expected", "errors", "rss_warm_mib",
+    for k in ("nodes", "minutes", "changes", "delivered", "expected", "late", "lost",
+              "missed_then_reconnected", "late_max_s", "errors", "rss_warm_mib",
               "rss_end_mib", "rss_max_mib", "rss_growth_pct", "fds_warm", "fds_end",
               "fds_max", "server_cpu_s"):
         t.rows.append([k, res[k]])
