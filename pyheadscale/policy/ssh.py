@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from typing import Any
 
 from pyheadscale.gotext import goquote
@@ -200,6 +202,23 @@ def run_ssh_tests(pol: Policy, res: Resolver) -> list[str]:
     return failures
 
 
+def _addresses_to_test(src: IPSet, policy: dict[str, Any] | None) -> list[str]:
+    """The addresses of `src` whose verdicts can differ, ascending. A rule matches a source
+    only by an exact principal nodeIP, so every address no rule names gets the same verdict:
+    test the named ones `src` holds and its lowest unnamed one. Enumerating every address
+    instead (what a plain loop would do) never ends for a prefix such as 10.0.0.0/8 or ::/0
+    in an admin's sshTests."""
+    named = []
+    for rule in (policy or {}).get("rules", []):
+        for p in rule["principals"]:
+            with contextlib.suppress(KeyError, ValueError):
+                named.append(ipaddress.ip_address(p["nodeIP"]))
+    held = IPSet.of(a for a in named if src.contains(a))
+    unnamed = src - held
+    first_unnamed = IPSet.of([next(unnamed.addresses())]) if unnamed else IPSet()
+    return [str(a) for a in (held | first_unnamed).addresses()]
+
+
 def _run_one(t: SSHTestEntry, res: Resolver, policy_for: Any) -> list[str]:
     errs: list[str] = []
     if t.src is None:
@@ -207,8 +226,7 @@ def _run_one(t: SSHTestEntry, res: Resolver, policy_for: Any) -> list[str]:
     src = res.resolve(t.src)
     if src is None:
         return [f"failed to resolve source {goquote(t.src.text)}"]
-    addrs = [str(a) for a in src.addresses()] if src else []
-    if not addrs:
+    if not src:
         return [f"source {goquote(t.src.text)} resolved to no IP addresses"]
     if not (t.accept or t.deny or t.check):
         return ["no accept, deny, or check assertions specified"]
@@ -241,7 +259,7 @@ def _run_one(t: SSHTestEntry, res: Resolver, policy_for: Any) -> list[str]:
         for user in users:
             for n in dst_nodes:
                 pol = policy_for(n)
-                for addr in addrs:
+                for addr in _addresses_to_test(src, pol):
                     a, c = _reachability(pol, addr, user)
                     if kind == "accept" and not a:
                         errs.append(f"{user} -> {n.node.hostname}: expected ALLOWED, got DENIED")
