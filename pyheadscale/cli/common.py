@@ -38,6 +38,29 @@ class AliasGroup(click.Group):
                 return c
         return None
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._hoist_subcommand(ctx, args))
+
+    def _hoist_subcommand(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """cobra parses a subcommand's flags wherever they stand, so `headscale preauthkeys
+        --user 1 create` works there: move the subcommand name before the leading options
+        this group does not know. Like cobra's stripFlags, `--flag` without `=` takes the
+        next token as its value unless the group knows it as a boolean flag."""
+        own = {o: p for p in self.get_params(ctx) if isinstance(p, click.Option)
+               for o in (*p.opts, *p.secondary_opts)}
+        kept: list[str] = []
+        foreign: list[str] = []
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] not in ("-", "--"):
+            name = args[i].split("=", 1)[0]
+            opt = own.get(name)
+            width = 1 if "=" in args[i] or (opt is not None and opt.is_flag) else 2
+            (kept if opt is not None else foreign).extend(args[i:i + width])
+            i += width
+        if not foreign or i >= len(args) or self.get_command(ctx, args[i]) is None:
+            return args
+        return [*kept, args[i], *foreign, *args[i + 1:]]
+
     def resolve_command(self, ctx: click.Context, args: list[str]
                         ) -> tuple[str | None, click.Command | None, list[str]]:
         _, cmd, rest = super().resolve_command(ctx, args)
@@ -91,10 +114,37 @@ def persistent(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+PFLAG_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+PFLAG_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
 class AliasCommand(click.Command):
     """A command that cobra-style aliases also reach (AliasGroup looks them up)."""
 
     aliases: tuple[str, ...] = ()
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._bool_values(ctx, args))
+
+    def _bool_values(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """pflag lets a boolean flag take a value (`--reusable=true`, `--force=false`),
+        click does not: `=true` becomes the bare flag and `=false` drops it."""
+        flags = {o for p in self.get_params(ctx)
+                 if isinstance(p, click.Option) and p.is_flag and not p.secondary_opts
+                 for o in p.opts if o.startswith("--")}
+        out: list[str] = []
+        for i, a in enumerate(args):
+            if a == "--":
+                return out + args[i:]
+            name, eq, value = a.partition("=")
+            if not eq or name not in flags:
+                out.append(a)
+            elif value in PFLAG_TRUE:
+                out.append(name)
+            elif value not in PFLAG_FALSE:
+                raise CLIError(f'invalid argument "{value}" for "{name}" flag: '
+                               f'strconv.ParseBool: parsing "{value}": invalid syntax')
+        return out
 
 
 def command(parent: click.Group, name: str, help: str,
@@ -136,14 +186,17 @@ def client(ctx: click.Context) -> Client:
 
 
 def call(ctx: click.Context, context: str, method: str, path: str, body: Any = None,
-         query: dict[str, Any] | None = None) -> Any:
-    """One API call; failures become `<context>: <server message>`."""
+         query: dict[str, Any] | None = None, v2: bool = False) -> Any:
+    """One API call; failures become `<context>: <server message>`, or for Headscale's /api/v2
+    commands (v2=True) `api error (<status>): <server message>`, as its v2Error prints them."""
     c = client(ctx)
     try:
         return c.request(method, path, body=body, query=query)
     except ConnectError as e:
         raise CLIError(f"connecting to headscale: {e}") from None
     except APIFailure as e:
+        if v2:
+            raise CLIError(f"api error ({e.status}): {e.message}") from None
         raise CLIError(f"{context}: {e.message}" if context else e.message) from None
 
 

@@ -34,13 +34,13 @@ def register(root: click.Group) -> None:
             raise CLIError("at least one --scope is required: missing parameters")
         key = call(ctx, "creating oauth client", "POST", KEYS, {
             "keyType": "client", "scopes": list(scopes), "tags": list(tags),
-            "description": description})
+            "description": description}, v2=True)
         emit(ctx, key, f"OAuth client {key['id']} created.\n"
                        f"Secret (shown once, store it now): {key.get('key', '')}")
 
     @command(clients, "list", "List OAuth clients", aliases=["ls", "show"])
     def list_(ctx: click.Context) -> None:
-        keys = call(ctx, "listing oauth clients", "GET", KEYS)["keys"]
+        keys = call(ctx, "listing oauth clients", "GET", KEYS, v2=True)["keys"]
         found = [k for k in keys if k.get("keyType") == "client"]
 
         def table() -> str:
@@ -59,5 +59,5 @@ def register(root: click.Group) -> None:
     def delete(ctx: click.Context, client_id: str) -> None:
         if not client_id:
             raise CLIError("--id is required: missing parameters")
-        call(ctx, "deleting oauth client", "DELETE", f"{KEYS}/{seg(client_id)}")
+        call(ctx, "deleting oauth client", "DELETE", f"{KEYS}/{seg(client_id)}", v2=True)
         emit(ctx, {"id": client_id}, f"OAuth client {client_id} deleted")

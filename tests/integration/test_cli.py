@@ -7,118 +7,27 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
-import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.netutil import free_port
+from tests.integration.cli_server import PY, Server, running_server
 
-PY = sys.executable
 POLICY = '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", ' \
          '"src": ["*"], "dst": ["*:*"]}]}'
 AUTH_ID = "hskey-authreq-" + "c0ffee" * 4
 
 
-class Server:
-    def __init__(self, d: Path) -> None:
-        self.dir = d
-        self.port = free_port()
-        self.sock = d / "hs.sock"
-        derp = d / "derp.yaml"
-        derp.write_text(yaml.safe_dump({"regions": {900: {
-            "regionid": 900, "regioncode": "t", "regionname": "Test",
-            "nodes": [{"name": "900a", "regionid": 900, "hostname": "127.0.0.1",
-                       "stunport": -1}]}}}))
-        cfg = {
-            "server_url": f"http://127.0.0.1:{self.port}",
-            "listen_addr": f"127.0.0.1:{self.port}",
-            "metrics_listen_addr": "",
-            "noise": {"private_key_path": str(d / "noise.key")},
-            "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48"},
-            "derp": {"server": {"enabled": False}, "urls": [], "paths": [str(derp)]},
-            "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite")}},
-            "policy": {"mode": "database"},
-            "dns": {"magic_dns": True, "base_domain": "ts.example", "override_local_dns": False,
-                    "nameservers": {"global": []}},
-            "unix_socket": str(self.sock),
-            "unix_socket_permission": "0770",
-        }
-        self.config = d / "config.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.log = open(d / "server.log", "wb")  # noqa: SIM115
-        env = self.env()
-        self.proc = subprocess.Popen([PY, "-m", "pyheadscale", "-c", str(self.config), "serve"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + (d / "server.log").read_text())
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
-                    pass
-                if self.sock.exists():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not start:\n" + (d / "server.log").read_text())
-
-    @staticmethod
-    def env(**extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSCALE_")}
-        env.update(extra)
-        return env
-
-    def run(self, *args: str, env: dict[str, str] | None = None, stdin: str = ""
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "pyheadscale", "-c", str(self.config), *args],
-                              capture_output=True, text=True, timeout=60, input=stdin,
-                              env=env or self.env())
-
-    def ok(self, *args: str, **kw: Any) -> str:
-        r = self.run(*args, **kw)
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-        return r.stdout
-
-    def json(self, *args: str, **kw: Any) -> Any:
-        return json.loads(self.ok(*args, "-o", "json", **kw))
-
-    def fails(self, *args: str, expect: str, **kw: Any) -> str:
-        r = self.run(*args, **kw)
-        assert r.returncode == 1, (args, r.stdout, r.stderr)
-        assert expect in r.stderr, (args, r.stderr)
-        return r.stderr
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 @pytest.fixture
 def srv() -> Iterator[Server]:
     """A fresh server per test: every test runs alone, in any order or worker."""
-    d = Path(tempfile.mkdtemp(prefix="hscli", dir="/tmp"))  # short: unix socket path limit
-    s = Server(d)
-    try:
+    with running_server() as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def with_alice(srv: Server) -> str:
