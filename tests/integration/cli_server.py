@@ -4,8 +4,10 @@ test CA) and with config overrides."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -14,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -135,3 +137,57 @@ def running_server(overrides: Mapping[str, Any] | None = None, tls: bool = False
             s.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def when(stamp: str | None) -> dt.datetime | None:
+    """A JSON timestamp; None for an unset one (null, or Go's zero time)."""
+    if not stamp or stamp.startswith("0001-01-01"):
+        return None
+    return dt.datetime.fromisoformat(stamp)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def auth_id() -> str:
+    """A well-formed registration ID no client is waiting on (Headscale's MustAuthID)."""
+    return "hskey-authreq-" + secrets.token_hex(12)
+
+
+def register(srv: Server, name: str, user: str) -> dict[str, Any]:
+    """`debug create-node` then `auth register`, as Headscale's CLI tests add a node."""
+    reg = auth_id()
+    srv.json("debug", "create-node", "--name", name, "--user", user, "--key", reg)
+    node = srv.json("auth", "register", "--user", user, "--auth-id", reg)
+    assert node["id"] and node["name"] == name
+    return dict(node)
+
+
+ACL_ONLY = {"acls": [{"action": "accept", "proto": "tcp", "src": ["user1@"],
+                      "dst": ["user2@:22"]}]}
+# Headscale's TestPolicyCheckCommand fixtures: the tests block decides.
+CHECK_FIXTURES: dict[str, dict[str, Any]] = {
+    "acl-only": ACL_ONLY,
+    "acl-plus-passing-tests": dict(ACL_ONLY, tests=[{"src": "user1@",
+                                                     "accept": ["user2@:22"]}]),
+    "acl-plus-failing-tests": dict(ACL_ONLY, tests=[{"src": "user2@",
+                                                     "accept": ["user1@:22"]}]),
+}
+
+
+def check_policy_fixtures(run: Callable[..., subprocess.CompletedProcess[str]],
+                          tmp_path: Path) -> None:
+    """`policy check` on each fixture, through the server and with the database bypass
+    (`run` is the admin CLI of a server whose users user1 and user2 have a node each):
+    "Policy is valid", or refused with "test(s) failed" naming the failing test."""
+    for name, policy in CHECK_FIXTURES.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(policy))
+        for bypass in ((), ("--bypass-server-and-access-database-directly", "--force")):
+            r = run("policy", "check", "-f", str(path), *bypass)
+            if name == "acl-plus-failing-tests":
+                assert r.returncode == 1 and "test(s) failed" in r.stderr, (bypass, r)
+                assert "user2@" in r.stderr and "user1@:22" in r.stderr, r.stderr
+            else:
+                assert r.returncode == 0 and "Policy is valid" in r.stdout, (name, bypass, r)

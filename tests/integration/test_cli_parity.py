@@ -7,13 +7,12 @@ may run in any order), where Headscale's fresh server lets it compare whole list
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.integration.cli_server import Server, running_server
+from tests.integration.cli_server import Server, auth_id, now, running_server, when
 
 pytestmark = pytest.mark.integration
 
@@ -24,20 +23,7 @@ def srv() -> Iterator[Server]:
         yield s
 
 
-def when(stamp: str | None) -> dt.datetime | None:
-    """A JSON timestamp; None for an unset one (null, or Go's zero time)."""
-    if not stamp or stamp.startswith("0001-01-01"):
-        return None
-    return dt.datetime.fromisoformat(stamp)
 
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def auth_id() -> str:
-    """A well-formed registration ID no client is waiting on (types.MustAuthID)."""
-    return "hskey-authreq-" + secrets.token_hex(12)
 
 
 def user(srv: Server, name: str, **fields: str) -> dict[str, Any]:
