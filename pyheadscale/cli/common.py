@@ -11,7 +11,7 @@ import click
 
 from pyheadscale.cli.client import APIFailure, Client, ConnectError
 from pyheadscale.cli.output import FORMATS, print_error, print_output
-from pyheadscale.config import Config, ConfigError, load_config
+from pyheadscale.config import Config, ConfigError, load_cli_config, load_config
 
 
 class CLIError(Exception):
@@ -180,7 +180,11 @@ def load_cfg(ctx: click.Context) -> Config:
 
 def client(ctx: click.Context) -> Client:
     try:
-        return Client.from_config(load_cfg(ctx))
+        cfg = load_cli_config(opt(ctx, "config_path"))
+    except ConfigError as e:
+        raise CLIError(f"loading configuration: {e}") from None
+    try:
+        return Client.from_config(cfg)
     except ConnectError as e:
         raise CLIError(f"connecting to headscale: {e}") from None
 

@@ -161,6 +161,27 @@ def load_config(path: str | os.PathLike[str] | None = None,
     return cfg
 
 
+def load_cli_config(path: str | os.PathLike[str] | None = None,
+                    env: Mapping[str, str] | None = None) -> Config:
+    """What the admin CLI needs to reach a server, found as load_config finds its file: as
+    Headscale's LoadCLIConfig, only unix_socket and cli.* are read and checked, so a file
+    holding just a `cli:` section works and a server setting the CLI does not use cannot
+    stop it. Every other field of the result keeps its default."""
+    env = os.environ if env is None else env
+    file = Path(path) if path is not None and str(path) != "" else find_config_file(env)
+    if file is None:
+        raw = embedded_default(Path(env.get(env_var_name("data_dir")) or default_data_dir(env)))
+    else:
+        file = Path(os.path.expanduser(file))
+        raw = read_file(file)
+    raw = drop_nulls(raw)
+    apply_env(raw, env)
+    cfg = validate({k: raw[k] for k in ("unix_socket", "cli") if k in raw})
+    if file is not None and cfg.unix_socket and not Path(cfg.unix_socket).is_absolute():
+        cfg.unix_socket = str(file.resolve().parent / cfg.unix_socket)  # as anchor_paths
+    return cfg
+
+
 __all__ = [
     "CGNAT_V4", "CONFIG_NAMES", "ENV_PREFIX", "INTERNAL_FIELDS", "LOG_LEVELS",
     "MIN_EPHEMERAL_INACTIVITY", "SYSTEM_CONFIG_DIR", "TAILSCALE_ULA_V6",
@@ -172,6 +193,6 @@ __all__ = [
     "PolicyGroupsConfig", "PostgresConfig", "PreAuthKeysConfig", "PrefixesConfig",
     "PromDuration", "ProxyPrefix", "RoutesConfig", "SqliteConfig", "StrList", "TaildropConfig",
     "TuningConfig",
-    "default_config", "default_data_dir", "env_var_name", "find_config_file",
+    "default_config", "default_data_dir", "env_var_name", "find_config_file", "load_cli_config",
     "load_config", "read_go_duration", "read_prometheus_duration",
 ]
