@@ -12,7 +12,7 @@ import os
 import click
 
 from pyheadscale.cli.client import APIFailure, Client, ConnectError
-from pyheadscale.cli.common import CLIError, command, emit, group, load_cfg
+from pyheadscale.cli.common import CLIError, command, emit, group, load_cli_cfg
 
 
 def _local_user() -> str:
@@ -32,7 +32,7 @@ def register(root: click.Group) -> None:
     @click.option("--name", default=None,
                   help="Who signs in, as audit lines name them (default: your login name)")
     def login(ctx: click.Context, role: str, name: str | None) -> None:
-        cfg = load_cfg(ctx)
+        cfg = load_cli_cfg(ctx)
         c = Client(unix_socket=cfg.unix_socket, timeout=cfg.cli.timeout.total_seconds())
         try:
             resp = c.request("POST", "/console/sign-in-link",

@@ -178,11 +178,16 @@ def load_cfg(ctx: click.Context) -> Config:
         raise CLIError(f"loading configuration: {e}") from None
 
 
-def client(ctx: click.Context) -> Client:
+def load_cli_cfg(ctx: click.Context) -> Config:
+    """Only what reaching a server takes (unix_socket, cli.*), as Headscale's CLI reads it."""
     try:
-        cfg = load_cli_config(opt(ctx, "config_path"))
+        return load_cli_config(opt(ctx, "config_path"))
     except ConfigError as e:
         raise CLIError(f"loading configuration: {e}") from None
+
+
+def client(ctx: click.Context) -> Client:
+    cfg = load_cli_cfg(ctx)
     try:
         return Client.from_config(cfg)
     except ConnectError as e:

@@ -294,3 +294,18 @@ def test_every_version_reaches_server(
             f"{res.stderr}\n{ts.log_tail()}"
         )
     assert server.running, server.log_tail()
+
+
+def test_headscale_scenario_self_test(
+    topology: Topology, pyheadscale_factory: Callable[..., PyHeadscale]
+) -> None:
+    """Headscale's TestHeadscale, its harness's own check: the server the harness starts
+    in its namespace is healthy, and the harness makes a user and a reusable key on it."""
+    server = pyheadscale_factory(topology.add_server_host())
+    assert server.running and server.http_get("/health")[0] == 200
+    user = server.cli_json("users", "create", "test-space")
+    assert user["name"] == "test-space"
+    assert [u["name"] for u in server.cli_json("users", "list")] == ["test-space"]
+    key = server.cli_json("preauthkeys", "create", "-u", str(user["id"]), "--reusable")
+    assert key["reusable"] is True and key["key"].startswith("hskey-auth-")
+    assert [k["id"] for k in server.cli_json("preauthkeys", "list")] == [key["id"]]
