@@ -5,6 +5,7 @@ Everything except test_every_version_reaches_server runs without pyheadscale.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -309,3 +310,27 @@ def test_headscale_scenario_self_test(
     key = server.cli_json("preauthkeys", "create", "-u", str(user["id"]), "--reusable")
     assert key["reusable"] is True and key["key"].startswith("hskey-auth-")
     assert [k["id"] for k in server.cli_json("preauthkeys", "list")] == [key["id"]]
+
+
+def test_tailscale_node_joining_headscale(
+    topology: Topology,
+    pyheadscale_factory: Callable[..., PyHeadscale],
+    tailscaled_factory: Callable[..., Tailscaled],
+) -> None:
+    """Headscale's TestTailscaleNodesJoiningHeadcale: the harness starts the server, makes a
+    user and a reusable key, brings one client up with it; the client has one IPv4 and one
+    IPv6 tailnet address, and the server lists its node under that user."""
+    server = pyheadscale_factory(topology.add_server_host())
+    user = server.cli_json("users", "create", "join-node-test")
+    key = server.cli_json("preauthkeys", "create", "-u", str(user["id"]), "--reusable")
+    ts = tailscaled_factory(topology.add_host("joiner"), versions.PINNED[-1],
+                            ssl_cert_file=server.ca_file)
+    r = ts.up(server.url, authkey=key["key"], hostname="joiner", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ips = sorted(ts.ip(), key=lambda a: ":" in a)
+    assert len(ips) == 2, ips
+    assert ipaddress.ip_address(ips[0]) in ipaddress.ip_network("100.64.0.0/10")
+    assert ipaddress.ip_address(ips[1]) in ipaddress.ip_network("fd7a:115c:a1e0::/48")
+    nodes = server.cli_json("nodes", "list", "--user", "join-node-test")
+    assert [n["givenName"] for n in nodes] == ["joiner"]
+    assert sorted(nodes[0]["ipAddresses"], key=lambda a: ":" in a) == ips
