@@ -56,12 +56,18 @@ def test_node_command(srv: Server) -> None:
     assert len(left) == 4 and made[3]["id"] not in {n["id"] for n in left}
 
 
-def test_node_expire_command(srv: Server) -> None:
-    srv.ok("users", "create", "node-expire-user")
+def five_nodes(srv: Server, user: str) -> list[dict[str, Any]]:
+    """User `user` with nodes node-1..node-5, as listed by `nodes list --user`."""
+    srv.ok("users", "create", user)
     for i in range(1, 6):
-        register(srv, f"node-{i}", "node-expire-user")
-    listed = srv.json("nodes", "list", "--user", "node-expire-user")
+        register(srv, f"node-{i}", user)
+    listed = srv.json("nodes", "list", "--user", user)
     assert len(listed) == 5
+    return list(listed)
+
+
+def test_node_expire_command(srv: Server) -> None:
+    listed = five_nodes(srv, "node-expire-user")
     assert all(when(n.get("expiry")) is None for n in listed), "no default node.expiry"
     for n in listed[:3]:
         srv.ok("nodes", "expire", "--identifier", n["id"])
@@ -74,11 +80,7 @@ def test_node_expire_command(srv: Server) -> None:
 
 
 def test_node_rename_command(srv: Server) -> None:
-    srv.ok("users", "create", "node-rename-command")
-    for i in range(1, 6):
-        register(srv, f"node-{i}", "node-rename-command")
-    listed = srv.json("nodes", "list", "--user", "node-rename-command")
-    assert len(listed) == 5
+    listed = five_nodes(srv, "node-rename-command")
     for i, n in enumerate(listed, 1):
         assert f"node-{i}" in n["givenName"]
     for i, n in enumerate(listed[:3], 1):
