@@ -54,15 +54,15 @@ class World:
     def start_server(self, overrides: dict[str, Any] | None = None,
                      keys: dict[str, dict[str, Any]] | None = None,
                      users: list[str] | None = None,
-                     policy: dict[str, Any] | None = None) -> PyHeadscale:
+                     policy: dict[str, Any] | None = None, *, tls: bool = True) -> PyHeadscale:
         """Seeds user alice with a reusable key unless `users` (then `keys` or none) is given;
-        `policy` runs in file mode."""
+        `policy` runs in file mode; `tls=False` serves plain HTTP on port 8080."""
         over = dict(overrides or {})
         if policy is not None:
             path = self.workdir / "policy.json"
             path.write_text(json.dumps(policy))
             over["policy"] = {"mode": "file", "path": str(path)}
-        srv = PyHeadscale(self.server_host, self.workdir / "server", over, start=False)
+        srv = PyHeadscale(self.server_host, self.workdir / "server", over, start=False, tls=tls)
         self.server = srv
         if users is None:
             users, keys = ["alice"], keys or {"reusable": {"user": "alice", "reusable": True}}
