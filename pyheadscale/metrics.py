@@ -141,9 +141,22 @@ promhttp_requests.labels("200")
 
 # --- recording helpers ----------------------------------------------------------------------
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once: the map streams count every frame, and
+    prometheus_client's labels() (a lock and tuple checks) was a visible share of that."""
+    key = (id(metric), values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
+
+
 def frame_sent(kind: str, node_id: int, ok: bool = True) -> None:
     """One frame written (or failed) on a map stream: `keepalive`, `full` or a delta type."""
-    mapresponse_sent.labels("ok" if ok else "error", kind).inc()
+    labelled(mapresponse_sent, "ok" if ok else "error", kind).inc()
     if HIGH_CARDINALITY and ok:
         mapresponse_last_sent.labels(kind, str(node_id)).set(time.time())
 

@@ -116,7 +116,9 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
     while True:
         timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
         try:
-            batch = await asyncio.wait_for(it.__anext__(), timeout)
+            # asyncio.timeout, not wait_for: no task per frame on every map stream.
+            async with asyncio.timeout(timeout):
+                batch = await it.__anext__()
         except TimeoutError:
             await write_frame(resp, KEEPALIVE, "keepalive", node_id)
             continue
@@ -137,9 +139,10 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
                                       poll.peer_cache)
         if frame is not None:
             kind = metrics.response_type(batch, ping=bool(extra))
-            metrics.mapresponse_generated.labels(kind).inc()
+            metrics.labelled(metrics.mapresponse_generated, kind).inc()
             await write_frame(resp, frame, kind, node_id)
-            metrics.change_delivery.labels(kind).observe(time.monotonic() - sub.batch_since)
+            metrics.labelled(metrics.change_delivery, kind).observe(
+                time.monotonic() - sub.batch_since)
 
 
 async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int) -> None:
