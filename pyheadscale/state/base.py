@@ -117,8 +117,9 @@ class TailnetBase:
                                      clustered=changelog is not None)
         # Cluster mode: node id -> the instance holding its map session (online nodes only).
         self.presence: dict[int, str] = {}
-        # Cluster mode: nodes whose map-request changes live only in memory (no database).
-        self.unsaved: set[int] = set()
+        # Write-behind: node id -> the `nodes` columns whose newest value lives only in
+        # memory (what map requests and session starts report; online.py flushes them).
+        self.unsaved: dict[int, set[str]] = {}
         self.membership.on_leadership(self._leading)
         self.cfg = cfg
         self.ipam = ipam
@@ -249,6 +250,7 @@ class TailnetBase:
                           fields: Iterable[Field]) -> Node:
         vals = persist.node_values(new)
         await self._commit(lambda tx: tx.update(db.Node, old.id, vals))
+        self.unsaved.pop(new.id, None)  # the whole row is written: nothing left behind
         self._put_node(new)
         self._publish(Change(kind, new.id, frozenset(fields)))
         return new

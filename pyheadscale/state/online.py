@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Iterable, Mapping
@@ -24,11 +25,30 @@ from pyheadscale.state.mapreq import apply_map_request
 log = logging.getLogger("pyheadscale.state")
 
 
-def _write_row(node_id: int, values: dict[str, Any], tx: persist.Tx) -> None:
-    tx.update(db.Node, node_id, values)
+def _write_rows(rows: list[tuple[int, dict[str, Any]]], tx: persist.Tx) -> None:
+    for node_id, values in rows:
+        tx.update(db.Node, node_id, values)
+
+
+# Fields a map request may change that are written behind: nobody else depends on when they
+# reach the database. A new hostname or given name (unique across instances) or new routes
+# (route approval, primary election) are written at once, as every other write is.
+_BEHIND_FIELDS = frozenset({Field.ENDPOINTS, Field.DISCO_KEY, Field.HOME_DERP, Field.HOSTINFO})
+_FIELD_COLUMN = {Field.ENDPOINTS: "endpoints", Field.DISCO_KEY: "disco_key",
+                 Field.HOME_DERP: "host_info", Field.HOSTINFO: "host_info",
+                 Field.ROUTES: "host_info", Field.HOSTNAME: "hostname",
+                 Field.GIVEN_NAME: "given_name"}
+# How long a map request's report waits in memory before the batch it joins is written: a
+# connect storm of N nodes is a few transactions, not N; another instance learns of an
+# endpoint change this much later.
+WRITE_BEHIND_S = 0.25
+RETRY_S = 5.0  # after a failed flush (the database away)
 
 
 class OnlineTracking(TailnetBase):
+    _flush_timer: asyncio.TimerHandle | None = None
+    _flushing: asyncio.Task[int] | None = None
+
     @serialized
     async def update_from_map_request(
         self, node_id: int, *, endpoints: Iterable[str] | None = None,
@@ -37,7 +57,8 @@ class OnlineTracking(TailnetBase):
     ) -> frozenset[Field]:
         """Apply a MapRequest's endpoints, disco key (non-zero only) and hostinfo; returns
         what changed (ENDPOINTS, DISCO_KEY, HOME_DERP, HOSTINFO, HOSTNAME, GIVEN_NAME,
-        ROUTES). Empty values never overwrite known ones."""
+        ROUTES). Empty values never overwrite known ones. Sessions learn it at once; the
+        database gets endpoints, disco key and host info in the next batch (write-behind)."""
         old = self.get_node(node_id)
         new, fields = apply_map_request(old, endpoints=endpoints or (), disco_key=disco_key,
                                         hostinfo=hostinfo,
@@ -51,6 +72,11 @@ class OnlineTracking(TailnetBase):
         new = replace(new, capver=capver or old.capver, updated_at=utcnow(),
                       version=old.version + 1)
         kind = ChangeKind.NODE_PATCH if fields <= PATCH_FIELDS else ChangeKind.NODE_CHANGED
+        if fields <= _BEHIND_FIELDS:
+            self._put_node(new)
+            self._publish(Change(kind, new.id, fields))
+            self._write_behind(node_id, {_FIELD_COLUMN[f] for f in fields})
+            return fields
         try:
             await self._write_node(old, new, kind, fields)
         except Unavailable:
@@ -63,21 +89,71 @@ class OnlineTracking(TailnetBase):
                         "sessions for now", node_id, sorted(f.value for f in fields))
             self._put_node(new)
             self._publish(Change(kind, new.id, fields))
-            self.unsaved.add(node_id)
+            self._write_behind(node_id, {_FIELD_COLUMN[f] for f in fields})
         return fields
+
+    def _write_behind(self, node_id: int, columns: set[str]) -> None:
+        self.unsaved.setdefault(node_id, set()).update(columns)
+        if self._flush_timer is None and self._flushing is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                WRITE_BEHIND_S, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_timer = None
+        self._flushing = asyncio.get_running_loop().create_task(self._flush_behind())
+
+    async def _flush_behind(self) -> int:
+        delay = WRITE_BEHIND_S
+        try:
+            return await self.flush_unsaved()
+        except (PersistError, Unavailable) as e:
+            # Kept in memory and retried; cluster mode also flushes once the database is back.
+            log.warning("%d nodes' map-request changes not written yet: %s",
+                        len(self.unsaved), e)
+            delay = RETRY_S
+            return 0
+        finally:
+            self._flushing = None
+            if self.unsaved and self._flush_timer is None:
+                self._flush_timer = asyncio.get_running_loop().call_later(
+                    delay, self._start_flush)
 
     @serialized
     async def flush_unsaved(self) -> int:
-        """Cluster mode, the database back: write what map requests changed while it was
-        away. Returns how many nodes were written."""
-        done = 0
-        for nid in sorted(self.unsaved):
+        """Write what map requests and session starts changed and only memory holds yet
+        (write-behind, or cluster mode while the database was away): one transaction.
+        Returns how many nodes were written."""
+        pending, self.unsaved = self.unsaved, {}
+        rows = []
+        for nid, columns in sorted(pending.items()):
             n = self.nodes.get(nid)
             if n is not None:
-                await self._commit(functools.partial(_write_row, nid, persist.node_values(n)))
-                done += 1
-            self.unsaved.discard(nid)
-        return done
+                vals = persist.node_values(n)
+                rows.append((nid, {c: vals[c] for c in sorted(columns)}))
+        if not rows:
+            return 0
+        try:
+            await self._commit(functools.partial(_write_rows, rows))
+        except BaseException:
+            for nid, columns in pending.items():  # newer reports merge in, none is lost
+                self.unsaved.setdefault(nid, set()).update(columns)
+            raise
+        return len(rows)
+
+    async def close(self) -> None:
+        """Shutdown: what is still behind is written first."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        if self.unsaved:
+            try:
+                await self.flush_unsaved()
+            except (PersistError, Unavailable) as e:
+                log.warning("shutdown: %d nodes' map-request changes not written: %s",
+                            len(self.unsaved), e)
+        await super().close()
 
     @serialized
     async def set_online(self, node_id: int, online: bool, at: datetime | None = None) -> bool:
@@ -109,21 +185,25 @@ class OnlineTracking(TailnetBase):
         capver = old.capver
 
         def tx_fn(tx: persist.Tx) -> None:
+            assert cl is not None
             tx.update(db.Node, node_id, {"last_seen": now})
-            if cl is not None:
-                if online:
-                    changelog.set_presence(tx.s, node_id, me, capver, now)
-                else:
-                    changelog.clear_presence(tx.s, [node_id], me)
-                tx.touch("cluster_presence", node_id)
+            if online:
+                changelog.set_presence(tx.s, node_id, me, capver, now)
+            else:
+                changelog.clear_presence(tx.s, [node_id], me)
+            tx.touch("cluster_presence", node_id)
 
-        try:
-            await self._commit(tx_fn)
-        except PersistError:
-            # Online state is runtime-only; a lost last_seen write must not hide it (after
-            # an outage, reassert_presence() tells the other instances).
-            log.warning("could not persist last_seen for node %d", node_id)
-        if cl is not None:
+        if cl is None:
+            # Alone on the database: last_seen waits for the next write-behind batch.
+            self._write_behind(node_id, {"last_seen"})
+        else:
+            # The presence row tells the other instances at once who holds the session.
+            try:
+                await self._commit(tx_fn)
+            except PersistError:
+                # Online state is runtime-only; a lost last_seen write must not hide it
+                # (after an outage, reassert_presence() tells the other instances).
+                log.warning("could not persist last_seen for node %d", node_id)
             if online:
                 self.presence[node_id] = me
             else:

@@ -173,6 +173,12 @@ def node_from_row(r: db.Node, ephemeral_keys: set[int]) -> Node:
     )
 
 
+# The `nodes` columns a node's own map requests and sessions change, and the Node attribute
+# each one stores (written behind: online.py).
+NODE_ATTR = {"endpoints": "endpoints", "disco_key": "disco_key", "host_info": "hostinfo",
+             "hostname": "hostname", "given_name": "given_name", "last_seen": "last_seen"}
+
+
 def node_values(n: Node) -> dict[str, Any]:
     return {
         "machine_key": encode_key(KeyKind.MACHINE, n.machine_key),

@@ -233,11 +233,11 @@ class Replica(TailnetBase):
                 self.presence.pop(nid, None)
             else:
                 self.presence[nid] = holder
-            if nid in self.unsaved and old is not None:
-                # What its map requests reported while the database was away is newer.
-                row = replace(row, endpoints=old.endpoints, disco_key=old.disco_key,
-                              hostinfo=old.hostinfo, hostname=old.hostname,
-                              given_name=old.given_name)
+            behind = self.unsaved.get(nid)
+            if behind and old is not None:
+                # What its map requests reported and is not written yet is newer.
+                row = replace(row, **{persist.NODE_ATTR[c]: getattr(old, persist.NODE_ATTR[c])
+                                      for c in behind})
             new = replace(row, online=online, capver=capver)
             if old is None:
                 for a in new.addresses:
