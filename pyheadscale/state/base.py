@@ -138,6 +138,7 @@ class TailnetBase:
         self._apikey_by_prefix: dict[str, int] = {}
         # sha256(full key) -> key id for keys whose bcrypt check already passed.
         self._verified_paks: dict[bytes, int] = {}
+        self._pak_checks: dict[bytes, asyncio.Future[bool]] = {}  # bcrypt checks in flight
         self._verified_apikeys: dict[bytes, int] = {}
         self._apikey_persisted: dict[int, float] = {}
         self._lock = asyncio.Lock()

@@ -137,12 +137,24 @@ class KeyWrites(TailnetBase):
         d = digest(key)
         if self._verified_paks.get(d) != kid:
             stored = self.preauth_keys[kid]
-            if not await asyncio.to_thread(pk.check_secret, parsed.secret, stored.hash):
+            if not await self._check_once(d, parsed.secret, stored.hash):
                 raise InvalidAuthKey(pk.ERR_UNKNOWN)
             if kid not in self.preauth_keys:  # deleted while we were hashing
                 raise InvalidAuthKey(pk.ERR_UNKNOWN)
             self._verified_paks[d] = kid
         return self.preauth_keys[kid]
+
+    async def _check_once(self, d: bytes, secret: str, hashed: bytes | None) -> bool:
+        """One bcrypt check per distinct key string at a time: a connect storm of nodes
+        presenting the same reusable key ran one check per registration in flight (bcrypt is
+        slow on purpose: 4.4 of 5.7 CPU-seconds of a 200-node join) before the first result
+        was cached; now they all wait for that one."""
+        fut = self._pak_checks.get(d)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(pk.check_secret, secret, hashed))
+            self._pak_checks[d] = fut
+            fut.add_done_callback(lambda _: self._pak_checks.pop(d, None))
+        return await asyncio.shield(fut)
 
     def _pak_id(self, key: str, parsed: pk.ParsedKey) -> int | None:
         if parsed.prefix is None:

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
+from pyheadscale.auth import preauthkeys as pk
 from pyheadscale.state import online
 from pyheadscale.state.changes import ChangeKind, Field
+from pyheadscale.state.errors import InvalidAuthKey
 from pyheadscale.state.tailnet import Tailnet
 from tests.unit._statefix import key, new_engine, open_tailnet
 
@@ -100,3 +103,29 @@ async def test_shutdown_writes_what_is_behind(tmp_path: Path) -> None:
         assert tn2.nodes[nid].endpoints == ("198.51.100.7:41641",)
     assert tn2.nodes[ids[0]].last_seen == seen
     await tn2.close()
+
+
+async def test_a_storm_on_one_key_runs_bcrypt_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    tn = await open_tailnet(new_engine(tmp_path))
+    u = await tn.create_user("alice")
+    _, full = await tn.create_preauth_key(u.id, reusable=True)
+    checks: list[str] = []
+    real = pk.check_secret
+
+    def counting(secret: str, hashed: bytes | None) -> bool:
+        checks.append(secret)
+        return real(secret, hashed)
+
+    monkeypatch.setattr(pk, "check_secret", counting)
+    nodes = await asyncio.gather(*(
+        tn.register_with_authkey(key(100 + 2 * i), key(101 + 2 * i), None,
+                                 {"Hostname": f"s{i}"}, key=full) for i in range(16)))
+    assert len({n.id for n in nodes}) == 16
+    assert len(checks) == 1
+    # A wrong secret on the same prefix is still refused (and checked on its own).
+    with pytest.raises(InvalidAuthKey):
+        await tn.register_with_authkey(key(200), key(201), None, {"Hostname": "x"},
+                                       key=full[:-4] + "zzzz")
+    assert len(checks) == 2
+    await tn.close()
