@@ -22,6 +22,14 @@ autogroup:member) and each poll's next non-keepalive frame is timed (p50/p99 ove
 that got one; how many also saw the tag is reported). Each step is bounded by
 --policy-timeout. The totals above (server CPU, peak RSS) stop before this phase.
 
+Then, with --restart, the restart phase: the server is stopped with SIGTERM (a clean
+shutdown) and started again on the same configuration and database while every node holds
+its poll; each node re-opens its poll with the same machine and node key and no new
+registration (as tailscaled does), retrying with backoff and jitter (1 s doubling to 8 s,
+x0.5-1.5) while the server is down. Timed: SIGTERM to the new process's /health, and from
+then until every poll has a map from the new process (p50 and all), the new process's CPU
+over that storm and how many nodes failed (a server that forgot a node answers 404).
+
 The nodes run in several client processes (multiprocessing; uvloop when installed). They only
 do what the measurement needs: frames are split by their length prefix, and decompressed and
 searched only while an endpoint change is awaited (no JSON parsing). Client CPU is reported
@@ -44,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -80,6 +88,9 @@ CAPVER = 142  # Tailscale v1.102
 ZERO_NODEKEY = "nodekey:" + "00" * 32
 USER = "bench"
 MAX_RESTARTS = 5
+# A poll that cannot be re-opened (server down, e.g. the --restart phase) is retried with
+# backoff for this long, as tailscaled keeps retrying; then the node counts as failed.
+REPOLL_GIVE_UP_S = 300.0
 
 
 # == simulated nodes (run inside worker processes) =========================================
@@ -94,6 +105,8 @@ class SimNode:
     conn: Any = None
     t_registered: float | None = None
     t_first_map: float | None = None
+    t_poll_map: float | None = None  # the first frame of the newest poll
+    fresh: bool = True  # the newest poll has not had a frame yet
     frames: int = 0
     seen: dict[int, float] = field(default_factory=dict)  # change round -> receive time
     hit: dict[int, float] = field(default_factory=dict)  # round -> marker time (any-frame mode)
@@ -165,6 +178,11 @@ class Worker:
                 self.tasks = [asyncio.create_task(self.node_main(n, sem)) for n in self.nodes]
             elif op == "status":
                 self.pipe.send(self.status())
+            elif op == "remaps":
+                since = msg[1]
+                self.pipe.send(("remaps", [n.t_poll_map for n in self.nodes
+                                           if n.t_poll_map is not None and n.t_poll_map > since],
+                                sum(1 for n in self.nodes if n.error), self.cpu()))
             elif op == "arm":
                 self.armed = (msg[1], msg[2], msg[3] if len(msg) > 3 else False)
                 self.pipe.send(("armed",))
@@ -248,19 +266,40 @@ class Worker:
                 n.error = f"map stream ended {n.restarts + 1} times; {n.error or ''}"
                 return
             n.restarts += 1
-            await asyncio.sleep(1.0)
+            got = await self.repoll(n)
+            if got is None:
+                return
+            chunks, buf = got, bytearray()
+
+    async def repoll(self, n: SimNode) -> Any:
+        """Open a new poll on the same node key (no registration: a server that forgot the
+        node answers 404 and the node fails). While the server is down, retry with backoff
+        and jitter (as tailscaled does) for up to REPOLL_GIVE_UP_S."""
+        from pyheadscale.testclient import connect
+
+        give_up = time.monotonic() + REPOLL_GIVE_UP_S
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay * (0.5 + random.random()))
             try:
-                if n.conn.closed:
+                if n.conn is None or n.conn.closed:
                     n.conn = await connect(self.url, n.machine_priv, CAPVER,
                                            server_public_key=self.server_key, dial_timeout=60)
+                n.fresh = True
                 chunks = await self.open_poll(n)
-                buf = bytearray()
                 n.error = None
+                return chunks
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 n.error = f"re-poll: {type(e).__name__}: {e}"[:300]
-                return
+                if n.conn is not None and not n.conn.closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(n.conn.close(), 5)
+                n.conn = None
+                if time.monotonic() >= give_up:
+                    return None
+                delay = min(delay * 2, 8.0)
 
     async def open_poll(self, n: SimNode) -> Any:
         st = await n.conn.open_stream(
@@ -278,6 +317,9 @@ class Worker:
             now = time.monotonic()
             n.frames += 1
             self.last_frame = now
+            if n.fresh:
+                n.fresh = False
+                n.t_poll_map = now
             if n.t_first_map is None:
                 n.t_first_map = now
             elif self.armed is not None:
@@ -340,6 +382,9 @@ class Target:
     pids: list[int]
     authkey: str
     api_key: str = ""  # for the REST calls of the policy phase
+    # --restart: stop the server (SIGTERM, a clean shutdown), start it again on the same
+    # configuration and database, return once it answers /health (updates pids).
+    restart: Callable[[], None] | None = None
 
     @property
     def url(self) -> str:
@@ -524,6 +569,8 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         cpu_total = target.cpu() - cpu0
         rss = target.peak_rss()
         pol = run_policy(target, clients, args) if args.policy_rules else {}
+        if args.restart:
+            pol |= run_restart(target, clients, args)
         final = clients.status()
     finally:
         client_cpu_total = clients.stop()
@@ -714,6 +761,73 @@ def run_policy(target: Target, clients: Clients, args: argparse.Namespace) -> di
     }
 
 
+# == the restart phase ======================================================================
+
+
+def run_restart(target: Target, clients: Clients, args: argparse.Namespace) -> dict[str, Any]:
+    """Restart the server under every mapped poll and time the reconnect storm: each node
+    re-opens its poll on the same node key (no registration), retrying with backoff while
+    the server is down, until each has a map from the new process."""
+    if target.restart is None:
+        print(f"  [{target.name}] --restart: not supported for this target", flush=True)
+        return {"restart_skipped": True}
+    n = args.nodes
+    t_stop = time.monotonic()
+    target.restart()
+    t_up = time.monotonic()
+    cpu0 = target.cpu()  # the new process's start-up until /health answered
+    deadline = t_up + args.timeout
+    got: list[float] = []
+    errors = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        got, errors = [], 0
+        for _, times, errs, _ in clients.ask(("remaps", t_stop)):
+            got += times
+            errors += errs
+        if args.verbose:
+            print(f"  [{target.name}] restart +{time.monotonic() - t_up:6.1f}s: "
+                  f"{len(got)}/{n} polls have a new map", flush=True)
+        if len(got) >= n:
+            break
+    d = [t - t_up for t in got]
+    return {
+        "restart_down_s": rnd(t_up - t_stop, 3),  # SIGTERM .. the new process's /health
+        "restart_all_maps_s": rnd(max(d), 3) if len(d) == n else None,
+        "restart_map_p50_s": rnd(percentile(d, 50), 3),
+        "restart_maps_received": len(d),
+        "restart_server_cpu_s": rnd(target.cpu() - cpu0, 2),
+        "restart_peak_rss_mib": rnd(target.peak_rss(), 1),
+        "restart_nodes_failing": errors,
+    }
+
+
+def _restartable(stack: contextlib.ExitStack, target: Target, argv: list[str], log: Path,
+                 url: str, env: dict[str, str] | None, cwd: Path) -> Callable[[], None]:
+    def restart() -> None:
+        t = time.monotonic()
+        for pid in target.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        for proc in procs:
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{target.name}: still running 120 s after SIGTERM") from None
+        print(f"  [{target.name}] restart: old process stopped in "
+              f"{time.monotonic() - t:.1f}s", flush=True)
+        proc = stack.enter_context(server_process(argv, log, env=env, cwd=cwd))
+        procs[:] = [proc]
+        target.pids = [proc.pid]
+        _wait_health(url, proc, log, timeout=300)
+
+    proc = stack.enter_context(server_process(argv, log, env=env, cwd=cwd))
+    procs = [proc]
+    target.pids = [proc.pid]
+    _wait_health(url, proc, log)
+    return restart
+
+
 # == servers ================================================================================
 
 
@@ -848,12 +962,12 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         argv = [str(VENV_PYTHON), "-m", "tests.bench.cpuprofile",
                 str(args.profile_dir / "pyheadscale.cprofile"), "-c", str(cfg_path), "serve"]
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    with server_process(argv, log, env=env, cwd=work) as proc:
-        _wait_health(cfg["server_url"], proc, log)
+    with contextlib.ExitStack() as stack:
+        target = Target("pyheadscale", [cfg["server_url"]], [], key)
+        target.restart = _restartable(stack, target, argv, log, cfg["server_url"], env, work)
         cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
         if not key:
-            key = _cli_key(cli)
-        target = Target("pyheadscale", [cfg["server_url"]], [proc.pid], key)
+            target.authkey = _cli_key(cli)
         _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
@@ -869,11 +983,12 @@ def bench_headscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "server.log"
-    with server_process([str(binary), "-c", str(cfg_path), "serve"], log, cwd=work) as proc:
-        _wait_health(cfg["server_url"], proc, log)
+    with contextlib.ExitStack() as stack:
+        target = Target("headscale", [cfg["server_url"]], [], "")
+        target.restart = _restartable(stack, target, [str(binary), "-c", str(cfg_path), "serve"],
+                                      log, cfg["server_url"], None, work)
         cli = [str(binary), "-c", str(cfg_path)]
-        key = _cli_key(cli)
-        target = Target("headscale", [cfg["server_url"]], [proc.pid], key)
+        target.authkey = _cli_key(cli)
         _policy_setup(cli, target, args)
         res = run_load(target, args)
     res["log_lines"] = len(log.read_text(errors="replace").splitlines())
@@ -924,6 +1039,15 @@ _POLICY_ROWS: list[tuple[str, Any]] = [
     ("tag one node: server CPU (s)", "tag_server_cpu_s"),
     ("peak RSS incl. policy phase (MiB)", "policy_phase_peak_rss_mib"),
 ]
+_RESTART_ROWS: list[tuple[str, Any]] = [
+    ("restart: SIGTERM to new /health (s)", "restart_down_s"),
+    ("restart: all polls back with a map (s)", "restart_all_maps_s"),
+    ("restart: map p50 (s)", "restart_map_p50_s"),
+    ("restart: polls back / nodes failing",
+     lambda r: f"{r.get('restart_maps_received')} / {r.get('restart_nodes_failing')}"),
+    ("restart: server CPU (s)", "restart_server_cpu_s"),
+    ("restart: peak RSS (MiB)", "restart_peak_rss_mib"),
+]
 RATIO_KEYS = ["all_registered_s", "all_first_maps_s", "endpoint_change_p50_s",
               "endpoint_change_p99_s", "server_cpu_s", "join_server_cpu_s",
               "server_peak_rss_mib", "policy_set_s", "policy_all_filters_s",
@@ -934,7 +1058,8 @@ RATIO_KEYS = ["all_registered_s", "all_first_maps_s", "endpoint_change_p50_s",
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     names = list(results)
     rows: list[Sequence[Any]] = []
-    spec = _ROWS + (_POLICY_ROWS if args.policy_rules else [])
+    spec = (_ROWS + (_POLICY_ROWS if args.policy_rules else [])
+            + (_RESTART_ROWS if args.restart else []))
     for label, key in spec:
         row: list[Any] = [label]
         for nm in names:
@@ -997,6 +1122,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the report goes to --profile-dir")
     ap.add_argument("--profile-dir", type=Path, default=Path("."),
                     help="where --profile writes (default: the current directory)")
+    ap.add_argument("--restart", action="store_true",
+                    help="last phase: restart the server under all mapped polls and time "
+                    "until every poll is back with a map (same node keys, no re-auth)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
