@@ -20,6 +20,7 @@ from pyheadscale.mapper.context import MapContext
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
 from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import PeerCache
+from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import Subscription
 from pyheadscale.state.errors import PersistError
 from pyheadscale.state.tailnet import Tailnet
@@ -41,6 +42,11 @@ class MapPoll:
     deltas: SharedDeltas  # one encoding of each batch for every session it reaches alike
     # Server-initiated messages (HA PingRequests) waiting for a node's next frame.
     take_outbox: Callable[[int], dict[str, Any] | None]
+
+    def snapshot(self) -> Snapshot:
+        """What a map built now is made of."""
+        tn = self.tailnet
+        return Snapshot(tn.nodes, tn.users, self.context(), datetime.now(UTC), self.peer_cache)
 
 
 async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -> None:
@@ -66,8 +72,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
             metrics.mapresponse_endpoint_updates.labels("ok").inc()
             return
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
-        frame, _ = poll.deltas.first_frame(tn.nodes, tn.users, tn.get_node(node.id),
-                                           poll.context(), datetime.now(UTC), poll.peer_cache)
+        frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
         await resp.start(200, [("content-type", "application/json")])
         await resp.end(frame)
         return
@@ -108,8 +113,7 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
     tn = poll.tailnet
     viewer = tn.get_node(node_id)
     with metrics.Timer(metrics.nodestore_peers_calculation):
-        first, known = poll.deltas.first_frame(tn.nodes, tn.users, viewer, poll.context(),
-                                               datetime.now(UTC), poll.peer_cache)
+        first, known = poll.deltas.first_frame(poll.snapshot(), viewer)
     metrics.mapresponse_generated.labels("full").inc()
     await write_frame(resp, first, "full", node_id)
     it = sub.__aiter__()
@@ -127,16 +131,14 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
         viewer_now = tn.nodes.get(node_id)
         if viewer_now is None:
             return
-        ctx, now = poll.context(), datetime.now(UTC)
+        snap = poll.snapshot()
         # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
         extra = poll.take_outbox(node_id)
         if extra:
-            update = poll.deltas.delta(batch, tn.nodes, tn.users, viewer_now, ctx, now, known,
-                                       poll.peer_cache)
+            update = poll.deltas.delta(batch, snap, viewer_now, known)
             frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
         else:
-            frame = poll.deltas.frame(batch, tn.nodes, tn.users, viewer_now, ctx, now, known,
-                                      poll.peer_cache)
+            frame = poll.deltas.frame(batch, snap, viewer_now, known)
         if frame is not None:
             kind = metrics.response_type(batch, ping=bool(extra))
             metrics.labelled(metrics.mapresponse_generated, kind).inc()

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from pyheadscale.mapper.context import AllowAllPolicy, MapContext
 from pyheadscale.mapper.delta import BatchView, _patch, delta_into, route_nodes
 from pyheadscale.mapper.encode import encode_frame
 from pyheadscale.mapper.firstmap import PeerRuns
-from pyheadscale.mapper.full import (
-    HOME_DERP_CAPVER,
-    PLAIN_VIEW,
-    KnownPeers,
-    PeerCache,
-    user_profiles,
-)
+from pyheadscale.mapper.full import HOME_DERP_CAPVER, PLAIN_VIEW, KnownPeers, user_profiles
+from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import Change, Field
-from pyheadscale.state.model import Node, User
+from pyheadscale.state.model import Node
 from pyheadscale.tailcfg import format_time
 
 __all__ = ["SharedDeltas"]
@@ -74,40 +68,37 @@ class SharedDeltas:
             self._plans[key] = plan
         return plan
 
-    def frame(
-        self,
-        batch: list[Change],
-        nodes: Mapping[int, Node],
-        users: Mapping[int, User],
-        viewer: Node,
-        ctx: MapContext,
-        now: datetime,
-        known: KnownPeers,
-        cache: PeerCache,
-    ) -> bytes | None:
+    def frame(self, batch: list[Change], snap: Snapshot, viewer: Node,
+              known: KnownPeers) -> bytes | None:
         """The encoded frame of the viewer's delta (None: nothing for it); updates ``known``."""
         legacy = 0 < viewer.capver < HOME_DERP_CAPVER
-        plan = self._plan(batch, ctx, legacy)
+        plan = self._plan(batch, snap.ctx, legacy)
+        nodes = snap.nodes
         if plan.view.full and viewer.id in nodes:
-            frame, peers = self.first_frame(nodes, users, nodes[viewer.id], ctx, now, cache)
+            frame, peers = self.first_frame(snap, nodes[viewer.id])
             known.clear()
             known.update(peers)
             return frame
         if plan.shareable and viewer.id not in plan.view.touched:
             if not plan.built:
-                self._build(plan, nodes, users, ctx, now, cache, legacy)
+                self._build(plan, snap, legacy)
             if (plan.shareable and plan.patched <= known.keys() and plan.removed <= known.keys()
-                    and self._sees_all(ctx, viewer, nodes, plan.present)):
+                    and self._sees_all(snap.ctx, viewer, nodes, plan.present)):
                 self.shared += 1
                 for p in plan.removed:
                     del known[p]
                 for p in plan.entries:
                     known[p] = PLAIN_VIEW
                 return plan.frame
-        self.own += 1
-        resp = delta_into(plan.view, nodes, users, viewer, ctx, now, known, cache,
-                          self._routers(plan, nodes))
+        resp = self._own(plan, snap, viewer, known)
         return encode_frame(resp) if resp is not None else None
+
+    def _own(self, plan: _Plan, snap: Snapshot, viewer: Node,
+             known: KnownPeers) -> dict[str, Any] | None:
+        """The viewer's delta built for it alone (``delta_into``)."""
+        self.own += 1
+        return delta_into(plan.view, snap.nodes, snap.users, viewer, snap.ctx, snap.now, known,
+                          snap.cache, self._routers(plan, snap.nodes))
 
     @staticmethod
     def _routers(plan: _Plan, nodes: Mapping[int, Node]) -> frozenset[int] | None:
@@ -119,34 +110,15 @@ class SharedDeltas:
             plan.routers = route_nodes(nodes)
         return plan.routers
 
-    def first_frame(
-        self,
-        nodes: Mapping[int, Node],
-        users: Mapping[int, User],
-        viewer: Node,
-        ctx: MapContext,
-        now: datetime,
-        cache: PeerCache,
-    ) -> tuple[bytes, KnownPeers]:
+    def first_frame(self, snap: Snapshot, viewer: Node) -> tuple[bytes, KnownPeers]:
         """A stream's first map (framed) and the peers it carries with their views."""
-        return self.runs.first_frame(nodes, users, viewer, ctx, now, cache)
+        return self.runs.first_frame(snap, viewer)
 
-    def delta(
-        self,
-        batch: list[Change],
-        nodes: Mapping[int, Node],
-        users: Mapping[int, User],
-        viewer: Node,
-        ctx: MapContext,
-        now: datetime,
-        known: KnownPeers,
-        cache: PeerCache,
-    ) -> dict[str, Any] | None:
+    def delta(self, batch: list[Change], snap: Snapshot, viewer: Node,
+              known: KnownPeers) -> dict[str, Any] | None:
         """The viewer's own delta as a dictionary (to add to it); updates ``known``."""
-        plan = self._plan(batch, ctx, 0 < viewer.capver < HOME_DERP_CAPVER)
-        self.own += 1
-        return delta_into(plan.view, nodes, users, viewer, ctx, now, known, cache,
-                          self._routers(plan, nodes))
+        plan = self._plan(batch, snap.ctx, 0 < viewer.capver < HOME_DERP_CAPVER)
+        return self._own(plan, snap, viewer, known)
 
     @staticmethod
     def _sees_all(ctx: MapContext, viewer: Node, nodes: Mapping[int, Node],
@@ -157,10 +129,10 @@ class SharedDeltas:
         return all(can_see(viewer, nodes[i]) for i in ids if i in nodes)
 
     @staticmethod
-    def _build(plan: _Plan, nodes: Mapping[int, Node], users: Mapping[int, User],
-               ctx: MapContext, now: datetime, cache: PeerCache, legacy: bool) -> None:
+    def _build(plan: _Plan, snap: Snapshot, legacy: bool) -> None:
         """The delta of a viewer that sees every node of the batch, knows those it patches
         or removes and is not itself in the batch: ``delta_into``'s rules for that case."""
+        nodes, ctx, now, cache = snap.nodes, snap.ctx, snap.now, snap.cache
         b = plan.view
         present = frozenset(b.touched & nodes.keys())
         entries = set(present & b.full_ids)
@@ -193,7 +165,7 @@ class SharedDeltas:
         if b.derp:
             resp["DERPMap"] = ctx.derp_fragment
         if changed:
-            profiles = user_profiles(changed, users)
+            profiles = user_profiles(changed, snap.users)
             if profiles:
                 resp["UserProfiles"] = profiles
         if resp:

@@ -21,23 +21,22 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pyheadscale.mapper.context import MapContext, visible_ids
+from pyheadscale.mapper.context import visible_ids
 from pyheadscale.mapper.encode import compress
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
     PLAIN_VIEW,
     KnownPeers,
-    PeerCache,
     map_head,
     peer_view,
     profile_owner,
     profiles_of,
 )
-from pyheadscale.state.model import Node, User
+from pyheadscale.mapper.snapshot import Snapshot
+from pyheadscale.state.model import Node
 from pyheadscale.tailcfg import dumps
 
 __all__ = ["RUN", "PeerRuns"]
@@ -70,16 +69,9 @@ class PeerRuns:
         self.reused = 0  # runs served from the cache
         self.built = 0  # runs encoded and compressed
 
-    def first_frame(
-        self,
-        nodes: Mapping[int, Node],
-        users: Mapping[int, User],
-        viewer: Node,
-        ctx: MapContext,
-        now: datetime,
-        cache: PeerCache,
-    ) -> tuple[bytes, KnownPeers]:
+    def first_frame(self, snap: Snapshot, viewer: Node) -> tuple[bytes, KnownPeers]:
         """The framed full map for ``viewer`` and the peers it carries with their views."""
+        nodes, ctx, now, cache = snap.nodes, snap.ctx, snap.now, snap.cache
         if ctx.generation != self._generation:
             self._runs.clear()
             self._generation = ctx.generation
@@ -100,7 +92,7 @@ class PeerRuns:
             comma = bool(parts)
             whole = (shareable and not block * RUN <= viewer.id < (block + 1) * RUN
                      and (vis is None or vis >= set(run_ids)))
-            run = self._run(block, legacy, run_ids, nodes, ctx, now, cache) if whole else None
+            run = self._run(block, legacy, run_ids, snap) if whole else None
             if run is not None:
                 parts.append(run.frame(comma))
                 owners |= run.owners
@@ -119,7 +111,7 @@ class PeerRuns:
             content = b",".join(entries)
             parts.append(compress(b"," + content if comma else content))
             owners.update(profile_owner(p) for p in seen)
-        head = dumps(map_head(viewer, ctx, now, profiles_of(owners, users)))
+        head = dumps(map_head(viewer, ctx, now, profiles_of(owners, snap.users)))
         if parts:  # an empty Peers would mean "unchanged": omit instead
             parts.insert(0, compress(head[:-1] + b',"Peers":['))
             parts.append(_TAIL)
@@ -128,10 +120,10 @@ class PeerRuns:
         body = b"".join(parts)
         return struct.pack("<I", len(body)) + body, known
 
-    def _run(self, block: int, legacy: bool, run_ids: list[int], nodes: Mapping[int, Node],
-             ctx: MapContext, now: datetime, cache: PeerCache) -> _Run | None:
+    def _run(self, block: int, legacy: bool, run_ids: list[int], snap: Snapshot) -> _Run | None:
         """The shared run, or None when a member's entry depends on the viewer (routes)."""
-        members = list(map(nodes.__getitem__, run_ids))
+        ctx, now, cache = snap.ctx, snap.now, snap.cache
+        members = list(map(snap.nodes.__getitem__, run_ids))
         if any(n.approved_routes for n in members):
             return None
         run = self._runs.get((block, legacy))

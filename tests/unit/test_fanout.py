@@ -18,6 +18,7 @@ from pyheadscale.mapper import MapContext, PeerCache, decode_frame, delta, to_pl
 from pyheadscale.mapper.context import NODE_ATTR_DISABLE_IPV4, AllowAllPolicy
 from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import PLAIN_VIEW, KnownPeers, peer_view
+from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import PATCH_FIELDS, Change, ChangeKind, Field
 from pyheadscale.state.model import IPNetwork, Node, User
 from tests.unit._statefix import key, make_node
@@ -109,7 +110,7 @@ def test_shared_frames_equal_each_viewers_own_delta() -> None:
                 for i in ids if i != viewer.id and rng.random() < 0.8}
             want, want_known = delta(batch, nodes, USERS, viewer, ctx, NOW, known, PeerCache())
             got_known = dict(known)
-            frame = shared.frame(batch, nodes, USERS, viewer, ctx, NOW, got_known, cache)
+            frame = shared.frame(batch, Snapshot(nodes, USERS, ctx, NOW, cache), viewer, got_known)
             assert _plain_frame(frame) == (to_plain(want) if want is not None else None)
             assert got_known == want_known
         served += shared.shared
@@ -128,8 +129,8 @@ def test_viewer_in_the_batch_or_missing_a_peer_gets_its_own_delta() -> None:
     frames = {}
     for v, known in ((1, {2, 4}), (4, {1, 2}), (2, {1, 4}), (1, {4})):
         k: KnownPeers = {i: peer_view(nodes[v], nodes[i], ctx) for i in known}
-        frames[(v, tuple(sorted(known)))] = shared.frame(batch, nodes, USERS, nodes[v], ctx, NOW,
-                                                         k, cache)
+        frames[(v, tuple(sorted(known)))] = shared.frame(
+            batch, Snapshot(nodes, USERS, ctx, NOW, cache), nodes[v], k)
     # 1 and 4 know node 2 and are not in the batch: the same bytes.
     assert frames[(1, (2, 4))] is frames[(4, (1, 2))]
     # 2 is in the batch (its own endpoints are not echoed), and a viewer that does not know

@@ -17,6 +17,7 @@ import zstandard
 from pyheadscale.mapper import MapContext, PeerCache, decode_frame, full_map_and_peers, to_plain
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.mapper.firstmap import RUN, PeerRuns
+from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.model import Node, User
 from tests.unit._statefix import key
 
@@ -52,7 +53,7 @@ def _node(i: int, rng: random.Random) -> Node:
 def _check(runs: PeerRuns, nodes: dict[int, Node], viewer: Node, ctx: MapContext,
            now: datetime) -> None:
     want, want_known = full_map_and_peers(nodes, USERS, viewer, ctx, now, PeerCache())
-    frame, known = runs.first_frame(nodes, USERS, viewer, ctx, now, PeerCache())
+    frame, known = runs.first_frame(Snapshot(nodes, USERS, ctx, now, PeerCache()), viewer)
     got, rest = decode_frame(frame)
     assert rest == b""
     assert got == to_plain(want)
@@ -86,9 +87,9 @@ def test_runs_are_shared_between_viewers_and_frames_concatenate() -> None:
         nodes[n.id] = replace(n, capver=145, approved_routes=())  # all shareable
     runs = PeerRuns()
     ctx = MapContext()
-    frame, _ = runs.first_frame(nodes, USERS, nodes[1], ctx, NOW, PeerCache())
+    frame, _ = runs.first_frame(Snapshot(nodes, USERS, ctx, NOW, PeerCache()), nodes[1])
     assert runs.built == 2  # runs 1 and 2; run 0 holds the viewer and is its own
-    runs.first_frame(nodes, USERS, nodes[2], ctx, NOW, PeerCache())
+    runs.first_frame(Snapshot(nodes, USERS, ctx, NOW, PeerCache()), nodes[2])
     assert runs.built == 2 and runs.reused == 2
     # More than one zstd frame, and a plain frame-by-frame decoder would stop after the first.
     body = frame[4:]
