@@ -8,10 +8,10 @@ Changes are coalesced over one batching window for the whole bus: it opens with 
 change and, when it closes, every subscriber is handed the same batch (the same list object,
 so the mapper can build and encode a delta once for all viewers that are in the same
 situation). While a window's fan-out is still being worked through (sessions building and
-writing their frames), the next window stays open at least as long as that fan-out took: in
-a storm (thousands of nodes joining) frames per session stay bounded and the map sessions get
-at most about half of the CPU, while a lone change after a quiet spell still goes out after
-the configured delay. A subscriber that falls behind never blocks the publisher or the other
+writing their frames), the next window stays open at least STRETCH times as long as that
+fan-out took: in a storm (thousands of nodes joining) frames per session stay bounded and the
+map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change
+after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
 subscribers: its bounded buffer collapses to a single FULL change when it overflows.
 """
 
@@ -27,7 +27,9 @@ DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale wait
 DEFAULT_BUFFER = 1024
 # The next window lasts at least STRETCH x the time the last fan-out took, but never longer
 # than MAX_STRETCH x the configured delay: that bounds what one change waits in a storm.
-STRETCH = 1.0
+# 3: in a storm every window's fan-out is worth ~1/4 of the time (1: ~1/2; the fan-out is
+# as many frames as sessions, so this is what bounds frames per node and their CPU).
+STRETCH = 3.0
 MAX_STRETCH = 20
 
 
