@@ -45,6 +45,7 @@ __all__ = [
     "Struct",
     "Text",
     "addrport_text",
+    "json_kind",
     "prefix_text",
 ]
 
@@ -63,22 +64,23 @@ class GoType:
         raise NotImplementedError
 
 
-def _kind(v: JSONValue) -> str:
+def json_kind(v: JSONValue) -> str:
+    """The JSON kind of a decoded value, named as Go's JSON decoders name it in type errors."""
+    if v is None:
+        return "null"
     if isinstance(v, bool):
-        return "bool"
+        return "boolean"
     if isinstance(v, int | float):
         return "number"
     if isinstance(v, str):
         return "string"
     if isinstance(v, list):
         return "array"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
+    return "object"
 
 
 def _type_error(path: str, v: JSONValue, want: str) -> DecodeError:
-    return DecodeError(f"{path}: cannot decode JSON {_kind(v)} into Go {want}")
+    return DecodeError(f"{path}: cannot decode JSON {json_kind(v)} into Go {want}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pyheadscale.durations import go_duration_ns
+from pyheadscale.gojson import json_kind
 from pyheadscale.gotext import goquote
 from pyheadscale.policy import hujson
 from pyheadscale.policy.errors import PolicyError
@@ -49,7 +50,7 @@ def _fields(obj: Any, path: str, known: dict[str, str],
     """Map an object's members onto canonical field names (case-insensitive, as Go's
     MatchCaseInsensitiveNames) and refuse unknown members."""
     if not isinstance(obj, dict):
-        raise _ParseError(path, f"cannot unmarshal {_jtype(obj)} into an object")
+        raise _ParseError(path, f"cannot unmarshal {json_kind(obj)} into an object")
     out: dict[str, Any] = {}
     lower = {k.lower(): v for k, v in known.items()}
     for key, value in obj.items():
@@ -64,21 +65,6 @@ def _fields(obj: Any, path: str, known: dict[str, str],
     return out
 
 
-def _jtype(v: Any) -> str:
-    """The JSON kind of a decoded value, as encoding/json names it in unmarshal errors."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    return "object"
-
-
 # The Go type encoding/json decodes each JSON kind into (interface{} targets), as %T prints it.
 _GO_TYPES = {
     "null": "<nil>", "boolean": "bool", "number": "float64", "string": "string",
@@ -87,20 +73,28 @@ _GO_TYPES = {
 
 
 def _gotype(v: Any) -> str:
-    return _GO_TYPES[_jtype(v)]
+    return _GO_TYPES[json_kind(v)]
 
 
 def _list(v: Any, path: str) -> list[Any]:
     if v is None:
         return []
     if not isinstance(v, list):
-        raise _ParseError(path, f"cannot unmarshal {_jtype(v)} into an array")
+        raise _ParseError(path, f"cannot unmarshal {json_kind(v)} into an array")
+    return v
+
+
+def _object(v: Any, path: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _ParseError(path, f"cannot unmarshal {json_kind(v)} into an object")
     return v
 
 
 def _str(v: Any, path: str) -> str:
     if not isinstance(v, str):
-        raise _ParseError(path, f"cannot unmarshal {_jtype(v)} into a string")
+        raise _ParseError(path, f"cannot unmarshal {json_kind(v)} into a string")
     return v
 
 
@@ -121,10 +115,7 @@ def _aliases(v: Any, path: str) -> list[Alias]:
 
 
 def _parse_groups(v: Any) -> dict[str, list[str]]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise _ParseError("groups", f"cannot unmarshal {_jtype(v)} into an object")
+    v = _object(v, "groups")
     for key in v:
         if not key.startswith("group:"):
             raise _ParseError(
@@ -169,10 +160,7 @@ def _parse_groups(v: Any) -> dict[str, list[str]]:
 
 
 def _parse_hosts(v: Any) -> dict[str, IPNetwork]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise _ParseError("hosts", f"cannot unmarshal {_jtype(v)} into an object")
+    v = _object(v, "hosts")
     out = {}
     for key, value in v.items():
         p = f"hosts[{goquote(key)}]"
@@ -198,10 +186,7 @@ def _owner(text: str, path: str, what: str) -> Alias:
 
 
 def _parse_tag_owners(v: Any) -> dict[str, list[Alias]]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise _ParseError("tagOwners", f"cannot unmarshal {_jtype(v)} into an object")
+    v = _object(v, "tagOwners")
     out = {}
     for key, value in v.items():
         p = f"tagOwners[{goquote(key)}]"
@@ -249,7 +234,7 @@ def _parse_grant(obj: Any, path: str) -> Grant:
     if f.get("app") is not None:
         raw = f["app"]
         if not isinstance(raw, dict):
-            raise _ParseError(f"{path}.app", f"cannot unmarshal {_jtype(raw)} into an object")
+            raise _ParseError(f"{path}.app", f"cannot unmarshal {json_kind(raw)} into an object")
         app = {}
         for k, vals in raw.items():
             if vals is not None and not isinstance(vals, list):

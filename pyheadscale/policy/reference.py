@@ -2,7 +2,8 @@
 
 What policy/evaluate.py computes with indexes, computed here the direct way: the node's
 unreduced rules (global rules plus its autogroup:self and via rules, merged) reduced to what
-it serves, visibility by checking every node pair against every rule, and the routes a
+it serves, visibility by checking every node pair against every rule (PolicyManager's own
+direct definitions, which it also uses for nodes outside its snapshot), and the routes a
 peer offers a viewer by resolving every grant for that pair. Only the
 equivalence tests use it (tests/unit/test_policy_perf_equivalence.py).
 """
@@ -16,8 +17,6 @@ from pyheadscale.policy import PolicyManager
 from pyheadscale.policy.compile import (
     Matcher,
     NodeInfo,
-    can_access,
-    node_rules,
     reduce_rules,
 )
 from pyheadscale.state.model import IPNetwork, Node
@@ -28,9 +27,7 @@ def _info(pm: PolicyManager, node: Node) -> NodeInfo:
 
 
 def unreduced_rules(pm: PolicyManager, info: NodeInfo) -> list[dict[str, Any]]:
-    if pm.policy is None or not pm._per_node:
-        return pm._global
-    return node_rules(pm._grants, info, pm._res)
+    return pm._node_unreduced(info)
 
 
 def packet_filter(pm: PolicyManager, node: Node) -> list[dict[str, Any]]:
@@ -39,20 +36,11 @@ def packet_filter(pm: PolicyManager, node: Node) -> list[dict[str, Any]]:
 
 
 def _matchers(pm: PolicyManager, info: NodeInfo) -> list[Matcher]:
-    return [Matcher.of(r) for r in unreduced_rules(pm, info)]
+    return pm._node_matchers(info)
 
 
 def visible(pm: PolicyManager, a: NodeInfo, b: NodeInfo) -> bool:
-    ma = _matchers(pm, a)
-    if can_access(a, b, ma) or can_access(b, a, ma):
-        return True
-    for srcs, routers in pm._via_app:
-        if (b.id in routers and srcs.contains_any(a.ips)) or (
-            a.id in routers and srcs.contains_any(b.ips)
-        ):
-            return True
-    mb = _matchers(pm, b)
-    return can_access(a, b, mb) or can_access(b, a, mb)
+    return pm._visible(a, b, _matchers(pm, a))
 
 
 def peers(pm: PolicyManager, node: Node, nodes: list[Node]) -> set[int]:
