@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Column, ForeignKey, Index, Integer, Text
 from sqlmodel import Field, SQLModel
 
-from pyheadscale.db.models import _ID, JSONText, _id_column, _ts, utcnow
+from pyheadscale.db.models import _ID, JSONText, _created_at, _id_column, _time
 
 __all__ = ["ClusterChange", "ClusterInstance", "ClusterPresence", "ClusterRegistration",
            "ClusterState"]
@@ -24,7 +24,7 @@ class ClusterChange(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=_id_column())
     instance: str = Field(sa_column=Column("instance", Text(), nullable=False))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    created_at: datetime | None = _created_at()
     rows: dict[str, Any] | None = Field(default=None, sa_column=Column("rows", JSONText()))
 
 
@@ -36,8 +36,8 @@ class ClusterInstance(SQLModel, table=True):
 
     id: str = Field(sa_column=Column("id", Text(), primary_key=True))
     name: str | None = Field(default=None, sa_column=Column("name", Text()))
-    started_at: datetime | None = Field(default=None, sa_column=_ts("started_at"))
-    heartbeat_at: datetime | None = Field(default=None, sa_column=_ts("heartbeat_at"))
+    started_at: datetime | None = _time("started_at")
+    heartbeat_at: datetime | None = _time("heartbeat_at")
     applied_id: int | None = Field(default=None, sa_column=Column("applied_id", _ID))
     info: dict[str, Any] | None = Field(default=None, sa_column=Column("info", JSONText()))
 
@@ -54,7 +54,7 @@ class ClusterPresence(SQLModel, table=True):
         primary_key=True, autoincrement=False))
     instance_id: str = Field(sa_column=Column("instance_id", Text(), nullable=False))
     capver: int | None = Field(default=None, sa_column=Column("capver", Integer()))
-    since: datetime | None = Field(default=None, sa_column=_ts("since"))
+    since: datetime | None = _time("since")
 
 
 class ClusterState(SQLModel, table=True):
@@ -64,7 +64,7 @@ class ClusterState(SQLModel, table=True):
 
     key: str = Field(sa_column=Column("key", Text(), primary_key=True))
     value: Any = Field(default=None, sa_column=Column("value", JSONText()))
-    updated_at: datetime | None = Field(default=None, sa_column=_ts("updated_at"))
+    updated_at: datetime | None = _time("updated_at")
 
 
 class ClusterRegistration(SQLModel, table=True):
@@ -75,7 +75,7 @@ class ClusterRegistration(SQLModel, table=True):
     auth_id: str = Field(sa_column=Column("auth_id", Text(), primary_key=True))
     machine_key: str | None = Field(default=None, sa_column=Column("machine_key", Text()))
     data: dict[str, Any] | None = Field(default=None, sa_column=Column("data", JSONText()))
-    created_at: datetime | None = Field(default=None, sa_column=_ts("created_at"))
-    expires_at: datetime | None = Field(default=None, sa_column=_ts("expires_at"))
+    created_at: datetime | None = _time("created_at")
+    expires_at: datetime | None = _time("expires_at")
     node_id: int | None = Field(default=None, sa_column=Column("node_id", _ID))
     error: str | None = Field(default=None, sa_column=Column("error", Text()))

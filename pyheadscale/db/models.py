@@ -222,6 +222,26 @@ def _text(name: str) -> Any:
     return Column(name, Text(), nullable=True)
 
 
+def _partial_unique(name: str, *columns: str, where: str) -> Index:
+    """A unique index over the rows matching `where`, on SQLite and PostgreSQL alike."""
+    return Index(name, *columns, unique=True, sqlite_where=text(where),
+                 postgresql_where=text(where))
+
+
+# The GORM model's bookkeeping times, as Headscale's tables carry them.
+def _created_at() -> Any:
+    return Field(default_factory=utcnow, sa_column=_ts("created_at"))
+
+
+def _updated_at() -> Any:
+    return Field(default_factory=utcnow, sa_column=_ts("updated_at", onupdate=utcnow))
+
+
+def _time(name: str) -> Any:
+    """A nullable time, unset by default (expiries, soft deletes, last-seen marks)."""
+    return Field(default=None, sa_column=_ts(name))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
@@ -239,21 +259,11 @@ class User(SQLModel, table=True):
     __table_args__ = (
         Index("idx_users_deleted_at", "deleted_at"),
         # Three indexes together: external identities unique; local names unique among locals.
-        Index(
-            "idx_provider_identifier",
-            "provider_identifier",
-            unique=True,
-            sqlite_where=text("provider_identifier IS NOT NULL"),
-            postgresql_where=text("provider_identifier IS NOT NULL"),
-        ),
+        _partial_unique("idx_provider_identifier", "provider_identifier",
+                        where="provider_identifier IS NOT NULL"),
         Index("idx_name_provider_identifier", "name", "provider_identifier", unique=True),
-        Index(
-            "idx_name_no_provider_identifier",
-            "name",
-            unique=True,
-            sqlite_where=text("provider_identifier IS NULL"),
-            postgresql_where=text("provider_identifier IS NULL"),
-        ),
+        _partial_unique("idx_name_no_provider_identifier", "name",
+                        where="provider_identifier IS NULL"),
         {"sqlite_autoincrement": True},
     )
 
@@ -264,11 +274,9 @@ class User(SQLModel, table=True):
     provider_identifier: str | None = Field(default=None, sa_column=_text("provider_identifier"))
     provider: str = Field(default="", sa_column=_text("provider"))
     profile_pic_url: str = Field(default="", sa_column=_text("profile_pic_url"))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
-    updated_at: datetime | None = Field(
-        default_factory=utcnow, sa_column=_ts("updated_at", onupdate=utcnow)
-    )
-    deleted_at: datetime | None = Field(default=None, sa_column=_ts("deleted_at"))
+    created_at: datetime | None = _created_at()
+    updated_at: datetime | None = _updated_at()
+    deleted_at: datetime | None = _time("deleted_at")
     # pyheadscale-only (alembic 0002, not in Headscale's schema): the groups claim of the
     # user's last OIDC login, a JSON list; NULL on rows Headscale wrote.
     idp_groups: list[str] | None = Field(default=None, sa_column=Column("idp_groups", JSONText()))
@@ -277,13 +285,8 @@ class User(SQLModel, table=True):
 class PreAuthKey(SQLModel, table=True):
     __tablename__ = "pre_auth_keys"
     __table_args__ = (
-        Index(
-            "idx_pre_auth_keys_prefix",
-            "prefix",
-            unique=True,
-            sqlite_where=text("prefix IS NOT NULL AND prefix != ''"),
-            postgresql_where=text("prefix IS NOT NULL AND prefix != ''"),
-        ),
+        _partial_unique("idx_pre_auth_keys_prefix", "prefix",
+                        where="prefix IS NOT NULL AND prefix != ''"),
         {"sqlite_autoincrement": True},
     )
 
@@ -310,11 +313,11 @@ class PreAuthKey(SQLModel, table=True):
         default=False, sa_column=Column("used", NumericBool(), server_default=text("false"))
     )
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
-    expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    expiration: datetime | None = _time("expiration")
+    created_at: datetime | None = _created_at()
     # Headscale 0.30: a free-text label (v2 API) and the soft-revoke time of a v2 DELETE.
     description: str | None = Field(default=None, sa_column=_text("description"))
-    revoked: datetime | None = Field(default=None, sa_column=_ts("revoked"))
+    revoked: datetime | None = _time("revoked")
 
     user: Optional["User"] = Relationship()
 
@@ -329,9 +332,9 @@ class ApiKey(SQLModel, table=True):
     id: int | None = Field(default=None, sa_column=_id_column())
     prefix: str = Field(default="", sa_column=_text("prefix"))
     hash: bytes | None = Field(default=None, sa_column=Column("hash", LargeBinary()))
-    expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
-    last_seen: datetime | None = Field(default=None, sa_column=_ts("last_seen"))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    expiration: datetime | None = _time("expiration")
+    last_seen: datetime | None = _time("last_seen")
+    created_at: datetime | None = _created_at()
     # Headscale 0.30: the user an API key acts for (no foreign key, as Headscale's DDL).
     user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
 
@@ -356,8 +359,8 @@ class OAuthClient(SQLModel, table=True):
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
     description: str = Field(default="", sa_column=_text("description"))
     user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
-    revoked: datetime | None = Field(default=None, sa_column=_ts("revoked"))
+    created_at: datetime | None = _created_at()
+    revoked: datetime | None = _time("revoked")
 
 
 class OAuthAccessToken(SQLModel, table=True):
@@ -375,8 +378,8 @@ class OAuthAccessToken(SQLModel, table=True):
     client_id: str = Field(default="", sa_column=_text("client_id"))
     scopes: list[str] | None = Field(default=None, sa_column=Column("scopes", JSONText()))
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
-    expiration: datetime | None = Field(default=None, sa_column=_ts("expiration"))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
+    expiration: datetime | None = _time("expiration")
+    created_at: datetime | None = _created_at()
 
 
 class Node(SQLModel, table=True):
@@ -418,18 +421,16 @@ class Node(SQLModel, table=True):
             nullable=True,
         ),
     )
-    last_seen: datetime | None = Field(default=None, sa_column=_ts("last_seen"))
+    last_seen: datetime | None = _time("last_seen")
     # NULL means the node key never expires.
-    expiry: datetime | None = Field(default=None, sa_column=_ts("expiry"))
+    expiry: datetime | None = _time("expiry")
     # JSON list of approved prefixes ("10.0.0.0/24").
     approved_routes: list[str] | None = Field(
         default=None, sa_column=Column("approved_routes", JSONText())
     )
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
-    updated_at: datetime | None = Field(
-        default_factory=utcnow, sa_column=_ts("updated_at", onupdate=utcnow)
-    )
-    deleted_at: datetime | None = Field(default=None, sa_column=_ts("deleted_at"))
+    created_at: datetime | None = _created_at()
+    updated_at: datetime | None = _updated_at()
+    deleted_at: datetime | None = _time("deleted_at")
 
     user: Optional["User"] = Relationship()
     auth_key: Optional["PreAuthKey"] = Relationship()
@@ -447,11 +448,9 @@ class Policy(SQLModel, table=True):
     id: int | None = Field(default=None, sa_column=_id_column())
     # HuJSON text exactly as the admin supplied it.
     data: str = Field(default="", sa_column=_text("data"))
-    created_at: datetime | None = Field(default_factory=utcnow, sa_column=_ts("created_at"))
-    updated_at: datetime | None = Field(
-        default_factory=utcnow, sa_column=_ts("updated_at", onupdate=utcnow)
-    )
-    deleted_at: datetime | None = Field(default=None, sa_column=_ts("deleted_at"))
+    created_at: datetime | None = _created_at()
+    updated_at: datetime | None = _updated_at()
+    deleted_at: datetime | None = _time("deleted_at")
 
 
 class DatabaseVersion(SQLModel, table=True):
