@@ -53,6 +53,12 @@ def digest(s: str) -> bytes:
     return hashlib.sha256(s.encode()).digest()
 
 
+def _forget_checks(verified: dict[bytes, int], key_id: int) -> None:
+    """Drop the remembered secret checks (digest -> key id) that passed for `key_id`."""
+    for d in [d for d, i in verified.items() if i == key_id]:
+        del verified[d]
+
+
 def serialized(
     write: Callable[Concatenate[S, P], Awaitable[T]],
 ) -> Callable[Concatenate[S, P], Awaitable[T]]:
@@ -345,7 +351,7 @@ class TailnetBase:
         self._pak_by_prefix.pop(k.prefix, None)
         if k.legacy_key:
             self._pak_by_legacy.pop(k.legacy_key, None)
-        self._verified_paks = {d: i for d, i in self._verified_paks.items() if i != key_id}
+        _forget_checks(self._verified_paks, key_id)
 
     def _put_apikey(self, a: ApiKey) -> None:
         self.api_keys[a.id] = a
@@ -356,8 +362,7 @@ class TailnetBase:
         if a is None:
             return
         self._apikey_by_prefix.pop(a.prefix, None)
-        self._verified_apikeys = {d: i for d, i in self._verified_apikeys.items()
-                                  if i != key_id}
+        _forget_checks(self._verified_apikeys, key_id)
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ key on every request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlmodel import SQLModel
 
 from pyheadscale.auth import apikeys as ak
 from pyheadscale.auth import preauthkeys as pk
@@ -28,6 +31,8 @@ from pyheadscale.state.errors import (
 from pyheadscale.state.model import ApiKey, PreAuthKey
 
 API_KEY_LAST_SEEN_PERSIST = 60.0  # seconds between last_seen writes per API key
+
+K = TypeVar("K", PreAuthKey, ApiKey)
 
 
 class KeyWrites(TailnetBase):
@@ -52,26 +57,33 @@ class KeyWrites(TailnetBase):
         key = PreAuthKey(id=0, prefix=prefix, hash=hashed, legacy_key=None, user_id=user_id,
                          reusable=reusable, ephemeral=ephemeral, used=False, tags=tag_t,
                          created_at=created, expiration=expiration, description=description)
-        return await self._insert_preauth_key(key), full
+        return await self._insert_key(key, db.PreAuthKey, persist.pak_values(key),
+                                      self._put_pak), full
 
     @serialized
-    async def _insert_preauth_key(self, key: PreAuthKey) -> PreAuthKey:
+    async def _insert_key(self, key: K, table: type[SQLModel], values: dict[str, Any],
+                          put: Callable[[K], None]) -> K:
+        """Store a new key row, then hold it in memory (`put`) under the id it was given."""
         if key.user_id is not None:
             self.get_user(key.user_id)
-        vals = persist.pak_values(key)
-        kid = await self._commit(lambda tx: tx.insert(db.PreAuthKey, vals))
+        kid = await self._commit(lambda tx: tx.insert(table, values))
         key = replace(key, id=kid)
-        self._put_pak(key)
+        put(key)
         return key
+
+    async def _stamp(self, key: K, table: type[SQLModel], column: str, at: datetime | None,
+                     put: Callable[[K], None]) -> K:
+        """Set one time column of a key (`at`, default now) in the database and in memory."""
+        change: dict[str, Any] = {column: at or utcnow()}
+        new = replace(key, **change)
+        await self._commit(lambda tx: tx.update(table, key.id, change))
+        put(new)
+        return new
 
     @serialized
     async def expire_preauth_key(self, key_id: int, at: datetime | None = None) -> PreAuthKey:
         k = self.get_preauth_key(key_id)
-        new = replace(k, expiration=at or utcnow())
-        await self._commit(lambda tx: tx.update(db.PreAuthKey, key_id,
-                                                {"expiration": new.expiration}))
-        self._put_pak(new)
-        return new
+        return await self._stamp(k, db.PreAuthKey, "expiration", at, self._put_pak)
 
     @serialized
     async def revoke_preauth_key(self, key_id: int, at: datetime | None = None) -> PreAuthKey:
@@ -80,11 +92,7 @@ class KeyWrites(TailnetBase):
         k = self.get_preauth_key(key_id)
         if k.revoked is not None:
             raise NotFound("pre-auth key not found")
-        new = replace(k, revoked=at or utcnow())
-        await self._commit(lambda tx: tx.update(db.PreAuthKey, key_id,
-                                                {"revoked": new.revoked}))
-        self._put_pak(new)
-        return new
+        return await self._stamp(k, db.PreAuthKey, "revoked", at, self._put_pak)
 
     @serialized
     async def reap_revoked_preauth_keys(self, before: datetime) -> int:
@@ -182,26 +190,13 @@ class KeyWrites(TailnetBase):
         hashed = await asyncio.to_thread(ak.hash_secret, secret)
         key = ApiKey(id=0, prefix=prefix, hash=hashed, created_at=utcnow(),
                      expiration=expiration, user_id=user_id)
-        return await self._insert_api_key(key), full
-
-    @serialized
-    async def _insert_api_key(self, key: ApiKey) -> ApiKey:
-        if key.user_id is not None:
-            self.get_user(key.user_id)
-        vals = persist.apikey_values(key)
-        kid = await self._commit(lambda tx: tx.insert(db.ApiKey, vals))
-        key = replace(key, id=kid)
-        self._put_apikey(key)
-        return key
+        return await self._insert_key(key, db.ApiKey, persist.apikey_values(key),
+                                      self._put_apikey), full
 
     @serialized
     async def expire_api_key(self, key_id: int, at: datetime | None = None) -> ApiKey:
         a = self.get_api_key(key_id)
-        new = replace(a, expiration=at or utcnow())
-        await self._commit(lambda tx: tx.update(db.ApiKey, key_id,
-                                                {"expiration": new.expiration}))
-        self._put_apikey(new)
-        return new
+        return await self._stamp(a, db.ApiKey, "expiration", at, self._put_apikey)
 
     @serialized
     async def delete_api_key(self, key_id: int) -> None:
