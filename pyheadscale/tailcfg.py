@@ -220,37 +220,49 @@ def _obj(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
-class _Key(GoType):
+class _ParsedText(GoType):
+    """A field decoded from bounded text by `parse` (None for the zero value); null and zero
+    leave it unset. A refusal keeps the parser's own error type, with the path in front."""
+
+    what = ""
+    max_len = 0
+    error: type[TailcfgError] = TailcfgError
+
+    def parse(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def decode(self, value: Any, path: str, lenient: bool) -> Any:
+        if value is None:
+            return ABSENT
+        if isinstance(value, str) and len(value) > self.max_len:
+            raise self.error(f"{path}: {self.what} text too long")
+        try:
+            out = self.parse(value)
+        except self.error as e:
+            raise self.error(f"{path}: {e}") from None
+        return ABSENT if out is None else out
+
+
+class _Key(_ParsedText):
     """A key.*Public field: text ``prefix:<64 hex>``, null = zero; decodes to raw bytes."""
+
+    what, max_len, error = "key", 128, KeyParseError
 
     def __init__(self, kind: KeyKind) -> None:
         self.kind = kind
 
-    def decode(self, value: Any, path: str, lenient: bool) -> Any:
-        if value is None:
-            return ABSENT
-        if isinstance(value, str) and len(value) > 128:
-            raise KeyParseError(f"{path}: key text too long")
-        try:
-            raw = parse_key(self.kind, value)
-        except KeyParseError as e:
-            raise KeyParseError(f"{path}: {e}") from None
-        return ABSENT if raw == ZERO_KEY else raw
+    def parse(self, value: Any) -> bytes | None:
+        raw = parse_key(self.kind, value)
+        return None if raw == ZERO_KEY else raw
 
 
-class _Time(GoType):
+class _Time(_ParsedText):
     """time.Time: an RFC 3339 string; null leaves it unset."""
 
-    def decode(self, value: Any, path: str, lenient: bool) -> Any:
-        if value is None:
-            return ABSENT
-        if isinstance(value, str) and len(value) > 64:
-            raise TimeParseError(f"{path}: time text too long")
-        try:
-            t = parse_time(value)
-        except TimeParseError as e:
-            raise TimeParseError(f"{path}: {e}") from None
-        return ABSENT if t is None else t
+    what, max_len, error = "time", 64, TimeParseError
+
+    def parse(self, value: Any) -> datetime | None:
+        return parse_time(value)
 
 
 MAX_ENDPOINTS = 128
