@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from pyheadscale.api.audited import Seen
-from pyheadscale.api.errors import APIError
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX
 from pyheadscale.console.views import NodeRow, matches, node_row, parse_routes, user_label
-from pyheadscale.console.web import Access, Console, form_list, read_form
+from pyheadscale.console.web import ID, Access, Console, form_list, path_id, read_form, route
 
 STATUSES = ("online", "offline", "expired")
 
@@ -20,20 +19,7 @@ STATUSES = ("online", "offline", "expired")
 class Machines:
     def __init__(self, console: Console) -> None:
         self.c = console
-        c = console
-        c.add("GET", "/machines", self.list, Access.READ)
-        c.add("GET", "/machines.json", self.live, Access.READ)
-        c.add("GET", "/machines/{id:[0-9]{1,19}}", self.detail, Access.READ)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/rename", self.rename, Access.WRITE)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/expire", self.expire, Access.WRITE)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/disable-expiry", self.disable_expiry,
-              Access.WRITE)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/routes", self.routes, Access.WRITE)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/tags", self.tags, Access.WRITE)
-        c.add("POST", "/machines/{id:[0-9]{1,19}}/delete", self.delete, Access.WRITE)
-        c.add("GET", "/pending", self.pending, Access.READ)
-        c.add("POST", "/pending/approve", self.approve, Access.WRITE)
-        c.add("POST", "/pending/reject", self.reject, Access.WRITE)
+        console.mount(self)
 
     def _rows(self) -> list[NodeRow]:
         tn = self.c.deps.tailnet
@@ -42,6 +28,7 @@ class Machines:
         return [node_row(n, tn.users, ctx.routes_of, now)
                 for n in sorted(tn.list_nodes(), key=lambda n: n.id)]
 
+    @route("GET", "/machines", Access.READ)
     async def list(self, request: web.Request) -> web.StreamResponse:
         q = request.query.get("q", "")[:200]
         user = request.query.get("user", "")[:200]
@@ -60,16 +47,15 @@ class Machines:
             tags=sorted({t for r in all_rows for t in r.tags}),
             pending=len(self.c.deps.pending.list()))
 
+    @route("GET", "/machines.json", Access.READ)
     async def live(self, request: web.Request) -> web.StreamResponse:
         """What the list's script refreshes: each node's state and last-seen text."""
         return web.json_response({"nodes": [
             {"id": r.id, "status": r.status, "lastSeen": r.last_seen} for r in self._rows()]})
 
-    def _node_id(self, request: web.Request) -> int:
-        return int(request.match_info["id"])
-
+    @route("GET", f"/machines/{ID}", Access.READ)
     async def detail(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         tn = self.c.deps.tailnet
         n = tn.nodes.get(nid)
         if n is None:
@@ -83,54 +69,53 @@ class Machines:
 
     # -- actions: each one AdminActions call, as /api/v1 makes it --------------------------
 
+    @route("POST", f"/machines/{ID}/rename", Access.WRITE)
     async def rename(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         name = (await read_form(request)).get("name", "").strip()
         return await self.c.act(request, "renameNode", self.c.deps.actions.rename_node(
             nid, name), self.c.node_seen, f"Renamed to {name}.", f"/machines/{nid}")
 
+    @route("POST", f"/machines/{ID}/expire", Access.WRITE)
     async def expire(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         return await self.c.act(request, "expireNode", self.c.deps.actions.expire_node(
             nid), self.c.node_seen, "Key expired: the machine must log in again.",
             f"/machines/{nid}")
 
+    @route("POST", f"/machines/{ID}/disable-expiry", Access.WRITE)
     async def disable_expiry(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         return await self.c.act(request, "expireNode", self.c.deps.actions.expire_node(
             nid, disable=True), self.c.node_seen, "Key expiry disabled.", f"/machines/{nid}")
 
+    @route("POST", f"/machines/{ID}/routes", Access.WRITE)
     async def routes(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         routes = parse_routes(await form_list(request, "route"))
         return await self.c.act(request, "setApprovedRoutes",
                                 self.c.deps.actions.approve_routes(nid, routes),
                                 self.c.node_seen, "Routes saved.", f"/machines/{nid}")
 
+    @route("POST", f"/machines/{ID}/tags", Access.WRITE)
     async def tags(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
+        nid = path_id(request)
         text = (await read_form(request)).get("tags", "")
         tags = [t for t in text.replace(",", " ").split() if t]
         return await self.c.act(request, "setTags", self.c.deps.actions.set_tags(nid, tags),
                                 self.c.node_seen, "Tags saved.", f"/machines/{nid}")
 
+    @route("POST", f"/machines/{ID}/delete", Access.WRITE)
     async def delete(self, request: web.Request) -> web.StreamResponse:
-        nid = self._node_id(request)
-        form = await read_form(request)
-        if form.get("confirm") != "yes":
-            self.c.flash(request, "error", "Tick the box to confirm the deletion.")
-            return self.c.redirect(f"/machines/{nid}")
-        try:
-            await self.c.deps.actions.delete_node(nid)
-        except APIError as e:
-            self.c.flash(request, "error", e.message)
-            return self.c.redirect(f"/machines/{nid}")
-        self.c.audit(request, "deleteNode", Seen(path={"nodeId": str(nid)}))
-        self.c.flash(request, "ok", f"Machine {nid} deleted.")
-        return self.c.redirect("/machines")
+        nid = path_id(request)
+        return await self.c.act_confirmed(
+            request, "deleteNode", lambda: self.c.deps.actions.delete_node(nid),
+            lambda _: Seen(path={"nodeId": str(nid)}), f"Machine {nid} deleted.",
+            f"/machines/{nid}", "/machines")
 
     # -- pending registrations -------------------------------------------------------------
 
+    @route("GET", "/pending", Access.READ)
     async def pending(self, request: web.Request) -> web.StreamResponse:
         now = time.monotonic()
         items = [{
@@ -146,12 +131,14 @@ class Machines:
         return self.c.render(request, "pending.html", title="Pending registrations",
                              items=items, users=users)
 
+    @route("POST", "/pending/approve", Access.WRITE)
     async def approve(self, request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
         auth_id, user = form.get("auth_id", ""), form.get("user", "")
         return await self.c.act(request, "registerNode", self.c.deps.actions.register_pending(
             auth_id, user), self.c.node_seen, f"Registered for {user}.", "/pending")
 
+    @route("POST", "/pending/reject", Access.WRITE)
     async def reject(self, request: web.Request) -> web.StreamResponse:
         auth_id = (await read_form(request)).get("auth_id", "")
         if not auth_id.startswith(AUTH_ID_PREFIX):

@@ -14,7 +14,7 @@ from pyheadscale.api import shapes
 from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
 from pyheadscale.console.views import iso, key_row, node_row, user_label, when
-from pyheadscale.console.web import Access, Console, read_form
+from pyheadscale.console.web import ID, Access, Console, path_id, read_form, route
 
 # Expiry choices offered for new keys (the API takes any RFC 3339 time).
 EXPIRY_CHOICES = {"1h": timedelta(hours=1), "1d": timedelta(days=1),
@@ -32,21 +32,11 @@ def _expiry(choice: str) -> datetime | None:
 class People:
     def __init__(self, console: Console) -> None:
         self.c = console
-        c = console
-        c.add("GET", "/users", self.users, Access.READ)
-        c.add("POST", "/users", self.create_user, Access.WRITE)
-        c.add("GET", "/users/{id:[0-9]{1,19}}", self.user, Access.READ)
-        c.add("POST", "/users/{id:[0-9]{1,19}}/rename", self.rename_user, Access.WRITE)
-        c.add("POST", "/users/{id:[0-9]{1,19}}/delete", self.delete_user, Access.WRITE)
-        c.add("GET", "/keys", self.keys, Access.READ)
-        c.add("POST", "/keys/preauth", self.create_preauth_key, Access.WRITE)
-        c.add("POST", "/keys/preauth/{id:[0-9]{1,19}}/expire", self.expire_preauth_key,
-              Access.WRITE)
-        c.add("POST", "/keys/api", self.create_api_key, Access.WRITE)
-        c.add("POST", "/keys/api/{id:[0-9]{1,19}}/expire", self.expire_api_key, Access.WRITE)
+        console.mount(self)
 
     # -- users -----------------------------------------------------------------------------
 
+    @route("GET", "/users", Access.READ)
     async def users(self, request: web.Request) -> web.StreamResponse:
         tn = self.c.deps.tailnet
         rows = []
@@ -59,6 +49,7 @@ class People:
                          "keys": len(tn.list_preauth_keys(u.id))})
         return self.c.render(request, "users.html", title="Users", rows=rows)
 
+    @route("POST", "/users", Access.WRITE)
     async def create_user(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         name = f.get("name", "").strip()
@@ -67,8 +58,9 @@ class People:
             email=f.get("email", "").strip()), self.c.user_seen, f"User {name} created.",
             "/users")
 
+    @route("GET", f"/users/{ID}", Access.READ)
     async def user(self, request: web.Request) -> web.StreamResponse:
-        uid = int(request.match_info["id"])
+        uid = path_id(request)
         tn = self.c.deps.tailnet
         u = tn.users.get(uid)
         if u is None:
@@ -83,28 +75,24 @@ class People:
                              nodes=nodes, keys=keys, created=iso(u.created_at),
                              groups=u.groups)
 
+    @route("POST", f"/users/{ID}/rename", Access.WRITE)
     async def rename_user(self, request: web.Request) -> web.StreamResponse:
-        uid = int(request.match_info["id"])
+        uid = path_id(request)
         name = (await read_form(request)).get("name", "").strip()
         return await self.c.act(request, "renameUser", self.c.deps.actions.rename_user(
             uid, name), self.c.user_seen, f"Renamed to {name}.", f"/users/{uid}")
 
+    @route("POST", f"/users/{ID}/delete", Access.WRITE)
     async def delete_user(self, request: web.Request) -> web.StreamResponse:
-        uid = int(request.match_info["id"])
-        if (await read_form(request)).get("confirm") != "yes":
-            self.c.flash(request, "error", "Tick the box to confirm the deletion.")
-            return self.c.redirect(f"/users/{uid}")
-        try:
-            await self.c.deps.actions.delete_user(uid)
-        except APIError as e:
-            self.c.flash(request, "error", e.message)
-            return self.c.redirect(f"/users/{uid}")
-        self.c.audit(request, "deleteUser", Seen(path={"id": str(uid)}))
-        self.c.flash(request, "ok", "User deleted, with their pre-auth keys.")
-        return self.c.redirect("/users")
+        uid = path_id(request)
+        return await self.c.act_confirmed(
+            request, "deleteUser", lambda: self.c.deps.actions.delete_user(uid),
+            lambda _: Seen(path={"id": str(uid)}), "User deleted, with their pre-auth keys.",
+            f"/users/{uid}", "/users")
 
     # -- keys ------------------------------------------------------------------------------
 
+    @route("GET", "/keys", Access.READ)
     async def keys(self, request: web.Request, *, new_key: str = "",
                    new_kind: str = "") -> web.StreamResponse:
         tn = self.c.deps.tailnet
@@ -120,6 +108,7 @@ class People:
                              expiries=list(EXPIRY_CHOICES), new_key=new_key,
                              new_kind=new_kind)
 
+    @route("POST", "/keys/preauth", Access.WRITE)
     async def create_preauth_key(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         try:
@@ -140,13 +129,15 @@ class People:
                      Seen(answer={"preAuthKey": shapes.preauth_key(k, tn.users)}))
         return await self.keys(request, new_key=full, new_kind="pre-auth key")
 
+    @route("POST", f"/keys/preauth/{ID}/expire", Access.WRITE)
     async def expire_preauth_key(self, request: web.Request) -> web.StreamResponse:
-        kid = int(request.match_info["id"])
+        kid = path_id(request)
         return await self.c.act(request, "expirePreAuthKey",
                                 self.c.deps.actions.expire_preauth_key(kid),
                                 lambda _: Seen(body={"id": kid}),
                                 f"Pre-auth key {kid} expired.", "/keys")
 
+    @route("POST", "/keys/api", Access.WRITE)
     async def create_api_key(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         try:
@@ -157,8 +148,9 @@ class People:
         self.c.audit(request, "createApiKey", Seen(answer={"apiKey": full}))
         return await self.keys(request, new_key=full, new_kind="API key")
 
+    @route("POST", f"/keys/api/{ID}/expire", Access.WRITE)
     async def expire_api_key(self, request: web.Request) -> web.StreamResponse:
-        kid = int(request.match_info["id"])
+        kid = path_id(request)
         a = self.c.deps.tailnet.api_keys.get(kid)
         # Named by its prefix, as `headscale apikeys expire --prefix` names it.
         seen = Seen(body={"prefix": a.prefix} if a is not None else {"id": kid})

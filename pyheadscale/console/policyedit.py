@@ -18,7 +18,7 @@ from aiohttp import web
 from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
 from pyheadscale.console.views import iso
-from pyheadscale.console.web import Access, Console, read_form
+from pyheadscale.console.web import ID, Access, Console, path_id, read_form, route
 from pyheadscale.policy import HuJSONError, PolicyError
 from pyheadscale.policy.hujson import Path, value_positions
 from pyheadscale.state.policystore import PolicyNotFound, PolicyReadError
@@ -112,13 +112,7 @@ def diff_lines(old: str, new: str) -> list[tuple[str, str]]:
 class PolicyPages:
     def __init__(self, console: Console) -> None:
         self.c = console
-        c = console
-        c.add("GET", "/policy", self.page, Access.READ)
-        # Checking changes nothing: an auditor may try a policy too.
-        c.add("POST", "/policy/preview", self.preview, Access.READ)
-        c.add("POST", "/policy/apply", self.apply, Access.WRITE)
-        c.add("GET", "/policy/history", self.history, Access.READ)
-        c.add("GET", "/policy/history/{id:[0-9]{1,19}}", self.version, Access.READ)
+        console.mount(self)
 
     @property
     def writable(self) -> bool:
@@ -142,9 +136,12 @@ class PolicyPages:
                              problems=found or [], excerpt=excerpt, writable=self.writable,
                              mode=self.c.deps.policy.mode, code=code)
 
+    @route("GET", "/policy", Access.READ)
     async def page(self, request: web.Request) -> web.StreamResponse:
         return self._editor(request, await self._current())
 
+    # Checking changes nothing: an auditor may try a policy too.
+    @route("POST", "/policy/preview", Access.READ)
     async def preview(self, request: web.Request) -> web.StreamResponse:
         text = (await read_form(request)).get("policy", "")
         try:
@@ -156,6 +153,7 @@ class PolicyPages:
                              text=text, diff=diff_lines(old, text), unchanged=old == text,
                              writable=self.writable)
 
+    @route("POST", "/policy/apply", Access.WRITE)
     async def apply(self, request: web.Request) -> web.StreamResponse:
         text = (await read_form(request)).get("policy", "")
         try:
@@ -172,6 +170,7 @@ class PolicyPages:
         self.c.flash(request, "ok", "Policy saved; clients are getting it now.")
         return self.c.redirect("/policy")
 
+    @route("GET", "/policy/history", Access.READ)
     async def history(self, request: web.Request) -> web.StreamResponse:
         versions = []
         if self.c.deps.policy.mode == "database":
@@ -181,8 +180,9 @@ class PolicyPages:
         return self.c.render(request, "policy_history.html", title="Policy history",
                              versions=versions, mode=self.c.deps.policy.mode)
 
+    @route("GET", f"/policy/history/{ID}", Access.READ)
     async def version(self, request: web.Request) -> web.StreamResponse:
-        vid = int(request.match_info["id"])
+        vid = path_id(request)
         v = await asyncio.to_thread(self.c.deps.policy.store.version, vid)
         if v is None:
             return self.c.render(request, "error.html", code=404, title="Policy version",

@@ -21,7 +21,7 @@ from pyheadscale import audit
 from pyheadscale.audit import CLI_SOCKET
 from pyheadscale.auth.oidc import Claims
 from pyheadscale.console.sessions import Role
-from pyheadscale.console.web import COOKIE, PRE_COOKIE, Access, Console, read_form
+from pyheadscale.console.web import COOKIE, PRE_COOKIE, Access, Console, read_form, route
 from pyheadscale.logs import fields
 
 log = logging.getLogger("pyheadscale.console")
@@ -62,15 +62,10 @@ def safe_next(console: Console, value: str) -> str:
 class SignIn:
     def __init__(self, console: Console) -> None:
         self.c = console
-        c = console
-        c.add("GET", "", self.home, Access.PUBLIC)
-        c.add("GET", "/", self.home, Access.PUBLIC)
-        c.add("GET", "/sign-in", self.page, Access.PUBLIC)
-        c.add("GET", "/sign-in/link", self.link_page, Access.PUBLIC)
-        c.add("POST", "/sign-in/link", self.link_redeem, Access.PUBLIC)
-        c.add("GET", "/sign-in/oidc", self.oidc_start, Access.PUBLIC)
-        c.add("POST", "/sign-out", self.sign_out, Access.READ)
+        console.mount(self)
 
+    @route("GET", "", Access.PUBLIC)
+    @route("GET", "/", Access.PUBLIC)
     async def home(self, request: web.Request) -> web.StreamResponse:
         return self.c.redirect("/machines")
 
@@ -82,6 +77,7 @@ class SignIn:
                         secure=self.c.secure, samesite="Strict", max_age=3600)
         return resp
 
+    @route("GET", "/sign-in", Access.PUBLIC)
     async def page(self, request: web.Request) -> web.StreamResponse:
         oidc = self.c.deps.oidc
         nxt = safe_next(self.c, request.query.get("next", ""))
@@ -91,6 +87,7 @@ class SignIn:
                       if oidc is not None and oidc.available else ""),
             oidc_configured=oidc is not None, message=request.query.get("m", ""))
 
+    @route("GET", "/sign-in/link", Access.PUBLIC)
     async def link_page(self, request: web.Request) -> web.StreamResponse:
         token = request.query.get("token", "")[:128]
         link = self.c.sessions.peek_link(token) if token else None
@@ -103,6 +100,7 @@ class SignIn:
                              user=link.user, role=link.role.value, pre_csrf=pre)
         return self._with_pre_cookie(resp, pre)
 
+    @route("POST", "/sign-in/link", Access.PUBLIC)
     async def link_redeem(self, request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
         s = self.c.sessions.redeem_link(form.get("token", "")[:128])
@@ -115,6 +113,7 @@ class SignIn:
         resp.del_cookie(PRE_COOKIE, path=self.c.base)
         return resp
 
+    @route("GET", "/sign-in/oidc", Access.PUBLIC)
     async def oidc_start(self, request: web.Request) -> web.StreamResponse:
         oidc = self.c.deps.oidc
         if oidc is None or not oidc.available:
@@ -144,6 +143,7 @@ class SignIn:
         self.c.set_session_cookie(resp, s)
         return resp
 
+    @route("POST", "/sign-out", Access.READ)
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         s = self.c.session(request)
         self.c.sessions.end(s.id)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from pyheadscale import audit
 from pyheadscale.console.reach import VERTEX_R, picture
-from pyheadscale.console.web import Access, Console, read_form
+from pyheadscale.console.web import Access, Console, read_form, route
 from pyheadscale.mapper.context import AllowAllPolicy
 from pyheadscale.mapper.dns import ExtraRecordsError
 
@@ -69,12 +69,9 @@ class TailnetPages:
     def __init__(self, console: Console) -> None:
         self.c = console
         self.prober = DerpProber()
-        console.add("GET", "/tailnet", self.tailnet, Access.READ)
-        console.add("GET", "/derp", self.derp, Access.READ)
-        console.add("GET", "/dns", self.dns, Access.READ)
-        console.add("POST", "/dns/records/add", self.add_record, Access.WRITE)
-        console.add("POST", "/dns/records/remove", self.remove_record, Access.WRITE)
+        console.mount(self)
 
+    @route("GET", "/tailnet", Access.READ)
     async def tailnet(self, request: web.Request) -> web.StreamResponse:
         tn = self.c.deps.tailnet
         q = request.query
@@ -100,6 +97,7 @@ class TailnetPages:
             tags=sorted({t for n in tn.list_nodes() for t in n.tags}),
             policy_running=self.c.deps.policy.manager is not None)
 
+    @route("GET", "/derp", Access.READ)
     async def derp(self, request: web.Request) -> web.StreamResponse:
         ctx = self.c.deps.context()
         regions_in = (ctx.derp_map or {}).get("Regions") or {}
@@ -137,6 +135,7 @@ class TailnetPages:
         return self.c.render(request, "derp.html", title="DERP relays", regions=regions,
                              relay_clients=self.c.deps.relay_clients())
 
+    @route("GET", "/dns", Access.READ)
     async def dns(self, request: web.Request) -> web.StreamResponse:
         ctx = self.c.deps.context()
         d = ctx.dns
@@ -177,6 +176,7 @@ class TailnetPages:
         self.c.flash(request, "ok", "Records saved; clients are getting them now.")
         return self.c.redirect("/dns")
 
+    @route("POST", "/dns/records/add", Access.WRITE)
     async def add_record(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         new = {"name": f.get("name", "").strip()[:253], "type": f.get("type", "")[:4],
@@ -184,6 +184,7 @@ class TailnetPages:
         return await self._save(request, [*self._records(), new],
                                 f"added={new['name']}:{new['value']}")
 
+    @route("POST", "/dns/records/remove", Access.WRITE)
     async def remove_record(self, request: web.Request) -> web.StreamResponse:
         f = await read_form(request)
         gone = (f.get("name", ""), f.get("value", ""))

@@ -1,7 +1,7 @@
 """The console's web plumbing: one aiohttp sub-application, its session and CSRF guard,
 templates and small helpers the page modules share.
 
-Every route is declared with what it needs: `PUBLIC` (sign-in pages), `READ` (any signed-in
+Every route is declared (@route on the page's handler) with what it needs: `PUBLIC` (sign-in pages), `READ` (any signed-in
 role) or `WRITE` (admins only). The guard runs before any handler: a GET without a session
 is sent to sign-in; every POST must carry the session's CSRF token (else 403, whoever asks);
 a WRITE route refuses the auditor with 403 before the handler runs.
@@ -50,6 +50,25 @@ class Access(enum.Enum):
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
+M = TypeVar("M", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+ID = "{id:[0-9]{1,19}}"  # a row id in a route's path; path_id reads it
+_ROUTES = "_console_routes"
+
+
+def route(method: str, path: str, access: Access) -> Callable[[M], M]:
+    """Declare a page method the handler of `method path` (below the console's path) for
+    `access`; Console.mount adds it. Stacked ones are added in the order written."""
+
+    def mark(handler: M) -> M:
+        setattr(handler, _ROUTES, [(method, path, access), *getattr(handler, _ROUTES, [])])
+        return handler
+
+    return mark
+
+
+def path_id(request: web.Request) -> int:
+    return int(request.match_info["id"])
 
 
 @dataclass(frozen=True)
@@ -147,23 +166,36 @@ class Console:
         return Seen(answer={"user": shapes.user(u)})
 
     async def act(self, request: web.Request, op_id: str, action: Awaitable[T],
-                  seen: Callable[[T], Seen], done: str, back: str) -> web.Response:
+                  seen: Callable[[T], Seen], done: str, back: str,
+                  then: str | None = None) -> web.Response:
         """Run one admin action (API operation `op_id`; `seen` turns its result into what
-        the API would have carried, for the audit line): its message, or the API's refusal,
-        shown at `back`."""
+        the API would have carried, for the audit line): the API's refusal shown at `back`,
+        its message at `then` (default `back`)."""
         try:
             result = await action
         except APIError as e:
             self.flash(request, "error", e.message)
-        else:
-            self.audit(request, op_id, seen(result))
-            self.flash(request, "ok", done)
-        return self.redirect(back)
+            return self.redirect(back)
+        self.audit(request, op_id, seen(result))
+        self.flash(request, "ok", done)
+        return self.redirect(then or back)
+
+    async def act_confirmed(self, request: web.Request, op_id: str,
+                            action: Callable[[], Awaitable[T]], seen: Callable[[T], Seen],
+                            done: str, back: str, then: str) -> web.Response:
+        """`act` for a deletion: started only when the form's confirm box is ticked."""
+        if (await read_form(request)).get("confirm") != "yes":
+            self.flash(request, "error", "Tick the box to confirm the deletion.")
+            return self.redirect(back)
+        return await self.act(request, op_id, action(), seen, done, back, then)
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def add(self, method: str, path: str, handler: Handler, access: Access) -> None:
-        self.routes.append(Route(method, path, handler, access))
+    def mount(self, page: object) -> None:
+        """Add the routes `page`'s methods declare with @route."""
+        for name, member in vars(type(page)).items():
+            for method, path, access in getattr(member, _ROUTES, ()):
+                self.routes.append(Route(method, path, getattr(page, name), access))
 
     def app(self) -> web.Application:
         sub = web.Application(middlewares=[self._guard])
