@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -17,6 +18,20 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+async def say_and_hang_up(r: asyncio.StreamReader, w: asyncio.StreamWriter, data: bytes,
+                          wait: float) -> None:
+    """Send `data`, read for at most `wait` seconds whatever answer comes, then close: a
+    client that says one thing and leaves. No answer, or a reset, is fine."""
+    try:
+        w.write(data)
+        await w.drain()
+        await asyncio.wait_for(r.read(1 << 16), wait)
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        w.close()
 
 
 @contextlib.contextmanager

@@ -24,35 +24,9 @@ from derp.conn import ClientConn
 from derp.keys import generate_private_key
 from derp.server import DerpServer
 from tests.bench.common import emit_json, install_uvloop
+from tests.memtransport import MemTransport
 
 PAYLOAD = 1300
-
-
-class MemTransport:
-    """Enough of an asyncio transport for ClientConn: counts what is written."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.writes = 0
-
-    def write(self, data: Any) -> None:
-        self.bytes += len(data)
-        self.writes += 1
-
-    def is_closing(self) -> bool:
-        return False
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
 
 
 def _attach(srv: DerpServer) -> tuple[ClientConn, MemTransport, bytes]:
@@ -76,7 +50,7 @@ async def run(pairs: int, batch: int, seconds: float) -> dict[str, Any]:
         senders.append((a, frame * batch))
         receivers.append(tb)
     for t in receivers:
-        t.bytes = t.writes = 0
+        t.out = t.writes = 0
     rounds = 0
     c0 = time.process_time()
     deadline = time.monotonic() + seconds
@@ -93,7 +67,7 @@ async def run(pairs: int, batch: int, seconds: float) -> dict[str, Any]:
         rounds += 1
     cpu = time.process_time() - c0
     packets = rounds * pairs * batch
-    got = sum(t.bytes for t in receivers) // (5 + 32 + PAYLOAD)
+    got = sum(t.out for t in receivers) // (5 + 32 + PAYLOAD)
     if got != packets:
         raise SystemExit(f"forwarded {got} of {packets} packets")
     writes = sum(t.writes for t in receivers)

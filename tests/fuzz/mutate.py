@@ -17,8 +17,10 @@ from typing import Any
 
 import orjson
 
+# Length fields' edges: powers of two and one either side, DERP's largest SendPacket frame
+# (a 32-byte key and 64 KiB) and one more, the Go client's 1 MiB frame limit.
 INTERESTING_LENGTHS = (0, 1, 31, 32, 33, 255, 256, 4095, 4096, 16383, 16384, 65535, 65536,
-                       1 << 20, (1 << 24) - 1, 0x7FFFFFFF, 0xFFFFFFFF)
+                       65568, 65569, 1 << 20, (1 << 24) - 1, 0x7FFFFFFF, 0xFFFFFFFF)
 TOKENS = [b"{", b"}", b"[", b"]", b",", b":", b'"', b"\\", b"\\u", b"\\ud800", b"//", b"/*",
           b"*/", b"\n", b"\x00", b"null", b"true", b"1e999", b"-0", b"\xff", b"\xc3", b"\xed"]
 

@@ -11,7 +11,7 @@ from derp import protocol as p
 from derp import stun
 from tests.fuzz.harness import FuzzContext
 from tests.fuzz.mutate import chunks, mutate
-from tests.unit.test_derp_fuzz import MemTransport, _valid_frames
+from tests.fuzz.relay import RelayConns, valid_frames
 
 
 async def run(ctx: FuzzContext, part: int, n: int) -> int:
@@ -21,11 +21,11 @@ async def run(ctx: FuzzContext, part: int, n: int) -> int:
     privs = ctx.node_privs + [p.public_key_of(bytes(32))]  # the last one is not a node
     pubs = [p.public_key_of(k) for k in ctx.node_privs]
     hello = [p.client_info_frame(k, srv.public_key, p.ClientInfo()) for k in privs]
-    live: list[tuple[Any, MemTransport]] = []
+    conns = RelayConns(srv, hello, pubs)
     for i in range(n):
         kind = i % 10
         if kind < 3:  # the sans-IO decoder, both directions' frame sets
-            stream = b"".join(rng.sample(_valid_frames(rng, pubs), 4))
+            stream = b"".join(rng.sample(valid_frames(rng, pubs), 4))
             dec = p.FrameDecoder(max_frame=rng.choice((1024, p.CLIENT_MAX_FRAME)))
             try:
                 for c in chunks(rng, mutate(rng, stream) if rng.random() < 0.7 else stream):
@@ -41,26 +41,11 @@ async def run(ctx: FuzzContext, part: int, n: int) -> int:
                 except p.HandshakeError:
                     pass
         else:  # a relay connection: ClientInfo (sometimes edited), then frames
-            if len(live) < 8 or rng.random() < 0.2:
-                who = rng.randrange(len(privs))
-                conn = srv.new_connection(f"192.0.2.{who}", 1000 + i)
-                t = MemTransport(conn)
-                first = hello[who] if rng.random() < 0.85 else mutate(rng, hello[who])
-                conn.start(t, b"", first)
-                live.append((conn, t))
-            conn, t = rng.choice(live)
-            stream = b"".join(rng.sample(_valid_frames(rng, pubs), 4))
-            if rng.random() < 0.5:
-                stream = mutate(rng, stream)
-            for c in chunks(rng, stream):
-                if t.closing:
-                    break
-                conn.data_received(c)
+            conns.feed(rng, i)
         if i % 50 == 0:
             await asyncio.sleep(0)  # admission checks and closes run here
-            live = [(c, tr) for c, tr in live if not tr.closing]
-    for _, t in live:
-        t.abort()
+            conns.prune()
+    conns.close()
     for _ in range(5):
         await asyncio.sleep(0)
     if srv.connection_count():

@@ -18,6 +18,7 @@ from pyheadscale.noise import (
 from pyheadscale.noise.keys import load_or_create_private_key
 from tests.fuzz.harness import FuzzContext
 from tests.fuzz.mutate import chunks, mutate
+from tests.netutil import say_and_hang_up
 
 SOCKET_SHARE = 0.01  # of this target's inputs, over real TCP to the server's /ts2021
 
@@ -72,14 +73,7 @@ async def _sockets(ctx: FuzzContext, rng: object, n: int, inits: list[bytes]) ->
         except OSError as e:
             ctx.fail("noise", i, f"connect: {e!r}")
             return
-        try:
-            w.write(head + rng.randbytes(rng.randrange(0, 200)))
-            await w.drain()
-            await asyncio.wait_for(r.read(1 << 16), 0.2)
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            w.close()
+        await say_and_hang_up(r, w, head + rng.randbytes(rng.randrange(0, 200)), 0.2)
 
     for start in range(0, n, 25):
         await asyncio.gather(*(one(i) for i in range(start, min(n, start + 25))))

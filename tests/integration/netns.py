@@ -343,6 +343,14 @@ class Topology:
         seg.owner._ip("link", "set", port, "master", seg.bridge)
         ns._ip("addr", "add", f"{ip}/{seg.prefixlen}", "dev", ifname)
 
+    def _uplink(self, ns: Namespace, seg: Segment, ip: str | None) -> str:
+        """eth0 on `seg` at `ip` (or the next free address), the default route via the
+        segment's gateway; returns the address."""
+        addr = seg.allocate(ip)
+        self._attach(ns, "eth0", seg, addr)
+        ns._ip("route", "add", "default", "via", seg.gateway)
+        return addr
+
     def public_segment(self, name: str = "internet2", subnet: str = EXTRA_SUBNET) -> Segment:
         """A further public segment on the switch, routed to the internet segment."""
         return self._add_bridge_segment(name, self.switch, subnet, gateway_host=254)
@@ -352,9 +360,7 @@ class Topology:
         seg = segment or self.internet
         host: Host = self._add_ns(Host, name)
         host.segment = seg
-        host.ip = seg.allocate(ip)
-        self._attach(host, "eth0", seg, host.ip)
-        host._ip("route", "add", "default", "via", seg.gateway)
+        host.ip = self._uplink(host, seg, ip)
         self.hosts[name] = host
         return host
 
@@ -385,9 +391,7 @@ class Topology:
         wan = wan_segment or self.internet
         r: Router = self._add_ns(Router, name)
         r.wan_segment = wan
-        r.wan_ip = wan.allocate(wan_ip)
-        self._attach(r, "eth0", wan, r.wan_ip)
-        r._ip("route", "add", "default", "via", wan.gateway)
+        r.wan_ip = self._uplink(r, wan, wan_ip)
         r.lan = self._add_bridge_segment(f"{name}-lan", r, lan_subnet, gateway_host=1)
         r.lan.router = r
         r._sysctl("net.ipv4.ip_forward", "1")
