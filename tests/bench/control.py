@@ -60,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from pyheadscale.config.default import embedded_default
 from tests.bench import build_go
 from tests.bench.common import (
     LOOPBACK,
@@ -81,6 +82,7 @@ from tests.bench.common import (
     tail,
 )
 from tests.bench.policy import make_policy, user_names
+from tests.integration.server import deep_merge
 from tests.netutil import free_port
 
 SIZES = {"1k": 1000, "5k": 5000, "10k": 10000}
@@ -837,38 +839,25 @@ def _ports() -> dict[str, int]:
 
 
 def _common_config(work: Path, p: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
+    """pyheadscale's embedded single-host default on this run's loopback ports; Headscale
+    reads the same file (it ignores the keys it does not know)."""
+    cfg = deep_merge(embedded_default(work), {
         "server_url": f"http://{LOOPBACK}:{p['http']}",
         "listen_addr": f"{LOOPBACK}:{p['http']}",
         "metrics_listen_addr": f"{LOOPBACK}:{p['metrics']}",
         "grpc_listen_addr": f"{LOOPBACK}:{p['grpc']}",
         "grpc_allow_insecure": False,
-        "noise": {"private_key_path": str(work / "noise_private.key")},
-        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48",
-                     "allocation": "sequential"},
-        "derp": {
-            "server": {
-                "enabled": True, "region_id": 999, "region_code": "headscale",
-                "region_name": "Headscale Embedded DERP", "verify_clients": True,
-                "stun_listen_addr": f"{LOOPBACK}:{p['stun']}",
-                "private_key_path": str(work / "derp_server_private.key"),
-                "automatically_add_embedded_derp_region": True, "ipv4": LOOPBACK,
-            },
-            "urls": [], "paths": [], "auto_update_enabled": False,
-        },
+        "derp": {"server": {"stun_listen_addr": f"{LOOPBACK}:{p['stun']}", "ipv4": LOOPBACK}},
         "disable_check_updates": True,
-        "node": {"expiry": "0", "ephemeral": {"inactivity_timeout": "30m"}},
-        "database": {"type": "sqlite",
-                     "sqlite": {"path": str(work / "db.sqlite"), "write_ahead_log": True}},
-        "log": {"level": args.log_level, "format": "text"},
+        "log": {"level": args.log_level},
         # No policy is stored before the policy phase: allow-all, as with an empty file.
-        "policy": {"mode": "database", "path": ""},
-        "dns": {"magic_dns": True, "base_domain": "bench.test", "override_local_dns": False,
-                "nameservers": {"global": []}},
+        "policy": {"mode": "database"},
+        "dns": {"base_domain": "bench.test"},
         "unix_socket": str(work / "hs.sock"),
-        "unix_socket_permission": "0770",
         "logtail": {"enabled": False},
-    }
+    })
+    # Where the relay listens is each caller's choice (Headscale: on its main port).
+    del cfg["derp"]["server"]["listen_addr"]
     if args.batch_delay_ms is not None:
         cfg["tuning"] = {"batch_change_delay": f"{args.batch_delay_ms}ms"}
     return cfg

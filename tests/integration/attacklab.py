@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import resource
 import sqlite3
 import subprocess
@@ -27,7 +26,7 @@ from tests.integration.seed import seed
 from tests.integration.server import REPO, PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for
+from tests.integration.world import World, interactive_up, peers_by_name, wait_for
 
 OLDEST, NEWEST = PINNED[0], PINNED[-1]
 
@@ -209,26 +208,11 @@ class AttackLab:
         host = self._host("web")
         ts = self.world.add_client(host.name, version, host=host)
         srv = self.server
-        up = ts.host.popen([str(ts.tailscale), f"--socket={ts.socket}", "up",
-                            f"--login-server={srv.url}", f"--hostname={host.name}",
-                            "--accept-dns=false", "--timeout=120s"],
-                           env=ts.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-        url_re = re.compile(re.escape(srv.url) + r"/register/(hskey-authreq-[0-9a-f]+)")
-        out, auth_id = "", None
-        deadline = time.monotonic() + 60
-        while auth_id is None and time.monotonic() < deadline:
-            line = up.stdout.readline()  # type: ignore[union-attr]
-            out += line
-            if not line and up.poll() is not None:
-                break
-            if m := url_re.search(line):
-                auth_id = m.group(1)
-        assert auth_id, f"no register URL printed: {out}"
+        up, auth_id = interactive_up(ts, srv)
         time.sleep(1.0)  # the client is now waiting on its Followup
         r = srv.cli("auth", "register", "--auth-id", auth_id, "--user", "alice")
         assert r.returncode == 0, f"auth register: {r.stdout}{r.stderr}"
-        assert up.wait(timeout=90) == 0, out + (up.stdout.read() if up.stdout else "")  # type: ignore[union-attr]
+        assert up.wait(timeout=90) == 0, up.stdout.read() if up.stdout else ""
         ts.wait_state("Running", timeout=30)
         ts.wait_tun_address()
         self._sees_anchor_and_pings(ts, host.name)

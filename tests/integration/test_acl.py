@@ -85,6 +85,14 @@ def test_hosts_in_netmap_table(lab: AclLab, case: str) -> None:
         lab.wait_peer_count(name, user2_peers)
 
 
+def expect_user1_to_user2_only(lab: AclLab) -> None:
+    """Every user1 node reaches every user2 node; no user2 node reaches a user1 node."""
+    for src, dst in pairs(USER1, USER2):
+        lab.expect_reach(src, dst)
+    for src, dst in pairs(USER2, USER1):
+        lab.expect_denied(src, dst)
+
+
 # -- single-policy reachability ------------------------------------------------------------
 
 
@@ -113,18 +121,12 @@ def test_deny_all_port80(lab: AclLab) -> None:
 
 def test_allow_user_dst(lab: AclLab) -> None:
     lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
-    for src, dst in pairs(USER1, USER2):
-        lab.expect_reach(src, dst)
-    for src, dst in pairs(USER2, USER1):
-        lab.expect_denied(src, dst)
+    expect_user1_to_user2_only(lab)
 
 
 def test_allow_star_dst(lab: AclLab) -> None:
     lab.set_policy({"acls": [acl(["user1@"], ["*:*"])]})
-    for src, dst in pairs(USER1, USER2):
-        lab.expect_reach(src, dst)
-    for src, dst in pairs(USER2, USER1):
-        lab.expect_denied(src, dst)
+    expect_user1_to_user2_only(lab)
 
 
 def test_named_hosts_can_reach_by_subnet(lab: AclLab) -> None:
@@ -187,10 +189,7 @@ def test_policy_update_while_running_with_cli_in_database(lab: AclLab) -> None:
     r = lab.cli("policy", "get", "--output", "json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == sent
-    for src, dst in pairs(USER1, USER2):
-        lab.expect_reach(src, dst)
-    for src, dst in pairs(USER2, USER1):
-        lab.expect_denied(src, dst)
+    expect_user1_to_user2_only(lab)
 
 
 def test_autogroup_member(lab: AclLab) -> None:
@@ -244,10 +243,7 @@ def test_policy_propagation_over_time(lab: AclLab, i: int) -> None:
     assert len(lab.server.cli_json("nodes", "list", "--user", "user1")) == 2
 
     lab.set_policy({"acls": [acl(["user1@"], ["user2@:*"])]})
-    for src, dst in pairs(USER1, USER2):
-        lab.expect_reach(src, dst)
-    for src, dst in pairs(USER2, USER1):
-        lab.expect_denied(src, dst)
+    expect_user1_to_user2_only(lab)
 
 
 # -- groups naming users that do not exist (Headscale issue 2967) --------------------------
