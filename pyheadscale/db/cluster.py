@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Column, ForeignKey, Index, Integer, Text
 from sqlmodel import Field, SQLModel
 
-from pyheadscale.db.models import _ID, JSONText, _created_at, _id_column, _time
+from pyheadscale.db.models import _ID, JSONText, _created_at, _id_column, _table_args, _time
 
 __all__ = ["ClusterChange", "ClusterInstance", "ClusterPresence", "ClusterRegistration",
            "ClusterState"]
@@ -20,7 +20,7 @@ class ClusterChange(SQLModel, table=True):
     """One committed write: which rows it touched ({table: [ids]}; [] = the whole table)."""
 
     __tablename__ = "cluster_changes"
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    __table_args__ = _table_args()
 
     id: int | None = Field(default=None, sa_column=_id_column())
     instance: str = Field(sa_column=Column("instance", Text(), nullable=False))

@@ -222,6 +222,12 @@ def _text(name: str) -> Any:
     return Column(name, Text(), nullable=True)
 
 
+def _table_args(*indexes: Index) -> tuple[Any, ...]:
+    """A table's indexes, and AUTOINCREMENT ids on SQLite: a deleted row's id is never
+    reused, as in GORM's tables."""
+    return (*indexes, {"sqlite_autoincrement": True})
+
+
 def _partial_unique(name: str, *columns: str, where: str) -> Index:
     """A unique index over the rows matching `where`, on SQLite and PostgreSQL alike."""
     return Index(name, *columns, unique=True, sqlite_where=text(where),
@@ -256,7 +262,7 @@ gormigrate_migrations = Table(
 
 class User(SQLModel, table=True):
     __tablename__ = "users"
-    __table_args__ = (
+    __table_args__ = _table_args(
         Index("idx_users_deleted_at", "deleted_at"),
         # Three indexes together: external identities unique; local names unique among locals.
         _partial_unique("idx_provider_identifier", "provider_identifier",
@@ -264,7 +270,6 @@ class User(SQLModel, table=True):
         Index("idx_name_provider_identifier", "name", "provider_identifier", unique=True),
         _partial_unique("idx_name_no_provider_identifier", "name",
                         where="provider_identifier IS NULL"),
-        {"sqlite_autoincrement": True},
     )
 
     id: int | None = Field(default=None, sa_column=_id_column())
@@ -284,10 +289,9 @@ class User(SQLModel, table=True):
 
 class PreAuthKey(SQLModel, table=True):
     __tablename__ = "pre_auth_keys"
-    __table_args__ = (
+    __table_args__ = _table_args(
         _partial_unique("idx_pre_auth_keys_prefix", "prefix",
                         where="prefix IS NOT NULL AND prefix != ''"),
-        {"sqlite_autoincrement": True},
     )
 
     id: int | None = Field(default=None, sa_column=_id_column())
@@ -324,10 +328,7 @@ class PreAuthKey(SQLModel, table=True):
 
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
-    __table_args__ = (
-        Index("idx_api_keys_prefix", "prefix", unique=True),
-        {"sqlite_autoincrement": True},
-    )
+    __table_args__ = _table_args(Index("idx_api_keys_prefix", "prefix", unique=True))
 
     id: int | None = Field(default=None, sa_column=_id_column())
     prefix: str = Field(default="", sa_column=_text("prefix"))
@@ -347,10 +348,7 @@ class OAuthClient(SQLModel, table=True):
     """
 
     __tablename__ = "oauth_clients"
-    __table_args__ = (
-        Index("idx_oauth_clients_client_id", "client_id", unique=True),
-        {"sqlite_autoincrement": True},
-    )
+    __table_args__ = _table_args(Index("idx_oauth_clients_client_id", "client_id", unique=True))
 
     id: int | None = Field(default=None, sa_column=_id_column())
     client_id: str = Field(default="", sa_column=_text("client_id"))
@@ -367,10 +365,7 @@ class OAuthAccessToken(SQLModel, table=True):
     """A short-lived bearer token minted by an OAuth client (oauth_access_tokens)."""
 
     __tablename__ = "oauth_access_tokens"
-    __table_args__ = (
-        Index("idx_oauth_access_tokens_prefix", "prefix", unique=True),
-        {"sqlite_autoincrement": True},
-    )
+    __table_args__ = _table_args(Index("idx_oauth_access_tokens_prefix", "prefix", unique=True))
 
     id: int | None = Field(default=None, sa_column=_id_column())
     prefix: str = Field(default="", sa_column=_text("prefix"))
@@ -384,7 +379,7 @@ class OAuthAccessToken(SQLModel, table=True):
 
 class Node(SQLModel, table=True):
     __tablename__ = "nodes"
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    __table_args__ = _table_args()
 
     id: int | None = Field(default=None, sa_column=_id_column())
     machine_key: str = Field(default="", sa_column=_text("machine_key"))
@@ -440,10 +435,7 @@ class Policy(SQLModel, table=True):
     """Append-only: each policy change inserts a row; the highest id is the current policy."""
 
     __tablename__ = "policies"
-    __table_args__ = (
-        Index("idx_policies_deleted_at", "deleted_at"),
-        {"sqlite_autoincrement": True},
-    )
+    __table_args__ = _table_args(Index("idx_policies_deleted_at", "deleted_at"))
 
     id: int | None = Field(default=None, sa_column=_id_column())
     # HuJSON text exactly as the admin supplied it.
