@@ -19,6 +19,7 @@ from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind
 from pyheadscale.state.model import Node, User
 from pyheadscale.state.routes import PrimaryRoutes
+from tests.unit._statefix import key, make_node
 
 NOW = datetime(2026, 8, 22, 16, 0, tzinfo=UTC)
 USERS = [User(id=1, name="alice", email="alice@example.com"),
@@ -29,17 +30,10 @@ TAGS = {t: ["alice@example.com"] for t in
 
 def node(i: int, *, user: int | None = 1, tags: tuple[str, ...] = (),
          routes: tuple[str, ...] = (), approved: tuple[str, ...] | None = None) -> Node:
-    return Node(
-        id=i, machine_key=bytes([i]) * 32, node_key=bytes([0x40 + i]) * 32, disco_key=None,
-        hostname=f"n{i}", given_name=f"n{i}", user_id=None if tags else user,
-        ipv4=ipaddress.IPv4Address(f"100.64.0.{i}"),
-        ipv6=ipaddress.IPv6Address(f"fd7a:115c:a1e0::{i}"),
-        register_method="authkey", created_at=NOW, updated_at=NOW, tags=tags,
-        hostinfo={"RoutableIPs": list(routes)},
-        approved_routes=tuple(ipaddress.ip_network(r)
-                              for r in (routes if approved is None else approved)),
-        online=True, capver=113, version=1,
-    )
+    return make_node(i, user=user, tags=tags, routes=routes,
+                     approved=routes if approved is None else approved, machine_key=key(i),
+                     node_key=key(0x40 + i), created_at=NOW, updated_at=NOW,
+                     hostinfo={"RoutableIPs": list(routes)}, online=True, capver=113, version=1)
 
 
 def context(policy: dict[str, Any], nodes: list[Node], generation: int = 1) -> MapContext:

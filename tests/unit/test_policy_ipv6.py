@@ -19,6 +19,7 @@ import pytest
 
 from pyheadscale.policy import PolicyError, PolicyManager, PolicyTestError
 from pyheadscale.state.model import Node, User
+from tests.unit._statefix import key, make_node
 
 _T = datetime(2025, 1, 1, tzinfo=UTC)
 USERS = [User(id=1, name="alice", email="alice@example.com")]
@@ -28,15 +29,9 @@ V6_LAN = "fd00:1::/64"
 
 
 def node(i: int, tags: tuple[str, ...] = (), routes: tuple[str, ...] = ()) -> Node:
-    return Node(
-        id=i, machine_key=bytes([i]) * 32, node_key=bytes([i]) * 32, disco_key=None,
-        hostname=f"n{i}", given_name=f"n{i}", user_id=None if tags else 1,
-        ipv4=ipaddress.IPv4Address(f"100.64.0.{i}"),
-        ipv6=ipaddress.IPv6Address(f"fd7a:115c:a1e0::{i}"),
-        register_method="authkey", created_at=_T, updated_at=_T, tags=tags,
-        hostinfo={"RoutableIPs": list(routes)},
-        approved_routes=tuple(ipaddress.ip_network(r) for r in routes),
-    )
+    return make_node(i, tags=tags, routes=routes, approved=routes, machine_key=key(i),
+                     node_key=key(i), created_at=_T, updated_at=_T,
+                     hostinfo={"RoutableIPs": list(routes)})
 
 
 CLIENT = node(1, ("tag:client",))
