@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.netns import Host, Router
+from tests.integration.procs import NamespacedProcess
 from tests.integration.seed import seed
 from tests.integration.server import REPO, VENV_PYTHON, CertAuthority, PyHeadscale
 from tests.integration.tailscale import Tailscaled
@@ -238,7 +239,7 @@ def node_private_key(ts: Tailscaled) -> bytes:
 # -- a standalone relay (python -m derp) ------------------------------------------------------
 
 
-class StandaloneDerp:
+class StandaloneDerp(NamespacedProcess):
     """`python -m derp` in `host`'s namespace with TLS from the test CA (certmode manual)."""
 
     def __init__(
@@ -253,7 +254,7 @@ class StandaloneDerp:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.host = host
+        super().__init__(host, workdir / "derp.log")
         self.hostname = hostname or host.ip
         self.port = port
         self.workdir = workdir
@@ -264,39 +265,17 @@ class StandaloneDerp:
         # must cover the hostname.
         (certdir / f"{self.hostname}.crt").write_bytes(ca.cert.read_bytes())
         (certdir / f"{self.hostname}.key").write_bytes(ca.key.read_bytes())
-        self.log_path = workdir / "derp.log"
         argv = [
             str(VENV_PYTHON), "-m", "derp", "-a", f"{host.ip}:{port}", "--hostname", self.hostname,
             "--certmode", "manual", "--certdir", str(certdir), "-c", str(workdir / "derper.key"),
             "--stun-port", str(stun_port), "--http-port", "-1", "-v", *extra_args,
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = host.popen(argv, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL,
-                                   env={"PYTHONUNBUFFERED": "1", **(env or {})})
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"python -m derp exited:\n{self.log_text()}")
-            if "derp: serving" in self.log_text():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"python -m derp did not start:\n{self.log_text()}")
+        self.spawn(argv, env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=REPO)
+        self.wait_ready(lambda: "derp: serving" in self.log_text(), 20, AssertionError,
+                        lambda: "no 'derp: serving' in its log")
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+    def __repr__(self) -> str:
+        return f"<StandaloneDerp {self.hostname}:{self.port} on {self.host.name}>"
 
 
 def derp_report(ts: Tailscaled, region: str = REGION_CODE) -> dict[str, list[str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -71,15 +70,10 @@ class HAProxy(NamespacedProcess):
         if check.returncode != 0:
             raise HAProxyError(f"bad haproxy config: {check.stdout}{check.stderr}")
         self.spawn([binary, "-db", "-f", str(self.config)], env={})
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise HAProxyError(f"haproxy exited:\n{self.log_text()}")
-            probe = f"import socket; socket.create_connection(('{host.ip}', {port}), 2)"
-            if host.run([sys.executable, "-c", probe], timeout=10).returncode == 0:
-                return
-            time.sleep(0.2)
-        raise HAProxyError(f"haproxy did not listen:\n{self.log_text()}")
+        probe = f"import socket; socket.create_connection(('{host.ip}', {port}), 2)"
+        self.wait_ready(
+            lambda: host.run([sys.executable, "-c", probe], timeout=10).returncode == 0,
+            20, HAProxyError, lambda: f"nothing listening on {host.ip}:{port}")
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def __repr__(self) -> str:
+        return f"<HAProxy on {self.host.name}>"

@@ -1,5 +1,6 @@
-"""What the harness's long-running processes (pyheadscale, tailscaled) share: a namespace to
-run in, a log file, a unix socket path short enough for AF_UNIX, stop/kill/restart/close."""
+"""What the harness's long-running processes (pyheadscale, tailscaled, relays, HAProxy)
+share: a namespace to run in, a log file, waiting until ready, a unix socket path short enough
+for AF_UNIX, stop/kill/restart/close."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -52,6 +54,20 @@ class NamespacedProcess:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float, error: type[Exception],
+                   not_yet: Callable[[], str], interval: float = 0.2) -> None:
+        """Poll `ready` until it holds. Raise `error` with the log's tail when the process
+        exits first, or when `timeout` passes (saying `not_yet()`: what is still missing)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise error(f"{self!r} exited with {self.proc.returncode if self.proc else None}"
+                            f"; log tail:\n{self.log_tail()}")
+            if ready():
+                return
+            time.sleep(interval)
+        raise error(f"{self!r}: {not_yet()} after {timeout}s; log tail:\n{self.log_tail()}")
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`. Returns the exit code."""

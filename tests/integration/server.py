@@ -16,7 +16,6 @@ import ipaddress
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,22 +258,15 @@ class PyHeadscale(NamespacedProcess):
         return http_get_from(self.host, base + path, ca_file=self.ca_file, timeout=timeout)
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
         last: tuple[int, bytes] = (0, b"")
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise ServerError(
-                    f"pyheadscale exited with {self.proc.returncode if self.proc else None}; "
-                    f"log tail:\n{self.log_tail()}"
-                )
+
+        def healthy() -> bool:
+            nonlocal last
             last = self.http_get("/health", timeout=3)
-            if last[0] == 200:
-                return
-            time.sleep(0.3)
-        raise ServerError(
-            f"/health not 200 after {timeout}s (last {last[0]} {last[1][:200]!r}); "
-            f"log tail:\n{self.log_tail()}"
-        )
+            return last[0] == 200
+
+        self.wait_ready(healthy, timeout, ServerError,
+                        lambda: f"/health not 200 (last {last[0]} {last[1][:200]!r})", 0.3)
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """`python -m pyheadscale -c CONFIG <args>` inside the server's namespace."""

@@ -124,24 +124,18 @@ class Tailscaled(NamespacedProcess):
 
     def wait_socket(self, timeout: float = 30) -> None:
         """Wait until the CLI gets an answer through the socket."""
-        deadline = time.monotonic() + timeout
         last = ""
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise TailscaleError(
-                    f"{self!r} exited with {self.proc.returncode if self.proc else None}; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            if self.socket.exists():
-                res = self.cli("status", "--json", timeout=10)
-                if res.stdout.lstrip().startswith("{"):
-                    return
-                last = res.stderr.strip()
-            time.sleep(0.2)
-        raise TailscaleError(
-            f"{self!r}: no answer on {self.socket} after {timeout}s "
-            f"({last}); log tail:\n{self.log_tail()}"
-        )
+
+        def answers() -> bool:
+            nonlocal last
+            if not self.socket.exists():
+                return False
+            res = self.cli("status", "--json", timeout=10)
+            last = res.stderr.strip()
+            return res.stdout.lstrip().startswith("{")
+
+        self.wait_ready(answers, timeout, TailscaleError,
+                        lambda: f"no answer on {self.socket} ({last})")
 
     # -- CLI ---------------------------------------------------------------------------------
 
