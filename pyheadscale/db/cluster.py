@@ -10,7 +10,15 @@ from typing import Any
 from sqlalchemy import Column, ForeignKey, Index, Integer, Text
 from sqlmodel import Field, SQLModel
 
-from pyheadscale.db.models import _ID, JSONText, _created_at, _id_column, _table_args, _time
+from pyheadscale.db.models import (
+    _ID,
+    JSONText,
+    _created_at,
+    _id_column,
+    _id_ref,
+    _table_args,
+    _time,
+)
 
 __all__ = ["ClusterChange", "ClusterInstance", "ClusterPresence", "ClusterRegistration",
            "ClusterState"]
@@ -38,7 +46,7 @@ class ClusterInstance(SQLModel, table=True):
     name: str | None = Field(default=None, sa_column=Column("name", Text()))
     started_at: datetime | None = _time("started_at")
     heartbeat_at: datetime | None = _time("heartbeat_at")
-    applied_id: int | None = Field(default=None, sa_column=Column("applied_id", _ID))
+    applied_id: int | None = _id_ref("applied_id")
     info: dict[str, Any] | None = Field(default=None, sa_column=Column("info", JSONText()))
 
 
@@ -77,5 +85,5 @@ class ClusterRegistration(SQLModel, table=True):
     data: dict[str, Any] | None = Field(default=None, sa_column=Column("data", JSONText()))
     created_at: datetime | None = _time("created_at")
     expires_at: datetime | None = _time("expires_at")
-    node_id: int | None = Field(default=None, sa_column=Column("node_id", _ID))
+    node_id: int | None = _id_ref("node_id")
     error: str | None = Field(default=None, sa_column=Column("error", Text()))

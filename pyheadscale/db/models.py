@@ -214,6 +214,11 @@ def _id_column() -> Any:
     return Column("id", _ID, primary_key=True, autoincrement=True)
 
 
+def _id_ref(name: str, *foreign_key: ForeignKey) -> Any:
+    """A nullable id (GORM's *uint) naming a row, with the table's foreign key if it has one."""
+    return Field(default=None, sa_column=Column(name, _ID, *foreign_key, nullable=True))
+
+
 def _ts(name: str, **kw: Any) -> Any:
     return Column(name, UTCDateTime(), nullable=True, **kw)
 
@@ -299,15 +304,8 @@ class PreAuthKey(SQLModel, table=True):
     key: str = Field(default="", sa_column=_text("key"))
     prefix: str = Field(default="", sa_column=_text("prefix"))
     hash: bytes | None = Field(default=None, sa_column=Column("hash", LargeBinary()))
-    user_id: int | None = Field(
-        default=None,
-        sa_column=Column(
-            "user_id",
-            _ID,
-            ForeignKey("users.id", name="fk_pre_auth_keys_user", ondelete="SET NULL"),
-            nullable=True,
-        ),
-    )
+    user_id: int | None = _id_ref(
+        "user_id", ForeignKey("users.id", name="fk_pre_auth_keys_user", ondelete="SET NULL"))
     reusable: bool = Field(default=False, sa_column=Column("reusable", NumericBool()))
     ephemeral: bool = Field(
         default=False,
@@ -337,7 +335,7 @@ class ApiKey(SQLModel, table=True):
     last_seen: datetime | None = _time("last_seen")
     created_at: datetime | None = _created_at()
     # Headscale 0.30: the user an API key acts for (no foreign key, as Headscale's DDL).
-    user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
+    user_id: int | None = _id_ref("user_id")
 
 
 class OAuthClient(SQLModel, table=True):
@@ -356,7 +354,7 @@ class OAuthClient(SQLModel, table=True):
     scopes: list[str] | None = Field(default=None, sa_column=Column("scopes", JSONText()))
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
     description: str = Field(default="", sa_column=_text("description"))
-    user_id: int | None = Field(default=None, sa_column=Column("user_id", _ID, nullable=True))
+    user_id: int | None = _id_ref("user_id")
     created_at: datetime | None = _created_at()
     revoked: datetime | None = _time("revoked")
 
@@ -396,26 +394,12 @@ class Node(SQLModel, table=True):
     hostname: str = Field(default="", sa_column=_text("hostname"))
     given_name: str = Field(default="", sa_column=Column("given_name", String(63)))
     # NULL for tagged nodes, which are owned by their tags.
-    user_id: int | None = Field(
-        default=None,
-        sa_column=Column(
-            "user_id",
-            _ID,
-            ForeignKey("users.id", name="fk_nodes_user", ondelete="CASCADE"),
-            nullable=True,
-        ),
-    )
+    user_id: int | None = _id_ref(
+        "user_id", ForeignKey("users.id", name="fk_nodes_user", ondelete="CASCADE"))
     register_method: str = Field(default="", sa_column=_text("register_method"))
     tags: list[str] | None = Field(default=None, sa_column=Column("tags", JSONText()))
-    auth_key_id: int | None = Field(
-        default=None,
-        sa_column=Column(
-            "auth_key_id",
-            _ID,
-            ForeignKey("pre_auth_keys.id", name="fk_nodes_auth_key"),
-            nullable=True,
-        ),
-    )
+    auth_key_id: int | None = _id_ref(
+        "auth_key_id", ForeignKey("pre_auth_keys.id", name="fk_nodes_auth_key"))
     last_seen: datetime | None = _time("last_seen")
     # NULL means the node key never expires.
     expiry: datetime | None = _time("expiry")
