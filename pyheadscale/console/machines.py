@@ -10,7 +10,14 @@ from aiohttp import web
 
 from pyheadscale.api.audited import Seen
 from pyheadscale.auth.webflow import AUTH_ID_PREFIX
-from pyheadscale.console.views import NodeRow, matches, node_row, parse_routes, user_label
+from pyheadscale.console.views import (
+    NodeRow,
+    matches,
+    node_row,
+    parse_routes,
+    parse_tags,
+    user_label,
+)
 from pyheadscale.console.web import ID, Access, Console, form_list, path_id, read_form, route
 
 STATUSES = ("online", "offline", "expired")
@@ -100,8 +107,7 @@ class Machines:
     @route("POST", f"/machines/{ID}/tags", Access.WRITE)
     async def tags(self, request: web.Request) -> web.StreamResponse:
         nid = path_id(request)
-        text = (await read_form(request)).get("tags", "")
-        tags = [t for t in text.replace(",", " ").split() if t]
+        tags = parse_tags((await read_form(request)).get("tags", ""))
         return await self.c.act(request, "setTags", self.c.deps.actions.set_tags(nid, tags),
                                 self.c.node_seen, "Tags saved.", f"/machines/{nid}")
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from pyheadscale.api import shapes
 from pyheadscale.api.audited import Seen
 from pyheadscale.api.errors import APIError
-from pyheadscale.console.views import iso, key_row, node_row, user_label, when
+from pyheadscale.console.views import iso, key_row, node_row, parse_tags, user_label, when
 from pyheadscale.console.web import ID, Access, Console, path_id, read_form, route
 
 # Expiry choices offered for new keys (the API takes any RFC 3339 time).
@@ -113,7 +113,7 @@ class People:
         f = await read_form(request)
         try:
             uid = int(f.get("user", "0") or "0")
-            tags = [t for t in f.get("tags", "").replace(",", " ").split() if t]
+            tags = parse_tags(f.get("tags", ""))
             k, full = await self.c.deps.actions.create_preauth_key(
                 uid or None, reusable=f.get("reusable") == "yes",
                 ephemeral=f.get("ephemeral") == "yes", expiration=_expiry(f.get("expiry", "")),

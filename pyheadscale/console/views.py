@@ -163,6 +163,11 @@ def parse_routes(values: Iterable[str]) -> list[str]:
     return out
 
 
+def parse_tags(text: str) -> list[str]:
+    """A tags field: names separated by commas and/or white space."""
+    return text.replace(",", " ").split()
+
+
 def is_prefix(text: str) -> bool:
     try:
         ipaddress.ip_network(text, strict=False)
