@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from pyheadscale.api import shapes
 from pyheadscale.api.audited import Seen, record
@@ -67,6 +68,11 @@ def route(method: str, path: str, access: Access) -> Callable[[M], M]:
     return mark
 
 
+def csrf_field(token: str) -> Markup:
+    """The hidden form field the guard checks on every POST (templates: csrf_field(csrf))."""
+    return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, token)
+
+
 def path_id(request: web.Request) -> int:
     return int(request.match_info["id"])
 
@@ -101,6 +107,7 @@ class Console:
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.templates.globals["csrf_field"] = csrf_field
         self.routes: list[Route] = []
         # Our two static files, held in memory: they are small, and a plain response body
         # needs nothing from the transport (no sendfile). Pages name them with a content
