@@ -79,10 +79,6 @@ async def handle_register(reg: Registration, req: ControlRequest,
         return
 
     if rr.auth_key:
-        refused = await refused_request_tags(tn, rr.auth_key, rr.hostinfo)
-        if refused:
-            await reply(resp, 200, {"Error": refused})
-            return
         try:
             node = await tn.register_with_authkey(
                 machine_key=req.machine_key, node_key=rr.node_key,
@@ -107,28 +103,6 @@ async def handle_register(reg: Registration, req: ControlRequest,
         return
 
     await reg.interactive(req, rr, resp)
-
-
-def format_tags(tags: list[str]) -> str:
-    return "[" + " ".join(tags) + "]"  # Go's %v of a []string
-
-
-async def refused_request_tags(tailnet: Tailnet, auth_key: str,
-                               hostinfo: dict[str, Any] | None) -> str | None:
-    """Headscale: a pre-auth-key node takes its tags from the key; `--advertise-tags` naming
-    any tag the key does not carry is refused (the key's own tags are redundant, not new)."""
-    requested = (hostinfo or {}).get("RequestTags") or []
-    if not isinstance(requested, list) or not requested:
-        return None
-    try:
-        pak = await tailnet.find_preauth_key(auth_key)
-    except InvalidAuthKey:
-        return None  # the registration itself reports the bad key
-    extra = [str(t) for t in requested if t not in pak.tags]
-    if not extra:
-        return None
-    log.info("registration refused: requested tags %s not on the auth key", extra)
-    return f"requested tags {format_tags(extra)} are invalid or not permitted"
 
 
 def register_response(tailnet: Tailnet, node: Node, now: datetime) -> dict[str, Any]:

@@ -43,6 +43,12 @@ class JoinRequest:
             return ()
         return tuple(sorted({str(t) for t in tags if t}))
 
+    @property
+    def advertised_tags(self) -> list[str]:
+        """Hostinfo.RequestTags as the client sent them (for messages)."""
+        tags = self.hostinfo.get("RequestTags") or ()
+        return [str(t) for t in tags] if isinstance(tags, list | tuple) else []
+
 
 class Registration(KeyWrites):
     """Registration redeems pre-auth keys, so it builds on the key part."""
@@ -115,8 +121,14 @@ class Registration(KeyWrites):
         self._check_node_key_free(join.node_key, join.machine_key)
         mark_used = not pak.reusable and not pak.used
         if existing is not None:
+            # Re-registration ignores `--advertise-tags`: the node keeps its tags and owner.
             return await self._reregister(existing, join, pak, converting=converting,
                                           mark_used=mark_used, now=now_)
+        if join.request_tags:
+            # Headscale 0.29.2: a node joining with a pre-auth key takes its tags from the
+            # key only; any `--advertise-tags`, even the key's own tags, is refused.
+            raise InvalidArgument(f"requested tags [{' '.join(join.advertised_tags)}] are "
+                                  "invalid or not permitted")
         return await self._create_node(join, now=now_, pak=pak, mark_used=mark_used)
 
     async def _reregister(self, old: Node, join: JoinRequest, pak: PreAuthKey, *,

@@ -71,3 +71,26 @@ async def test_without_an_authorizer_every_tag_is_refused(tmp_path: Path) -> Non
         await tn.register_for_user(key(1), key(2), u.id,
                                    {"Hostname": "x", "RequestTags": ["tag:web"]})
     await tn.close()
+
+
+async def test_a_preauth_key_join_refuses_any_advertised_tag_but_a_rejoin_ignores_them(
+        tmp_path: Path) -> None:
+    """Headscale 0.29.2: a new node joining with a key gets the key's tags only, so every
+    `--advertise-tags` (the key's own tag too) is refused, listed as sent; the same machine
+    registering again keeps its tags whatever it advertises."""
+    tn, alice, _ = await _tailnet(tmp_path)
+    _, tagged = await tn.create_preauth_key(alice, reusable=True, ephemeral=False,
+                                            expiration=None, tags=("tag:web",))
+    for asked in (["tag:web"], ["tag:web", "tag:db"], ["tag:zz", "tag:db"]):
+        with pytest.raises(InvalidArgument) as ei:
+            await tn.register_with_authkey(key(1), key(2), None,
+                                           {"Hostname": "x", "RequestTags": asked}, key=tagged)
+        assert str(ei.value) == f"requested tags [{' '.join(asked)}] are invalid or not permitted"
+    assert tn.nodes == {}
+    n = await tn.register_with_authkey(key(1), key(2), None, {"Hostname": "x"}, key=tagged)
+    assert n.tags == ("tag:web",)
+    again = await tn.register_with_authkey(key(1), key(3), key(2),
+                                           {"Hostname": "x", "RequestTags": ["tag:db"]},
+                                           key=tagged)
+    assert (again.id, again.tags) == (n.id, ("tag:web",))
+    await tn.close()
