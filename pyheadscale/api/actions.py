@@ -15,7 +15,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pyheadscale.api.errors import APIError, bad_request, from_state, not_found, state_errors
-from pyheadscale.api.request import check_auth_id, check_tags, go_list, parse_prefix
+from pyheadscale.api.request import (
+    check_auth_id,
+    check_tags,
+    go_list,
+    parse_prefix,
+    validate_tag,
+)
 from pyheadscale.auth.webflow import UnknownAuthID
 from pyheadscale.policy import PolicyError
 from pyheadscale.state.errors import StateError
@@ -80,12 +86,14 @@ class AdminActions:
         if not tags:
             raise bad_request("cannot remove all tags from a node - tagged nodes must have at "
                               "least one tag")
-        check_tags(tags, "setting tags")
+        # Headscale's SetTags messages carry no "setting tags:" context (its CLI adds it).
+        for t in tags:
+            if problem := validate_tag(t):
+                raise bad_request(problem)
         self._node(node_id)
         invalid = [t for t in tags if not self.deps.policy.tag_exists(t)]
         if invalid:
-            raise bad_request(f"setting tags: requested tags {go_list(invalid)} are invalid or "
-                              "not permitted")
+            raise bad_request(f"requested tags {go_list(invalid)} are invalid or not permitted")
         with state_errors("setting tags"):
             n = await self.tailnet.set_tags(node_id, tags)
         return n

@@ -17,7 +17,6 @@ from tests.integration.tags_lab import (
     OWNED,
     SECOND,
     UNOWNED,
-    USER,
     TagsLab,
     refusal,
 )
