@@ -21,6 +21,8 @@ from tests.integration.tailscale import Tailscaled
 from tests.integration.versions import PINNED
 from tests.integration.world import World, interactive_up, peers_by_name, wait_for
 
+OLDEST, MIDDLE, NEWEST = PINNED
+
 USER, OTHER = "taguser", "other-user"
 OWNED, SECOND, UNOWNED, NONEXISTENT = ("tag:valid-owned", "tag:second", "tag:valid-unowned",
                                        "tag:nonexistent")
@@ -58,7 +60,7 @@ class TagsLab(World):
     def boot(self) -> None:
         self.start_server(overrides={"node": {"expiry": "24h"}}, users=[USER, OTHER],
                           keys={"watcher": {"user": USER, "reusable": True}}, policy=POLICY)
-        self.watcher = self.join("watcher", PINNED[-1], "watcher")
+        self.watcher = self.join("watcher", NEWEST, "watcher")
         users = self.srv.cli_json("users", "list")
         self.user_ids = {u["name"]: str(u["id"]) for u in users}
         self._api_key = ""
@@ -83,10 +85,10 @@ class TagsLab(World):
             args += ["--tags", ",".join(tags)]
         return str(self.srv.cli_json(*args)["key"])
 
-    def client(self, prefix: str) -> Tailscaled:
-        """A new client, versions in turn across the scenarios (named prefixN, short: namespace names are bounded)."""
+    def client(self, prefix: str, version: str) -> Tailscaled:
+        """A new client named prefixN (short: namespace names are bounded)."""
         self._n += 1
-        return self.add_client(f"{prefix}{self._n}", PINNED[self._n % len(PINNED)])
+        return self.add_client(f"{prefix}{self._n}", version)
 
     def up(self, ts: Tailscaled, key: str | None, *args: str) -> subprocess.CompletedProcess[str]:
         return ts.up(self.srv.url, authkey=key, extra_args=args, timeout=40)

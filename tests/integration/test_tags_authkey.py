@@ -13,7 +13,10 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.tags_lab import (
+    MIDDLE,
+    NEWEST,
     NONEXISTENT,
+    OLDEST,
     OWNED,
     SECOND,
     UNOWNED,
@@ -42,22 +45,22 @@ def make_key(lab: TagsLab, kind: str, reusable: bool = False) -> str:
 KEY_TAGS = {TAGGED: (OWNED,), NO_USER: (OWNED,), PLAIN: ()}
 
 
-@pytest.mark.parametrize(("kind", "asked"), [
-    pytest.param(TAGGED, (SECOND,), id="WithTagRequestDifferentTag"),
-    pytest.param(TAGGED, (NONEXISTENT,), id="WithTagRequestNonExistentTag"),
-    pytest.param(TAGGED, (UNOWNED,), id="WithTagRequestUnownedTag"),
-    pytest.param(TAGGED, (OWNED,), id="WithTagRequestItsOwnTag"),
-    pytest.param(PLAIN, (OWNED,), id="WithoutTagCannotRequestTags"),
-    pytest.param(PLAIN, (NONEXISTENT,), id="WithoutTagRequestNonExistentTag"),
-    pytest.param(PLAIN, (UNOWNED,), id="WithoutTagRequestUnownedTag"),
-    pytest.param(NO_USER, (SECOND,), id="WithoutUserRejectsAdvertisedTags"),
+@pytest.mark.parametrize(("version", "kind", "asked"), [
+    pytest.param(OLDEST, TAGGED, (SECOND,), id="WithTagRequestDifferentTag"),
+    pytest.param(MIDDLE, TAGGED, (NONEXISTENT,), id="WithTagRequestNonExistentTag"),
+    pytest.param(NEWEST, TAGGED, (UNOWNED,), id="WithTagRequestUnownedTag"),
+    pytest.param(OLDEST, TAGGED, (OWNED,), id="WithTagRequestItsOwnTag"),
+    pytest.param(MIDDLE, PLAIN, (OWNED,), id="WithoutTagCannotRequestTags"),
+    pytest.param(NEWEST, PLAIN, (NONEXISTENT,), id="WithoutTagRequestNonExistentTag"),
+    pytest.param(OLDEST, PLAIN, (UNOWNED,), id="WithoutTagRequestUnownedTag"),
+    pytest.param(MIDDLE, NO_USER, (SECOND,), id="WithoutUserRejectsAdvertisedTags"),
 ])
-def test_advertised_tags_at_a_key_join_are_refused(lab: TagsLab, kind: str,
+def test_advertised_tags_at_a_key_join_are_refused(lab: TagsLab, version: str, kind: str,
                                                    asked: tuple[str, ...]) -> None:
     """`tailscale up --authkey K --advertise-tags=T` fails with Headscale's words and
     registers nothing; the same client with the same single-use key and no advertised
     tags then joins with the key's tags (the refusal spent nothing)."""
-    ts = lab.client("rf")
+    ts = lab.client("rf", version)
     key = make_key(lab, kind)
     r = lab.up(ts, key, f"--advertise-tags={','.join(asked)}")
     assert r.returncode != 0, r.stdout
@@ -69,30 +72,30 @@ def test_advertised_tags_at_a_key_join_are_refused(lab: TagsLab, kind: str,
     lab.expect_tags(ts, KEY_TAGS[kind])
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(TAGGED, id="WithTagNoAdvertiseFlag"),
-    pytest.param(PLAIN, id="WithoutTagRegisterNoTags"),
-    pytest.param(NO_USER, id="WithoutUserInheritsTags"),
+@pytest.mark.parametrize(("version", "kind"), [
+    pytest.param(OLDEST, TAGGED, id="WithTagNoAdvertiseFlag"),
+    pytest.param(MIDDLE, PLAIN, id="WithoutTagRegisterNoTags"),
+    pytest.param(NEWEST, NO_USER, id="WithoutUserInheritsTags"),
 ])
-def test_a_key_join_gives_the_keys_tags(lab: TagsLab, kind: str) -> None:
+def test_a_key_join_gives_the_keys_tags(lab: TagsLab, version: str, kind: str) -> None:
     """No `--advertise-tags`: a tagged key (with or without a user) makes a node tagged with
     the key's tags, owned by no user and without expiry; an untagged key a user's node."""
-    ts = lab.client("jn")
+    ts = lab.client("jn", version)
     node = lab.joined(ts, make_key(lab, kind))
     lab.expect_tags(ts, KEY_TAGS[kind])
     assert (node["expiry"] is None) == bool(KEY_TAGS[kind]), node
 
 
-@pytest.mark.parametrize(("kind", "asked"), [
-    pytest.param(TAGGED, (OWNED, SECOND), id="WithTagCannotAddViaCLI"),
-    pytest.param(TAGGED, (SECOND,), id="WithTagCannotChangeViaCLI"),
-    pytest.param(PLAIN, (OWNED,), id="WithoutTagCannotAddViaCLI"),
+@pytest.mark.parametrize(("version", "kind", "asked"), [
+    pytest.param(OLDEST, TAGGED, (OWNED, SECOND), id="WithTagCannotAddViaCLI"),
+    pytest.param(MIDDLE, TAGGED, (SECOND,), id="WithTagCannotChangeViaCLI"),
+    pytest.param(OLDEST, PLAIN, (OWNED,), id="WithoutTagCannotAddViaCLI"),
 ])
-def test_the_client_cli_cannot_change_a_key_nodes_tags(lab: TagsLab, kind: str,
+def test_the_client_cli_cannot_change_a_key_nodes_tags(lab: TagsLab, version: str, kind: str,
                                                        asked: tuple[str, ...]) -> None:
     """Joined with a key, then `tailscale up --authkey K --advertise-tags=...`: the node keeps
     the tags it has (same node, still running)."""
-    ts = lab.client("cl")
+    ts = lab.client("cl", version)
     key = make_key(lab, kind, reusable=True)
     node = lab.joined(ts, key)
     lab.expect_tags(ts, KEY_TAGS[kind])
@@ -101,22 +104,23 @@ def test_the_client_cli_cannot_change_a_key_nodes_tags(lab: TagsLab, kind: str,
     lab.expect_unchanged(ts, node, KEY_TAGS[kind])
 
 
-@pytest.mark.parametrize(("kind", "admin", "cli"), [
-    pytest.param(TAGGED, (SECOND,), ("--force-reauth",),
+@pytest.mark.parametrize(("version", "kind", "admin", "cli"), [
+    pytest.param(NEWEST, TAGGED, (SECOND,), ("--force-reauth",),
                  id="WithTagAdminOverrideReauthPreserves"),
-    pytest.param(TAGGED, (OWNED, SECOND), (f"--advertise-tags={OWNED}",),
+    pytest.param(OLDEST, TAGGED, (OWNED, SECOND), (f"--advertise-tags={OWNED}",),
                  id="WithTagCLICannotModifyAdminTags"),
-    pytest.param(PLAIN, (OWNED,), ("--reset",), id="WithoutTagCLINoOpAfterAdminWithReset"),
-    pytest.param(PLAIN, (OWNED,), ("--advertise-tags=",),
+    pytest.param(MIDDLE, PLAIN, (OWNED,), ("--reset",),
+                 id="WithoutTagCLINoOpAfterAdminWithReset"),
+    pytest.param(NEWEST, PLAIN, (OWNED,), ("--advertise-tags=",),
                  id="WithoutTagCLINoOpAfterAdminWithEmptyAdvertise"),
-    pytest.param(PLAIN, (OWNED, SECOND), (f"--advertise-tags={OWNED}",),
+    pytest.param(OLDEST, PLAIN, (OWNED, SECOND), (f"--advertise-tags={OWNED}",),
                  id="WithoutTagCLICannotReduceAdminMultiTag"),
 ])
-def test_admin_tags_survive_the_client_cli(lab: TagsLab, kind: str, admin: tuple[str, ...],
-                                           cli: tuple[str, ...]) -> None:
+def test_admin_tags_survive_the_client_cli(lab: TagsLab, version: str, kind: str,
+                                           admin: tuple[str, ...], cli: tuple[str, ...]) -> None:
     """Joined with a key, tagged by the admin (`headscale nodes tag`: the node, its own view
     and its peers follow), then `tailscale up --authkey K <flags>`: the admin's tags stay."""
-    ts = lab.client("ad")
+    ts = lab.client("ad", version)
     key = make_key(lab, kind, reusable=True)
     node = lab.joined(ts, key)
     lab.expect_tags(ts, KEY_TAGS[kind])
