@@ -93,6 +93,15 @@ async def test_tags_follow_policy(api: tuple[TestClient, ControlPlane]) -> None:
               "tag must start with the string 'tag:'")
     await err(await client.post(f"/api/v1/node/{nid}/tags", json={"tags": ["tag:Server"]}),
               400, "tag should be lowercase")
+    # Headscale's exact words: no "setting tags:" context (its CLI adds that), 404 unknown.
+    for tags, words in ((["tag:server"], "requested tags [tag:server] are invalid or not "
+                         "permitted"), (["x"], "tag must start with the string 'tag:'"),
+                        ([], "cannot remove all tags from a node - tagged nodes must have at "
+                         "least one tag")):
+        resp = await client.post(f"/api/v1/node/{nid}/tags", json={"tags": tags})
+        assert (resp.status, (await resp.json())["message"]) == (400, words)
+    resp = await client.post("/api/v1/node/424242/tags", json={"tags": ["tag:x"]})
+    assert (resp.status, (await resp.json())["message"]) == (404, "node not found")
     assert (await client.put("/api/v1/policy", json={"policy": POLICY})).status == 200
     resp = await client.post(f"/api/v1/node/{nid}/tags", json={"tags": ["tag:server"]})
     node = (await resp.json())["node"]
