@@ -166,10 +166,11 @@ def local_module_path(src: Path, name: str) -> Path:
     return versions.cache_dir() / name / h.hexdigest()[:16] / name
 
 
-def build_local_module(src: Path, name: str, log=sys.stderr, modfile: str = "go.mod") -> Path:
+def build_local_module(src: Path, name: str, log=sys.stderr, modfile: str = "go.mod",
+                       goenv: dict[str, str] | None = None) -> Path:
     """`go build` our Go program in `src` (its go.mod and go.sum, or `modfile` and its .sum,
     pin every module, fetched from the Go module proxy) with the local toolchain; reuses an
-    earlier build of the same files."""
+    earlier build of the same files. `goenv`: extra environment (GOOS/GOARCH to cross-build)."""
     out = local_module_path(src, name)
     if out.is_file() and os.access(out, os.X_OK):
         return out
@@ -184,7 +185,7 @@ def build_local_module(src: Path, name: str, log=sys.stderr, modfile: str = "go.
               flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=group))
         env = dict(os.environ, GOTOOLCHAIN="local", CGO_ENABLED="0",
-                   GOFLAGS="-mod=readonly -trimpath")
+                   GOFLAGS="-mod=readonly -trimpath", **(goenv or {}))
         try:
             err = _run([go, "build", f"-modfile={modfile}", "-o", str(tmp / name), "."], env,
                        cwd=str(src))
