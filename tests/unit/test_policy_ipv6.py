@@ -153,3 +153,29 @@ def test_policy_tests_with_ipv6_destinations(dst: str) -> None:
     manager({"grants": grants, "tests": [{"src": "fd7a:115c:a1e0::3", "deny": [dst]}]})
     with pytest.raises(PolicyTestError):
         manager({"grants": grants, "tests": [{"src": "tag:client", "deny": [dst]}]})
+
+
+def test_a_zone_is_dropped_as_netip_prefix_from_does() -> None:
+    """Headscale parses a bare address with netip.ParseAddr, then Addr.Prefix/PrefixFrom,
+    which drop an IPv6 zone: "%eth0" neither fails nor changes the destination."""
+    for rule in ({"grants": [{"src": ["tag:client"], "dst": ["fd7a:115c:a1e0::2%eth0"],
+                              "ip": ["tcp:22"]}]},
+                 {"acls": [{"action": "accept", "src": ["tag:client"],
+                            "dst": ["[fd7a:115c:a1e0::2%eth0]:22"]}]}):
+        dst = manager(rule).packet_filter(SERVER)[0]["DstPorts"]
+        assert dst == [ports("fd7a:115c:a1e0::2")]
+
+
+def test_an_ipv4_mapped_ipv6_literal_is_not_the_ipv4_node() -> None:
+    """::ffff:100.64.0.2 stays an IPv6 address (as in netip): no node has it, so the rule
+    reaches nobody and opens nothing on the IPv4 node."""
+    pm = manager({"grants": [{"src": ["tag:client"], "dst": ["::ffff:100.64.0.2"],
+                              "ip": ["tcp:22"]}]})
+    assert all(pm.packet_filter(n) == [] for n in NODES)
+    assert not pm.can_see(CLIENT, SERVER)
+
+
+def test_an_ipv6_literal_in_brackets_without_a_port_is_refused() -> None:
+    with pytest.raises(PolicyError, match="invalid alias format"):
+        manager({"grants": [{"src": ["tag:client"], "dst": ["[fd7a:115c:a1e0::2]"],
+                             "ip": ["tcp:22"]}]})
