@@ -227,3 +227,25 @@ def test_update_hostname_from_client(lab: World) -> None:
         {str(p["ID"]): p["HostName"] for p in
          (lab.nodes[USER1[0]].status_json().get("Peer") or {}).values()}.get(ids[n])
         == wanted[n][0] + "NEW" for n in USER2), 30)
+
+
+def test_deleting_an_online_node(lab: World) -> None:
+    """Test2118DeletingOnlineNodePanics: an admin deletes a node that is online; the server
+    lists every other node, still online, the peers drop it, and the tailnet goes on."""
+    srv = lab.server
+    assert srv is not None
+    victim = lab.nodes[USER2[0]]
+    vid, vip = str(victim.status_json()["Self"]["ID"]), victim.ip("4")[0]
+    before = {str(n["id"]): n for n in hsapi.nodes(srv)}
+    assert before[vid]["online"] is True and len(before) == len(ALL)
+    r = srv.cli("nodes", "delete", "--identifier", vid, "--output", "json", "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = wait_for("the node to be gone from the list", lambda: (
+        a if vid not in (a := {str(n["id"]): n for n in hsapi.nodes(srv)}) else None), 10)
+    assert set(after) == set(before) - {vid}
+    assert all(n["online"] for n in after.values()), after
+    wait_for("the peers to drop the deleted node", lambda: all(
+        vip not in {a for p in (lab.nodes[n].status_json().get("Peer") or {}).values()
+                    for a in p.get("TailscaleIPs") or []} for n in USER1), 30)
+    a, b = lab.nodes[USER1[0]], lab.nodes[USER1[1]]
+    assert a.ping(b.ip("4")[0], count=1, until_direct=False).returncode == 0
