@@ -43,8 +43,19 @@ def binary_works(path: Path, tool: str) -> bool:
     return res.returncode == 0
 
 
-def have(version: str, tools: Sequence[str] = CORE_TOOLS) -> bool:
+# tailscaled with DERP over WebSocket compiled in (Tailscale's `ts_debug_websockets` build
+# tag; the TS_DEBUG_DERP_WS_CLIENT envknob then turns it on). Built next to the plain binaries.
+WS_DERP_TAGS = ("ts_debug_websockets",)
+
+
+def variant_dir(version: str, tags: Sequence[str] = ()) -> Path:
+    """Where `version`'s binaries built with `tags` live (the plain ones without tags)."""
     vdir = versions.version_dir(version)
+    return vdir / ("tags-" + "+".join(tags)) if tags else vdir
+
+
+def have(version: str, tools: Sequence[str] = CORE_TOOLS, *, tags: Sequence[str] = ()) -> bool:
+    vdir = variant_dir(version, tags)
     return all(binary_works(vdir / t, t) for t in tools)
 
 
@@ -58,11 +69,13 @@ def _go() -> str:
     return go
 
 
-def _go_install(go: str, gobin: Path, version: str, tools: Sequence[str], log) -> None:
+def _go_install(go: str, gobin: Path, version: str, tools: Sequence[str], log,
+                tags: Sequence[str] = ()) -> None:
     pkgs = [f"tailscale.com/cmd/{t}@{version}" for t in tools]
     env = dict(os.environ)
     env["GOBIN"] = str(gobin)
-    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -trimpath").strip()
+    flags = " -trimpath" + (f" -tags={','.join(tags)}" if tags else "")
+    env["GOFLAGS"] = (env.get("GOFLAGS", "") + flags).strip()
     env["CGO_ENABLED"] = env.get("CGO_ENABLED", "0")
     attempts = [env.get("GOTOOLCHAIN", "local"), versions.FALLBACK_TOOLCHAIN]
     last = ""
@@ -81,14 +94,16 @@ def _go_install(go: str, gobin: Path, version: str, tools: Sequence[str], log) -
     raise BuildError(f"building {', '.join(pkgs)} failed:\n{last}")
 
 
-def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr) -> Path:
-    """Make sure `tools` for `version` exist and run; build the missing ones. Returns the dir."""
-    vdir = versions.version_dir(version)
-    if have(version, tools):
+def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr, *,
+           tags: Sequence[str] = ()) -> Path:
+    """Make sure `tools` for `version` (built with Go build `tags`) exist and run; build the
+    missing ones. Returns the dir."""
+    vdir = variant_dir(version, tags)
+    if have(version, tools, tags=tags):
         return vdir
     # Parallel pytest workers may all ask for the clients; only one may build at a time.
     with file_lock(versions.cache_dir() / "tailscale"):
-        if have(version, tools):  # another process built it while we waited
+        if have(version, tools, tags=tags):  # another process built it while we waited
             return vdir
         missing = [t for t in tools if not binary_works(vdir / t, t)]
         go = _go()
@@ -96,7 +111,7 @@ def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr) -> P
         vdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=vdir.parent))
         try:
-            _go_install(go, tmp, version, missing, log)
+            _go_install(go, tmp, version, missing, log, tags)
             for t in missing:
                 if not binary_works(tmp / t, t):
                     raise BuildError(f"{t} {version} built but does not run")
@@ -105,7 +120,7 @@ def ensure(version: str, tools: Sequence[str] = CORE_TOOLS, log=sys.stderr) -> P
                 os.replace(tmp / t, vdir / t)  # same filesystem: atomic per binary
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not have(version, tools):
+    if not have(version, tools, tags=tags):
         raise BuildError(f"{version}: binaries still missing after build in {vdir}")
     return vdir
 
@@ -120,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--extra",
         default="",
         help="comma-separated extra tools built at the newest pinned version (derper,derpprobe)",
+    )
+    parser.add_argument(
+        "--ws-derp", action="store_true",
+        help="also build tailscaled with DERP over WebSocket compiled in, for every version",
     )
     parser.add_argument(
         "--version", action="append", dest="only", help="only this version (repeatable)"
@@ -138,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             yield v, ensure(v)
         if extras:
             yield f"{versions.newest()} {','.join(extras)}", ensure(versions.newest(), extras)
+        if args.ws_derp:
+            for v in wanted:
+                yield f"{v} tailscaled +{','.join(WS_DERP_TAGS)}", ensure(
+                    v, ["tailscaled"], tags=WS_DERP_TAGS)
 
     return report(steps)
 
