@@ -3,8 +3,9 @@ when `derp.auto_update_enabled` (Headscale's scheduled DERP map update).
 
 A refresh replaces the maps only when every URL answered with a valid map; otherwise the
 previous maps stay and the fetch is retried with exponential backoff (1 s doubling, at most
-the update frequency), as Headscale retries before its next tick. Clients hear of a new map
-only when the merged map changed.
+the update frequency), as Headscale retries before its next tick. The update runs with or
+without URLs: Headscale's tick rebuilds the whole map, so `derp.paths` files are read again
+too; the caller does that and sends the map only when the merged map changed.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class DerpURLMaps:
         self.maps = maps
 
     def start_updates(self, every: timedelta, on_update: Callable[[], None]) -> None:
-        if self.urls and every > timedelta(0):
+        """Every `every`: fetch the URLs again, then `on_update()` (which rebuilds the map)."""
+        if every > timedelta(0):
             self._task = asyncio.create_task(self._update_loop(every.total_seconds(),
                                                                on_update))
 
@@ -82,11 +84,9 @@ class DerpURLMaps:
                           "; ".join(errors))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, every)
-            changed = maps != self.maps
             self.maps = maps
             self.refreshes += 1
-            if changed:
-                on_update()
+            on_update()
 
     async def stop(self) -> None:
         if self._task is not None:

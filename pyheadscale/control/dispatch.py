@@ -212,8 +212,11 @@ class ControlPlane:
             self.routes.policy_refreshed()
 
     def _derp_updated(self) -> None:
-        """derp.urls answered with a different map: every client gets the new DERP map."""
+        """A scheduled DERP map update (derp.urls fetched again): the map is rebuilt, derp.paths
+        read again, and every client gets it when it changed."""
         try:
+            if self.derp_map() == self.mapctx.derp_map:
+                return
             self.refresh_context(ChangeKind.DERP)
         except DERPMapError as e:  # a derp.paths file broke meanwhile: keep the old context
             log.error("DERP map not updated: %s", e)

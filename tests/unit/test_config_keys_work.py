@@ -195,3 +195,27 @@ def test_grpc_keys_warn_and_load(tmp_path: Path) -> None:
     assert load_config(write_minimal(tmp_path, {}), env={}).warnings == []
     cfg = load_config(write_minimal(tmp_path, {"grpc_listen_addr": "0.0.0.0:50443"}), env={})
     assert any(w.startswith("grpc_listen_addr: not supported") for w in cfg.warnings)
+
+
+async def test_derp_paths_read_again_every_update_frequency_without_urls(
+        tmp_path: Path) -> None:
+    """Headscale's scheduled update rebuilds the whole map, URLs or not: a derp.paths file
+    edited while a client holds its stream reaches it at the next tick."""
+    path = tmp_path / "derp.json"
+    path.write_text(json.dumps({"Regions": {"900": region(900, "derp-a.example.net")}}))
+    overrides = {"derp": {"urls": [], "paths": [str(path)], "auto_update_enabled": True,
+                          "update_frequency": "1s"}}
+    async with running_server(server_config(tmp_path, overrides=overrides)) as srv:
+        conn, frames = await open_map(srv)
+        try:
+            first = await next_derp_map(frames, 10)
+            assert first["Regions"]["900"]["Nodes"][0]["HostName"] == "derp-a.example.net"
+            path.write_text(json.dumps({"Regions": {"900": region(900, "derp-b.example.net"),
+                                                    "901": region(901, "derp-c.example.net")}}))
+            second = await next_derp_map(frames, 10)
+            assert second["Regions"]["900"]["Nodes"][0]["HostName"] == "derp-b.example.net"
+            assert {"900", "901"} <= set(second["Regions"])
+            with pytest.raises(TimeoutError):
+                await next_derp_map(frames, 2.5)  # unchanged file: nothing more sent
+        finally:
+            await conn.close()
