@@ -14,7 +14,13 @@ import pytest
 
 from tests.integration import hsapi
 from tests.integration.tailscale import Tailscaled
-from tests.integration.test_routes import PORT, Lab, announced_in_netmap, fetch
+from tests.integration.test_routes import (
+    PORT,
+    Lab,
+    announced_in_netmap,
+    fetch,
+    routed_into_tailnet,
+)
 from tests.integration.versions import PINNED
 from tests.integration.world import Reach, peers_by_name, probe, wait_for, world_fixture
 
@@ -209,3 +215,37 @@ def test_subnet_route_acl(lab: Lab) -> None:
         _match(both, [*_host_prefixes(router), "192.0.2.0/24"])], 20)
     assert wait_for("the client to reach the LAN host", lambda: fetch(client.host, web.ip),
                     20) == r1.lan.gateway
+
+
+def test_subnet_route_acl_filtering(lab: Lab) -> None:
+    """Headscale's TestSubnetRouteACLFiltering: the router announces three prefixes, all
+    approved; the policy lets `node` (a host alias of its /32) use only the first, so the
+    client is sent that one prefix at the router and reaches the web server through it;
+    the other two are not routed into its tailnet at all."""
+    topo = lab.topology
+    lan, others = "192.0.2.0/26", ["192.0.2.64/26", "192.0.2.128/26"]
+    # Sequential allocation: the router joins first (100.64.0.1), the client second.
+    srv = lab.start_server({
+        "hosts": {"router": "100.64.0.1/32", "node": "100.64.0.2/32"},
+        "acls": [{"action": "accept", "src": ["*"], "dst": ["router:8000"]},
+                 {"action": "accept", "src": ["node"], "dst": [f"{lan}:*"]}]})
+    r1 = topo.add_nat("r1", "192.0.2.0/24")
+    web = topo.add_lan_host(r1, "web", "192.0.2.10")
+    lab.web(web)
+    router = lab.join(r1, "router", NEWEST, args=("--accept-routes",))
+    client = lab.join(topo.add_host("client"), "node", OLDEST, "bob", ("--accept-routes",))
+    assert router.ip("4") == ["100.64.0.1"] and client.ip("4") == ["100.64.0.2"]
+    r = router.cli("set", f"--advertise-routes={','.join([lan, *others])}")
+    assert r.returncode == 0, r.stderr
+    wait_for("three announcements", lambda: _counts(
+        hsapi.node_by_name(srv, "router") or {}) == (3, 0, 0), 20)
+    assert _counts(hsapi.node_by_name(srv, "node") or {}) == (0, 0, 0)
+    hsapi.approve_routes(srv, "router", [lan, *others])
+    wait_for("all three served", lambda: _counts(
+        hsapi.node_by_name(srv, "router") or {}) == (3, 3, 3), 20)
+    wait_for("the client to be sent the allowed prefix only", lambda: _subnet_routes(
+        peers_by_name(client.status_json()).get("router") or {}) == [lan], 20)
+    assert wait_for("the client to reach the web server through the router",
+                    lambda: fetch(client.host, web.ip), 20) == r1.lan.gateway
+    for inside in ("192.0.2.70", "192.0.2.140"):  # one address in each refused prefix
+        assert not routed_into_tailnet(client, inside), inside
