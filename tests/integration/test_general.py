@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,25 @@ def test_update_hostname_from_client(lab: World) -> None:
         {str(p["ID"]): p["HostName"] for p in
          (lab.nodes[USER1[0]].status_json().get("Peer") or {}).values()}.get(ids[n])
         == wanted[n][0] + "NEW" for n in USER2), 30)
+
+
+def test_disable_node_expiry(lab: World) -> None:
+    """TestDisableNodeExpiry: an expiry an hour ahead is set, then disabled; the CLI answers
+    with the expiry and then without one, and every peer shows the node not expired."""
+    srv = lab.server
+    assert srv is not None
+    name = USER1[0]
+    at = (datetime.now(UTC) + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    assert hsapi.expire(srv, name, expiry=at).get("expiry")
+    node = hsapi.expire(srv, name, disable=True)
+    assert node.get("expiry") in (None, "", "0001-01-01T00:00:00Z"), node
+    key = node["nodeKey"]
+    for viewer in ALL:
+        if viewer == name:
+            continue
+        wait_for(f"{viewer} to show {name} present and not expired", lambda viewer=viewer: (
+            (p := (lab.nodes[viewer].status_json().get("Peer") or {}).get(key)) is not None
+            and not p.get("Expired") and not p.get("KeyExpiry")), 30)
 
 
 def test_deleting_an_online_node(lab: World) -> None:
