@@ -24,7 +24,8 @@ serve: $(STAMP)
 	$(VENV)/bin/headscale serve
 
 clients: $(DEVSTAMP)
-	$(PY) -m tests.integration.build_clients --extra derper,derpprobe
+	$(PY) -m tests.integration.build_clients --extra derper,derpprobe --ws-derp
+	$(PY) -m tests.integration.ts2021ws_build
 	$(PY) -m tests.integration.idp
 	$(PY) -m tests.apiv2.build
 	$(PY) -m tests.gocheck.oracle
