@@ -210,7 +210,10 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     # Phase 5: both at once, r2 primary going in.
     back1, back2 = _cut(ha.r1_host, "route"), _cut(ha.r2_host, "route")
     _stays(ha, ha.id2, 15, "phase 5a: no flap to the unreachable router1")
-    back1()
+    # Both come back, router2 a moment first: a router that reconnects counts as healthy
+    # again, so whichever session returns first while the other is still marked unhealthy
+    # takes the prefix (with router1 first that is a race Headscale's order leaves open).
     back2()
+    back1()
     ha.wait_primary(ha.id2, "phase 5b: router2 primary after both return")
     ha.wait_traffic_via(ha.r2_host, "phase 5b: traffic through router2", 60)
