@@ -306,7 +306,7 @@ def _check_oidc(oidc: OIDCConfig) -> None:
 
 
 # Paths the server itself serves: the console may not shadow them.
-_RESERVED_PATHS = ("/api", "/key", "/ts2021", "/machine", "/register", "/oidc", "/derp",
+_RESERVED_PATHS = ("/api", "/key", "/ts2021", "/machine", "/register", "/oidc", "/derp", "/auth",
                    "/bootstrap-dns", "/generate_204", "/health", "/version", "/verify",
                    "/apple", "/windows", "/robots.txt", "/swagger", "/metrics", "/debug")
 

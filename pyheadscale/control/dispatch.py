@@ -36,6 +36,7 @@ from pyheadscale.control.routectl import RouteController
 from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.control.sshcheck import ROUTE as SSH_ACTION_ROUTE
 from pyheadscale.control.sshcheck import SSHCheckAction, SSHChecks, handle_ssh_action
+from pyheadscale.control.sshcheckweb import SSHCheckWeb
 from pyheadscale.control.tagowners import tag_authorizer
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.control.webauth import WebAuth
@@ -111,6 +112,7 @@ class ControlPlane:
         self.webflow = WebAuth(cfg.server_url, self.pending, tailnet, oidc)
         # SSH check-mode sessions, approved like registrations by `headscale auth approve`.
         self.sshchecks = SSHChecks(self.pending.expiration_s, self.pending.max_entries)
+        self.sshcheck_web = SSHCheckWeb(self.sshchecks, tailnet, oidc)  # or OIDC approves them
         self.policy = PolicyController(cfg, tailnet, engine,
                                        on_swap=lambda: self.refresh_context(ChangeKind.POLICY))
         self.mapctx = MapContext()
@@ -177,6 +179,7 @@ class ControlPlane:
 
     def add_web_routes(self, app: web.Application) -> None:
         self.webflow.add_routes(app)
+        self.sshcheck_web.add_routes(app)  # /auth/{auth_id}: the SSH check banner's link
         self.routes.add_routes(app)  # /machine/ping-response (HA probes)
 
     # --- the map context -------------------------------------------------------------------

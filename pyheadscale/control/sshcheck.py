@@ -9,7 +9,9 @@ letting an SSH session in (Headscale 0.29 `noise.go` SSHActionHandler):
    HoldAndDelegate URL carrying `auth_id` plus a message naming the ID; tailscaled shows the
    message to the SSH user as a banner and fetches the new URL.
 2. Follow-up request (`auth_id` set): held until `headscale auth approve|reject --auth-id`
-   decides (accept or reject), the session expires (reject), or the client goes away.
+   or the source node's owner signing in through OIDC at the banner's `/auth/<auth_id>` link
+   (sshcheckweb.py) decides (accept or reject), the session expires (reject), or the client
+   goes away.
 
 Only the destination node may ask (its Noise machine key must match), and the check period
 comes from the running policy, never from the URL.
@@ -137,7 +139,6 @@ def _hold(act: SSHCheckAction, src: int, dst: int) -> dict[str, Any]:
     return {**_base_action(), "holdAndDelegate": url, "message": (
         "# Headscale SSH requires an additional check.\n"
         f"# To authenticate, visit: {base}/auth/{check.auth_id}\n"
-        f"# or ask an admin to run: headscale auth approve --auth-id {check.auth_id}\n"
         "# Authentication checked with Headscale SSH.\n")}
 
 

@@ -48,6 +48,21 @@ def auth_success(*, new_node: bool, user: str) -> str:
     return _page(f"Headscale - {heading}", body)
 
 
+def ssh_check_authorized(*, user: str) -> str:
+    """An SSH check-mode session approved by the signed-in owner of its source node."""
+    body = (f"<h2>SSH session authorized</h2>\n<p>Authorized as <strong>{escape(user)}"
+            "</strong>.</p>\n<p>You may return to your terminal.</p>")
+    return _page("Headscale - SSH Session Authorized", body)
+
+
+def ssh_check_cli(*, auth_id: str) -> str:
+    """Without OIDC, an SSH check is approved by an admin on the server."""
+    body = ("<h2>Authentication check</h2>\n<p>Run the command below in the headscale server "
+            "to approve this authentication request:</p>\n"
+            f"<pre><code>headscale auth approve --auth-id {escape(auth_id)}</code></pre>")
+    return _page("Headscale - Authentication check", body)
+
+
 def auth_error(*, status: int, message: str) -> str:
     """A refusal: the reason in one sentence, nothing registered."""
     body = (f"<h2>Login refused</h2>\n<p class=\"error\">{escape(message)}</p>\n"

@@ -150,7 +150,17 @@ async def test_ssh_check_is_held_until_the_admin_approves(db_server: Server) -> 
                       .replace("$DST_NODE_ID", str(dst_id)).replace("$LOCAL_USER", "root"))
         follow_path = urlsplit(follow_url)
         auth_id = parse_qs(follow_path.query)["auth_id"][0]
-        assert f"headscale auth approve --auth-id {auth_id}" in hold["message"]
+        # The banner links to /auth/<auth_id>; without OIDC that page names the CLI command.
+        page_url = f"{url(srv)}/auth/{auth_id}"
+        assert page_url in hold["message"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(page_url) as r:
+                assert r.status == 200
+                assert f"headscale auth approve --auth-id {auth_id}" in await r.text()
+            for bad, code in (("hskey-authreq-0123456789abcdef01234567", 404),
+                              ("not-an-auth-id", 400), ("hskey-authreq-" + "a" * 65, 400)):
+                async with http.get(f"{url(srv)}/auth/{bad}") as r:
+                    assert r.status == code, (bad, r.status)
 
         held = asyncio.create_task(dst.conn.request(
             "GET", f"{follow_path.path}?{follow_path.query}"))

@@ -173,14 +173,14 @@ class OIDCProvider:
             pending = self.pending.get(info.auth_id)
         except UnknownAuthID:
             raise OIDCError(410, "login session expired, try again") from None
-        user = await self._upsert_user(claims)
+        user = await self.upsert_user(claims)
         expiry = (datetime.fromtimestamp(id_claims["exp"], UTC)
                   if self.oidc.use_expiry_from_token else None)
         csrf = secrets.token_urlsafe(32)
         self.confirmations.put(info.auth_id, PendingConfirmation(user.id, expiry, csrf))
         action = CONFIRM_PATH + info.auth_id
         page = pages.register_confirm(
-            form_action=action, csrf_name=CSRF_COOKIE, csrf_token=csrf, user=_display(user),
+            form_action=action, csrf_name=CSRF_COOKIE, csrf_token=csrf, user=display_name(user),
             hostname=str(pending.hostinfo.get("Hostname") or ""),
             os_name=str(pending.hostinfo.get("OS") or ""),
             machine_key=machine_key_short(pending.machine_key))
@@ -191,7 +191,8 @@ class OIDCProvider:
                         samesite="Strict", secure=self.secure_cookies)
         return resp
 
-    async def _upsert_user(self, c: Claims) -> User:
+    async def upsert_user(self, c: Claims) -> User:
+        """The user the provider vouched for, created at first login, updated after."""
         tn = self.tailnet
         fields = user_fields(c, self.oidc.email_verified_required)
         ident = fields.pop("provider_identifier")
@@ -258,7 +259,7 @@ class OIDCProvider:
         audit.record(oidc_actor(user), "node.register", f"node {node.id}",
                      name=node.given_name, user=user.name)
         resp = web.Response(text=pages.auth_success(new_node=node.id not in had,
-                                                    user=_display(user)),
+                                                    user=display_name(user)),
                             content_type="text/html")
         resp.del_cookie(CSRF_COOKIE, path=CONFIRM_PATH + auth_id)
         return resp
@@ -280,7 +281,7 @@ async def _refusals_as_pages(step: Awaitable[web.Response], refused: str) -> web
                             content_type="text/html")
 
 
-def _display(u: User) -> str:
+def display_name(u: User) -> str:
     return u.display_name or u.email or u.name or (u.provider_identifier or "") or str(u.id)
 
 
