@@ -7,7 +7,6 @@ an admin approves it with `headscale auth approve`.
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,13 +15,14 @@ from typing import Any
 import pytest
 
 from tests.integration.netns import Topology
+from tests.integration.ssh_lab import start_ssh, tailscale_ssh, wait_ssh_ready
 from tests.integration.tailscale import Tailscaled
 from tests.integration.test_policy import PolicyLab, acl
 from tests.integration.versions import PINNED
 
 pytestmark = pytest.mark.integration
 
-NEWEST = PINNED[-1]
+OLDEST, NEWEST = PINNED[0], PINNED[-1]
 KEYS = {
     "user1": {"user": "user1", "reusable": True},
     "user2": {"user": "user2", "reusable": True},
@@ -51,37 +51,10 @@ def lab(topology: Topology, workdir: Path,
         lab.server.close()
 
 
-def ssh_env(ts: Tailscaled) -> dict[str, str]:
-    """A private HOME and config dir: `tailscale ssh` writes its known_hosts file there and
-    ssh must not read the machine's own ~/.ssh."""
-    home = ts.workdir / "home"
-    (home / ".ssh").mkdir(parents=True, exist_ok=True)
-    return {**ts.env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
 
 
-def tailscale_ssh(ts: Tailscaled, target: str, *command: str,
-                  timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`tailscale ssh root@target command...` run non-interactively from `ts`'s host."""
-    argv = [str(ts.tailscale), f"--socket={ts.socket}", "ssh", f"root@{target}",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *command]
-    try:
-        return ts.host.run(argv, timeout=timeout, env=ssh_env(ts), input="")
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return subprocess.CompletedProcess(argv, -9, out, err + f"\n[timed out after {timeout}s]")
 
 
-def wait_ssh_ready(lab: PolicyLab, client: str, server: str, timeout: float = 20) -> None:
-    """The client's netmap knows the server's SSH host keys (published via Hostinfo)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = lab.nodes[client].status_json()
-        for p in (st.get("Peer") or {}).values():
-            if p.get("HostName") == server and p.get("sshHostKeys"):
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"{client} never learned {server}'s SSH host keys")
 
 
 def test_ssh_allowed_user_gets_a_shell_other_user_is_refused(lab: PolicyLab) -> None:
@@ -96,13 +69,13 @@ def test_ssh_allowed_user_gets_a_shell_other_user_is_refused(lab: PolicyLab) -> 
 
     for i in range(n):
         client, server = f"c{i}", f"s{(i + 1) % n}"
-        wait_ssh_ready(lab, client, server)
+        wait_ssh_ready(lab.nodes[client], lab.nodes[server])
         r = tailscale_ssh(lab.nodes[client], lab.ip(server), "echo", f"hello-from-{client}")
         assert r.returncode == 0 and f"hello-from-{client}" in r.stdout, (
             f"{client} ({PINNED[i]}) -> {server} ({PINNED[(i + 1) % n]}): "
             f"{r.returncode} {r.stdout!r} {r.stderr!r}")
 
-    wait_ssh_ready(lab, "x", "s0")
+    wait_ssh_ready(lab.nodes["x"], lab.nodes["s0"])
     r = tailscale_ssh(lab.nodes["x"], lab.ip("s0"), "echo", "should-not-run")
     assert r.returncode != 0 and "should-not-run" not in r.stdout, (r.stdout, r.stderr)
     assert DENIED in r.stderr, (r.stdout, r.stderr)
@@ -112,11 +85,6 @@ def test_ssh_allowed_user_gets_a_shell_other_user_is_refused(lab: PolicyLab) -> 
     assert f"handling conn: {lab.ip('x')}:" in log and "access granted to user2" not in log
 
 
-def start_ssh(ts: Tailscaled, target: str, *command: str) -> subprocess.Popen[str]:
-    argv = [str(ts.tailscale), f"--socket={ts.socket}", "ssh", f"root@{target}",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *command]
-    return ts.host.popen(argv, env=ssh_env(ts), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def pending_check(lab: PolicyLab, seen: set[str], timeout: float = 20) -> str:
@@ -141,7 +109,7 @@ def test_ssh_check_mode_holds_until_admin_approves(lab: PolicyLab) -> None:
     s_ip = lab.ip("s")
     seen: set[str] = set()
 
-    wait_ssh_ready(lab, "c", "s")
+    wait_ssh_ready(lab.nodes["c"], lab.nodes["s"])
     proc = start_ssh(lab.nodes["c"], s_ip, "echo", "checked-ok")
     auth_id = pending_check(lab, seen)
     time.sleep(2)
@@ -158,7 +126,7 @@ def test_ssh_check_mode_holds_until_admin_approves(lab: PolicyLab) -> None:
     assert auth_id in srv.log_text() and len(re.findall("SSH check pending", srv.log_text())) == 1
 
     # Another node of the same user needs its own check; a rejected one gets no shell.
-    wait_ssh_ready(lab, "c2", "s")
+    wait_ssh_ready(lab.nodes["c2"], lab.nodes["s"])
     proc = start_ssh(lab.nodes["c2"], s_ip, "echo", "must-not-run")
     auth_id2 = pending_check(lab, seen)
     r = srv.cli("auth", "reject", "--auth-id", auth_id2)
@@ -166,3 +134,11 @@ def test_ssh_check_mode_holds_until_admin_approves(lab: PolicyLab) -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "must-not-run" not in out, (proc.returncode, out, err)
     assert DENIED in err, err
+
+    # user2 is in no check rule: refused at once, no check opened.
+    lab.join("x", "user2", OLDEST)
+    wait_ssh_ready(lab.nodes["x"], lab.nodes["s"])
+    before = len(re.findall("SSH check pending", srv.log_text()))
+    r = tailscale_ssh(lab.nodes["x"], s_ip, "echo", "must-not-run")
+    assert r.returncode != 0 and "must-not-run" not in r.stdout and DENIED in r.stderr, r
+    assert len(re.findall("SSH check pending", srv.log_text())) == before
