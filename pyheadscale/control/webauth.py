@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import time
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -66,10 +67,16 @@ class WebAuth:
         await reply(resp, 200, {"AuthURL": self.auth_url(p.auth_id)})
 
     async def _wait(self, p: Pending, resp: ResponseStream) -> None:
+        # Held until decided, or until the registration expires: then the waiting client is
+        # answered at once with a fresh AuthURL (as Headscale's cache eviction does), instead
+        # of waiting on a URL that no longer works.
+        left = p.created + self.pending.expiration_s - time.monotonic()
         try:
             with self.pending.waiting(p):
-                node: Node = await asyncio.shield(p.done)
-        except UnknownAuthID:
+                node: Node = await asyncio.wait_for(asyncio.shield(p.done), max(left, 0.0))
+        except (UnknownAuthID, TimeoutError):
+            if not p.done.done():  # timed out: expire it everywhere, like the lazy sweep
+                self.pending.discard(p.auth_id)
             try:
                 fresh = self.pending.add(machine_key=p.machine_key, node_key=p.node_key,
                                          hostinfo=p.hostinfo, expiry=p.expiry,

@@ -98,6 +98,22 @@ async def test_web_login_completed_by_the_admin(server: Server) -> None:
         assert answer["MachineAuthorized"] is True and answer["User"]["ID"] == user.id
 
 
+async def test_a_waiting_login_gets_a_fresh_url_when_its_registration_expires(
+        tmp_path: Path) -> None:
+    cfg = server_config(tmp_path / "server",
+                        overrides={"tuning": {"register_cache_expiration": "1s"}})
+    async with running_server(cfg) as srv, Machine(url(srv), "late") as m:
+        auth_url, follow = await m.start_login()
+        answer = await asyncio.wait_for(follow, 10)  # no sweep needed to answer it
+        fresh = answer["AuthURL"]
+        assert fresh.startswith(url(srv) + "/register/hskey-authreq-") and fresh != auth_url
+        async with aiohttp.ClientSession() as http:
+            async with http.get(auth_url) as old:
+                assert old.status == 404
+            async with http.get(fresh) as page:
+                assert page.status == 200
+
+
 async def test_map_stream_first_map_new_peer_and_endpoint_patch(server: Server) -> None:
     user = await server.tailnet.create_user("carol")
     _, key = await server.tailnet.create_preauth_key(user.id, reusable=True)

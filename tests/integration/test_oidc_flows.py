@@ -1,0 +1,261 @@
+"""Headscale's OIDC login edge cases (integration/auth_oidc_test.go) with official clients and
+a real OpenID provider, on one server: users the provider creates next to CLI users of the same
+name (the 0.24 user-creation rules), a login URL that expires while the client waits, several
+login URLs opened in one browser, and the node expiry surviving a client restart.
+
+The server runs with a short registration cache (so an unused login URL expires within the
+test) and node.expiry 72h (so OIDC nodes get an expiry to keep).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider, browser_login
+from tests.integration.netns import SERVER_IP
+from tests.integration.server import VENV_PYTHON, PyHeadscale
+from tests.integration.tailscale import Tailscaled
+from tests.integration.test_oidc_official import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    IDP_PORT,
+    oidc_overrides,
+    up_args,
+    web_login,
+)
+from tests.integration.versions import PINNED
+from tests.integration.world import World, shared_world_fixture, wait_for
+
+pytestmark = pytest.mark.integration
+
+OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
+CACHE_S = 20  # tuning.register_cache_expiration
+
+USER1 = Account("user1", "pw-user1", email="user1@headscale.net", name="User One",
+                preferred_username="user1")
+USER2 = Account("user2", "pw-user2", email="user2@headscale.net", email_verified=False,
+                name="User Two", preferred_username="user2")
+CAROL = Account("carol-sub", "pw-carol", email="carol@example.com", name="Carol",
+                preferred_username="carol")
+DAVE = Account("dave-sub", "pw-dave", email="dave@example.com", name="Dave",
+               preferred_username="dave")
+ERIN = Account("erin-sub", "pw-erin", email="erin@example.com", name="Erin",
+               preferred_username="erin")
+
+
+class OIDCLab(World):
+    idp: OpenIDProvider | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.idp is not None:
+            self.idp.stop()
+
+
+def setup(lab: OIDCLab) -> None:
+    try:
+        lab.idp = OpenIDProvider(
+            lab.workdir / "idp", [USER1, USER2, CAROL, DAVE, ERIN], client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET, redirect_uris=[f"https://{SERVER_IP}/oidc/callback"],
+            port=IDP_PORT, listen_host=SERVER_IP).start(popen=lab.server_host.popen)
+    except IdPUnavailable as e:
+        pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
+    over = oidc_overrides(lab, lab.idp)
+    over["tuning"] = {"register_cache_expiration": f"{CACHE_S}s"}
+    over["node"] = {"expiry": "72h"}
+    lab.start_server(over, users=[])
+
+
+lab = shared_world_fixture(OIDCLab, setup)
+
+
+def users_by_provider_id(srv: PyHeadscale) -> dict[str, dict[str, Any]]:
+    return {u.get("providerId", ""): u for u in srv.cli_json("users", "list")}
+
+
+class Up:
+    """`tailscale up` without a key, left running; its output is collected by a thread."""
+
+    def __init__(self, srv: PyHeadscale, ts: Tailscaled, hostname: str) -> None:
+        self.lines: list[str] = []
+        self.proc = ts.host.popen([str(ts.tailscale), f"--socket={ts.socket}",
+                                   *up_args(srv, hostname)], env=ts.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url_re = re.compile(re.escape(srv.url) + r"/register/hskey-authreq-[0-9a-f]+")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def urls(self) -> list[str]:
+        return self.url_re.findall("".join(self.lines))
+
+    def first_url(self) -> str:
+        return str(wait_for("`tailscale up` to print a login URL",
+                            lambda: (self.urls() or [None])[0], timeout=30))
+
+    def wait(self) -> None:
+        try:
+            assert self.proc.wait(timeout=60) == 0, "".join(self.lines)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def test_oidc_024_user_creation(lab: OIDCLab) -> None:
+    """TestOIDC024UserCreation: CLI users named like the provider's users (user1, user2, and
+    user1.headscale.net) are never taken over; each login creates its own OIDC user, named
+    after preferred_username, with the e-mail only when the provider verified it."""
+    srv = lab.server
+    assert srv is not None and lab.idp is not None
+    cli = {"user1": "user1@test.no", "user2": "user2@test.no",
+           "user1.headscale.net": "user1.headscale.net@test.no"}
+    for name, email in cli.items():
+        r = srv.cli("users", "create", name, "--email", email)
+        assert r.returncode == 0, r.stdout + r.stderr
+    before = {u["name"]: u for u in srv.cli_json("users", "list") if u["name"] in cli}
+    web_login(srv, lab.add_client("n-user1", OLDEST), USER1, "n-user1")
+    web_login(srv, lab.add_client("n-user2", NEWEST), USER2, "n-user2")
+
+    users = srv.cli_json("users", "list")
+    iss = lab.idp.issuer
+    for name, email in cli.items():  # untouched, still without a provider
+        (u,) = [u for u in users if u["name"] == name and not u.get("provider")]
+        assert (u["id"], u["email"]) == (before[name]["id"], email)
+    by_pid = users_by_provider_id(srv)
+    one, two = by_pid[f"{iss}/{USER1.sub}"], by_pid[f"{iss}/{USER2.sub}"]
+    assert (one["name"], one["email"], one["provider"]) == ("user1", USER1.email, "oidc")
+    assert (two["name"], two.get("email", ""), two["provider"]) == ("user2", "", "oidc")
+    assert int(one["id"]) > int(before["user1"]["id"])
+    owners = {n["givenName"]: n["user"]["id"] for n in srv.cli_json("nodes", "list")}
+    assert owners["n-user1"] == one["id"] and owners["n-user2"] == two["id"]
+
+
+def test_oidc_follow_up_url(lab: OIDCLab) -> None:
+    """TestOIDCFollowUpUrl: the client waits on a login URL nobody opens; when the server's
+    registration cache drops it, the client gets (and shows) a new URL, which then works."""
+    srv = lab.server
+    assert srv is not None and lab.idp is not None
+    ts = lab.add_client("follow", MIDDLE)
+    up = Up(srv, ts, "follow")
+    first = up.first_url()
+    # The old registration expires (CACHE_S); the client's follow-up gets a fresh URL.
+    st = wait_for("the client to show a new login URL", lambda: (
+        s if (s := ts.status_json()).get("AuthURL") not in (None, "", first) else None),
+        timeout=CACHE_S + 40)
+    assert st["BackendState"] == "NeedsLogin"
+    second = st["AuthURL"]
+    assert second.startswith(f"{srv.url}/register/hskey-authreq-")
+    res = browser_login(srv.host, second, CAROL, ca_file=srv.ca_file)
+    assert res.confirm_status == 200 and "Node registered" in res.confirm_page, res.confirm_page
+    up.wait()
+    ts.wait_state("Running", timeout=30)
+    u = users_by_provider_id(srv)[f"{lab.idp.issuer}/{CAROL.sub}"]
+    assert (u["name"], u["email"], u["provider"]) == ("carol", CAROL.email, "oidc")
+    owners = {n["givenName"]: n["user"]["id"] for n in srv.cli_json("nodes", "list")}
+    assert owners["follow"] == u["id"]
+
+
+# Opens several login URLs in one cookie jar (like browser tabs), notes where each sends the
+# browser, then completes the first one's provider login and confirmation. Prints JSON.
+MULTI_TABS = r"""
+import asyncio, json, re, ssl, sys
+import aiohttp
+from yarl import URL
+
+async def main(ca, login, password, urls):
+    jar = aiohttp.CookieJar(unsafe=True)
+    conn = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca))
+    async with aiohttp.ClientSession(cookie_jar=jar, connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
+        redirects = []
+        for u in urls:
+            async with s.get(u, allow_redirects=False) as r:
+                redirects.append(r.headers.get("Location", ""))
+        url, method, data = URL(redirects[0]), "GET", None
+        for _ in range(20):
+            async with s.request(method, url, data=data, allow_redirects=False) as r:
+                text = await r.text()
+                if r.status in (301, 302, 303, 307):
+                    url, method, data = r.url.join(URL(r.headers["Location"])), "GET", None
+                    continue
+                m = re.search(r'action="(/interaction/[^"]+/login)"', text)
+                if r.status == 200 and m:
+                    url, method = r.url.join(URL(m.group(1))), "POST"
+                    data = {"login": login, "password": password}
+                    continue
+                break
+        action = re.search(r'<form method="POST" action="([^"]+)"', text)
+        field = re.search(r'<input type="hidden" name="([^"]+)" value="([^"]+)"', text)
+        out = {"redirects": redirects, "login_status": r.status, "confirm_status": None}
+        if action and field:
+            async with s.post(url.join(URL(action.group(1))),
+                              data={field.group(1): field.group(2)}) as r:
+                out["confirm_status"], out["confirm_page"] = r.status, await r.text()
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]))
+"""
+
+
+def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
+    """TestOIDCMultipleOpenedLoginUrls: `tailscale up` twice, each login URL opened in one
+    browser (two provider redirects with their own state and nonce), the first tab completed:
+    the node is registered to that user. (One machine keeps one pending registration here, so
+    both runs print the same URL, where Headscale prints two that both stay valid.)"""
+    srv = lab.server
+    assert srv is not None and lab.idp is not None
+    ts = lab.add_client("tabs", NEWEST)
+    first = Up(srv, ts, "tabs")
+    u1 = first.first_url()
+    second = Up(srv, ts, "tabs")
+    u2 = second.first_url()
+    assert u1 == u2
+    r = srv.host.run([str(VENV_PYTHON), "-c", MULTI_TABS, str(srv.ca_file), DAVE.sub,
+                      DAVE.password, u1, u2], timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    r1, r2 = out["redirects"]
+    assert r1.startswith(lab.idp.issuer) and r2.startswith(lab.idp.issuer)
+    assert r1 != r2  # each tab has its own state and nonce
+    assert out["confirm_status"] == 200 and "Node registered" in out["confirm_page"], out
+    ts.wait_state("Running", timeout=30)
+    for up in (first, second):  # which of the two `up`s reports the login is the client's
+        if up.proc.poll() is None:
+            up.proc.kill()
+        up.proc.wait(10)
+    u = users_by_provider_id(srv)[f"{lab.idp.issuer}/{DAVE.sub}"]
+    assert (u["name"], u["email"], u["provider"]) == ("dave", DAVE.email, "oidc")
+    nodes = [n for n in srv.cli_json("nodes", "list") if n["user"]["id"] == u["id"]]
+    assert [n["givenName"] for n in nodes] == ["tabs"]
+
+
+def test_oidc_expiry_after_restart(lab: OIDCLab) -> None:
+    """TestOIDCExpiryAfterRestart: an OIDC node gets node.expiry (72h) at login, and a
+    restart of its tailscaled keeps that exact expiry."""
+    srv = lab.server
+    assert srv is not None
+    ts = lab.add_client("expiry", OLDEST)
+    web_login(srv, ts, ERIN, "expiry")
+
+    def expiry() -> str:
+        (n,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "expiry"]
+        return str(n.get("expiry") or "")
+
+    before = expiry()
+    at = datetime.fromisoformat(before.replace("Z", "+00:00"))
+    left = at - datetime.now(UTC)
+    assert timedelta(hours=71) < left <= timedelta(hours=72), before
+    ts.restart()
+    ts.wait_state("Running", timeout=60)
+    assert expiry() == before
