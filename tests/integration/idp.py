@@ -129,7 +129,8 @@ class OpenIDProvider:
     def __init__(self, workdir: Path, accounts: list[Account], *, client_id: str,
                  client_secret: str, redirect_uris: list[str], port: int | None = None,
                  issuer: str | None = None, id_token_ttl: int = 3600,
-                 claims_in_id_token: bool = True, listen_host: str = "127.0.0.1") -> None:
+                 claims_in_id_token: bool = True, listen_host: str = "127.0.0.1",
+                 require_pkce: bool = False) -> None:
         self.vdir = ensure()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,8 @@ class OpenIDProvider:
             "id_token_ttl": id_token_ttl,
             # false: claims travel in the ID token; true: only sub, the rest from UserInfo.
             "conform_id_token_claims": not claims_in_id_token,
+            # true: an authorization request without a code_challenge is refused.
+            "require_pkce": require_pkce,
             "clients": [{
                 "client_id": client_id, "client_secret": client_secret,
                 "redirect_uris": redirect_uris, "grant_types": ["authorization_code"],
@@ -258,7 +261,7 @@ const provider = new Provider(conf.issuer, {
   scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
   conformIdTokenClaims: conf.conform_id_token_claims,
   features: { devInteractions: { enabled: false } },
-  pkce: { required: () => false },
+  pkce: { required: () => conf.require_pkce === true },
   ttl: {
     IdToken: conf.id_token_ttl, AccessToken: 3600, AuthorizationCode: 60,
     Interaction: 600, Session: 3600, Grant: 3600,
