@@ -1,7 +1,8 @@
 """Headscale's OIDC login edge cases (integration/auth_oidc_test.go) with official clients and
 a real OpenID provider, on one server: users the provider creates next to CLI users of the same
 name (the 0.24 user-creation rules), a login URL that expires while the client waits, several
-login URLs opened in one browser, and the node expiry surviving a client restart.
+login URLs opened in one browser, the node expiry surviving a client restart, and one machine
+logging out and in again as the same or another user.
 
 The server runs with a short registration cache (so an unused login URL expires within the
 test) and node.expiry 72h (so OIDC nodes get an expiry to keep).
@@ -48,6 +49,12 @@ DAVE = Account("dave-sub", "pw-dave", email="dave@example.com", name="Dave",
                preferred_username="dave")
 ERIN = Account("erin-sub", "pw-erin", email="erin@example.com", name="Erin",
                preferred_username="erin")
+FRANK = Account("frank-sub", "pw-frank", email="frank@example.com", name="Frank",
+                preferred_username="frank")
+GRACE = Account("grace-sub", "pw-grace", email="grace@example.com", name="Grace",
+                preferred_username="grace")
+HEIDI = Account("heidi-sub", "pw-heidi", email="heidi@example.com", name="Heidi",
+                preferred_username="heidi")
 
 
 class OIDCLab(World):
@@ -62,7 +69,7 @@ class OIDCLab(World):
 def setup(lab: OIDCLab) -> None:
     try:
         lab.idp = OpenIDProvider(
-            lab.workdir / "idp", [USER1, USER2, CAROL, DAVE, ERIN], client_id=CLIENT_ID,
+            lab.workdir / "idp", [USER1, USER2, CAROL, DAVE, ERIN, FRANK, GRACE, HEIDI], client_id=CLIENT_ID,
             client_secret=CLIENT_SECRET, redirect_uris=[f"https://{SERVER_IP}/oidc/callback"],
             port=IDP_PORT, listen_host=SERVER_IP).start(popen=lab.server_host.popen)
     except IdPUnavailable as e:
@@ -259,3 +266,65 @@ def test_oidc_expiry_after_restart(lab: OIDCLab) -> None:
     ts.restart()
     ts.wait_state("Running", timeout=60)
     assert expiry() == before
+
+
+def machine_nodes(srv: PyHeadscale, machine_key: str) -> list[dict[str, Any]]:
+    return sorted((n for n in srv.cli_json("nodes", "list") if n["machineKey"] == machine_key),
+                  key=lambda n: int(n["id"]))
+
+
+def log_out(ts: Tailscaled) -> None:
+    r = ts.logout()
+    assert r.returncode == 0, r.stdout + r.stderr
+    ts.wait_state("NeedsLogin", timeout=30)
+
+
+def online(srv: PyHeadscale, node_id: str) -> bool:
+    return any(n["id"] == node_id and n.get("online") for n in srv.cli_json("nodes", "list"))
+
+
+def test_oidc_relogin_same_node_new_user(lab: OIDCLab) -> None:
+    """TestOIDCReloginSameNodeNewUser: one machine logs in as frank, logs out, logs in as
+    grace (a second node: same machine key, its own node key, ID and user), logs out, and
+    logs in as frank again: frank's node comes back (same ID, new node key), still two."""
+    srv = lab.server
+    assert srv is not None
+    ts = lab.add_client("switch", MIDDLE)
+    web_login(srv, ts, FRANK, "switch")
+    (first,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "switch"]
+    mkey = first["machineKey"]
+    log_out(ts)
+    web_login(srv, ts, GRACE, "switch")
+    nodes = machine_nodes(srv, mkey)
+    assert len(nodes) == 2, nodes
+    frank, grace = nodes
+    assert frank["id"] == first["id"] and frank["user"]["name"] == "frank"
+    assert grace["user"]["name"] == "grace" and grace["nodeKey"] != frank["nodeKey"]
+    wait_for("grace's node to be online", lambda: online(srv, grace["id"]), 30)
+    log_out(ts)
+    assert len(machine_nodes(srv, mkey)) == 2, "logging out must not delete the node"
+    web_login(srv, ts, FRANK, "switch", expect="Node reauthenticated")
+    after = machine_nodes(srv, mkey)
+    assert [n["id"] for n in after] == [frank["id"], grace["id"]]
+    assert after[0]["user"]["name"] == "frank" and after[0]["nodeKey"] != first["nodeKey"]
+    assert after[1]["nodeKey"] == grace["nodeKey"]
+    wait_for("frank's node to be online again", lambda: online(srv, frank["id"]), 30)
+
+
+def test_oidc_relogin_same_node_same_user(lab: OIDCLab) -> None:
+    """TestOIDCReloginSameNodeSameUser: log out and in again as the same user: the same node
+    (ID, machine key, user) with a new node key, online again."""
+    srv = lab.server
+    assert srv is not None and lab.idp is not None
+    ts = lab.add_client("again", OLDEST)
+    web_login(srv, ts, HEIDI, "again")
+    (first,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "again"]
+    log_out(ts)
+    assert machine_nodes(srv, first["machineKey"]) != []
+    web_login(srv, ts, HEIDI, "again", expect="Node reauthenticated")
+    (after,) = machine_nodes(srv, first["machineKey"])
+    assert (after["id"], after["user"]["id"]) == (first["id"], first["user"]["id"])
+    assert after["nodeKey"] != first["nodeKey"]
+    heidi = [u for u in srv.cli_json("users", "list") if u["name"] == "heidi"]
+    assert len(heidi) == 1 and heidi[0]["providerId"] == f"{lab.idp.issuer}/{HEIDI.sub}"
+    wait_for("the node to be online again", lambda: online(srv, first["id"]), 30)
