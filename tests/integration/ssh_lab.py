@@ -93,14 +93,14 @@ def ssh_sources(ts: Tailscaled, user: str = "root") -> set[str]:
 
 
 def wait_ssh_policy(nodes: dict[str, Tailscaled], allowed: Callable[[str, str], bool],
-                    timeout: float = 30) -> None:
-    """Every node's netmap lets in as root exactly the other nodes `allowed(src, dst)` says:
+                    timeout: float = 30, user: str = "root") -> None:
+    """Every node's netmap lets in as `user` exactly the other nodes `allowed(src, dst)` says:
     the policy just set has reached all of them, so a refusal below is the new policy's."""
     ips = {n: addr4(ts) for n, ts in nodes.items()}
     for dst, ts in nodes.items():
         want = {ips[s] for s in nodes if s != dst and allowed(s, dst)}
-        wait_for(f"{dst}'s netmap to let in {sorted(want)} as root",
-                 lambda ts=ts, want=want, dst=dst: ssh_sources(ts) - {ips[dst]} == want,
+        wait_for(f"{dst}'s netmap to let in {sorted(want)} as {user}",
+                 lambda ts=ts, want=want, dst=dst: ssh_sources(ts, user) - {ips[dst]} == want,
                  timeout)
 
 
