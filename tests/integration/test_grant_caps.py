@@ -1,0 +1,135 @@
+"""Headscale's TestGrantCapDrive with official clients: Taildrive access decided by app-cap
+grants. `nodeAttrs` give every node drive:share and drive:access; a `cap/drive` grant lets the
+rw client read and write the sharer's shares, another the ro client only read; the fourth node
+has no grant. What each node's netmap carries is checked first (self CapMap, the cap entries
+of its packet filter, and the companion `cap/drive-sharer` on the sources), then the WebDAV
+answers the sharer gives through each client's local Taildrive proxy.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.tailscale import Tailscaled
+from tests.integration.versions import PINNED
+from tests.integration.world import World, wait_for, wait_mesh
+
+pytestmark = pytest.mark.integration
+
+OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
+CAP_DRIVE = "tailscale.com/cap/drive"
+CAP_DRIVE_SHARER = "tailscale.com/cap/drive-sharer"
+ROLES = {"sharer": NEWEST, "rwclient": OLDEST, "roclient": MIDDLE, "noaccess": NEWEST}
+TAGS = {"sharer": "tag:sharer", "rwclient": "tag:rw-client", "roclient": "tag:ro-client",
+        "noaccess": "tag:no-access"}
+ALL = [TAGS[r] for r in ROLES]
+
+
+def drive_policy() -> dict[str, Any]:
+    return {
+        "tagOwners": {tag: [f"{role}@"] for role, tag in TAGS.items()},
+        "nodeAttrs": [{"target": ["*"], "attr": ["drive:share", "drive:access"]}],
+        "grants": [
+            {"src": ALL, "dst": ALL, "ip": ["*"]},
+            {"src": [TAGS["rwclient"]], "dst": [TAGS["sharer"]],
+             "app": {CAP_DRIVE: [{"shares": ["*"], "access": "rw"}]}},
+            {"src": [TAGS["roclient"]], "dst": [TAGS["sharer"]],
+             "app": {CAP_DRIVE: [{"shares": ["*"], "access": "ro"}]}},
+        ],
+    }
+
+
+def cap_dsts(ts: Tailscaled, cap: str) -> set[str]:
+    """The destination prefixes of `cap` entries in the packet filter control sent `ts`."""
+    out: set[str] = set()
+    for m in ts.netmap().get("PacketFilter") or ():
+        for c in m.get("Caps") or ():
+            if c.get("Cap") == cap:
+                out.add(str(c.get("Dst")))
+    return out
+
+
+# One WebDAV request from inside a namespace: prints the status, then the body.
+_DAV = r"""
+import http.client, sys
+method, path, body = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+c = http.client.HTTPConnection("100.100.100.100", 8080, timeout=10)
+headers = {"Depth": "1"} if method == "PROPFIND" else {}
+c.request(method, path, body=body if method == "PUT" else None, headers=headers)
+r = c.getresponse()
+print(r.status)
+sys.stdout.write(r.read().decode(errors="replace"))
+"""
+
+
+def dav(ts: Tailscaled, method: str, path: str, body: str = "") -> tuple[int, str]:
+    r = ts.host.run([sys.executable, "-c", _DAV, method, path, body], timeout=30)
+    status, _, text = r.stdout.partition("\n")
+    return (int(status) if status.strip().isdigit() else -1), text + r.stderr[-300:]
+
+
+def test_grant_cap_drive(world: World) -> None:
+    keys = {role: {"user": role, "reusable": True, "tags": [tag]} for role, tag in TAGS.items()}
+    world.start_server(users=list(ROLES), keys=keys, policy=drive_policy())
+    nodes = {role: world.join(role, version, key=role) for role, version in ROLES.items()}
+    wait_mesh(list(nodes.values()))
+    own = {role: {f"{a}/32" if "." in a else f"{a}/128" for a in ts.ip()}
+           for role, ts in nodes.items()}
+
+    # Node attributes: every node may share and access.
+    for role, ts in nodes.items():
+        wait_for(f"{role}'s CapMap to carry the drive attributes", lambda ts=ts: {
+            "drive:share", "drive:access"} <= set((ts.netmap().get("SelfNode") or {})
+                                                  .get("CapMap") or {}), 30)
+    # The packet filters: cap/drive on the sharer for its own address, the companion
+    # cap/drive-sharer on each granted client for its own (v4 and v6); nothing else.
+    assert cap_dsts(nodes["sharer"], CAP_DRIVE) == own["sharer"]
+    for role in ("rwclient", "roclient"):
+        assert cap_dsts(nodes[role], CAP_DRIVE_SHARER) == own[role], role
+        assert cap_dsts(nodes[role], CAP_DRIVE) == set(), role
+    assert cap_dsts(nodes["sharer"], CAP_DRIVE_SHARER) == set()
+    assert cap_dsts(nodes["noaccess"], CAP_DRIVE) | cap_dsts(nodes["noaccess"],
+                                                             CAP_DRIVE_SHARER) == set()
+
+    # A share on the sharer.
+    share = Path(world.workdir) / "testshare"
+    share.mkdir()
+    (share / "testfile.txt").write_text("hello-taildrive\n")
+    r = nodes["sharer"].cli("drive", "share", "testshare", str(share))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "testshare" in nodes["sharer"].cli("drive", "list").stdout
+    tailnet = nodes["rwclient"].status_json()["CurrentTailnet"]["Name"]
+    base = f"/{tailnet}/sharer/testshare"
+
+    def reads(role: str) -> bool:
+        status, body = dav(nodes[role], "GET", f"{base}/testfile.txt")
+        return status == 200 and body.strip() == "hello-taildrive"
+
+    for role in ("rwclient", "roclient"):
+        wait_for(f"{role} to read the sharer's file", lambda role=role: reads(role), 60)
+
+    # rw writes, lists and deletes.
+    status, body = dav(nodes["rwclient"], "PUT", f"{base}/rw-wrote.txt", "written-by-rw")
+    assert 200 <= status < 300, (status, body)
+    assert (share / "rw-wrote.txt").read_text().strip() == "written-by-rw"
+    status, body = dav(nodes["rwclient"], "PROPFIND", f"{base}/")
+    assert status == 207 and "testfile.txt" in body and "rw-wrote.txt" in body, (status, body)
+    status, body = dav(nodes["rwclient"], "DELETE", f"{base}/rw-wrote.txt")
+    assert 200 <= status < 300 and not (share / "rw-wrote.txt").exists(), (status, body)
+
+    # ro reads (above) but may neither write nor delete.
+    status, body = dav(nodes["roclient"], "PUT", f"{base}/ro-wrote.txt", "should-not-work")
+    assert status == 403 and not (share / "ro-wrote.txt").exists(), (status, body)
+    status, body = dav(nodes["roclient"], "DELETE", f"{base}/testfile.txt")
+    assert status == 403 and (share / "testfile.txt").exists(), (status, body)
+
+    # No grant: neither read nor write.
+    status, body = dav(nodes["noaccess"], "GET", f"{base}/testfile.txt")
+    assert status != 200, (status, body)
+    status, body = dav(nodes["noaccess"], "PUT", f"{base}/no-access.txt", "should-not-work")
+    assert status not in (200, 201, 204) and not (share / "no-access.txt").exists(), (status,
+                                                                                     body)
