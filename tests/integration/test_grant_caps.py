@@ -1,9 +1,12 @@
-"""Headscale's TestGrantCapDrive with official clients: Taildrive access decided by app-cap
-grants. `nodeAttrs` give every node drive:share and drive:access; a `cap/drive` grant lets the
-rw client read and write the sharer's shares, another the ro client only read; the fourth node
-has no grant. What each node's netmap carries is checked first (self CapMap, the cap entries
-of its packet filter, and the companion `cap/drive-sharer` on the sources), then the WebDAV
-answers the sharer gives through each client's local Taildrive proxy.
+"""Headscale's grant_cap_test.go with official clients: app-cap grants that clients act on.
+
+TestGrantCapDrive: `nodeAttrs` give every node drive:share and drive:access; a `cap/drive`
+grant lets the rw client read and write the sharer's Taildrive shares, another the ro client
+only read; the fourth node has no grant. What each node's netmap carries is checked first (self
+CapMap, the cap entries of its packet filter, the companion `cap/drive-sharer` on the
+sources), then the WebDAV answers the sharer gives through each client's Taildrive proxy.
+TestGrantCapRelay: a `cap/relay` grant makes a third node the peer relay of two clients that
+cannot reach each other directly.
 """
 
 from __future__ import annotations
@@ -133,3 +136,91 @@ def test_grant_cap_drive(world: World) -> None:
     status, body = dav(nodes["noaccess"], "PUT", f"{base}/no-access.txt", "should-not-work")
     assert status not in (200, 201, 204) and not (share / "no-access.txt").exists(), (status,
                                                                                      body)
+
+
+CAP_RELAY = "tailscale.com/cap/relay"
+CAP_RELAY_TARGET = "tailscale.com/cap/relay-target"
+RELAY_TAGS = {"relay": "tag:relay", "clienta": "tag:client-a", "clientb": "tag:client-b"}
+
+
+def relay_policy() -> dict[str, Any]:
+    tags = list(RELAY_TAGS.values())
+    return {
+        "tagOwners": {tag: [f"{role}@"] for role, tag in RELAY_TAGS.items()},
+        "grants": [
+            {"src": tags, "dst": tags, "ip": ["*"]},
+            {"src": [RELAY_TAGS["clienta"], RELAY_TAGS["clientb"]], "dst": [RELAY_TAGS["relay"]],
+             "app": {CAP_RELAY: [{}]}},
+        ],
+    }
+
+
+def peer_status(ts: Tailscaled, ip: str) -> dict[str, Any]:
+    for p in (ts.status_json().get("Peer") or {}).values():
+        if ip in (p.get("TailscaleIPs") or []):
+            return dict(p)
+    raise AssertionError(f"{ts.host.name} does not list {ip}")
+
+
+def relayed(ts: Tailscaled, ip: str) -> dict[str, Any] | None:
+    """A ping (relay paths are set up on traffic), then the peer if it goes via a peer
+    relay (`ip:port:vni:N`) and not directly."""
+    ts.ping(ip, count=1, timeout=1, until_direct=False)
+    p = peer_status(ts, ip)
+    addr, sep, vni = str(p.get("PeerRelay") or "").partition(":vni:")
+    return p if sep and vni and addr.rpartition(":")[2].isdigit() and not p.get("CurAddr") \
+        else None
+
+
+def test_grant_cap_relay(world: World) -> None:
+    """Headscale's TestGrantCapRelay: two clients that cannot reach each other directly use
+    a third node as their peer relay once a cap/relay grant lets them; with the relay down
+    they fall back to DERP, and with it back they use it again."""
+    keys = {role: {"user": role, "reusable": True, "tags": [tag]}
+            for role, tag in RELAY_TAGS.items()}
+    srv = world.start_server(users=list(RELAY_TAGS), keys=keys, policy=relay_policy())
+    hosts = {n: world.topology.add_host(n) for n in ("clienta", "clientb")}
+    # No direct path between the two clients: each drops the other's underlay address.
+    for me, other in (("clienta", "clientb"), ("clientb", "clienta")):
+        for rule in (["OUTPUT", "-d"], ["INPUT", "-s"]):
+            r = hosts[me].run(["iptables", "-I", rule[0], "1", rule[1], hosts[other].ip,
+                               "-j", "DROP"])
+            assert r.returncode == 0, r.stderr
+    relay = world.join("relay", NEWEST, key="relay")
+    r = relay.cli("set", "--relay-server-port=0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a = world.join("clienta", MIDDLE, key="clienta", host=hosts["clienta"])
+    b = world.join("clientb", NEWEST, key="clientb", host=hosts["clientb"])
+    own = {n: {f"{x}/32" if "." in x else f"{x}/128" for x in ts.ip()}
+           for n, ts in (("relay", relay), ("clienta", a), ("clientb", b))}
+    a_ip, b_ip = a.ip("4")[0], b.ip("4")[0]
+
+    # The grant in the packet filters: cap/relay on the relay for its own addresses, the
+    # companion cap/relay-target on each client for its own; not the other way round.
+    assert cap_dsts(relay, CAP_RELAY) == own["relay"]
+    assert cap_dsts(relay, CAP_RELAY_TARGET) == set()
+    for n, ts in (("clienta", a), ("clientb", b)):
+        assert cap_dsts(ts, CAP_RELAY_TARGET) == own[n], n
+        assert cap_dsts(ts, CAP_RELAY) == set(), n
+
+    # Through the peer relay, in both directions, never directly.
+    for ts, ip in ((a, b_ip), (b, a_ip)):
+        wait_for(f"{ts.host.name} to reach {ip} through the peer relay",
+                 lambda ts=ts, ip=ip: relayed(ts, ip), 120, interval=2)
+
+    # Relay down: DERP carries the traffic.
+    relay.stop()
+    for ts, ip in ((a, b_ip), (b, a_ip)):
+        wait_for(f"{ts.host.name} to drop the peer relay to {ip}", lambda ts=ts, ip=ip: (
+            not peer_status(ts, ip).get("PeerRelay") and peer_status(ts, ip).get("Relay")), 120)
+    wait_for("clienta to ping clientb over DERP", lambda: a.ping(
+        b_ip, count=1, timeout=2, until_direct=False).returncode == 0, 60)
+    assert not peer_status(a, b_ip).get("CurAddr")
+
+    # Relay back: the peer relay is used again.
+    relay.start()
+    relay.wait_state("Running", timeout=60)
+    for ts, ip in ((a, b_ip), (b, a_ip)):
+        wait_for(f"{ts.host.name} to use the peer relay to {ip} again",
+                 lambda ts=ts, ip=ip: relayed(ts, ip), 120, interval=2)
+    assert srv.running
