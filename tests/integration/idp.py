@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,19 +337,25 @@ process.on('SIGINT', stop);
 # A scripted browser for tests with official clients: run with the harness's Python inside a
 # namespace, it follows the register URL to the provider, signs in on its form, and (unless
 # told not to) posts our confirmation form with the CSRF field, keeping cookies throughout.
-# It prints one JSON object: {"login": {status, url, text}, "confirm": {status, text}}.
+# Extra URLs are opened first like other tabs (each only up to its first redirect) before the
+# first URL's login is carried on. It prints one JSON object: {"redirects": [where each URL
+# sent the browser], "login": {status, url, text}, "confirm": {status, text}}.
 BROWSER_SNIPPET = r"""
 import asyncio, json, re, ssl, sys
 import aiohttp
 from yarl import URL
 
-async def main(auth_url, login, password, ca, do_confirm):
+async def main(auth_url, login, password, ca, do_confirm, tabs):
     ctx = ssl.create_default_context(cafile=ca) if ca else True
-    out = {}
+    out = {"redirects": []}
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for IP-literal hosts
     async with aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(ssl=ctx),
                                      timeout=aiohttp.ClientTimeout(total=30)) as s:
-        url, method, data = URL(auth_url), "GET", None
+        for tab in [auth_url, *tabs]:
+            async with s.get(tab, allow_redirects=False) as r:
+                out["redirects"].append(r.headers.get("Location", ""))
+        first = out["redirects"][0]
+        url, method, data = (URL(auth_url).join(URL(first)) if first else URL(auth_url)), "GET", None
         for _ in range(20):
             async with s.request(method, url, data=data, allow_redirects=False) as r:
                 text = await r.text()
@@ -375,7 +381,8 @@ async def main(auth_url, login, password, ca, do_confirm):
                 out["confirm"] = {"status": r.status, "text": await r.text()}
     print(json.dumps(out))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1",
+                 sys.argv[6:]))
 """
 
 
@@ -388,22 +395,25 @@ class BrowserResult:
     login_page: str
     confirm_status: int | None = None
     confirm_page: str = ""
+    redirects: list[str] = field(default_factory=list)  # where each opened URL sent it
 
 
 def browser_login(host: Any, auth_url: str, account: Account, *,
                   ca_file: str | os.PathLike[str] | None = None, confirm: bool = True,
-                  timeout: float = 60) -> BrowserResult:
+                  timeout: float = 60, other_tabs: Sequence[str] = ()) -> BrowserResult:
     """Sign `account` in from `auth_url` with a scripted browser inside `host`'s namespace
-    (a tests.integration.netns Host); `ca_file` verifies the control server's TLS."""
+    (a tests.integration.netns Host); `ca_file` verifies the control server's TLS.
+    `other_tabs` are opened (to their first redirect) in the same browser before the login."""
     from tests.integration.server import VENV_PYTHON  # the venv has aiohttp
 
     r = host.run([str(VENV_PYTHON), "-c", BROWSER_SNIPPET, auth_url, account.sub,
-                  account.password, str(ca_file or ""), "1" if confirm else "0"],
+                  account.password, str(ca_file or ""), "1" if confirm else "0", *other_tabs],
                  timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"scripted browser failed ({r.returncode}): {r.stderr[-2000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    res = BrowserResult(out["login"]["status"], out["login"]["url"], out["login"]["text"])
+    res = BrowserResult(out["login"]["status"], out["login"]["url"], out["login"]["text"],
+                        redirects=out["redirects"])
     if "confirm" in out:
         res.confirm_status, res.confirm_page = out["confirm"]["status"], out["confirm"]["text"]
     return res

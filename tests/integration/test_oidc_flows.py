@@ -10,7 +10,6 @@ test) and node.expiry 72h (so OIDC nodes get an expiry to keep).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import threading
@@ -19,20 +18,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider, browser_login
-from tests.integration.netns import SERVER_IP
-from tests.integration.server import VENV_PYTHON, PyHeadscale
+from tests.integration.idp import Account, browser_login
+from tests.integration.oidc_world import OIDCWorld
+from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
 from tests.integration.test_oidc_official import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    IDP_PORT,
     oidc_overrides,
     up_args,
     web_login,
 )
 from tests.integration.versions import PINNED
-from tests.integration.world import World, shared_world_fixture, wait_for
+from tests.integration.world import shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,24 +53,12 @@ HEIDI = Account("heidi-sub", "pw-heidi", email="heidi@example.com", name="Heidi"
                 preferred_username="heidi")
 
 
-class OIDCLab(World):
-    idp: OpenIDProvider | None = None
-
-    def close(self) -> None:
-        super().close()
-        if self.idp is not None:
-            self.idp.stop()
+OIDCLab = OIDCWorld
 
 
 def setup(lab: OIDCLab) -> None:
-    try:
-        lab.idp = OpenIDProvider(
-            lab.workdir / "idp", [USER1, USER2, CAROL, DAVE, ERIN, FRANK, GRACE, HEIDI], client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET, redirect_uris=[f"https://{SERVER_IP}/oidc/callback"],
-            port=IDP_PORT, listen_host=SERVER_IP).start(popen=lab.server_host.popen)
-    except IdPUnavailable as e:
-        pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
-    over = oidc_overrides(lab, lab.idp)
+    idp = lab.start_idp([USER1, USER2, CAROL, DAVE, ERIN, FRANK, GRACE, HEIDI])
+    over = oidc_overrides(lab, idp)
     over["tuning"] = {"register_cache_expiration": f"{CACHE_S}s"}
     over["node"] = {"expiry": "72h"}
     lab.start_server(over, users=[])
@@ -173,48 +157,6 @@ def test_oidc_follow_up_url(lab: OIDCLab) -> None:
     assert owners["follow"] == u["id"]
 
 
-# Opens several login URLs in one cookie jar (like browser tabs), notes where each sends the
-# browser, then completes the first one's provider login and confirmation. Prints JSON.
-MULTI_TABS = r"""
-import asyncio, json, re, ssl, sys
-import aiohttp
-from yarl import URL
-
-async def main(ca, login, password, urls):
-    jar = aiohttp.CookieJar(unsafe=True)
-    conn = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca))
-    async with aiohttp.ClientSession(cookie_jar=jar, connector=conn,
-                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
-        redirects = []
-        for u in urls:
-            async with s.get(u, allow_redirects=False) as r:
-                redirects.append(r.headers.get("Location", ""))
-        url, method, data = URL(redirects[0]), "GET", None
-        for _ in range(20):
-            async with s.request(method, url, data=data, allow_redirects=False) as r:
-                text = await r.text()
-                if r.status in (301, 302, 303, 307):
-                    url, method, data = r.url.join(URL(r.headers["Location"])), "GET", None
-                    continue
-                m = re.search(r'action="(/interaction/[^"]+/login)"', text)
-                if r.status == 200 and m:
-                    url, method = r.url.join(URL(m.group(1))), "POST"
-                    data = {"login": login, "password": password}
-                    continue
-                break
-        action = re.search(r'<form method="POST" action="([^"]+)"', text)
-        field = re.search(r'<input type="hidden" name="([^"]+)" value="([^"]+)"', text)
-        out = {"redirects": redirects, "login_status": r.status, "confirm_status": None}
-        if action and field:
-            async with s.post(url.join(URL(action.group(1))),
-                              data={field.group(1): field.group(2)}) as r:
-                out["confirm_status"], out["confirm_page"] = r.status, await r.text()
-    print(json.dumps(out))
-
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]))
-"""
-
-
 def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
     """TestOIDCMultipleOpenedLoginUrls: `tailscale up` twice, each login URL opened in one
     browser (two provider redirects with their own state and nonce), the first tab completed:
@@ -228,14 +170,11 @@ def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
     second = Up(srv, ts, "tabs")
     u2 = second.first_url()
     assert u1 == u2
-    r = srv.host.run([str(VENV_PYTHON), "-c", MULTI_TABS, str(srv.ca_file), DAVE.sub,
-                      DAVE.password, u1, u2], timeout=90)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    r1, r2 = out["redirects"]
+    res = browser_login(srv.host, u1, DAVE, ca_file=srv.ca_file, other_tabs=[u2])
+    r1, r2 = res.redirects
     assert r1.startswith(lab.idp.issuer) and r2.startswith(lab.idp.issuer)
     assert r1 != r2  # each tab has its own state and nonce
-    assert out["confirm_status"] == 200 and "Node registered" in out["confirm_page"], out
+    assert res.confirm_status == 200 and "Node registered" in res.confirm_page, res
     ts.wait_state("Running", timeout=30)
     for up in (first, second):  # which of the two `up`s reports the login is the client's
         if up.proc.poll() is None:

@@ -5,25 +5,20 @@ node joining through OIDC seeing the policy's routes at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from tests.integration.idp import IdPUnavailable, OpenIDProvider
-from tests.integration.netns import SERVER_IP
+from tests.integration.oidc_world import OIDCWorld
 from tests.integration.test_oidc_official import (
     ALICE,
     BOB,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    IDP_PORT,
     oidc_overrides,
     web_login,
 )
 from tests.integration.versions import PINNED
-from tests.integration.world import World, peers_by_name, wait_for, wait_mesh
+from tests.integration.world import peers_by_name, wait_for, wait_mesh, world_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -31,52 +26,31 @@ OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 TOKEN_TTL_S = 90
 
 
-@pytest.fixture
-def provider(world: World) -> Iterator[Callable[..., OpenIDProvider]]:
-    """Starts the provider (once per test) in the server host's namespace."""
-    started: list[OpenIDProvider] = []
-
-    def start(**options: Any) -> OpenIDProvider:
-        try:
-            p = OpenIDProvider(
-                world.workdir / "idp", [ALICE, BOB], client_id=CLIENT_ID,
-                client_secret=CLIENT_SECRET,
-                redirect_uris=[f"https://{SERVER_IP}/oidc/callback"], port=IDP_PORT,
-                listen_host=SERVER_IP, **options).start(popen=world.server_host.popen)
-        except IdPUnavailable as e:
-            pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
+world = world_fixture(OIDCWorld)
 
 
-def login_two(world: World) -> None:
+def login_two(world: OIDCWorld) -> None:
     assert world.server is not None
     web_login(world.server, world.add_client("alice-pc", OLDEST), ALICE, "alice-pc")
     web_login(world.server, world.add_client("bob-pc", NEWEST), BOB, "bob-pc")
 
 
-def test_oidc_authentication_with_pkce(world: World,
-                                       provider: Callable[..., OpenIDProvider]) -> None:
+def test_oidc_authentication_with_pkce(world: OIDCWorld) -> None:
     """TestOIDCAuthenticationWithPKCE: the provider refuses authorization requests without a
     PKCE challenge; with `oidc.pkce` (S256) both users log in and their nodes reach each
     other."""
-    idp = provider(require_pkce=True)
+    idp = world.start_idp([ALICE, BOB], require_pkce=True)
     world.start_server(oidc_overrides(world, idp, pkce={"enabled": True, "method": "S256"}),
                        users=[])
     login_two(world)
     wait_mesh([world.nodes["alice-pc"], world.nodes["bob-pc"]])
 
 
-def test_oidc_expire_nodes_based_on_token_expiry(world: World,
-                                                 provider: Callable[..., OpenIDProvider]) -> None:
+def test_oidc_expire_nodes_based_on_token_expiry(world: OIDCWorld) -> None:
     """TestOIDCExpireNodesBasedOnTokenExpiry: with use_expiry_from_token, each node expires
     when its user's ID token does (90 s here): both reach each other first, then both
     clients drop to NeedsLogin."""
-    idp = provider(id_token_ttl=TOKEN_TTL_S)
+    idp = world.start_idp([ALICE, BOB], id_token_ttl=TOKEN_TTL_S)
     srv = world.start_server(oidc_overrides(world, idp, use_expiry_from_token=True), users=[])
     start = datetime.now(UTC)
     login_two(world)
@@ -95,11 +69,11 @@ def test_oidc_expire_nodes_based_on_token_expiry(world: World,
 GATEWAY_ROUTE, OIDC_ROUTE = "203.0.113.128/26", "203.0.113.192/26"
 
 
-def test_oidc_acl_policy_on_join(world: World, provider: Callable[..., OpenIDProvider]) -> None:
+def test_oidc_acl_policy_on_join(world: OIDCWorld) -> None:
     """TestOIDCACLPolicyOnJoin: a key-joined gateway serves an approved route; a node that
     joins through OIDC (advertising a route of its own, auto-approved for its user) sees the
     gateway's route at once, and the gateway sees the new node's, without any restart."""
-    idp = provider()
+    idp = world.start_idp([ALICE, BOB])
     srv = world.start_server(
         oidc_overrides(world, idp), users=["gateway"],
         keys={"gw": {"user": "gateway", "reusable": True}},

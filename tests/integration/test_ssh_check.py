@@ -12,7 +12,6 @@ destination) for the rule's checkPeriod, so each scenario starts from a fresh al
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.idp import IdPUnavailable, OpenIDProvider, browser_login
-from tests.integration.netns import SERVER_IP
+from tests.integration.idp import browser_login
+from tests.integration.oidc_world import OIDCWorld
 from tests.integration.server import PyHeadscale
 from tests.integration.ssh_lab import (
     WHERE,
@@ -36,14 +35,11 @@ from tests.integration.tailscale import Tailscaled
 from tests.integration.test_oidc_official import (
     ALICE,
     BOB,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    IDP_PORT,
     oidc_overrides,
     web_login,
 )
 from tests.integration.versions import PINNED
-from tests.integration.world import World, shared_world_fixture, wait_for
+from tests.integration.world import shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,18 +60,8 @@ def check_policy(period: str | None = None) -> dict[str, Any]:
             "ssh": [rule]}
 
 
-class CheckLab(World):
-    idp: OpenIDProvider | None = None
+class CheckLab(OIDCWorld):
     seen: set[str]
-    policies = 0
-
-    def set_policy(self, policy: dict[str, Any]) -> None:
-        assert self.server is not None
-        self.policies += 1
-        path = self.workdir / f"policy-{self.policies}.json"
-        path.write_text(json.dumps(policy))
-        r = self.server.cli("policy", "set", "-f", str(path))
-        assert r.returncode == 0, r.stdout + r.stderr
 
     def node_id(self, name: str) -> int:
         assert self.server is not None
@@ -89,22 +75,11 @@ class CheckLab(World):
             wait_ssh_ready(ts, self.nodes[dst])
         return ts
 
-    def close(self) -> None:
-        super().close()
-        if self.idp is not None:
-            self.idp.stop()
-
 
 def setup(lab: CheckLab) -> None:
     lab.seen = set()
-    try:
-        lab.idp = OpenIDProvider(
-            lab.workdir / "idp", [ALICE, BOB], client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-            redirect_uris=[f"https://{SERVER_IP}/oidc/callback"], port=IDP_PORT,
-            listen_host=SERVER_IP).start(popen=lab.server_host.popen)
-    except IdPUnavailable as e:
-        pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
-    over = oidc_overrides(lab, lab.idp)
+    idp = lab.start_idp([ALICE, BOB])
+    over = oidc_overrides(lab, idp)
     over["policy"] = {"mode": "database"}
     over["tuning"] = {"register_cache_expiration": f"{EXPIRY_S}s"}
     srv = lab.start_server(over, users=[], keys={"tagged": {"reusable": True,

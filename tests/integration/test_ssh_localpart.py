@@ -9,15 +9,14 @@ shell is nologin. A session as daemon that tailscaled lets in therefore ends wit
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
-from tests.integration.netns import SERVER_IP
+from tests.integration.idp import Account
+from tests.integration.oidc_world import OIDCWorld
 from tests.integration.ssh_lab import (
     WHERE,
     addr4,
@@ -28,14 +27,11 @@ from tests.integration.ssh_lab import (
     wait_ssh_ready,
 )
 from tests.integration.test_oidc_official import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    IDP_PORT,
     oidc_overrides,
     web_login,
 )
 from tests.integration.versions import PINNED
-from tests.integration.world import World, shared_world_fixture
+from tests.integration.world import shared_world_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -49,33 +45,12 @@ NODES = {"r-pc": "root", "d-pc": "daemon"}  # node -> the account its owner maps
 ALL_TCP = [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]
 
 
-class LocalpartLab(World):
-    idp: OpenIDProvider | None = None
-    policies = 0
-
-    def set_policy(self, policy: dict[str, Any]) -> None:
-        assert self.server is not None
-        self.policies += 1
-        path = self.workdir / f"policy-{self.policies}.json"
-        path.write_text(json.dumps(policy))
-        r = self.server.cli("policy", "set", "-f", str(path))
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    def close(self) -> None:
-        super().close()
-        if self.idp is not None:
-            self.idp.stop()
+LocalpartLab = OIDCWorld
 
 
 def setup(lab: LocalpartLab) -> None:
-    try:
-        lab.idp = OpenIDProvider(
-            lab.workdir / "idp", [ROOTY, DAEMONY], client_id=CLIENT_ID,
-            client_secret=CLIENT_SECRET, redirect_uris=[f"https://{SERVER_IP}/oidc/callback"],
-            port=IDP_PORT, listen_host=SERVER_IP).start(popen=lab.server_host.popen)
-    except IdPUnavailable as e:
-        pytest.fail(f"OpenID provider unavailable: {e}", pytrace=False)
-    over = oidc_overrides(lab, lab.idp)
+    idp = lab.start_idp([ROOTY, DAEMONY])
+    over = oidc_overrides(lab, idp)
     over["policy"] = {"mode": "database"}
     srv = lab.start_server(over, users=[])
     lab.set_policy({"acls": ALL_TCP})
