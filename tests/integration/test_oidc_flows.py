@@ -233,7 +233,7 @@ def test_oidc_relogin_same_node_new_user(lab: OIDCLab) -> None:
     (first,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "switch"]
     mkey = first["machineKey"]
     log_out(ts)
-    web_login(srv, ts, GRACE, "switch")
+    web_login(srv, ts, GRACE, "switch", "--reset")
     nodes = machine_nodes(srv, mkey)
     assert len(nodes) == 2, nodes
     frank, grace = nodes
@@ -242,7 +242,7 @@ def test_oidc_relogin_same_node_new_user(lab: OIDCLab) -> None:
     wait_for("grace's node to be online", lambda: online(srv, grace["id"]), 30)
     log_out(ts)
     assert len(machine_nodes(srv, mkey)) == 2, "logging out must not delete the node"
-    web_login(srv, ts, FRANK, "switch", expect="Node reauthenticated")
+    web_login(srv, ts, FRANK, "switch", "--reset", expect="Node reauthenticated")
     after = machine_nodes(srv, mkey)
     assert [n["id"] for n in after] == [frank["id"], grace["id"]]
     assert after[0]["user"]["name"] == "frank" and after[0]["nodeKey"] != first["nodeKey"]
@@ -260,7 +260,7 @@ def test_oidc_relogin_same_node_same_user(lab: OIDCLab) -> None:
     (first,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "again"]
     log_out(ts)
     assert machine_nodes(srv, first["machineKey"]) != []
-    web_login(srv, ts, HEIDI, "again", expect="Node reauthenticated")
+    web_login(srv, ts, HEIDI, "again", "--reset", expect="Node reauthenticated")
     (after,) = machine_nodes(srv, first["machineKey"])
     assert (after["id"], after["user"]["id"]) == (first["id"], first["user"]["id"])
     assert after["nodeKey"] != first["nodeKey"]
