@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from tests.integration.procs import terminate
 from tests.integration.server import deep_merge, make_test_ca
 from tests.netutil import free_port
 
@@ -116,12 +117,7 @@ class Server:
         return r.stderr
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc, 15)
         self.log.close()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from tests.buildutil import file_lock
 from tests.integration import versions
+from tests.integration.procs import terminate
 from tests.netutil import free_port
 
 OIDC_PROVIDER_VERSION = "9.13.3"
@@ -204,13 +205,8 @@ class OpenIDProvider:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc, 10)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

@@ -20,6 +20,20 @@ from tests.integration.netns import Host
 SOCK_MAX = 100  # sun_path is 108 bytes; keep a margin
 
 
+def terminate(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM, then SIGKILL if `proc` is still running after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)
+
+
 class NamespacedProcess:
     """One process in `host`'s namespace, logging to `log_path`. Subclasses start it (with
     `spawn`) and say when it is ready."""
