@@ -28,7 +28,7 @@ from tests.integration import hsapi
 from tests.integration.netns import Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST
 from tests.integration.world import (
     Reach,
     World,
@@ -38,7 +38,6 @@ from tests.integration.world import (
     wait_for,
 )
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 WITNESS = "witness"
 PORTS = (80, 22)
 REV_PORT_BASE = 60000

@@ -25,10 +25,8 @@ from tests.integration.netns import Host, Topology
 from tests.integration.seed import seed
 from tests.integration.server import REPO, PyHeadscale
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST
 from tests.integration.world import World, interactive_up, peers_by_name, wait_for
-
-OLDEST, NEWEST = PINNED[0], PINNED[-1]
 
 
 @dataclass

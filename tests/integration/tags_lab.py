@@ -18,10 +18,8 @@ from typing import Any
 
 from tests.integration import hsapi
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST
 from tests.integration.world import World, interactive_up, peers_by_name, wait_for
-
-OLDEST, MIDDLE, NEWEST = PINNED
 
 USER, OTHER = "taguser", "other-user"
 OWNED, SECOND, UNOWNED, NONEXISTENT = ("tag:valid-owned", "tag:second", "tag:valid-unowned",

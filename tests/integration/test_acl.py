@@ -16,14 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.acl_lab import (
-    ALLOW_ALL,
-    MIDDLE,
-    NEWEST,
-    OLDEST,
-    AclLab,
-    acl,
-)
+from tests.integration.acl_lab import ALLOW_ALL, AclLab, acl
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.acl_lab import MIDDLE, NEWEST, OLDEST, AclLab, acl
+from tests.integration.acl_lab import AclLab, acl
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration

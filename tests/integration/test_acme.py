@@ -20,16 +20,15 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from tests.integration import versions
 from tests.integration.derp_helpers import Tailnet, ping_paths, wait_peer
 from tests.integration.netns import Host, Topology
 from tests.integration.pebble import Pebble, PebbleError
 from tests.integration.tailscale import Tailscaled
+from tests.integration.versions import NEWEST, OLDEST
 
 pytestmark = pytest.mark.integration
 
 NAME = "hs.acme.test"
-OLDEST, NEWEST = versions.PINNED[0], versions.PINNED[-1]
 
 _CERT_SNIPPET = """
 import base64, socket, ssl, sys

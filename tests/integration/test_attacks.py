@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.attacklab import NEWEST, OLDEST, AttackLab
+from tests.integration.attacklab import AttackLab
 from tests.integration.conftest import _WORKDIR
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import peers_by_name, wait_for
 
 pytestmark = pytest.mark.integration

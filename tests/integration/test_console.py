@@ -31,7 +31,7 @@ from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider
 from tests.integration.netns import SERVER_IP, Host, Namespace, Router, Topology
 from tests.integration.server import PyHeadscale, http_get_from
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import (
     BASE_DOMAIN,
     World,
@@ -43,7 +43,6 @@ from tests.integration.world import (
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 WEB_PORT = 8000
 IDP_PORT = 5557
 CLIENT_ID, CLIENT_SECRET = "pyheadscale-console", "console-secret"

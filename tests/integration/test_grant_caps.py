@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import World, wait_for, wait_mesh
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 CAP_DRIVE = "tailscale.com/cap/drive"
 CAP_DRIVE_SHARER = "tailscale.com/cap/drive-sharer"
 ROLES = {"sharer": NEWEST, "rwclient": OLDEST, "roclient": MIDDLE, "noaccess": NEWEST}

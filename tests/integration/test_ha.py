@@ -23,12 +23,11 @@ from tests.integration.ha import API_WRITER, BASE_DOMAIN, HALab
 from tests.integration.netns import Topology
 from tests.integration.server import VENV_PYTHON
 from tests.integration.test_policy import control_activity, fetch
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import dns, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
-OLDEST, NEWEST = PINNED[0], PINNED[-1]
 # Client host -> (version, the instance the load balancer sends it to first).
 CLIENTS = {"c1": (OLDEST, "inst1"), "c2": (NEWEST, "inst1"),
            "c3": (OLDEST, "inst2"), "c4": (NEWEST, "inst2")}

@@ -12,7 +12,7 @@ import pytest
 from tests.integration import hsapi
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import (
     World,
     interactive_up,
@@ -23,7 +23,6 @@ from tests.integration.world import (
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 EPHEMERAL_TIMEOUT = 66  # seconds; Headscale refuses anything under 65 s
 
 

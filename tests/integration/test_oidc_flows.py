@@ -27,12 +27,11 @@ from tests.integration.test_oidc_official import (
     up_args,
     web_login,
 )
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 CACHE_S = 20  # tuning.register_cache_expiration
 
 USER1 = Account("user1", "pw-user1", email="user1@headscale.net", name="User One",

@@ -23,12 +23,11 @@ from tests.integration.idp import Account, IdPUnavailable, OpenIDProvider, brows
 from tests.integration.netns import SERVER_IP, Host
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import Reach, World, peers_by_name, probe, serve_echo, wait_for
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 IDP_PORT = 5556  # inside the server host's namespace, so any port is free
 CLIENT_ID = "pyheadscale"
 CLIENT_SECRET = "official-clients-secret"

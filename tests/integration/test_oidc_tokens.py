@@ -17,12 +17,11 @@ from tests.integration.test_oidc_official import (
     oidc_overrides,
     web_login,
 )
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import peers_by_name, wait_for, wait_mesh, world_fixture
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 TOKEN_TTL_S = 90
 
 

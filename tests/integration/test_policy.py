@@ -23,7 +23,7 @@ from tests.integration.netns import Host, Topology
 from tests.integration.seed import seed
 from tests.integration.server import PyHeadscale, ServerError
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import (
     Probe,
     Reach,
@@ -38,7 +38,6 @@ from tests.integration.world import (
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 
 
 class PolicyLab(World):

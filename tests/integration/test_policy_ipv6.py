@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.acl_lab import MIDDLE, NEWEST, OLDEST, AclLab, acl
+from tests.integration.acl_lab import AclLab, acl
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture
 
 pytestmark = pytest.mark.integration

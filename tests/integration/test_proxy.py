@@ -18,16 +18,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration import versions
 from tests.integration.derp_helpers import Tailnet, ping_paths, wait_peer
 from tests.integration.netns import Host, Topology
 from tests.integration.nginx import Nginx, NginxError
 from tests.integration.server import REPO, VENV_PYTHON, make_test_ca
 from tests.integration.tailscale import Tailscaled
+from tests.integration.versions import NEWEST, OLDEST
 
 pytestmark = pytest.mark.integration
 
-OLDEST, NEWEST = versions.PINNED[0], versions.PINNED[-1]
 
 _WS_REGISTER = """
 import asyncio, sys, orjson

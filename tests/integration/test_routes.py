@@ -19,7 +19,7 @@ from tests.integration import hsapi
 from tests.integration.netns import Namespace
 from tests.integration.server import PyHeadscale
 from tests.integration.tailscale import Tailscaled
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import (
     Reach,
     World,
@@ -33,7 +33,6 @@ from tests.integration.world import (
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 PORT = 8000
 PROBES = "pyheadscale_ha_probes_answered_total"
 

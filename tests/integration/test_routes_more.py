@@ -21,12 +21,11 @@ from tests.integration.test_routes import (
     fetch,
     routed_into_tailnet,
 )
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST, PINNED
 from tests.integration.world import Reach, peers_by_name, probe, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 POLICY = {"acls": [{"action": "accept", "src": ["bob@"], "dst": ["autogroup:internet:*"]}]}
 EXITS = ("0.0.0.0/0", "::/0")
 

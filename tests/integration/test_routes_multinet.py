@@ -14,12 +14,11 @@ import pytest
 from tests.integration import hsapi
 from tests.integration.test_routes import Lab, fetch, routed_into_tailnet
 from tests.integration.test_routes_more import _counts, _subnet_routes
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import peers_by_name, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 LAN = "192.0.2.0/24"
 EXITS = ["0.0.0.0/0", "::/0"]
 

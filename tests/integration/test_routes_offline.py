@@ -24,12 +24,11 @@ from tests.integration import hsapi
 from tests.integration.netns import Host
 from tests.integration.server import http_get_from
 from tests.integration.test_routes import Lab, fetch, primary_of
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import peers_by_name, wait_for, world_fixture
 
 pytestmark = pytest.mark.integration
 
-NEWEST, OLDEST = PINNED[-1], PINNED[0]
 LAN = "192.0.2.0/24"
 METRICS = "http://127.0.0.1:9090"  # the harness's metrics listener, in the server's netns
 # A fast prober: a router whose long poll is half-open is found out within a few seconds.

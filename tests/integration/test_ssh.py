@@ -18,11 +18,10 @@ from tests.integration.netns import Topology
 from tests.integration.ssh_lab import start_ssh, tailscale_ssh, wait_ssh_ready
 from tests.integration.tailscale import Tailscaled
 from tests.integration.test_policy import PolicyLab, acl
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST, PINNED
 
 pytestmark = pytest.mark.integration
 
-OLDEST, NEWEST = PINNED[0], PINNED[-1]
 KEYS = {
     "user1": {"user": "user1", "reusable": True},
     "user2": {"user": "user2", "reusable": True},

@@ -38,12 +38,11 @@ from tests.integration.test_oidc_official import (
     oidc_overrides,
     web_login,
 )
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 EXPIRY_S = 30  # tuning.register_cache_expiration: how long an undecided check waits
 
 

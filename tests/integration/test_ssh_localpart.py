@@ -30,12 +30,11 @@ from tests.integration.test_oidc_official import (
     oidc_overrides,
     web_login,
 )
-from tests.integration.versions import PINNED
+from tests.integration.versions import NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture
 
 pytestmark = pytest.mark.integration
 
-OLDEST, NEWEST = PINNED[0], PINNED[-1]
 DOMAIN = "example.net"
 ROOTY = Account("rooty-sub", "pw-rooty", email=f"root@{DOMAIN}", name="Root User",
                 preferred_username="rooty")

@@ -21,12 +21,11 @@ from tests.integration.ssh_lab import (
     wait_ssh_ready,
 )
 from tests.integration.test_policy import PolicyLab, acl
-from tests.integration.versions import PINNED
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import Reach, probe, serve_echo, shared_world_fixture, wait_for
 
 pytestmark = pytest.mark.integration
 
-OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 NODES = {"u1a": ("user1", OLDEST), "u1b": ("user1", NEWEST),
          "u2a": ("user2", MIDDLE), "u2b": ("user2", OLDEST)}
 PAIRS = all_pairs(NODES)

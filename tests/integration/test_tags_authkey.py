@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.tags_lab import (
-    MIDDLE,
-    NEWEST,
-    NONEXISTENT,
-    OLDEST,
-    OWNED,
-    SECOND,
-    UNOWNED,
-    TagsLab,
-    refusal,
-)
+from tests.integration.tags_lab import NONEXISTENT, OWNED, SECOND, UNOWNED, TagsLab, refusal
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import shared_world_fixture
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,7 @@ import subprocess
 import pytest
 
 from tests.integration.tags_lab import (
-    MIDDLE,
-    NEWEST,
     NONEXISTENT,
-    OLDEST,
     OWNED,
     SECOND,
     UNOWNED,
@@ -27,6 +24,7 @@ from tests.integration.tags_lab import (
     self_tags,
 )
 from tests.integration.tailscale import Tailscaled
+from tests.integration.versions import MIDDLE, NEWEST, OLDEST
 from tests.integration.world import interactive_up, shared_world_fixture
 
 pytestmark = pytest.mark.integration

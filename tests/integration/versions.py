@@ -9,6 +9,7 @@ from pathlib import Path
 # module proxy. v1.104.x needs Go 1.27.3 and dependency versions (gvisor, gliderssh) that the
 # proxy answers 403 for, so v1.102.5 is the newest buildable stable release.
 PINNED: list[str] = ["v1.80.3", "v1.92.5", "v1.102.5"]
+OLDEST, MIDDLE, NEWEST = PINNED[0], PINNED[len(PINNED) // 2], PINNED[-1]
 
 # Go toolchain to fall back to when a release's go.mod needs a newer Go than the local one.
 FALLBACK_TOOLCHAIN = "go1.27.3"
