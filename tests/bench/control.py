@@ -318,7 +318,10 @@ class Worker:
                 return
             now = time.monotonic()
             n.frames += 1
-            self.last_frame = now
+            # Keepalives do not count as activity: at 10k polls some arrive every few ms,
+            # so "no frame for --quiet-s" would never hold once their timers drift apart.
+            if size >= KEEPALIVE_MAX or not self.keepalive(bytes(buf[4 : 4 + size])):
+                self.last_frame = now
             if n.fresh:
                 n.fresh = False
                 n.t_poll_map = now
@@ -335,14 +338,16 @@ class Worker:
             return
         raw = self._zstd.decompressobj().decompress(frame)
         if any_frame:
-            # Keepalives carry nothing (pyheadscale: {"KeepAlive":true}; Headscale the same
-            # plus empty fields), so they are not a reaction to the change.
-            if rnd_ not in n.seen and not (len(raw) < 200 and b'"KeepAlive":true' in raw):
+            # Keepalives are not a reaction to the change.
+            if rnd_ not in n.seen and not _is_keepalive(raw):
                 n.seen[rnd_] = now
             if marker in raw and rnd_ not in n.hit:
                 n.hit[rnd_] = now
         elif marker in raw:
             n.seen[rnd_] = now
+
+    def keepalive(self, frame: bytes) -> bool:
+        return _is_keepalive(self._zstd.decompressobj().decompress(frame))
 
     async def change(self, rnd_: int, endpoint: str) -> tuple[Any, ...]:
         n = next(x for x in self.nodes if x.idx == 0)
@@ -670,6 +675,15 @@ def _quiet(clients: Clients, target: Target, quiet: float, deadline: float,
         if now >= deadline:
             return False
         time.sleep(0.25)
+
+
+KEEPALIVE_MAX = 200  # bytes: a keepalive frame, compressed or not, is smaller
+
+
+def _is_keepalive(raw: bytes) -> bool:
+    """A keepalive carries nothing else (pyheadscale: {"KeepAlive":true}; Headscale the same
+    plus empty fields)."""
+    return len(raw) < KEEPALIVE_MAX and b'"KeepAlive":true' in raw
 
 
 def _pct_all(d: list[float], missing: int, q: float) -> float | None:
