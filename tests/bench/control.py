@@ -964,6 +964,9 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     elif args.profile == "cprofile":
         argv = [str(VENV_PYTHON), "-m", "tests.bench.cpuprofile",
                 str(args.profile_dir / "pyheadscale.cprofile"), "-c", str(cfg_path), "serve"]
+    elif args.profile == "gc":
+        argv = [str(VENV_PYTHON), "-m", "tests.bench.gcstats",
+                str(args.profile_dir / "pyheadscale.gc.json"), "-c", str(cfg_path), "serve"]
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     with contextlib.ExitStack() as stack:
         target = Target("pyheadscale", [cfg["server_url"]], [], key)
@@ -1120,8 +1123,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds allowed per policy step (default 60 + 0.06 s per node)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the generated policy")
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--profile", choices=["pyinstrument", "cprofile"], default=None,
-                    help="run pyheadscale under a profiler (pyinstrument must be importable); "
+    ap.add_argument("--profile", choices=["pyinstrument", "cprofile", "gc"], default=None,
+                    help="run pyheadscale under a profiler (pyinstrument must be importable; "
+                    "gc: the cyclic GC's runs and CPU, as JSON); "
                     "the report goes to --profile-dir")
     ap.add_argument("--profile-dir", type=Path, default=Path("."),
                     help="where --profile writes (default: the current directory)")
