@@ -19,9 +19,9 @@ from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
 from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
 from pyheadscale.mapper.fanout import SharedDeltas
-from pyheadscale.mapper.full import PeerCache
+from pyheadscale.mapper.full import KnownPeers, PeerCache
 from pyheadscale.mapper.snapshot import Snapshot
-from pyheadscale.state.changes import Subscription
+from pyheadscale.state.changes import Change, Subscription
 from pyheadscale.state.errors import PersistError
 from pyheadscale.state.tailnet import Tailnet
 
@@ -110,12 +110,7 @@ async def _apply_request(tn: Tailnet, node_id: int, mr: tailcfg.MapRequest) -> N
 
 async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
                       resp: ResponseStream) -> None:
-    tn = poll.tailnet
-    viewer = tn.get_node(node_id)
-    with metrics.Timer(metrics.nodestore_peers_calculation):
-        first, known = poll.deltas.first_frame(poll.snapshot(), viewer)
-    metrics.mapresponse_generated.labels("full").inc()
-    await write_frame(resp, first, "full", node_id)
+    known = await _send_first(poll, node_id, resp)
     it = sub.__aiter__()
     while True:
         timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
@@ -128,23 +123,44 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
             continue
         except StopAsyncIteration:
             return  # replaced by a newer poll, or the node was deleted
-        viewer_now = tn.nodes.get(node_id)
-        if viewer_now is None:
+        if not await _send_batch(poll, node_id, batch, sub, known, resp):
             return
-        snap = poll.snapshot()
-        # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
-        extra = poll.take_outbox(node_id)
-        if extra:
-            update = poll.deltas.delta(batch, snap, viewer_now, known)
-            frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
-        else:
-            frame = poll.deltas.frame(batch, snap, viewer_now, known)
-        if frame is not None:
-            kind = metrics.response_type(batch, ping=bool(extra))
-            metrics.labelled(metrics.mapresponse_generated, kind).inc()
-            await write_frame(resp, frame, kind, node_id)
-            metrics.labelled(metrics.change_delivery, kind).observe(
-                time.monotonic() - sub.batch_since)
+        del batch
+
+
+# The stream's frames are built in helpers: a stream waits for hours between batches, and
+# what a frame was made of (a first map is megabytes at 10,000 nodes, and so is a FULL
+# resend) must not stay referenced from its frame all that time.
+async def _send_first(poll: MapPoll, node_id: int, resp: ResponseStream) -> KnownPeers:
+    viewer = poll.tailnet.get_node(node_id)
+    with metrics.Timer(metrics.nodestore_peers_calculation):
+        first, known = poll.deltas.first_frame(poll.snapshot(), viewer)
+    metrics.mapresponse_generated.labels("full").inc()
+    await write_frame(resp, first, "full", node_id)
+    return known
+
+
+async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Subscription,
+                      known: KnownPeers, resp: ResponseStream) -> bool:
+    """The viewer's frame for ``batch``, if any; False when the viewer is gone."""
+    viewer_now = poll.tailnet.nodes.get(node_id)
+    if viewer_now is None:
+        return False
+    snap = poll.snapshot()
+    # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
+    extra = poll.take_outbox(node_id)
+    if extra:
+        update = poll.deltas.delta(batch, snap, viewer_now, known)
+        frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
+    else:
+        frame = poll.deltas.frame(batch, snap, viewer_now, known)
+    if frame is not None:
+        kind = metrics.response_type(batch, ping=bool(extra))
+        metrics.labelled(metrics.mapresponse_generated, kind).inc()
+        await write_frame(resp, frame, kind, node_id)
+        metrics.labelled(metrics.change_delivery, kind).observe(
+            time.monotonic() - sub.batch_since)
+    return True
 
 
 async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 from pyheadscale.mapper.context import MapContext, visible_ids
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
-    PLAIN_VIEW,
     KnownPeers,
     PeerCache,
     PeerView,
@@ -160,7 +159,7 @@ def delta(
     """
     node_map: Mapping[int, Node] = nodes if isinstance(nodes, Mapping) else {n.id: n for n in nodes}
     user_map: Mapping[int, User] = users if isinstance(users, Mapping) else {u.id: u for u in users}
-    known: KnownPeers = dict(known_peers)
+    known = known_peers.copy() if isinstance(known_peers, KnownPeers) else KnownPeers(known_peers)
     resp = delta_into(BatchView.of(changes), node_map, user_map, viewer, ctx, now, known, cache)
     return resp, known
 
@@ -187,8 +186,7 @@ def delta_into(
     viewer = node_map.get(viewer.id, viewer)
     if b.full:
         full, peers = full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
-        known.clear()
-        known.update(peers)
+        known.assign(peers)
         return full
     if viewer.id not in node_map:
         return None  # the viewer was deleted; the app ends its stream
@@ -208,17 +206,18 @@ def delta_into(
         # The viewer's whole peer set, with set operations (it may be every node).
         vis = visible_ids(ctx.policy, viewer, node_map)
         visible = (node_map.keys() - {viewer.id}) if vis is None else vis & node_map.keys()
-        removed = known.keys() - visible
-        changed_ids = visible - known.keys()
+        known_ids = known.ids()
+        removed = known_ids - visible
+        changed_ids = visible - known_ids
         # Peers whose view (routes for this viewer, hidden IPv4) may have changed: those
         # with routes, those sent with a non-plain view, or all when IPv4 is hidden anywhere.
-        held = known.keys() & visible
+        held = known_ids & visible
         if ctx.ipv4_disabled:
             check: Iterable[int] = held
         else:
             if routers is None:
                 routers = route_nodes(node_map)
-            check = (held & routers) | {p for p in held if known[p] != PLAIN_VIEW}
+            check = (held & routers) | (held & known.non_plain())
         for pid in check:
             if known[pid] != peer_view(viewer, node_map[pid], ctx):
                 changed_ids.add(pid)  # the policy now gives this viewer other routes of it
@@ -271,7 +270,7 @@ def delta_into(
 
     profile_nodes: list[Node] = list(changed)
     if b.user_ids is None or b.user_ids:
-        relevant = [viewer, *(node_map[p] for p in sorted(known) if p in node_map)]
+        relevant = [viewer, *(node_map[p] for p in sorted(known.ids()) if p in node_map)]
         if b.user_ids is not None:
             wanted = b.user_ids
             relevant = [n for n in relevant

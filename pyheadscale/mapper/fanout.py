@@ -76,19 +76,18 @@ class SharedDeltas:
         nodes = snap.nodes
         if plan.view.full and viewer.id in nodes:
             frame, peers = self.first_frame(snap, nodes[viewer.id])
-            known.clear()
-            known.update(peers)
+            known.assign(peers)
             return frame
         if plan.shareable and viewer.id not in plan.view.touched:
             if not plan.built:
                 self._build(plan, snap, legacy)
-            if (plan.shareable and plan.patched <= known.keys() and plan.removed <= known.keys()
+            if (plan.shareable and all(p in known for p in plan.patched)
+                    and all(p in known for p in plan.removed)
                     and self._sees_all(snap.ctx, viewer, nodes, plan.present)):
                 self.shared += 1
                 for p in plan.removed:
                     del known[p]
-                for p in plan.entries:
-                    known[p] = PLAIN_VIEW
+                known.add_plain(plan.entries)
                 return plan.frame
         resp = self._own(plan, snap, viewer, known)
         return encode_frame(resp) if resp is not None else None

@@ -35,13 +35,16 @@ from pyheadscale.mapper.full import (
     profile_owner,
     profiles_of,
 )
+from pyheadscale.mapper.known import BLOCK, block_bits
 from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.model import Node
 from pyheadscale.tailcfg import dumps
 
 __all__ = ["RUN", "PeerRuns"]
 
-RUN = 128  # node IDs per run: small enough that a run rebuilt after a change is cheap
+# Node IDs per run: small enough that a run rebuilt after a change is cheap; one block of
+# KnownPeers, so every viewer a run is sent to shares the run's bits.
+RUN = BLOCK
 _TAIL = compress(b"]}")
 
 
@@ -50,6 +53,7 @@ class _Run:
     members: list[Node]
     content: bytes  # the members' entries joined by commas
     owners: frozenset[int | None]  # their profile IDs
+    bits: int  # their IDs, as KnownPeers holds them (block_bits)
     valid_until: datetime | None  # the earliest member key expiry still ahead
     frames: dict[bool, bytes] = field(default_factory=dict)  # leading comma? -> zstd frame
 
@@ -80,7 +84,7 @@ class PeerRuns:
         ids = sorted(nodes)
         parts: list[bytes] = []
         owners: set[int | None] = {profile_owner(viewer)}
-        known: KnownPeers = {}
+        known = KnownPeers()
         hidden = ctx.ipv4_disabled
         shareable = not hidden  # with hidden IPv4 anywhere, views may differ per viewer
         i = 0
@@ -96,7 +100,7 @@ class PeerRuns:
             if run is not None:
                 parts.append(run.frame(comma))
                 owners |= run.owners
-                known.update(dict.fromkeys(run_ids, PLAIN_VIEW))
+                known.add_plain_block(block, run.bits)
                 continue
             seen = [nodes[p] for p in run_ids
                     if p != viewer.id and (vis is None or p in vis)]
@@ -139,6 +143,7 @@ class PeerRuns:
                    b",".join(cache.encoded(p, ctx, now, legacy_derp=legacy, view=PLAIN_VIEW)
                              for p in members),
                    frozenset(profile_owner(p) for p in members),
+                   block_bits(run_ids),
                    min(ahead) if ahead else None)
         self._runs[(block, legacy)] = run
         return run

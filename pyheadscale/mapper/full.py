@@ -11,11 +11,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from pyheadscale.mapper.context import NODE_ATTR_SUGGEST_EXIT_NODE, MapContext
+from pyheadscale.mapper.known import PLAIN_VIEW, KnownPeers, PeerView
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, IPNetwork, Node, User
 from pyheadscale.tailcfg import (
     KeyKind,
@@ -88,21 +89,7 @@ def _home_derp(node: Node) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-class PeerView(NamedTuple):
-    """What of a peer's entry depends on who looks: the routes it offers this viewer
-    (sorted) and whether its IPv4 address is hidden. Viewers with equal views share one
-    encoded entry, so a tailnet encodes each peer once per distinct view, not per viewer.
-    (A tuple: it is hashed for every peer of every map.)"""
-
-    routes: tuple[IPNetwork, ...] = ()
-    hide_v4: bool = False
-
-
-PLAIN_VIEW = PeerView()
 _PLAIN_NO_V4 = PeerView((), True)
-
-# What a map stream has told its client about each peer (ID -> the view it was sent).
-KnownPeers = dict[int, PeerView]
 
 
 def _is_exit(r: IPNetwork) -> bool:
@@ -378,7 +365,7 @@ def full_map_and_peers(
     peers = visible_peers(nodes, viewer, ctx)
     legacy = 0 < viewer.capver < HOME_DERP_CAPVER
     resp = map_head(viewer, ctx, now, user_profiles([viewer, *peers], users))
-    known: KnownPeers = {}
+    known = KnownPeers()
     entries = []
     hidden = ctx.ipv4_disabled
     for p in peers:

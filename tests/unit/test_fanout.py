@@ -105,11 +105,11 @@ def test_shared_frames_equal_each_viewers_own_delta() -> None:
         shared = SharedDeltas()
         cache = PeerCache()
         for viewer in nodes.values():
-            known: KnownPeers = {
+            known = KnownPeers({
                 i: peer_view(viewer, nodes[i], ctx) if i in nodes else PLAIN_VIEW
-                for i in ids if i != viewer.id and rng.random() < 0.8}
+                for i in ids if i != viewer.id and rng.random() < 0.8})
             want, want_known = delta(batch, nodes, USERS, viewer, ctx, NOW, known, PeerCache())
-            got_known = dict(known)
+            got_known = known.copy()
             frame = shared.frame(batch, Snapshot(nodes, USERS, ctx, NOW, cache), viewer, got_known)
             assert _plain_frame(frame) == (to_plain(want) if want is not None else None)
             assert got_known == want_known
@@ -128,7 +128,7 @@ def test_viewer_in_the_batch_or_missing_a_peer_gets_its_own_delta() -> None:
     ctx = MapContext()
     frames = {}
     for v, known in ((1, {2, 4}), (4, {1, 2}), (2, {1, 4}), (1, {4})):
-        k: KnownPeers = {i: peer_view(nodes[v], nodes[i], ctx) for i in known}
+        k = KnownPeers({i: peer_view(nodes[v], nodes[i], ctx) for i in known})
         frames[(v, tuple(sorted(known)))] = shared.frame(
             batch, Snapshot(nodes, USERS, ctx, NOW, cache), nodes[v], k)
     # 1 and 4 know node 2 and are not in the batch: the same bytes.

@@ -1,0 +1,173 @@
+"""What a map stream has told its client about each peer, in O(peers with routes) objects.
+
+Every map session holds one ``KnownPeers`` for as long as its client is connected, and it
+covers every peer the client sees: N sessions of an N-node tailnet hold N² entries. Nearly
+all of them carry the one view every viewer shares (``PLAIN_VIEW``: no routes, nothing
+hidden), so those peers are kept as bits, 128 node IDs per block, one small int per block;
+only peers sent with another view (routes offered to this viewer, IPv4 hidden) get a dict
+entry. Blocks are keyed by ID, so sparse IDs (a long history of deleted nodes) cost one
+block per live peer at worst, never memory in proportion to the highest ID. Ints are
+immutable, so sessions that got the same block (a shared run of a first map) share one int
+object until one of them changes it. A dict per session instead was ~80 bytes per peer per
+viewer (~8 GB at 10,000 nodes), and the cyclic GC walked all of it on every full collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, KeysView, Mapping, MutableMapping
+from typing import NamedTuple
+
+from pyheadscale.state.model import IPNetwork
+
+__all__ = ["BLOCK", "PLAIN_VIEW", "KnownPeers", "PeerView", "block_bits"]
+
+
+class PeerView(NamedTuple):
+    """What of a peer's entry depends on who looks: the routes it offers this viewer
+    (sorted) and whether its IPv4 address is hidden. Viewers with equal views share one
+    encoded entry, so a tailnet encodes each peer once per distinct view, not per viewer.
+    (A tuple: it is hashed for every peer of every map.)"""
+
+    routes: tuple[IPNetwork, ...] = ()
+    hide_v4: bool = False
+
+
+PLAIN_VIEW = PeerView()
+
+BLOCK = 128  # node IDs per block of bits
+_SHIFT = BLOCK.bit_length() - 1
+_LOW = BLOCK - 1
+_FULL = (1 << BLOCK) - 1
+# Set bit offsets of each byte value: turns a block's bits into IDs a byte at a time.
+_BYTE_OFFSETS = tuple(tuple(i for i in range(8) if b >> i & 1) for b in range(256))
+
+
+def block_bits(ids: Iterable[int]) -> int:
+    """The bits of ``ids`` within their block (all of them in one block)."""
+    bits = 0
+    for i in ids:
+        bits |= 1 << (i & _LOW)
+    return bits
+
+
+def _offsets(bits: int) -> Iterator[int]:
+    """The set bits' offsets in a block, ascending."""
+    if bits == _FULL:
+        yield from range(BLOCK)
+        return
+    for byte_at, byte in enumerate(bits.to_bytes(BLOCK // 8, "little")):
+        if byte:
+            yield from map((byte_at * 8).__add__, _BYTE_OFFSETS[byte])
+
+
+class KnownPeers(MutableMapping[int, PeerView]):
+    """Peer ID -> the view the stream sent it with; iterates in ascending ID order.
+
+    Invariant: an ID is either a bit of ``_plain`` (its view is PLAIN_VIEW) or a key of
+    ``_other`` (any other view), never both, and no block is stored as 0, so two equal
+    instances have equal fields."""
+
+    __slots__ = ("_other", "_plain")
+
+    def __init__(self, views: Mapping[int, PeerView] | None = None) -> None:
+        self._plain: dict[int, int] = {}  # block -> bits of the peers known with PLAIN_VIEW
+        self._other: dict[int, PeerView] = {}
+        if views:
+            for pid, view in views.items():
+                self[pid] = view
+
+    def _has_plain(self, pid: int) -> bool:
+        return bool(self._plain.get(pid >> _SHIFT, 0) >> (pid & _LOW) & 1)
+
+    def _drop_plain(self, pid: int) -> bool:
+        block = pid >> _SHIFT
+        bits = self._plain.get(block, 0)
+        bit = 1 << (pid & _LOW)
+        if not bits & bit:
+            return False
+        if bits == bit:
+            del self._plain[block]
+        else:
+            self._plain[block] = bits ^ bit
+        return True
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, int):
+            return False
+        return self._has_plain(pid) or pid in self._other
+
+    def __getitem__(self, pid: int) -> PeerView:
+        if self._has_plain(pid):
+            return PLAIN_VIEW
+        return self._other[pid]
+
+    def __setitem__(self, pid: int, view: PeerView) -> None:
+        if view == PLAIN_VIEW:
+            if self._other:
+                self._other.pop(pid, None)
+            block = pid >> _SHIFT
+            self._plain[block] = self._plain.get(block, 0) | 1 << (pid & _LOW)
+        else:
+            self._drop_plain(pid)
+            self._other[pid] = view
+
+    def __delitem__(self, pid: int) -> None:
+        if not self._drop_plain(pid):
+            del self._other[pid]
+
+    def __len__(self) -> int:
+        return sum(b.bit_count() for b in self._plain.values()) + len(self._other)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.ids()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KnownPeers):
+            return self._plain == other._plain and self._other == other._other
+        return super().__eq__(other)
+
+    def __repr__(self) -> str:
+        return f"KnownPeers({dict(self.items())!r})"
+
+    def ids(self) -> set[int]:
+        """Every known peer's ID, as a new set (for set operations over a whole peer set)."""
+        out = set(self._other)
+        for block, bits in self._plain.items():
+            out.update(map((block << _SHIFT).__add__, _offsets(bits)))
+        return out
+
+    def non_plain(self) -> KeysView[int]:
+        """The IDs known with a view other than PLAIN_VIEW (a view of this viewer's own)."""
+        return self._other.keys()
+
+    def add_plain(self, ids: Iterable[int]) -> None:
+        """Record ``ids`` as known with PLAIN_VIEW."""
+        plain, other = self._plain, self._other
+        for pid in ids:
+            if other:
+                other.pop(pid, None)
+            block = pid >> _SHIFT
+            plain[block] = plain.get(block, 0) | 1 << (pid & _LOW)
+
+    def add_plain_block(self, block: int, bits: int) -> None:
+        """Record the IDs of ``bits`` in ``block`` (``block_bits``) as known with PLAIN_VIEW.
+        The int is stored as given when the block was empty: callers share one per run."""
+        if not bits:
+            return
+        other = self._other
+        if other:
+            base = block << _SHIFT
+            for off in _offsets(bits):
+                other.pop(base + off, None)
+        old = self._plain.get(block)
+        self._plain[block] = bits if old is None else old | bits
+
+    def assign(self, other: KnownPeers) -> None:
+        """Become a copy of ``other`` (a full map replaced everything the client held)."""
+        self._plain = dict(other._plain)
+        self._other = dict(other._other)
+
+    def copy(self) -> KnownPeers:
+        out = KnownPeers()
+        out.assign(self)
+        return out
