@@ -186,6 +186,9 @@ def delta_into(
     viewer = node_map.get(viewer.id, viewer)
     if b.full:
         full, peers = full_map_and_peers(node_map, user_map, viewer, ctx, now, cache)
+        if not peers and known:
+            # No Peers means "unchanged" to the client: the peers it held must be removed.
+            full["PeersRemoved"] = sorted(known.ids())
         known.assign(peers)
         return full
     if viewer.id not in node_map:

@@ -76,8 +76,10 @@ class SharedDeltas:
         nodes = snap.nodes
         if plan.view.full and viewer.id in nodes:
             frame, peers = self.first_frame(snap, nodes[viewer.id])
-            known.assign(peers)
-            return frame
+            if peers or not known:
+                known.assign(peers)
+                return frame
+            # It sees no peer now: delta_into's full map also removes those it held.
         if plan.shareable and viewer.id not in plan.view.touched:
             if not plan.built:
                 self._build(plan, snap, legacy)

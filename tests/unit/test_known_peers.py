@@ -105,13 +105,15 @@ class ShiftPolicy(AllowAllPolicy):
 
 def _node(i: int, rng: random.Random) -> Node:
     routes = ("0.0.0.0/0", "::/0") if rng.random() < 0.2 else ()
-    return make_node(i, routes=routes, approved=routes, user_id=rng.choice([1, 2]),
-                     ipv4=ipaddress.IPv4Address(0x64400000 + i),
-                     ipv6=ipaddress.IPv6Address((0xFD7A115CA1E0 << 80) + i),
+    node = make_node(1, routes=routes, approved=routes, user_id=rng.choice([1, 2]),
                      machine_key=key(i % 256), node_key=key(rng.randrange(256)),
                      disco_key=key(rng.randrange(256)), online=rng.random() < 0.7,
                      capver=rng.choice([100, 145]), last_seen=NOW,
                      endpoints=(f"192.0.2.{rng.randrange(1, 250)}:41641",))
+    # make_node's addresses only go to 255: node i gets 100.64.0.0 + i instead.
+    return replace(node, id=i, hostname=f"n{i}", given_name=f"n{i}",
+                   ipv4=ipaddress.IPv4Address(0x64400000 + i),
+                   ipv6=ipaddress.IPv6Address((0xFD7A115CA1E0 << 80) + i))
 
 
 def _apply(client: dict[int, dict[str, Any]], frame: bytes | None) -> None:
@@ -138,8 +140,10 @@ def _apply(client: dict[int, dict[str, Any]], frame: bytes | None) -> None:
 _COMPARED = ("Key", "DiscoKey", "Endpoints", "Online", "AllowedIPs", "Addresses", "Name")
 
 
-def _step(rng: random.Random, nodes: dict[int, Node], policy: ShiftPolicy) -> list[Change]:
-    """Mutate the tailnet the way one batch of changes says, and return the batch."""
+def _step(rng: random.Random, nodes: dict[int, Node], policy: ShiftPolicy,
+          used: set[int]) -> list[Change]:
+    """Mutate the tailnet the way one batch of changes says, and return the batch. IDs are
+    never reused (``used``), as the database never does."""
     batch: list[Change] = []
     for _ in range(rng.randint(1, 4)):
         what = rng.random()
@@ -147,7 +151,8 @@ def _step(rng: random.Random, nodes: dict[int, Node], policy: ShiftPolicy) -> li
         nid = rng.choice(ids) if ids else 0
         if what < 0.2 or not ids:
             nid = rng.choice([rng.randint(1, 3 * BLOCK), 2**20 + rng.randint(0, 3)])
-            if nid not in nodes:
+            if nid not in used:
+                used.add(nid)
                 nodes[nid] = _node(nid, rng)
                 batch.append(Change(ChangeKind.NODE_ADDED, nid))
         elif what < 0.3:
@@ -179,16 +184,17 @@ def _step(rng: random.Random, nodes: dict[int, Node], policy: ShiftPolicy) -> li
 
 
 @given(st.integers(0, 2**32))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 def test_sessions_hold_what_a_fresh_full_map_holds(seed: int) -> None:
     rng = random.Random(seed)
     nodes = {i: _node(i, rng) for i in rng.sample(range(1, 3 * BLOCK), 8)}
+    used = set(nodes)
     policy = ShiftPolicy((), ())
     cache, shared = PeerCache(), SharedDeltas()
     sessions: dict[int, tuple[KnownPeers, dict[int, dict[str, Any]]]] = {}
     generation = 1
     for _ in range(25):
-        batch = _step(rng, nodes, policy)
+        batch = _step(rng, nodes, policy, used)
         if any(c.kind is ChangeKind.POLICY for c in batch):
             generation += 1
         # A fresh context each batch (what dispatch does on a change): hidden IPv4 is read
@@ -214,3 +220,21 @@ def test_sessions_hold_what_a_fresh_full_map_holds(seed: int) -> None:
             for pid, entry in peers.items():
                 assert {k: client[pid].get(k) for k in _COMPARED} == \
                     {k: entry.get(k) for k in _COMPARED}
+
+
+def test_a_full_resend_that_leaves_no_peer_removes_the_ones_held() -> None:
+    # No Peers in a MapResponse means "unchanged", so a full map for a viewer that now sees
+    # nobody must say which peers went.
+    rng = random.Random(5)
+    nodes = {i: replace(_node(i, rng), approved_routes=()) for i in (1, 2, 200)}
+    policy = ShiftPolicy({2, 200}, ())
+    ctx = MapContext(policy=policy, generation=2)
+    held = KnownPeers({2: PLAIN_VIEW, 200: PLAIN_VIEW})
+    for known in (held.copy(), held.copy()):
+        frame = SharedDeltas().frame([Change(ChangeKind.FULL)],
+                                     Snapshot(nodes, USERS, ctx, NOW, PeerCache()), nodes[1],
+                                     known)
+        assert frame is not None
+        resp = to_plain(decode_frame(frame)[0])
+        assert "Peers" not in resp and resp["PeersRemoved"] == [2, 200] and "Node" in resp
+        assert len(known) == 0
