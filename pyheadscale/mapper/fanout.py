@@ -40,6 +40,7 @@ class _Plan:
     removed: frozenset[int] = frozenset()  # touched nodes no longer there
     entries: frozenset[int] = frozenset()  # present nodes sent whole
     patched: frozenset[int] = frozenset()  # present nodes sent as a PeerChange
+    held: tuple[int, ...] = ()  # patched and removed: the viewer must know them all
     frame: bytes | None = None
     built: bool = False
     routers: frozenset[int] | None = None  # route_nodes() of the snapshot, once per batch
@@ -83,13 +84,13 @@ class SharedDeltas:
         if plan.shareable and viewer.id not in plan.view.touched:
             if not plan.built:
                 self._build(plan, snap, legacy)
-            if (plan.shareable and all(p in known for p in plan.patched)
-                    and all(p in known for p in plan.removed)
+            if (plan.shareable and known.has_all(plan.held)
                     and self._sees_all(snap.ctx, viewer, nodes, plan.present)):
                 self.shared += 1
                 for p in plan.removed:
                     del known[p]
-                known.add_plain(plan.entries)
+                if plan.entries:
+                    known.add_plain(plan.entries)
                 return plan.frame
         resp = self._own(plan, snap, viewer, known)
         return encode_frame(resp) if resp is not None else None
@@ -145,6 +146,7 @@ class SharedDeltas:
         plan.removed = frozenset(b.touched - present)
         plan.entries = frozenset(entries)
         plan.patched = present - plan.entries
+        plan.held = (*plan.patched, *plan.removed)
         plan.built = True
         changed = [nodes[p] for p in sorted(plan.entries)]
         if ctx.ipv4_disabled or any(p.approved_routes for p in changed):

@@ -136,6 +136,14 @@ class KnownPeers(MutableMapping[int, PeerView]):
             out.update(map((block << _SHIFT).__add__, _offsets(bits)))
         return out
 
+    def has_all(self, ids: Iterable[int]) -> bool:
+        """Are all of ``ids`` known (with any view)? (Once per viewer per batch: kept tight.)"""
+        plain, other = self._plain, self._other
+        for pid in ids:
+            if not plain.get(pid >> _SHIFT, 0) >> (pid & _LOW) & 1 and pid not in other:
+                return False
+        return True
+
     def non_plain(self) -> KeysView[int]:
         """The IDs known with a view other than PLAIN_VIEW (a view of this viewer's own)."""
         return self._other.keys()
