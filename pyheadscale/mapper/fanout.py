@@ -23,6 +23,7 @@ from pyheadscale.mapper.delta import BatchView, _patch, delta_into, route_nodes
 from pyheadscale.mapper.encode import encode_frame
 from pyheadscale.mapper.firstmap import PeerRuns
 from pyheadscale.mapper.full import HOME_DERP_CAPVER, PLAIN_VIEW, KnownPeers, user_profiles
+from pyheadscale.mapper.known import plain_blocks
 from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import Change, Field
 from pyheadscale.state.model import Node
@@ -41,6 +42,7 @@ class _Plan:
     entries: frozenset[int] = frozenset()  # present nodes sent whole
     patched: frozenset[int] = frozenset()  # present nodes sent as a PeerChange
     held: tuple[int, ...] = ()  # patched and removed: the viewer must know them all
+    entry_blocks: tuple[tuple[int, int], ...] = ()  # entries as KnownPeers bits
     frame: bytes | None = None
     built: bool = False
     routers: frozenset[int] | None = None  # route_nodes() of the snapshot, once per batch
@@ -89,8 +91,7 @@ class SharedDeltas:
                 self.shared += 1
                 for p in plan.removed:
                     del known[p]
-                if plan.entries:
-                    known.add_plain(plan.entries)
+                known.add_plain_blocks(plan.entry_blocks)
                 return plan.frame
         resp = self._own(plan, snap, viewer, known)
         return encode_frame(resp) if resp is not None else None
@@ -147,6 +148,7 @@ class SharedDeltas:
         plan.entries = frozenset(entries)
         plan.patched = present - plan.entries
         plan.held = (*plan.patched, *plan.removed)
+        plan.entry_blocks = plain_blocks(plan.entries)
         plan.built = True
         changed = [nodes[p] for p in sorted(plan.entries)]
         if ctx.ipv4_disabled or any(p.approved_routes for p in changed):

@@ -8,8 +8,9 @@ only peers sent with another view (routes offered to this viewer, IPv4 hidden) g
 entry. Blocks are keyed by ID, so sparse IDs (a long history of deleted nodes) cost one
 block per live peer at worst, never memory in proportion to the highest ID. Ints are
 immutable, so sessions that got the same block (a shared run of a first map) share one int
-object until one of them changes it. A dict per session instead was ~80 bytes per peer per
-viewer (~8 GB at 10,000 nodes), and the cyclic GC walked all of it on every full collection.
+object until one of them changes it. A dict per session instead was ~37 bytes per peer per
+viewer (~3.7 GB at 10,000 nodes; tests/bench/mapstate.py), and the cyclic GC walked all of
+it on every full collection.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 from pyheadscale.state.model import IPNetwork
 
-__all__ = ["BLOCK", "PLAIN_VIEW", "KnownPeers", "PeerView", "block_bits"]
+__all__ = ["BLOCK", "PLAIN_VIEW", "KnownPeers", "PeerView", "block_bits", "plain_blocks"]
 
 
 class PeerView(NamedTuple):
@@ -48,6 +49,16 @@ def block_bits(ids: Iterable[int]) -> int:
     for i in ids:
         bits |= 1 << (i & _LOW)
     return bits
+
+
+def plain_blocks(ids: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """``ids`` as (block, bits) pairs for ``KnownPeers.add_plain_blocks``: worked out once
+    for a batch, then applied to every viewer with a dict operation per block."""
+    blocks: dict[int, int] = {}
+    for pid in ids:
+        block = pid >> _SHIFT
+        blocks[block] = blocks.get(block, 0) | 1 << (pid & _LOW)
+    return tuple(blocks.items())
 
 
 def _offsets(bits: int) -> Iterator[int]:
@@ -156,6 +167,11 @@ class KnownPeers(MutableMapping[int, PeerView]):
                 other.pop(pid, None)
             block = pid >> _SHIFT
             plain[block] = plain.get(block, 0) | 1 << (pid & _LOW)
+
+    def add_plain_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
+        """``add_plain_block`` for each (block, bits) of ``plain_blocks``."""
+        for block, bits in blocks:
+            self.add_plain_block(block, bits)
 
     def add_plain_block(self, block: int, bits: int) -> None:
         """Record the IDs of ``bits`` in ``block`` (``block_bits``) as known with PLAIN_VIEW.

@@ -23,7 +23,14 @@ from hypothesis import strategies as st
 from pyheadscale.mapper import MapContext, PeerCache, decode_frame, full_map_and_peers, to_plain
 from pyheadscale.mapper.context import NODE_ATTR_DISABLE_IPV4, AllowAllPolicy
 from pyheadscale.mapper.fanout import SharedDeltas
-from pyheadscale.mapper.known import BLOCK, PLAIN_VIEW, KnownPeers, PeerView, block_bits
+from pyheadscale.mapper.known import (
+    BLOCK,
+    PLAIN_VIEW,
+    KnownPeers,
+    PeerView,
+    block_bits,
+    plain_blocks,
+)
 from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import Node, User
@@ -64,7 +71,10 @@ def test_known_peers_behaves_as_the_dict_it_replaces(ops: list[tuple[Any, ...]])
                 else:
                     raise AssertionError("deleted an unknown peer")
         elif op[0] == "plain":
-            kp.add_plain(op[1])
+            if len(op[1]) % 2:
+                kp.add_plain_blocks(plain_blocks(op[1]))
+            else:
+                kp.add_plain(op[1])
             ref.update(dict.fromkeys(op[1], PLAIN_VIEW))
         elif op[0] == "block":
             block, bits = op[1], op[2]
