@@ -6,12 +6,16 @@ re-sends its register request with `Followup` set, which blocks here until an ad
 in memory and expire after `tuning.register_cache_expiration`; an expired Followup gets a new
 AuthURL (returning the same one would make the client back off).
 
-Anyone can ask for a registration, so the table is bounded (docs/limits.md): one entry per
-machine key (a repeated request updates it and keeps its AuthURL), at most `per_source`
-entries per source address and `max_entries` / `hostinfo_budget` bytes in all. A full table
-makes room by dropping the oldest entry nobody is waiting on; an entry whose client is
-waiting on its Followup is never dropped for a newcomer, so a flood of anonymous requests
-cannot push out a real user's registration.
+Anyone can ask for a registration, so the table is bounded (docs/limits.md): each interactive
+request gets its own AuthURL (as Headscale), but one machine key holds at most `per_machine`
+open ones (its oldest goes first), one source address `per_source`, and the whole table
+`max_entries` / `hostinfo_budget` bytes. A full table makes room by dropping the oldest entry
+nobody is waiting on; an entry whose client is waiting on its Followup is never dropped for a
+newcomer, so a flood of anonymous requests cannot push out a real user's registration.
+
+All open URLs of one machine stand for one login of that machine: whichever is completed (or
+rejected) first decides it with the machine's newest request (the node key its tailscaled
+now waits with), answers every Followup waiting on any of them, and closes the others.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -76,16 +80,19 @@ class PendingRegistrations:
     """A bounded, expiring map of auth IDs to the registrations waiting on them."""
 
     def __init__(self, expiration_s: float, max_entries: int, *, per_source: int = 16,
-                 hostinfo_budget: int = 8 << 20, rate: float = 1.0, burst: int = 20) -> None:
+                 per_machine: int = 4, hostinfo_budget: int = 8 << 20, rate: float = 1.0,
+                 burst: int = 20) -> None:
         self.expiration_s = expiration_s
         # Requests that create or renew an entry, per source address (Followups are free).
         self.rate = TokenBuckets(rate, burst)
         self.max_entries = max_entries
         self.per_source = per_source
+        self.per_machine = per_machine
         self.hostinfo_budget = hostinfo_budget
         self._items: OrderedDict[str, Pending] = OrderedDict()
-        self._by_machine: dict[bytes, str] = {}
+        self._by_machine: dict[bytes, list[str]] = {}  # auth IDs, oldest first
         self._per_source: dict[str, int] = {}
+        self._deciding: set[bytes] = set()  # machine keys whose login is being registered
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -100,8 +107,11 @@ class PendingRegistrations:
         p = self._items.pop(auth_id, None)
         if p is None:
             return None
-        if self._by_machine.get(p.machine_key) == auth_id:
-            del self._by_machine[p.machine_key]
+        ids = self._by_machine.get(p.machine_key)
+        if ids is not None and auth_id in ids:
+            ids.remove(auth_id)
+            if not ids:
+                del self._by_machine[p.machine_key]
         n = self._per_source.get(p.source, 0) - 1
         if n > 0:
             self._per_source[p.source] = n
@@ -127,19 +137,19 @@ class PendingRegistrations:
     def add(self, auth_id: str | None = None, *, machine_key: bytes, node_key: bytes,
             hostinfo: Hostinfo, source: str = "", expiry: datetime | None = None,
             ephemeral: bool = False, capver: int = 0) -> Pending:
-        """The pending registration for this machine: its existing entry, updated, or a new
-        one. `auth_id` is chosen by the caller only for `debug create-node`, which names the
-        registration it makes. Raises RegistrationRefused when there is no room."""
+        """A new pending registration with its own auth ID. `auth_id` is chosen by the caller
+        only for `debug create-node`, which names the registration it makes, and for a row
+        mirrored from another instance. Raises RegistrationRefused when there is no room."""
         self._expire()
         encoded = orjson.dumps(hostinfo)
         size = len(encoded)
-        known = self._by_machine.get(machine_key) if auth_id is None else None
-        if known is not None:
-            p = self._items[known]
-            self.bytes += size - p.size
-            p.node_key, p.hostinfo_json = node_key, encoded
-            p.expiry, p.ephemeral, p.capver = expiry, ephemeral, capver
-            return p
+        if auth_id is not None:
+            self._drop(auth_id)
+        # The machine's own oldest URL goes first, waited on or not: only the holder of the
+        # machine key can ask in its name, and its tailscaled waits on the newest one.
+        mine = self._by_machine.get(machine_key, [])
+        while len(mine) >= self.per_machine:
+            self._drop(mine[0])
         # No source: a row mirrored from the instance the client asked, which already charged
         # its address (the only place it is known); the table-wide caps still hold here.
         if (source and self._per_source.get(source, 0) >= self.per_source
@@ -150,16 +160,21 @@ class PendingRegistrations:
         while len(self._items) >= self.max_entries or self.bytes + size > self.hostinfo_budget:
             if not self._evict_one():
                 raise RegistrationRefused("too many pending registrations; try again later")
-        if auth_id is not None:
-            self._drop(auth_id)
         p = Pending(auth_id=auth_id or new_auth_id(), machine_key=machine_key,
                     node_key=node_key, hostinfo_json=encoded, created=time.monotonic(),
                     expiry=expiry, ephemeral=ephemeral, capver=capver, source=source)
         self._items[p.auth_id] = p
-        self._by_machine[machine_key] = p.auth_id
+        self._by_machine.setdefault(machine_key, []).append(p.auth_id)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self.bytes += size
         return p
+
+    def newest(self, p: Pending) -> Pending:
+        """The machine's newest open registration: what completing any of its URLs registers
+        (each interactive login of a tailscaled brings a new node key, and it waits on the
+        newest URL only)."""
+        ids = self._by_machine.get(p.machine_key)
+        return self._items[ids[-1]] if ids else p
 
     @contextmanager
     def waiting(self, p: Pending) -> Iterator[None]:
@@ -169,6 +184,20 @@ class PendingRegistrations:
             yield
         finally:
             p.waiting -= 1
+
+    @contextmanager
+    def deciding(self, auth_id: str) -> Iterator[Pending]:
+        """Hold the machine's login while it is being decided (registering awaits the
+        database): meanwhile another completion of any of its URLs is refused as if already
+        used, so a machine is registered once. Yields the machine's newest registration."""
+        p = self.get(auth_id)
+        if p.machine_key in self._deciding:
+            raise UnknownAuthID(auth_id)
+        self._deciding.add(p.machine_key)
+        try:
+            yield self.newest(p)
+        finally:
+            self._deciding.discard(p.machine_key)
 
     def discard(self, auth_id: str) -> None:
         """Forget a registration; whoever waits on it gets a fresh AuthURL."""
@@ -185,15 +214,28 @@ class PendingRegistrations:
         self._expire()
         return list(self._items.values())
 
-    def complete(self, auth_id: str, result: Any) -> None:
-        p = self.get(auth_id)
-        self._remove(auth_id)
-        if not p.done.done():
-            p.done.set_result(result)
+    def complete(self, auth_id: str, result: Any) -> list[str]:
+        """Decide the machine's login: every open registration of `auth_id`'s machine is
+        answered with `result` and closed. Returns the auth IDs closed."""
+        return self._settle(auth_id, lambda f: f.set_result(result))
 
-    def reject(self, auth_id: str, reason: str) -> None:
-        p = self.get(auth_id)
-        self._remove(auth_id)
-        if not p.done.done():
-            p.done.set_exception(PermissionError(reason))
-            p.done.exception()  # mark retrieved: the client may have stopped waiting
+    def reject(self, auth_id: str, reason: str) -> list[str]:
+        """Refuse the machine's login: like `complete`, every waiting client is told."""
+        def refuse(f: asyncio.Future[Any]) -> None:
+            f.set_exception(PermissionError(reason))
+            f.exception()  # mark retrieved: the client may have stopped waiting
+        return self._settle(auth_id, refuse)
+
+    def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None]) -> list[str]:
+        # Gone meanwhile (expired while a decision awaited the database): nothing to answer.
+        p = self._items.get(auth_id)
+        if p is None:
+            return []
+        closed = []
+        for other in [auth_id, *self._by_machine.get(p.machine_key, ())]:
+            q = self._remove(other)
+            if q is not None:
+                closed.append(other)
+                if not q.done.done():
+                    answer(q.done)
+        return closed

@@ -305,6 +305,7 @@ class LimitsConfig(Section):
     http2_max_queued_control_frames: int = Field(10_000, ge=16)
     # Interactive (web/OIDC) registrations waiting for an admin or the user.
     pending_per_source: int = Field(16, ge=1)
+    pending_per_machine: int = Field(4, ge=1)  # open login URLs of one machine key
     pending_hostinfo_bytes: ByteSize = 8 << 20  # all pending registrations together
     registration_rate: float = Field(1.0, gt=0)  # per second and source address
     registration_burst: int = Field(20, ge=1)

@@ -105,7 +105,8 @@ class ControlPlane:
         self.pending = SharedPending(
             cfg.tuning.register_cache_expiration.total_seconds(),
             cfg.tuning.register_cache_max_entries, tailnet,
-            per_source=limits.pending_per_source, hostinfo_budget=limits.pending_hostinfo_bytes,
+            per_source=limits.pending_per_source, per_machine=limits.pending_per_machine,
+            hostinfo_budget=limits.pending_hostinfo_bytes,
             rate=limits.registration_rate, burst=limits.registration_burst)
         oidc = (OIDCProvider(cfg.oidc, cfg.server_url, self.pending, tailnet)
                 if cfg.oidc.enabled else None)

@@ -53,7 +53,8 @@ def _row_values(p: Pending, expiration_s: float) -> dict[str, Any]:
 
 def _read(engine: Engine, keys: set[str] | None) -> list[ClusterRegistration]:
     with Session(engine) as s:
-        q = select(ClusterRegistration)
+        # Oldest first: mirrored in this order, a machine's newest URL is its newest here too.
+        q = select(ClusterRegistration).order_by(col(ClusterRegistration.created_at))
         if keys is not None:
             q = q.where(col(ClusterRegistration.auth_id).in_(sorted(keys)))
         return list(s.execute(q).scalars())
@@ -61,10 +62,11 @@ def _read(engine: Engine, keys: set[str] | None) -> list[ClusterRegistration]:
 
 class SharedPending(PendingRegistrations):
     def __init__(self, expiration_s: float, max_entries: int, tailnet: Tailnet, *,
-                 per_source: int = 16, hostinfo_budget: int = 8 << 20, rate: float = 1.0,
-                 burst: int = 20) -> None:
+                 per_source: int = 16, per_machine: int = 4, hostinfo_budget: int = 8 << 20,
+                 rate: float = 1.0, burst: int = 20) -> None:
         super().__init__(expiration_s, max_entries, per_source=per_source,
-                         hostinfo_budget=hostinfo_budget, rate=rate, burst=burst)
+                         per_machine=per_machine, hostinfo_budget=hostinfo_budget, rate=rate,
+                         burst=burst)
         self.tailnet = tailnet
         self.shared = tailnet.changelog is not None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -95,15 +97,19 @@ class SharedPending(PendingRegistrations):
             log.warning("registration %s not shared with the other instances: %s",
                         p.auth_id, e)
 
-    def complete(self, auth_id: str, result: Any) -> None:
-        super().complete(auth_id, result)
+    def complete(self, auth_id: str, result: Any) -> list[str]:
+        closed = super().complete(auth_id, result)
         if self.shared and isinstance(result, Node):
-            self._spawn(self._resolve(auth_id, node_id=result.id))
+            for a in closed:  # the machine's other URLs too: their waiters may be elsewhere
+                self._spawn(self._resolve(a, node_id=result.id))
+        return closed
 
-    def reject(self, auth_id: str, reason: str) -> None:
-        super().reject(auth_id, reason)
+    def reject(self, auth_id: str, reason: str) -> list[str]:
+        closed = super().reject(auth_id, reason)
         if self.shared:
-            self._spawn(self._resolve(auth_id, error=reason))
+            for a in closed:
+                self._spawn(self._resolve(a, error=reason))
+        return closed
 
     def discard(self, auth_id: str) -> None:
         super().discard(auth_id)

@@ -95,11 +95,12 @@ class WebAuth:
 
     async def register(self, auth_id: str, user_id: int) -> Node:
         """Complete a pending registration for a user (CLI/API `auth register`)."""
-        p = await self.pending.fetch(auth_id)
-        node = await self.tailnet.register_for_user(
-            machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
-            user_id=user_id, requested_expiry=p.expiry,
-            register_method="cli", capver=p.capver)
+        await self.pending.fetch(auth_id)  # opened on another instance, maybe
+        with self.pending.deciding(auth_id) as p:  # the machine's newest request
+            node = await self.tailnet.register_for_user(
+                machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
+                user_id=user_id, requested_expiry=p.expiry,
+                register_method="cli", capver=p.capver)
         self.pending.complete(auth_id, node)
         return node
 

@@ -269,6 +269,31 @@ async def test_a_dead_leader_is_replaced_and_swept(pair: tuple[Tailnet, Tailnet]
         await ma._close_conn()
 
 
+async def test_completing_one_url_answers_the_machines_other_url_on_another_instance(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    uid, _ = await _user_and_key(a)
+    pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
+    # Two `tailscale up` runs on a: two URLs; the client now waits on the second.
+    first = pa.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": "tabs"})
+    second = pa.add(machine_key=key(7), node_key=key(9), hostinfo={"Hostname": "tabs"})
+    for p in (first, second):
+        await pa.publish(p)
+    await b.catch_up()
+    await _settle(pb)
+    # The first tab is completed on b: the machine's newest request is what registers.
+    with pb.deciding(first.auth_id) as newest:
+        assert newest.auth_id == second.auth_id and newest.node_key == key(9)
+        node = await b.register_for_user(key(7), newest.node_key, uid, newest.hostinfo)
+    assert sorted(pb.complete(first.auth_id, node)) == sorted([first.auth_id, second.auth_id])
+    await _settle(pb)
+    await a.catch_up()
+    await _settle(pa)
+    got = await asyncio.wait_for(asyncio.shield(second.done), 5)
+    assert got.id == node.id and got.node_key == key(9)
+    assert len(pa) == len(pb) == 0
+
+
 async def test_mirrored_registrations_are_decoded_and_charged_where_opened(
         pair: tuple[Tailnet, Tailnet]) -> None:
     a, b = pair

@@ -1,7 +1,7 @@
 """Headscale's OIDC login edge cases (integration/auth_oidc_test.go) with official clients and
 a real OpenID provider, on one server: users the provider creates next to CLI users of the same
-name (the 0.24 user-creation rules), a login URL that expires while the client waits, several
-login URLs opened in one browser, the node expiry surviving a client restart, and one machine
+name (the 0.24 user-creation rules), a login URL that expires while the client waits, two
+`tailscale up` runs' login URLs opened in one browser, the node expiry surviving a client restart, and one machine
 logging out and in again as the same or another user.
 
 The server runs with a short registration cache (so an unused login URL expires within the
@@ -157,10 +157,10 @@ def test_oidc_follow_up_url(lab: OIDCLab) -> None:
 
 
 def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
-    """TestOIDCMultipleOpenedLoginUrls: `tailscale up` twice, each login URL opened in one
-    browser (two provider redirects with their own state and nonce), the first tab completed:
-    the node is registered to that user. (One machine keeps one pending registration here, so
-    both runs print the same URL, where Headscale prints two that both stay valid.)"""
+    """TestOIDCMultipleOpenedLoginUrls: `tailscale up` twice gives two different login URLs;
+    each opened in one browser reaches the provider (two redirects with their own state and
+    nonce); the first tab completed registers the machine once. Here the client (waiting on
+    the newest URL) is then running too, and the machine has exactly one node."""
     srv = lab.server
     assert srv is not None and lab.idp is not None
     ts = lab.add_client("tabs", NEWEST)
@@ -168,7 +168,7 @@ def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
     u1 = first.first_url()
     second = Up(srv, ts, "tabs")
     u2 = second.first_url()
-    assert u1 == u2
+    assert u1 != u2
     res = browser_login(srv.host, u1, DAVE, ca_file=srv.ca_file, other_tabs=[u2])
     r1, r2 = res.redirects
     assert r1.startswith(lab.idp.issuer) and r2.startswith(lab.idp.issuer)
@@ -181,8 +181,10 @@ def test_oidc_multiple_opened_login_urls(lab: OIDCLab) -> None:
         up.proc.wait(10)
     u = users_by_provider_id(srv)[f"{lab.idp.issuer}/{DAVE.sub}"]
     assert (u["name"], u["email"], u["provider"]) == ("dave", DAVE.email, "oidc")
-    nodes = [n for n in srv.cli_json("nodes", "list") if n["user"]["id"] == u["id"]]
-    assert [n["givenName"] for n in nodes] == ["tabs"]
+    (node,) = [n for n in srv.cli_json("nodes", "list") if n["givenName"] == "tabs"]
+    assert node["user"]["id"] == u["id"]
+    assert [n["id"] for n in machine_nodes(srv, node["machineKey"])] == [node["id"]]  # once
+    assert node["nodeKey"] == ts.status_json()["Self"]["PublicKey"]
 
 
 def test_oidc_expiry_after_restart(lab: OIDCLab) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from pyheadscale.auth.webflow import PendingRegistrations, RegistrationRefused, UnknownAuthID
@@ -13,17 +15,73 @@ def mk(i: int) -> bytes:
 
 
 def table(**kw: int) -> PendingRegistrations:
-    args = {"per_source": 4, "hostinfo_budget": 1 << 20} | kw
+    args = {"per_source": 4, "per_machine": 4, "hostinfo_budget": 1 << 20} | kw
     return PendingRegistrations(900, kw.pop("max_entries", 8), per_source=args["per_source"],
+                                per_machine=args["per_machine"],
                                 hostinfo_budget=args["hostinfo_budget"])
 
 
-async def test_one_entry_per_machine_key_keeps_its_auth_id() -> None:
-    t = table()
-    a = t.add(machine_key=mk(1), node_key=mk(2), hostinfo={"Hostname": "a"}, source="s")
-    b = t.add(machine_key=mk(1), node_key=mk(3), hostinfo={"Hostname": "b" * 100}, source="s")
-    assert a is b and len(t) == 1 and b.node_key == mk(3)
-    assert t.bytes == len(b'{"Hostname":"' + b"b" * 100 + b'"}')
+async def test_each_request_gets_its_own_url_and_one_machine_keeps_at_most_n() -> None:
+    t = table(per_machine=3, per_source=100, max_entries=100)
+    opened = [t.add(machine_key=mk(1), node_key=mk(10 + i), hostinfo={"Hostname": "a" * i},
+                    source="s") for i in range(10)]
+    assert len({p.auth_id for p in opened}) == 10  # a new URL every time
+    # A flood from one machine key holds its newest three, nothing more.
+    assert len(t) == 3 and [t.get(p.auth_id) for p in opened[-3:]] == opened[-3:]
+    for gone in opened[:-3]:
+        with pytest.raises(UnknownAuthID):
+            t.get(gone.auth_id)
+    assert t.bytes == sum(p.size for p in opened[-3:])
+    assert t.newest(opened[-3]) is opened[-1]
+
+
+async def test_a_machines_oldest_url_goes_even_when_waited_on() -> None:
+    t = table(per_machine=2, per_source=100)
+    old, mid = (t.add(machine_key=mk(1), node_key=mk(2), hostinfo={}, source="s")
+                for _ in range(2))
+    with t.waiting(old), t.waiting(mid):
+        new = t.add(machine_key=mk(1), node_key=mk(3), hostinfo={}, source="s")
+        assert len(t) == 2 and t.get(new.auth_id) is new and t.get(mid.auth_id) is mid
+        with pytest.raises(UnknownAuthID):
+            old.done.result()  # its waiter is told to start over
+
+
+async def test_a_flood_from_many_machine_keys_meets_the_table_cap() -> None:
+    t = table(per_machine=4, per_source=1000, max_entries=50)
+    for i in range(400):
+        for _ in range(3):
+            t.add(machine_key=mk(i), node_key=mk(1), hostinfo={}, source="flood")
+    assert len(t) == 50
+    with pytest.raises(RegistrationRefused):  # and all of them waited on: refused
+        with contextlib.ExitStack() as held:
+            for p in t.list():
+                held.enter_context(t.waiting(p))
+            t.add(machine_key=mk(9999), node_key=mk(1), hostinfo={}, source="late")
+
+
+async def test_completing_one_url_answers_and_closes_all_of_the_machines() -> None:
+    t = table(per_machine=4, per_source=100)
+    first = t.add(machine_key=mk(1), node_key=mk(10), hostinfo={"Hostname": "x"}, source="s")
+    second = t.add(machine_key=mk(1), node_key=mk(11), hostinfo={"Hostname": "x"}, source="s")
+    other = t.add(machine_key=mk(2), node_key=mk(12), hostinfo={}, source="s")
+    with t.deciding(first.auth_id) as p:
+        assert p is second  # the machine's newest request is the one registered
+        with pytest.raises(UnknownAuthID):  # a second completion meanwhile: already used
+            with t.deciding(second.auth_id):
+                pass
+    assert sorted(t.complete(first.auth_id, "node")) == sorted([first.auth_id, second.auth_id])
+    assert first.done.result() == second.done.result() == "node"
+    assert t.list() == [other]
+    for used in (first, second):
+        with pytest.raises(UnknownAuthID):
+            t.get(used.auth_id)
+    a = t.add(machine_key=mk(3), node_key=mk(1), hostinfo={}, source="s")
+    b = t.add(machine_key=mk(3), node_key=mk(2), hostinfo={}, source="s")
+    t.reject(b.auth_id, "no")
+    for p in (a, b):
+        with pytest.raises(PermissionError):
+            p.done.result()
+    assert t.list() == [other]
 
 
 async def test_a_source_over_its_quota_loses_its_own_oldest_idle_entry() -> None:

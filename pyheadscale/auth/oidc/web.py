@@ -30,7 +30,12 @@ from pyheadscale.auth.oidc.sessions import (
     PendingConfirmation,
     cookie_name,
 )
-from pyheadscale.auth.webflow import AUTH_ID_PREFIX, PendingRegistrations, UnknownAuthID
+from pyheadscale.auth.webflow import (
+    AUTH_ID_PREFIX,
+    Pending,
+    PendingRegistrations,
+    UnknownAuthID,
+)
 from pyheadscale.config import OIDCConfig
 from pyheadscale.config.errors import key_error
 from pyheadscale.state.errors import StateError
@@ -170,7 +175,7 @@ class OIDCProvider:
             return done
 
         try:
-            pending = self.pending.get(info.auth_id)
+            pending = self.pending.newest(self.pending.get(info.auth_id))
         except UnknownAuthID:
             raise OIDCError(410, "login session expired, try again") from None
         user = await self.upsert_user(claims)
@@ -237,25 +242,19 @@ class OIDCProvider:
         if not secrets.compare_digest(pc.csrf, cookie):
             raise OIDCError(403, "csrf token does not match cached registration")
         try:
-            pending = self.pending.get(auth_id)
+            # Any open URL of the machine registers its newest request (webflow.py).
+            with self.pending.deciding(auth_id) as pending:
+                self.confirmations.take(auth_id)
+                node, had = await self._register(pending, pc)
         except UnknownAuthID:
             self.confirmations.take(auth_id)
             raise OIDCError(410, "registration session expired") from None
-        self.confirmations.take(auth_id)
-        tn = self.tailnet
-        user = tn.get_user(pc.user_id)
-        had = {n.id for n in tn.nodes_by_machine_key(pending.machine_key)
-               if n.user_id == user.id}
-        try:
-            node: Node = await tn.register_for_user(
-                machine_key=pending.machine_key, node_key=pending.node_key, user_id=user.id,
-                hostinfo=pending.hostinfo, requested_expiry=pc.expiry or pending.expiry,
-                register_method="oidc", capver=pending.capver)
         except StateError as e:
             # E.g. --advertise-tags the user does not own: the waiting client is told too.
             self.pending.reject(auth_id, str(e))
             raise OIDCError(403, str(e)) from None
         self.pending.complete(auth_id, node)
+        user = self.tailnet.get_user(pc.user_id)
         audit.record(oidc_actor(user), "node.register", f"node {node.id}",
                      name=node.given_name, user=user.name)
         resp = web.Response(text=pages.auth_success(new_node=node.id not in had,
@@ -263,6 +262,19 @@ class OIDCProvider:
                             content_type="text/html")
         resp.del_cookie(CSRF_COOKIE, path=CONFIRM_PATH + auth_id)
         return resp
+
+
+    async def _register(self, pending: Pending, pc: PendingConfirmation) -> tuple[Node, set[int]]:
+        """The node `pending` makes for the user who logged in, and that user's nodes on the
+        machine before (to tell a new node from a re-login)."""
+        tn = self.tailnet
+        had = {n.id for n in tn.nodes_by_machine_key(pending.machine_key)
+               if n.user_id == pc.user_id}
+        node = await tn.register_for_user(
+            machine_key=pending.machine_key, node_key=pending.node_key, user_id=pc.user_id,
+            hostinfo=pending.hostinfo, requested_expiry=pc.expiry or pending.expiry,
+            register_method="oidc", capver=pending.capver)
+        return node, had
 
 
 def oidc_actor(user: User) -> Actor:
