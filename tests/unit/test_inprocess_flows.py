@@ -98,6 +98,33 @@ async def test_web_login_completed_by_the_admin(server: Server) -> None:
         assert answer["MachineAuthorized"] is True and answer["User"]["ID"] == user.id
 
 
+async def test_two_logins_of_one_machine_two_urls_the_older_completes_the_newer(
+        server: Server) -> None:
+    """`tailscale up` twice: each login brings a new node key and gets its own URL, and the
+    client waits on the newest. Completing the older URL registers the newest request once,
+    answers the waiting client, and closes the other URL."""
+    await server.tailnet.create_user("dora")
+    async with Machine(url(server), "tabs") as m:
+        u1, follow1 = await m.start_login()
+        follow1.cancel()  # the client gives up the first login for the second
+        m.new_node_key()
+        u2, follow2 = await m.start_login()
+        assert u1 != u2
+        async with aiohttp.ClientSession() as http:
+            for u in (u1, u2):
+                async with http.get(u) as page:
+                    assert page.status == 200  # both still valid
+        done = await admin(server, "POST", "/api/v1/auth/register",
+                           {"authId": u1.rsplit("/", 1)[1], "user": "dora"})
+        answer = await asyncio.wait_for(follow2, 10)
+        assert answer["MachineAuthorized"] is True
+        node = server.tailnet.node_by_node_key(m.node_key)
+        assert node is not None and str(node.id) == done["node"]["id"]
+        assert len(server.tailnet.nodes) == 1
+        async with aiohttp.ClientSession() as http, http.get(u2) as used:
+            assert used.status == 404
+
+
 async def test_a_waiting_login_gets_a_fresh_url_when_its_registration_expires(
         tmp_path: Path) -> None:
     cfg = server_config(tmp_path / "server",
