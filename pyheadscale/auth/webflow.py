@@ -21,6 +21,7 @@ now waits with), answers every Followup waiting on any of them, and closes the o
 from __future__ import annotations
 
 import asyncio
+import bisect
 import secrets
 import time
 from collections import OrderedDict
@@ -51,7 +52,7 @@ class RegistrationRefused(Exception):
     """No room for another pending registration (answered with HTTP 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # one registration is itself, whatever its fields
 class Pending:
     auth_id: str
     machine_key: bytes
@@ -59,7 +60,10 @@ class Pending:
     # Kept encoded: the table's byte budget is then what it really holds (decoded, a large
     # Hostinfo takes several times its JSON size).
     hostinfo_json: bytes
-    created: float
+    created: float  # time.monotonic(): this instance's expiry clock
+    # Wall-clock time it was opened, the same on every instance (a mirrored row's
+    # created_at): orders one machine's open registrations, oldest first.
+    opened: float = 0.0
     expiry: datetime | None = None
     ephemeral: bool = False
     capver: int = 0
@@ -90,7 +94,7 @@ class PendingRegistrations:
         self.per_machine = per_machine
         self.hostinfo_budget = hostinfo_budget
         self._items: OrderedDict[str, Pending] = OrderedDict()
-        self._by_machine: dict[bytes, list[str]] = {}  # auth IDs, oldest first
+        self._by_machine: dict[bytes, list[Pending]] = {}  # oldest opened first
         self._per_source: dict[str, int] = {}
         self._deciding: set[bytes] = set()  # machine keys whose login is being registered
         self.bytes = 0
@@ -107,10 +111,10 @@ class PendingRegistrations:
         p = self._items.pop(auth_id, None)
         if p is None:
             return None
-        ids = self._by_machine.get(p.machine_key)
-        if ids is not None and auth_id in ids:
-            ids.remove(auth_id)
-            if not ids:
+        mine = self._by_machine.get(p.machine_key)
+        if mine is not None and p in mine:
+            mine.remove(p)
+            if not mine:
                 del self._by_machine[p.machine_key]
         n = self._per_source.get(p.source, 0) - 1
         if n > 0:
@@ -136,20 +140,27 @@ class PendingRegistrations:
 
     def add(self, auth_id: str | None = None, *, machine_key: bytes, node_key: bytes,
             hostinfo: Hostinfo, source: str = "", expiry: datetime | None = None,
-            ephemeral: bool = False, capver: int = 0) -> Pending:
+            ephemeral: bool = False, capver: int = 0, opened: float | None = None) -> Pending:
         """A new pending registration with its own auth ID. `auth_id` is chosen by the caller
-        only for `debug create-node`, which names the registration it makes, and for a row
-        mirrored from another instance. Raises RegistrationRefused when there is no room."""
+        only for `debug create-node`, which names the registration it makes, and, with
+        `opened`, for a row mirrored from another instance. Raises RegistrationRefused when
+        there is no room."""
         self._expire()
         encoded = orjson.dumps(hostinfo)
         size = len(encoded)
         if auth_id is not None:
             self._drop(auth_id)
         # The machine's own oldest URL goes first, waited on or not: only the holder of the
-        # machine key can ask in its name, and its tailscaled waits on the newest one.
+        # machine key can ask in its name, and its tailscaled waits on the newest one. It is
+        # discarded, not just dropped, so that every instance closes it (sharedreg.py).
         mine = self._by_machine.get(machine_key, [])
+        if opened is not None and len(mine) >= self.per_machine and opened < mine[0].opened:
+            raise RegistrationRefused("replaced by newer login URLs of the same machine")
         while len(mine) >= self.per_machine:
-            self._drop(mine[0])
+            if machine_key in self._deciding:  # keep what the login being decided answers
+                raise RegistrationRefused("a login of this machine is being completed; "
+                                          "try again")
+            self.discard(mine[0].auth_id)
         # No source: a row mirrored from the instance the client asked, which already charged
         # its address (the only place it is known); the table-wide caps still hold here.
         if (source and self._per_source.get(source, 0) >= self.per_source
@@ -162,9 +173,10 @@ class PendingRegistrations:
                 raise RegistrationRefused("too many pending registrations; try again later")
         p = Pending(auth_id=auth_id or new_auth_id(), machine_key=machine_key,
                     node_key=node_key, hostinfo_json=encoded, created=time.monotonic(),
-                    expiry=expiry, ephemeral=ephemeral, capver=capver, source=source)
+                    opened=time.time() if opened is None else opened, expiry=expiry,
+                    ephemeral=ephemeral, capver=capver, source=source)
         self._items[p.auth_id] = p
-        self._by_machine.setdefault(machine_key, []).append(p.auth_id)
+        bisect.insort(self._by_machine.setdefault(machine_key, []), p, key=lambda q: q.opened)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         self.bytes += size
         return p
@@ -173,8 +185,8 @@ class PendingRegistrations:
         """The machine's newest open registration: what completing any of its URLs registers
         (each interactive login of a tailscaled brings a new node key, and it waits on the
         newest URL only)."""
-        ids = self._by_machine.get(p.machine_key)
-        return self._items[ids[-1]] if ids else p
+        mine = self._by_machine.get(p.machine_key)
+        return mine[-1] if mine else p
 
     @contextmanager
     def waiting(self, p: Pending) -> Iterator[None]:
@@ -232,10 +244,9 @@ class PendingRegistrations:
         if p is None:
             return []
         closed = []
-        for other in [auth_id, *self._by_machine.get(p.machine_key, ())]:
-            q = self._remove(other)
-            if q is not None:
-                closed.append(other)
-                if not q.done.done():
-                    answer(q.done)
+        for q in list(self._by_machine.get(p.machine_key, ())):
+            self._remove(q.auth_id)
+            closed.append(q.auth_id)
+            if not q.done.done():
+                answer(q.done)
         return closed

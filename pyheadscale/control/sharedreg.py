@@ -40,7 +40,7 @@ TABLE = "cluster_registrations"
 
 
 def _row_values(p: Pending, expiration_s: float) -> dict[str, Any]:
-    now = datetime.now(UTC)
+    now = datetime.fromtimestamp(p.opened, UTC)  # mirrored as `opened`: the same order
     return {"machine_key": encode_key(KeyKind.MACHINE, p.machine_key),
             "data": {"node_key": encode_key(KeyKind.NODE, p.node_key),
                      # Already decoded and capped by add() on this instance.
@@ -192,8 +192,10 @@ class SharedPending(PendingRegistrations):
             capver = data.get("capver") or 0
             if not isinstance(capver, int) or isinstance(capver, bool):
                 raise TypeError("capver")
+            opened = (row.created_at or now).timestamp()
             self.add(row.auth_id, machine_key=mk, node_key=nk, hostinfo=hostinfo,
-                     expiry=expiry, ephemeral=data.get("ephemeral") is True, capver=capver)
+                     expiry=expiry, ephemeral=data.get("ephemeral") is True, capver=capver,
+                     opened=opened)
         except (DecodeError, TypeError) as e:
             log.warning("registration %s: unreadable shared row ignored: %s", row.auth_id, e)
         except RegistrationRefused as e:

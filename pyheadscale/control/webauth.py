@@ -96,12 +96,14 @@ class WebAuth:
     async def register(self, auth_id: str, user_id: int) -> Node:
         """Complete a pending registration for a user (CLI/API `auth register`)."""
         await self.pending.fetch(auth_id)  # opened on another instance, maybe
-        with self.pending.deciding(auth_id) as p:  # the machine's newest request
+        # The machine's newest request registers, and settles all its URLs: its client
+        # waits on that one, so it is still open (webflow.py).
+        with self.pending.deciding(auth_id) as p:
             node = await self.tailnet.register_for_user(
                 machine_key=p.machine_key, node_key=p.node_key, hostinfo=p.hostinfo,
                 user_id=user_id, requested_expiry=p.expiry,
                 register_method="cli", capver=p.capver)
-        self.pending.complete(auth_id, node)
+            self.pending.complete(p.auth_id, node)
         return node
 
     # --- web page ---------------------------------------------------------------------------

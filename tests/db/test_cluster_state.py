@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from pyheadscale.auth.webflow import UnknownAuthID
 from pyheadscale.cluster import ClusterMember
 from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S
 from pyheadscale.control import sharedreg
@@ -279,8 +280,12 @@ async def test_completing_one_url_answers_the_machines_other_url_on_another_inst
     second = pa.add(machine_key=key(7), node_key=key(9), hostinfo={"Hostname": "tabs"})
     for p in (first, second):
         await pa.publish(p)
+    # The Followup on the second URL reaches b before the change log: b reads that row
+    # first, and the first one after; the order they were opened in still holds there.
+    await pb.fetch(second.auth_id)
     await b.catch_up()
     await _settle(pb)
+    assert pb.newest(pb.get(first.auth_id)).auth_id == second.auth_id
     # The first tab is completed on b: the machine's newest request is what registers.
     with pb.deciding(first.auth_id) as newest:
         assert newest.auth_id == second.auth_id and newest.node_key == key(9)
@@ -292,6 +297,34 @@ async def test_completing_one_url_answers_the_machines_other_url_on_another_inst
     got = await asyncio.wait_for(asyncio.shield(second.done), 5)
     assert got.id == node.id and got.node_key == key(9)
     assert len(pa) == len(pb) == 0
+
+
+async def test_a_machines_oldest_url_closes_on_every_instance(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    pa, pb = SharedPending(60, 100, a, per_machine=2), SharedPending(60, 100, b, per_machine=2)
+    opened = []
+    for i in range(3):  # three `tailscale up` runs of one machine; at most two stay open
+        p = pa.add(machine_key=key(7), node_key=key(20 + i), hostinfo={})
+        await pa.publish(p)
+        opened.append(p)
+    await _settle(pa)
+    await b.catch_up()
+    await _settle(pb)
+    assert [q.auth_id for q in pb.list()] == [q.auth_id for q in opened[1:]]
+    for pend in (pa, pb):  # gone from the database too: no instance brings it back
+        with pytest.raises(UnknownAuthID):
+            await pend.fetch(opened[0].auth_id)
+    # A row older than the machine's open ones, reaching b late, is not taken for them.
+    stale = pa.add(machine_key=key(8), node_key=key(30), hostinfo={})
+    for i in range(2):
+        pb.add(machine_key=key(8), node_key=key(31 + i), hostinfo={})
+    await pa.publish(stale)
+    await b.catch_up()
+    await _settle(pb)
+    with pytest.raises(UnknownAuthID):
+        pb.get(stale.auth_id)
+    assert len([q for q in pb.list() if q.machine_key == key(8)]) == 2
 
 
 async def test_mirrored_registrations_are_decoded_and_charged_where_opened(

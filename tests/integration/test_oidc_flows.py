@@ -1,8 +1,8 @@
 """Headscale's OIDC login edge cases (integration/auth_oidc_test.go) with official clients and
 a real OpenID provider, on one server: users the provider creates next to CLI users of the same
-name (the 0.24 user-creation rules), a login URL that expires while the client waits, two
-`tailscale up` runs' login URLs opened in one browser, the node expiry surviving a client restart, and one machine
-logging out and in again as the same or another user.
+name (the 0.24 user-creation rules), a login URL that expires while the client waits, the
+login URLs of two `tailscale up` runs opened in one browser, the node expiry surviving a
+client restart, and one machine logging out and in again as the same or another user.
 
 The server runs with a short registration cache (so an unused login URL expires within the
 test) and node.expiry 72h (so OIDC nodes get an expiry to keep).

@@ -84,6 +84,35 @@ async def test_completing_one_url_answers_and_closes_all_of_the_machines() -> No
     assert t.list() == [other]
 
 
+async def test_a_machines_urls_are_ordered_by_when_they_were_opened() -> None:
+    t = table(per_machine=2, per_source=100)
+    # Mirrored rows may arrive out of order: the one opened last is the machine's newest.
+    late = t.add("hskey-authreq-b", machine_key=mk(1), node_key=mk(3), hostinfo={},
+                 opened=200.0)
+    early = t.add("hskey-authreq-a", machine_key=mk(1), node_key=mk(2), hostinfo={},
+                  opened=100.0)
+    assert t.newest(early) is late and t.newest(late) is late
+    # Full, a row older than both is the one beyond the bound: refused, nothing closed.
+    with pytest.raises(RegistrationRefused):
+        t.add("hskey-authreq-c", machine_key=mk(1), node_key=mk(1), hostinfo={}, opened=50.0)
+    assert t.list() == [late, early]
+    # A newer one closes the oldest opened, not the first added.
+    newer = t.add(machine_key=mk(1), node_key=mk(4), hostinfo={}, source="s")
+    assert t.list() == [late, newer] and t.newest(late) is newer
+
+
+async def test_no_url_of_a_machine_closes_while_its_login_is_decided() -> None:
+    t = table(per_machine=2, per_source=100)
+    first, second = (t.add(machine_key=mk(1), node_key=mk(10 + i), hostinfo={}, source="s")
+                     for i in range(2))
+    with t.deciding(first.auth_id) as p:
+        assert p is second
+        with pytest.raises(RegistrationRefused):  # it would close what the decision answers
+            t.add(machine_key=mk(1), node_key=mk(12), hostinfo={}, source="s")
+        assert t.complete(p.auth_id, "node") == [first.auth_id, second.auth_id]
+    assert first.done.result() == second.done.result() == "node" and len(t) == 0
+
+
 async def test_a_source_over_its_quota_loses_its_own_oldest_idle_entry() -> None:
     t = table(per_source=2)
     other = t.add(machine_key=mk(100), node_key=mk(1), hostinfo={}, source="user")

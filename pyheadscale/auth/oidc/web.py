@@ -242,18 +242,21 @@ class OIDCProvider:
         if not secrets.compare_digest(pc.csrf, cookie):
             raise OIDCError(403, "csrf token does not match cached registration")
         try:
-            # Any open URL of the machine registers its newest request (webflow.py).
+            # Any open URL of the machine registers its newest request, and is settled
+            # through it: the client waits on that one, so it is still open (webflow.py).
             with self.pending.deciding(auth_id) as pending:
                 self.confirmations.take(auth_id)
-                node, had = await self._register(pending, pc)
+                try:
+                    node, had = await self._register(pending, pc)
+                except StateError as e:
+                    # E.g. --advertise-tags the user does not own: the waiting client is
+                    # told too.
+                    self.pending.reject(pending.auth_id, str(e))
+                    raise OIDCError(403, str(e)) from None
+                self.pending.complete(pending.auth_id, node)
         except UnknownAuthID:
             self.confirmations.take(auth_id)
             raise OIDCError(410, "registration session expired") from None
-        except StateError as e:
-            # E.g. --advertise-tags the user does not own: the waiting client is told too.
-            self.pending.reject(auth_id, str(e))
-            raise OIDCError(403, str(e)) from None
-        self.pending.complete(auth_id, node)
         user = self.tailnet.get_user(pc.user_id)
         audit.record(oidc_actor(user), "node.register", f"node {node.id}",
                      name=node.given_name, user=user.name)
