@@ -43,6 +43,9 @@ def new_auth_id() -> str:
     return AUTH_ID_PREFIX + secrets.token_hex(12)
 
 
+AuthIDs = list[str]  # named here: inside the class, `list` is its method
+
+
 class UnknownAuthID(Exception):
     def __init__(self, auth_id: str) -> None:
         super().__init__(f"registration {auth_id!r} not found or expired")
@@ -226,19 +229,19 @@ class PendingRegistrations:
         self._expire()
         return list(self._items.values())
 
-    def complete(self, auth_id: str, result: Any) -> list[str]:
+    def complete(self, auth_id: str, result: Any) -> AuthIDs:
         """Decide the machine's login: every open registration of `auth_id`'s machine is
         answered with `result` and closed. Returns the auth IDs closed."""
         return self._settle(auth_id, lambda f: f.set_result(result))
 
-    def reject(self, auth_id: str, reason: str) -> list[str]:
+    def reject(self, auth_id: str, reason: str) -> AuthIDs:
         """Refuse the machine's login: like `complete`, every waiting client is told."""
         def refuse(f: asyncio.Future[Any]) -> None:
             f.set_exception(PermissionError(reason))
             f.exception()  # mark retrieved: the client may have stopped waiting
         return self._settle(auth_id, refuse)
 
-    def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None]) -> list[str]:
+    def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None]) -> AuthIDs:
         # Gone meanwhile (expired while a decision awaited the database): nothing to answer.
         p = self._items.get(auth_id)
         if p is None:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session, col
 
 from pyheadscale.auth.webflow import (
+    AuthIDs,
     Pending,
     PendingRegistrations,
     RegistrationRefused,
@@ -97,14 +98,14 @@ class SharedPending(PendingRegistrations):
             log.warning("registration %s not shared with the other instances: %s",
                         p.auth_id, e)
 
-    def complete(self, auth_id: str, result: Any) -> list[str]:
+    def complete(self, auth_id: str, result: Any) -> AuthIDs:
         closed = super().complete(auth_id, result)
         if self.shared and isinstance(result, Node):
             for a in closed:  # the machine's other URLs too: their waiters may be elsewhere
                 self._spawn(self._resolve(a, node_id=result.id))
         return closed
 
-    def reject(self, auth_id: str, reason: str) -> list[str]:
+    def reject(self, auth_id: str, reason: str) -> AuthIDs:
         closed = super().reject(auth_id, reason)
         if self.shared:
             for a in closed:
