@@ -13,8 +13,13 @@ HA health probing (Headscale 0.29 `HAHealthProber`): every `node.routes.ha.probe
 each online node that serves a prefix some other online node also serves gets a PingRequest in
 its map stream; the client answers with an HTTP HEAD to `/machine/ping-response?id=`. A node
 that stays silent for `probe_timeout` is unhealthy and loses its primaries; an answer makes it
-healthy again (without taking anything back). A probe only counts against a session that was
-already there at the previous cycle, so a reconnecting node gets time to settle.
+healthy again (without taking anything back). A cycle's verdicts are applied together, after
+its last probe ended, so one election sees them all (two routers that come back in the same
+cycle leave the primary where it was). A silence only counts against a session that was
+already there at the previous cycle and has not been replaced since; when one does not count,
+the whole cycle's verdicts are dropped (the next cycle decides on a complete picture). A new
+map session clears the node's unhealthy mark (it just proved it can reach us), and so does
+going offline or losing every approved route (it is no candidate then).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -40,6 +45,10 @@ from pyheadscale.state.tailnet import Tailnet
 
 # Receives the new primaries (node ID -> routes) and the IDs of nodes whose primaries moved.
 PrimariesListener = Callable[[Mapping[int, Sequence[IPNetwork]], Iterable[int]], None]
+
+# One probe's outcome: an answer, a silence that counts, a node that went away meanwhile,
+# or a silence that proves nothing yet (the session is too new or was replaced).
+Verdict = Literal["healthy", "unhealthy", "skip", "defer"]
 
 log = logging.getLogger("pyheadscale.routes")
 
@@ -117,6 +126,7 @@ class RouteController:
 
     def start(self) -> None:
         self.tailnet.listeners.append(self._on_changes)
+        self.tailnet.bus.session_listeners.append(self._on_session)
         self._manager = self.policy.manager
         self.primaries.compute(self.tailnet.nodes.values())
         self.on_primaries(self.primaries.by_node(), ())
@@ -161,19 +171,31 @@ class RouteController:
                 if Field.ONLINE in c.fields:
                     # A fresh session starts healthy (Headscale Connect clears Unhealthy).
                     self._epoch[c.node_id] = self._epoch.get(c.node_id, 0) + 1
-                    self.primaries.set_unhealthy(c.node_id, False)
+                # Offline: no candidate, so no health to keep (Headscale Disconnect).
+                self.primaries.set_unhealthy(c.node_id, False)
             elif c.kind is ChangeKind.NODE_REMOVED and c.node_id is not None:
                 self.primaries.forget(c.node_id)
                 self._epoch.pop(c.node_id, None)
                 self._stable.pop(c.node_id, None)
             elif c.kind in _APPROVE_INPUTS and c.node_id is not None:
                 touched.add(c.node_id)
+                node = self.tailnet.nodes.get(c.node_id)
+                if node is not None and not node.approved_routes:
+                    self.primaries.set_unhealthy(c.node_id, False)  # no candidate any more
             elif c.kind is ChangeKind.FULL:
                 touched |= set(self.tailnet.nodes)
                 moved = None
         self._recompute(moved)
         if touched:
             self._approve_later(touched)
+
+    def _on_session(self, node_id: int) -> None:
+        """A streaming map session opened here, perhaps replacing a live one: the node
+        reached us, so it is healthy again, and silences of its old session prove nothing."""
+        self._epoch[node_id] = self._epoch.get(node_id, 0) + 1
+        if self.primaries.set_unhealthy(node_id, False):
+            log.info("HA: node %d opened a new map session, healthy again", node_id)
+            self._recompute()
 
     def _recompute(self, moved: Iterable[int] | None = (), share: bool = False) -> None:
         """Re-elect primaries after the nodes in `moved` changed (None: any node did)."""
@@ -269,6 +291,7 @@ class RouteController:
             if nid not in ids:
                 del self._stable[nid]
         probes = []
+        probed: list[int] = []
         for nid in ids:
             if not self._connected(nid):
                 self._stable.pop(nid, None)
@@ -277,8 +300,28 @@ class RouteController:
             stable = self._stable.get(nid) == epoch
             self._stable[nid] = epoch
             probes.append(self._probe(nid, epoch, stable))
-        if probes:
-            await asyncio.gather(*probes)
+            probed.append(nid)
+        if not probes:
+            return
+        verdicts = dict(zip(probed, await asyncio.gather(*probes), strict=True))
+        if "defer" in verdicts.values():
+            return  # a silence that proves nothing yet: decide next cycle, on all of them
+        healthy: dict[int, bool] = {}
+        for nid, verdict in verdicts.items():
+            node = self.tailnet.nodes.get(nid)
+            if verdict == "healthy":
+                healthy[nid] = True
+            elif verdict == "unhealthy" and node is not None and node.online \
+                    and node.approved_routes:  # still a candidate: the mark sticks
+                healthy[nid] = False
+        before = set(self.primaries.unhealthy)
+        if self.primaries.set_health(healthy):
+            for nid in sorted(self.primaries.unhealthy - before):
+                log.warning("HA probe: node %d did not answer within %.1fs",
+                            nid, self.probe_timeout)
+            for nid in sorted(before - self.primaries.unhealthy):
+                log.info("HA probe: node %d answers again", nid)
+            self._recompute()
 
     def send_ping(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
         ping_id, fut = self.pings.register(node_id)
@@ -297,25 +340,19 @@ class RouteController:
         self.tailnet.bus.publish(Change(ChangeKind.SELF, node_id, frozenset({Field.PING}),
                                         target=node_id))
 
-    async def _probe(self, node_id: int, epoch: int, stable: bool) -> None:
+    async def _probe(self, node_id: int, epoch: int, stable: bool) -> Verdict:
         ping_id, fut = self.send_ping(node_id)
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.probe_timeout)
         except TimeoutError:
             self.pings.cancel(ping_id)
-            if not self._connected(node_id) or self._epoch.get(node_id, 0) != epoch:
-                return  # went away or reconnected: the silence proves nothing
-            if not stable:
-                return  # a fresh session gets one more cycle to settle
-            if self.primaries.set_unhealthy(node_id, True):
-                log.warning("HA probe: node %d did not answer within %.1fs, failing over",
-                            node_id, self.probe_timeout)
-                self._recompute()
-            return
+            if not self._connected(node_id):
+                return "skip"  # went away during the probe: no candidate, no verdict
+            if self._epoch.get(node_id, 0) != epoch or not stable:
+                return "defer"  # reconnected, or too fresh a session: proves nothing yet
+            return "unhealthy"
         self.probes_answered += 1
-        if self.primaries.set_unhealthy(node_id, False):
-            log.info("HA probe: node %d answers again", node_id)
-            self._recompute()
+        return "healthy"
 
     async def ping_response(self, request: web.Request) -> web.Response:
         ping_id = request.query.get("id", "")

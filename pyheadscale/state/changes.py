@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
@@ -199,6 +199,9 @@ class ChangeBus:
         self._subs: dict[int, Subscription] = {}
         self.published = 0
         self.opened = 0  # subscriptions ever made: one per streaming map session
+        # Called with the node ID each time a streaming map session opens (also for a node
+        # that is online already: its new session replaces the old one).
+        self.session_listeners: list[Callable[[int], None]] = []
         self.flushes = 0  # windows closed (batches handed out)
         self._pending: list[Change] = []  # broadcast changes of the open window
         self._targeted: dict[int, list[Change]] = {}  # node id -> its own changes
@@ -227,6 +230,8 @@ class ChangeBus:
         self._subs[node_id] = sub
         if old is not None:
             old.close()
+        for listener in self.session_listeners:
+            listener(node_id)
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:

@@ -7,8 +7,9 @@ primary and only it carries the prefix in its AllowedIPs/PrimaryRoutes. Rules:
 * the current primary keeps the prefix while it still serves it and is healthy (no flapping
   back when an older primary returns);
 * otherwise the lowest node ID among healthy servers takes over;
-* when every server is unhealthy, the current primary is kept if it still serves the prefix,
-  else the lowest ID (never black-hole a prefix that someone serves);
+* when every server is unhealthy, the current primary is kept if it still serves the prefix
+  (no flap onto another router the prober has found unreachable too), else the prefix has
+  no primary until a probe finds one that answers;
 * exit routes (0.0.0.0/0, ::/0) are never elected: every approved exit node offers them.
 
 Pure: no clock, no I/O. The caller feeds node snapshots and health verdicts.
@@ -91,8 +92,6 @@ class PrimaryRoutes:
                 new[prefix] = healthy[0]
             elif prev in ids:
                 new[prefix] = prev  # all unhealthy: keep what peers already use
-            else:
-                new[prefix] = ids[0]
         self.primaries = new
         self.candidates = cands
         after = self.by_node()
@@ -123,13 +122,21 @@ class PrimaryRoutes:
 
     def set_unhealthy(self, node_id: int, unhealthy: bool) -> bool:
         """Record a health verdict; returns whether it changed (then call compute())."""
-        if unhealthy == (node_id in self.unhealthy):
-            return False
-        if unhealthy:
-            self.unhealthy.add(node_id)
-        else:
-            self.unhealthy.discard(node_id)
-        return True
+        return self.set_health({node_id: not unhealthy})
+
+    def set_health(self, healthy: Mapping[int, bool]) -> bool:
+        """Record several verdicts (node ID -> healthy) at once, so that the one election
+        that follows sees them all: returns whether any changed."""
+        changed = False
+        for node_id, ok in healthy.items():
+            if ok == (node_id not in self.unhealthy):
+                continue
+            changed = True
+            if ok:
+                self.unhealthy.discard(node_id)
+            else:
+                self.unhealthy.add(node_id)
+        return changed
 
     def forget(self, node_id: int) -> None:
         self.unhealthy.discard(node_id)

@@ -119,3 +119,40 @@ def test_node_by_node_update_elects_what_a_whole_recompute_elects() -> None:
                 inc.set_unhealthy(nid, verdict)
                 full.set_unhealthy(nid, verdict)
                 assert inc.update(nodes, ()) == full.compute(nodes.values())
+
+
+def test_all_unhealthy_without_the_current_primary_leaves_the_prefix_unserved() -> None:
+    """The primary goes offline while every other server is marked unhealthy: no primary
+    (peers are not pointed at a router the prober found unreachable) until one answers."""
+    pr = PrimaryRoutes()
+    r1, r2, r3 = router(1, LAN), router(2, LAN), router(3, LAN)
+    pr.compute([r1, r2, r3])
+    pr.set_health({2: False, 3: False})
+    assert pr.compute([replace(r1, online=False), r2, r3]) == {1}
+    assert pr.primary_for(LAN) is None
+    pr.set_health({3: True})
+    pr.compute([replace(r1, online=False), r2, r3])
+    assert pr.primary_for(LAN) == 3
+
+
+def test_verdicts_applied_together_keep_the_primary_when_all_recover() -> None:
+    """Both routers unhealthy, r2 (primary) kept; both answer in one probe cycle: r2 stays.
+    One verdict at a time would have handed the prefix to r1 in between."""
+    pr = PrimaryRoutes()
+    nodes = [router(1, LAN), router(2, LAN)]
+    pr.compute(nodes)
+    pr.set_health({1: False})
+    pr.compute(nodes)
+    pr.set_health({2: False})
+    pr.compute(nodes)
+    assert pr.primary_for(LAN) == 2 and pr.unhealthy == {1, 2}
+    assert pr.set_health({1: True, 2: True})
+    assert not pr.set_health({1: True, 2: True})
+    assert pr.compute(nodes) == set()
+    assert pr.primary_for(LAN) == 2
+    # The other way round, for contrast: r1 alone recovering takes the prefix.
+    pr.set_health({1: False, 2: False})
+    pr.compute(nodes)
+    pr.set_health({1: True})
+    pr.compute(nodes)
+    assert pr.primary_for(LAN) == 1

@@ -142,6 +142,83 @@ async def test_fresh_session_gets_a_cycle_before_a_silent_probe_counts(
     assert rc.outbox.take(r1) is not None  # the PingRequest waited for r1's stream
 
 
+async def answer(cp: ControlPlane, node_id: int, delay: float = 0.0) -> None:
+    """Answer the PingRequest waiting for `node_id`'s stream (after `delay`)."""
+    rc = cp.routes
+    await asyncio.sleep(delay)
+    for _ in range(40):
+        await asyncio.sleep(0.005)
+        msg = rc.outbox.take(node_id)
+        if msg:
+            ping_id = msg["PingRequest"]["URL"].rsplit("id=", 1)[1]
+            assert rc.pings.complete(ping_id)
+            return
+
+
+async def both_unhealthy_r2_primary(cp: ControlPlane) -> tuple[int, int]:
+    """Two routers through the prober: r1 silent (r2 takes over), then both silent (r2 is
+    kept: no flap onto an unreachable r1)."""
+    rc = cp.routes
+    rc.probe_timeout = 0.05
+    r1, r2 = await online_routers(cp, 1, 2)
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), answer(cp, r2))
+    await asyncio.gather(rc.probe_once(), answer(cp, r2))
+    assert cp.mapctx.routes_of(r2) == (LAN,)
+    await rc.probe_once()
+    assert rc.primaries.unhealthy == {r1, r2}
+    assert cp.mapctx.routes_of(r2) == (LAN,)
+    return r1, r2
+
+
+async def test_a_cycles_verdicts_elect_once_so_routers_back_together_keep_the_primary(
+        cp: ControlPlane) -> None:
+    """Both answer in one cycle, r1 first: one election over both verdicts keeps r2 (a
+    verdict-by-verdict election would have moved the prefix to r1 in between)."""
+    rc = cp.routes
+    r1, r2 = await both_unhealthy_r2_primary(cp)
+    rc.probe_timeout = 0.5
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), answer(cp, r2, delay=0.1))
+    assert rc.primaries.unhealthy == set()
+    assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
+
+
+async def test_a_silence_that_proves_nothing_drops_the_whole_cycle(cp: ControlPlane) -> None:
+    """r1 answers while r2 opens a new session and stays silent: the cycle decides nothing
+    (r1 is not made healthy on its own, which would have moved the prefix to it)."""
+    rc = cp.routes
+    r1, r2 = await both_unhealthy_r2_primary(cp)
+
+    async def reconnect_r2() -> None:
+        await asyncio.sleep(0.01)
+        cp.tailnet.bus.subscribe(r2)  # a new map session replaces the old one
+
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), reconnect_r2())
+    assert r1 in rc.primaries.unhealthy
+
+
+async def test_a_new_session_of_an_online_node_clears_its_unhealthy_mark(
+        cp: ControlPlane) -> None:
+    """Headscale's Connect: a node that opens a map session reached us, so it is healthy
+    (also when it was online already, its old session half-open)."""
+    rc = cp.routes
+    r1, r2 = await both_unhealthy_r2_primary(cp)
+    assert cp.tailnet.nodes[r1].online
+    cp.tailnet.bus.subscribe(r1)
+    assert rc.primaries.unhealthy == {r2}
+    assert cp.mapctx.routes_of(r1) == (LAN,)  # the only healthy server now
+
+
+async def test_going_offline_or_losing_routes_clears_the_unhealthy_mark(
+        cp: ControlPlane) -> None:
+    rc = cp.routes
+    r1, r2 = await both_unhealthy_r2_primary(cp)
+    await cp.tailnet.set_online(r1, False)
+    assert r1 not in rc.primaries.unhealthy
+    await cp.tailnet.approve_routes(r2, [])
+    assert rc.primaries.unhealthy == set()
+    assert cp.mapctx.routes_of(r2) == ()
+
+
 async def test_expiry_watcher_publishes_expiries_as_they_pass(cp: ControlPlane) -> None:
     tn = cp.tailnet
     nid = await router(cp, 1)
