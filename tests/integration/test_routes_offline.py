@@ -15,6 +15,8 @@ source-NATs routed traffic onto the LAN). The client sits on the internet.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,6 +38,10 @@ PROBER = {"node": {"routes": {"ha": {"probe_interval": "3s", "probe_timeout": "2
 POLICY = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*", f"{LAN}:*"]}]}
 
 lab = world_fixture(Lab)
+_DEBUG_JSON = (
+    "import sys, urllib.request\n"
+    "req = urllib.request.Request(sys.argv[1], headers={'Accept': 'application/json'})\n"
+    "print(urllib.request.urlopen(req, timeout=10).read().decode())\n")
 
 
 class HA:
@@ -81,6 +87,13 @@ class HA:
             if nid:
                 out[prefix] = int(nid)
         return out
+
+    def unhealthy(self) -> list[int]:
+        """The nodes the server's prober holds unhealthy (`/debug/routes`, JSON form)."""
+        r = self.srv.host.run([sys.executable, "-c", _DEBUG_JSON, METRICS + "/debug/routes"],
+                              timeout=20)
+        assert r.returncode == 0, r.stderr
+        return list(json.loads(r.stdout).get("unhealthy_nodes") or [])
 
     def wait_primary(self, want: int | None, what: str, timeout: float = 30) -> None:
         expect = {LAN: want} if want is not None else {}
@@ -209,10 +222,11 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     # Phase 5: both at once, r2 primary going in.
     back1, back2 = _cut(ha.r1_host, "route"), _cut(ha.r2_host, "route")
     _stays(ha, ha.id2, 15, "phase 5a: no flap to the unreachable router1")
-    # Both come back, router2 a moment first: a router that reconnects counts as healthy
-    # again, so whichever session returns first while the other is still marked unhealthy
-    # takes the prefix (with router1 first that is a race Headscale's order leaves open).
-    back2()
+    assert sorted(ha.unhealthy()) == [ha.id1, ha.id2]  # both silent, r2 kept all along
+    # Both come back, router1 first, as in Headscale's test. Their answers to the prober
+    # are elected together, so router2, primary going in, keeps the prefix.
     back1()
-    ha.wait_primary(ha.id2, "phase 5b: router2 primary after both return")
+    back2()
+    wait_for("phase 5b: both routers answer the prober again", lambda: ha.unhealthy() == [], 60)
+    assert ha.server_primaries() == {LAN: ha.id2}, "phase 5b: router2 primary after both return"
     ha.wait_traffic_via(ha.r2_host, "phase 5b: traffic through router2", 60)
