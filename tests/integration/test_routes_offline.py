@@ -52,7 +52,7 @@ class HA:
         topo = lab.topology
         self.lab = lab
         self.srv = lab.start_server(overrides=PROBER)
-        gw = topo.add_nat("gw", LAN)
+        gw = self.gw = topo.add_nat("gw", LAN)
         self.r1_host = topo.add_lan_host(gw, "r1", "192.0.2.21")
         self.r2_host = topo.add_lan_host(gw, "r2", "192.0.2.22")
         for h in (self.r1_host, self.r2_host):
@@ -191,7 +191,9 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     default route standing for a Docker network disconnect (the long poll is left half-open
     at the server): r1 alone out and back, r2 alone out and back, then both one after the
     other and both at once. The primary must never flap to an unreachable r1 while r2 is
-    the primary and out too."""
+    the primary and out too; once both are back, the primary stays. Then (not in
+    Headscale's test) both routers silent with their sessions up, and back together: r2,
+    the primary going in, keeps the prefix."""
     ha = HA(lab)
     ha.start()  # phase 1: router1 primary, traffic flows
 
@@ -223,10 +225,46 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     back1, back2 = _cut(ha.r1_host, "route"), _cut(ha.r2_host, "route")
     _stays(ha, ha.id2, 15, "phase 5a: no flap to the unreachable router1")
     assert sorted(ha.unhealthy()) == [ha.id1, ha.id2]  # both silent, r2 kept all along
-    # Both come back, router1 first, as in Headscale's test. Their answers to the prober
-    # are elected together, so router2, primary going in, keeps the prefix.
+    # Both come back, router1 first, as in Headscale's test. Each opens a new control
+    # session once its route is back (after its own reconnect back-off), and a new session
+    # makes a router healthy at once (Headscale's Connect): the router whose session is back
+    # while the other is still silent takes the prefix. (In Headscale's Docker run neither
+    # session comes back within the test: the container's new address leaves the map poll
+    # hanging until the client's 120 s watchdog, so nothing moves and router2 stays.) Once
+    # both answer, whoever is primary keeps the prefix and carries the traffic.
     back1()
     back2()
     wait_for("phase 5b: both routers answer the prober again", lambda: ha.unhealthy() == [], 60)
-    assert ha.server_primaries() == {LAN: ha.id2}, "phase 5b: router2 primary after both return"
-    ha.wait_traffic_via(ha.r2_host, "phase 5b: traffic through router2", 60)
+    primary = ha.server_primaries().get(LAN)
+    assert primary in (ha.id1, ha.id2), ha.server_primaries()
+    host, name = (ha.r1_host, "router1") if primary == ha.id1 else (ha.r2_host, "router2")
+    _stays(ha, primary, 9, "phase 5b: no flap once both routers are back")
+    wait_for("phase 5b: the client told the same primary",
+             lambda: primary_of(ha.client, LAN) == name, 30)
+    ha.wait_traffic_via(host, "phase 5b: traffic through the primary", 60)
+
+    # Phase 6 (Headscale's rule for routers back together, where their sessions survive):
+    # the routers keep their control sessions but cannot answer the prober (new
+    # connections to the server dropped at the LAN's gateway): r1 silent -> r2 primary; r2
+    # silent too -> r2 kept; both answer again at the same moment -> their verdicts are
+    # elected together and r2, primary going in, keeps the prefix.
+    silence = _answers_blocked(ha, ha.r1_host.ip)
+    ha.wait_primary(ha.id2, "phase 6: router2 primary once router1 is silent")
+    both = _answers_blocked(ha, "192.0.2.20/30")  # r1 .21 and r2 .22: lifted as one
+    silence()
+    wait_for("phase 6: both routers silent",
+             lambda: sorted(ha.unhealthy()) == [ha.id1, ha.id2], 30)
+    _stays(ha, ha.id2, 6, "phase 6: no flap to the silent router1")
+    both()
+    wait_for("phase 6: both routers answer again", lambda: ha.unhealthy() == [], 30)
+    _stays(ha, ha.id2, 9, "phase 6: router2 keeps the prefix after both are back")
+    ha.wait_traffic_via(ha.r2_host, "phase 6: traffic through router2", 30)
+
+
+def _answers_blocked(ha: HA, source: str) -> Callable[[], None]:
+    """Drop new TCP connections from `source` (LAN addresses) to the server at the LAN's
+    gateway: control sessions stay up, PingRequests arrive, the answers (a new HTTPS
+    connection each) do not. Returns what lifts it."""
+    rule = ("FORWARD", "-p", "tcp", "--syn", "-s", source, "-d", ha.srv.host.ip, "-j", "DROP")
+    ha.gw.iptables("-I", *rule)
+    return lambda: ha.gw.iptables("-D", *rule)
