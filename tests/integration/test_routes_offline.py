@@ -228,9 +228,8 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     # Both come back, router1 first, as in Headscale's test. Each opens a new control
     # session once its route is back (after its own reconnect back-off), and a new session
     # makes a router healthy at once (Headscale's Connect): the router whose session is back
-    # while the other is still silent takes the prefix. (In Headscale's Docker run neither
-    # session comes back within the test: the container's new address leaves the map poll
-    # hanging until the client's 120 s watchdog, so nothing moves and router2 stays.) Once
+    # while the other is still silent takes the prefix. (Headscale asserts router2, which by
+    # those rules holds only while neither session has come back, or router2's first.) Once
     # both answer, whoever is primary keeps the prefix and carries the traffic.
     back1()
     back2()
