@@ -202,12 +202,14 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     ha.wait_traffic_via(ha.r2_host, "phase 2a: traffic through router2")
     back1()
     wait_for("phase 2b: traffic still flows", lambda: ha.reached_via() is not None, 30)
+    wait_for("phase 2b: router1 answers again", lambda: ha.unhealthy() == [], 60)
 
     back2 = _cut(ha.r2_host, "route")  # phase 3: r2 alone
     ha.wait_primary(ha.id1, "phase 3a: router1 promoted")
     ha.wait_traffic_via(ha.r1_host, "phase 3a: traffic through router1")
     back2()
     wait_for("phase 3b: traffic still flows", lambda: ha.reached_via() is not None, 30)
+    wait_for("phase 3b: router2 answers again", lambda: ha.unhealthy() == [], 60)
 
     # Phase 4: both, one after the other; r1 first so r2 is primary when it goes too.
     back1 = _cut(ha.r1_host, "route")
@@ -219,6 +221,7 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     ha.wait_traffic_via(ha.r2_host, "phase 4c: traffic through router2", 60)
     back1()
     wait_for("phase 4d: traffic still flows", lambda: ha.reached_via() is not None, 30)
+    wait_for("phase 4d: router1 answers again", lambda: ha.unhealthy() == [], 60)
     ha.wait_primary(ha.id2, "phase 4d: router2 stays primary once router1 is back")
 
     # Phase 5: both at once, r2 primary going in.
