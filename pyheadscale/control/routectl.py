@@ -19,7 +19,7 @@ cycle leave the primary where it was). A silence only counts against a session t
 already there at the previous cycle and has not been replaced since; when one does not count,
 the whole cycle's verdicts are dropped (the next cycle decides on a complete picture). A new
 map session clears the node's unhealthy mark (it just proved it can reach us), and so does
-going offline or losing every approved route (it is no candidate then).
+going offline or announcing no approved route any more (it is no candidate then).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.errors import StateError
 from pyheadscale.state.model import IPNetwork
-from pyheadscale.state.routes import PrimaryRoutes
+from pyheadscale.state.routes import PrimaryRoutes, is_route_candidate
 from pyheadscale.state.tailnet import Tailnet
 
 # Receives the new primaries (node ID -> routes) and the IDs of nodes whose primaries moved.
@@ -169,7 +169,9 @@ class RouteController:
                 moved.add(c.node_id)
             if c.kind is ChangeKind.NODE_ONLINE and c.node_id is not None:
                 if Field.ONLINE in c.fields:
-                    # A fresh session starts healthy (Headscale Connect clears Unhealthy).
+                    # A fresh session starts healthy (Headscale Connect clears Unhealthy);
+                    # this also covers a session held by another instance (_on_session
+                    # only hears of the ones opened here).
                     self._epoch[c.node_id] = self._epoch.get(c.node_id, 0) + 1
                 # Offline: no candidate, so no health to keep (Headscale Disconnect).
                 self.primaries.set_unhealthy(c.node_id, False)
@@ -180,7 +182,7 @@ class RouteController:
             elif c.kind in _APPROVE_INPUTS and c.node_id is not None:
                 touched.add(c.node_id)
                 node = self.tailnet.nodes.get(c.node_id)
-                if node is not None and not node.approved_routes:
+                if node is not None and not is_route_candidate(node):
                     self.primaries.set_unhealthy(c.node_id, False)  # no candidate any more
             elif c.kind is ChangeKind.FULL:
                 touched |= set(self.tailnet.nodes)
@@ -312,7 +314,7 @@ class RouteController:
             if verdict == "healthy":
                 healthy[nid] = True
             elif verdict == "unhealthy" and node is not None and node.online \
-                    and node.approved_routes:  # still a candidate: the mark sticks
+                    and is_route_candidate(node):  # still a candidate: the mark sticks
                 healthy[nid] = False
         before = set(self.primaries.unhealthy)
         if self.primaries.set_health(healthy):

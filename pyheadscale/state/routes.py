@@ -43,6 +43,14 @@ def served_subnet_routes(node: Node) -> list[IPNetwork]:
     return out
 
 
+def is_route_candidate(node: Node) -> bool:
+    """Whether the node announces a route that is approved (exit routes count too): only
+    such a node, online, is an HA candidate with a health to keep (Headscale's
+    AllApprovedRoutes)."""
+    approved = set(node.approved_routes)
+    return any(r in approved for r in node.announced_routes)
+
+
 class PrimaryRoutes:
     def __init__(self) -> None:
         self.primaries: dict[IPNetwork, int] = {}

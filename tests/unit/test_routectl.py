@@ -60,6 +60,19 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def answer(cp: ControlPlane, node_id: int, delay: float = 0.0) -> None:
+    """Answer the PingRequest waiting for `node_id`'s stream (after `delay`)."""
+    rc = cp.routes
+    await asyncio.sleep(delay)
+    for _ in range(40):
+        await asyncio.sleep(0.005)
+        msg = rc.outbox.take(node_id)
+        if msg:
+            ping_id = msg["PingRequest"]["URL"].rsplit("id=", 1)[1]
+            assert rc.pings.complete(ping_id)
+            return
+
+
 async def test_primaries_follow_online_state_and_reach_the_map_context(
         cp: ControlPlane) -> None:
     tn = cp.tailnet
@@ -113,21 +126,12 @@ async def test_probe_verdicts_fail_over_and_answers_recover_without_flap(
     r1, r2 = await online_routers(cp, 1, 2)
     assert rc.primaries.ha_nodes() == {LAN: [r1, r2]}
 
-    async def answer(node_id: int) -> None:
-        for _ in range(20):
-            await asyncio.sleep(0.005)
-            msg = rc.outbox.take(node_id)
-            if msg:
-                ping_id = msg["PingRequest"]["URL"].rsplit("id=", 1)[1]
-                assert rc.pings.complete(ping_id)
-                return
-
     # First cycle: both answer. Second: r1 is silent on a session seen before -> unhealthy.
-    await asyncio.gather(rc.probe_once(), answer(r1), answer(r2))
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), answer(cp, r2))
     assert cp.mapctx.routes_of(r1) == (LAN,)
-    await asyncio.gather(rc.probe_once(), answer(r2))
+    await asyncio.gather(rc.probe_once(), answer(cp, r2))
     assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
-    await asyncio.gather(rc.probe_once(), answer(r1), answer(r2))
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), answer(cp, r2))
     assert r1 not in rc.primaries.unhealthy
     assert cp.mapctx.routes_of(r2) == (LAN,)  # recovered, but no flap back
 
@@ -140,19 +144,6 @@ async def test_fresh_session_gets_a_cycle_before_a_silent_probe_counts(
     await rc.probe_once()  # nobody answers, but both sessions are new
     assert rc.primaries.unhealthy == set()
     assert rc.outbox.take(r1) is not None  # the PingRequest waited for r1's stream
-
-
-async def answer(cp: ControlPlane, node_id: int, delay: float = 0.0) -> None:
-    """Answer the PingRequest waiting for `node_id`'s stream (after `delay`)."""
-    rc = cp.routes
-    await asyncio.sleep(delay)
-    for _ in range(40):
-        await asyncio.sleep(0.005)
-        msg = rc.outbox.take(node_id)
-        if msg:
-            ping_id = msg["PingRequest"]["URL"].rsplit("id=", 1)[1]
-            assert rc.pings.complete(ping_id)
-            return
 
 
 async def both_unhealthy_r2_primary(cp: ControlPlane) -> tuple[int, int]:
@@ -217,6 +208,24 @@ async def test_going_offline_or_losing_routes_clears_the_unhealthy_mark(
     await cp.tailnet.approve_routes(r2, [])
     assert rc.primaries.unhealthy == set()
     assert cp.mapctx.routes_of(r2) == ()
+
+
+async def test_announcing_no_approved_route_clears_the_unhealthy_mark(
+        cp: ControlPlane) -> None:
+    """The approval stays, but the router stops announcing the prefix: no candidate (what
+    it announces and is approved is empty), so no health to keep."""
+    rc = cp.routes
+    r1, r2 = await both_unhealthy_r2_primary(cp)
+    await cp.tailnet.update_from_map_request(r2, hostinfo={"Hostname": "r2", "RoutableIPs": []})
+    assert cp.tailnet.nodes[r2].approved_routes == (LAN,)
+    assert rc.primaries.unhealthy == {r1}
+    # r2 was the primary; r1, the only server left, is unhealthy: nobody is pointed at it.
+    # A lone server is not probed (Headscale probes prefixes with two servers or more), so
+    # it is its next map session that makes it healthy and the primary.
+    assert cp.mapctx.routes_of(r1) == () and cp.mapctx.routes_of(r2) == ()
+    assert rc.primaries.ha_nodes() == {}
+    cp.tailnet.bus.subscribe(r1)
+    assert cp.mapctx.routes_of(r1) == (LAN,)
 
 
 async def test_expiry_watcher_publishes_expiries_as_they_pass(cp: ControlPlane) -> None:
