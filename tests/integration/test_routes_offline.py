@@ -191,9 +191,9 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     default route standing for a Docker network disconnect (the long poll is left half-open
     at the server): r1 alone out and back, r2 alone out and back, then both one after the
     other and both at once. The primary must never flap to an unreachable r1 while r2 is
-    the primary and out too; once both are back, the primary stays. Then (not in
-    Headscale's test) both routers silent with their sessions up, and back together: r2,
-    the primary going in, keeps the prefix."""
+    the primary and out too. Phase 5b in Headscale's order: r1 back first takes the
+    prefix, r2's return does not take it back. Then both routers silent with their sessions
+    up, and back within one probe cycle: r2, the primary going in, keeps the prefix."""
     ha = HA(lab)
     ha.start()  # phase 1: router1 primary, traffic flows
 
@@ -228,28 +228,28 @@ def test_ha_routers_lose_their_route_in_phases(lab: Lab) -> None:
     back1, back2 = _cut(ha.r1_host, "route"), _cut(ha.r2_host, "route")
     _stays(ha, ha.id2, 15, "phase 5a: no flap to the unreachable router1")
     assert sorted(ha.unhealthy()) == [ha.id1, ha.id2]  # both silent, r2 kept all along
-    # Both come back, router1 first, as in Headscale's test. Each opens a new control
-    # session once its route is back (after its own reconnect back-off), and a new session
-    # makes a router healthy at once (Headscale's Connect): the router whose session is back
-    # while the other is still silent takes the prefix. (Headscale asserts router2, which by
-    # those rules holds only while neither session has come back, or router2's first.) Once
-    # both answer, whoever is primary keeps the prefix and carries the traffic.
+    # Both come back, router1 first, as in Headscale's test; router2 stays out until router1
+    # answers again. Headscale's rules decide: router1, back (a new control session clears
+    # Unhealthy, as Headscale's Connect does; or it answers a probe) while router2, the
+    # primary, is still unhealthy, takes the prefix; router2's return does not take it back.
+    # (Headscale's test reconnects both at once and asserts router2: by the same rules
+    # that holds when both answer within one probe cycle on the sessions they had, whose
+    # verdicts are elected together; phase 6 shows that case.)
     back1()
+    wait_for("phase 5b: router1 answers again", lambda: ha.id1 not in ha.unhealthy(), 60)
+    ha.wait_primary(ha.id1, "phase 5b: router1, back first, takes the prefix")
     back2()
     wait_for("phase 5b: both routers answer the prober again", lambda: ha.unhealthy() == [], 60)
-    primary = ha.server_primaries().get(LAN)
-    assert primary in (ha.id1, ha.id2), ha.server_primaries()
-    host, name = (ha.r1_host, "router1") if primary == ha.id1 else (ha.r2_host, "router2")
-    _stays(ha, primary, 9, "phase 5b: no flap once both routers are back")
-    wait_for("phase 5b: the client told the same primary",
-             lambda: primary_of(ha.client, LAN) == name, 30)
-    ha.wait_traffic_via(host, "phase 5b: traffic through the primary", 60)
+    _stays(ha, ha.id1, 9, "phase 5b: router1 keeps the prefix once router2 is back")
+    wait_for("phase 5b: the client told router1 is primary",
+             lambda: primary_of(ha.client, LAN) == "router1", 30)
+    ha.wait_traffic_via(ha.r1_host, "phase 5b: traffic through router1", 60)
 
-    # Phase 6 (Headscale's rule for routers back together, where their sessions survive):
-    # the routers keep their control sessions but cannot answer the prober (new
-    # connections to the server dropped at the LAN's gateway): r1 silent -> r2 primary; r2
-    # silent too -> r2 kept; both answer again at the same moment -> their verdicts are
-    # elected together and r2, primary going in, keeps the prefix.
+    # Phase 6 (both back within one probe cycle, their sessions kept): the routers
+    # keep their control sessions but cannot answer the prober (new connections to the
+    # server dropped at the LAN's gateway): r1 silent -> r2 primary; r2 silent too -> r2
+    # kept; both answer again at the same moment -> their verdicts are elected together
+    # and r2, primary going in, keeps the prefix.
     silence = _answers_blocked(ha, ha.r1_host.ip)
     ha.wait_primary(ha.id2, "phase 6: router2 primary once router1 is silent")
     both = _answers_blocked(ha, "192.0.2.20/30")  # r1 .21 and r2 .22: lifted as one
