@@ -325,12 +325,17 @@ class Topology:
             raise TopologyError(f"duplicate segment {name!r}")
         net = ipaddress.IPv4Network(subnet)
         bridge = owner.new_port_name("br")
-        owner._ip("link", "add", bridge, "type", "bridge")
+        gw = str(net.network_address + gateway_host)
+        # A fixed address: a bridge left to pick its own takes the lowest of its ports' and
+        # changes it when a port with a lower one is attached, without telling anyone, so a
+        # host that resolved the gateway before that keeps sending to the old address and
+        # its routed traffic vanishes until its ARP entry expires (up to a minute).
+        mac = "02:00:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(gw).packed)
+        owner._ip("link", "add", bridge, "address", mac, "type", "bridge")
         self._track(
             f"bridge {owner.ns}/{bridge}", lambda: owner._ip("link", "del", bridge, check=False)
         )
         owner._sysctl(f"net.ipv6.conf.{bridge}.disable_ipv6", "1")
-        gw = str(net.network_address + gateway_host)
         owner._ip("addr", "add", f"{gw}/{net.prefixlen}", "dev", bridge)
         owner._ip("link", "set", bridge, "up")
         seg = Segment(name=name, subnet=net, owner=owner, bridge=bridge, gateway=gw)

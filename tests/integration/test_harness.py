@@ -171,6 +171,42 @@ def test_public_segments_route_and_namespaces_have_no_way_out(topology: Topology
     assert tcp_connect(a, "192.0.2.77", timeout=1).returncode != 0
 
 
+def test_a_later_port_leaves_the_gateway_address_alone(
+        topology: Topology, workdir: Path) -> None:
+    """A host that resolved its gateway keeps reaching other segments through it after a
+    host joins whose cable end at the switch has a lower address than any before. (A bridge
+    that picks its own address takes the lowest of its ports': the first host's ARP entry
+    would then name another port, where the switch's IP layer ignores frames not sent to
+    its own address.)"""
+    far = topology.add_host("far", topology.public_segment())
+    start_servers(far, workdir)
+    sw, bridge = topology.switch, topology.internet.bridge
+
+    def ports() -> set[str]:
+        out = sw.run(["ip", "-o", "link", "show", "master", bridge]).stdout
+        return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+    def joins(name: str, mac: str) -> Host:
+        """A host whose cable end at the switch gets `mac`."""
+        before = ports()
+        host = topology.add_host(name)
+        (port,) = ports() - before
+        sw.run(["ip", "link", "set", port, "address", mac], check=True)
+        return host
+
+    def bridge_mac() -> str:
+        return sw.run(["cat", f"/sys/class/net/{bridge}/address"]).stdout.strip()
+
+    joins("s", "02:00:00:00:00:02")
+    a = topology.add_host("a")
+    assert tcp_connect(a, far.ip).returncode == 0  # a has resolved the gateway
+    mac = bridge_mac()
+    joins("b", "02:00:00:00:00:01")
+    assert bridge_mac() == mac
+    out = tcp_connect(a, far.ip)
+    assert out.returncode == 0 and out.stdout.strip() == a.ip, out.stderr
+
+
 def test_udp_block_switch_blocks_udp_but_not_tcp(topology: Topology, workdir: Path) -> None:
     a = topology.add_host("a")
     b = topology.add_host("b")
