@@ -63,6 +63,17 @@ def unmap_ip(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
+def origin_form(target: str) -> str:
+    """``http://host:port/p?q`` -> ``/p?q`` (``/`` when the path is empty); an origin-form
+    target (``/p?q``), ``*`` and anything else come back unchanged."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    tail = rest[cut:]
+    return tail if tail.startswith("/") else "/" + tail
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHead:
     """One parsed request head: what a router decides on."""
@@ -76,12 +87,19 @@ class RequestHead:
     client: str = ""  # the client's address: the peer's, or what a trusted proxy says
 
     @property
+    def origin(self) -> str:
+        """The target in origin form: ``/path?query``.  RFC 9112 section 3.2.2 has servers
+        accept the absolute form (``POST http://host:port/ts2021``) too, and clients built on
+        hyper's HTTP/1.1 connection (tailscale-rs) send it for /key, /ts2021 and /derp."""
+        return origin_form(self.target)
+
+    @property
     def path(self) -> str:
-        return self.target.partition("?")[0]
+        return self.origin.partition("?")[0]
 
     @property
     def query(self) -> str:
-        return self.target.partition("?")[2]
+        return self.origin.partition("?")[2]
 
     def header(self, name: str) -> str | None:
         """The header's value; repeated headers are joined with ", " as RFC 9110 allows."""

@@ -168,7 +168,7 @@ async def serve_port80(host: str, port: int, *, https_host: str | None = None
             return generate_204(head)
         if head.method in ("GET", "HEAD"):
             hostname = https_host or (head.header("host") or "").split(":")[0]
-            return Reply(302, headers=(("Location", f"https://{hostname}{head.target}"),))
+            return Reply(302, headers=(("Location", f"https://{hostname}{head.origin}"),))
         return Reply(400, b"Use HTTPS\n", TEXT)
 
     loop = asyncio.get_running_loop()

@@ -306,4 +306,4 @@ class AcmeManager:
                 return Reply(404, b"no such challenge\n", TEXT)
             return Reply(200, auth.encode(), (("Content-Type", "text/plain"),))
         # Headscale's redirect: server_url followed by the request's URI.
-        return Reply(302, headers=(("Location", self.s.server_url.rstrip("/") + head.target),))
+        return Reply(302, headers=(("Location", self.s.server_url.rstrip("/") + head.origin),))

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from derp.frontdoor import DoorLimits, RequestHead, Route, Upgrade
+from derp.frontdoor import DoorLimits, RequestHead, Route, Upgrade, origin_form
 from pyheadscale.listener import MainListener, add_takeover_route
 
 
@@ -109,6 +109,37 @@ async def test_fast_start_takeover_sends_no_response(listener: MainListener) -> 
     w.write(UPGRADE + b"Fast-Start: 1\r\n\r\nCLIENTINFO")
     assert await asyncio.wait_for(r.readuntil(b";"), 5) == b"surplus=CLIENTINFO;"
     w.close()
+
+
+async def test_absolute_form_targets_are_routed_by_their_path(listener: MainListener) -> None:
+    # RFC 9112 section 3.2.2: a server must accept the absolute form; hyper's HTTP/1.1 client
+    # (tailscale-rs) sends `POST http://host:port/ts2021` and `GET http://host:port/key`.
+    r, w = await _open(listener)
+    w.write(b"POST http://127.0.0.1:%d/body HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 2\r\n\r\nhi" % listener.port)
+    head, body = await _response(r)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"POST 2 b'hi'"
+    w.write(UPGRADE.replace(b"/echo-upgrade", b"http://127.0.0.1/echo-upgrade?x=1") + b"\r\nA")
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert await asyncio.wait_for(r.readuntil(b";"), 5) in (b"surplus=A;", b"surplus=;")
+    w.close()
+
+
+@pytest.mark.parametrize(("target", "origin"), [
+    ("/ts2021", "/ts2021"),
+    ("/key?v=130", "/key?v=130"),
+    ("http://198.51.100.1:8080/ts2021", "/ts2021"),
+    ("HTTPS://[2001:db8::1]:8443/derp?x=/y", "/derp?x=/y"),
+    ("http://host?q=1", "/?q=1"),
+    ("http://host", "/"),
+    ("*", "*"),
+    ("ftp://host/x", "ftp://host/x"),  # not an HTTP URI: left alone, so no route matches
+])
+def test_origin_form(target: str, origin: str) -> None:
+    assert origin_form(target) == origin
+    head = RequestHead("GET", target, "1.1", (), ("192.0.2.1", 1), False)
+    assert (head.path, head.query) == tuple(origin.partition("?")[::2])
 
 
 async def test_takeover_after_keepalive_requests_to_aiohttp(listener: MainListener) -> None:
