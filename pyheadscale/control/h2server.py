@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import h2.config
 import h2.connection
@@ -33,6 +33,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.utilities import HeaderValidationFlags, validate_headers
 
 from pyheadscale.control.h2limits import MAX_UNSENT_OUTPUT, BodyBudget, H2Limits
 from pyheadscale.control.h2response import H2ResponseStream
@@ -43,6 +44,9 @@ from pyheadscale.control.types import (
     StreamGone,
 )
 from pyheadscale.noise.records import RecordError, RecordLayer
+
+if TYPE_CHECKING:
+    from hpack.struct import Header  # h2's header type (hpack comes with h2)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,21 @@ class ByteSink(Protocol):
 
 def _text(b: bytes | str) -> str:
     return b if isinstance(b, str) else b.decode("utf-8", "replace")
+
+
+_REQUEST_HEAD = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                      is_response_header=False, is_push_promise=False)
+
+
+def request_headers(headers: Iterable[Header]) -> list[Header]:
+    """h2's checks of a request head (RFC 9113 section 8), but with a Host header beside
+    `:authority` dropped, not compared: h2 refuses the pair when they differ, and tailscale-rs
+    sends `:authority 198.51.100.1:8080` with `host 198.51.100.1`. Inside Noise the authority
+    means nothing (routing is on `:path`), and Go's server, Headscale's, takes `:authority`
+    and ignores Host. Raises h2.exceptions.ProtocolError for a malformed head."""
+    if any(k == b":authority" for k, _ in headers):
+        headers = [(k, v) for k, v in headers if k != b"host"]
+    return list(validate_headers(headers, _REQUEST_HEAD))
 
 
 class _Stream:
@@ -114,7 +133,9 @@ class H2ControlConnection:
         self.is_registered = is_registered or (lambda _key: True)
         self.remote = remote
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
+            # Request heads are checked by request_headers() instead.
+            h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                      validate_inbound_headers=False)
         )
         # Current at once (not pending an ACK), so h2 enforces it from the first stream.
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -328,7 +349,13 @@ class H2ControlConnection:
 
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
-        headers = [(_text(k), _text(v)) for k, v in ev.headers or ()]
+        try:
+            raw = request_headers(ev.headers or ())
+        except h2.exceptions.ProtocolError as e:  # what h2's own check would have done
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._fail(f"HTTP/2 protocol error: {e!r}")
+            return
+        headers = [(_text(k), _text(v)) for k, v in raw]
         st = _Stream(sid, headers)
         st.response = H2ResponseStream(self, sid)
         self._streams[sid] = st

@@ -315,3 +315,68 @@ async def test_garbage_closes_connection(garbage: str) -> None:
     if garbage == "h2":  # a GOAWAY was sent before closing
         await h.pump()
         assert any(isinstance(e, h2.events.ConnectionTerminated) for e in h.events)
+
+
+def _raw_client(h: Harness) -> None:
+    """Let the harness's client send heads h2 would refuse to send."""
+    h.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False))
+
+
+async def test_host_beside_authority_is_dropped_not_compared() -> None:
+    # tailscale-rs (hyper) sends `:authority host:port` and `host: host`: h2 alone refuses the
+    # pair as mismatched; Go's server (Headscale's) takes :authority, and so do we.
+    seen: list[ControlRequest] = []
+
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        seen.append(req)
+        await resp.end(b"ok")
+
+    h = Harness(dispatch)
+    _raw_client(h)
+    h.start()
+    for host in (b"198.51.100.1", b"other.example", b"198.51.100.1:8080"):
+        sid = h.h2.get_next_available_stream_id()
+        h.h2.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                (b":authority", b"198.51.100.1:8080"),
+                                (b":path", b"/machine/register"), (b"host", host)],
+                          end_stream=True)
+        h.send()
+        await until(h, lambda sid=sid: h.ended(sid))
+        assert h.status(sid) == 200 and h.body(sid) == b"ok"
+    assert not h.conn.closing
+    assert [r.path for r in seen] == ["/machine/register"] * 3
+    assert all("host" not in r.headers for r in seen)
+
+
+@pytest.mark.parametrize("head", [
+    # h2's own checks still hold for everything else in a request head.
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"),
+     (b":authority", b"a"), (b"Upper", b"1")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"),
+     (b":authority", b"a"), (b"connection", b"keep-alive")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a")],  # no :path
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x")],  # no authority, no Host
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"),
+     (b"host", b"a"), (b"host", b"b")],
+], ids=["uppercase-name", "connection-header", "no-path", "no-authority", "two-hosts"])
+async def test_malformed_request_head_closes_connection(head: list[tuple[bytes, bytes]]
+                                                        ) -> None:
+    called = False
+
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        nonlocal called
+        called = True
+        await resp.end(b"ok")
+
+    h = Harness(dispatch)
+    _raw_client(h)
+    h.start()
+    h.h2.send_headers(h.h2.get_next_available_stream_id(), head, end_stream=True)
+    h.send()
+    await asyncio.wait_for(h.conn.wait_closed(), 2)
+    await h.pump()
+    goaway = [e for e in h.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert not called and h.sink.closed
