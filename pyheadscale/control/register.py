@@ -69,13 +69,13 @@ async def handle_register(reg: Registration, req: ControlRequest,
     node = tn.node_by_node_key(rr.node_key)
     if node is not None and node.machine_key != req.machine_key:
         # A node key presented over another machine's Noise session: never act on it.
-        await reply(resp, 200, {"Error": "node key belongs to another machine"})
+        await reply(resp, 200, register_body(error="node key belongs to another machine"))
         return
 
     # Logout: a past expiry with the current node key wins even when an auth key is present.
     if rr.expiry is not None and rr.expiry <= now and node is not None:
         node = await tn.logout(node.id, now)
-        await reply(resp, 200, register_response(tn, node, now) if node else {})
+        await reply(resp, 200, register_response(tn, node, now) if node else register_body())
         return
 
     if rr.auth_key:
@@ -86,11 +86,11 @@ async def handle_register(reg: Registration, req: ControlRequest,
                 requested_expiry=rr.expiry, ephemeral=rr.ephemeral, capver=rr.version,
             )
         except InvalidAuthKey as e:
-            await reply(resp, 200, {"Error": str(e)})
+            await reply(resp, 200, register_body(error=str(e)))
             return
         except StateError as e:
             log.warning("registration refused: %s", e)
-            await reply(resp, 200, {"Error": str(e)})
+            await reply(resp, 200, register_body(error=str(e)))
             return
         await reply(resp, 200, register_response(tn, node, now))
         return
@@ -105,15 +105,28 @@ async def handle_register(reg: Registration, req: ControlRequest,
     await reg.interactive(req, rr, resp)
 
 
-def register_response(tailnet: Tailnet, node: Node, now: datetime) -> dict[str, Any]:
-    user = tailnet.user_profile(node)
-    login = dict(user)
-    login["Provider"] = node.register_method
+def register_body(*, user: dict[str, Any] | None = None, login: dict[str, Any] | None = None,
+                  node_key_expired: bool = False, machine_authorized: bool = False,
+                  auth_url: str = "", error: str = "") -> dict[str, Any]:
+    """A tailcfg.RegisterResponse with every field Go's encoding writes, zero values included:
+    clients with strict decoders (tailscale-rs's serde) refuse an answer that lacks one, even
+    an `Error` or `AuthURL` answer."""
     return {
-        "User": {"ID": user["ID"], "DisplayName": user["DisplayName"],
-                 "ProfilePicURL": user.get("ProfilePicURL", "")},
-        "Login": login,
-        "NodeKeyExpired": node.is_expired(now),
-        "MachineAuthorized": True,
-        "AuthURL": "",
+        "User": user or {"ID": 0, "DisplayName": ""},
+        "Login": login or {"ID": 0, "Provider": "", "LoginName": "", "DisplayName": ""},
+        "NodeKeyExpired": node_key_expired,
+        "MachineAuthorized": machine_authorized,
+        "AuthURL": auth_url,
+        "NodeKeySignature": None,  # tailnet lock: not supported
+        "Error": error,
     }
+
+
+def register_response(tailnet: Tailnet, node: Node, now: datetime) -> dict[str, Any]:
+    profile = tailnet.user_profile(node)
+    pic = {"ProfilePicURL": profile["ProfilePicURL"]} if profile.get("ProfilePicURL") else {}
+    return register_body(
+        user={"ID": profile["ID"], "DisplayName": profile["DisplayName"], **pic},
+        login={"ID": profile["ID"], "Provider": node.register_method,
+               "LoginName": profile["LoginName"], "DisplayName": profile["DisplayName"], **pic},
+        node_key_expired=node.is_expired(now), machine_authorized=True)

@@ -16,7 +16,7 @@ from pyheadscale.auth.webflow import (
     RegistrationRefused,
     UnknownAuthID,
 )
-from pyheadscale.control.register import register_response, reply
+from pyheadscale.control.register import register_body, register_response, reply
 from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.control.types import ControlRequest, ResponseStream
 from pyheadscale.ratelimit import source_key
@@ -64,7 +64,7 @@ class WebAuth:
             await reply(resp, 429, str(e))
             return
         await pending.publish(p)
-        await reply(resp, 200, {"AuthURL": self.auth_url(p.auth_id)})
+        await reply(resp, 200, register_body(auth_url=self.auth_url(p.auth_id)))
 
     async def _wait(self, p: Pending, resp: ResponseStream) -> None:
         # Held until decided, or until the registration expires: then the waiting client is
@@ -86,10 +86,10 @@ class WebAuth:
                 await reply(resp, 429, str(e))
                 return
             await self.pending.publish(fresh)
-            await reply(resp, 200, {"AuthURL": self.auth_url(fresh.auth_id)})
+            await reply(resp, 200, register_body(auth_url=self.auth_url(fresh.auth_id)))
             return
         except PermissionError as e:
-            await reply(resp, 200, {"Error": str(e)})
+            await reply(resp, 200, register_body(error=str(e)))
             return
         await reply(resp, 200, register_response(self.tailnet, node, datetime.now(UTC)))
 

@@ -82,6 +82,29 @@ async def test_register_with_a_key_and_again_after_a_restart(server: Server) -> 
         assert len(server.tailnet.nodes) == 1
 
 
+# tailcfg.RegisterResponse as Go's encoding/json writes it (Headscale's too): every field,
+# zero values included; tailscale-rs's decoder refuses an answer without one.
+REGISTER_FIELDS = {"User", "Login", "NodeKeyExpired", "MachineAuthorized", "AuthURL",
+                   "NodeKeySignature", "Error"}
+
+
+async def test_every_register_answer_carries_all_fields(server: Server) -> None:
+    user = await server.tailnet.create_user("carol")
+    _, key = await server.tailnet.create_preauth_key(user.id)
+    async with Machine(url(server), "strict") as m:
+        refused = await m.register(auth_key="hskey-auth-000000000000-notakeyatallnotakeyat")
+        pending = await m.register()
+        done = await m.register(auth_key=key)
+    for answer in (refused, pending, done):
+        assert set(answer) == REGISTER_FIELDS, answer
+        assert {"ID", "DisplayName"} <= set(answer["User"]), answer
+        assert {"ID", "Provider", "LoginName", "DisplayName"} <= set(answer["Login"]), answer
+    assert refused["Error"] and refused["AuthURL"] == "" and not refused["MachineAuthorized"]
+    assert pending["AuthURL"] and pending["Error"] == "" and not pending["MachineAuthorized"]
+    assert done["MachineAuthorized"] and done["Error"] == "" and done["AuthURL"] == ""
+    assert done["User"]["ID"] == user.id and done["Login"]["LoginName"] == "carol"
+
+
 async def test_web_login_completed_by_the_admin(server: Server) -> None:
     user = await server.tailnet.create_user("bob")
     async with Machine(url(server), "desk") as m:
