@@ -17,7 +17,7 @@ from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
-from pyheadscale.mapper.encode import KEEPALIVE, encode_frame
+from pyheadscale.mapper.encode import KEEPALIVE, encode_frame, plain_frame
 from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import KnownPeers, PeerCache
 from pyheadscale.mapper.snapshot import Snapshot
@@ -74,7 +74,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
         frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
         await resp.start(200, [("content-type", "application/json")])
-        await resp.end(frame)
+        await resp.end(frame if mr.compress == "zstd" else plain_frame(frame))
         return
 
     # Subscribe before building the full map so no change falls between the two.
@@ -85,7 +85,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         await _apply_request(tn, node.id, mr)
         await tn.set_online(node.id, True)
         await resp.start(200, [("content-type", "application/json")])
-        await stream_maps(poll, node.id, sub, resp)
+        await stream_maps(poll, node.id, sub, resp, zstd=mr.compress == "zstd")
     except (StreamGone, ConnectionError):
         ended = "done"
     finally:
@@ -109,8 +109,9 @@ async def _apply_request(tn: Tailnet, node_id: int, mr: tailcfg.MapRequest) -> N
 
 
 async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
-                      resp: ResponseStream) -> None:
-    known = await _send_first(poll, node_id, resp)
+                      resp: ResponseStream, *, zstd: bool = True) -> None:
+    """`zstd`: the client asked for compressed frames (every official client does)."""
+    known = await _send_first(poll, node_id, resp, zstd)
     it = sub.__aiter__()
     while True:
         timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
@@ -119,11 +120,11 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
             async with asyncio.timeout(timeout):
                 batch = await it.__anext__()
         except TimeoutError:
-            await write_frame(resp, KEEPALIVE, "keepalive", node_id)
+            await write_frame(resp, KEEPALIVE, "keepalive", node_id, zstd)
             continue
         except StopAsyncIteration:
             return  # replaced by a newer poll, or the node was deleted
-        if not await _send_batch(poll, node_id, batch, sub, known, resp):
+        if not await _send_batch(poll, node_id, batch, sub, known, resp, zstd):
             return
         del batch
 
@@ -131,17 +132,18 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
 # The stream's frames are built in helpers: a stream waits for hours between batches, and
 # what a frame was made of (a first map is megabytes at 10,000 nodes, and so is a FULL
 # resend) must not stay referenced from its frame all that time.
-async def _send_first(poll: MapPoll, node_id: int, resp: ResponseStream) -> KnownPeers:
+async def _send_first(poll: MapPoll, node_id: int, resp: ResponseStream,
+                      zstd: bool) -> KnownPeers:
     viewer = poll.tailnet.get_node(node_id)
     with metrics.Timer(metrics.nodestore_peers_calculation):
         first, known = poll.deltas.first_frame(poll.snapshot(), viewer)
     metrics.mapresponse_generated.labels("full").inc()
-    await write_frame(resp, first, "full", node_id)
+    await write_frame(resp, first, "full", node_id, zstd)
     return known
 
 
 async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Subscription,
-                      known: KnownPeers, resp: ResponseStream) -> bool:
+                      known: KnownPeers, resp: ResponseStream, zstd: bool) -> bool:
     """The viewer's frame for ``batch``, if any; False when the viewer is gone."""
     viewer_now = poll.tailnet.nodes.get(node_id)
     if viewer_now is None:
@@ -157,14 +159,17 @@ async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Sub
     if frame is not None:
         kind = metrics.response_type(batch, ping=bool(extra))
         metrics.labelled(metrics.mapresponse_generated, kind).inc()
-        await write_frame(resp, frame, kind, node_id)
+        await write_frame(resp, frame, kind, node_id, zstd)
         metrics.labelled(metrics.change_delivery, kind).observe(
             time.monotonic() - sub.batch_since)
     return True
 
 
-async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int) -> None:
-    """Write one map frame, counted as Headscale's mapresponse_sent (status, type)."""
+async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int,
+                      zstd: bool = True) -> None:
+    """Write one map frame, counted as Headscale's mapresponse_sent (status, type); inflated
+    for a client that did not ask for zstd."""
+    frame = frame if zstd else plain_frame(frame)
     try:
         await resp.write(frame)
     except (StreamGone, ConnectionError):

@@ -1,6 +1,6 @@
 """Map-stream framing: JSON (orjson) -> zstd frame(s) -> u32 LITTLE-endian length prefix.
 
-Current clients always zstd-decode each frame, and the length prefix is little-endian (unlike
+Current official clients always ask for zstd (MapRequest `Compress: "zstd"`), and the length prefix is little-endian (unlike
 every Noise field); docs/protocol.md, "Map streaming".
 """
 
@@ -15,7 +15,8 @@ import zstandard
 
 from pyheadscale.tailcfg import dumps
 
-__all__ = ["KEEPALIVE", "FrameError", "compress", "decode_frame", "encode_frame", "to_plain"]
+__all__ = ["KEEPALIVE", "FrameError", "compress", "decode_frame", "encode_frame", "plain_frame",
+           "to_plain"]
 
 # Fast level: frames are sent once and decoded once; latency beats ratio here.
 _LEVEL = 1
@@ -67,8 +68,8 @@ def encode_frame(obj: Any) -> bytes:
     return recent.get(payload)
 
 
-def decode_frame(frame: bytes) -> tuple[Any, bytes]:
-    """Decode the first frame of ``frame``; returns (JSON value, remaining bytes)."""
+def _inflate(frame: bytes) -> tuple[bytes, bytes]:
+    """The JSON of the first frame of ``frame``, and the bytes after that frame."""
     if len(frame) < 4:
         raise FrameError("frame shorter than its length prefix")
     (n,) = struct.unpack_from("<I", frame)
@@ -82,7 +83,21 @@ def decode_frame(frame: bytes) -> tuple[Any, bytes]:
         raise FrameError(f"not a zstd frame: {e}") from None
     if not raw or len(raw) > _MAX_FRAME:
         raise FrameError(f"frame decodes to {len(raw)} bytes")
-    return orjson.loads(raw), frame[4 + n :]
+    return raw, frame[4 + n :]
+
+
+def decode_frame(frame: bytes) -> tuple[Any, bytes]:
+    """Decode the first frame of ``frame``; returns (JSON value, remaining bytes)."""
+    raw, rest = _inflate(frame)
+    return orjson.loads(raw), rest
+
+
+def plain_frame(frame: bytes) -> bytes:
+    """``frame`` (one frame) uncompressed, for a client whose MapRequest does not ask for zstd
+    (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Frames are
+    built compressed once for every viewer; such clients are few, so they pay the inflate."""
+    raw, _ = _inflate(frame)
+    return struct.pack("<I", len(raw)) + raw
 
 
 def to_plain(resp: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 
 from pyheadscale.app import Server
+from pyheadscale.mapper.encode import decode_frame
 from tests.inproc import Machine, running_server, server_config
 
 SSH_CHECK_POLICY = {
@@ -193,6 +195,35 @@ async def test_map_stream_first_map_new_peer_and_endpoint_patch(server: Server) 
         assert patch["PeersChangedPatch"] == [{"NodeID": beta_id,
                                                "Endpoints": ["198.51.100.9:41641"]}]
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_map_frames_are_plain_json_unless_zstd_is_asked_for(server: Server) -> None:
+    # MapRequest.Compress "" (tailscale-rs) gets uncompressed frames, as from Headscale;
+    # "zstd" (every official client) compressed ones.
+    user = await server.tailnet.create_user("erin")
+    _, key = await server.tailnet.create_preauth_key(user.id)
+    async with Machine(url(server), "plain") as m:
+        await m.register(auth_key=key)
+        status, _, one = await m.conn.request("POST", "/machine/map",
+                                              m.map_request(stream=False, Compress=""))
+        assert status == 200
+        (n,) = struct.unpack_from("<I", one)
+        assert n == len(one) - 4 and json.loads(one[4:])["Node"]["Name"].startswith("plain.")
+        status, _, zst = await m.conn.request("POST", "/machine/map",
+                                              m.map_request(stream=False))
+        assert status == 200 and zst[4:8] == b"\x28\xb5\x2f\xfd"  # the zstd magic
+        assert decode_frame(zst)[0]["Node"]["ID"] == json.loads(one[4:])["Node"]["ID"]
+
+        st = await m.conn.open_stream("POST", "/machine/map", m.map_request(Compress=""))
+        assert (await st.response())[0] == 200
+        got = b""
+        async for chunk in st.chunks():
+            got += chunk
+            if len(got) >= 4 and len(got) >= 4 + struct.unpack_from("<I", got)[0]:
+                break
+        (n,) = struct.unpack_from("<I", got)
+        assert json.loads(got[4:4 + n])["Node"]["Name"].startswith("plain.")
+        st.reset()
 
 
 async def test_ssh_check_is_held_until_the_admin_approves(db_server: Server) -> None:
