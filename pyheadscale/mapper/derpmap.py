@@ -253,13 +253,15 @@ def embedded_region(
 
     ``cert_sha256`` pins a self-signed certificate as ``CertName: "sha256-raw:<hex>"``
     (clients >= 1.82 only, docs/protocol.md "DERP"); give the digest of the DER certificate.
+    ``insecure_for_tests`` publishes ``InsecureForTests`` and no pin: clients before 1.82
+    take the pin for a host name to verify, even when told not to verify.
     """
     node: dict[str, Any] = {
         "Name": str(region_id),
         "RegionID": region_id,
         "HostName": host,
     }
-    if cert_sha256:
+    if cert_sha256 and not insecure_for_tests:
         digest = cert_sha256.hex() if isinstance(cert_sha256, bytes) else cert_sha256.lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise DERPMapError("cert_sha256 must be a SHA-256 digest (32 bytes / 64 hex)")

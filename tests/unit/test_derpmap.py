@@ -156,7 +156,6 @@ def test_embedded_region_shape_matches_headscale_and_spec():
         ipv4="127.0.0.1",
         ipv6="none",
         cert_sha256=digest,
-        insecure_for_tests=True,
     )
     assert r == {
         "RegionID": 999,
@@ -172,10 +171,14 @@ def test_embedded_region_shape_matches_headscale_and_spec():
                 "IPv6": "none",
                 "STUNPort": 3478,
                 "DERPPort": 8080,
-                "InsecureForTests": True,
             }
         ],
     }
+    # Told to skip verification, clients get no pin: v1.80 takes it for a host name to match.
+    insecure = embedded_region_from_server_url(
+        "http://127.0.0.1:8080", "0.0.0.0:3478", ipv4="127.0.0.1", ipv6="none",
+        cert_sha256=digest, insecure_for_tests=True)["Nodes"][0]
+    assert insecure["InsecureForTests"] is True and "CertName" not in insecure
     https = embedded_region_from_server_url("https://hs.example.com", "[::]:3478")
     assert https["Nodes"][0]["DERPPort"] == 443
     assert "CertName" not in https["Nodes"][0]
