@@ -26,6 +26,7 @@ serve: $(STAMP)
 clients: $(DEVSTAMP)
 	$(PY) -m tests.integration.build_clients --extra derper,derpprobe --ws-derp
 	$(PY) -m tests.integration.ts2021ws_build
+	$(PY) -m tests.integration.tsrs_build
 	$(PY) -m tests.integration.idp
 	$(PY) -m tests.apiv2.build
 	$(PY) -m tests.gocheck.oracle
