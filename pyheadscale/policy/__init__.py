@@ -21,7 +21,6 @@ from pyheadscale.policy.compile import (
     NodeInfo,
     Resolver,
     can_access,
-    compile_grants,
     compile_node_attrs,
     global_rules,
     has_per_node_grants,
@@ -33,6 +32,7 @@ from pyheadscale.policy.errors import PolicyError, PolicyTestError
 from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
+from pyheadscale.policy.memo import CompileMemo
 from pyheadscale.policy.model import Alias, Policy
 from pyheadscale.policy.parse import parse_policy
 from pyheadscale.policy.routes import RouteSteering
@@ -139,6 +139,7 @@ class PolicyManager:
         self.tailnet_domains = set(tailnet_domains) if tailnet_domains is not None else None
         self._users: list[User] = list(users)
         self._nodes: list[Node] = list(nodes)
+        self._memo = CompileMemo()  # what update() reuses of the previous snapshot
         self._check_domains()
         self._recompute()
         self._check_user_references()
@@ -175,7 +176,8 @@ class PolicyManager:
         pol = self.policy
         idp = self.idp_groups.members(self._users) if self.idp_groups is not None else None
         self._res = Resolver(pol or Policy(), self._users, self._infos, idp)
-        self._grants: list[CompiledGrant] = compile_grants(pol, self._res) if pol else []
+        self._grants: list[CompiledGrant] = (
+            self._memo.compile_grants(pol, self._res) if pol else [])
         self._per_node = has_per_node_grants(self._grants)
         self._global = global_rules(self._grants) if pol else list(FILTER_ALLOW_ALL)
         self._global_matchers: list[Matcher] | None = None

@@ -182,6 +182,15 @@ class Resolver:
         # SSH rules' node-independent parts (policy/ssh.py): (rule id, base URL) -> them.
         self.ssh_rules: dict[tuple[int, str], Any] = {}
 
+    def adopt_renderings(self, previous: Resolver, keep_at_most: int) -> None:
+        """Take over an earlier snapshot's address renderings (up to keep_at_most of them)
+        when its node addresses are these (renderings depend on nothing else), with its very
+        atoms object."""
+        if len(previous._strings) <= keep_at_most and previous.atoms == self.atoms:
+            self.atoms = previous.atoms
+            self._strings = previous._strings
+            self._prefix_strings = previous._prefix_strings
+
     def strings(self, ips: IPSet) -> list[str]:
         out = self._strings.get(ips.ranges)
         if out is None:
@@ -414,14 +423,9 @@ def _compile_via_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
     )
 
 
-def compile_grants(pol: Policy, res: Resolver) -> list[CompiledGrant]:
-    grants = [_IMPLICIT_ALLOW] if pol.allow_all else pol.all_grants()
-    out = []
-    for g in grants:
-        cg = compile_grant(g, res)
-        if cg is not None:
-            out.append(cg)
-    return out
+def policy_grants(pol: Policy) -> list[Grant]:
+    """The grants a policy compiles to, in order (its ACLs rewritten as grants)."""
+    return [_IMPLICIT_ALLOW] if pol.allow_all else pol.all_grants()
 
 
 def _self_rules(cg: CompiledGrant, node: NodeInfo, res: Resolver) -> list[dict[str, Any]]:

@@ -1,0 +1,61 @@
+"""What one snapshot's compile hands on to the next of the same policy.
+
+A node change (a tag set, a node joining) changes the address sets of a few aliases: the
+node's tags, its owner and the groups naming them, autogroup:member/tagged. A grant whose
+aliases all resolve as before compiles to the same rules, so it is not compiled again: it
+keeps its rule objects, and with them the shared encodings of its source lists and
+everything keyed by them. Address renderings are kept while the node addresses stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyheadscale.policy.compile import CompiledGrant, Resolver, compile_grant, policy_grants
+from pyheadscale.policy.model import Alias, Grant, Policy
+
+__all__ = ["CompileMemo"]
+
+# Renderings handed on at most: each change of the address sets adds some.
+_KEEP_RENDERINGS = 4096
+
+
+def grant_signature(g: Grant, res: Resolver) -> tuple[Any, ...]:
+    """Everything compile_grant() reads for g: equal signatures, equal compiled grants. The
+    grant itself, its aliases' address sets, the node addresses (renderings list them one by
+    one) and, with a wildcard, the approved subnet routes the wildcard adds."""
+    def ranges(a: Alias) -> tuple[tuple[int, int], ...] | None:
+        ips = res.resolve(a)
+        return None if ips is None else ips.ranges
+
+    wild = any(a.kind == "wildcard" for a in (*g.src, *g.dst))
+    return (g, tuple(map(ranges, g.src)), tuple(map(ranges, g.dst)), res.atoms,
+            tuple(res.approved_subnet_routes()) if wild else None)
+
+
+class CompileMemo:
+    """The compiled grants (by position) and resolver of the last snapshot of one policy."""
+
+    def __init__(self) -> None:
+        self._grants: dict[int, tuple[tuple[Any, ...], CompiledGrant | None]] = {}
+        self._res: Resolver | None = None
+        self.compiled = 0  # grants compiled (not reused) over the memo's life
+
+    def compile_grants(self, pol: Policy, res: Resolver) -> list[CompiledGrant]:
+        """compile_grants(pol, res), reusing every grant whose signature did not change."""
+        if self._res is not None:
+            res.adopt_renderings(self._res, _KEEP_RENDERINGS)
+        self._res = res
+        out = []
+        for i, g in enumerate(policy_grants(pol)):
+            sig = grant_signature(g, res)
+            hit = self._grants.get(i)
+            if hit is not None and hit[0] == sig:
+                cg = hit[1]
+            else:
+                cg = compile_grant(g, res)
+                self._grants[i] = (sig, cg)
+                self.compiled += 1
+            if cg is not None:
+                out.append(cg)
+        return out
