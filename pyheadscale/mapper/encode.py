@@ -2,6 +2,13 @@
 
 Current official clients always ask for zstd (MapRequest `Compress: "zstd"`), and the length prefix is little-endian (unlike
 every Noise field); docs/protocol.md, "Map streaming".
+
+Long PacketFilter source lists are shared: a policy's rules reach many nodes with the same
+SrcIPs (at 1,000 nodes ``autogroup:member`` alone is 2,000 addresses), so each such list is
+encoded and compressed once, as its own zstd frame, and every message carrying it gets that
+frame between its own ones (zstd frames concatenate, see mapper/firstmap.py). Inside the JSON
+a shared list is a marker (NUL, number, NUL; orjson never writes a raw NUL) that
+``compress_json`` swaps for the list's frame.
 """
 
 from __future__ import annotations
@@ -15,12 +22,18 @@ import zstandard
 
 from pyheadscale.tailcfg import dumps
 
-__all__ = ["KEEPALIVE", "FrameError", "compress", "decode_frame", "encode_frame", "plain_frame",
-           "to_plain"]
+__all__ = ["KEEPALIVE", "FrameError", "compress", "compress_json", "decode_frame", "encode_frame",
+           "encode_json", "plain_frame", "to_plain"]
 
 # Fast level: frames are sent once and decoded once; latency beats ratio here.
 _LEVEL = 1
 _MAX_FRAME = 64 << 20  # a sanity bound for decode_frame (tests, debugging)
+# SrcIPs lists with at least this many entries are shared (shorter ones cost less inline
+# than a zstd frame of their own).
+SHARED_MIN = 64
+# Bytes of shared lists kept per thread before the table starts over.
+_SHARED_BUDGET = 32 << 20
+_MARK = b"\x00"
 _local = threading.local()
 
 
@@ -51,7 +64,7 @@ class _RecentFrames:
     def get(self, payload: bytes) -> bytes:
         frame = self.frames.get(payload)
         if frame is None:
-            z = compress(payload)
+            z = compress_json(payload)
             frame = struct.pack("<I", len(z)) + z
             if len(self.frames) >= self.size:
                 del self.frames[next(iter(self.frames))]  # oldest first (insertion order)
@@ -59,9 +72,102 @@ class _RecentFrames:
         return frame
 
 
+class _Shared:
+    """One shared list: its JSON, its marker, and (once asked) its zstd frame."""
+
+    __slots__ = ("data", "fragment", "_frame")
+
+    def __init__(self, data: bytes, marker: bytes) -> None:
+        self.data = data
+        self.fragment = orjson.Fragment(_MARK + marker + _MARK)
+        self._frame: bytes | None = None
+
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = compress(self.data)
+        return self._frame
+
+
+class _SharedLists:
+    """The shared lists of one thread: by list object (the policy hands every node the same
+    list), by content (a recompiled policy's equal list gets the same marker, so equal
+    filters still encode equally) and by marker."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[list[Any], _Shared]] = {}
+        self.by_data: dict[bytes, _Shared] = {}
+        self.by_marker: dict[bytes, _Shared] = {}
+        self.size = 0
+        self.serial = 0  # markers are never reused, even after a reset
+
+    def reset_if_full(self) -> None:
+        # Only between two messages: a message's markers must resolve until it is compressed.
+        if self.size > _SHARED_BUDGET:
+            self.by_id.clear()
+            self.by_data.clear()
+            self.by_marker.clear()
+            self.size = 0
+
+    def fragment(self, items: list[Any]) -> orjson.Fragment:
+        hit = self.by_id.get(id(items))
+        if hit is not None and hit[0] is items:
+            return hit[1].fragment
+        data = dumps(items)
+        shared = self.by_data.get(data)
+        if shared is None:
+            self.serial += 1
+            marker = str(self.serial).encode()
+            shared = self.by_data[data] = self.by_marker[marker] = _Shared(data, marker)
+            self.size += len(data)
+        self.by_id[id(items)] = (items, shared)  # holding the list keeps its id unique
+        self.size += 8 * len(items)
+        return shared.fragment
+
+
+def _shared_lists() -> _SharedLists:
+    table = getattr(_local, "shared", None)
+    if table is None:
+        table = _local.shared = _SharedLists()
+    return table
+
+
+def encode_json(obj: Any) -> bytes:
+    """``dumps(obj)``, with a MapResponse's long PacketFilter source lists as markers: the
+    bytes go to ``compress_json`` (in this thread), never to the wire as they are."""
+    if not isinstance(obj, dict):
+        return dumps(obj)
+    rules = obj.get("PacketFilter")
+    if not rules or not any(len(r.get("SrcIPs") or ()) >= SHARED_MIN for r in rules):
+        return dumps(obj)
+    table = _shared_lists()
+    table.reset_if_full()
+    out = []
+    for r in rules:
+        src = r.get("SrcIPs")
+        if src is not None and len(src) >= SHARED_MIN:
+            r = {**r, "SrcIPs": table.fragment(src)}  # same key order as the rule
+        out.append(r)
+    return dumps({**obj, "PacketFilter": out})
+
+
+def compress_json(payload: bytes) -> bytes:
+    """zstd of ``encode_json`` output: its own pieces compressed, each shared list's frame in
+    between (one or more concatenated frames)."""
+    if _MARK not in payload:
+        return compress(payload)
+    by_marker = _shared_lists().by_marker
+    out = []
+    for i, part in enumerate(payload.split(_MARK)):
+        if i % 2:
+            out.append(by_marker[part].frame())
+        elif part:
+            out.append(compress(part))
+    return b"".join(out)
+
+
 def encode_frame(obj: Any) -> bytes:
     """A complete frame for ``obj`` (a MapResponse dict, or already-encoded JSON bytes)."""
-    payload = bytes(obj) if isinstance(obj, bytes | bytearray | memoryview) else dumps(obj)
+    payload = bytes(obj) if isinstance(obj, bytes | bytearray | memoryview) else encode_json(obj)
     recent = getattr(_local, "recent", None)
     if recent is None:
         recent = _local.recent = _RecentFrames()

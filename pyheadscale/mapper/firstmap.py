@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pyheadscale.mapper.context import visible_ids
-from pyheadscale.mapper.encode import compress
+from pyheadscale.mapper.encode import compress, compress_json, encode_json
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
     PLAIN_VIEW,
@@ -38,7 +38,6 @@ from pyheadscale.mapper.full import (
 from pyheadscale.mapper.known import BLOCK, block_bits
 from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.model import Node
-from pyheadscale.tailcfg import dumps
 
 __all__ = ["RUN", "PeerRuns"]
 
@@ -115,12 +114,12 @@ class PeerRuns:
             content = b",".join(entries)
             parts.append(compress(b"," + content if comma else content))
             owners.update(profile_owner(p) for p in seen)
-        head = dumps(map_head(viewer, ctx, now, profiles_of(owners, snap.users)))
+        head = encode_json(map_head(viewer, ctx, now, profiles_of(owners, snap.users)))
         if parts:  # an empty Peers would mean "unchanged": omit instead
-            parts.insert(0, compress(head[:-1] + b',"Peers":['))
+            parts.insert(0, compress_json(head[:-1] + b',"Peers":['))
             parts.append(_TAIL)
         else:
-            parts.append(compress(head))
+            parts.append(compress_json(head))
         body = b"".join(parts)
         return struct.pack("<I", len(body)) + body, known
 

@@ -336,7 +336,8 @@ class Worker:
         rnd_, marker, any_frame = self.armed
         if rnd_ in n.seen and (not any_frame or rnd_ in n.hit):
             return
-        raw = self._zstd.decompressobj().decompress(frame)
+        # A message may be several zstd frames back to back (shared filter parts).
+        raw = self._zstd.decompressobj(read_across_frames=True).decompress(frame)
         if any_frame:
             # Keepalives are not a reaction to the change.
             if rnd_ not in n.seen and not _is_keepalive(raw):
