@@ -188,7 +188,7 @@ class PolicyManager:
         self._steering: RouteSteering | None = None
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
-        self._peers: dict[int, set[int]] = {}
+        self._peers: dict[int, frozenset[int]] = {}
 
     def _evaluation(self) -> Evaluation:
         """The snapshot's evaluation index, built on first use after each recompute."""
@@ -315,18 +315,21 @@ class PolicyManager:
         self._filters[info.id] = rules
         return rules
 
-    def peers(self, viewer: Node) -> set[int]:
+    def peers(self, viewer: Node) -> AbstractSet[int]:
         """IDs of the nodes viewer may see."""
-        cached = self._peers.get(viewer.id)
-        if cached is not None:
-            return cached
         info = self._known(viewer)
         if info is None:
             a = self._info(viewer)
             ma = self._node_matchers(a)
             return {o.id for o in self._infos if o.id != a.id and self._visible(a, o, ma)}
-        out = self._evaluation().peers(info)
-        self._peers[info.id] = out
+        out = self._peer_set(info)
+        return out - {info.id} if info.id in out else out
+
+    def _peer_set(self, info: NodeInfo) -> frozenset[int]:
+        """Evaluation.peer_set, cached: may hold the node itself; shared between nodes."""
+        out = self._peers.get(info.id)
+        if out is None:
+            out = self._peers[info.id] = self._evaluation().peer_set(info)
         return out
 
     def _visible(self, a: NodeInfo, b: NodeInfo, ma: list[Matcher]) -> bool:
@@ -356,8 +359,9 @@ class PolicyManager:
     def can_see(self, viewer: Node, peer: Node) -> bool:
         if viewer.id == peer.id:
             return False
-        if viewer.id in self._by_id and peer.id in self._by_id:
-            return peer.id in self.peers(viewer)
+        info = self._known(viewer)
+        if info is not None and peer.id in self._by_id:
+            return peer.id in self._peer_set(info)
         a, b = self._info(viewer), self._info(peer)
         return self._visible(a, b, self._node_matchers(a))
 

@@ -374,19 +374,21 @@ def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
 def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange],
                res: Resolver) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    # One Ports object per range, shared by the entries (one per address of a large alias).
+    pds = [_ports(p) for p in ports]
     for d in dsts:
         if d.kind == "wildcard":
-            out.extend({"IP": "*", "Ports": _ports(p)} for p in ports)
+            out.extend({"IP": "*", "Ports": pd} for pd in pds)
             continue
         ips = res.resolve(d)
         if ips is None:
             continue
         if d.text == "autogroup:internet":
             # The hosted plane writes the Internet as address ranges, not prefixes.
-            out.extend({"IP": ip, "Ports": _ports(p)} for ip in ips.range_strings() for p in ports)
+            out.extend({"IP": ip, "Ports": pd} for ip in ips.range_strings() for pd in pds)
             continue
         for ip in res.prefix_strings(ips):
-            out.extend({"IP": ip, "Ports": _ports(p)} for p in ports)
+            out.extend({"IP": ip, "Ports": pd} for pd in pds)
     return out
 
 

@@ -257,6 +257,7 @@ class Evaluation:
                     rm |= 1 << self.pos_of[rid]
             self._via.append((sm, rm))
         self._sig_masks: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        self._mask_ids: dict[int, frozenset[int]] = {}
         self._classes: dict[Any, _Class] | None = None
         self._dest_pos_cache: dict[Any, dict[int, Pos]] = {}
         self._class_of: list[Any] = []
@@ -371,7 +372,10 @@ class Evaluation:
 
     # ------------------------------------------------------------------ peers
 
-    def peers(self, node: NodeInfo) -> set[int]:
+    def peer_set(self, node: NodeInfo) -> frozenset[int]:
+        """The IDs of the nodes ``node`` sees, possibly with its own: nodes in the same
+        position towards the rules (most nodes of one user, of one tag set) share one set, so
+        a tailnet holds few of them instead of one per node."""
         i = self.pos_of[node.id]
         sig = (tuple(self._src_of[i]), tuple(self._dst_of[i]))
         mask = self._sig_masks.get(sig)
@@ -390,9 +394,16 @@ class Evaluation:
                 mask |= sm
         if self.grants:
             mask |= self._class_peers(i, bit)
-        mask &= ~bit
-        ids = self._ids
-        return {ids[j] for j in _bits(mask)}
+        out = self._mask_ids.get(mask)
+        if out is None:
+            ids = self._ids
+            out = self._mask_ids[mask] = frozenset(ids[j] for j in _bits(mask))
+        return out
+
+    def peers(self, node: NodeInfo) -> frozenset[int]:
+        """The IDs of the nodes ``node`` sees (never its own)."""
+        out = self.peer_set(node)
+        return out - {node.id} if node.id in out else out
 
     # ------------------------------------------------------------------ routes
 

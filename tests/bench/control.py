@@ -968,6 +968,10 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     elif args.profile == "gc":
         argv = [str(VENV_PYTHON), "-m", "tests.bench.gcstats",
                 str(args.profile_dir / "pyheadscale.gc.json"), "-c", str(cfg_path), "serve"]
+    elif args.profile == "tracemalloc":
+        argv = [str(VENV_PYTHON), "-m", "tests.bench.memprofile",
+                str(args.profile_dir / "pyheadscale.tracemalloc.txt"), "-c", str(cfg_path),
+                "serve"]
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     with contextlib.ExitStack() as stack:
         target = Target("pyheadscale", [cfg["server_url"]], [], key)
@@ -1124,10 +1128,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds allowed per policy step (default 60 + 0.06 s per node)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the generated policy")
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--profile", choices=["pyinstrument", "cprofile", "gc"], default=None,
+    ap.add_argument("--profile", choices=["pyinstrument", "cprofile", "gc", "tracemalloc"],
+                    default=None,
                     help="run pyheadscale under a profiler (pyinstrument must be importable; "
-                    "gc: the cyclic GC's runs and CPU, as JSON); "
-                    "the report goes to --profile-dir")
+                    "gc: the cyclic GC's runs and CPU, as JSON; tracemalloc keeps the heap's "
+                    "biggest holders at its peak); the report goes to --profile-dir")
     ap.add_argument("--profile-dir", type=Path, default=Path("."),
                     help="where --profile writes (default: the current directory)")
     ap.add_argument("--restart", action="store_true",
