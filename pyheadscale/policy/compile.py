@@ -387,8 +387,7 @@ def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange],
             # The hosted plane writes the Internet as address ranges, not prefixes.
             out.extend({"IP": ip, "Ports": pd} for ip in ips.range_strings() for pd in pds)
             continue
-        for ip in res.prefix_strings(ips):
-            out.extend({"IP": ip, "Ports": pd} for pd in pds)
+        out += [{"IP": ip, "Ports": pd} for ip in res.prefix_strings(ips) for pd in pds]
     return out
 
 

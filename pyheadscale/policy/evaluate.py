@@ -96,7 +96,11 @@ class _EntryIndex:
     def add(self, eid: int, ranges: Sequence[tuple[int, int]], internet: bool) -> None:
         for lo, hi in ranges:
             if lo == hi:
-                self.point.setdefault(lo, []).append(eid)
+                hit = self.point.get(lo)
+                if hit is None:
+                    self.point[lo] = [eid]
+                else:
+                    hit.append(eid)
             else:
                 self.wide.setdefault((lo, hi), []).append(eid)
         if internet:
@@ -146,10 +150,7 @@ class _NodeSets:
                 self.by_key.setdefault(k, []).append(i)
         self.keys = sorted(self.by_key)
         self.routers = [(i, n) for i, n in enumerate(infos) if n.route_ranges]
-        self.exits = 0
-        for i, n in enumerate(infos):
-            if n.is_exit:
-                self.exits |= 1 << i
+        self.exits = _mask_of(i for i, n in enumerate(infos) if n.is_exit)
 
     def mask(self, s: IPSet) -> int:
         idx: set[int] = set()
@@ -165,16 +166,25 @@ class _NodeSets:
         for i, n in self.routers:
             if i not in idx and any(s._overlaps_range(lo, hi) for lo, hi in n.route_ranges):
                 idx.add(i)
-        m = 0
-        for i in idx:
-            m |= 1 << i
-        return m
+        return _mask_of(idx)
 
     def matcher_masks(self, m: Matcher) -> tuple[int, int]:
         dst = self.mask(m.dests)
         if m.dests_internet:
             dst |= self.exits
         return self.mask(m.srcs), dst
+
+
+def _mask_of(positions: Iterable[int]) -> int:
+    """The bitmask of positions, built as bytes: OR-ing bits one by one into a growing int
+    costs O(n) per bit, which on a large tailnet is quadratic."""
+    pos = list(positions)
+    if not pos:
+        return 0
+    bits = bytearray(max(pos) // 8 + 1)
+    for i in pos:
+        bits[i >> 3] |= 1 << (i & 7)
+    return int.from_bytes(bits, "little")
 
 
 def _bits(mask: int) -> list[int]:
@@ -212,6 +222,7 @@ class Evaluation:
         self.cap_pieces: list[tuple[int, IPSet]] = []
         self.entries: list[tuple[int, dict[str, Any]]] = []
         self.index = _EntryIndex()
+        entries, add = self.entries, self.index.add
         for pi, (pos, rule) in enumerate(self.pieces):
             if rule.get("CapGrant"):
                 key: Any = ("cap", pos)
@@ -221,11 +232,9 @@ class Evaluation:
                 key = _merge_key(rule)
                 for dp in rule["DstPorts"]:
                     w = _wire(dp["IP"])
-                    if w is None:
-                        continue
-                    eid = len(self.entries)
-                    self.entries.append((pi, dp))
-                    self.index.add(eid, w[0], w[1])
+                    if w is not None:
+                        add(len(entries), w[0], w[1])
+                        entries.append((pi, dp))
             self.group_first.setdefault(key, pos)
             self.piece_group.append(key)
         self.index.freeze()
@@ -247,14 +256,8 @@ class Evaluation:
                 self._dst_of[i].append(mi)
         self._via: list[tuple[int, int]] = []
         for srcs, routers in via_app:
-            sm = 0
-            for i, info in enumerate(self.infos):
-                if srcs.contains_any(info.ips):
-                    sm |= 1 << i
-            rm = 0
-            for rid in routers:
-                if rid in self.pos_of:
-                    rm |= 1 << self.pos_of[rid]
+            sm = _mask_of(i for i, info in enumerate(self.infos) if srcs.contains_any(info.ips))
+            rm = _mask_of(self.pos_of[rid] for rid in routers if rid in self.pos_of)
             self._via.append((sm, rm))
         self._sig_masks: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
         self._mask_ids: dict[int, frozenset[int]] = {}
