@@ -8,6 +8,7 @@ response into plain JSON values for inspection.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -92,6 +93,12 @@ def _home_derp(node: Node) -> int:
 _PLAIN_NO_V4 = PeerView((), True)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _host_net(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> IPNetwork:
+    # Parsing the prefix text is most of a node entry's cost; addresses rarely change.
+    return ipaddress.ip_network(host_prefix(addr))
+
+
 def _is_exit(r: IPNetwork) -> bool:
     return r.prefixlen == 0
 
@@ -124,11 +131,7 @@ def node_entry(
     """tailcfg.Node without CapMap (which differs between the self and the peer view).
     ``routes``: what goes into AllowedIPs besides the addresses (PrimaryRoutes are the
     non-exit ones of them)."""
-    addrs = [
-        ipaddress.ip_network(host_prefix(a))
-        for a in node.addresses
-        if not (hide_v4 and a.version == 4)
-    ]
+    addrs = [_host_net(a) for a in node.addresses if not (hide_v4 and a.version == 4)]
     allowed: list[IPNetwork] = []
     for p in (*addrs, *routes):
         if p not in allowed:

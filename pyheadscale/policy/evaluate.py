@@ -214,11 +214,13 @@ class Evaluation:
         self.grants = [(i, g) for i, g in enumerate(grants) if g.category != "regular"]
         self.pos_of = {n.id: i for i, n in enumerate(self.infos)}
         self._ids = [n.id for n in self.infos]
-        # Pieces and merge groups. group_first: merge key -> first position; cap rules are
-        # their own group keyed by their position.
+        # Pieces and merge groups (same SrcIPs and IPProto), numbered: a merge key holds a
+        # whole SrcIPs list, so hashing it per DstPorts entry would cost O(sources) each.
+        # group_first: group -> first position; cap rules are groups of their own.
         self.pieces = list(pieces)
-        self.group_first: dict[Any, Pos] = {}
-        self.piece_group: list[Any] = []
+        self._gid: dict[Any, int] = {}
+        self.group_first: list[Pos] = []
+        self.piece_group: list[int] = []
         self.cap_pieces: list[tuple[int, IPSet]] = []
         self.entries: list[tuple[int, dict[str, Any]]] = []
         self.index = _EntryIndex()
@@ -235,8 +237,11 @@ class Evaluation:
                     if w is not None:
                         add(len(entries), w[0], w[1])
                         entries.append((pi, dp))
-            self.group_first.setdefault(key, pos)
-            self.piece_group.append(key)
+            gid = self._gid.get(key)
+            if gid is None:
+                gid = self._gid[key] = len(self.group_first)
+                self.group_first.append(pos)
+            self.piece_group.append(gid)
         self.index.freeze()
         # Peers: global matchers' node masks, and the inverse (matchers per node).
         self.nodesets = _NodeSets(self.infos)
@@ -262,7 +267,7 @@ class Evaluation:
         self._sig_masks: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
         self._mask_ids: dict[int, frozenset[int]] = {}
         self._classes: dict[Any, _Class] | None = None
-        self._dest_pos_cache: dict[Any, dict[int, Pos]] = {}
+        self._dest_pos_cache: dict[int, dict[int, Pos]] = {}
         self._class_of: list[Any] = []
         self._route_users: dict[IPNetwork, int] = {}
 
@@ -290,18 +295,19 @@ class Evaluation:
 
     def packet_filter(self, node: NodeInfo) -> list[Rule]:
         """reduce_rules(node, node_rules(...)) for a snapshot node."""
-        # merge key -> [first position, first rule, served DstPorts]; the DstPorts come in
+        # group -> [first position, first rule, served DstPorts]; the DstPorts come in
         # entry order, which is node_rules order for the global pieces.
         groups: dict[Any, list[Any]] = {}
         entries = self.entries
         pieces = self.pieces
         piece_group = self.piece_group
+        group_first = self.group_first
         for eid in sorted(self.index.hits(node)):
             pi, dp = entries[eid]
-            key = piece_group[pi]
-            g = groups.get(key)
+            gid = piece_group[pi]
+            g = groups.get(gid)
             if g is None:
-                groups[key] = [self.group_first[key], pieces[pi][1], [dp]]
+                groups[gid] = [group_first[gid], pieces[pi][1], [dp]]
             else:
                 g[2].append(dp)
         caps: list[tuple[Pos, Rule]] = []
@@ -339,10 +345,13 @@ class Evaluation:
                 if reduced is not None:
                     caps.append((pos, reduced))
                 continue
-            key = _merge_key(rule)
+            # A merge key no global piece has is its own group (keyed by itself).
+            mkey = _merge_key(rule)
+            gid = self._gid.get(mkey)
+            key = mkey if gid is None else gid
             g = groups.get(key)
             if g is None:
-                first = self.group_first.get(key)
+                first = None if gid is None else self.group_first[gid]
                 g = groups[key] = [pos if first is None or pos < first else first, rule, []]
             elif pos < g[0]:
                 g[0], g[1] = pos, rule
@@ -354,23 +363,23 @@ class Evaluation:
             if not g[2]:
                 g[2] = [dp for _, _, dp in adds]
                 continue
-            pos_of_dp = self._dest_positions(key)
+            pos_of_dp = self._dest_positions(key)  # global DstPorts here: key is a group
             merged = [(pos_of_dp[id(dp)], -1, dp) for dp in g[2]]  # stable: already ordered
             merged.extend(adds)
             merged.sort(key=lambda x: x[0])
             g[2] = [dp for _, _, dp in merged]
 
-    def _dest_positions(self, key: Any) -> dict[int, Pos]:
-        """id(DstPorts entry) -> position of its global piece, for one merge key."""
+    def _dest_positions(self, gid: int) -> dict[int, Pos]:
+        """id(DstPorts entry) -> position of its global piece, for one group."""
         cache = self._dest_pos_cache
-        out = cache.get(key)
+        out = cache.get(gid)
         if out is None:
             out = {}
-            for pos, rule in self.pieces:
-                if not rule.get("CapGrant") and _merge_key(rule) == key:
+            for (pos, rule), g in zip(self.pieces, self.piece_group, strict=True):
+                if g == gid:
                     for dp in rule["DstPorts"]:
                         out[id(dp)] = pos
-            cache[key] = out
+            cache[gid] = out
         return out
 
     # ------------------------------------------------------------------ peers

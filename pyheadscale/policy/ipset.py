@@ -247,7 +247,8 @@ def prefix_string(net: IPNetwork) -> str:
     return str(net)
 
 
-@lru_cache(maxsize=8192)
+# Sized for every node address of a large tailnet (two per node) plus the policy's own.
+@lru_cache(maxsize=1 << 16)
 def parse_wire(text: str) -> IPSet | None:
     """Parse a FilterRule address string ("*", CIDR, "a-b" range or address); None if bad."""
     try:
