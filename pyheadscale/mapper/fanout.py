@@ -124,7 +124,9 @@ class SharedDeltas:
         self.own += 1
         resp = delta_into(plan.view, snap.nodes, snap.users, viewer, snap.ctx, snap.now, known,
                           snap.cache, self._routers(plan, snap.nodes))
-        return self._leave_out_unchanged(plan.view.policy and not plan.view.dns, viewer, known,
+        # A full map (FULL in the batch) resends everything, as a DNS change resends DNS.
+        b = plan.view
+        return self._leave_out_unchanged(b.policy and not (b.dns or b.full), viewer, known,
                                          resp, len(snap.nodes))
 
     def _leave_out_unchanged(self, policy_only: bool, viewer: Node, known: KnownPeers,

@@ -155,3 +155,25 @@ def test_long_source_lists_are_compressed_once_and_shared() -> None:
     # An equal list that is another object (a recompiled policy) gets the same piece.
     again = [{**r, "SrcIPs": list(r["SrcIPs"])} for r in a]
     assert piece in encode_frame({"PacketFilter": again})
+
+
+def test_a_full_map_in_a_policy_batch_keeps_every_field() -> None:
+    nodes = {i: make_node(i, user=1 + i % 2, node_key=bytes([i]) * 32,
+                          machine_key=bytes([i]) * 32) for i in range(1, 5)}
+    text = json.dumps({"acls": [{"action": "accept", "src": ["autogroup:member"],
+                                 "dst": ["autogroup:member:*"]}]})
+    pm = PolicyManager(text, list(USERS.values()), list(nodes.values()), run_tests=False)
+    shared, cache = SharedDeltas(), PeerCache()
+    viewer = nodes[1]
+    _, known = shared.first_frame(Snapshot(nodes, USERS, _ctx(pm, 1), NOW, cache), viewer)
+
+    def send(gen: int, *kinds: ChangeKind) -> dict[str, Any] | None:
+        snap = Snapshot(nodes, USERS, _ctx(pm, gen), NOW, cache)
+        return shared.delta([Change(k) for k in kinds], snap, viewer, known)
+
+    first = send(2, ChangeKind.POLICY)
+    assert first is not None and "PacketFilter" in first  # the first policy delta: all of it
+    assert send(3, ChangeKind.POLICY) is None  # the same policy again: the client holds it all
+    full = send(4, ChangeKind.FULL, ChangeKind.POLICY)
+    assert full is not None
+    assert {"Node", "Peers", "PacketFilter", "DNSConfig"} <= full.keys(), sorted(full)
