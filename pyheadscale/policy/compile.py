@@ -182,11 +182,14 @@ class Resolver:
         # SSH rules' node-independent parts (policy/ssh.py): (rule id, base URL) -> them.
         self.ssh_rules: dict[tuple[int, str], Any] = {}
 
-    def adopt_renderings(self, previous: Resolver, keep_at_most: int) -> None:
-        """Take over an earlier snapshot's address renderings (up to keep_at_most of them)
-        when its node addresses are these (renderings depend on nothing else), with its very
-        atoms object."""
-        if len(previous._strings) <= keep_at_most and previous.atoms == self.atoms:
+    def adopt_renderings(self, previous: Resolver, max_strings: int) -> None:
+        """Take over an earlier snapshot's address renderings (while they hold at most
+        max_strings addresses: each change of the address sets adds some, and on a large
+        tailnet one rendering is thousands) when its node addresses are these (renderings
+        depend on nothing else), with its very atoms object."""
+        held = (sum(map(len, previous._strings.values()))
+                + sum(map(len, previous._prefix_strings.values())))
+        if held <= max_strings and previous.atoms == self.atoms:
             self.atoms = previous.atoms
             self._strings = previous._strings
             self._prefix_strings = previous._prefix_strings

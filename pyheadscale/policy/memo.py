@@ -16,8 +16,8 @@ from pyheadscale.policy.model import Alias, Grant, Policy
 
 __all__ = ["CompileMemo"]
 
-# Renderings handed on at most: each change of the address sets adds some.
-_KEEP_RENDERINGS = 4096
+# Rendered addresses handed on at most (a few tens of MiB).
+_KEEP_STRINGS = 1 << 20
 
 
 def grant_signature(g: Grant, res: Resolver) -> tuple[Any, ...]:
@@ -44,7 +44,7 @@ class CompileMemo:
     def compile_grants(self, pol: Policy, res: Resolver) -> list[CompiledGrant]:
         """compile_grants(pol, res), reusing every grant whose signature did not change."""
         if self._res is not None:
-            res.adopt_renderings(self._res, _KEEP_RENDERINGS)
+            res.adopt_renderings(self._res, _KEEP_STRINGS)
         self._res = res
         out = []
         for i, g in enumerate(policy_grants(pol)):
