@@ -9,26 +9,18 @@ known peers. A peer entry sent whole is shared only when it is the same for ever
 (no routes, no hidden IPv4: ``PLAIN_VIEW``). Any other viewer gets its own delta from ``delta_into``; the result is the
 same either way (tests/unit/test_fanout.py compares the two).
 
-After a policy change every viewer reconciles on its own, and most of what that resends (its
-Node, PacketFilter, SSHPolicy, DNSConfig) is often what it already holds: one tag change
-alters the filters of the nodes whose rules name that tag, not everyone's. Each map session
-keeps digests of those fields as its deltas last sent them, and a policy delta leaves out the
-ones that are unchanged (the client reads a missing field as "unchanged"); a viewer left with
-nothing gets no frame at all.
-
 Not locked: use one per event loop, like ``PeerCache``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyheadscale.mapper.context import AllowAllPolicy, MapContext
 from pyheadscale.mapper.delta import BatchView, _patch, delta_into, route_nodes
-from pyheadscale.mapper.encode import encode_frame, encode_json
+from pyheadscale.mapper.encode import encode_frame
 from pyheadscale.mapper.firstmap import PeerRuns
 from pyheadscale.mapper.full import HOME_DERP_CAPVER, PLAIN_VIEW, KnownPeers, user_profiles
 from pyheadscale.mapper.known import plain_blocks
@@ -38,15 +30,6 @@ from pyheadscale.state.model import Node
 from pyheadscale.tailcfg import format_time
 
 __all__ = ["SharedDeltas"]
-
-# What a policy delta resends whole; left out when the session last sent the same.
-_RESENT = ("Node", "PacketFilter", "SSHPolicy", "DNSConfig")
-
-
-def _digest(value: Any) -> bytes:
-    # encode_json: long source lists count by content (their marker), not re-encoded.
-    return hashlib.blake2b(encode_json({"PacketFilter": value}) if isinstance(value, list)
-                           else encode_json(value), digest_size=16).digest()
 
 
 @dataclass
@@ -74,11 +57,6 @@ class SharedDeltas:
         self.runs = PeerRuns()  # full maps: first frames and FULL resends
         self.shared = 0  # frames served from a shared encoding
         self.own = 0  # deltas built for one viewer
-        # Per map session, by viewer: its known-peers dict (the session's identity, so an
-        # older stream of the same node never speaks for a newer one) and the digests of
-        # the _RESENT fields its deltas last carried.
-        self._sent: dict[int, tuple[KnownPeers, dict[str, bytes]]] = {}
-        self.unchanged = 0  # policy-delta fields left out as unchanged
 
     def _plan(self, batch: list[Change], ctx: MapContext, legacy: bool) -> _Plan:
         key = (id(batch), ctx.generation, legacy)
@@ -122,35 +100,8 @@ class SharedDeltas:
              known: KnownPeers) -> dict[str, Any] | None:
         """The viewer's delta built for it alone (``delta_into``)."""
         self.own += 1
-        resp = delta_into(plan.view, snap.nodes, snap.users, viewer, snap.ctx, snap.now, known,
+        return delta_into(plan.view, snap.nodes, snap.users, viewer, snap.ctx, snap.now, known,
                           snap.cache, self._routers(plan, snap.nodes))
-        # A full map (FULL in the batch) resends everything, as a DNS change resends DNS.
-        b = plan.view
-        return self._leave_out_unchanged(b.policy and not (b.dns or b.full), viewer, known,
-                                         resp, len(snap.nodes))
-
-    def _leave_out_unchanged(self, policy_only: bool, viewer: Node, known: KnownPeers,
-                             resp: dict[str, Any] | None, n_nodes: int) -> dict[str, Any] | None:
-        """Record what ``resp`` resends; in a policy delta, drop what the session holds."""
-        if resp is None:
-            return None
-        entry = self._sent.get(viewer.id)
-        if entry is None or entry[0] is not known:
-            if len(self._sent) > 2 * n_nodes + 64:
-                self._sent.clear()  # ended sessions; live ones only lose their shortcut
-            entry = self._sent[viewer.id] = (known, {})
-        sent = entry[1]
-        for name in _RESENT:
-            value = resp.get(name)
-            if value is None:
-                continue
-            digest = _digest(value)
-            if policy_only and sent.get(name) == digest:
-                del resp[name]
-                self.unchanged += 1
-            else:
-                sent[name] = digest
-        return resp if resp.keys() - {"ControlTime"} else None
 
     @staticmethod
     def _routers(plan: _Plan, nodes: Mapping[int, Node]) -> frozenset[int] | None:
@@ -164,7 +115,6 @@ class SharedDeltas:
 
     def first_frame(self, snap: Snapshot, viewer: Node) -> tuple[bytes, KnownPeers]:
         """A stream's first map (framed) and the peers it carries with their views."""
-        self._sent.pop(viewer.id, None)  # a full map resends everything: nothing recorded
         return self.runs.first_frame(snap, viewer)
 
     def delta(self, batch: list[Change], snap: Snapshot, viewer: Node,
