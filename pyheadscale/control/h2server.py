@@ -206,10 +206,13 @@ class H2ControlConnection:
         for timer in (self._preface_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
-        try:
-            self.h2.close_connection()
-        except h2.exceptions.ProtocolError:
-            pass
+        # A GOAWAY already queued (h2's own for a protocol error, or ours) says why; a second
+        # one would tell the peer NO_ERROR last.
+        if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            try:
+                self.h2.close_connection()
+            except h2.exceptions.ProtocolError:
+                pass
         self.flush()
         for st in list(self._streams.values()):
             self._release(st, grant=False)
