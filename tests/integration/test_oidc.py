@@ -477,8 +477,10 @@ async def test_idp_group_in_policy_controls_reachability_live(tmp_path: Path,
     seen: dict[str, Any] = {"filter": None, "peers": set()}
 
     async def follow(conn: ControlConnection, node_key: bytes) -> None:
+        # Compress as tailscaled asks: the test client decodes zstd frames only.
         req = {"Version": 113, "NodeKey": "nodekey:" + node_key.hex(), "Stream": True,
-               "KeepAlive": True, "DiscoKey": "discokey:" + secrets.token_bytes(32).hex()}
+               "Compress": "zstd", "KeepAlive": True,
+               "DiscoKey": "discokey:" + secrets.token_bytes(32).hex()}
         async for frame in conn.stream_map(json.dumps(req).encode()):
             if "PacketFilter" in frame:
                 seen["filter"] = frame["PacketFilter"]
