@@ -17,7 +17,8 @@ healthy again (without taking anything back). A cycle's verdicts are applied tog
 its last probe ended, so one election sees them all (two routers that come back in the same
 cycle leave the primary where it was). A silence only counts against a session that was
 already there at the previous cycle and has not been replaced since; when one does not count,
-the whole cycle's verdicts are dropped (the next cycle decides on a complete picture). A new
+the cycle's verdicts for the prefixes that router serves are dropped (the next cycle decides
+them on a complete picture), and the other prefixes fail over as usual (`usable_verdicts`). A new
 map session clears the node's unhealthy mark (it just proved it can reach us), and so does
 going offline or announcing no approved route any more (it is no candidate then).
 """
@@ -97,6 +98,28 @@ class PingTracker:
         entry = self._pending.pop(ping_id, None)
         if entry is not None and not entry[1].done():
             entry[1].cancel()
+
+
+def usable_verdicts(ha: Mapping[IPNetwork, Sequence[int]],
+                    verdicts: Mapping[int, Verdict]) -> dict[int, Verdict]:
+    """The verdicts one cycle may apply. A "defer" (a silence that proves nothing yet) holds
+    back every verdict of its router's prefixes, and of prefixes sharing a router with those
+    (a router's health is one mark for all it serves): applying half a group's verdicts could
+    move a primary that the whole picture would keep. Groups without a defer are applied, so
+    a router that reconnects often cannot hold off failover elsewhere."""
+    group: dict[int, int] = {}  # router -> representative router of its group (union-find)
+
+    def root(n: int) -> int:
+        while group.setdefault(n, n) != n:
+            group[n] = group[group[n]]
+            n = group[n]
+        return n
+
+    for routers in ha.values():
+        for other in routers[1:]:
+            group[root(other)] = root(routers[0])
+    held = {root(n) for n, v in verdicts.items() if v == "defer"}
+    return {n: v for n, v in verdicts.items() if v != "defer" and root(n) not in held}
 
 
 class RouteController:
@@ -305,9 +328,8 @@ class RouteController:
             probed.append(nid)
         if not probes:
             return
-        verdicts = dict(zip(probed, await asyncio.gather(*probes), strict=True))
-        if "defer" in verdicts.values():
-            return  # a silence that proves nothing yet: decide next cycle, on all of them
+        verdicts = usable_verdicts(
+            ha, dict(zip(probed, await asyncio.gather(*probes), strict=True)))
         healthy: dict[int, bool] = {}
         for nid, verdict in verdicts.items():
             node = self.tailnet.nodes.get(nid)

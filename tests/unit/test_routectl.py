@@ -13,10 +13,12 @@ import pytest
 
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.expiry import ExpiryWatcher
+from pyheadscale.control.routectl import usable_verdicts
 from pyheadscale.state.changes import ChangeKind, Field
 from tests.unit._statefix import key, open_control
 
 LAN = ipaddress.ip_network("10.1.0.0/24")
+LAN2 = ipaddress.ip_network("10.2.0.0/24")
 POLICY = ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}], '
           '"autoApprovers": {"routes": {"10.1.0.0/16": ["alice@"]}, "exitNode": ["alice@"]}}')
 
@@ -43,12 +45,13 @@ async def router(cp: ControlPlane, i: int, *routes: str) -> int:
     return n.id
 
 
-async def online_routers(cp: ControlPlane, *indexes: int) -> list[int]:
-    """Routers for LAN (approved), each with an open map session and online."""
+async def online_routers(cp: ControlPlane, *indexes: int,
+                         prefix: ipaddress.IPv4Network = LAN) -> list[int]:
+    """Routers for `prefix` (approved), each with an open map session and online."""
     ids = []
     for i in indexes:
-        nid = await router(cp, i, str(LAN))
-        await cp.tailnet.approve_routes(nid, [str(LAN)])
+        nid = await router(cp, i, str(prefix))
+        await cp.tailnet.approve_routes(nid, [str(prefix)])
         cp.tailnet.bus.subscribe(nid)  # an open map session
         await cp.tailnet.set_online(nid, True)
         ids.append(nid)
@@ -173,9 +176,10 @@ async def test_a_cycles_verdicts_elect_once_so_routers_back_together_keep_the_pr
     assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
 
 
-async def test_a_silence_that_proves_nothing_drops_the_whole_cycle(cp: ControlPlane) -> None:
+async def test_a_silence_that_proves_nothing_drops_its_prefixs_verdicts(
+        cp: ControlPlane) -> None:
     """r1 answers while r2 opens a new session and stays silent: the cycle decides nothing
-    (r1 is not made healthy on its own, which would have moved the prefix to it)."""
+    for LAN (r1 is not made healthy on its own, which would have moved the prefix to it)."""
     rc = cp.routes
     r1, r2 = await both_unhealthy_r2_primary(cp)
 
@@ -185,6 +189,43 @@ async def test_a_silence_that_proves_nothing_drops_the_whole_cycle(cp: ControlPl
 
     await asyncio.gather(rc.probe_once(), answer(cp, r1), reconnect_r2())
     assert r1 in rc.primaries.unhealthy
+
+
+def test_a_defer_holds_back_only_the_prefixes_its_router_is_linked_to() -> None:
+    a, b, c = (ipaddress.ip_network(f"10.{i}.0.0/24") for i in (1, 2, 3))
+    d = ipaddress.ip_network("10.4.0.0/24")
+    # 1, 2 serve a; 2, 3 serve b (linked to a through 2); 4, 5 serve c; 6, 7 serve d.
+    ha = {a: [1, 2], b: [2, 3], c: [4, 5], d: [6, 7]}
+    got = usable_verdicts(ha, {1: "defer", 2: "healthy", 3: "unhealthy", 4: "unhealthy",
+                               5: "healthy", 6: "skip", 7: "unhealthy"})
+    assert got == {4: "unhealthy", 5: "healthy", 6: "skip", 7: "unhealthy"}
+    assert usable_verdicts(ha, {3: "defer", 4: "unhealthy"}) == {4: "unhealthy"}
+    assert usable_verdicts(ha, {1: "healthy", 2: "unhealthy"}) == {1: "healthy",
+                                                                   2: "unhealthy"}
+
+
+async def test_a_reconnecting_router_does_not_hold_off_failover_of_another_prefix(
+        cp: ControlPlane) -> None:
+    """r2 (LAN) opens a new session during the cycle, so LAN's verdicts wait; r3, primary
+    for LAN2 and silent on a session seen before, still loses LAN2 to r4 in that cycle."""
+    rc = cp.routes
+    rc.probe_timeout = 0.05
+    tn = cp.tailnet
+    r1, r2 = await online_routers(cp, 1, 2)
+    r3, r4 = await online_routers(cp, 3, 4, prefix=LAN2)
+    assert cp.mapctx.routes_of(r3) == (LAN2,)
+    everyone = (answer(cp, r1), answer(cp, r2), answer(cp, r3), answer(cp, r4))
+    await asyncio.gather(rc.probe_once(), *everyone)  # every session now seen once
+
+    async def reconnect_r2() -> None:
+        await asyncio.sleep(0.01)
+        tn.bus.subscribe(r2)
+
+    # r1 silent too: on its own that would move LAN to r2; deferred, LAN stays put.
+    await asyncio.gather(rc.probe_once(), reconnect_r2(), answer(cp, r4))
+    assert rc.primaries.unhealthy == {r3}
+    assert cp.mapctx.routes_of(r4) == (LAN2,) and cp.mapctx.routes_of(r3) == ()
+    assert cp.mapctx.routes_of(r1) == (LAN,)
 
 
 async def test_a_new_session_of_an_online_node_clears_its_unhealthy_mark(
