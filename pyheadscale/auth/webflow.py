@@ -83,6 +83,14 @@ class Pending:
         return len(self.hostinfo_json)
 
 
+def refusal(reason: str) -> Callable[[asyncio.Future[Any]], None]:
+    """How a refused login answers its waiters."""
+    def refuse(f: asyncio.Future[Any]) -> None:
+        f.set_exception(PermissionError(reason))
+        f.exception()  # mark retrieved: the client may have stopped waiting
+    return refuse
+
+
 class PendingRegistrations:
     """A bounded, expiring map of auth IDs to the registrations waiting on them."""
 
@@ -99,15 +107,19 @@ class PendingRegistrations:
         self._items: OrderedDict[str, Pending] = OrderedDict()
         self._by_machine: dict[bytes, list[Pending]] = {}  # oldest opened first
         self._per_source: dict[str, int] = {}
-        self._deciding: set[bytes] = set()  # machine keys whose login is being registered
+        # Machine keys whose login is being registered -> set when that decision ends.
+        self._deciding: dict[bytes, asyncio.Event] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def _expire(self) -> None:
+        # Not while the machine's login is being decided: the decision answers these URLs'
+        # waiters (it is one database write away), and must find them to do so.
         now = time.monotonic()
-        for auth_id in [a for a, p in self._items.items() if now - p.created > self.expiration_s]:
+        for auth_id in [a for a, p in self._items.items() if now - p.created > self.expiration_s
+                        and p.machine_key not in self._deciding]:
             self._drop(auth_id)
 
     def _remove(self, auth_id: str) -> Pending | None:
@@ -133,13 +145,35 @@ class PendingRegistrations:
             p.done.set_exception(UnknownAuthID(auth_id))
             p.done.exception()  # mark retrieved: nobody may be waiting
 
-    def _evict_one(self, source: str | None = None) -> bool:
-        """Drop the oldest entry (of `source`, if given) that no client is waiting on."""
-        for auth_id, p in self._items.items():
-            if p.waiting == 0 and (source is None or p.source == source):
-                self._drop(auth_id)
-                return True
-        return False
+    def _room(self, closing: list[Pending], source: str, size: int) -> list[Pending]:
+        """The idle entries (nobody waits on them) to evict, oldest first, so that a new
+        entry of `size` bytes from `source` fits once `closing` is closed too; nothing is
+        dropped here. Raises RegistrationRefused when it cannot fit."""
+        gone = {p.auth_id for p in closing}
+        evict: list[Pending] = []
+
+        def pick(src: str | None) -> bool:
+            for p in self._items.values():
+                if p.waiting == 0 and p.auth_id not in gone and (src is None or p.source == src):
+                    gone.add(p.auth_id)
+                    evict.append(p)
+                    return True
+            return False
+
+        # No source: a row mirrored from the instance the client asked, which already
+        # charged its address (the only place it is known); the table-wide caps still hold.
+        held = self._per_source.get(source, 0) - sum(p.source == source for p in closing)
+        if source and held >= self.per_source and not pick(source):
+            raise RegistrationRefused(
+                f"too many pending registrations from {source}; "
+                "complete or wait for the ones already open")
+        freed = [*closing, *evict]
+        entries, used = len(self._items) - len(freed), self.bytes - sum(p.size for p in freed)
+        while entries >= self.max_entries or used + size > self.hostinfo_budget:
+            if not pick(None):
+                raise RegistrationRefused("too many pending registrations; try again later")
+            entries, used = entries - 1, used - evict[-1].size
+        return evict
 
     def add(self, auth_id: str | None = None, *, machine_key: bytes, node_key: bytes,
             hostinfo: Hostinfo, source: str = "", expiry: datetime | None = None,
@@ -154,26 +188,21 @@ class PendingRegistrations:
         if auth_id is not None:
             self._drop(auth_id)
         # The machine's own oldest URL goes first, waited on or not: only the holder of the
-        # machine key can ask in its name, and its tailscaled waits on the newest one. It is
-        # discarded, not just dropped, so that every instance closes it (sharedreg.py).
+        # machine key can ask in its name, and its tailscaled waits on the newest one.
         mine = self._by_machine.get(machine_key, [])
         if opened is not None and len(mine) >= self.per_machine and opened < mine[0].opened:
             raise RegistrationRefused("replaced by newer login URLs of the same machine")
-        while len(mine) >= self.per_machine:
-            if machine_key in self._deciding:  # keep what the login being decided answers
-                raise RegistrationRefused("a login of this machine is being completed; "
-                                          "try again")
-            self.discard(mine[0].auth_id)
-        # No source: a row mirrored from the instance the client asked, which already charged
-        # its address (the only place it is known); the table-wide caps still hold here.
-        if (source and self._per_source.get(source, 0) >= self.per_source
-                and not self._evict_one(source)):
-            raise RegistrationRefused(
-                f"too many pending registrations from {source or 'this address'}; "
-                "complete or wait for the ones already open")
-        while len(self._items) >= self.max_entries or self.bytes + size > self.hostinfo_budget:
-            if not self._evict_one():
-                raise RegistrationRefused("too many pending registrations; try again later")
+        closing = mine[: max(0, len(mine) - self.per_machine + 1)]
+        if closing and machine_key in self._deciding:  # keep what the decision answers
+            raise RegistrationRefused("a login of this machine is being completed; try again")
+        evict = self._room(closing, source, size)
+        # Admitted: only now does anything close, so a refusal costs nobody a URL. The
+        # machine's own are discarded, not just dropped, so every instance closes them
+        # (sharedreg.py).
+        for q in closing:
+            self.discard(q.auth_id)
+        for q in evict:
+            self._drop(q.auth_id)
         p = Pending(auth_id=auth_id or new_auth_id(), machine_key=machine_key,
                     node_key=node_key, hostinfo_json=encoded, created=time.monotonic(),
                     opened=time.time() if opened is None else opened, expiry=expiry,
@@ -208,11 +237,18 @@ class PendingRegistrations:
         p = self.get(auth_id)
         if p.machine_key in self._deciding:
             raise UnknownAuthID(auth_id)
-        self._deciding.add(p.machine_key)
+        ended = self._deciding[p.machine_key] = asyncio.Event()
         try:
             yield self.newest(p)
         finally:
-            self._deciding.discard(p.machine_key)
+            del self._deciding[p.machine_key]
+            ended.set()
+
+    async def decided(self, p: Pending) -> None:
+        """Return once no login of `p`'s machine is being decided on this instance."""
+        ended = self._deciding.get(p.machine_key)
+        if ended is not None:
+            await ended.wait()
 
     def discard(self, auth_id: str) -> None:
         """Forget a registration; whoever waits on it gets a fresh AuthURL."""
@@ -236,18 +272,18 @@ class PendingRegistrations:
 
     def reject(self, auth_id: str, reason: str) -> AuthIDs:
         """Refuse the machine's login: like `complete`, every waiting client is told."""
-        def refuse(f: asyncio.Future[Any]) -> None:
-            f.set_exception(PermissionError(reason))
-            f.exception()  # mark retrieved: the client may have stopped waiting
-        return self._settle(auth_id, refuse)
+        return self._settle(auth_id, refusal(reason))
 
-    def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None]) -> AuthIDs:
+    def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None], *,
+                whole_login: bool = True) -> AuthIDs:
+        """Answer and close `auth_id` and (`whole_login`) every other open URL of its
+        machine."""
         # Gone meanwhile (expired while a decision awaited the database): nothing to answer.
         p = self._items.get(auth_id)
         if p is None:
             return []
         closed = []
-        for q in list(self._by_machine.get(p.machine_key, ())):
+        for q in list(self._by_machine.get(p.machine_key, ())) if whole_login else [p]:
             self._remove(q.auth_id)
             closed.append(q.auth_id)
             if not q.done.done():

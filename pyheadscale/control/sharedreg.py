@@ -26,6 +26,7 @@ from pyheadscale.auth.webflow import (
     PendingRegistrations,
     RegistrationRefused,
     UnknownAuthID,
+    refusal,
 )
 from pyheadscale.db.cluster import ClusterRegistration
 from pyheadscale.gojson import DecodeError
@@ -163,17 +164,19 @@ class SharedPending(PendingRegistrations):
                 super().discard(auth_id)
 
     def _mirror_row(self, row: ClusterRegistration, now: datetime) -> None:
+        # A decision made elsewhere closes this URL only: the deciding instance wrote a row
+        # for every URL of the machine it closed (all it knew, opened no later than the one
+        # it registered). A newer URL it had not seen yet stays open here, whatever the
+        # instances' clocks say: its client waits on it, for a login still to come.
         local = self._local(row.auth_id)
         if row.node_id is not None:
             node = self.tailnet.nodes.get(row.node_id)
             if local is not None and node is not None:
-                with contextlib.suppress(UnknownAuthID):
-                    super().complete(row.auth_id, node)
+                self._settle(row.auth_id, lambda f: f.set_result(node), whole_login=False)
             return
         if row.error is not None:
             if local is not None:
-                with contextlib.suppress(UnknownAuthID):
-                    super().reject(row.auth_id, row.error)
+                self._settle(row.auth_id, refusal(row.error), whole_login=False)
             return
         if local is not None or row.expires_at is None or row.expires_at <= now:
             return

@@ -69,11 +69,19 @@ class WebAuth:
     async def _wait(self, p: Pending, resp: ResponseStream) -> None:
         # Held until decided, or until the registration expires: then the waiting client is
         # answered at once with a fresh AuthURL (as Headscale's cache eviction does), instead
-        # of waiting on a URL that no longer works.
+        # of waiting on a URL that no longer works. Expiring while a person is completing
+        # this login, it waits for that decision instead: the client then gets its node (or
+        # the refusal), not a new URL to open for a login that just went through.
         left = p.created + self.pending.expiration_s - time.monotonic()
         try:
             with self.pending.waiting(p):
-                node: Node = await asyncio.wait_for(asyncio.shield(p.done), max(left, 0.0))
+                try:
+                    node: Node = await asyncio.wait_for(asyncio.shield(p.done), max(left, 0.0))
+                except TimeoutError:
+                    await self.pending.decided(p)
+                    if not p.done.done():
+                        raise
+                    node = p.done.result()
         except (UnknownAuthID, TimeoutError):
             if not p.done.done():  # timed out: expire it everywhere, like the lazy sweep
                 self.pending.discard(p.auth_id)

@@ -299,6 +299,46 @@ async def test_completing_one_url_answers_the_machines_other_url_on_another_inst
     assert len(pa) == len(pb) == 0
 
 
+async def test_a_completion_mirrored_elsewhere_leaves_newer_urls_open(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    a, b = pair
+    uid, _ = await _user_and_key(a)
+    pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
+    first = pa.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": "tabs"})
+    await pa.publish(first)
+    await b.catch_up()
+    await _settle(pb)
+    with pa.deciding(first.auth_id) as newest:
+        node = await a.register_for_user(key(7), newest.node_key, uid, newest.hostinfo)
+        # Meanwhile two more `tailscale up` runs reach b, which a has not seen yet: one
+        # stamped by a clock behind a's (it looks older than the first), one not.
+        later = [pb.add(machine_key=key(7), node_key=key(9 + i), hostinfo={"Hostname": "tabs"},
+                        opened=first.opened + skew) for i, skew in enumerate((-30.0, 1.0))]
+        for p in later:
+            await pb.publish(p)
+    assert pa.complete(first.auth_id, node) == [first.auth_id]
+    await _settle(pa)
+    await b.catch_up()
+    await _settle(pb)
+    # b closes the URL a decided, and only that one: the newer ones wait for their login.
+    with pytest.raises(UnknownAuthID):
+        pb.get(first.auth_id)
+    assert [pb.get(p.auth_id) for p in later] == later
+    assert not any(p.done.done() for p in later)
+    # Once a has seen both, rejecting one refuses the machine's login: a closes both, and
+    # so does b (a wrote both rows).
+    await a.catch_up()
+    await _settle(pa)
+    assert sorted(pa.reject(later[1].auth_id, "no")) == sorted(p.auth_id for p in later)
+    await _settle(pa)
+    await b.catch_up()
+    await _settle(pb)
+    with pytest.raises(PermissionError):
+        later[1].done.result()
+    with pytest.raises(PermissionError):
+        later[0].done.result()
+
+
 async def test_a_machines_oldest_url_closes_on_every_instance(
         pair: tuple[Tailnet, Tailnet]) -> None:
     a, b = pair

@@ -113,6 +113,27 @@ async def test_no_url_of_a_machine_closes_while_its_login_is_decided() -> None:
     assert first.done.result() == second.done.result() == "node" and len(t) == 0
 
 
+async def test_a_refused_request_closes_none_of_the_machines_urls() -> None:
+    """The machine's oldest URL makes room for a newer one only once that one is admitted:
+    a request refused by another check costs the machine nothing."""
+    t = table(per_machine=2, per_source=2, max_entries=100, hostinfo_budget=1000)
+    old, new = (t.add(machine_key=mk(1), node_key=mk(10 + i), hostinfo={}, source="a")
+                for i in range(2))
+    with pytest.raises(RegistrationRefused):  # too large for the table, whatever goes
+        t.add(machine_key=mk(1), node_key=mk(12), hostinfo={"Hostname": "h" * 2000},
+              source="a")
+    busy = [t.add(machine_key=mk(20 + i), node_key=mk(1), hostinfo={}, source="b")
+            for i in range(2)]
+    with t.waiting(busy[0]), t.waiting(busy[1]):
+        with pytest.raises(RegistrationRefused):  # its address is over quota, all waited on
+            t.add(machine_key=mk(1), node_key=mk(12), hostinfo={}, source="b")
+    assert t.list() == [old, new, *busy] and not old.done.done()
+    newest = t.add(machine_key=mk(1), node_key=mk(12), hostinfo={}, source="a")
+    assert t.list() == [new, *busy, newest] and t.newest(new) is newest
+    with pytest.raises(UnknownAuthID):
+        old.done.result()
+
+
 async def test_a_source_over_its_quota_loses_its_own_oldest_idle_entry() -> None:
     t = table(per_source=2)
     other = t.add(machine_key=mk(100), node_key=mk(1), hostinfo={}, source="user")
