@@ -17,7 +17,7 @@ from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
-from pyheadscale.mapper.encode import KEEPALIVE, encode_frame, plain_frame
+from pyheadscale.mapper.encode import KEEPALIVE, encode_frame, plain_pieces
 from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import KnownPeers, PeerCache
 from pyheadscale.mapper.snapshot import Snapshot
@@ -74,7 +74,8 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
         frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
         await resp.start(200, [("content-type", "application/json")])
-        await resp.end(frame if mr.compress == "zstd" else plain_frame(frame))
+        await send_frame(resp, frame, zstd=mr.compress == "zstd")
+        await resp.end()
         return
 
     # Subscribe before building the full map so no change falls between the two.
@@ -167,13 +168,24 @@ async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Sub
 
 async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: int,
                       zstd: bool = True) -> None:
-    """Write one map frame, counted as Headscale's mapresponse_sent (status, type); inflated
-    for a client that did not ask for zstd."""
-    frame = frame if zstd else plain_frame(frame)
+    """Write one map frame, counted as Headscale's mapresponse_sent (status, type)."""
     try:
-        await resp.write(frame)
+        sent = await send_frame(resp, frame, zstd=zstd)
     except (StreamGone, ConnectionError):
         metrics.frame_sent(kind, node_id, ok=False)
         raise
     metrics.frame_sent(kind, node_id)
-    trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=len(frame)))
+    trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=sent))
+
+
+async def send_frame(resp: ResponseStream, frame: bytes, *, zstd: bool) -> int:
+    """Write ``frame`` as it is, or inflated for a client that did not ask for zstd (a piece
+    at a time: each write waits for the client's flow-control window). Returns the bytes."""
+    if zstd:
+        await resp.write(frame)
+        return len(frame)
+    sent = 0
+    for piece in plain_pieces(frame):
+        await resp.write(piece)
+        sent += len(piece)
+    return sent

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -23,11 +24,13 @@ import zstandard
 from pyheadscale.tailcfg import dumps
 
 __all__ = ["KEEPALIVE", "FrameError", "compress", "compress_json", "decode_frame", "encode_frame",
-           "encode_json", "plain_frame", "to_plain"]
+           "encode_json", "plain_pieces", "to_plain"]
 
 # Fast level: frames are sent once and decoded once; latency beats ratio here.
 _LEVEL = 1
 _MAX_FRAME = 64 << 20  # a sanity bound for decode_frame (tests, debugging)
+_MAX_PLAIN = 0xFFFFFFFF  # the most an uncompressed frame's u32 length prefix can say
+_PLAIN_PIECE = 1 << 20  # an uncompressed frame is inflated and sent this much at a time
 # SrcIPs lists with at least this many entries are shared (shorter ones cost less inline
 # than a zstd frame of their own).
 SHARED_MIN = 64
@@ -198,12 +201,35 @@ def decode_frame(frame: bytes) -> tuple[Any, bytes]:
     return orjson.loads(raw), rest
 
 
-def plain_frame(frame: bytes) -> bytes:
+def _pieces(body: bytes) -> Iterator[bytes]:
+    """The JSON of ``body`` (zstd frames back to back), inflated a piece at a time."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as r:
+            while piece := r.read(_PLAIN_PIECE):
+                yield piece
+    except zstandard.ZstdError as e:
+        raise FrameError(f"not a zstd frame: {e}") from None
+
+
+def plain_pieces(frame: bytes) -> Iterator[bytes]:
     """``frame`` (one frame) uncompressed, for a client whose MapRequest does not ask for zstd
-    (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Frames are
-    built compressed once for every viewer; such clients are few, so they pay the inflate."""
-    raw, _ = _inflate(frame)
-    return struct.pack("<I", len(raw)) + raw
+    (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Yields the
+    length prefix, then the JSON in pieces of at most 1 MiB. Frames are built compressed once
+    for every viewer; such clients are few, so they pay the inflate, twice (once to learn the
+    length the prefix needs, once to send): a first map of a large tailnet inflates to
+    hundreds of MiB, and no more than a piece of it is ever held here, however the client
+    reads. Raises FrameError (before yielding anything) for what no prefix can frame."""
+    if len(frame) < 4:
+        raise FrameError("frame shorter than its length prefix")
+    (n,) = struct.unpack_from("<I", frame)
+    if len(frame) != 4 + n:
+        raise FrameError(f"frame claims {n} bytes, {len(frame) - 4} available")
+    body = frame[4:]
+    size = sum(len(piece) for piece in _pieces(body))
+    if not size or size > _MAX_PLAIN:
+        raise FrameError(f"frame decodes to {size} bytes")
+    yield struct.pack("<I", size)
+    yield from _pieces(body)
 
 
 def to_plain(resp: Any) -> Any:
