@@ -214,7 +214,7 @@ def _pieces(body: bytes) -> Iterator[bytes]:
 def plain_pieces(frame: bytes) -> Iterator[bytes]:
     """``frame`` (one frame) uncompressed, for a client whose MapRequest does not ask for zstd
     (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Yields the
-    length prefix, then the JSON in pieces of at most 1 MiB. Frames are built compressed once
+    length prefix and the JSON in pieces of at most 1 MiB (the prefix with the first). Frames are built compressed once
     for every viewer; such clients are few, so they pay the inflate, twice (once to learn the
     length the prefix needs, once to send): a first map of a large tailnet inflates to
     hundreds of MiB, and no more than a piece of it is ever held here, however the client
@@ -228,8 +228,10 @@ def plain_pieces(frame: bytes) -> Iterator[bytes]:
     size = sum(len(piece) for piece in _pieces(body))
     if not size or size > _MAX_PLAIN:
         raise FrameError(f"frame decodes to {size} bytes")
-    yield struct.pack("<I", size)
-    yield from _pieces(body)
+    pieces = _pieces(body)
+    # The prefix rides with the first piece: a frame of up to a piece is one write.
+    yield struct.pack("<I", size) + next(pieces, b"")
+    yield from pieces
 
 
 def to_plain(resp: Any) -> Any:
