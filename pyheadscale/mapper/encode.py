@@ -201,7 +201,7 @@ def decode_frame(frame: bytes) -> tuple[Any, bytes]:
     return orjson.loads(raw), rest
 
 
-def _pieces(body: bytes) -> Iterator[bytes]:
+def _pieces(body: memoryview) -> Iterator[bytes]:
     """The JSON of ``body`` (zstd frames back to back), inflated a piece at a time."""
     try:
         with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as r:
@@ -214,17 +214,18 @@ def _pieces(body: bytes) -> Iterator[bytes]:
 def plain_pieces(frame: bytes) -> Iterator[bytes]:
     """``frame`` (one frame) uncompressed, for a client whose MapRequest does not ask for zstd
     (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Yields the
-    length prefix and the JSON in pieces of at most 1 MiB (the prefix with the first). Frames are built compressed once
-    for every viewer; such clients are few, so they pay the inflate, twice (once to learn the
-    length the prefix needs, once to send): a first map of a large tailnet inflates to
-    hundreds of MiB, and no more than a piece of it is ever held here, however the client
-    reads. Raises FrameError (before yielding anything) for what no prefix can frame."""
+    length prefix and the JSON in pieces of at most 1 MiB (the prefix with the first).
+    Frames are built compressed once for every viewer; such clients are few, so they pay
+    the inflate, twice (once to learn the length the prefix needs, once to send): a first
+    map of a large tailnet inflates to hundreds of MiB, and no more than a piece of it is
+    ever held here, however the client reads. Raises FrameError (before yielding anything)
+    for what no prefix can frame."""
     if len(frame) < 4:
         raise FrameError("frame shorter than its length prefix")
     (n,) = struct.unpack_from("<I", frame)
     if len(frame) != 4 + n:
         raise FrameError(f"frame claims {n} bytes, {len(frame) - 4} available")
-    body = frame[4:]
+    body = memoryview(frame)[4:]  # no copy of a large frame
     size = sum(len(piece) for piece in _pieces(body))
     if not size or size > _MAX_PLAIN:
         raise FrameError(f"frame decodes to {size} bytes")
