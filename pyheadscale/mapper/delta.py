@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pyheadscale.idblocks import IdBlocks
 from pyheadscale.mapper.context import MapContext, visible_ids
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
@@ -170,6 +171,29 @@ def route_nodes(nodes: Mapping[int, Node]) -> frozenset[int]:
     return frozenset(i for i, n in nodes.items() if n.approved_routes)
 
 
+def _reconcile_sets(vis: AbstractSet[int] | None, viewer: Node, node_map: Mapping[int, Node],
+                    ctx: MapContext, known: KnownPeers, routers: AbstractSet[int] | None,
+                    touched: AbstractSet[int], changed_ids: set[int],
+                    removed: set[int]) -> tuple[Iterable[int], list[int]]:
+    """The viewer's whole peer set against what it holds, with set operations (it may be
+    every node): fills changed_ids (newly visible) and removed; returns the held peers
+    whose view must be checked and the touched held peers."""
+    visible = (node_map.keys() - {viewer.id}) if vis is None else vis & node_map.keys()
+    known_ids = known.ids()
+    removed.update(known_ids - visible)
+    changed_ids.update(visible - known_ids)
+    # Peers whose view (routes for this viewer, hidden IPv4) may have changed: those
+    # with routes, those sent with a non-plain view, or all when IPv4 is hidden anywhere.
+    held = known_ids & visible
+    if ctx.ipv4_disabled:
+        check: Iterable[int] = held
+    else:
+        if routers is None:
+            routers = route_nodes(node_map)
+        check = (held & routers) | (held & known.non_plain())
+    return check, sorted((touched & held) - changed_ids)
+
+
 def delta_into(
     b: BatchView,
     node_map: Mapping[int, Node],
@@ -206,25 +230,27 @@ def delta_into(
     removed: set[int] = set()
     patches: list[dict[str, Any]] = []
     if reconcile_all:
-        # The viewer's whole peer set, with set operations (it may be every node).
         vis = visible_ids(ctx.policy, viewer, node_map)
-        visible = (node_map.keys() - {viewer.id}) if vis is None else vis & node_map.keys()
-        known_ids = known.ids()
-        removed = known_ids - visible
-        changed_ids = visible - known_ids
-        # Peers whose view (routes for this viewer, hidden IPv4) may have changed: those
-        # with routes, those sent with a non-plain view, or all when IPv4 is hidden anywhere.
-        held = known_ids & visible
-        if ctx.ipv4_disabled:
-            check: Iterable[int] = held
-        else:
+        if isinstance(vis, IdBlocks) and not ctx.ipv4_disabled:
+            # The policy's own blocks, over exactly node_map's IDs: diffed against what the
+            # stream holds a block at a time, so an unchanged peer set costs O(blocks).
+            added, gone = known.diff(vis)
+            changed_ids.update(added)
+            removed.update(gone)
             if routers is None:
                 routers = route_nodes(node_map)
-            check = (held & routers) | (held & known.non_plain())
+            check: Iterable[int] = [p for p in (*routers, *known.non_plain())
+                                    if p in vis and p in known]
+            candidates: Iterable[int] = sorted(
+                p for p in touched if p in vis and p in known and p not in changed_ids)
+        else:
+            check, candidates = _reconcile_sets(vis, viewer, node_map, ctx, known, routers,
+                                                touched, changed_ids, removed)
         for pid in check:
             if known[pid] != peer_view(viewer, node_map[pid], ctx):
                 changed_ids.add(pid)  # the policy now gives this viewer other routes of it
-        candidates: Iterable[int] = sorted((touched & held) - changed_ids)
+        if check:
+            candidates = [p for p in candidates if p not in changed_ids]
     else:
         candidates = sorted(touched)
     can_see = ctx.policy.can_see

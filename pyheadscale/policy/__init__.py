@@ -12,6 +12,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from pyheadscale.gotext import goquote
+from pyheadscale.idblocks import IdBlocks
 from pyheadscale.policy.autoapprove import AutoApprover
 from pyheadscale.policy.checks import run_policy_tests
 from pyheadscale.policy.compile import (
@@ -22,10 +23,6 @@ from pyheadscale.policy.compile import (
     Resolver,
     can_access,
     compile_node_attrs,
-    global_rules,
-    has_per_node_grants,
-    node_rules,
-    reduce_rules,
     via_app_pairs,
 )
 from pyheadscale.policy.errors import PolicyError, PolicyTestError
@@ -34,6 +31,12 @@ from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
 from pyheadscale.policy.memo import CompileMemo
 from pyheadscale.policy.model import Alias, Policy
+from pyheadscale.policy.noderules import (
+    global_rules,
+    has_per_node_grants,
+    node_rules,
+    reduce_rules,
+)
 from pyheadscale.policy.parse import parse_policy
 from pyheadscale.policy.routes import RouteSteering
 from pyheadscale.policy.ssh import (
@@ -188,7 +191,7 @@ class PolicyManager:
         self._steering: RouteSteering | None = None
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
-        self._peers: dict[int, frozenset[int]] = {}
+        self._peers: dict[int, IdBlocks] = {}
 
     def _evaluation(self) -> Evaluation:
         """The snapshot's evaluation index, built on first use after each recompute."""
@@ -322,10 +325,9 @@ class PolicyManager:
             a = self._info(viewer)
             ma = self._node_matchers(a)
             return {o.id for o in self._infos if o.id != a.id and self._visible(a, o, ma)}
-        out = self._peer_set(info)
-        return out - {info.id} if info.id in out else out
+        return self._peer_set(info).without(info.id)
 
-    def _peer_set(self, info: NodeInfo) -> frozenset[int]:
+    def _peer_set(self, info: NodeInfo) -> IdBlocks:
         """Evaluation.peer_set, cached: may hold the node itself; shared between nodes."""
         out = self._peers.get(info.id)
         if out is None:
@@ -347,14 +349,17 @@ class PolicyManager:
 
     def peer_ids(self, viewer: Node, nodes: Mapping[int, Node]) -> AbstractSet[int]:
         """The mapper's PeerIndex: everything in ``nodes`` ``viewer`` may see, from the cached
-        peer set (plus a pairwise look at nodes this snapshot does not have yet)."""
+        peer set (plus a pairwise look at nodes this snapshot does not have yet). When
+        ``nodes`` are the snapshot's nodes (the usual case: the policy follows every node
+        change), the answer is the shared IdBlocks the mapper diffs a block at a time."""
         if viewer.id not in self._by_id:
             return {i for i, n in nodes.items() if self.can_see(viewer, n)}
         out = self.peers(viewer)
+        if nodes.keys() == self._by_id.keys():
+            return out
+        # Not the snapshot's nodes: a plain set (callers intersect it with theirs).
         extra = nodes.keys() - self._by_id.keys()
-        if extra:
-            out = out | {i for i in extra if self.can_see(viewer, nodes[i])}
-        return out
+        return set(out) | {i for i in extra if self.can_see(viewer, nodes[i])}
 
     def can_see(self, viewer: Node, peer: Node) -> bool:
         if viewer.id == peer.id:

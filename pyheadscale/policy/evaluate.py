@@ -22,16 +22,15 @@ import bisect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pyheadscale.idblocks import SHIFT, IdBlocks, blocks_of
 from pyheadscale.policy.compile import (
     CompiledGrant,
     Matcher,
     NodeInfo,
     Resolver,
-    _reduce_cap_rule,
-    _self_rules,
-    _via_rules,
 )
 from pyheadscale.policy.ipset import THE_INTERNET, IPNetwork, IPSet, parse_wire
+from pyheadscale.policy.noderules import reduce_cap_rule, self_rules, via_rules
 
 Rule = dict[str, Any]
 # A rule's position in node_rules order: (grant index, 0 for the grant's own rules and
@@ -187,6 +186,45 @@ def _mask_of(positions: Iterable[int]) -> int:
     return int.from_bytes(bits, "little")
 
 
+class _MaskToIds:
+    """Snapshot-position bitmasks -> ID blocks. Positions follow the node list, whose IDs
+    mostly ascend in runs (1, 2, 3, ... with gaps where nodes were deleted): each run is one
+    shift of the mask, so a set costs O(N / 64) word operations, not one step per peer."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = list(ids)
+        runs: list[tuple[int, int, int]] = []  # (first position, length, first ID)
+        for pos, nid in enumerate(self.ids):
+            if runs and runs[-1][2] + runs[-1][1] == nid and runs[-1][0] + runs[-1][1] == pos:
+                p0, n, i0 = runs[-1]
+                runs[-1] = (p0, n + 1, i0)
+            else:
+                runs.append((pos, 1, nid))
+        top = max(self.ids, default=0)
+        # Shifts pay off while the runs are few and the ID range is not much wider than the
+        # node count (an int over IDs costs the highest ID in bits).
+        self.runs = runs if len(runs) <= 64 and top <= 8 * len(self.ids) + 4096 else None
+
+    def __call__(self, mask: int) -> IdBlocks:
+        if self.runs is None:
+            ids = self.ids
+            return IdBlocks(blocks_of(ids[j] for j in _bits(mask)))
+        acc = 0
+        for p0, n, i0 in self.runs:
+            part = (mask >> p0) & ((1 << n) - 1)
+            if part:
+                acc |= part << i0
+        width = 1 << (SHIFT - 3)  # bytes per block
+        raw = acc.to_bytes((acc.bit_length() + 8 * width - 1) // (8 * width) * width, "little")
+        blocks: dict[int, int] = {}
+        zero = bytes(width)
+        for b in range(len(raw) // width):
+            chunk = raw[b * width:(b + 1) * width]
+            if chunk != zero:
+                blocks[b] = int.from_bytes(chunk, "little")
+        return IdBlocks(blocks)
+
+
 def _bits(mask: int) -> list[int]:
     s = bin(mask)[:1:-1]
     return [i for i, c in enumerate(s) if c == "1"]
@@ -265,9 +303,11 @@ class Evaluation:
             rm = _mask_of(self.pos_of[rid] for rid in routers if rid in self.pos_of)
             self._via.append((sm, rm))
         self._sig_masks: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-        self._mask_ids: dict[int, frozenset[int]] = {}
+        self._mask_ids: dict[int, IdBlocks] = {}
+        self._to_ids = _MaskToIds(self._ids)
         self._classes: dict[Any, _Class] | None = None
         self._dest_pos_cache: dict[int, dict[int, Pos]] = {}
+        self._by_hits: dict[tuple[int, ...], list[Rule]] = {}
         self._class_of: list[Any] = []
         self._route_users: dict[IPNetwork, int] = {}
 
@@ -277,7 +317,7 @@ class Evaluation:
         out: list[tuple[Pos, Rule]] = []
         for gi, g in self.grants:
             rules = (
-                _self_rules(g, node, self.res) if g.category == "self" else _via_rules(g, node)
+                self_rules(g, node, self.res) if g.category == "self" else via_rules(g, node)
             )
             out.extend(((gi, 1, j), r) for j, r in enumerate(rules))
         return out
@@ -297,12 +337,38 @@ class Evaluation:
         """reduce_rules(node, node_rules(...)) for a snapshot node."""
         # group -> [first position, first rule, served DstPorts]; the DstPorts come in
         # entry order, which is node_rules order for the global pieces.
+        hits = tuple(sorted(self.index.hits(node)))
+        extras = self._extra_pieces(node) if self.grants else []
+        caps = self._caps(node)
+        if not extras and not caps:
+            # The filter then follows from the entries served alone: nodes serving the same
+            # ones (most nodes of a user or tag) share one list, built once.
+            shared = self._by_hits.get(hits)
+            if shared is None:
+                shared = self._by_hits[hits] = self._filter_of(hits, node, [], [])
+            return shared
+        return self._filter_of(hits, node, caps, extras)
+
+    def _caps(self, node: NodeInfo) -> list[tuple[Pos, Rule]]:
+        caps: list[tuple[Pos, Rule]] = []
+        for pi, dsts in self.cap_pieces:
+            if dsts.contains_any(node.ips) or any(
+                dsts._overlaps_range(lo, hi) for lo, hi in node.route_ranges
+            ):
+                pos, rule = self.pieces[pi]
+                reduced = reduce_cap_rule(node, rule)
+                if reduced is not None:
+                    caps.append((pos, reduced))
+        return caps
+
+    def _filter_of(self, hits: Sequence[int], node: NodeInfo, caps: list[tuple[Pos, Rule]],
+                   extras: list[tuple[Pos, Rule]]) -> list[Rule]:
         groups: dict[Any, list[Any]] = {}
         entries = self.entries
         pieces = self.pieces
         piece_group = self.piece_group
         group_first = self.group_first
-        for eid in sorted(self.index.hits(node)):
+        for eid in hits:
             pi, dp = entries[eid]
             gid = piece_group[pi]
             g = groups.get(gid)
@@ -310,16 +376,6 @@ class Evaluation:
                 groups[gid] = [group_first[gid], pieces[pi][1], [dp]]
             else:
                 g[2].append(dp)
-        caps: list[tuple[Pos, Rule]] = []
-        for pi, dsts in self.cap_pieces:
-            if dsts.contains_any(node.ips) or any(
-                dsts._overlaps_range(lo, hi) for lo, hi in node.route_ranges
-            ):
-                pos, rule = pieces[pi]
-                reduced = _reduce_cap_rule(node, rule)
-                if reduced is not None:
-                    caps.append((pos, reduced))
-        extras = self._extra_pieces(node) if self.grants else []
         if extras:
             self._merge_extras(node, groups, caps, extras)
         out: list[tuple[Pos, Rule]] = list(caps)
@@ -341,7 +397,7 @@ class Evaluation:
         seq = 0
         for pos, rule in extras:
             if rule.get("CapGrant"):
-                reduced = _reduce_cap_rule(node, rule)
+                reduced = reduce_cap_rule(node, rule)
                 if reduced is not None:
                     caps.append((pos, reduced))
                 continue
@@ -384,10 +440,12 @@ class Evaluation:
 
     # ------------------------------------------------------------------ peers
 
-    def peer_set(self, node: NodeInfo) -> frozenset[int]:
+    def peer_set(self, node: NodeInfo) -> IdBlocks:
         """The IDs of the nodes ``node`` sees, possibly with its own: nodes in the same
         position towards the rules (most nodes of one user, of one tag set) share one set, so
-        a tailnet holds few of them instead of one per node."""
+        a tailnet holds few of them instead of one per node. Kept as ID blocks (a few ints),
+        never as one int object per peer: viewers' sets differ on a large tailnet, and N sets
+        of N ints is gigabytes at 10,000 nodes."""
         i = self.pos_of[node.id]
         sig = (tuple(self._src_of[i]), tuple(self._dst_of[i]))
         mask = self._sig_masks.get(sig)
@@ -408,14 +466,12 @@ class Evaluation:
             mask |= self._class_peers(i, bit)
         out = self._mask_ids.get(mask)
         if out is None:
-            ids = self._ids
-            out = self._mask_ids[mask] = frozenset(ids[j] for j in _bits(mask))
+            out = self._mask_ids[mask] = self._to_ids(mask)
         return out
 
-    def peers(self, node: NodeInfo) -> frozenset[int]:
+    def peers(self, node: NodeInfo) -> IdBlocks:
         """The IDs of the nodes ``node`` sees (never its own)."""
-        out = self.peer_set(node)
-        return out - {node.id} if node.id in out else out
+        return self.peer_set(node).without(node.id)
 
     # ------------------------------------------------------------------ routes
 

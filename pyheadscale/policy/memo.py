@@ -47,7 +47,10 @@ class CompileMemo:
             res.adopt_renderings(self._res, _KEEP_STRINGS)
         self._res = res
         out = []
-        for i, g in enumerate(policy_grants(pol)):
+        grants = policy_grants(pol)
+        for i in [i for i in self._grants if i >= len(grants)]:
+            del self._grants[i]  # a shorter policy: its old tail would pin dead rules
+        for i, g in enumerate(grants):
             sig = grant_signature(g, res)
             hit = self._grants.get(i)
             if hit is not None and hit[0] == sig:

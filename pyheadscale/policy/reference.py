@@ -14,11 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pyheadscale.policy import PolicyManager
-from pyheadscale.policy.compile import (
-    Matcher,
-    NodeInfo,
-    reduce_rules,
-)
+from pyheadscale.policy.compile import Matcher, NodeInfo
+from pyheadscale.policy.noderules import reduce_rules
 from pyheadscale.state.model import IPNetwork, Node
 
 
