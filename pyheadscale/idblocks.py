@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from typing import TypeVar
 
 __all__ = ["BLOCK", "FULL", "LOW", "SHIFT", "IdBlocks", "blocks_of", "offsets"]
+
+_T = TypeVar("_T")
 
 BLOCK = 128  # node IDs per block of bits
 SHIFT = BLOCK.bit_length() - 1
@@ -57,8 +60,9 @@ class IdBlocks(AbstractSet[int]):
         return cls(blocks_of(ids))
 
     @classmethod
-    def _from_iterable(cls, it: Iterable[int]) -> IdBlocks:
-        return cls.of(it)
+    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
+        # What set algebra (|, &, -) on an IdBlocks returns: a plain frozenset.
+        return frozenset(it)
 
     def __contains__(self, pid: object) -> bool:
         if not isinstance(pid, int) or pid < 0:
