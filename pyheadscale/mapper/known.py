@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, KeysView, Mapping, MutableMapping
 from typing import NamedTuple
 
-from pyheadscale.idblocks import BLOCK, LOW, SHIFT, IdBlocks, offsets
+from pyheadscale.idblocks import BLOCK, LOW, SHIFT, IdBlocks, blocks_of, offsets
 from pyheadscale.state.model import IPNetwork
 
 __all__ = ["BLOCK", "PLAIN_VIEW", "KnownPeers", "PeerView", "block_bits", "plain_blocks"]
@@ -51,11 +51,7 @@ def block_bits(ids: Iterable[int]) -> int:
 def plain_blocks(ids: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """``ids`` as (block, bits) pairs for ``KnownPeers.add_plain_blocks``: worked out once
     for a batch, then applied to every viewer with a dict operation per block."""
-    blocks: dict[int, int] = {}
-    for pid in ids:
-        block = pid >> _SHIFT
-        blocks[block] = blocks.get(block, 0) | 1 << (pid & _LOW)
-    return tuple(blocks.items())
+    return tuple(blocks_of(ids).items())
 
 
 _offsets = offsets
