@@ -127,15 +127,15 @@ class PeerRuns:
         """The shared run, or None when a member's entry depends on the viewer (routes)."""
         ctx, now, cache = snap.ctx, snap.now, snap.cache
         members = list(map(snap.nodes.__getitem__, run_ids))
-        if any(n.approved_routes for n in members):
-            return None
         run = self._runs.get((block, legacy))
         # Node objects are replaced on every change, so an equal member list (identity
-        # first, element by element) means unchanged members.
+        # first, element by element) means unchanged members (a cached run has no router).
         if (run is not None and run.members == members
                 and (run.valid_until is None or now < run.valid_until)):
             self.reused += 1
             return run
+        if any(n.approved_routes for n in members):
+            return None
         self.built += 1
         ahead = [n.expiry for n in members if n.expiry is not None and n.expiry > now]
         run = _Run(members,

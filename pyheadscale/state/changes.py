@@ -10,8 +10,8 @@ so the mapper can build and encode a delta once for all viewers that are in the 
 situation). While a window's fan-out is still being worked through (sessions building and
 writing their frames), the next window stays open at least STRETCH times as long as that
 fan-out took: in a storm (thousands of nodes joining) frames per session stay bounded and the
-map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change
-after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
+map sessions get about a quarter of the CPU (the joins the rest) however many there are,
+while a lone change after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
 subscribers: its bounded buffer collapses to a single FULL change when it overflows.
 """
 
@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
 # The next window lasts at least STRETCH x the time the last fan-out took, but never longer
-# than MAX_STRETCH x the configured delay: that bounds what one change waits in a storm.
+# than MAX_WINDOW x the configured delay: that bounds what one change waits in a storm.
 # 3: in a storm every window's fan-out is worth ~1/4 of the time (1: ~1/2; the fan-out is
-# as many frames as sessions, so this is what bounds frames per node and their CPU).
+# as many frames as sessions, so this is what bounds frames per node and their CPU). The
+# bound must grow with the fan-out: with a fixed 2 s one, a fan-out of ~1 s (10,000
+# sessions, or a slower machine) made windows shorter than 3x, and past 2 s fan-outs ran
+# back to back, so frames per node (and CPU per join) grew with the tailnet.
 STRETCH = 3.0
+# While a fan-out is still being written the next window waits for it, at most
+# MAX_STRETCH x the delay or (1 + STRETCH) x the last complete fan-out, whichever is longer
+# (within MAX_WINDOW): a stuck session cannot hold every other one for longer.
 MAX_STRETCH = 20
+MAX_WINDOW = 100
+MERGES_KEPT = 32  # backlogs whose merged batch is kept for other sessions behind alike
 
 
 class ChangeKind(enum.Enum):
@@ -122,7 +130,8 @@ def coalesce(changes: Iterable[Change]) -> list[Change]:
 class Subscription:
     """One node's feed. `async for batch in sub` yields coalesced lists of changes.
 
-    A batch taken while nothing else was waiting is the bus's shared list: do not mutate it.
+    A batch is shared with other subscribers (the bus's list, or the merged list of a backlog
+    others have too): do not mutate it.
     """
 
     def __init__(self, bus: ChangeBus, node_id: int, max_buffer: int) -> None:
@@ -188,7 +197,7 @@ class Subscription:
         self._event.clear()
         self._took = self._owes
         # One batch is taken as delivered: the shared list, already coalesced.
-        return batches[0] if len(batches) == 1 else coalesce(c for b in batches for c in b)
+        return batches[0] if len(batches) == 1 else self.bus._merged(batches)
 
 
 class ChangeBus:
@@ -205,6 +214,9 @@ class ChangeBus:
         self.flushes = 0  # windows closed (batches handed out)
         self._pending: list[Change] = []  # broadcast changes of the open window
         self._targeted: dict[int, list[Change]] = {}  # node id -> its own changes
+        # Sessions opened during the open window: node id -> how many of its broadcast and
+        # own changes were published before (those it does not get).
+        self._joined: dict[int, tuple[int, int]] = {}
         self._opened_at = 0.0  # monotonic time the open window began
         self._timer: asyncio.TimerHandle | None = None
         # The last fan-out: when it began, how many subscribers have not come back for
@@ -214,20 +226,46 @@ class ChangeBus:
         self._outstanding = 0
         self._fanout_end = 0.0
         self.last_fanout_s = 0.0
+        # Backlogs merged lately: key the batches' ids -> (the batches, their merged list).
+        self._merges: dict[tuple[int, ...], tuple[list[list[Change]], list[Change]]] = {}
 
     def window(self) -> float:
         """How long the next window stays open at least, measured from the end of the last
         fan-out: the configured delay, or the last fan-out's duration (x STRETCH, capped)
         when that was longer. Measured from its first change a window never closes before
         the configured delay either."""
-        stretch = min(STRETCH * self.last_fanout_s, MAX_STRETCH * self.batch_delay)
+        stretch = min(STRETCH * self.last_fanout_s, MAX_WINDOW * self.batch_delay)
         return max(self.batch_delay, stretch)
+
+    def _held_at_most(self) -> float:
+        """How long after a fan-out began the next window waits for it at most."""
+        held = max(MAX_STRETCH * self.batch_delay, (1 + STRETCH) * self.last_fanout_s)
+        return min(held, MAX_WINDOW * self.batch_delay)
+
+    def _merged(self, batches: list[list[Change]]) -> list[Change]:
+        """Several batches a subscriber fell behind by, coalesced into one list. In a storm
+        many sessions fall behind by the same batches: they get the same list object, so the
+        mapper still builds and encodes their delta once instead of once per session."""
+        key = tuple(map(id, batches))
+        got = self._merges.get(key)
+        if got is not None and all(a is b for a, b in zip(got[0], batches, strict=True)):
+            return got[1]
+        merged = coalesce(c for b in batches for c in b)
+        if len(self._merges) >= MERGES_KEPT:
+            del self._merges[next(iter(self._merges))]  # oldest first (insertion order)
+        self._merges[key] = (batches, merged)  # holds the batches: their ids stay theirs
+        return merged
 
     def subscribe(self, node_id: int) -> Subscription:
         self.opened += 1
         old = self._subs.get(node_id)
         sub = Subscription(self, node_id, self.max_buffer)
         self._subs[node_id] = sub
+        if self._pending or node_id in self._targeted:
+            # What the open window holds already is in the snapshot the session's first map
+            # is built from (state changes before it is published), so it is not sent
+            # again: a joining node's own NODE_ADDED would make it reconcile every peer.
+            self._joined[node_id] = (len(self._pending), len(self._targeted.get(node_id, ())))
         if old is not None:
             old.close()
         for listener in self.session_listeners:
@@ -246,7 +284,8 @@ class ChangeBus:
         return list(self._subs)
 
     def _undelivered(self, node_id: int) -> int:
-        return len(self._pending) + len(self._targeted.get(node_id, ()))
+        cut = self._joined.get(node_id, (0, 0))
+        return (len(self._pending) - cut[0]) + (len(self._targeted.get(node_id, ())) - cut[1])
 
     def publish(self, *changes: Change) -> None:
         """Never blocks: changes wait for the window to close; each subscriber's buffer takes
@@ -279,7 +318,7 @@ class ChangeBus:
         if self._outstanding:
             # The last fan-out is still being written: wait for it (its end reschedules),
             # but never past the cap, so a stuck session cannot hold every other one.
-            due = max(due, self._fanout_start + MAX_STRETCH * self.batch_delay)
+            due = max(due, self._fanout_start + self._held_at_most())
         else:
             due = max(due, self._fanout_end + self.window())
         self._timer = loop.call_at(loop.time() + max(0.0, due - now), self._on_timer)
@@ -308,6 +347,7 @@ class ChangeBus:
             self._timer = None
         pending, self._pending = self._pending, []
         targeted, self._targeted = self._targeted, {}
+        joined, self._joined = self._joined, {}
         if not (pending or targeted):
             return
         self.flushes += 1
@@ -317,7 +357,12 @@ class ChangeBus:
         shared = coalesce(pending) if pending else []
         for nid, sub in list(self._subs.items()):
             own = targeted.get(nid)
-            if own:
+            cut = joined.get(nid)
+            if cut is not None:
+                batch = coalesce([*pending[cut[0]:], *(own or ())[cut[1]:]])
+                if not batch:
+                    continue
+            elif own:
                 batch = coalesce([*shared, *own])
             elif shared:
                 batch = shared

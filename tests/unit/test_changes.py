@@ -142,10 +142,72 @@ async def test_a_stuck_session_holds_the_next_window_only_up_to_the_cap() -> Non
 def test_window_is_the_delay_after_quick_fanouts() -> None:
     bus = ChangeBus(batch_delay=0.1)
     assert bus.window() == 0.1
-    from pyheadscale.state.changes import MAX_STRETCH, STRETCH
+    from pyheadscale.state.changes import MAX_STRETCH, MAX_WINDOW, STRETCH
 
     bus.last_fanout_s = 0.5
-    assert bus.window() == min(STRETCH * 0.5, MAX_STRETCH * 0.1)
+    assert bus.window() == STRETCH * 0.5
+    assert bus._held_at_most() == MAX_STRETCH * 0.1
+    # A fan-out of seconds (thousands of sessions): the window grows with it, so frames per
+    # session stay bounded however many sessions there are...
+    bus.last_fanout_s = 2.5
+    assert bus.window() == STRETCH * 2.5
+    assert bus._held_at_most() == (1 + STRETCH) * 2.5
+    # ...up to the bound on what one change waits.
     bus.last_fanout_s = 1000.0
+    assert bus.window() == MAX_WINDOW * 0.1
+    assert bus._held_at_most() == MAX_WINDOW * 0.1
 
-    assert bus.window() == MAX_STRETCH * 0.1
+
+async def test_sessions_behind_by_the_same_batches_share_one_merged_batch() -> None:
+    """A backlog of several batches is merged once; every subscriber behind by the same
+    batches gets that one list (so its delta is encoded once), equal to coalescing them."""
+    from pyheadscale.state.changes import coalesce
+
+    bus = ChangeBus(batch_delay=0)
+    a, b, c = bus.subscribe(1), bus.subscribe(2), bus.subscribe(3)
+    first = [Change(ChangeKind.NODE_ADDED, 4), Change(ChangeKind.NODE_PATCH, 5,
+                                                      frozenset({Field.ENDPOINTS}))]
+    second = [Change(ChangeKind.NODE_PATCH, 5, frozenset({Field.HOME_DERP})),
+              Change(ChangeKind.NODE_ADDED, 6)]
+    bus.publish(*first)
+    got_c = await asyncio.wait_for(c.__anext__(), 1)  # c keeps up, a and b fall behind
+    bus.publish(*second)
+    got_a = await asyncio.wait_for(a.__anext__(), 1)
+    got_b = await asyncio.wait_for(b.__anext__(), 1)
+    assert got_a is got_b
+    assert got_a == coalesce([*first, *second])
+    assert got_c == coalesce(first)
+    assert await asyncio.wait_for(c.__anext__(), 1) == second
+    bus.publish(Change(ChangeKind.NODE_ADDED, 7))
+    bus.publish(Change(ChangeKind.DNS))
+    got_a2 = await asyncio.wait_for(a.__anext__(), 1)
+    got_c2 = await asyncio.wait_for(c.__anext__(), 1)
+    assert got_a2 is got_c2 and got_a2 is not got_a
+    assert got_a2 == [Change(ChangeKind.NODE_ADDED, 7), Change(ChangeKind.DNS)]
+
+
+async def test_a_session_opened_during_a_window_gets_only_what_came_after() -> None:
+    """What the open window held when a session subscribed is already in the snapshot its
+    first map is built from: it gets only what was published after (its own NODE_ADDED
+    would otherwise make it reconcile every peer), the older sessions get everything."""
+    bus = ChangeBus(batch_delay=0.05)
+    old = bus.subscribe(1)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 2), Change(ChangeKind.SELF, 2, target=2))
+    new = bus.subscribe(2)
+    assert new.pending() == 0 and old.pending() == 1
+    bus.publish(Change(ChangeKind.NODE_ONLINE, 2, frozenset({Field.ONLINE})))
+    assert new.pending() == 1
+    got_old = await asyncio.wait_for(old.__anext__(), 1)
+    got_new = await asyncio.wait_for(new.__anext__(), 1)
+    assert [c.kind for c in got_old] == [ChangeKind.NODE_ADDED, ChangeKind.NODE_ONLINE]
+    assert got_new == [Change(ChangeKind.NODE_ONLINE, 2, frozenset({Field.ONLINE}))]
+    # Nothing after it: the new session gets no batch from that window at all.
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3))
+    third = bus.subscribe(3)
+    assert await asyncio.wait_for(old.__anext__(), 1) == [Change(ChangeKind.NODE_ADDED, 3)]
+    assert await asyncio.wait_for(new.__anext__(), 1) == [Change(ChangeKind.NODE_ADDED, 3)]
+    assert third.pending() == 0
+    # From the next window on, every session gets every change.
+    bus.publish(Change(ChangeKind.DNS))
+    assert await asyncio.wait_for(third.__anext__(), 1) == [Change(ChangeKind.DNS)]
+    assert await asyncio.wait_for(new.__anext__(), 1) == [Change(ChangeKind.DNS)]
