@@ -320,7 +320,10 @@ class ChangeBus:
             # but never past the cap, so a stuck session cannot hold every other one.
             due = max(due, self._fanout_start + self._held_at_most())
         else:
-            due = max(due, self._fanout_end + self.window())
+            # Stretched only while changes keep coming (a storm): a window whose first
+            # change came after a quiet spell goes out after the configured delay.
+            quiet = self._opened_at - self._fanout_end > self.batch_delay
+            due = max(due, self._fanout_end + (self.batch_delay if quiet else self.window()))
         self._timer = loop.call_at(loop.time() + max(0.0, due - now), self._on_timer)
 
     def _on_timer(self) -> None:

@@ -211,3 +211,18 @@ async def test_a_session_opened_during_a_window_gets_only_what_came_after() -> N
     bus.publish(Change(ChangeKind.DNS))
     assert await asyncio.wait_for(third.__anext__(), 1) == [Change(ChangeKind.DNS)]
     assert await asyncio.wait_for(new.__anext__(), 1) == [Change(ChangeKind.DNS)]
+
+
+async def test_a_change_after_a_quiet_spell_is_not_held_by_a_long_last_fanout() -> None:
+    bus = ChangeBus(batch_delay=0.02)
+    a = bus.subscribe(1)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3))
+    await asyncio.wait_for(a.__anext__(), 1)
+    nxt = asyncio.ensure_future(a.__anext__())  # a is done with its batch: fan-out over
+    await asyncio.sleep(0)
+    bus.last_fanout_s = 5.0  # a storm's fan-out: the window after it would be 15 s
+    await asyncio.sleep(0.1)  # quiet, longer than the delay
+    t0 = asyncio.get_running_loop().time()
+    bus.publish(Change(ChangeKind.NODE_ADDED, 4))
+    await asyncio.wait_for(nxt, 1)
+    assert asyncio.get_running_loop().time() - t0 < 0.5
