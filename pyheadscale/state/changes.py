@@ -10,8 +10,7 @@ so the mapper can build and encode a delta once for all viewers that are in the 
 situation). While a window's fan-out is still being worked through (sessions building and
 writing their frames), the next window stays open at least STRETCH times as long as that
 fan-out took: in a storm (thousands of nodes joining) frames per session stay bounded and the
-map sessions get about a quarter of the CPU (the joins the rest) however many there are,
-while a lone change after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
+map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
 subscribers: its bounded buffer collapses to a single FULL change when it overflows.
 """
 
@@ -26,18 +25,11 @@ from dataclasses import dataclass, field
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
 # The next window lasts at least STRETCH x the time the last fan-out took, but never longer
-# than MAX_WINDOW x the configured delay: that bounds what one change waits in a storm.
+# than MAX_STRETCH x the configured delay: that bounds what one change waits in a storm.
 # 3: in a storm every window's fan-out is worth ~1/4 of the time (1: ~1/2; the fan-out is
-# as many frames as sessions, so this is what bounds frames per node and their CPU). The
-# bound must grow with the fan-out: with a fixed 2 s one, a fan-out of ~1 s (10,000
-# sessions, or a slower machine) made windows shorter than 3x, and past 2 s fan-outs ran
-# back to back, so frames per node (and CPU per join) grew with the tailnet.
+# as many frames as sessions, so this is what bounds frames per node and their CPU).
 STRETCH = 3.0
-# While a fan-out is still being written the next window waits for it, at most
-# MAX_STRETCH x the delay or (1 + STRETCH) x the last complete fan-out, whichever is longer
-# (within MAX_WINDOW): a stuck session cannot hold every other one for longer.
 MAX_STRETCH = 20
-MAX_WINDOW = 100
 MERGES_KEPT = 32  # backlogs whose merged batch is kept for other sessions behind alike
 
 
@@ -234,13 +226,8 @@ class ChangeBus:
         fan-out: the configured delay, or the last fan-out's duration (x STRETCH, capped)
         when that was longer. Measured from its first change a window never closes before
         the configured delay either."""
-        stretch = min(STRETCH * self.last_fanout_s, MAX_WINDOW * self.batch_delay)
+        stretch = min(STRETCH * self.last_fanout_s, MAX_STRETCH * self.batch_delay)
         return max(self.batch_delay, stretch)
-
-    def _held_at_most(self) -> float:
-        """How long after a fan-out began the next window waits for it at most."""
-        held = max(MAX_STRETCH * self.batch_delay, (1 + STRETCH) * self.last_fanout_s)
-        return min(held, MAX_WINDOW * self.batch_delay)
 
     def _merged(self, batches: list[list[Change]]) -> list[Change]:
         """Several batches a subscriber fell behind by, coalesced into one list. In a storm
@@ -318,7 +305,7 @@ class ChangeBus:
         if self._outstanding:
             # The last fan-out is still being written: wait for it (its end reschedules),
             # but never past the cap, so a stuck session cannot hold every other one.
-            due = max(due, self._fanout_start + self._held_at_most())
+            due = max(due, self._fanout_start + MAX_STRETCH * self.batch_delay)
         else:
             # Stretched only while changes keep coming (a storm): a window whose first
             # change came after a quiet spell goes out after the configured delay.
