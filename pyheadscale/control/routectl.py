@@ -16,11 +16,18 @@ that stays silent for `probe_timeout` is unhealthy and loses its primaries; an a
 healthy again (without taking anything back). A cycle's verdicts are applied together, after
 its last probe ended, so one election sees them all (two routers that come back in the same
 cycle leave the primary where it was). A silence only counts against a session that was
-already there at the previous cycle and has not been replaced since; when one does not count,
-the cycle's verdicts for the prefixes that router serves are dropped (the next cycle decides
-them on a complete picture), and the other prefixes fail over as usual (`usable_verdicts`). A new
-map session clears the node's unhealthy mark (it just proved it can reach us), and so does
-going offline or announcing no approved route any more (it is no candidate then).
+already there at the previous cycle and has not been replaced since; one that does not count
+("defer") leaves that router's mark as it was, and the election after the cycle keeps the
+primary of every prefix that router serves (`held_prefixes`): a verdict of that prefix is
+missing, so moving it might be what the complete picture would not do. Every other verdict is
+recorded, and every other prefix is elected on them: a prefix's election reads only the marks
+of its own routers, so a router serving several prefixes (one backup for several sites) judged
+in a cycle is judged for all of them alike, and a prefix none of whose routers deferred is
+decided on a complete picture (a reconnecting router cannot hold off failover elsewhere). A
+held prefix is decided by the next cycle, or before it by an election another change calls
+for, on the marks as they stand then. A new map session clears the node's unhealthy mark (it
+just proved it can reach us), and so does going offline or announcing no approved route any
+more (it is no candidate then).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from aiohttp import web
@@ -100,26 +107,12 @@ class PingTracker:
             entry[1].cancel()
 
 
-def usable_verdicts(ha: Mapping[IPNetwork, Sequence[int]],
-                    verdicts: Mapping[int, Verdict]) -> dict[int, Verdict]:
-    """The verdicts one cycle may apply. A "defer" (a silence that proves nothing yet) holds
-    back every verdict of its router's prefixes, and of prefixes sharing a router with those
-    (a router's health is one mark for all it serves): applying half a group's verdicts could
-    move a primary that the whole picture would keep. Groups without a defer are applied, so
-    a router that reconnects often cannot hold off failover elsewhere."""
-    group: dict[int, int] = {}  # router -> representative router of its group (union-find)
-
-    def root(n: int) -> int:
-        while group.setdefault(n, n) != n:
-            group[n] = group[group[n]]
-            n = group[n]
-        return n
-
-    for routers in ha.values():
-        for other in routers[1:]:
-            group[root(other)] = root(routers[0])
-    held = {root(n) for n, v in verdicts.items() if v == "defer"}
-    return {n: v for n, v in verdicts.items() if v != "defer" and root(n) not in held}
+def held_prefixes(ha: Mapping[IPNetwork, Sequence[int]],
+                  verdicts: Mapping[int, Verdict]) -> frozenset[IPNetwork]:
+    """The prefixes whose primary the cycle's election keeps: those served by a router whose
+    silence proved nothing ("defer"), since that router's verdict is missing."""
+    deferred = {n for n, v in verdicts.items() if v == "defer"}
+    return frozenset(p for p, routers in ha.items() if deferred.intersection(routers))
 
 
 class RouteController:
@@ -222,14 +215,16 @@ class RouteController:
             log.info("HA: node %d opened a new map session, healthy again", node_id)
             self._recompute()
 
-    def _recompute(self, moved: Iterable[int] | None = (), share: bool = False) -> None:
-        """Re-elect primaries after the nodes in `moved` changed (None: any node did)."""
+    def _recompute(self, moved: Iterable[int] | None = (), share: bool = False,
+                   keep: Collection[IPNetwork] = ()) -> None:
+        """Re-elect primaries after the nodes in `moved` changed (None: any node did); the
+        prefixes in `keep` stay with their primary (PrimaryRoutes._elect)."""
         if not self.tailnet.membership.is_leader:
             return  # the leader elects; its table arrives through adopt()
         if moved is None:
-            changed = self.primaries.compute(self.tailnet.nodes.values())
+            changed = self.primaries.compute(self.tailnet.nodes.values(), keep)
         else:
-            changed = self.primaries.update(self.tailnet.nodes, moved)
+            changed = self.primaries.update(self.tailnet.nodes, moved, keep)
         if changed:
             self._announce(changed)
         if changed or share:
@@ -328,8 +323,7 @@ class RouteController:
             probed.append(nid)
         if not probes:
             return
-        verdicts = usable_verdicts(
-            ha, dict(zip(probed, await asyncio.gather(*probes), strict=True)))
+        verdicts = dict(zip(probed, await asyncio.gather(*probes), strict=True))
         healthy: dict[int, bool] = {}
         for nid, verdict in verdicts.items():
             node = self.tailnet.nodes.get(nid)
@@ -345,7 +339,7 @@ class RouteController:
                             nid, self.probe_timeout)
             for nid in sorted(before - self.primaries.unhealthy):
                 log.info("HA probe: node %d answers again", nid)
-            self._recompute()
+            self._recompute(keep=held_prefixes(ha, verdicts))
 
     def send_ping(self, node_id: int) -> tuple[str, asyncio.Future[None]]:
         ping_id, fut = self.pings.register(node_id)

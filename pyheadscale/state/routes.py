@@ -10,6 +10,8 @@ primary and only it carries the prefix in its AllowedIPs/PrimaryRoutes. Rules:
 * when every server is unhealthy, the current primary is kept if it still serves the prefix
   (no flap onto another router the prober has found unreachable too), else the prefix has
   no primary until a probe finds one that answers;
+* a prefix the caller asks to `keep` stays with its current primary while that still serves
+  it, healthy or not (the prober's cycle could not judge every router of the prefix);
 * exit routes (0.0.0.0/0, ::/0) are never elected: every approved exit node offers them.
 
 Pure: no clock, no I/O. The caller feeds node snapshots and health verdicts.
@@ -18,7 +20,7 @@ Pure: no clock, no I/O. The caller feeds node snapshots and health verdicts.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from pyheadscale.state.model import IPNetwork, Node
 
@@ -69,22 +71,23 @@ class PrimaryRoutes:
         else:
             self._serving.pop(node_id, None)
 
-    def compute(self, nodes: Iterable[Node]) -> set[int]:
+    def compute(self, nodes: Iterable[Node], keep: Collection[IPNetwork] = ()) -> set[int]:
         """Re-elect from a whole snapshot; returns the IDs of nodes whose primary set
-        changed."""
+        changed. A prefix in `keep` stays with its primary if that still serves it."""
         self._serving = {}
         for n in nodes:
             self._note(n.id, n)
-        return self._elect()
+        return self._elect(keep)
 
-    def update(self, nodes: Mapping[int, Node], touched: Iterable[int]) -> set[int]:
+    def update(self, nodes: Mapping[int, Node], touched: Iterable[int],
+               keep: Collection[IPNetwork] = ()) -> set[int]:
         """Re-elect after the nodes in `touched` changed (or were deleted); the others are
         taken as they were. Returns what compute() returns."""
         for nid in touched:
             self._note(nid, nodes.get(nid))
-        return self._elect()
+        return self._elect(keep)
 
-    def _elect(self) -> set[int]:
+    def _elect(self, keep: Collection[IPNetwork] = ()) -> set[int]:
         before = self.by_node()
         cands: dict[IPNetwork, list[int]] = {}
         for nid in sorted(self._serving):
@@ -94,7 +97,7 @@ class PrimaryRoutes:
         for prefix, ids in cands.items():
             prev = self.primaries.get(prefix)
             healthy = [i for i in ids if i not in self.unhealthy]
-            if prev in ids and prev not in self.unhealthy:
+            if prev in ids and (prev not in self.unhealthy or prefix in keep):
                 new[prefix] = prev
             elif healthy:
                 new[prefix] = healthy[0]

@@ -156,3 +156,18 @@ def test_verdicts_applied_together_keep_the_primary_when_all_recover() -> None:
     pr.set_health({1: True})
     pr.compute(nodes)
     assert pr.primary_for(LAN) == 1
+
+
+def test_a_kept_prefix_stays_with_its_unhealthy_primary_and_others_fail_over() -> None:
+    """`keep` (a prefix whose cycle lacks a router's verdict) holds that prefix only: r3,
+    the backup of both sites, is unhealthy for both, so the other site fails over."""
+    pr = PrimaryRoutes()
+    nodes = [router(1, LAN, OTHER), router(2, LAN), router(3, OTHER)]
+    pr.compute(nodes)
+    assert pr.primary_for(LAN) == 1 and pr.primary_for(OTHER) == 1
+    pr.set_health({1: False})
+    assert pr.compute(nodes, keep={LAN}) == {1, 3}
+    assert pr.primary_for(LAN) == 1 and pr.primary_for(OTHER) == 3
+    # Kept only while it still serves the prefix.
+    assert pr.compute([replace(nodes[0], online=False), *nodes[1:]], keep={LAN}) == {1, 2}
+    assert pr.primary_for(LAN) == 2

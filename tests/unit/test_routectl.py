@@ -13,7 +13,7 @@ import pytest
 
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.expiry import ExpiryWatcher
-from pyheadscale.control.routectl import usable_verdicts
+from pyheadscale.control.routectl import held_prefixes
 from pyheadscale.state.changes import ChangeKind, Field
 from tests.unit._statefix import key, open_control
 
@@ -176,10 +176,10 @@ async def test_a_cycles_verdicts_elect_once_so_routers_back_together_keep_the_pr
     assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
 
 
-async def test_a_silence_that_proves_nothing_drops_its_prefixs_verdicts(
+async def test_a_silence_that_proves_nothing_keeps_its_prefixs_primary(
         cp: ControlPlane) -> None:
-    """r1 answers while r2 opens a new session and stays silent: the cycle decides nothing
-    for LAN (r1 is not made healthy on its own, which would have moved the prefix to it)."""
+    """r2 (primary, all unhealthy) opens a new session and stays silent while r1 answers:
+    r1's answer is recorded, but LAN stays with r2 (r2's verdict is missing this cycle)."""
     rc = cp.routes
     r1, r2 = await both_unhealthy_r2_primary(cp)
 
@@ -188,44 +188,64 @@ async def test_a_silence_that_proves_nothing_drops_its_prefixs_verdicts(
         cp.tailnet.bus.subscribe(r2)  # a new map session replaces the old one
 
     await asyncio.gather(rc.probe_once(), answer(cp, r1), reconnect_r2())
-    assert r1 in rc.primaries.unhealthy
+    assert rc.primaries.unhealthy == set()
+    assert cp.mapctx.routes_of(r2) == (LAN,) and cp.mapctx.routes_of(r1) == ()
 
 
-def test_a_defer_holds_back_only_the_prefixes_its_router_is_linked_to() -> None:
-    a, b, c = (ipaddress.ip_network(f"10.{i}.0.0/24") for i in (1, 2, 3))
-    d = ipaddress.ip_network("10.4.0.0/24")
-    # 1, 2 serve a; 2, 3 serve b (linked to a through 2); 4, 5 serve c; 6, 7 serve d.
-    ha = {a: [1, 2], b: [2, 3], c: [4, 5], d: [6, 7]}
-    got = usable_verdicts(ha, {1: "defer", 2: "healthy", 3: "unhealthy", 4: "unhealthy",
-                               5: "healthy", 6: "skip", 7: "unhealthy"})
-    assert got == {4: "unhealthy", 5: "healthy", 6: "skip", 7: "unhealthy"}
-    assert usable_verdicts(ha, {3: "defer", 4: "unhealthy"}) == {4: "unhealthy"}
-    assert usable_verdicts(ha, {1: "healthy", 2: "unhealthy"}) == {1: "healthy",
-                                                                   2: "unhealthy"}
-
-
-async def test_a_reconnecting_router_does_not_hold_off_failover_of_another_prefix(
+async def test_a_deferred_router_keeps_the_primary_its_verdict_could_have_kept(
         cp: ControlPlane) -> None:
-    """r2 (LAN) opens a new session during the cycle, so LAN's verdicts wait; r3, primary
-    for LAN2 and silent on a session seen before, still loses LAN2 to r4 in that cycle."""
+    """r1 (primary) is silent on a session seen before while r2 reconnects mid-probe: had
+    r2 been silent too, r1 would keep LAN (all unhealthy), so the cycle does not move it;
+    r1's mark is recorded all the same."""
     rc = cp.routes
     rc.probe_timeout = 0.05
-    tn = cp.tailnet
     r1, r2 = await online_routers(cp, 1, 2)
-    r3, r4 = await online_routers(cp, 3, 4, prefix=LAN2)
-    assert cp.mapctx.routes_of(r3) == (LAN2,)
-    everyone = (answer(cp, r1), answer(cp, r2), answer(cp, r3), answer(cp, r4))
-    await asyncio.gather(rc.probe_once(), *everyone)  # every session now seen once
+    await asyncio.gather(rc.probe_once(), answer(cp, r1), answer(cp, r2))
 
     async def reconnect_r2() -> None:
         await asyncio.sleep(0.01)
-        tn.bus.subscribe(r2)
+        cp.tailnet.bus.subscribe(r2)
 
-    # r1 silent too: on its own that would move LAN to r2; deferred, LAN stays put.
-    await asyncio.gather(rc.probe_once(), reconnect_r2(), answer(cp, r4))
-    assert rc.primaries.unhealthy == {r3}
-    assert cp.mapctx.routes_of(r4) == (LAN2,) and cp.mapctx.routes_of(r3) == ()
-    assert cp.mapctx.routes_of(r1) == (LAN,)
+    await asyncio.gather(rc.probe_once(), reconnect_r2())
+    assert rc.primaries.unhealthy == {r1}
+    assert cp.mapctx.routes_of(r1) == (LAN,) and cp.mapctx.routes_of(r2) == ()
+
+
+def test_a_defer_holds_only_the_prefixes_its_router_serves() -> None:
+    a, b, c = (ipaddress.ip_network(f"10.{i}.0.0/24") for i in (1, 2, 3))
+    # Hub and spoke: 9 is the backup of every site.
+    ha = {a: [1, 9], b: [2, 9], c: [3, 9]}
+    assert held_prefixes(ha, {1: "defer", 2: "unhealthy", 3: "skip", 9: "healthy"}) == {a}
+    assert held_prefixes(ha, {9: "defer", 1: "healthy"}) == {a, b, c}
+    assert held_prefixes(ha, {1: "healthy", 2: "unhealthy", 9: "skip"}) == frozenset()
+
+
+async def test_a_reconnecting_site_router_does_not_hold_off_failover_through_a_shared_backup(
+        cp: ControlPlane) -> None:
+    """Hub and spoke: rA serves LAN, rB serves LAN2, bk backs up both. rA reconnects during
+    the cycle while rB, primary for LAN2, is silent on a session seen before: LAN2 fails
+    over to bk in that cycle (bk's answer counts for both sites), LAN stays with rA."""
+    rc = cp.routes
+    rc.probe_timeout = 0.05
+    tn = cp.tailnet
+    (ra,) = await online_routers(cp, 1)
+    (rb,) = await online_routers(cp, 2, prefix=LAN2)
+    bk = await router(cp, 3, str(LAN), str(LAN2))
+    await tn.approve_routes(bk, [str(LAN), str(LAN2)])
+    tn.bus.subscribe(bk)
+    await tn.set_online(bk, True)
+    assert rc.primaries.ha_nodes() == {LAN: [ra, bk], LAN2: [rb, bk]}
+    assert cp.mapctx.routes_of(ra) == (LAN,) and cp.mapctx.routes_of(rb) == (LAN2,)
+    await asyncio.gather(rc.probe_once(), answer(cp, ra), answer(cp, rb), answer(cp, bk))
+
+    async def reconnect_ra() -> None:
+        await asyncio.sleep(0.01)
+        tn.bus.subscribe(ra)
+
+    await asyncio.gather(rc.probe_once(), reconnect_ra(), answer(cp, bk))
+    assert rc.primaries.unhealthy == {rb}
+    assert cp.mapctx.routes_of(bk) == (LAN2,) and cp.mapctx.routes_of(rb) == ()
+    assert cp.mapctx.routes_of(ra) == (LAN,)
 
 
 async def test_a_new_session_of_an_online_node_clears_its_unhealthy_mark(
