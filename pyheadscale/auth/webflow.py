@@ -15,7 +15,9 @@ newcomer, so a flood of anonymous requests cannot push out a real user's registr
 
 All open URLs of one machine stand for one login of that machine: whichever is completed (or
 rejected) first decides it with the machine's newest request (the node key its tailscaled
-now waits with), answers every Followup waiting on any of them, and closes the others.
+now waits with), answers every Followup waiting on any of them, and closes the others. The
+login is the URLs open when the decision starts: one opened while it awaits the database (a
+new `tailscale up`, with a new node key) is a later login and stays open.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class UnknownAuthID(Exception):
 
 class RegistrationRefused(Exception):
     """No room for another pending registration (answered with HTTP 429)."""
+
+
+@dataclass
+class Decision:
+    """A machine's login being decided: the URLs it answers, and its end."""
+
+    urls: frozenset[str]
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)  # one registration is itself, whatever its fields
@@ -107,8 +117,8 @@ class PendingRegistrations:
         self._items: OrderedDict[str, Pending] = OrderedDict()
         self._by_machine: dict[bytes, list[Pending]] = {}  # oldest opened first
         self._per_source: dict[str, int] = {}
-        # Machine keys whose login is being registered -> set when that decision ends.
-        self._deciding: dict[bytes, asyncio.Event] = {}
+        # Machine keys whose login is being registered -> that decision.
+        self._deciding: dict[bytes, Decision] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -153,8 +163,10 @@ class PendingRegistrations:
         evict: list[Pending] = []
 
         def pick(src: str | None) -> bool:
+            # Never a URL of a login being decided: the decision answers and closes them.
             for p in self._items.values():
-                if p.waiting == 0 and p.auth_id not in gone and (src is None or p.source == src):
+                if p.waiting == 0 and p.auth_id not in gone and (src is None or p.source == src) \
+                        and p.machine_key not in self._deciding:
                     gone.add(p.auth_id)
                     evict.append(p)
                     return True
@@ -185,20 +197,25 @@ class PendingRegistrations:
         self._expire()
         encoded = orjson.dumps(hostinfo)
         size = len(encoded)
-        if auth_id is not None:
-            self._drop(auth_id)
+        # An entry of the same ID is replaced, but like everything else it closes only once
+        # the new one is admitted.
+        same = self._items.get(auth_id) if auth_id is not None else None
         # The machine's own oldest URL goes first, waited on or not: only the holder of the
         # machine key can ask in its name, and its tailscaled waits on the newest one.
-        mine = self._by_machine.get(machine_key, [])
+        mine = [q for q in self._by_machine.get(machine_key, []) if q is not same]
         if opened is not None and len(mine) >= self.per_machine and opened < mine[0].opened:
             raise RegistrationRefused("replaced by newer login URLs of the same machine")
         closing = mine[: max(0, len(mine) - self.per_machine + 1)]
-        if closing and machine_key in self._deciding:  # keep what the decision answers
+        if (closing and machine_key in self._deciding) or \
+                (same is not None and same.machine_key in self._deciding):
+            # Keep what the decision answers.
             raise RegistrationRefused("a login of this machine is being completed; try again")
-        evict = self._room(closing, source, size)
+        evict = self._room([*closing, *([same] if same else [])], source, size)
         # Admitted: only now does anything close, so a refusal costs nobody a URL. The
         # machine's own are discarded, not just dropped, so every instance closes them
         # (sharedreg.py).
+        if same is not None:
+            self._drop(same.auth_id)
         for q in closing:
             self.discard(q.auth_id)
         for q in evict:
@@ -233,22 +250,28 @@ class PendingRegistrations:
     def deciding(self, auth_id: str) -> Iterator[Pending]:
         """Hold the machine's login while it is being decided (registering awaits the
         database): meanwhile another completion of any of its URLs is refused as if already
-        used, so a machine is registered once. Yields the machine's newest registration."""
+        used, so a machine is registered once. Yields the machine's newest registration;
+        completing or rejecting it closes the URLs open now, not newer ones."""
         p = self.get(auth_id)
         if p.machine_key in self._deciding:
             raise UnknownAuthID(auth_id)
-        ended = self._deciding[p.machine_key] = asyncio.Event()
+        urls = frozenset(q.auth_id for q in self._by_machine.get(p.machine_key, ()))
+        decision = self._deciding[p.machine_key] = Decision(urls)
         try:
             yield self.newest(p)
         finally:
             del self._deciding[p.machine_key]
-            ended.set()
+            decision.ended.set()
+
+    def is_deciding(self, p: Pending) -> bool:
+        """Whether `p`'s machine's login is being decided on this instance."""
+        return p.machine_key in self._deciding
 
     async def decided(self, p: Pending) -> None:
         """Return once no login of `p`'s machine is being decided on this instance."""
-        ended = self._deciding.get(p.machine_key)
-        if ended is not None:
-            await ended.wait()
+        decision = self._deciding.get(p.machine_key)
+        if decision is not None:
+            await decision.ended.wait()
 
     def discard(self, auth_id: str) -> None:
         """Forget a registration; whoever waits on it gets a fresh AuthURL."""
@@ -277,13 +300,19 @@ class PendingRegistrations:
     def _settle(self, auth_id: str, answer: Callable[[asyncio.Future[Any]], None], *,
                 whole_login: bool = True) -> AuthIDs:
         """Answer and close `auth_id` and (`whole_login`) every other open URL of its
-        machine."""
+        machine's login: while a decision runs, the URLs it started with, or (a newer URL
+        rejected meanwhile) the ones opened since."""
         # Gone meanwhile (expired while a decision awaited the database): nothing to answer.
         p = self._items.get(auth_id)
         if p is None:
             return []
+        login = list(self._by_machine.get(p.machine_key, ())) if whole_login else [p]
+        decision = self._deciding.get(p.machine_key)
+        if decision is not None:
+            ours = auth_id in decision.urls
+            login = [q for q in login if (q.auth_id in decision.urls) == ours]
         closed = []
-        for q in list(self._by_machine.get(p.machine_key, ())) if whole_login else [p]:
+        for q in login:
             self._remove(q.auth_id)
             closed.append(q.auth_id)
             if not q.done.done():

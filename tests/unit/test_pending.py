@@ -199,3 +199,59 @@ def test_source_keys_group_ipv6_by_64() -> None:
     assert source_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
     assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
     assert source_key(None) == ""
+
+
+async def test_a_url_opened_while_the_login_is_decided_stays_open() -> None:
+    """A new `tailscale up` (a new node key) while the decision awaits the database is a
+    later login: the decision answers and closes the URLs it started with only."""
+    t = table(per_machine=4, per_source=100)
+    first = t.add(machine_key=mk(1), node_key=mk(10), hostinfo={}, source="s")
+    with t.deciding(first.auth_id) as p:
+        later = t.add(machine_key=mk(1), node_key=mk(11), hostinfo={}, source="s")
+        assert t.complete(p.auth_id, "node") == [first.auth_id]
+    assert first.done.result() == "node"
+    assert t.list() == [later] and not later.done.done()
+    # Rejected the same way: the refusal reaches only the login it decided.
+    with t.deciding(later.auth_id) as p:
+        newer = t.add(machine_key=mk(1), node_key=mk(12), hostinfo={}, source="s")
+        assert t.reject(p.auth_id, "no") == [later.auth_id]
+    assert t.list() == [newer] and not newer.done.done()
+    # A newer URL rejected while the older login is decided: the decision keeps its own.
+    with t.deciding(newer.auth_id) as p:
+        newest = t.add(machine_key=mk(1), node_key=mk(13), hostinfo={}, source="s")
+        assert t.reject(newest.auth_id, "no") == [newest.auth_id]
+        assert t.complete(p.auth_id, "node") == [newer.auth_id]
+    assert newer.done.result() == "node" and len(t) == 0
+
+
+async def test_making_room_never_evicts_a_url_whose_login_is_decided() -> None:
+    t = table(per_machine=4, per_source=100, max_entries=3)
+    first, second = (t.add(machine_key=mk(1), node_key=mk(10 + i), hostinfo={}, source="s")
+                     for i in range(2))
+    other = t.add(machine_key=mk(2), node_key=mk(12), hostinfo={}, source="s")
+    with t.deciding(first.auth_id) as p:
+        assert p is second
+        newcomer = t.add(machine_key=mk(3), node_key=mk(13), hostinfo={}, source="s")
+        with t.waiting(newcomer), pytest.raises(RegistrationRefused):
+            # Only the decided machine's URLs are idle now.
+            t.add(machine_key=mk(4), node_key=mk(14), hostinfo={}, source="s")
+        assert t.complete(p.auth_id, "node") == [first.auth_id, second.auth_id]
+    assert second.done.result() == "node"
+    assert t.list() == [newcomer]
+    with pytest.raises(UnknownAuthID):
+        other.done.result()  # the idle URL of another machine made the room
+
+
+async def test_replacing_an_auth_id_closes_it_only_once_the_new_entry_is_admitted() -> None:
+    t = table(per_machine=4, per_source=100, hostinfo_budget=1000)
+    old = t.add("hskey-authreq-x", machine_key=mk(1), node_key=mk(10), hostinfo={},
+                source="s")
+    with pytest.raises(RegistrationRefused):
+        t.add("hskey-authreq-x", machine_key=mk(1), node_key=mk(11),
+              hostinfo={"Hostname": "h" * 2000}, source="s")
+    assert t.list() == [old] and not old.done.done()
+    new = t.add("hskey-authreq-x", machine_key=mk(1), node_key=mk(11), hostinfo={},
+                source="s")
+    assert t.list() == [new] and t.bytes == new.size
+    with pytest.raises(UnknownAuthID):
+        old.done.result()

@@ -72,6 +72,8 @@ async def test_expiring_while_the_login_is_decided_gets_the_decision(cp: Control
     with cp.pending.deciding(p.auth_id) as newest:
         await asyncio.sleep(2 * EXPIRES_S)  # a slow database: the URL expires meanwhile
         assert not waiter.done()
+        # Anything that sweeps expired URLs meanwhile (here a listing) leaves this one.
+        assert cp.pending.list() == [newest]
         node = await cp.tailnet.register_for_user(key(1), newest.node_key, user.id,
                                                   newest.hostinfo)
         cp.pending.complete(newest.auth_id, node)
