@@ -12,7 +12,6 @@ class is `PendingRegistrations` with two no-op awaits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -159,8 +158,11 @@ class SharedPending(PendingRegistrations):
             seen.add(row.auth_id)
             self._mirror_row(row, now)
         for auth_id in (keys or set()) - seen:
-            # Discarded elsewhere (an approval without a user): its client starts over.
-            with contextlib.suppress(UnknownAuthID):
+            # Discarded elsewhere (an approval without a user, a Followup timing out there):
+            # its client starts over. Not while this instance decides the machine's login:
+            # the decision answers the URL (a node, not a new URL for a login just done).
+            local = self._local(auth_id)
+            if local is not None and not self.is_deciding(local):
                 super().discard(auth_id)
 
     def _mirror_row(self, row: ClusterRegistration, now: datetime) -> None:

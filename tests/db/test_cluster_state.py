@@ -395,3 +395,37 @@ async def test_mirrored_registrations_are_decoded_and_charged_where_opened(
     # Decoded as a stored row is (leniently): the wrong fields and unknown keys dropped.
     assert pb.get(opened[1].auth_id).hostinfo == {"Hostname": "h1"}
     assert len(pb) == 2
+
+
+async def test_a_discard_elsewhere_leaves_a_url_whose_login_is_being_decided(
+        pair: tuple[Tailnet, Tailnet]) -> None:
+    """A Followup that timed out on b discards the shared row while a is registering the
+    machine: a keeps its URL, so the client waiting on it there gets its node."""
+    a, b = pair
+    uid, _ = await _user_and_key(a)
+    pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
+    p = pa.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": "web"})
+    await pa.publish(p)
+    await b.catch_up()
+    await _settle(pb)
+    with pa.deciding(p.auth_id) as newest:
+        pb.discard(p.auth_id)
+        await _settle(pb)
+        await a.catch_up()
+        await _settle(pa)
+        assert pa.get(p.auth_id) is p and not p.done.done()
+        node = await a.register_for_user(key(7), newest.node_key, uid, newest.hostinfo)
+        assert pa.complete(newest.auth_id, node) == [p.auth_id]
+    got = await asyncio.wait_for(asyncio.shield(p.done), 5)
+    assert got.id == node.id
+    # Not being decided, a discard elsewhere closes it here as before.
+    q = pa.add(machine_key=key(9), node_key=key(10), hostinfo={})
+    await pa.publish(q)
+    await b.catch_up()
+    await _settle(pb)
+    pb.discard(q.auth_id)
+    await _settle(pb)
+    await a.catch_up()
+    await _settle(pa)
+    with pytest.raises(UnknownAuthID):
+        pa.get(q.auth_id)
