@@ -17,7 +17,7 @@ from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
 from pyheadscale.mapper.context import MapContext
-from pyheadscale.mapper.encode import KEEPALIVE, encode_frame, plain_pieces
+from pyheadscale.mapper.encode import KEEPALIVE, encode_frame, plain_pieces, plain_size
 from pyheadscale.mapper.fanout import SharedDeltas
 from pyheadscale.mapper.full import KnownPeers, PeerCache
 from pyheadscale.mapper.snapshot import Snapshot
@@ -184,8 +184,11 @@ async def send_frame(resp: ResponseStream, frame: bytes, *, zstd: bool) -> int:
     if zstd:
         await resp.write(frame)
         return len(frame)
+    # Learning the length inflates the whole frame: in a thread, not stalling every other
+    # stream for the tens of ms a large first map takes.
+    size = await asyncio.to_thread(plain_size, frame)
     sent = 0
-    for piece in plain_pieces(frame):
+    for piece in plain_pieces(frame, size):
         await resp.write(piece)
         sent += len(piece)
     return sent

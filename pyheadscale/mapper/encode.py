@@ -24,7 +24,7 @@ import zstandard
 from pyheadscale.tailcfg import dumps
 
 __all__ = ["KEEPALIVE", "FrameError", "compress", "compress_json", "decode_frame", "encode_frame",
-           "encode_json", "plain_pieces", "to_plain"]
+           "encode_json", "plain_pieces", "plain_size", "to_plain"]
 
 # Fast level: frames are sent once and decoded once; latency beats ratio here.
 _LEVEL = 1
@@ -211,25 +211,33 @@ def _pieces(body: memoryview) -> Iterator[bytes]:
         raise FrameError(f"not a zstd frame: {e}") from None
 
 
-def plain_pieces(frame: bytes) -> Iterator[bytes]:
-    """``frame`` (one frame) uncompressed, for a client whose MapRequest does not ask for zstd
-    (`Compress: ""`, as tailscale-rs sends): Headscale compresses only when asked. Yields the
-    length prefix and the JSON in pieces of at most 1 MiB (the prefix with the first).
-    Frames are built compressed once for every viewer; such clients are few, so they pay
-    the inflate, twice (once to learn the length the prefix needs, once to send): a first
-    map of a large tailnet inflates to hundreds of MiB, and no more than a piece of it is
-    ever held here, however the client reads. Raises FrameError (before yielding anything)
-    for what no prefix can frame."""
+def _body(frame: bytes) -> memoryview:
     if len(frame) < 4:
         raise FrameError("frame shorter than its length prefix")
     (n,) = struct.unpack_from("<I", frame)
     if len(frame) != 4 + n:
         raise FrameError(f"frame claims {n} bytes, {len(frame) - 4} available")
-    body = memoryview(frame)[4:]  # no copy of a large frame
-    size = sum(len(piece) for piece in _pieces(body))
+    return memoryview(frame)[4:]  # no copy of a large frame
+
+
+def plain_size(frame: bytes) -> int:
+    """The length of ``frame``'s JSON (one frame), for a client whose MapRequest does not ask
+    for zstd (`Compress: ""`, as tailscale-rs sends; Headscale compresses only when asked).
+    Frames are built compressed once for every viewer, and such clients are few, so they pay
+    the inflate twice: here, to learn the length the prefix needs (nothing is kept), then in
+    `plain_pieces`. A first map of a large tailnet inflates to hundreds of MiB, tens of ms of
+    CPU: call this off the event loop. Raises FrameError for what no prefix can frame."""
+    size = sum(len(piece) for piece in _pieces(_body(frame)))
     if not size or size > _MAX_PLAIN:
         raise FrameError(f"frame decodes to {size} bytes")
-    pieces = _pieces(body)
+    return size
+
+
+def plain_pieces(frame: bytes, size: int) -> Iterator[bytes]:
+    """``frame`` uncompressed, `size` (from `plain_size`) in its length prefix: the prefix
+    and the JSON in pieces of at most 1 MiB, no more than a piece ever held here, however
+    the client reads."""
+    pieces = _pieces(_body(frame))
     # The prefix rides with the first piece: a frame of up to a piece is one write.
     yield struct.pack("<I", size) + next(pieces, b"")
     yield from pieces

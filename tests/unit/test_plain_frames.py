@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from pyheadscale.mapper.encode import (
     compress_json,
     encode_json,
     plain_pieces,
+    plain_size,
 )
 from pyheadscale.tailcfg import dumps
 
@@ -66,7 +68,8 @@ async def test_a_map_beyond_64_mib_reaches_a_client_without_zstd() -> None:
     assert len(raw) > 64 << 20 and len(frame) < 1 << 20
     sink = Sink()
     await write_frame(sink, frame, "full", 1, zstd=False)
-    want = hashlib.sha256(struct.pack("<I", len(raw)) + raw)
+    want = hashlib.sha256(struct.pack("<I", len(raw)))
+    want.update(raw)  # not hashed as one concatenation: that would copy the whole map
     assert sink.size == 4 + len(raw) and sink.digest.hexdigest() == want.hexdigest()
     assert sink.largest <= (1 << 20) + 4  # never more than a piece (and the prefix) at once
     sink = Sink()
@@ -78,11 +81,11 @@ def test_the_length_prefix_bounds_what_can_be_framed(monkeypatch: pytest.MonkeyP
     raw = b'{"Peers":[' + b",".join([b'{"ID":1}'] * 1000) + b"]}"
     z = compress(raw)
     frame = struct.pack("<I", len(z)) + z
-    assert list(plain_pieces(frame)) == [struct.pack("<I", len(raw)) + raw]  # one write
+    size = plain_size(frame)
+    assert list(plain_pieces(frame, size)) == [struct.pack("<I", len(raw)) + raw]  # one write
     monkeypatch.setattr(encode, "_MAX_PLAIN", len(raw) - 1)
-    pieces = plain_pieces(frame)
     with pytest.raises(FrameError, match="decodes to"):
-        next(pieces)  # refused before anything is sent
+        plain_size(frame)  # refused before anything is sent
 
 
 @pytest.mark.parametrize("frame", [
@@ -91,6 +94,28 @@ def test_the_length_prefix_bounds_what_can_be_framed(monkeypatch: pytest.MonkeyP
     struct.pack("<I", 8) + b"not zstd",
     struct.pack("<I", 4) + b"{}{}",
 ])
-def test_a_bad_frame_is_refused_before_anything_is_sent(frame: bytes) -> None:
+async def test_a_bad_frame_is_refused_before_anything_is_sent(frame: bytes) -> None:
     with pytest.raises(FrameError):
-        next(plain_pieces(frame))
+        plain_size(frame)
+    sink = Sink()
+    with pytest.raises(FrameError):
+        await write_frame(sink, frame, "full", 1, zstd=False)
+    assert sink.size == 0
+
+
+async def test_the_length_is_counted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting inflates the whole frame (tens of ms for a large first map, per poll of
+    such a client): a thread does it, so the loop serves every other stream meanwhile."""
+    counted_in: list[int] = []
+
+    def counting(frame: bytes) -> int:
+        counted_in.append(threading.get_ident())
+        return plain_size(frame)
+
+    monkeypatch.setattr("pyheadscale.control.poll.plain_size", counting)
+    raw = b'{"Peers":[]}'
+    z = compress(raw)
+    sink = Sink()
+    await write_frame(sink, struct.pack("<I", len(z)) + z, "full", 1, zstd=False)
+    assert sink.size == 4 + len(raw)
+    assert counted_in and threading.get_ident() not in counted_in
