@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from pyheadscale.auth.webflow import UnknownAuthID
+from pyheadscale.auth.webflow import Pending, UnknownAuthID
 from pyheadscale.cluster import ClusterMember
 from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S
 from pyheadscale.control import sharedreg
@@ -191,6 +191,13 @@ async def _settle(*pendings: SharedPending) -> None:
             await asyncio.gather(*list(p._tasks))
 
 
+async def _share(p: Pending, src: SharedPending, dst: SharedPending) -> None:
+    """Publish `p` from the instance it was opened on; the other mirrors it."""
+    await src.publish(p)
+    await dst.tailnet.catch_up()
+    await _settle(dst)
+
+
 async def test_pending_registration_completed_on_another_instance(
         pair: tuple[Tailnet, Tailnet]) -> None:
     a, b = pair
@@ -305,9 +312,7 @@ async def test_a_completion_mirrored_elsewhere_leaves_newer_urls_open(
     uid, _ = await _user_and_key(a)
     pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
     first = pa.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": "tabs"})
-    await pa.publish(first)
-    await b.catch_up()
-    await _settle(pb)
+    await _share(first, pa, pb)
     with pa.deciding(first.auth_id) as newest:
         node = await a.register_for_user(key(7), newest.node_key, uid, newest.hostinfo)
         # Meanwhile two more `tailscale up` runs reach b, which a has not seen yet: one
@@ -405,9 +410,7 @@ async def test_a_discard_elsewhere_leaves_a_url_whose_login_is_being_decided(
     uid, _ = await _user_and_key(a)
     pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
     p = pa.add(machine_key=key(7), node_key=key(8), hostinfo={"Hostname": "web"})
-    await pa.publish(p)
-    await b.catch_up()
-    await _settle(pb)
+    await _share(p, pa, pb)
     with pa.deciding(p.auth_id) as newest:
         pb.discard(p.auth_id)
         await _settle(pb)
@@ -420,9 +423,7 @@ async def test_a_discard_elsewhere_leaves_a_url_whose_login_is_being_decided(
     assert got.id == node.id
     # Not being decided, a discard elsewhere closes it here as before.
     q = pa.add(machine_key=key(9), node_key=key(10), hostinfo={})
-    await pa.publish(q)
-    await b.catch_up()
-    await _settle(pb)
+    await _share(q, pa, pb)
     pb.discard(q.auth_id)
     await _settle(pb)
     await a.catch_up()
