@@ -10,8 +10,12 @@ so the mapper can build and encode a delta once for all viewers that are in the 
 situation). While a window's fan-out is still being worked through (sessions building and
 writing their frames), the next window stays open at least STRETCH times as long as that
 fan-out took: in a storm (thousands of nodes joining) frames per session stay bounded and the
-map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change after a quiet spell still goes out after the configured delay. A subscriber that falls behind never blocks the publisher or the other
-subscribers: its bounded buffer collapses to a single FULL change when it overflows.
+map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change
+after a quiet spell still goes out after the configured delay. A session subscribed while a
+window is open does not get that window's earlier changes: the state held them before they
+were published and its first map is built after it subscribed. Sessions behind by the same
+batches share one merged list. A subscriber that falls behind never blocks the publisher or
+the other subscribers: its bounded buffer collapses to a single FULL change when it overflows.
 """
 
 from __future__ import annotations
