@@ -205,9 +205,7 @@ async def test_pending_registration_completed_on_another_instance(
     pa, pb = SharedPending(60, 100, a), SharedPending(60, 100, b)
     # Opened on a (the client's register request); its Followup waits there.
     p = pa.add(machine_key=key(1), node_key=key(2), hostinfo={"Hostname": "web"})
-    await pa.publish(p)
-    await b.catch_up()
-    await _settle(pb)
+    await _share(p, pa, pb)
     mirrored = pb.get(p.auth_id)  # b mirrors it: a Followup or the admin may land there
     assert (mirrored.machine_key, mirrored.hostinfo) == (key(1), {"Hostname": "web"})
     # The admin approves on b; the client waiting on a gets its node.
@@ -220,9 +218,7 @@ async def test_pending_registration_completed_on_another_instance(
     assert got.id == node.id and got.ipv4 == node.ipv4
     # One opened on b and rejected on a: b's waiter hears the refusal.
     q = pb.add(machine_key=key(3), node_key=key(4), hostinfo={})
-    await pb.publish(q)
-    await a.catch_up()
-    await _settle(pa)
+    await _share(q, pb, pa)
     pa.reject(q.auth_id, "auth request rejected")
     await _settle(pa)
     await b.catch_up()

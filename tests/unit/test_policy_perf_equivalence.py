@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -156,18 +157,26 @@ def mutate(rng: random.Random, nodes: list[Node], users: list[User]) -> list[Nod
     return out
 
 
+def random_tailnets(
+    rng: random.Random, tries: int = 6
+) -> Iterator[tuple[int, list[User], list[Node], PolicyManager]]:
+    """(attempt, users, nodes, manager) for each of `tries` random tailnets whose random
+    policy compiles (the generator also makes policies the validator refuses)."""
+    for attempt in range(tries):
+        users = make_users(rng)
+        nodes = [random_node(rng, i, users) for i in range(1, rng.randint(2, 12) + 1)]
+        try:
+            pm = PolicyManager(make_policy(rng, users), users, nodes, run_tests=False)
+        except PolicyError:
+            continue
+        yield attempt, users, nodes, pm
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_random_tailnets_match_reference(seed: int) -> None:
     rng = random.Random(seed)
     compiled = 0
-    for attempt in range(6):
-        users = make_users(rng)
-        nodes = [random_node(rng, i, users) for i in range(1, rng.randint(2, 12) + 1)]
-        text = make_policy(rng, users)
-        try:
-            pm = PolicyManager(text, users, nodes, run_tests=False)
-        except PolicyError:
-            continue
+    for attempt, users, nodes, pm in random_tailnets(rng):
         compiled += 1
         assert_equivalent(pm, nodes, f"seed {seed}/{attempt}")
         for step in range(2):
