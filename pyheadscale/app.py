@@ -13,7 +13,7 @@ from asyncio import sslproto
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -22,8 +22,7 @@ from sqlalchemy import Engine
 from pyheadscale import __version__
 from pyheadscale.api import add_api_routes, version_info
 from pyheadscale.api.v2 import Settings, V2Deps, add_v2_routes
-from pyheadscale.cluster import ClusterMember, InstanceInfo, is_clustered
-from pyheadscale.cluster.member import first_value, new_instance_id, shared_secret
+from pyheadscale.cluster import is_clustered
 from pyheadscale.config import Config, ConfigError
 from pyheadscale.config.errors import key_error
 from pyheadscale.console import AdminConsole
@@ -35,7 +34,6 @@ from pyheadscale.debug import DebugDeps, metrics_app
 from pyheadscale.debugview import owner_name
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.fsperms import private_dir
-from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
 from pyheadscale.listener import (
     MainListener,
     add_takeover_route,
@@ -45,7 +43,7 @@ from pyheadscale.listener import (
 )
 from pyheadscale.logs import configure as configure_logging
 from pyheadscale.logs import fields
-from pyheadscale.memory import trim_periodically
+from pyheadscale.memory import trim_periodically, tune_malloc
 from pyheadscale.metrics import ServerView, server_registry, state_written
 from pyheadscale.noise.keys import load_or_create_private_key, public_key
 from pyheadscale.pages import add_page_routes, security_headers
@@ -56,6 +54,12 @@ from pyheadscale.state.changelog import ChangeLog
 from pyheadscale.state.changes import ChangeKind
 from pyheadscale.state.oauth import OAuthStore
 from pyheadscale.state.tailnet import Tailnet
+
+if TYPE_CHECKING:
+    # Imported where used: a server without a cluster or ACME never loads psycopg, or acme
+    # with requests and josepy (about 10 MiB resident between them).
+    from pyheadscale.cluster.member import ClusterMember, InstanceInfo
+    from pyheadscale.letsencrypt import AcmeManager
 
 log = logging.getLogger("pyheadscale")
 MESH_KEY = "derp_mesh_key"  # cluster_state key of the relays' shared mesh key
@@ -99,11 +103,16 @@ class Server:
             private_dir(cfg.data_dir)
         open_files = raise_fd_limit()
         shrink_tls_read_buffers()
+        tune_malloc()  # before the first thread starts
         with database_step(db, "cannot open the database"):
             self.engine = engine_from_config(cfg.database)
             await asyncio.to_thread(migrate, self.engine)
             # On PostgreSQL other instances may share the database: log every write for them.
-            changelog = ChangeLog(new_instance_id()) if is_clustered(self.engine) else None
+            changelog = None
+            if is_clustered(self.engine):
+                from pyheadscale.cluster.member import new_instance_id
+
+                changelog = ChangeLog(new_instance_id())
             self.tailnet = await Tailnet.load(self.engine, cfg, changelog=changelog)
             self.tailnet.write_observer = state_written
         mesh_key, node_name = None, ""
@@ -111,6 +120,8 @@ class Server:
             # One region of every instance's relay, meshed with a key they share.
             node_name = changelog.instance_id
             if not cfg.derp.server.mesh_key_path:
+                from pyheadscale.cluster.member import shared_secret
+
                 with database_step(db, "cannot read the shared relay mesh key"):
                     mesh_key = await asyncio.to_thread(shared_secret, self.engine, MESH_KEY)
         noise_path = cfg.noise.private_key_path or Path(cfg.data_dir) / "noise_private.key"
@@ -119,6 +130,8 @@ class Server:
         if changelog is not None:
             # Clients keep the server key they fetched first: every instance needs the same.
             mine = public_key(noise_key).hex()
+            from pyheadscale.cluster.member import first_value
+
             with database_step(db, "cannot read the shared Noise public key"):
                 first = await asyncio.to_thread(first_value, self.engine, NOISE_KEY, mine)
             if first != mine:
@@ -142,6 +155,8 @@ class Server:
                          revoked_key_retention=cfg.preauth_keys.revoked_retention)
         self.tasks.append(asyncio.create_task(self._reap_hourly()))
         if changelog is not None:
+            from pyheadscale.cluster.member import ClusterMember
+
             self.cluster = ClusterMember(self.tailnet, info=self._cluster_info)
             self.cluster.on_instances.append(self._instances_changed)
             await self.cluster.start()
@@ -169,6 +184,8 @@ class Server:
         host, port = split_hostport(cfg.listen_addr, 8080)
         tls: ServerTLS | None = None
         if cfg.tls_letsencrypt_hostname:
+            from pyheadscale.letsencrypt import AcmeManager, AcmeSettings
+
             tls = ServerTLS(peek_alpn=cfg.tls_letsencrypt_challenge_type == "TLS-ALPN-01")
             self.acme = AcmeManager(AcmeSettings(
                 hostname=cfg.tls_letsencrypt_hostname,

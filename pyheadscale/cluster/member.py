@@ -53,12 +53,6 @@ RECONNECT_S = (0.5, 1.0, 2.0, 3.0)  # back-off between reconnection attempts
 STATEMENT_TIMEOUT_S = 5.0
 
 
-def is_clustered(engine: Engine) -> bool:
-    """Several instances may share this database: PostgreSQL always runs the cluster
-    machinery (a second instance started later must find the log kept)."""
-    return engine.dialect.name == "postgresql"
-
-
 def new_instance_id() -> str:
     return f"{socket.gethostname()[:32]}-{secrets.token_hex(4)}"
 

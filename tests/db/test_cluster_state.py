@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from pyheadscale.auth.webflow import Pending, UnknownAuthID
-from pyheadscale.cluster import ClusterMember
-from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S
+from pyheadscale.cluster.member import DEAD_AFTER_S, TICK_S, ClusterMember
 from pyheadscale.control import sharedreg
 from pyheadscale.control.sharedreg import SharedPending
 from pyheadscale.db.cluster import ClusterRegistration
