@@ -25,10 +25,12 @@ except (OSError, AttributeError):
     _libc = None
 
 # glibc's mallopt parameters (malloc.h); other C libraries have no such calls.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 ARENAS = 2
-MMAP_THRESHOLD = 128 * 1024
+MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 4 << 20
 
 
 def tune_malloc() -> bool:
@@ -38,15 +40,19 @@ def tune_malloc() -> bool:
       thread freed serves only that thread again: the database thread and the to_thread
       pool each kept tens of MiB of their own. Python serialises most allocations behind
       the GIL anyway, so two arenas cost no measurable contention.
-    * A freed large block raises glibc's mmap threshold to its size (up to 32 MiB), after
-      which large transient buffers (first maps, frames being written) come from the heap
-      and leave it fragmented. A fixed threshold keeps them in their own mappings, handed
-      back to the OS on free.
+    * Every socket read allocates max_size (256 KiB) and shrinks it to what arrived. Above
+      glibc's default mmap threshold (128 KiB, raised only when a block that large is freed,
+      which a shrunk one never is) that was an mmap, an mremap and later a munmap per read;
+      a 1 MiB threshold serves reads from the heap (2.8 instead of 16-20 us per small read
+      on this machine). Only larger buffers get mappings of their own, handed back on free.
+    * The heap top is given back once 4 MiB of it is free, not at every 128 KiB (a brk per
+      read otherwise); the periodic trim returns the rest.
     """
     if _libc is None:
         return False
     _libc.mallopt(_M_ARENA_MAX, ARENAS)
     _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    _libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return True
 
 

@@ -267,6 +267,9 @@ class H2ControlConnection:
                 self._plain_out.clear()
                 self._drained.set()
                 await self.sink.write(out)
+                # The writer then waits, often for hours: the chunk just written (a whole
+                # sealed first map) must not stay referenced from this frame meanwhile.
+                del out
                 self._reactive = 0  # the socket takes data again
         except asyncio.CancelledError:
             pass
