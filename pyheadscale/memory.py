@@ -1,9 +1,10 @@
-"""Give freed heap memory back to the operating system (glibc's malloc_trim).
+"""Keep glibc's heap small: tune it at start (mallopt), give freed memory back (malloc_trim).
 
 A server that parses many short-lived JSON documents, map frames and TLS records churns the
 C heap; glibc keeps what is freed inside its arenas, so RSS creeps up although nothing
 leaks (the fuzz run shows every such MiB comes back with a trim). The server trims once a
-minute; it costs a few milliseconds. Without glibc this does nothing.
+minute; it costs a few milliseconds. `tune_malloc` says what it changes and why. ctypes,
+because no library exposes mallopt/malloc_trim; without glibc both do nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 
 log = logging.getLogger("pyheadscale.memory")
 TRIM_INTERVAL = 60.0
@@ -50,9 +52,14 @@ def tune_malloc() -> bool:
     """
     if _libc is None:
         return False
-    _libc.mallopt(_M_ARENA_MAX, ARENAS)
-    _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    _libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    for param, value, env, tunable in (
+            (_M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX", "arena_max"),
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold"),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "trim_threshold")):
+        # What the operator set in the environment wins (mallopt would override it).
+        if env not in os.environ and f"glibc.malloc.{tunable}=" not in tunables:
+            _libc.mallopt(param, value)
     return True
 
 
