@@ -25,11 +25,12 @@ from pyheadscale.policy.compile import (
     compile_node_attrs,
     via_app_pairs,
 )
+from pyheadscale.policy.entryindex import PieceParses
 from pyheadscale.policy.errors import PolicyError, PolicyTestError
 from pyheadscale.policy.evaluate import Evaluation
 from pyheadscale.policy.hujson import HuJSONError
 from pyheadscale.policy.idpgroups import IdPGroups
-from pyheadscale.policy.memo import CompileMemo
+from pyheadscale.policy.memo import CompileMemo, MatcherMemo
 from pyheadscale.policy.model import Alias, Policy
 from pyheadscale.policy.noderules import (
     global_rules,
@@ -143,6 +144,8 @@ class PolicyManager:
         self._users: list[User] = list(users)
         self._nodes: list[Node] = list(nodes)
         self._memo = CompileMemo()  # what update() reuses of the previous snapshot
+        self._parses = PieceParses()  # the evaluation index's rule parses, likewise
+        self._matchers = MatcherMemo()  # and its rules' matchers and node masks
         self._check_domains()
         self._recompute()
         self._check_user_references()
@@ -211,6 +214,8 @@ class PolicyManager:
                 self._global,
                 self._grants if self._per_node and self.policy is not None else [],
                 self._via_app,
+                self._parses,
+                self._matchers,
             )
         return self._eval
 

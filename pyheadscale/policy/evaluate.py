@@ -29,29 +29,15 @@ from pyheadscale.policy.compile import (
     NodeInfo,
     Resolver,
 )
-from pyheadscale.policy.ipset import THE_INTERNET, IPNetwork, IPSet, parse_wire
+from pyheadscale.policy.entryindex import EntryIndex, PieceParses, wire
+from pyheadscale.policy.memo import MatcherMemo
+from pyheadscale.policy.ipset import IPNetwork, IPSet, parse_wire
 from pyheadscale.policy.noderules import reduce_cap_rule, self_rules, via_rules
 
 Rule = dict[str, Any]
 # A rule's position in node_rules order: (grant index, 0 for the grant's own rules and
 # 1 for its per-node rules, index within those).
 Pos = tuple[int, int, int]
-
-_wire_cache: dict[str, tuple[tuple[tuple[int, int], ...], bool] | None] = {}
-
-
-def _wire(text: str) -> tuple[tuple[tuple[int, int], ...], bool] | None:
-    """(ranges, subset of the Internet) of a FilterRule address string; None if bad."""
-    hit = _wire_cache.get(text, False)
-    if hit is not False:
-        return hit  # type: ignore[return-value]
-    s = parse_wire(text)
-    out = None if s is None else (s.ranges, s.issubset(THE_INTERNET))
-    if len(_wire_cache) > 200_000:
-        _wire_cache.clear()
-    _wire_cache[text] = out
-    return out
-
 
 def _merge_key(rule: Rule) -> tuple[Any, ...]:
     return (tuple(rule["SrcIPs"]), tuple(rule.get("IPProto") or ()))
@@ -61,7 +47,7 @@ def _dests_served(node: NodeInfo, dsts: Iterable[dict[str, Any]]) -> list[dict[s
     """reduce_rules' test for one rule's DstPorts, on precomputed ranges."""
     out = []
     for dp in dsts:
-        w = _wire(dp["IP"])
+        w = wire(dp["IP"])
         if w is None:
             continue
         ranges, internet = w
@@ -79,64 +65,6 @@ def _serves(node: NodeInfo, ranges: Sequence[tuple[int, int]]) -> bool:
             if lo <= rhi and rlo <= hi:
                 return True
     return False
-
-
-class _EntryIndex:
-    """DstPorts entries by address: which entries contain an address or overlap a range."""
-
-    def __init__(self) -> None:
-        self.point: dict[int, list[int]] = {}
-        self.wide: dict[tuple[int, int], list[int]] = {}
-        self.internet: list[int] = []
-        self._bounds: list[int] = []
-        self._segments: list[list[list[int]]] = []
-        self._points_sorted: list[int] = []
-
-    def add(self, eid: int, ranges: Sequence[tuple[int, int]], internet: bool) -> None:
-        for lo, hi in ranges:
-            if lo == hi:
-                hit = self.point.get(lo)
-                if hit is None:
-                    self.point[lo] = [eid]
-                else:
-                    hit.append(eid)
-            else:
-                self.wide.setdefault((lo, hi), []).append(eid)
-        if internet:
-            self.internet.append(eid)
-
-    def freeze(self) -> None:
-        # Elementary segments between the wide ranges' edges, each listing the entry lists
-        # of the ranges covering it: a point query is one bisect.
-        bounds = sorted({lo for lo, _ in self.wide} | {hi + 1 for _, hi in self.wide})
-        segments: list[list[list[int]]] = [[] for _ in bounds]
-        for (lo, hi), eids in self.wide.items():
-            for i in range(bisect.bisect_left(bounds, lo), bisect.bisect_left(bounds, hi + 1)):
-                segments[i].append(eids)
-        self._bounds = bounds
-        self._segments = segments
-        self._points_sorted = sorted(self.point)
-
-    def hits(self, node: NodeInfo) -> set[int]:
-        out: set[int] = set()
-        for k in node.keys:
-            p = self.point.get(k)
-            if p:
-                out.update(p)
-            i = bisect.bisect_right(self._bounds, k) - 1
-            if i >= 0:
-                for eids in self._segments[i]:
-                    out.update(eids)
-        for lo, hi in node.route_ranges:
-            ps = self._points_sorted
-            for j in range(bisect.bisect_left(ps, lo), bisect.bisect_right(ps, hi)):
-                out.update(self.point[ps[j]])
-            for (wlo, whi), eids in self.wide.items():
-                if wlo <= hi and lo <= whi:
-                    out.update(eids)
-        if node.is_exit:
-            out.update(self.internet)
-        return out
 
 
 class _NodeSets:
@@ -246,6 +174,8 @@ class Evaluation:
         global_merged: Sequence[Rule],
         grants: Sequence[CompiledGrant],
         via_app: Sequence[tuple[IPSet, set[int]]],
+        parses: PieceParses | None = None,
+        matchers: MatcherMemo | None = None,
     ) -> None:
         self.infos = list(infos)
         self.res = res
@@ -260,27 +190,26 @@ class Evaluation:
         self.group_first: list[Pos] = []
         self.piece_group: list[int] = []
         self.cap_pieces: list[tuple[int, IPSet]] = []
-        self.entries: list[tuple[int, dict[str, Any]]] = []
-        self.index = _EntryIndex()
-        entries, add = self.entries, self.index.add
+        self.group_rule: list[Rule] = []  # the group's first piece (SrcIPs, IPProto)
+        indexed: list[tuple[int, Rule]] = []
         for pi, (pos, rule) in enumerate(self.pieces):
-            if rule.get("CapGrant"):
+            cap = bool(rule.get("CapGrant"))
+            if cap:
                 key: Any = ("cap", pos)
                 dsts = [parse_wire(d) for cg in rule["CapGrant"] for d in cg["Dsts"]]
                 self.cap_pieces.append((pi, IPSet.union(dsts)))
             else:
                 key = _merge_key(rule)
-                for dp in rule["DstPorts"]:
-                    w = _wire(dp["IP"])
-                    if w is not None:
-                        add(len(entries), w[0], w[1])
-                        entries.append((pi, dp))
             gid = self._gid.get(key)
             if gid is None:
                 gid = self._gid[key] = len(self.group_first)
                 self.group_first.append(pos)
+                self.group_rule.append(rule)
             self.piece_group.append(gid)
-        self.index.freeze()
+            if not cap:
+                indexed.append((gid, rule))
+        # Entries are labelled with their merge group: all a filter needs of an entry.
+        self.index = EntryIndex(indexed, parses if parses is not None else PieceParses())
         # Peers: global matchers' node masks, and the inverse (matchers per node).
         self.nodesets = _NodeSets(self.infos)
         self.global_rules = list(global_merged)
@@ -289,9 +218,12 @@ class Evaluation:
         self._src_of: list[list[int]] = [[] for _ in range(n)]
         self._dst_of: list[list[int]] = [[] for _ in range(n)]
         self._gmasks: list[tuple[int, int]] = []
-        self._gmatchers = [Matcher.of(rule) for rule in self.global_rules]
-        for mi, matcher in enumerate(self._gmatchers):
-            sm, dm = self.nodesets.matcher_masks(matcher)
+        self._gmatchers: list[Matcher] = []
+        memo = matchers if matchers is not None else MatcherMemo()
+        memo.begin(tuple((i.keys, i.route_ranges, i.is_exit) for i in self.infos))
+        for mi, rule in enumerate(self.global_rules):
+            matcher, (sm, dm) = memo.get(rule, self.nodesets.matcher_masks)
+            self._gmatchers.append(matcher)
             self._gmasks.append((sm, dm))
             for i in _bits(sm):
                 self._src_of[i].append(mi)
@@ -364,18 +296,15 @@ class Evaluation:
     def _filter_of(self, hits: Sequence[int], node: NodeInfo, caps: list[tuple[Pos, Rule]],
                    extras: list[tuple[Pos, Rule]]) -> list[Rule]:
         groups: dict[Any, list[Any]] = {}
-        entries = self.entries
-        pieces = self.pieces
-        piece_group = self.piece_group
-        group_first = self.group_first
+        entry_gid, entry_dp = self.index.label, self.index.dp
+        group_first, group_rule = self.group_first, self.group_rule
         for eid in hits:
-            pi, dp = entries[eid]
-            gid = piece_group[pi]
+            gid = entry_gid[eid]
             g = groups.get(gid)
             if g is None:
-                groups[gid] = [group_first[gid], pieces[pi][1], [dp]]
+                groups[gid] = [group_first[gid], group_rule[gid], [entry_dp[eid]]]
             else:
-                g[2].append(dp)
+                g[2].append(entry_dp[eid])
         if extras:
             self._merge_extras(node, groups, caps, extras)
         out: list[tuple[Pos, Rule]] = list(caps)
