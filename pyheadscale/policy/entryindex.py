@@ -49,9 +49,10 @@ _point_cache: dict[str, int | None] = {}
 
 
 def _point(text: str) -> int | None:
-    """The address of a FilterRule address string naming a single address, else None."""
+    """The address of a FilterRule address string naming a single address outside the
+    Internet (a node address, as almost every entry is), else None."""
     w = wire(text)
-    if w is None or len(w[0]) != 1 or w[0][0][0] != w[0][0][1]:
+    if w is None or w[1] or len(w[0]) != 1 or w[0][0][0] != w[0][0][1]:
         return None
     return w[0][0][0]
 
@@ -81,7 +82,11 @@ class _Parse:
                 continue
             ranges, internet = w
             for lo, hi in ranges:
-                self.wide.append((lo, hi, i))  # several ranges: none is a single address
+                if lo == hi:  # a public address (an exit node serves it)
+                    self.points.append(lo)
+                    self.point_at.append(i)
+                else:
+                    self.wide.append((lo, hi, i))
             if internet:
                 self.internet.append(i)
 

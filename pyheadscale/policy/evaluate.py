@@ -5,13 +5,13 @@ node_rules for the filter; pairwise can_access for visibility; policy/reference.
 them for the equivalence tests), but organised so a node's cost follows what it is involved in:
 
 * Filters: every DstPorts entry of the global rule pieces is indexed by its address ranges
-  (single addresses in a dict, wider ranges in an elementary-segment table), so "which
-  entries does this node serve" is a few lookups. Entries are numbered in rule order, so
+  (policy/entryindex.py, built from parses handed across snapshots), so "which entries
+  does this node serve" is a few lookups. Entries are numbered in rule order, so
   sorting the hits rebuilds Headscale's rule order; merge groups (same SrcIPs and IPProto)
   are fixed once, and per-node autogroup:self / via pieces are merged in at their grant's
   position.
 * Peers: each rule (matcher) gets the node sets, as bitmasks, of its sources and of its
-  destinations. A node sees the destinations of rules it is a source of and the sources of
+  destinations (kept for the next snapshot while the nodes' addresses stay). A node sees the destinations of rules it is a source of and the sources of
   rules it is a destination of. Per-node rules (autogroup:self, via) come in per class of
   nodes with the same extra rules (one class per user for autogroup:self).
 """
@@ -30,8 +30,8 @@ from pyheadscale.policy.compile import (
     Resolver,
 )
 from pyheadscale.policy.entryindex import EntryIndex, PieceParses, wire
-from pyheadscale.policy.memo import MatcherMemo
 from pyheadscale.policy.ipset import IPNetwork, IPSet, parse_wire
+from pyheadscale.policy.memo import MatcherMemo
 from pyheadscale.policy.noderules import reduce_cap_rule, self_rules, via_rules
 
 Rule = dict[str, Any]
