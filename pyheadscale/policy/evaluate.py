@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from pyheadscale.idblocks import SHIFT, IdBlocks, blocks_of
@@ -38,6 +39,14 @@ Rule = dict[str, Any]
 # A rule's position in node_rules order: (grant index, 0 for the grant's own rules and
 # 1 for its per-node rules, index within those).
 Pos = tuple[int, int, int]
+
+def _rule(group: Rule, dests: list[dict[str, Any]]) -> Rule:
+    """A filter rule of a merge group (its SrcIPs and IPProto) with the entries served."""
+    r: Rule = {"SrcIPs": group["SrcIPs"], "DstPorts": dests}
+    if group.get("IPProto"):
+        r["IPProto"] = group["IPProto"]
+    return r
+
 
 def _merge_key(rule: Rule) -> tuple[Any, ...]:
     return (tuple(rule["SrcIPs"]), tuple(rule.get("IPProto") or ()))
@@ -296,25 +305,36 @@ class Evaluation:
     def _filter_of(self, hits: Sequence[int], node: NodeInfo, caps: list[tuple[Pos, Rule]],
                    extras: list[tuple[Pos, Rule]]) -> list[Rule]:
         groups: dict[Any, list[Any]] = {}
-        entry_gid, entry_dp = self.index.label, self.index.dp
         group_first, group_rule = self.group_first, self.group_rule
-        for eid in hits:
-            gid = entry_gid[eid]
+        if len(hits) > 1:  # one C call each for the hits' groups and entries
+            take = itemgetter(*hits)
+            pairs: Iterable[tuple[int, dict[str, Any]]] = zip(
+                take(self.index.label), take(self.index.dp), strict=True)
+        else:
+            pairs = [(self.index.label[e], self.index.dp[e]) for e in hits]
+        if not caps and not extras:
+            # Global groups only: group numbers follow first positions (pieces come in
+            # order), so sorting the numbers is Headscale's rule order.
+            by_gid: dict[int, list[dict[str, Any]]] = {}
+            for gid, dp in pairs:
+                dests = by_gid.get(gid)
+                if dests is None:
+                    by_gid[gid] = [dp]
+                else:
+                    dests.append(dp)
+            return [_rule(group_rule[gid], by_gid[gid]) for gid in sorted(by_gid)]
+        for gid, dp in pairs:
             g = groups.get(gid)
             if g is None:
-                groups[gid] = [group_first[gid], group_rule[gid], [entry_dp[eid]]]
+                groups[gid] = [group_first[gid], group_rule[gid], [dp]]
             else:
-                g[2].append(entry_dp[eid])
+                g[2].append(dp)
         if extras:
             self._merge_extras(node, groups, caps, extras)
         out: list[tuple[Pos, Rule]] = list(caps)
         for first, rule, dests in groups.values():
-            if not dests:
-                continue
-            r: Rule = {"SrcIPs": rule["SrcIPs"], "DstPorts": dests}
-            if rule.get("IPProto"):
-                r["IPProto"] = rule["IPProto"]
-            out.append((first, r))
+            if dests:
+                out.append((first, _rule(rule, dests)))
         out.sort(key=lambda x: x[0])
         return [r for _, r in out]
 
