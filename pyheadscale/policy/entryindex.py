@@ -16,6 +16,7 @@ a Python step per entry:
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
@@ -72,8 +73,10 @@ class _Parse:
             if text not in cache:
                 cache[text] = _point(text)
         keys = list(map(cache.__getitem__, ips))
-        self.points: list[int] = [k for k in keys if k is not None]  # single addresses ...
-        self.point_at = [i for i, k in enumerate(keys) if k is not None]  # ... and their entry
+        # Single addresses (the address ints the wire cache holds) and their entries (as
+        # machine words: a large tailnet's parses hold millions, kept between snapshots).
+        self.points: list[int] = [k for k in keys if k is not None]
+        self.point_at = array("l", [i for i, k in enumerate(keys) if k is not None])
         self.wide: list[tuple[int, int, int]] = []  # (lo, hi, entry) of wider ranges
         self.internet: list[int] = []  # entries covering the Internet (exit nodes serve them)
         for i in [i for i, k in enumerate(keys) if k is None]:
