@@ -8,10 +8,14 @@ from typing import TYPE_CHECKING
 import h2.errors
 import h2.exceptions
 
+from pyheadscale.control.h2data import data_frames
 from pyheadscale.control.types import StreamGone
 
 if TYPE_CHECKING:
     from pyheadscale.control.h2server import H2ControlConnection
+
+# Queued plaintext above which a response writer waits for the socket (h2server's HIGH_WATER).
+HIGH_WATER = 256 * 1024
 
 
 class H2ResponseStream:
@@ -61,23 +65,39 @@ class H2ResponseStream:
         if not self.started:
             await self.start(200)
         view = memoryview(data)
-        conn = self._conn
         while view:
             self._check()
             try:
-                window = conn.h2.local_flow_control_window(self.stream_id)
-                n = min(len(view), window, conn.h2.max_outbound_frame_size)
-                if n <= 0:
-                    self._window.clear()
-                    await self._window.wait()
-                    continue
-                conn.h2.send_data(self.stream_id, bytes(view[:n]))
+                n = self._send(view)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
                 self._mark_gone()
                 raise StreamGone(str(e)) from None
+            if n <= 0:  # a window is exhausted: wait for the peer's WINDOW_UPDATE
+                self._window.clear()
+                await self._window.wait()
+                continue
             view = view[n:]
+            await self._conn.wait_writable()
+
+    def _send(self, view: memoryview) -> int:
+        """Queue DATA frames for as much of ``view`` as the windows take; how much that was."""
+        conn = self._conn
+        conn.flush()  # h2's pending output (our HEADERS, acknowledgements) goes first
+        # At most HIGH_WATER at a time: the caller then waits for the socket to take it, so
+        # a large map in a large window never piles up unsent (MAX_UNSENT_OUTPUT).
+        built = data_frames(conn.h2, self.stream_id, view[:HIGH_WATER])
+        if built is not None:
+            frames, n = built
+            if n:
+                conn.queue(frames)
+            return n
+        # Not a stream h2 holds open for sending: h2 itself raises the reason.
+        n = min(len(view), conn.h2.local_flow_control_window(self.stream_id),
+                conn.h2.max_outbound_frame_size)
+        if n > 0:
+            conn.h2.send_data(self.stream_id, bytes(view[:n]))
             conn.flush()
-            await conn.wait_writable()
+        return n
 
     async def end(self, data: bytes = b"") -> None:
         if data:

@@ -13,8 +13,10 @@ Rules it keeps (docs/protocol.md, "HTTP/2 inside Noise" and "Noise handshake and
   has every bound a peer meets).
 * Outbound DATA respects the peer's windows and max frame size; writers wait for
   WINDOW_UPDATE.
-* One writer task per connection seals records and writes them in order; handlers only
-  queue plaintext h2 frames.
+* Records are sealed in order by one writer task per connection, or, while that task is idle
+  and the sink takes data without waiting, right where the output is queued (write-through:
+  in a storm each map frame would otherwise cost a task wakeup); handlers only queue
+  plaintext h2 frames.
 * Each request runs in its own task; RST_STREAM cancels it; bad records or garbage HTTP/2
   close this connection only.
 """
@@ -36,7 +38,7 @@ import h2.settings
 from h2.utilities import HeaderValidationFlags, validate_headers
 
 from pyheadscale.control.h2limits import MAX_UNSENT_OUTPUT, BodyBudget, H2Limits
-from pyheadscale.control.h2response import H2ResponseStream
+from pyheadscale.control.h2response import HIGH_WATER, H2ResponseStream
 from pyheadscale.control.types import (
     MAX_REQUEST_BODY,
     ControlRequest,
@@ -50,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Above this many queued plaintext bytes, response writers wait for the socket to drain.
-HIGH_WATER = 256 * 1024
 
 _conn_ids = itertools.count(1)
 
@@ -60,6 +60,14 @@ class ByteSink(Protocol):
     """Where a connection's ciphertext goes (a socket, a WebSocket, a test buffer)."""
 
     async def write(self, data: bytes) -> None: ...
+
+    def ready(self) -> bool:
+        """True when ``write_nowait`` would not have to wait (nothing is holding output)."""
+        ...
+
+    def write_nowait(self, data: bytes) -> None:
+        """Take ``data`` now (only after ``ready()`` said so)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -157,6 +165,7 @@ class H2ControlConnection:
         self._drained.set()
         self._closed = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._writer_idle = False  # parked with nothing sealed in flight: write-through is safe
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -239,15 +248,36 @@ class H2ControlConnection:
         """Move pending h2 output to the writer's queue."""
         data = self.h2.data_to_send()
         if data:
-            self._plain_out += data
-            self._queued_total += len(data)
-            if len(self._plain_out) > HIGH_WATER:
-                self._drained.clear()
-                if len(self._plain_out) > MAX_UNSENT_OUTPUT and not self.closing:
-                    self._plain_out.clear()  # the peer does not read: nothing will flow
-                    self._fail("peer does not read its output", abort=True)
-                    return
-            self._wake.set()
+            self.queue(data)
+
+    def queue(self, data: bytes) -> None:
+        """Plaintext HTTP/2 frames to send after everything queued before (h2's own pending
+        output must have been flushed first)."""
+        self._plain_out += data
+        if self._writer_idle and not self.closing and self.sink.ready():
+            self._write_through()
+            return
+        self._queued_total += len(data)  # what feed() counts as waiting for the socket
+        if len(self._plain_out) > HIGH_WATER:
+            self._drained.clear()
+            if len(self._plain_out) > MAX_UNSENT_OUTPUT and not self.closing:
+                self._plain_out.clear()  # the peer does not read: nothing will flow
+                self._fail("peer does not read its output", abort=True)
+                return
+        self._wake.set()
+
+    def _write_through(self) -> None:
+        # The writer holds nothing sealed, so sealing here keeps record N the N-th on the wire.
+        try:
+            out = bytes(self._raw_out) + self.records.seal(bytes(self._plain_out))
+            self._raw_out.clear()
+            self._plain_out.clear()
+            self._reactive = 0
+            self._drained.set()
+            self.sink.write_nowait(out)
+        except Exception as e:  # the socket went away (or the nonce ran out)
+            log.debug("control connection %d write failed: %r", self.conn_id, e)
+            self.close("write failed")
 
     async def wait_writable(self) -> None:
         if not self._drained.is_set():
@@ -258,10 +288,14 @@ class H2ControlConnection:
             while True:
                 while not (self._plain_out or self._raw_out or self.closing):
                     self._wake.clear()
-                    await self._wake.wait()
+                    self._writer_idle = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._writer_idle = False
                 if not (self._plain_out or self._raw_out):
                     break  # closing and nothing left to send
-                # Sealing happens only here, so record N is the N-th record on the wire.
+                # Sealed and handed to the sink in one step, as _write_through does.
                 out = bytes(self._raw_out) + self.records.seal(bytes(self._plain_out))
                 self._raw_out.clear()
                 self._plain_out.clear()

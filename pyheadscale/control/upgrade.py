@@ -71,6 +71,12 @@ class _NoiseStream(asyncio.Protocol):
         self._t.write(data)
         await self._writable.wait()
 
+    def ready(self) -> bool:
+        return self._writable.is_set() and not self._t.is_closing()
+
+    def write_nowait(self, data: bytes) -> None:
+        self._t.write(data)  # pause_writing() says when the buffer is past its high-water mark
+
     async def close(self) -> None:
         self._t.close()
         # A graceful close (TLS close_notify after the unsent output) needs a peer that

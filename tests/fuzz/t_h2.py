@@ -32,6 +32,12 @@ class NullSink:
     async def write(self, data: bytes) -> None:
         self.bytes += len(data)
 
+    def ready(self) -> bool:
+        return True
+
+    def write_nowait(self, data: bytes) -> None:
+        self.bytes += len(data)
+
     async def close(self) -> None:
         return None
 

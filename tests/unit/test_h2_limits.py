@@ -141,6 +141,12 @@ class StuckSink:
         self.chunks.append(data)
         await self._never.wait()
 
+    def ready(self) -> bool:
+        return False  # never: every write goes through the (stuck) writer task
+
+    def write_nowait(self, data: bytes) -> None:
+        raise AssertionError("not ready, never written to at once")
+
     async def close(self) -> None:
         self.closed = True
 

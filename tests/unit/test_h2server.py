@@ -27,6 +27,13 @@ class MemorySink:
         self.chunks.append(data)
         self.event.set()
 
+    def ready(self) -> bool:
+        return not self.closed
+
+    def write_nowait(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.event.set()
+
     async def close(self) -> None:
         self.closed = True
         self.event.set()
