@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,9 +192,17 @@ _PATCH_KINDS = frozenset({ChangeKind.NODE_PATCH, ChangeKind.NODE_ONLINE})
 _CONFIG_KINDS = frozenset({ChangeKind.DNS, ChangeKind.DERP})
 
 
-def response_type(batch: Iterable[Change], *, ping: bool = False) -> str:
+# The last batch typed: every session of a fan-out types the same (shared) list.
+_last_typed: tuple[Sequence[Change] | None, frozenset[ChangeKind]] = (None, frozenset())
+
+
+def response_type(batch: Sequence[Change], *, ping: bool = False) -> str:
     """Headscale's Change.Type() for the delta a batch of changes produced."""
-    kinds = {c.kind for c in batch}
+    global _last_typed
+    last, kinds = _last_typed
+    if last is not batch:
+        kinds = frozenset(c.kind for c in batch)
+        _last_typed = (batch, kinds)
     if ChangeKind.FULL in kinds:
         return "full"
     if ChangeKind.POLICY in kinds:

@@ -41,7 +41,8 @@ class _Plan:
     removed: frozenset[int] = frozenset()  # touched nodes no longer there
     entries: frozenset[int] = frozenset()  # present nodes sent whole
     patched: frozenset[int] = frozenset()  # present nodes sent as a PeerChange
-    held: tuple[int, ...] = ()  # patched and removed: the viewer must know them all
+    held: tuple[tuple[int, int], ...] = ()  # patched and removed (the viewer must know them
+    # all) as KnownPeers bits
     entry_blocks: tuple[tuple[int, int], ...] = ()  # entries as KnownPeers bits
     frame: bytes | None = None
     built: bool = False
@@ -86,7 +87,7 @@ class SharedDeltas:
         if plan.shareable and viewer.id not in plan.view.touched:
             if not plan.built:
                 self._build(plan, snap, legacy)
-            if (plan.shareable and known.has_all(plan.held)
+            if (plan.shareable and known.has_all_blocks(plan.held)
                     and self._sees_all(snap.ctx, viewer, nodes, plan.present)):
                 self.shared += 1
                 for p in plan.removed:
@@ -147,7 +148,7 @@ class SharedDeltas:
         plan.removed = frozenset(b.touched - present)
         plan.entries = frozenset(entries)
         plan.patched = present - plan.entries
-        plan.held = (*plan.patched, *plan.removed)
+        plan.held = plain_blocks(plan.patched | plan.removed)
         plan.entry_blocks = plain_blocks(plan.entries)
         plan.built = True
         changed = [nodes[p] for p in sorted(plan.entries)]

@@ -93,6 +93,10 @@ def test_known_peers_behaves_as_the_dict_it_replaces(ops: list[tuple[Any, ...]])
         assert set(kp.non_plain()) == {i for i, v in ref.items() if v != PLAIN_VIEW}
         for i in (0, 1, BLOCK - 1, BLOCK, 2**20, 2**40, 7):
             assert (i in kp) == (i in ref) and kp.get(i) == ref.get(i)
+        # Known with any view (the non-plain ones too), across blocks, and one unknown ID.
+        probe = [*list(ref)[:5], BLOCK + 1, 2**20]
+        for ids in (probe, probe[:-1], probe[:2], [i for i in ref if ref[i] != PLAIN_VIEW]):
+            assert kp.has_all_blocks(plain_blocks(ids)) == all(i in ref for i in ids)
     assert "x" not in kp
 
 
