@@ -5,6 +5,7 @@ stay exact, and records must stay in order whichever path seals them."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
@@ -101,12 +102,32 @@ def test_a_stream_ended_by_us_is_left_to_h2() -> None:
 
 
 class SlowSink(MemorySink):
-    """A socket whose buffer is full whenever ``full`` is set: output waits for the writer."""
+    """A socket whose buffer is full while ``full`` is set: the writer task's writes wait
+    for it to drain, and nothing is written at once (write-through)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.full = False
         self.through = 0  # writes taken at once (write-through)
+        self._room = asyncio.Event()
+        self._room.set()
+
+    @property
+    def full(self) -> bool:
+        return not self._room.is_set()
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        if value:
+            self._room.clear()
+        else:
+            self._room.set()
+
+    async def write(self, data: bytes) -> None:
+        self.chunks.append(data)  # the transport buffers it, the peer reads it once drained
+        await self._room.wait()
+
+    def take(self) -> bytes:
+        return b"" if self.full else super().take()
 
     def ready(self) -> bool:
         return not self.full and not self.closed
@@ -115,6 +136,16 @@ class SlowSink(MemorySink):
         assert not self.full
         self.through += 1
         super().write_nowait(data)
+
+
+def _slow(dispatch: Callable[[ControlRequest, ResponseStream], Awaitable[None]]
+          ) -> tuple[Harness, SlowSink]:
+    h = Harness(dispatch)
+    sink = SlowSink()
+    h.conn.sink = sink
+    h.sink = sink
+    h.start()
+    return h, sink
 
 
 async def test_records_stay_in_order_across_write_through_and_writer() -> None:
@@ -131,11 +162,7 @@ async def test_records_stay_in_order_across_write_through_and_writer() -> None:
         await resp.end()
         wrote.set()
 
-    h = Harness(dispatch)
-    sink = SlowSink()
-    h.conn.sink = sink
-    h.sink = sink
-    h.start()
+    h, sink = _slow(dispatch)
     sid = h.request("/machine/map")
     for i in range(400):
         sink.full = i % 3 == 0
@@ -158,18 +185,15 @@ async def test_slow_reader_holds_output_until_it_reads() -> None:
         await resp.end()
         done.set()
 
-    h = Harness(dispatch)
-    sink = SlowSink()
-    h.conn.sink = sink
-    h.sink = sink
-    h.start()
+    h, sink = _slow(dispatch)
     await h.pump()
     through = sink.through
     sink.full = True
     sid = h.request("/machine/map")
     for _ in range(5):
-        await asyncio.sleep(0)
-    assert sink.through == through  # not written at once while the socket is full
+        await h.pump()
+    # Nothing written at once while the socket is full, and nothing reached the peer.
+    assert sink.through == through and h.status(sid) is None and not h.body(sid)
     sink.full = False
     await until(h, lambda: h.ended(sid))
     assert done.is_set() and h.body(sid) == b"z" * size
