@@ -68,6 +68,8 @@ class RecordLayer:
 
     def seal(self, data: bytes) -> bytes:
         """Encrypt ``data`` into as many records as needed (an empty input yields nothing)."""
+        if len(data) <= MAX_PLAINTEXT:  # one record (most map frames): no copies
+            return self._seal_one(data) if data else b""
         out = bytearray()
         view = memoryview(data)
         for i in range(0, len(view), MAX_PLAINTEXT):
