@@ -13,10 +13,9 @@ Rules it keeps (docs/protocol.md, "HTTP/2 inside Noise" and "Noise handshake and
   has every bound a peer meets).
 * Outbound DATA respects the peer's windows and max frame size; writers wait for
   WINDOW_UPDATE.
-* Records are sealed in order by one writer task per connection, or, while that task is idle
-  and the sink takes data without waiting, right where the output is queued (write-through:
-  in a storm each map frame would otherwise cost a task wakeup); handlers only queue
-  plaintext h2 frames.
+* Records are sealed in order by the connection's writer task or, while it is idle and the
+  sink takes data at once, where output is queued (no task wakeup per map frame in a storm);
+  handlers only queue plaintext h2 frames.
 * Each request runs in its own task; RST_STREAM cancels it; bad records or garbage HTTP/2
   close this connection only.
 """
@@ -251,8 +250,7 @@ class H2ControlConnection:
             self.queue(data)
 
     def queue(self, data: bytes) -> None:
-        """Plaintext HTTP/2 frames to send after everything queued before (h2's own pending
-        output must have been flushed first)."""
+        """Plaintext h2 frames to send after all queued before (flush h2's output first)."""
         self._plain_out += data
         if self._writer_idle and not self.closing and self.sink.ready():
             self._write_through()
