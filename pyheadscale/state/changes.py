@@ -7,15 +7,16 @@ one subscription; a newer one replaces the older (whose iterator ends).
 Changes are coalesced over one batching window for the whole bus: it opens with the first
 change and, when it closes, every subscriber is handed the same batch (the same list object,
 so the mapper can build and encode a delta once for all viewers that are in the same
-situation). While a window's fan-out is still being worked through (sessions building and
-writing their frames), the next window stays open at least STRETCH times as long as that
-fan-out took: in a storm (thousands of nodes joining) frames per session stay bounded and the
-map sessions get at most about a quarter of the CPU (the joins the rest), while a lone change
-after a quiet spell still goes out after the configured delay. A session subscribed while a
-window is open does not get that window's earlier changes: the state held them before they
-were published and its first map is built after it subscribed. Sessions behind by the same
-batches share one merged list. A subscriber that falls behind never blocks the publisher or
-the other subscribers: its bounded buffer collapses to a single FULL change when it overflows.
+situation). In a storm (changes keep coming while sessions write the last batch) the next
+window stays open STRETCH times as long as that fan-out took, capped by a length that grows
+with the open sessions, so frames per session stay bounded however large the tailnet; it
+closes early once no change has come for QUIET_GAP delays, and a window opened after a quiet
+spell closes after the configured delay: a lone change never waits for a storm's window. A
+session subscribed while a window is open does not get that window's earlier changes: the
+state held them before they were published and its first map is built after it subscribed.
+Sessions behind by the same batches share one merged list. A subscriber that falls behind
+never blocks the publisher or the other subscribers: its bounded buffer collapses to a single
+FULL change when it overflows.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from dataclasses import dataclass, field
 
 DEFAULT_BATCH_DELAY = 0.1  # seconds (tuning.batch_change_delay); Headscale waits 800 ms
 DEFAULT_BUFFER = 1024
-# The next window lasts at least STRETCH x the time the last fan-out took, but never longer
-# than MAX_STRETCH x the configured delay: that bounds what one change waits in a storm.
-# 3: in a storm every window's fan-out is worth ~1/4 of the time (1: ~1/2; the fan-out is
-# as many frames as sessions, so this is what bounds frames per node and their CPU).
+# In a storm the next window lasts STRETCH x the time the last fan-out took. 3: every
+# window's fan-out is worth ~1/4 of the time (1: ~1/2; a fan-out is as many frames as
+# sessions and takes time in proportion, so this is what bounds frames per node and their CPU).
 STRETCH = 3.0
+# The storm window's cap: MAX_STRETCH delays, or SESSION_STRETCH_S per open session when that
+# is longer (2 s up to 2,000 sessions, 10 s at 10,000). A fixed cap let frames per node grow
+# with the storm's length, which grows with the tailnet: join CPU per node grew with N.
+# A window waits for a fan-out still being written at most MAX_STRETCH delays from its start.
 MAX_STRETCH = 20
+SESSION_STRETCH_S = 0.001
+# A stretched window closes once no change has come for this many delays: the storm is over
+# (its last joins go out at once) and a change after it does not wait for a long window.
+QUIET_GAP = 3
 MERGES_KEPT = 32  # backlogs whose merged batch is kept for other sessions behind alike
 
 
@@ -214,6 +222,7 @@ class ChangeBus:
         # own changes were published before (those it does not get).
         self._joined: dict[int, tuple[int, int]] = {}
         self._opened_at = 0.0  # monotonic time the open window began
+        self._last_publish = 0.0  # monotonic time of the open window's latest change
         self._timer: asyncio.TimerHandle | None = None
         # The last fan-out: when it began, how many subscribers have not come back for
         # their next batch, and how long it took once they all had.
@@ -225,13 +234,15 @@ class ChangeBus:
         # Backlogs merged lately: key the batches' ids -> (the batches, their merged list).
         self._merges: dict[tuple[int, ...], tuple[list[list[Change]], list[Change]]] = {}
 
+    def cap(self) -> float:
+        """The longest a storm window lasts after its fan-out: grows with the sessions."""
+        return max(MAX_STRETCH * self.batch_delay, SESSION_STRETCH_S * len(self._subs))
+
     def window(self) -> float:
-        """How long the next window stays open at least, measured from the end of the last
-        fan-out: the configured delay, or the last fan-out's duration (x STRETCH, capped)
-        when that was longer. Measured from its first change a window never closes before
-        the configured delay either."""
-        stretch = min(STRETCH * self.last_fanout_s, MAX_STRETCH * self.batch_delay)
-        return max(self.batch_delay, stretch)
+        """How long a storm window stays open, measured from the end of the last fan-out:
+        the configured delay, or the last fan-out's duration x STRETCH when that is longer,
+        at most cap()."""
+        return max(self.batch_delay, min(STRETCH * self.last_fanout_s, self.cap()))
 
     def _merged(self, batches: list[list[Change]]) -> list[Change]:
         """Several batches a subscriber fell behind by, coalesced into one list. In a storm
@@ -281,8 +292,9 @@ class ChangeBus:
     def publish(self, *changes: Change) -> None:
         """Never blocks: changes wait for the window to close; each subscriber's buffer takes
         its batch or collapses to FULL."""
+        now = time.monotonic()
         if not (self._pending or self._targeted):
-            self._opened_at = time.monotonic()  # this publish opens the window
+            self._opened_at = now  # this publish opens the window
         for change in changes:
             self.published += 1
             if change.target is not None:
@@ -292,11 +304,27 @@ class ChangeBus:
                 self._pending.append(change)
         if not (self._pending or self._targeted):
             return
+        self._last_publish = now
         if self.batch_delay <= 0:
             self._flush()  # no window: every publish is its own batch
             return
         if self._timer is None:
             self._schedule()
+
+    def _due(self) -> float:
+        """When the open window closes (monotonic time); never before the configured delay."""
+        due = self._opened_at + self.batch_delay
+        if self._outstanding:
+            # The last fan-out is still being written: wait for it (its end reschedules),
+            # but never past MAX_STRETCH delays, so a stuck session cannot hold every other.
+            # No quiet-gap rule here: while the loop writes a fan-out, joins stall too.
+            return max(due, self._fanout_start + MAX_STRETCH * self.batch_delay)
+        if self._opened_at - self._fanout_end > self.batch_delay:
+            return due  # opened after a quiet spell: not a storm
+        # A storm: stretched after the last fan-out, until changes stop coming.
+        stretched = min(self._fanout_end + self.window(),
+                        max(self._last_publish, self._fanout_end) + QUIET_GAP * self.batch_delay)
+        return max(due, stretched)
 
     def _schedule(self) -> None:
         try:
@@ -304,21 +332,15 @@ class ChangeBus:
         except RuntimeError:  # no loop (a synchronous caller): hand it out now
             self._flush()
             return
-        now = time.monotonic()
-        due = self._opened_at + self.batch_delay
-        if self._outstanding:
-            # The last fan-out is still being written: wait for it (its end reschedules),
-            # but never past the cap, so a stuck session cannot hold every other one.
-            due = max(due, self._fanout_start + MAX_STRETCH * self.batch_delay)
-        else:
-            # Stretched only while changes keep coming (a storm): a window whose first
-            # change came after a quiet spell goes out after the configured delay.
-            quiet = self._opened_at - self._fanout_end > self.batch_delay
-            due = max(due, self._fanout_end + (self.batch_delay if quiet else self.window()))
-        self._timer = loop.call_at(loop.time() + max(0.0, due - now), self._on_timer)
+        wait = max(0.0, self._due() - time.monotonic())
+        self._timer = loop.call_at(loop.time() + wait, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        # Changes that came since the timer was set may keep a storm window open.
+        if self._due() - time.monotonic() > 0.001:
+            self._schedule()
+            return
         self._flush()
 
     def _answered(self, sub: Subscription, closing: bool = False) -> None:

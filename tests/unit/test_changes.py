@@ -104,25 +104,35 @@ async def test_targeted_change_joins_the_shared_batch_for_its_target_only() -> N
 
 async def test_slow_fanout_stretches_the_next_window() -> None:
     """While the sessions are still writing one batch the next window stays open; once they
-    are done it stays open as long as that took (storm protection), within the cap."""
-    from pyheadscale.state.changes import MAX_STRETCH
+    are done, if changes keep coming, it stays open STRETCH x as long as that took (storm
+    protection), within the cap."""
+    from pyheadscale.state.changes import STRETCH
 
-    bus = ChangeBus(batch_delay=0.02)
+    bus = ChangeBus(batch_delay=0.05)
+    loop = asyncio.get_running_loop()
     a, b = bus.subscribe(1), bus.subscribe(2)
     bus.publish(Change(ChangeKind.NODE_ADDED, 3))
     await asyncio.wait_for(a.__anext__(), 1)
     await asyncio.wait_for(b.__anext__(), 1)
-    bus.publish(Change(ChangeKind.NODE_ADDED, 4))  # b has not come back for more yet
     nxt = asyncio.ensure_future(a.__anext__())
-    await asyncio.sleep(0.1)
+    for node in range(4, 24):  # changes keep coming (a storm) while b has not come back
+        bus.publish(Change(ChangeKind.NODE_ADDED, node))
+        await asyncio.sleep(0.01)
     assert not nxt.done()  # held: the last fan-out (b's part) is not finished
-    t0 = asyncio.get_running_loop().time()
+    t0 = loop.time()
     late = asyncio.ensure_future(b.__anext__())  # b is done with batch 1
-    await asyncio.wait_for(nxt, 1)
-    waited = asyncio.get_running_loop().time() - t0
-    assert bus.last_fanout_s >= 0.1
-    assert 0.09 <= waited <= MAX_STRETCH * 0.02 + 0.1  # ~ as long as the slow fan-out took
+    node = 24
+    while loop.time() - t0 < 3:
+        await asyncio.sleep(0.01)
+        if nxt.done():
+            break
+        bus.publish(Change(ChangeKind.NODE_ADDED, node))
+        node += 1
+    waited = loop.time() - t0
+    assert bus.last_fanout_s >= 0.2
+    assert STRETCH * 0.2 - 0.05 <= waited <= STRETCH * bus.last_fanout_s + 0.3
     await asyncio.wait_for(late, 1)
+
 
 
 async def test_a_stuck_session_holds_the_next_window_only_up_to_the_cap() -> None:
@@ -149,6 +159,74 @@ def test_window_is_the_delay_after_quick_fanouts() -> None:
     bus.last_fanout_s = 1000.0
 
     assert bus.window() == MAX_STRETCH * 0.1
+
+
+def test_the_storm_cap_grows_with_the_open_sessions() -> None:
+    """A fixed cap let frames per node grow with a storm's length (so with the tailnet):
+    the cap is MAX_STRETCH delays, or SESSION_STRETCH_S per open session when longer."""
+    from pyheadscale.state.changes import MAX_STRETCH, SESSION_STRETCH_S
+
+    bus = ChangeBus(batch_delay=0.1)
+    for nid in range(1, 11):
+        bus.subscribe(nid)
+    bus.last_fanout_s = 1000.0
+    assert bus.cap() == bus.window() == MAX_STRETCH * 0.1  # a small tailnet: the fixed cap
+    for nid in range(11, 5001):
+        bus.subscribe(nid)
+    assert bus.cap() == bus.window() == 5000 * SESSION_STRETCH_S > MAX_STRETCH * 0.1
+    bus.last_fanout_s = 0.2
+    assert bus.window() == 3 * 0.2  # below the cap the stretch is what the fan-out took
+    bus.close()
+
+
+async def _storm_bus(delay: float) -> tuple[ChangeBus, asyncio.Future[list[Change]]]:
+    """A bus whose last fan-out has just ended and took long (a storm's), and the next batch
+    its one session waits for."""
+    bus = ChangeBus(batch_delay=delay)
+    a = bus.subscribe(1)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 2))
+    await asyncio.wait_for(a.__anext__(), 1)
+    nxt = asyncio.ensure_future(a.__anext__())  # a is done with its batch: fan-out over
+    await asyncio.sleep(0)
+    bus.last_fanout_s = 1000.0  # the window after it: the cap (20 delays)
+    return bus, nxt
+
+
+async def test_changes_that_keep_coming_after_a_long_fanout_share_one_window_up_to_the_cap(
+) -> None:
+    from pyheadscale.state.changes import MAX_STRETCH
+
+    bus, nxt = await _storm_bus(0.05)  # cap: 1 s
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    node = 3
+    while not nxt.done() and loop.time() - t0 < 3:
+        bus.publish(Change(ChangeKind.NODE_ADDED, node))
+        node += 1
+        await asyncio.sleep(0.01)
+    took = loop.time() - t0
+    assert MAX_STRETCH * 0.05 - 0.05 <= took <= MAX_STRETCH * 0.05 + 0.5  # the cap holds
+    batch = nxt.result()
+    assert len(batch) >= 10 and [c.node_id for c in batch] == list(range(3, 3 + len(batch)))
+    bus.close()
+
+
+async def test_a_storm_window_closes_once_changes_stop_coming() -> None:
+    """The storm's last changes go out QUIET_GAP delays after the last one, not at the end
+    of the stretched window (a change right after a storm is not held for the cap)."""
+    from pyheadscale.state.changes import QUIET_GAP
+
+    bus, nxt = await _storm_bus(0.05)  # stretched window: 1 s
+    loop = asyncio.get_running_loop()
+    for node in (3, 4, 5):
+        bus.publish(Change(ChangeKind.NODE_ADDED, node))
+        await asyncio.sleep(0.03)
+    t_last = loop.time() - 0.03
+    batch = await asyncio.wait_for(nxt, 2)
+    after = loop.time() - t_last
+    assert QUIET_GAP * 0.05 - 0.02 <= after <= QUIET_GAP * 0.05 + 0.4
+    assert [c.node_id for c in batch] == [3, 4, 5]
+    bus.close()
 
 
 async def test_sessions_behind_by_the_same_batches_share_one_merged_batch() -> None:
@@ -213,7 +291,7 @@ async def test_a_change_after_a_quiet_spell_is_not_held_by_a_long_last_fanout() 
     await asyncio.wait_for(a.__anext__(), 1)
     nxt = asyncio.ensure_future(a.__anext__())  # a is done with its batch: fan-out over
     await asyncio.sleep(0)
-    bus.last_fanout_s = 5.0  # a storm's fan-out: the window after it would be 2 s
+    bus.last_fanout_s = 5.0  # a storm's fan-out: a storm window after it would be 2 s
     await asyncio.sleep(0.1)  # quiet, longer than the delay
     t0 = asyncio.get_running_loop().time()
     bus.publish(Change(ChangeKind.NODE_ADDED, 4))
