@@ -59,9 +59,14 @@ class H2ResponseStream:
             self._mark_gone()
             raise StreamGone(str(e)) from None
         self.started = True
-        self._conn.flush()
+        # Not flushed now: a body written before the next loop turn goes in the same record.
+        self._conn.flush_soon()
 
     async def write(self, data: bytes) -> None:
+        with self._conn.hold():  # head and the frames the windows take now: one record
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         if not self.started:
             await self.start(200)
         view = memoryview(data)
@@ -74,7 +79,8 @@ class H2ResponseStream:
                 raise StreamGone(str(e)) from None
             if n <= 0:  # a window is exhausted: wait for the peer's WINDOW_UPDATE
                 self._window.clear()
-                await self._window.wait()
+                with self._conn.released():
+                    await self._window.wait()
                 continue
             view = view[n:]
             await self._conn.wait_writable()
@@ -100,20 +106,21 @@ class H2ResponseStream:
         return n
 
     async def end(self, data: bytes = b"") -> None:
-        if data:
-            await self.write(data)
-        elif not self.started:
-            await self.start(200)
-        if self.ended:
-            return
-        self._check()
-        try:
-            self._conn.h2.end_stream(self.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-            self._mark_gone()
-            raise StreamGone(str(e)) from None
-        self.ended = True
-        self._conn.flush()
+        with self._conn.hold():  # a small response: head, body and END_STREAM in one record
+            if data:
+                await self._write(data)
+            elif not self.started:
+                await self.start(200)
+            if self.ended:
+                return
+            self._check()
+            try:
+                self._conn.h2.end_stream(self.stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                self._mark_gone()
+                raise StreamGone(str(e)) from None
+            self.ended = True
+            self._conn.flush()
 
     def reset(self, error_code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
         """Abort the stream with RST_STREAM (used when a handler fails mid-response)."""

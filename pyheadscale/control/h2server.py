@@ -23,9 +23,10 @@ Rules it keeps (docs/protocol.md, "HTTP/2 inside Noise" and "Noise handshake and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import h2.config
@@ -165,6 +166,8 @@ class H2ControlConnection:
         self._closed = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._writer_idle = False  # parked with nothing sealed in flight: write-through is safe
+        self._held = 0  # responses queueing a head/body/end together: no write-through yet
+        self._flush_soon = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -245,14 +248,52 @@ class H2ControlConnection:
 
     def flush(self) -> None:
         """Move pending h2 output to the writer's queue."""
+        self._flush_soon = False
         data = self.h2.data_to_send()
         if data:
             self.queue(data)
 
+    def flush_soon(self) -> None:
+        """Flush h2's output on the next loop turn if nothing does first (a head then leaves
+        with the body written right after it)."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """What is queued inside leaves as one record at the exit (a small response is one
+        segment, not one per frame). Await inside it only within ``released()``."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._push()
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Around a wait in ``hold()``: held output leaves now (the peer's WINDOW_UPDATE may
+        wait for it) and other streams write through meanwhile."""
+        self._held -= 1
+        self._push()
+        try:
+            yield
+        finally:
+            self._held += 1
+
+    def _push(self) -> None:
+        if self._held or not self._plain_out or self.closing:
+            return
+        if self._writer_idle and self.sink.ready():
+            self._write_through()
+        else:
+            self._wake.set()
+
     def queue(self, data: bytes) -> None:
         """Plaintext h2 frames to send after all queued before (flush h2's output first)."""
         self._plain_out += data
-        if self._writer_idle and not self.closing and self.sink.ready():
+        if self._writer_idle and not (self._held or self.closing) and self.sink.ready():
             self._write_through()
             return
         self._queued_total += len(data)  # what feed() counts as waiting for the socket
@@ -262,6 +303,8 @@ class H2ControlConnection:
                 self._plain_out.clear()  # the peer does not read: nothing will flow
                 self._fail("peer does not read its output", abort=True)
                 return
+        elif self._held:
+            return  # the holder's exit sends it
         self._wake.set()
 
     def _write_through(self) -> None:
@@ -279,7 +322,8 @@ class H2ControlConnection:
 
     async def wait_writable(self) -> None:
         if not self._drained.is_set():
-            await self._drained.wait()
+            with self.released() if self._held else contextlib.nullcontext():
+                await self._drained.wait()
 
     async def _write_loop(self) -> None:
         try:

@@ -261,3 +261,72 @@ async def test_stream_reset_while_waiting_for_window_raises_stream_gone() -> Non
     assert h.status(other) == 200
     h.conn.close("test")
     await asyncio.wait_for(h.conn.wait_closed(), 2)
+
+
+class CountingSink(MemorySink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def write(self, data: bytes) -> None:
+        self.writes += 1
+        await super().write(data)
+
+    def write_nowait(self, data: bytes) -> None:
+        self.writes += 1
+        super().write_nowait(data)
+
+
+async def _writes_for(dispatch: Callable[[ControlRequest, ResponseStream], Awaitable[None]]
+                      ) -> tuple[int, Harness, int]:
+    h = Harness(dispatch)
+    sink = CountingSink()
+    h.conn.sink = sink
+    h.sink = sink
+    h.start()
+    await h.pump()
+    before = sink.writes
+    sid = h.request("/machine/x")
+    await until(h, lambda: h.status(sid) is not None)
+    await h.pump()
+    return sink.writes - before, h, sid
+
+
+async def test_a_small_response_is_one_write() -> None:
+    """Head, body and END_STREAM of a register-sized answer leave in one record and one
+    socket write (each write is a TCP segment with TCP_NODELAY)."""
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        await resp.start(200, [("content-type", "application/json")])
+        await resp.end(b'{"ok":true}')
+
+    writes, h, sid = await _writes_for(dispatch)
+    assert writes == 1 and h.ended(sid) and h.body(sid) == b'{"ok":true}'
+    assert h.status(sid) == 200
+
+
+async def test_a_first_map_is_one_write() -> None:
+    """A map stream's head and its first frame: one write; the stream stays open."""
+    frame = b"m" * 3000
+    release = asyncio.Event()
+
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        await resp.start(200, [("content-type", "application/json")])
+        await resp.write(frame)
+        await release.wait()
+        await resp.end()
+
+    writes, h, sid = await _writes_for(dispatch)
+    assert writes == 1 and h.status(sid) == 200 and h.body(sid) == frame
+    assert not h.ended(sid)
+    release.set()
+    await until(h, lambda: h.ended(sid))
+
+
+async def test_a_head_alone_still_goes_out() -> None:
+    """A handler that starts its response and then waits: the head is not held back."""
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        await resp.start(200)
+        await asyncio.sleep(3600)
+
+    writes, h, sid = await _writes_for(dispatch)
+    assert writes == 1 and h.status(sid) == 200
