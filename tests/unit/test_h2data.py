@@ -16,6 +16,7 @@ import h2.settings
 import pytest
 
 from pyheadscale.control.h2data import data_frames
+from pyheadscale.control.h2response import HIGH_WATER
 from pyheadscale.control.types import ControlRequest, ResponseStream, StreamGone
 from tests.unit.test_h2server import Harness, MemorySink, until
 
@@ -174,9 +175,10 @@ async def test_records_stay_in_order_across_write_through_and_writer() -> None:
 
 
 async def test_slow_reader_holds_output_until_it_reads() -> None:
-    """A peer whose socket stays full: the handler's writes wait, nothing is written at once,
-    and everything arrives once the socket drains."""
-    size = 60_000
+    """A peer whose socket stays full: past what the socket and the connection may hold
+    (twice HIGH_WATER) the handler's write waits, nothing is written at once, and
+    everything arrives once the socket drains."""
+    size = 3 * HIGH_WATER
     done = asyncio.Event()
 
     async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
@@ -186,14 +188,17 @@ async def test_slow_reader_holds_output_until_it_reads() -> None:
         done.set()
 
     h, sink = _slow(dispatch)
+    # Windows far larger than the body: only the socket can hold the handler back.
+    h.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 24})
+    h.h2.increment_flow_control_window((1 << 24) - 65535)
+    h.send()
     await h.pump()
     through = sink.through
     sink.full = True
     sid = h.request("/machine/map")
-    for _ in range(5):
+    for _ in range(10):
         await h.pump()
-    # Nothing written at once while the socket is full, and nothing reached the peer.
-    assert sink.through == through and h.status(sid) is None and not h.body(sid)
+    assert not done.is_set() and sink.through == through and not h.conn.closing
     sink.full = False
     await until(h, lambda: h.ended(sid))
     assert done.is_set() and h.body(sid) == b"z" * size
