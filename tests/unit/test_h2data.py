@@ -5,6 +5,7 @@ stay exact, and records must stay in order whichever path seals them."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 import h2.config
@@ -15,9 +16,11 @@ import h2.exceptions
 import h2.settings
 import pytest
 
+from pyheadscale.control import h2server
 from pyheadscale.control.h2data import data_frames
 from pyheadscale.control.h2response import HIGH_WATER
 from pyheadscale.control.types import ControlRequest, ResponseStream, StreamGone
+from pyheadscale.control.upgrade import _NoiseStream
 from tests.unit.test_h2server import Harness, MemorySink, until
 
 
@@ -335,3 +338,49 @@ async def test_a_head_alone_still_goes_out() -> None:
 
     writes, h, sid = await _writes_for(dispatch)
     assert writes == 1 and h.status(sid) == 200
+
+
+async def test_a_peer_that_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a real socket whose peer never reads: the transport pauses (ready() turns false),
+    output then queues in the connection, and past MAX_UNSENT_OUTPUT (made small here) the
+    connection is aborted instead of holding ever more memory."""
+    limit = 3 * HIGH_WATER
+    monkeypatch.setattr(h2server, "MAX_UNSENT_OUTPUT", limit)
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    stream = _NoiseStream(transport)  # type: ignore[arg-type]
+    transport.set_protocol(stream)
+    transport.set_write_buffer_limits(high=16 * 1024)
+
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        await resp.start(200)
+        await resp.write(b"q" * (2 * HIGH_WATER))
+        await asyncio.sleep(3600)
+
+    h = Harness(dispatch)
+    h.conn.sink = stream
+    stream.conn = h.conn
+    try:
+        h.start()
+        h.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 24})
+        h.h2.increment_flow_control_window((1 << 24) - 65535)
+        h.send()
+        paused_and_queued = 0
+        for _ in range(8):
+            h.request("/machine/map")
+            for _ in range(20):
+                await asyncio.sleep(0)
+                if not stream.ready() and len(h.conn._plain_out) > HIGH_WATER:
+                    paused_and_queued += 1
+            if h.conn.closing:
+                break
+        await asyncio.wait_for(h.conn.wait_closed(), 5)
+        assert paused_and_queued > 0
+        assert h.conn.close_reason == "peer does not read its output"
+        assert transport.is_closing() and len(h.conn._plain_out) < 100  # a GOAWAY at most
+    finally:
+        transport.abort()
+        theirs.close()
