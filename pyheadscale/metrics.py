@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,17 +193,9 @@ _PATCH_KINDS = frozenset({ChangeKind.NODE_PATCH, ChangeKind.NODE_ONLINE})
 _CONFIG_KINDS = frozenset({ChangeKind.DNS, ChangeKind.DERP})
 
 
-# The last batch typed: every session of a fan-out types the same (shared) list.
-_last_typed: tuple[Sequence[Change] | None, frozenset[ChangeKind]] = (None, frozenset())
-
-
-def response_type(batch: Sequence[Change], *, ping: bool = False) -> str:
-    """Headscale's Change.Type() for the delta a batch of changes produced."""
-    global _last_typed
-    last, kinds = _last_typed
-    if last is not batch:
-        kinds = frozenset(c.kind for c in batch)
-        _last_typed = (batch, kinds)
+def response_type(kinds: AbstractSet[ChangeKind], *, ping: bool = False) -> str:
+    """Headscale's Change.Type() for the delta a batch of changes (of these kinds) produced;
+    the kinds are gathered once per batch (``BatchView.kinds``)."""
     if ChangeKind.FULL in kinds:
         return "full"
     if ChangeKind.POLICY in kinds:

@@ -158,7 +158,8 @@ async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Sub
     else:
         frame = poll.deltas.frame(batch, snap, viewer_now, known)
     if frame is not None:
-        kind = metrics.response_type(batch, ping=bool(extra))
+        kind = metrics.response_type(poll.deltas.kinds(batch, snap, viewer_now),
+                                     ping=bool(extra))
         metrics.labelled(metrics.mapresponse_generated, kind).inc()
         await write_frame(resp, frame, kind, node_id, zstd)
         metrics.labelled(metrics.change_delivery, kind).observe(

@@ -97,11 +97,14 @@ class BatchView:
     # Per node: does a change about it make that node's own Node entry due, and must that
     # node reconcile everything it sees (its identity changed)?
     own: dict[int, tuple[bool, bool]] = field(default_factory=dict)
+    kinds: frozenset[ChangeKind] = frozenset()  # the changes' kinds (the response type)
 
     @classmethod
     def of(cls, changes: Iterable[Change]) -> BatchView:
         b = cls()
+        kinds: set[ChangeKind] = set()
         for change in changes:
+            kinds.add(change.kind)
             kind = _kind(change)
             if kind is ChangeKind.FULL:
                 b.full = True
@@ -137,6 +140,7 @@ class BatchView:
                 b.full_ids.add(nid)
             else:
                 b.patch_fields.setdefault(nid, set()).update(fields)
+        b.kinds = frozenset(kinds)
         return b
 
 

@@ -25,7 +25,7 @@ from pyheadscale.mapper.firstmap import PeerRuns
 from pyheadscale.mapper.full import HOME_DERP_CAPVER, PLAIN_VIEW, KnownPeers, user_profiles
 from pyheadscale.mapper.known import plain_blocks
 from pyheadscale.mapper.snapshot import Snapshot
-from pyheadscale.state.changes import Change, Field
+from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import Node
 from pyheadscale.tailcfg import format_time
 
@@ -117,6 +117,10 @@ class SharedDeltas:
     def first_frame(self, snap: Snapshot, viewer: Node) -> tuple[bytes, KnownPeers]:
         """A stream's first map (framed) and the peers it carries with their views."""
         return self.runs.first_frame(snap, viewer)
+
+    def kinds(self, batch: list[Change], snap: Snapshot, viewer: Node) -> frozenset[ChangeKind]:
+        """The batch's change kinds, gathered once with its plan."""
+        return self._plan(batch, snap.ctx, 0 < viewer.capver < HOME_DERP_CAPVER).view.kinds
 
     def delta(self, batch: list[Change], snap: Snapshot, viewer: Node,
               known: KnownPeers) -> dict[str, Any] | None:

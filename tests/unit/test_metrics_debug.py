@@ -297,8 +297,9 @@ async def test_derp_relay_counters(tmp_path: Path) -> None:
     (["SELF"], False, "self")])
 def test_response_types_follow_headscale(kinds: list[str], ping: bool, expected: str) -> None:
     """Headscale's Change.Type() categories for mapresponse_generated_total."""
+    from pyheadscale.mapper.delta import BatchView
     from pyheadscale.metrics import response_type
     from pyheadscale.state.changes import Change, ChangeKind
 
     batch = [Change(ChangeKind[k], 1) for k in kinds]
-    assert response_type(batch, ping=ping) == expected
+    assert response_type(BatchView.of(batch).kinds, ping=ping) == expected
