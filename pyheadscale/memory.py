@@ -23,6 +23,7 @@ try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     _libc.malloc_trim.argtypes = [ctypes.c_size_t]
     _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _libc.mallopt.restype = ctypes.c_int  # 1: done, 0: refused
 except (OSError, AttributeError):
     _libc = None
 
@@ -36,7 +37,8 @@ TRIM_THRESHOLD = 4 << 20
 
 
 def tune_malloc() -> bool:
-    """Bound glibc's heap before any thread starts; False where mallopt does not exist.
+    """Bound glibc's heap before any thread starts; False where mallopt does not exist or
+    glibc refused a setting (it returns 0 for a value out of its range).
 
     * Every thread that calls malloc gets its own arena (up to 8 per core), and what one
       thread freed serves only that thread again: the database thread and the to_thread
@@ -53,14 +55,17 @@ def tune_malloc() -> bool:
     if _libc is None:
         return False
     tunables = os.environ.get("GLIBC_TUNABLES", "")
+    ok = True
     for param, value, env, tunable in (
             (_M_ARENA_MAX, ARENAS, "MALLOC_ARENA_MAX", "arena_max"),
             (_M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold"),
             (_M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "trim_threshold")):
         # What the operator set in the environment wins (mallopt would override it).
         if env not in os.environ and f"glibc.malloc.{tunable}=" not in tunables:
-            _libc.mallopt(param, value)
-    return True
+            if _libc.mallopt(param, value) != 1:
+                log.debug("glibc refused mallopt(%d, %d)", param, value)
+                ok = False
+    return ok
 
 
 def trim() -> bool:

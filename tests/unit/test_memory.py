@@ -43,3 +43,16 @@ def test_large_reads_come_from_the_heap() -> None:
 def test_the_operators_environment_wins() -> None:
     assert _mapped_blocks({"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}) == 1
     assert _mapped_blocks({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}) == 1
+
+
+def test_a_setting_glibc_refuses_is_reported() -> None:
+    """mallopt returns 0 for a value out of range; tune_malloc then says the heap was not
+    tuned as asked. glibc 2.36 accepts any value of the three parameters the server sets,
+    so the probe puts M_MXFAST (1, at most 160 bytes) in place of the trim threshold's
+    number: glibc itself refuses 4 MiB for it."""
+    probe = ("import pyheadscale.memory as m\n"
+             "m._M_TRIM_THRESHOLD = 1\n"
+             "print(m.tune_malloc())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "False"
