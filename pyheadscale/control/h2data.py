@@ -9,6 +9,12 @@ write the 9-byte header ourselves and take the bytes off both windows exactly as
 h2 then answers ``local_flow_control_window`` and every later call as if it had sent them.
 Anything else (a closed or unknown stream, a connection that sent GOAWAY) is left to h2,
 which raises its own error (the caller's fallback).
+
+This leans on h2 internals, not its public API: ``conn.streams``, the connection's and
+stream's ``state_machine.state`` and their ``outbound_flow_control_window`` attributes.
+pyproject allows any h2 4.x; tests/unit/test_h2data.py compares these frames and windows
+with ``H2Connection.send_data`` on an identical twin connection, so an h2 release that
+frames or counts differently fails there.
 """
 
 from __future__ import annotations

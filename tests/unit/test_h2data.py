@@ -5,6 +5,7 @@ stay exact, and records must stay in order whichever path seals them."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -384,3 +385,45 @@ async def test_a_peer_that_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatc
     finally:
         transport.abort()
         theirs.close()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_frames_and_windows_match_h2s_send_data_on_a_twin(seed: int) -> None:
+    """data_frames writes DATA frames beside h2 and moves h2's windows itself (h2 internals):
+    for random payloads, window updates, SETTINGS changes (initial window, frame size), an
+    identical twin connection sending through ``H2Connection.send_data`` must put the same
+    bytes on the wire and end with the same windows. A release of h2 that changes how it
+    frames or counts fails here."""
+    rng = random.Random(seed)
+    window, frame = rng.randint(0, 1 << 17), rng.choice([16384, 20000, 1 << 16])
+    ours, our_client, sid = _pair(window, frame)
+    twin, twin_client, _ = _pair(window, frame)
+    for _ in range(12):
+        payload = rng.randbytes(rng.randint(0, 150_000))
+        built = data_frames(ours, sid, memoryview(payload))
+        assert built is not None
+        frames, n = built
+        room = max(0, min(len(payload), twin.local_flow_control_window(sid)))
+        step = twin.max_outbound_frame_size
+        for at in range(0, room, step):
+            twin.send_data(sid, payload[at:min(at + step, room)])
+        twin_frames = twin.data_to_send()
+        assert n == room and frames == twin_frames
+        assert ours.local_flow_control_window(sid) == twin.local_flow_control_window(sid)
+        assert ours.outbound_flow_control_window == twin.outbound_flow_control_window
+        assert ours.max_outbound_frame_size == twin.max_outbound_frame_size
+        # The peer opens windows or changes its settings, the same on both sides.
+        k, grow = rng.randrange(4), rng.randint(1, 1 << 17)
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: rng.randint(0, 1 << 17),
+                    h2.settings.SettingCodes.MAX_FRAME_SIZE: rng.choice([16384, 30000])}
+        for client in (our_client, twin_client):
+            if k == 0:
+                client.increment_flow_control_window(grow, sid)
+            elif k == 1:
+                client.increment_flow_control_window(grow)
+            elif k == 2:
+                client.update_settings(settings)
+        ours.receive_data(our_client.data_to_send())
+        twin.receive_data(twin_client.data_to_send())
+        assert ours.data_to_send() == twin.data_to_send()  # SETTINGS ACKs
+        assert ours.local_flow_control_window(sid) == twin.local_flow_control_window(sid)
