@@ -17,11 +17,15 @@ What a peer can make a connection hold (docs/limits.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from h2.utilities import HeaderValidationFlags, validate_headers
+
 if TYPE_CHECKING:
+    from hpack.struct import Header  # h2's header type (hpack comes with h2)
+
     from pyheadscale.config.schema import LimitsConfig
 
 # The smallest control frame a peer can make us queue: a PING ACK (9-byte header + 8).
@@ -86,3 +90,18 @@ class BodyBudget:
 
     def forget(self, key: int) -> None:
         self._waiting.pop(key, None)
+
+
+_REQUEST_HEAD = HeaderValidationFlags(is_client=False, is_trailer=False,
+                                      is_response_header=False, is_push_promise=False)
+
+
+def request_headers(headers: Iterable[Header]) -> list[Header]:
+    """h2's checks of a request head (RFC 9113 section 8), but with a Host header beside
+    `:authority` dropped, not compared: h2 refuses the pair when they differ, and tailscale-rs
+    sends `:authority 198.51.100.1:8080` with `host 198.51.100.1`. Inside Noise the authority
+    means nothing (routing is on `:path`), and Go's server, Headscale's, takes `:authority`
+    and ignores Host. Raises h2.exceptions.ProtocolError for a malformed head."""
+    if any(k == b":authority" for k, _ in headers):
+        headers = [(k, v) for k, v in headers if k != b"host"]
+    return list(validate_headers(headers, _REQUEST_HEAD))

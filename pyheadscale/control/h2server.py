@@ -26,8 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator
 
 import h2.config
 import h2.connection
@@ -35,20 +34,22 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.utilities import HeaderValidationFlags, validate_headers
 
-from pyheadscale.control.h2limits import MAX_UNSENT_OUTPUT, BodyBudget, H2Limits
+from pyheadscale.control.h2limits import (
+    MAX_UNSENT_OUTPUT,
+    BodyBudget,
+    H2Limits,
+    request_headers,
+)
 from pyheadscale.control.h2response import HIGH_WATER, H2ResponseStream
 from pyheadscale.control.types import (
     MAX_REQUEST_BODY,
+    ByteSink,
     ControlRequest,
     Dispatch,
     StreamGone,
 )
 from pyheadscale.noise.records import RecordError, RecordLayer
-
-if TYPE_CHECKING:
-    from hpack.struct import Header  # h2's header type (hpack comes with h2)
 
 log = logging.getLogger(__name__)
 
@@ -56,43 +57,8 @@ log = logging.getLogger(__name__)
 _conn_ids = itertools.count(1)
 
 
-class ByteSink(Protocol):
-    """Where a connection's ciphertext goes (a socket, a WebSocket, a test buffer)."""
-
-    async def write(self, data: bytes) -> None: ...
-
-    def ready(self) -> bool:
-        """True when ``write_nowait`` would not have to wait (nothing is holding output)."""
-        ...
-
-    def write_nowait(self, data: bytes) -> None:
-        """Take ``data`` now (only after ``ready()`` said so)."""
-        ...
-
-    async def close(self) -> None: ...
-
-    def abort(self) -> None:
-        """Drop the connection at once, unsent output and all (a peer that does not read)."""
-        ...
-
-
 def _text(b: bytes | str) -> str:
     return b if isinstance(b, str) else b.decode("utf-8", "replace")
-
-
-_REQUEST_HEAD = HeaderValidationFlags(is_client=False, is_trailer=False,
-                                      is_response_header=False, is_push_promise=False)
-
-
-def request_headers(headers: Iterable[Header]) -> list[Header]:
-    """h2's checks of a request head (RFC 9113 section 8), but with a Host header beside
-    `:authority` dropped, not compared: h2 refuses the pair when they differ, and tailscale-rs
-    sends `:authority 198.51.100.1:8080` with `host 198.51.100.1`. Inside Noise the authority
-    means nothing (routing is on `:path`), and Go's server, Headscale's, takes `:authority`
-    and ignores Host. Raises h2.exceptions.ProtocolError for a malformed head."""
-    if any(k == b":authority" for k, _ in headers):
-        headers = [(k, v) for k, v in headers if k != b"host"]
-    return list(validate_headers(headers, _REQUEST_HEAD))
 
 
 class _Stream:

@@ -54,3 +54,23 @@ class ResponseStream(Protocol):
 
 
 Dispatch = Callable[[ControlRequest, ResponseStream], Awaitable[None]]
+
+
+class ByteSink(Protocol):
+    """Where a connection's ciphertext goes (a socket, a WebSocket, a test buffer)."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    def ready(self) -> bool:
+        """True when ``write_nowait`` would not have to wait (nothing is holding output)."""
+        ...
+
+    def write_nowait(self, data: bytes) -> None:
+        """Take ``data`` now (only after ``ready()`` said so)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the connection at once, unsent output and all (a peer that does not read)."""
+        ...
