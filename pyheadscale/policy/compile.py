@@ -177,6 +177,10 @@ class Resolver:
         # Renderings of the same sets recur across rules (one alias in many ACLs).
         self._strings: dict[tuple[tuple[int, int], ...], list[str]] = {}
         self._prefix_strings: dict[tuple[tuple[int, int], ...], list[str]] = {}
+        # DstPorts entries by (First, Last) and address: one alias's addresses recur in many
+        # rules (a 200-rule policy on 1,000 nodes has ~180,000 entries but a few thousand
+        # distinct ones). Entries are never mutated, and nothing keys on their identity.
+        self._entries: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
         # autogroup:self rules depend only on the owner: (grant id, user id) -> rules.
         self.self_rules: dict[tuple[int, int], list[dict[str, Any]]] = {}
         # SSH rules' node-independent parts (policy/ssh.py): (rule id, base URL) -> them.
@@ -188,11 +192,31 @@ class Resolver:
         tailnet one rendering is thousands) when its node addresses are these (renderings
         depend on nothing else), with its very atoms object."""
         held = (sum(map(len, previous._strings.values()))
-                + sum(map(len, previous._prefix_strings.values())))
+                + sum(map(len, previous._prefix_strings.values()))
+                + sum(map(len, previous._entries.values())))
         if held <= max_strings and previous.atoms == self.atoms:
             self.atoms = previous.atoms
             self._strings = previous._strings
             self._prefix_strings = previous._prefix_strings
+            self._entries = previous._entries
+
+    def dst_entries(self, ips: Iterable[str], ports: Sequence[PortRange]) -> list[dict[str, Any]]:
+        """The DstPorts entries {"IP", "Ports"} of addresses x port ranges (address-major),
+        each distinct one a single shared object."""
+        maps = []
+        for pr in ports:
+            m = self._entries.get((pr.first, pr.last))
+            if m is None:
+                m = self._entries[(pr.first, pr.last)] = {}
+            maps.append((m, _ports(pr)))
+        out: list[dict[str, Any]] = []
+        for ip in ips:
+            for m, pd in maps:
+                e = m.get(ip)
+                if e is None:
+                    e = m[ip] = {"IP": ip, "Ports": pd}
+                out.append(e)
+        return out
 
     def strings(self, ips: IPSet) -> list[str]:
         out = self._strings.get(ips.ranges)
@@ -377,20 +401,18 @@ def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
 def _dst_ports(dsts: list[Alias], ports: Sequence[PortRange],
                res: Resolver) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    # One Ports object per range, shared by the entries (one per address of a large alias).
-    pds = [_ports(p) for p in ports]
     for d in dsts:
         if d.kind == "wildcard":
-            out.extend({"IP": "*", "Ports": pd} for pd in pds)
+            out += res.dst_entries(("*",), ports)
             continue
         ips = res.resolve(d)
         if ips is None:
             continue
         if d.text == "autogroup:internet":
             # The hosted plane writes the Internet as address ranges, not prefixes.
-            out.extend({"IP": ip, "Ports": pd} for ip in ips.range_strings() for pd in pds)
+            out += res.dst_entries(ips.range_strings(), ports)
             continue
-        out += [{"IP": ip, "Ports": pd} for ip in res.prefix_strings(ips) for pd in pds]
+        out += res.dst_entries(res.prefix_strings(ips), ports)
     return out
 
 

@@ -135,6 +135,9 @@ class EntryIndex:
         """pieces: (label, rule) of the pieces with DstPorts, in order."""
         self.label: list[int] = []
         self.dp: list[dict[str, Any]] = []
+        # First entry ID of each piece: an entry's piece, hence its rule position, is found
+        # by bisection (one DstPorts dict may sit in several pieces, so never by identity).
+        self.piece_start: list[int] = []
         keys: list[int] = []
         eids: list[int] = []
         self.wide: dict[tuple[int, int], list[int]] = {}
@@ -143,6 +146,7 @@ class EntryIndex:
             dsts = rule["DstPorts"]
             p = parses.get(dsts)
             base = len(self.dp)
+            self.piece_start.append(base)
             keys.extend(p.points)
             eids.extend(map(base.__add__, p.point_at))
             for lo, hi, i in p.wide:

@@ -201,6 +201,7 @@ class Evaluation:
         self.cap_pieces: list[tuple[int, IPSet]] = []
         self.group_rule: list[Rule] = []  # the group's first piece (SrcIPs, IPProto)
         indexed: list[tuple[int, Rule]] = []
+        self._indexed_pos: list[Pos] = []  # position of each indexed piece
         for pi, (pos, rule) in enumerate(self.pieces):
             cap = bool(rule.get("CapGrant"))
             if cap:
@@ -217,6 +218,7 @@ class Evaluation:
             self.piece_group.append(gid)
             if not cap:
                 indexed.append((gid, rule))
+                self._indexed_pos.append(pos)
         # Entries are labelled with their merge group: all a filter needs of an entry.
         self.index = EntryIndex(indexed, parses if parses is not None else PieceParses())
         # Peers: global matchers' node masks, and the inverse (matchers per node).
@@ -247,7 +249,6 @@ class Evaluation:
         self._mask_ids: dict[int, IdBlocks] = {}
         self._to_ids = _MaskToIds(self._ids)
         self._classes: dict[Any, _Class] | None = None
-        self._dest_pos_cache: dict[int, dict[int, Pos]] = {}
         self._by_hits: dict[tuple[int, ...], list[Rule]] = {}
         self._class_of: list[Any] = []
         self._route_users: dict[IPNetwork, int] = {}
@@ -306,13 +307,13 @@ class Evaluation:
                    extras: list[tuple[Pos, Rule]]) -> list[Rule]:
         groups: dict[Any, list[Any]] = {}
         group_first, group_rule = self.group_first, self.group_rule
-        if len(hits) > 1:  # one C call each for the hits' groups and entries
-            take = itemgetter(*hits)
-            pairs: Iterable[tuple[int, dict[str, Any]]] = zip(
-                take(self.index.label), take(self.index.dp), strict=True)
-        else:
-            pairs = [(self.index.label[e], self.index.dp[e]) for e in hits]
         if not caps and not extras:
+            if len(hits) > 1:  # one C call each for the hits' groups and entries
+                take = itemgetter(*hits)
+                pairs: Iterable[tuple[int, dict[str, Any]]] = zip(
+                    take(self.index.label), take(self.index.dp), strict=True)
+            else:
+                pairs = [(self.index.label[e], self.index.dp[e]) for e in hits]
             # Global groups only: group numbers follow first positions (pieces come in
             # order), so sorting the numbers is Headscale's rule order.
             by_gid: dict[int, list[dict[str, Any]]] = {}
@@ -323,16 +324,20 @@ class Evaluation:
                 else:
                     dests.append(dp)
             return [_rule(group_rule[gid], by_gid[gid]) for gid in sorted(by_gid)]
-        for gid, dp in pairs:
+        # Otherwise each group also keeps its entry IDs: they give the entries' positions.
+        label, dp_of = self.index.label, self.index.dp
+        for eid in hits:
+            gid = label[eid]
             g = groups.get(gid)
             if g is None:
-                groups[gid] = [group_first[gid], group_rule[gid], [dp]]
+                groups[gid] = [group_first[gid], group_rule[gid], [dp_of[eid]], [eid]]
             else:
-                g[2].append(dp)
+                g[2].append(dp_of[eid])
+                g[3].append(eid)
         if extras:
             self._merge_extras(node, groups, caps, extras)
         out: list[tuple[Pos, Rule]] = list(caps)
-        for first, rule, dests in groups.values():
+        for first, rule, dests, _ in groups.values():
             if dests:
                 out.append((first, _rule(rule, dests)))
         out.sort(key=lambda x: x[0])
@@ -357,7 +362,7 @@ class Evaluation:
             g = groups.get(key)
             if g is None:
                 first = None if gid is None else self.group_first[gid]
-                g = groups[key] = [pos if first is None or pos < first else first, rule, []]
+                g = groups[key] = [pos if first is None or pos < first else first, rule, [], []]
             elif pos < g[0]:
                 g[0], g[1] = pos, rule
             for dp in _dests_served(node, rule["DstPorts"]):
@@ -368,24 +373,15 @@ class Evaluation:
             if not g[2]:
                 g[2] = [dp for _, _, dp in adds]
                 continue
-            pos_of_dp = self._dest_positions(key)  # global DstPorts here: key is a group
-            merged = [(pos_of_dp[id(dp)], -1, dp) for dp in g[2]]  # stable: already ordered
+            merged = [(self._entry_pos(eid), -1, dp)  # stable: already ordered
+                      for eid, dp in zip(g[3], g[2], strict=True)]
             merged.extend(adds)
             merged.sort(key=lambda x: x[0])
             g[2] = [dp for _, _, dp in merged]
 
-    def _dest_positions(self, gid: int) -> dict[int, Pos]:
-        """id(DstPorts entry) -> position of its global piece, for one group."""
-        cache = self._dest_pos_cache
-        out = cache.get(gid)
-        if out is None:
-            out = {}
-            for (pos, rule), g in zip(self.pieces, self.piece_group, strict=True):
-                if g == gid:
-                    for dp in rule["DstPorts"]:
-                        out[id(dp)] = pos
-            cache[gid] = out
-        return out
+    def _entry_pos(self, eid: int) -> Pos:
+        """The position of the global piece holding entry ``eid``."""
+        return self._indexed_pos[bisect.bisect_right(self.index.piece_start, eid) - 1]
 
     # ------------------------------------------------------------------ peers
 
