@@ -157,7 +157,9 @@ class EntryIndex:
         parses.build_done()
         order = sorted(range(len(keys)), key=keys.__getitem__)
         self._keys = _take(keys, order)
-        self._eids = _take(eids, order)  # stable sort: one address's entries stay in order
+        # Stable sort: one address's entries stay in order. Kept as machine words: entry IDs
+        # are mostly distinct ints above the small-int cache, 28 bytes each as objects.
+        self._eids = array("l", _take(eids, order))
         # Elementary segments between the wide ranges' edges, each listing the entry lists
         # of the ranges covering it: a point query is one bisect.
         bounds = sorted({lo for lo, _ in self.wide} | {hi + 1 for _, hi in self.wide})
