@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import orjson
 
@@ -124,13 +124,26 @@ def exit_routes(node: Node) -> list[IPNetwork]:
     return [r for r in node.approved_routes if r.prefixlen == 0 and r in announced]
 
 
+# isinstance() against a runtime-checkable Protocol looks up every member on each call
+# (a few us, paid per viewer per policy change): the answer is kept per policy class.
+_PEER_INDEX_TYPES: dict[type, bool] = {}
+
+
+def _is_peer_index(policy: Policy) -> bool:
+    t = type(policy)
+    known = _PEER_INDEX_TYPES.get(t)
+    if known is None:
+        known = _PEER_INDEX_TYPES[t] = isinstance(policy, PeerIndex)
+    return known
+
+
 def visible_ids(policy: Policy, viewer: Node,
                 nodes: Mapping[int, Node]) -> AbstractSet[int] | None:
     """The IDs in ``nodes`` the viewer may see, or None for every node but itself."""
     if type(policy) is AllowAllPolicy:
         return None
-    if isinstance(policy, PeerIndex):
-        return policy.peer_ids(viewer, nodes)
+    if _is_peer_index(policy):
+        return cast(PeerIndex, policy).peer_ids(viewer, nodes)
     return {i for i, n in nodes.items() if i != viewer.id and policy.can_see(viewer, n)}
 
 

@@ -333,11 +333,8 @@ def _companions(
     return out
 
 
-def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
-    if g.via:
-        return _compile_via_grant(g, res)
-    if any(s.text == "autogroup:self" for s in g.src):
-        return None
+def grant_sources(g: Grant, res: Resolver) -> tuple[list[IPSet], list[str]]:
+    """A regular grant's resolved sources and its rules' SrcIPs (one list for them all)."""
     resolved: list[IPSet] = []
     non_wild: list[IPSet] = []
     for s in g.src:
@@ -346,10 +343,6 @@ def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
             resolved.append(ips)
             if s.kind != "wildcard":
                 non_wild.append(ips)
-    if not g.src or not g.dst:
-        return None
-    if not resolved and g.app is None:
-        return None
     has_wildcard = any(s.kind == "wildcard" for s in g.src)
     has_danger = any(s.text == "autogroup:danger-all" for s in g.src)
     merged = IPSet.union(resolved)
@@ -363,6 +356,19 @@ def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
                     if text not in seen:
                         seen.add(text)
                         src_strings.append(text)
+    return resolved, src_strings
+
+
+def compile_grant(g: Grant, res: Resolver) -> CompiledGrant | None:
+    if g.via:
+        return _compile_via_grant(g, res)
+    if any(s.text == "autogroup:self" for s in g.src):
+        return None
+    resolved, src_strings = grant_sources(g, res)
+    if not g.src or not g.dst:
+        return None
+    if not resolved and g.app is None:
+        return None
     cg = CompiledGrant("regular")
     self_dsts = [d for d in g.dst if d.text == "autogroup:self"]
     other = [d for d in g.dst if d.text != "autogroup:self"]

@@ -18,6 +18,7 @@ from pyheadscale.policy.compile import (
     Matcher,
     Resolver,
     compile_grant,
+    grant_sources,
     policy_grants,
 )
 from pyheadscale.policy.model import Alias, Grant, Policy
@@ -41,6 +42,27 @@ def grant_signature(g: Grant, res: Resolver) -> tuple[Any, ...]:
             tuple(res.approved_subnet_routes()) if wild else None)
 
 
+def _with_new_sources(g: Grant, hit: tuple[tuple[Any, ...], CompiledGrant | None],
+                      sig: tuple[Any, ...], res: Resolver) -> CompiledGrant | None:
+    """The previous compile of ``g`` with only its SrcIPs redone, when nothing but its
+    sources' address sets changed; None when it must be compiled whole.
+
+    A tag change moves one node out of its user, autogroup:member and their groups, which
+    most grants name as sources: their destinations (thousands of DstPorts entries each)
+    are what they were, and keeping those lists also keeps their parses (entryindex)."""
+    old_sig, old = hit
+    if (old is None or old.category != "regular" or old_sig[0] != g or old_sig[2:] != sig[2:]
+            or g.via or g.app is not None or len(old.rules) != len(g.ip)
+            or any(a.text == "autogroup:self" for a in (*g.src, *g.dst))):
+        return None  # app and self grants build more from their sources than SrcIPs
+    resolved, src = grant_sources(g, res)
+    if not resolved or not src:
+        return None  # no rule at all now: compile_grant says which
+    # One SrcIPs list for all the grant's rules, as compile_grant builds them (encoders
+    # share a long list by its identity); the keys keep their order.
+    return CompiledGrant("regular", rules=[{**r, "SrcIPs": src} for r in old.rules])
+
+
 class CompileMemo:
     """The compiled grants (by position) and resolver of the last snapshot of one policy."""
 
@@ -48,6 +70,7 @@ class CompileMemo:
         self._grants: dict[int, tuple[tuple[Any, ...], CompiledGrant | None]] = {}
         self._res: Resolver | None = None
         self.compiled = 0  # grants compiled (not reused) over the memo's life
+        self.resourced = 0  # grants whose sources alone were compiled again
 
     def compile_grants(self, pol: Policy, res: Resolver) -> list[CompiledGrant]:
         """compile_grants(pol, res), reusing every grant whose signature did not change."""
@@ -64,9 +87,13 @@ class CompileMemo:
             if hit is not None and hit[0] == sig:
                 cg = hit[1]
             else:
-                cg = compile_grant(g, res)
+                cg = None if hit is None else _with_new_sources(g, hit, sig, res)
+                if cg is None:
+                    cg = compile_grant(g, res)
+                    self.compiled += 1
+                else:
+                    self.resourced += 1
                 self._grants[i] = (sig, cg)
-                self.compiled += 1
             if cg is not None:
                 out.append(cg)
         return out

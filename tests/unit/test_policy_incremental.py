@@ -127,3 +127,36 @@ def test_a_tag_change_recompiles_only_the_rules_it_touches() -> None:
     assert after[0] is before[0]
     assert after[1] is not before[1] and after[2] is not before[2]
     assert_same(pm, PolicyManager(text, users, nodes, run_tests=False), nodes, "tagged")
+
+
+def test_a_grant_whose_sources_alone_changed_keeps_its_destinations() -> None:
+    users = [User(id=1, name="alice"), User(id=2, name="bob")]
+    nodes = [make_node(i, user=1 + i % 2) for i in range(1, 9)]
+    text = json.dumps({
+        "tagOwners": {"tag:web": ["alice@"]},
+        "acls": [
+            {"action": "accept", "src": ["alice@", "bob@"], "dst": ["100.64.0.0/24:22,80"]},
+            {"action": "accept", "src": ["autogroup:member"],
+             "dst": ["tag:web:443", "bob@:8080"], "proto": "tcp"},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:80"]},
+        ]})
+    pm = PolicyManager(text, users, nodes, run_tests=False)
+    before = list(pm._grants)
+    resourced = pm._memo.resourced
+    nodes[2] = replace(nodes[2], tags=("tag:web",), user_id=None)  # a bob node
+    assert pm.update(nodes=nodes)
+    after = list(pm._grants)
+    fresh = PolicyManager(text, users, nodes, run_tests=False)
+    # The first grant's sources lost the node, its destinations (a prefix) did not: its
+    # DstPorts lists are the very ones compiled before, its SrcIPs are new.
+    assert [r["DstPorts"] for r in after[0].rules] == [r["DstPorts"] for r in before[0].rules]
+    assert all(a["DstPorts"] is b["DstPorts"] for a, b in zip(after[0].rules, before[0].rules,
+                                                                 strict=True))
+    assert after[0].rules[0]["SrcIPs"] != before[0].rules[0]["SrcIPs"]
+    # The others' destinations moved with the node (tag:web had none before): compiled
+    # whole.
+    assert not before[1].rules and after[1].rules
+    assert after[2].rules[0]["DstPorts"] is not before[2].rules[0]["DstPorts"]
+    assert pm._memo.resourced == resourced + 1
+    assert [g.rules for g in after] == [g.rules for g in fresh._grants]
+    assert_same(pm, fresh, nodes, "sources only")
