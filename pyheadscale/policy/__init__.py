@@ -319,8 +319,9 @@ class PolicyManager:
         info = self._known(viewer)
         if info is None:  # not in the snapshot: the direct definition
             return reduce_rules(self._info(viewer), self._node_unreduced(self._info(viewer)))
-        rules = self._evaluation().packet_filter(info)
-        self._filters[info.id] = rules
+        rules, kept = self._evaluation().filter_kept(info)
+        if kept:  # a node's own filter is built again if asked again (evaluate.py says why)
+            self._filters[info.id] = rules
         return rules
 
     def peers(self, viewer: Node) -> AbstractSet[int]:
