@@ -47,6 +47,7 @@ from pyheadscale.policy.ssh import (
     ssh_check_period,
 )
 from pyheadscale.state.model import Node, User
+from pyheadscale.state.nodetable import NodeTable
 
 __all__ = [
     "HuJSONError",
@@ -195,6 +196,7 @@ class PolicyManager:
         self._filters: dict[int, list[dict[str, Any]]] = {}
         self._ssh: dict[int, dict[str, Any] | None] = {}
         self._peers: dict[int, IdBlocks] = {}
+        self._same_table: tuple[NodeTable, int] | None = None  # see _same_ids
 
     def _evaluation(self) -> Evaluation:
         """The snapshot's evaluation index, built on first use after each recompute."""
@@ -361,11 +363,23 @@ class PolicyManager:
         if viewer.id not in self._by_id:
             return {i for i, n in nodes.items() if self.can_see(viewer, n)}
         out = self.peers(viewer)
-        if nodes.keys() == self._by_id.keys():
+        if self._same_ids(nodes):
             return out
         # Not the snapshot's nodes: a plain set (callers intersect it with theirs).
         extra = nodes.keys() - self._by_id.keys()
         return set(out) | {i for i in extra if self.can_see(viewer, nodes[i])}
+
+    def _same_ids(self, nodes: Mapping[int, Node]) -> bool:
+        """Does ``nodes`` hold exactly this snapshot's node IDs? Comparing reads every key;
+        a live ``NodeTable`` found equal once stays so until its key set changes."""
+        seen = self._same_table
+        if seen is not None and seen[0] is nodes and seen[1] == seen[0].key_version:
+            return True
+        if nodes.keys() != self._by_id.keys():
+            return False
+        if isinstance(nodes, NodeTable):
+            self._same_table = (nodes, nodes.key_version)
+        return True
 
     def can_see(self, viewer: Node, peer: Node) -> bool:
         if viewer.id == peer.id:

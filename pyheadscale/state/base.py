@@ -35,6 +35,7 @@ from pyheadscale.state.errors import Conflict, NotFound, PersistError, Unavailab
 from pyheadscale.state.ipam import IPAllocator
 from pyheadscale.state.membership import Membership
 from pyheadscale.state.model import TAGGED_DEVICES_USER_ID, ApiKey, Node, PreAuthKey, User
+from pyheadscale.state.nodetable import NodeTable
 
 log = logging.getLogger("pyheadscale.state")
 T = TypeVar("T")
@@ -133,7 +134,7 @@ class TailnetBase:
         self.base_domain = cfg.dns.base_domain
         self.default_expiry = cfg.node.expiry.total_seconds()
         self.users: dict[int, User] = {}
-        self.nodes: dict[int, Node] = {}
+        self.nodes: NodeTable = NodeTable()
         self.preauth_keys: dict[int, PreAuthKey] = {}
         self.api_keys: dict[int, ApiKey] = {}
         self._by_node_key: dict[bytes, int] = {}

@@ -1,13 +1,13 @@
 """Per-viewer cost of a filter frame, in-process: the control benchmark's policy phase
 replayed through the real fan-out (``SharedDeltas``), without network or server.
 
-    python -m tests.bench.filterframe [--nodes 1000] [--rules 200] [--profile]
+    python -m tests.bench.filterframe [--nodes 1000] [--rules 200] [--repeat 3] [--profile]
 
 As in tests/bench/control.py: every node belongs to the benchmark's user, all hold their
 first map under no policy (allow-all); then the generated policy is set (one POLICY batch to
 every viewer), then one node is tagged ``tag:t0`` (NODE_CHANGED + POLICY). Each viewer's
 frame for each batch is built as a map stream builds it (``SharedDeltas.frame``) and timed
-by thread CPU; ``update()`` of the policy is timed apart. ``--profile`` prints where the
+by thread CPU (the least of --repeat runs); ``update()`` of the policy is timed apart. ``--profile`` prints where the
 tag change's per-viewer time goes (cProfile, top functions). The last line is one JSON
 object. The write path (Noise, HTTP/2) is not here: tests/bench/control.py measures it.
 """
@@ -31,6 +31,7 @@ from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.policy import PolicyManager
 from pyheadscale.state.changes import Change, ChangeKind, Field
 from pyheadscale.state.model import Node, User
+from pyheadscale.state.nodetable import NodeTable
 from tests.bench.control import TAG, USER, policy_users
 from tests.bench.policy import make_policy
 
@@ -38,8 +39,9 @@ NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 CREATED = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def make_nodes(n: int) -> dict[int, Node]:
-    return {i: Node(
+def make_nodes(n: int) -> NodeTable:
+    """The tailnet as the server holds it (a NodeTable: policy.peer_ids relies on it)."""
+    return NodeTable((i, Node(
         id=i, machine_key=i.to_bytes(32, "big"), node_key=(i + 1 << 20).to_bytes(32, "big"),
         disco_key=(i + 2 << 20).to_bytes(32, "big"), hostname=f"bench-{i}",
         given_name=f"bench-{i}", user_id=1,
@@ -48,7 +50,7 @@ def make_nodes(n: int) -> dict[int, Node]:
         register_method="authkey", created_at=CREATED, updated_at=CREATED, tags=(),
         hostinfo={"Hostname": f"bench-{i}", "OS": "linux", "NetInfo": {"PreferredDERP": 999}},
         endpoints=(f"192.0.2.{i % 250 + 1}:41641",), approved_routes=(), online=True,
-        capver=142, version=1) for i in range(1, n + 1)}
+        capver=142, version=1)) for i in range(1, n + 1))
 
 
 def make_users() -> dict[int, User]:
@@ -90,7 +92,6 @@ def run(n: int, rules: int, seed: int, profile: bool) -> dict[str, float]:
     snap = Snapshot(nodes, users, ctx, NOW, cache)
     pol_first, pol_s, pol_frames, pol_bytes = fan_out(shared, [Change(ChangeKind.POLICY)], snap, sessions)
 
-    nodes = dict(nodes)
     nodes[1] = replace(nodes[1], tags=(TAG,), user_id=None, version=2)
     t0 = time.thread_time()
     pm.update(nodes=list(nodes.values()))
@@ -121,9 +122,14 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--rules", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1, help="the control benchmark's default")
+    ap.add_argument("--repeat", type=int, default=3, help="runs; each time figure is the least")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     out = run(args.nodes, args.rules, args.seed, args.profile)
+    for _ in range(args.repeat - 1):  # a busy machine only adds
+        again = run(args.nodes, args.rules, args.seed, False)
+        out = {k: min(v, again[k]) if k.endswith(("_s", "_viewer")) else v
+               for k, v in out.items()}
     for k, v in out.items():
         print(f"{k:28} {v:,.3f}" if isinstance(v, float) else f"{k:28} {v:,}")
     print(json.dumps({"benchmark": "filterframe", "user": USER,
