@@ -33,7 +33,6 @@ from pyheadscale.mapper.full import (
     _home_derp,
     full_map_and_peers,
     peer_view,
-    self_node,
     user_profiles,
 )
 from pyheadscale.state.changes import IDENTITY_FIELDS, PATCH_FIELDS, Change, ChangeKind, Field
@@ -279,7 +278,7 @@ def delta_into(
     changed = [node_map[p] for p in sorted(changed_ids)]
 
     if self_node_needed:
-        resp["Node"] = self_node(viewer, ctx, now)
+        resp["Node"] = cache.self_node(viewer, ctx, now)
     if changed:
         entries = []
         for p in changed:

@@ -182,6 +182,20 @@ def self_node(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
 
     Its AllowedIPs hold every route it serves, an HA standby's too; its PrimaryRoutes the
     ones it is elected for (as the hosted plane sends them)."""
+    out = _self_base(viewer, ctx, now)
+    out["CapMap"] = self_capmap(viewer, ctx)
+    return out
+
+
+def _self_stamp(viewer: Node, ctx: MapContext, now: datetime) -> tuple[Any, ...]:
+    """Everything ``_self_base`` reads besides the viewer's fields (a changed node is a new
+    object): equal stamps, equal JSON."""
+    return (viewer.is_expired(now), ctx.base_domain, viewer.id in ctx.ipv4_disabled,
+            tuple(ctx.routes_of(viewer.id)))
+
+
+def _self_base(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
+    """``self_node`` without its CapMap (the last key)."""
     served = _served_routes(viewer)
     primaries = set(ctx.routes_of(viewer.id))
     out = node_entry(viewer, ctx, now, legacy_derp=0 < viewer.capver < HOME_DERP_CAPVER,
@@ -191,13 +205,16 @@ def self_node(viewer: Node, ctx: MapContext, now: datetime) -> dict[str, Any]:
         out["PrimaryRoutes"] = [str(p) for p in sorted(prim, key=_prefix_key)]
     else:
         out.pop("PrimaryRoutes", None)
+    return out
+
+
+def self_capmap(viewer: Node, ctx: MapContext) -> dict[str, list[Any]]:
     capmap: dict[str, list[Any]] = {CAP_ADMIN: [], CAP_SSH: []}
     if ctx.taildrop:
         capmap[CAP_FILE_SHARING] = []
     capmap[NODE_ATTR_DEFAULT_AUTO_UPDATE] = [ctx.auto_update]
     capmap.update(ctx.policy.node_capmap(viewer) or {})
-    out["CapMap"] = capmap
-    return out
+    return capmap
 
 
 def peer_entry(
@@ -229,6 +246,9 @@ class PeerCache:
         ] = {}
         self.hits = 0
         self.misses = 0
+        # Own Nodes without their CapMap, by node ID: (node, _self_stamp, JSON). Every
+        # policy change resends every viewer's own Node, which seldom changed.
+        self._selves: dict[int, tuple[Node, tuple[Any, ...], bytes]] = {}
 
     def __len__(self) -> int:
         return sum(len(v[1]) for v in self._entries.values())
@@ -260,8 +280,21 @@ class PeerCache:
         """The peer's entry as JSON bytes."""
         return self._slot(peer, ctx, now, legacy_derp, view)[0]
 
+    def self_node(self, viewer: Node, ctx: MapContext, now: datetime) -> orjson.Fragment:
+        """``self_node`` encoded: the part besides the CapMap kept while the node object
+        and its ``_self_stamp`` stay; the CapMap (policy attrs) encoded each time."""
+        stamp = _self_stamp(viewer, ctx, now)
+        hit = self._selves.get(viewer.id)
+        if hit is None or hit[0] is not viewer or hit[1] != stamp:
+            hit = self._selves[viewer.id] = (viewer, stamp, dumps(_self_base(viewer, ctx, now)))
+        base = hit[2]
+        # The base is a JSON object with at least an ID: "}" ends it, CapMap goes before.
+        return orjson.Fragment(b"".join((base[:-1], b',"CapMap":',
+                                         dumps(self_capmap(viewer, ctx)), b"}")))
+
     def forget(self, node_id: int) -> None:
         self._entries.pop(node_id, None)
+        self._selves.pop(node_id, None)
 
 
 def user_profile(user: User) -> dict[str, Any]:

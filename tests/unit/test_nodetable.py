@@ -10,6 +10,7 @@ and replacing a node under its ID must not (else nothing is saved).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -25,7 +26,7 @@ POLICY = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
 def test_key_version_moves_with_the_key_set_only() -> None:
     t = NodeTable()
     n1, n2, n3 = (make_node(i, user=1) for i in (1, 2, 3))
-    steps = [
+    steps: list[tuple[Callable[[], object], bool]] = [
         (lambda: t.__setitem__(1, n1), True),
         (lambda: t.__setitem__(1, replace(n1, hostname="x")), False),
         (lambda: t.setdefault(2, n2), True),
