@@ -15,6 +15,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from pyheadscale.mapper import MapContext, PeerCache, decode_frame, delta, encode_frame, to_plain
 from pyheadscale.mapper.encode import SHARED_MIN, compress
 from pyheadscale.mapper.fanout import SharedDeltas
@@ -150,3 +152,23 @@ def test_long_source_lists_are_compressed_once_and_shared() -> None:
     again = [{**r, "SrcIPs": list(r["SrcIPs"])} for r in a]
     assert piece in encode_frame({"PacketFilter": again})
 
+
+
+def test_raw_frames_decode_alone_and_between_compressed_ones() -> None:
+    import zstandard
+
+    from pyheadscale.mapper.encode import RAW_MAX, raw_frame
+
+    rng = random.Random(3)
+    dec = zstandard.ZstdDecompressor()
+    for n in [*range(1, 300), *range(RAW_MAX - 20, RAW_MAX + 1)]:
+        data = rng.randbytes(n)
+        frame = raw_frame(data)
+        assert dec.decompress(frame) == data  # one frame, its content size in the header
+        assert zstandard.get_frame_parameters(frame).content_size == n
+        both = compress(b"[1,") + frame + compress(b"2]")
+        assert dec.decompressobj(read_across_frames=True).decompress(both) == (
+            b"[1," + data + b"2]")
+    for bad in (b"", bytes(RAW_MAX + 1)):
+        with pytest.raises(ValueError):
+            raw_frame(bad)
