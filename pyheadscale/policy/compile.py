@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from pyheadscale.policy.ipset import (
@@ -100,6 +101,23 @@ class NodeInfo:
         )
 
 
+_ranges_of_text: dict[str, tuple[tuple[int, int], ...]] = {}
+
+
+def _wire_ranges(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """The ranges of FilterRule address strings (bad ones: none), from a cache by text: a
+    rule naming a user lists every address of its nodes, and a tag change recompiles the
+    matchers of every rule whose lists changed; then the lists are joined by C calls."""
+    cache = _ranges_of_text
+    if len(cache) > 200_000:
+        cache.clear()
+    for t in texts:
+        if t not in cache:
+            w = parse_wire(t)
+            cache[t] = w.ranges if w is not None else ()
+    return list(chain.from_iterable(map(cache.__getitem__, texts)))
+
+
 @dataclass
 class Matcher:
     srcs: IPSet
@@ -108,11 +126,11 @@ class Matcher:
 
     @classmethod
     def of(cls, rule: dict[str, Any]) -> Matcher:
-        srcs = IPSet.union(parse_wire(s) for s in rule.get("SrcIPs") or ())
-        parts = [parse_wire(d["IP"]) for d in rule.get("DstPorts") or ()]
+        srcs = IPSet(_wire_ranges(rule.get("SrcIPs") or ()))
+        texts = [d["IP"] for d in rule.get("DstPorts") or ()]
         for cg in rule.get("CapGrant") or ():
-            parts.extend(parse_wire(p) for p in cg["Dsts"])
-        dests = IPSet.union(parts)
+            texts.extend(cg["Dsts"])
+        dests = IPSet(_wire_ranges(texts))
         internet = (
             dests.contains_prefix(ALL_V4)
             or dests.contains_prefix(ALL_V6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -97,8 +98,8 @@ class _NodeSets:
                 if hit:
                     idx.update(hit)
                 continue
-            for j in range(bisect.bisect_left(keys, lo), bisect.bisect_right(keys, hi)):
-                idx.update(self.by_key[keys[j]])
+            idx.update(chain.from_iterable(map(self.by_key.__getitem__, keys[
+                bisect.bisect_left(keys, lo):bisect.bisect_right(keys, hi)])))
         for i, n in self.routers:
             if i not in idx and any(s._overlaps_range(lo, hi) for lo, hi in n.route_ranges):
                 idx.add(i)
