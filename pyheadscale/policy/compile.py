@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 from pyheadscale.policy.ipset import (
     ALL_IPS,
@@ -109,13 +109,15 @@ def _wire_ranges(texts: Sequence[str]) -> list[tuple[int, int]]:
     rule naming a user lists every address of its nodes, and a tag change recompiles the
     matchers of every rule whose lists changed; then the lists are joined by C calls."""
     cache = _ranges_of_text
-    if len(cache) > 200_000:
-        cache.clear()
-    for t in texts:
-        if t not in cache:
-            w = parse_wire(t)
-            cache[t] = w.ranges if w is not None else ()
-    return list(chain.from_iterable(map(cache.__getitem__, texts)))
+    got = list(map(cache.get, texts))
+    if None in got:  # .get, not [], throughout: another thread's compile may clear it
+        if len(cache) > 200_000:
+            cache.clear()
+        for i, t in enumerate(texts):
+            if got[i] is None:
+                w = parse_wire(t)
+                got[i] = cache[t] = w.ranges if w is not None else ()
+    return list(chain.from_iterable(cast(list[tuple[tuple[int, int], ...]], got)))
 
 
 @dataclass
