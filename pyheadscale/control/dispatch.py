@@ -96,6 +96,9 @@ class ControlPlane:
         self.tailnet = tailnet
         self.derp = derp
         self.peer_cache = PeerCache()
+        # A deleted node's encoded entries would stay forever (node IDs are not reused), so
+        # ephemeral churn would grow the cache without bound.
+        tailnet.listeners.append(self._forget_removed)
         self._generation = 0
         self.derp_urls = DerpURLMaps(cfg.derp.urls)
         self._extra_records_mtime: float | None = None
@@ -131,6 +134,11 @@ class ControlPlane:
         self.admin = AdminDeps(tailnet, self.policy, self.pending, self.sshchecks,
                                register=self.webflow.register,
                                primary_routes=lambda nid: self.mapctx.routes_of(nid))
+
+    def _forget_removed(self, changes: tuple[Change, ...]) -> None:
+        for c in changes:
+            if c.kind is ChangeKind.NODE_REMOVED and c.node_id is not None:
+                self.peer_cache.forget(c.node_id)
 
     def console_deps(self) -> ConsoleDeps:
         """What the web admin console uses; its writes go through the API's AdminActions."""
