@@ -78,6 +78,9 @@ class RecordedStream:
     async def write(self, data: bytes) -> None:
         await self.inner.write(data)
 
+    def write_now(self, data: bytes) -> bool:
+        return self.inner.write_now(data)
+
     async def end(self, data: bytes = b"") -> None:
         await self.inner.end(data)
 

@@ -31,11 +31,12 @@ _SENDING = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE
 
 
 def data_frames(conn: h2.connection.H2Connection, stream_id: int,
-                data: memoryview) -> tuple[bytes, int] | None:
+                data: memoryview, *, whole: bool = False) -> tuple[bytes, int] | None:
     """DATA frames (no END_STREAM) carrying as much of ``data`` as both flow-control windows
     allow, split at the peer's maximum frame size, and how many bytes of ``data`` they hold
-    (0: a window is exhausted; nothing was taken). None: h2 must handle this stream itself
-    (it is not open for sending, or the connection is closed)."""
+    (0: a window is exhausted, or with ``whole`` too small for all of it; nothing was
+    taken). None: h2 must handle this stream itself (it is not open for sending, or the
+    connection is closed)."""
     if conn.state_machine.state is not h2.connection.ConnectionState.SERVER_OPEN:
         return None
     stream = conn.streams.get(stream_id)
@@ -43,7 +44,7 @@ def data_frames(conn: h2.connection.H2Connection, stream_id: int,
         return None
     room = min(len(data), conn.outbound_flow_control_window,
                stream.outbound_flow_control_window)
-    if room <= 0:
+    if room <= 0 or (whole and room < len(data)):
         return b"", 0
     step = conn.max_outbound_frame_size
     out = bytearray()

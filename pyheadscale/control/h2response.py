@@ -105,6 +105,22 @@ class H2ResponseStream:
             conn.flush()
         return n
 
+    def write_now(self, data: bytes) -> bool:
+        """Write ``data`` whole at once if nothing has to wait: the head is out, both windows
+        take all of it, and the connection's writer is idle on a socket that takes data now
+        (so it is sealed here, in order). False: nothing was written; ``write`` it."""
+        conn = self._conn
+        if not (self.started and conn.can_write_through()) or self.ended or self.gone \
+                or len(data) > HIGH_WATER:
+            return False
+        ahead = conn.h2.data_to_send()  # h2's pending output (acknowledgements) goes first
+        built = data_frames(conn.h2, self.stream_id, memoryview(data), whole=True)
+        done = built is not None and built[1] > 0
+        out = ahead + built[0] if done and built is not None else ahead
+        if out:
+            conn.queue(out)
+        return done
+
     async def end(self, data: bytes = b"") -> None:
         with self._conn.hold():  # a small response: head, body and END_STREAM in one record
             if data:

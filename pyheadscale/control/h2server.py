@@ -256,10 +256,14 @@ class H2ControlConnection:
         else:
             self._wake.set()
 
+    def can_write_through(self) -> bool:
+        """Output queued now would be sealed and handed to the socket at once."""
+        return self._writer_idle and not (self._held or self.closing) and self.sink.ready()
+
     def queue(self, data: bytes) -> None:
         """Plaintext h2 frames to send after all queued before (flush h2's output first)."""
         self._plain_out += data
-        if self._writer_idle and not (self._held or self.closing) and self.sink.ready():
+        if self.can_write_through():
             self._write_through()
             return
         self._queued_total += len(data)  # what feed() counts as waiting for the socket

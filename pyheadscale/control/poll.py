@@ -23,6 +23,7 @@ from pyheadscale.mapper.full import KnownPeers, PeerCache
 from pyheadscale.mapper.snapshot import Snapshot
 from pyheadscale.state.changes import Change, Subscription
 from pyheadscale.state.errors import PersistError
+from pyheadscale.state.model import Node
 from pyheadscale.state.tailnet import Tailnet
 
 log = logging.getLogger("pyheadscale.poll")
@@ -113,21 +114,103 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
                       resp: ResponseStream, *, zstd: bool = True) -> None:
     """`zstd`: the client asked for compressed frames (every official client does)."""
     known = await _send_first(poll, node_id, resp, zstd)
+    direct = _Direct(poll, node_id, sub, known, resp)
+    if zstd:  # an inflated frame is written a piece at a time, never at once
+        sub.direct = direct
     it = sub.__aiter__()
-    while True:
-        timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
+    try:
+        while True:
+            timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
+            try:
+                # asyncio.timeout, not wait_for: no task per frame on every map stream.
+                async with asyncio.timeout(timeout):
+                    batch: list[Change] | None = await it.__anext__()
+            except TimeoutError:
+                batch = None
+            except StopAsyncIteration:
+                return  # replaced by a newer poll, or the node was deleted
+            wrote = await direct.finish()
+            if batch is None:
+                if not wrote:
+                    await write_frame(resp, KEEPALIVE, "keepalive", node_id, zstd)
+                continue
+            if batch and not await _send_batch(poll, node_id, batch, sub, known, resp, zstd):
+                return
+            del batch
+    finally:
+        sub.direct = None
+
+
+class _Direct:
+    """A parked stream's frame for a batch, built and written inside the bus's fan-out (no
+    task wakeup per session and change) when the frame can go at once; a frame the
+    connection cannot take whole now (windows, a busy socket) is held for the stream's task
+    (``finish``), which the bus then sends no batch until it has written it."""
+
+    __slots__ = ("poll", "node_id", "sub", "known", "resp", "held", "error")
+
+    def __init__(self, poll: MapPoll, node_id: int, sub: Subscription, known: KnownPeers,
+                 resp: ResponseStream) -> None:
+        self.poll, self.node_id, self.sub, self.known, self.resp = (
+            poll, node_id, sub, known, resp)
+        self.held: tuple[bytes, str, float] | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, batch: list[Change], since: float) -> bool:
+        if self.held is not None or self.error is not None:
+            return False  # the task has not caught up yet: this batch waits for it
         try:
-            # asyncio.timeout, not wait_for: no task per frame on every map stream.
-            async with asyncio.timeout(timeout):
-                batch = await it.__anext__()
-        except TimeoutError:
-            await write_frame(resp, KEEPALIVE, "keepalive", node_id, zstd)
-            continue
-        except StopAsyncIteration:
-            return  # replaced by a newer poll, or the node was deleted
-        if not await _send_batch(poll, node_id, batch, sub, known, resp, zstd):
-            return
-        del batch
+            viewer = self.poll.tailnet.nodes.get(self.node_id)
+            if viewer is None:
+                return False  # the task ends the stream
+            built = _frame(self.poll, self.node_id, batch, viewer, self.known)
+            if built is None:
+                return True
+            frame, kind = built
+            if self.resp.write_now(frame):
+                _sent(kind, self.node_id, len(frame), since)
+                return True
+            self.held = (frame, kind, since)
+        except Exception as e:  # raised in the stream's task, as when it builds the frame
+            self.error = e
+        self.sub.nudge()
+        return True
+
+    async def finish(self) -> bool:
+        """Write what the fan-out left for the task; True when a frame was written."""
+        if self.error is not None:
+            raise self.error
+        if self.held is None:
+            return False
+        frame, kind, since = self.held
+        self.held = None
+        await write_frame(self.resp, frame, kind, self.node_id)
+        metrics.labelled(metrics.change_delivery, kind).observe(time.monotonic() - since)
+        return True
+
+
+def _frame(poll: MapPoll, node_id: int, batch: list[Change], viewer: Node,
+           known: KnownPeers) -> tuple[bytes, str] | None:
+    """The viewer's frame for ``batch`` and its type (None: nothing for it); updates
+    ``known``. Server-initiated messages (HA PingRequests) ride on it, or on a keep-alive."""
+    snap = poll.snapshot()
+    extra = poll.take_outbox(node_id)
+    if extra:
+        update = poll.deltas.delta(batch, snap, viewer, known)
+        frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
+    else:
+        frame = poll.deltas.frame(batch, snap, viewer, known)
+    if frame is None:
+        return None
+    kind = metrics.response_type(poll.deltas.kinds(batch, snap, viewer), ping=bool(extra))
+    metrics.labelled(metrics.mapresponse_generated, kind).inc()
+    return frame, kind
+
+
+def _sent(kind: str, node_id: int, size: int, since: float) -> None:
+    metrics.frame_sent(kind, node_id)
+    trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=size))
+    metrics.labelled(metrics.change_delivery, kind).observe(time.monotonic() - since)
 
 
 # The stream's frames are built in helpers: a stream waits for hours between batches, and
@@ -149,18 +232,9 @@ async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Sub
     viewer_now = poll.tailnet.nodes.get(node_id)
     if viewer_now is None:
         return False
-    snap = poll.snapshot()
-    # Server-initiated messages (HA PingRequests) ride on this frame, or on a keep-alive.
-    extra = poll.take_outbox(node_id)
-    if extra:
-        update = poll.deltas.delta(batch, snap, viewer_now, known)
-        frame: bytes | None = encode_frame({**(update or {"KeepAlive": True}), **extra})
-    else:
-        frame = poll.deltas.frame(batch, snap, viewer_now, known)
-    if frame is not None:
-        kind = metrics.response_type(poll.deltas.kinds(batch, snap, viewer_now),
-                                     ping=bool(extra))
-        metrics.labelled(metrics.mapresponse_generated, kind).inc()
+    built = _frame(poll, node_id, batch, viewer_now, known)
+    if built is not None:
+        frame, kind = built
         await write_frame(resp, frame, kind, node_id, zstd)
         metrics.labelled(metrics.change_delivery, kind).observe(
             time.monotonic() - sub.batch_since)

@@ -43,6 +43,11 @@ class ResponseStream(Protocol):
         """Send body bytes, waiting for HTTP/2 flow-control window; raises StreamGone."""
         ...
 
+    def write_now(self, data: bytes) -> bool:
+        """Send body bytes whole at once if nothing has to wait (no window, no socket); False:
+        nothing was sent, ``write`` them instead."""
+        ...
+
     async def end(self, data: bytes = b"") -> None:
         """Send the last body bytes and END_STREAM (calls start(200) if not started)."""
         ...

@@ -16,7 +16,8 @@ session subscribed while a window is open does not get that window's earlier cha
 state held them before they were published and its first map is built after it subscribed.
 Sessions behind by the same batches share one merged list. A subscriber that falls behind
 never blocks the publisher or the other subscribers: its bounded buffer collapses to a single
-FULL change when it overflows.
+FULL change when it overflows. A session parked with nothing pending may take a batch at
+once inside the fan-out (``Subscription.direct``): no task wakeup per session and change.
 """
 
 from __future__ import annotations
@@ -154,10 +155,21 @@ class Subscription:
         # published: the start of its change-to-delivery latency.
         self._first_at = 0.0
         self.batch_since = 0.0
+        # Offered each batch while the session is parked in __anext__ with nothing pending:
+        # (batch, when its oldest change was published) -> True when the session took it
+        # there and then (its frame is written or held for its task: see nudge()).
+        self.direct: Callable[[list[Change], float], bool] | None = None
+        self._parked = False
+        self._nudged = False
 
-    def _deliver(self, batch: list[Change], since: float) -> None:
+    def _deliver(self, batch: list[Change], since: float, direct: bool = False) -> bool:
+        """Queue ``batch`` for the session; True when ``direct`` took it at once instead
+        (offered only when the flag says so: from the window's timer, not inside publish())."""
         if self.closed or self._overflowed:
-            return  # a pending FULL already covers it
+            return False  # a pending FULL already covers it
+        if direct and self._parked and not self._batches and self.direct is not None \
+                and self.direct(batch, since):
+            return True
         if not self._batches:
             self._first_at = since
         # A batch the subscriber has nothing else waiting with is the shared list whatever
@@ -170,6 +182,12 @@ class Subscription:
         else:
             self._batches.append(batch)
             self._count += len(batch)
+        self._event.set()
+        return False
+
+    def nudge(self) -> None:
+        """Wake the parked session with an empty batch: ``direct`` left it work to finish."""
+        self._nudged = True
         self._event.set()
 
     def pending(self) -> int:
@@ -192,10 +210,18 @@ class Subscription:
         while not self._batches:
             if self.closed:
                 raise StopAsyncIteration
+            if self._nudged:
+                self._nudged = False
+                return []
             self._event.clear()
-            await self._event.wait()
+            self._parked = True
+            try:
+                await self._event.wait()
+            finally:
+                self._parked = False
         if self.closed:
             raise StopAsyncIteration
+        self._nudged = False  # the caller finishes direct's work before this batch's
         batches, self._batches, self._count, self._overflowed = self._batches, [], 0, False
         self.batch_since = self._first_at
         self._event.clear()
@@ -341,7 +367,7 @@ class ChangeBus:
         if self._due() - time.monotonic() > 0.001:
             self._schedule()
             return
-        self._flush()
+        self._flush(direct=True)
 
     def _answered(self, sub: Subscription, closing: bool = False) -> None:
         """`sub` is back for more (or gone): its part of the current fan-out is done."""
@@ -357,7 +383,9 @@ class ChangeBus:
                 self._timer.cancel()
                 self._schedule()
 
-    def _flush(self) -> None:
+    def _flush(self, direct: bool = False) -> None:
+        """Hand out the window's batches. ``direct``: sessions may build and write their frames
+        in this loop; only from the timer, when the publisher's state change is complete."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -384,12 +412,13 @@ class ChangeBus:
                 batch = shared
             else:
                 continue
-            sub._deliver(batch, self._opened_at)
+            if sub._deliver(batch, self._opened_at, direct):
+                continue  # written (or held) inside this loop: nothing owed
             sub._owes = self._fanout_id
             self._outstanding += 1
-        if not self._outstanding:
-            self._fanout_end = self._fanout_start
-            self.last_fanout_s = 0.0
+        if not self._outstanding:  # every session took its batch here: the loop was the fan-out
+            self._fanout_end = time.monotonic()
+            self.last_fanout_s = self._fanout_end - self._fanout_start
 
     def close(self) -> None:
         if self._timer is not None:

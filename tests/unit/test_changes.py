@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 from pyheadscale.state.changes import Change, ChangeBus, ChangeKind, Field
 
@@ -297,3 +298,94 @@ async def test_a_change_after_a_quiet_spell_is_not_held_by_a_long_last_fanout() 
     bus.publish(Change(ChangeKind.NODE_ADDED, 4))
     await asyncio.wait_for(nxt, 1)
     assert asyncio.get_running_loop().time() - t0 < 0.5
+
+
+async def test_a_parked_session_takes_its_batch_inside_the_fanout() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    took: list[tuple[list[Change], float]] = []
+    subs = [bus.subscribe(i) for i in (1, 2)]
+    subs[0].direct = lambda batch, since: took.append((batch, since)) is None
+    waits = [asyncio.ensure_future(s.__anext__()) for s in subs]
+    await asyncio.sleep(0)  # both parked
+    before = time.monotonic()
+    bus.publish(Change(ChangeKind.NODE_ADDED, 9))
+    await asyncio.wait_for(waits[1], 1)
+    # Session 1 took it in the loop and was not woken; session 2 (no direct) was.
+    assert [b for b, _ in took] == [[Change(ChangeKind.NODE_ADDED, 9)]]
+    assert took[0][1] <= before + 0.001 and not waits[0].done()
+    assert bus._outstanding == 1  # only the woken session owes its answer
+    waits[1] = asyncio.ensure_future(subs[1].__anext__())  # session 2 answers: parked again
+    # It stays parked: the next batch goes the same way.
+    bus.publish(Change(ChangeKind.NODE_ADDED, 10))
+    await asyncio.sleep(0.05)
+    assert len(took) == 2 and not waits[0].done()
+    assert await asyncio.wait_for(waits[1], 1) == [Change(ChangeKind.NODE_ADDED, 10)]
+    waits[0].cancel()
+
+
+async def test_a_session_that_declines_gets_its_batch_as_before() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    sub = bus.subscribe(1)
+    sub.direct = lambda batch, since: False
+    wait = asyncio.ensure_future(sub.__anext__())
+    await asyncio.sleep(0)
+    bus.publish(Change(ChangeKind.DNS))
+    assert await asyncio.wait_for(wait, 1) == [Change(ChangeKind.DNS)]
+
+
+async def test_direct_is_not_offered_inside_publish_or_when_the_session_is_busy() -> None:
+    offered: list[list[Change]] = []
+
+    def take(batch: list[Change], since: float) -> bool:
+        offered.append(batch)
+        return True
+
+    bus = ChangeBus(batch_delay=0)  # publish() itself hands the batch out
+    sub = bus.subscribe(1)
+    sub.direct = take
+    wait = asyncio.ensure_future(sub.__anext__())
+    await asyncio.sleep(0)
+    bus.publish(Change(ChangeKind.DNS))
+    assert await asyncio.wait_for(wait, 1) == [Change(ChangeKind.DNS)] and offered == []
+    timed = ChangeBus(batch_delay=0.01)
+    busy = timed.subscribe(1)
+    busy.direct = take
+    timed.publish(Change(ChangeKind.DERP))
+    await asyncio.sleep(0.05)  # the window closes while the session is not parked (writing)
+    assert await asyncio.wait_for(busy.__anext__(), 1) == [Change(ChangeKind.DERP)]
+    assert offered == []
+
+
+async def test_a_nudge_wakes_the_parked_session_with_an_empty_batch_before_any_other() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    sub = bus.subscribe(1)
+
+    def hold(batch: list[Change], since: float) -> bool:
+        sub.nudge()  # its frame could not be written at once: the task writes it
+        return True
+
+    sub.direct = hold
+    wait = asyncio.ensure_future(sub.__anext__())
+    await asyncio.sleep(0)
+    bus.publish(Change(ChangeKind.DNS))
+    assert await asyncio.wait_for(wait, 1) == []
+    sub.direct = None
+    bus.publish(Change(ChangeKind.DERP))
+    assert await asyncio.wait_for(sub.__anext__(), 1) == [Change(ChangeKind.DERP)]
+
+
+async def test_a_fanout_taken_whole_in_the_loop_counts_its_duration() -> None:
+    bus = ChangeBus(batch_delay=0.01)
+    sub = bus.subscribe(1)
+
+    def slow(batch: list[Change], since: float) -> bool:
+        time.sleep(0.03)  # the frames' building and writing, done inside the fan-out
+        return True
+
+    sub.direct = slow
+    wait = asyncio.ensure_future(sub.__anext__())
+    await asyncio.sleep(0)
+    bus.publish(Change(ChangeKind.DNS))
+    await asyncio.sleep(0.08)
+    assert bus.last_fanout_s >= 0.03 and bus._outstanding == 0
+    wait.cancel()
