@@ -127,3 +127,37 @@ async def test_a_frame_the_socket_cannot_take_now_is_written_by_the_task_in_orde
     assert s.sink.through == through + 1
     await until(s.h, lambda: len(s.ports()) == 3)
     assert s.ports()[-1] == "1004"
+
+
+async def test_write_now_writes_nothing_that_would_wait_for_a_window() -> None:
+    """A body larger than the stream's window is refused whole (no DATA taken off the
+    windows); write() then sends it as the windows open, after what went before."""
+    outcome: list[bool] = []
+    go = asyncio.Event()
+
+    async def dispatch(req: ControlRequest, resp: ResponseStream) -> None:
+        await resp.start(200)
+        outcome.append(resp.write_now(b"a" * 100))  # fits: written at once
+        outcome.append(resp.write_now(b"b" * 70_000))  # beyond the 65 535-byte window
+        await go.wait()
+        await resp.write(b"b" * 70_000)
+        await resp.end()
+
+    h = Harness(dispatch)
+    h.start()
+    sid = h.request("/machine/map")
+    await until(h, lambda: len(outcome) == 2)
+    assert outcome == [True, False]
+    assert h.conn.h2.local_flow_control_window(sid) == 65535 - 100
+    go.set()
+    got = 0
+    for _ in range(200):  # the client gives window back as it reads
+        await h.pump()
+        body = len(h.body(sid))
+        if body > got:
+            h.h2.acknowledge_received_data(body - got, sid)
+            got = body
+            h.send()
+        if h.ended(sid):
+            break
+    assert h.body(sid) == b"a" * 100 + b"b" * 70_000
