@@ -118,9 +118,9 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
     if zstd:  # an inflated frame is written a piece at a time, never at once
         sub.direct = direct
     it = sub.__aiter__()
+    timeout = _keepalive_s()
     try:
         while True:
-            timeout = KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
             try:
                 # asyncio.timeout, not wait_for: no task per frame on every map stream.
                 async with asyncio.timeout(timeout):
@@ -130,9 +130,15 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
             except StopAsyncIteration:
                 return  # replaced by a newer poll, or the node was deleted
             wrote = await direct.finish()
+            timeout = _keepalive_s()
             if batch is None:
-                if not wrote:
-                    await write_frame(resp, KEEPALIVE, "keepalive", node_id, zstd)
+                # Frames the fan-out wrote while this task waited count as traffic: the
+                # keep-alive is due only after that much silence since the last of them.
+                quiet = time.monotonic() - direct.sent_at
+                if wrote or quiet < KEEPALIVE_BASE_S:
+                    timeout = max(0.0, timeout - (0.0 if wrote else quiet))
+                    continue
+                await write_frame(resp, KEEPALIVE, "keepalive", node_id, zstd)
                 continue
             if batch and not await _send_batch(poll, node_id, batch, sub, known, resp, zstd):
                 return
@@ -141,13 +147,17 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
         sub.direct = None
 
 
+def _keepalive_s() -> float:
+    return KEEPALIVE_BASE_S + random.random() * KEEPALIVE_JITTER_S
+
+
 class _Direct:
     """A parked stream's frame for a batch, built and written inside the bus's fan-out (no
     task wakeup per session and change) when the frame can go at once; a frame the
     connection cannot take whole now (windows, a busy socket) is held for the stream's task
     (``finish``), which the bus then sends no batch until it has written it."""
 
-    __slots__ = ("poll", "node_id", "sub", "known", "resp", "held", "error")
+    __slots__ = ("poll", "node_id", "sub", "known", "resp", "held", "error", "sent_at")
 
     def __init__(self, poll: MapPoll, node_id: int, sub: Subscription, known: KnownPeers,
                  resp: ResponseStream) -> None:
@@ -155,6 +165,7 @@ class _Direct:
             poll, node_id, sub, known, resp)
         self.held: tuple[bytes, str, float] | None = None
         self.error: BaseException | None = None
+        self.sent_at = 0.0  # monotonic time of the last frame written in a fan-out
 
     def __call__(self, batch: list[Change], since: float) -> bool:
         if self.held is not None or self.error is not None:
@@ -168,6 +179,7 @@ class _Direct:
                 return True
             frame, kind = built
             if self.resp.write_now(frame):
+                self.sent_at = time.monotonic()
                 _sent(kind, self.node_id, len(frame), since)
                 return True
             self.held = (frame, kind, since)

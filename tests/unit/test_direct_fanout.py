@@ -161,3 +161,27 @@ async def test_write_now_writes_nothing_that_would_wait_for_a_window() -> None:
         if h.ended(sid):
             break
     assert h.body(sid) == b"a" * 100 + b"b" * 70_000
+
+
+async def test_frames_written_in_the_fanout_put_the_keepalive_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keep-alive follows silence, not the task's own last write: frames the fan-out
+    wrote while the task waited count."""
+    monkeypatch.setattr(poll_mod, "KEEPALIVE_BASE_S", 0.4)
+    monkeypatch.setattr(poll_mod, "KEEPALIVE_JITTER_S", 0.0)
+    s = _Session(monkeypatch)
+    await until(s.h, lambda: len(_frames(s.h.body(s.sid))) == 1)
+
+    def keepalives() -> int:
+        return sum(1 for f in _frames(s.h.body(s.sid)) if f == {"KeepAlive": True})
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for port in range(2001, 2008):  # a frame every 0.1 s for 0.7 s, all written in fan-outs
+        s.move(port)
+        await asyncio.sleep(0.1)
+        await s.h.pump()
+    assert loop.time() - t0 > 0.6 and keepalives() == 0 and s.task_frames == 0
+    await asyncio.sleep(0.6)  # silence: the keep-alive is due 0.4 s after the last frame
+    await until(s.h, lambda: keepalives() == 1)
+    assert len(s.ports()) == 7
