@@ -23,6 +23,7 @@ from pyheadscale.fsperms import private_dir, private_file
 
 __all__ = [
     "HEADSCALE_COMPAT_VERSION",
+    "HEAD_REVISION",
     "DatabaseConfigError",
     "MigrationError",
     "SQLITE_BUSY_TIMEOUT_MS",
@@ -37,8 +38,12 @@ __all__ = [
 HEADSCALE_COMPAT_VERSION = "v0.29.2"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 DEFAULT_PG_POOL = 10  # Headscale's max_open_conns default
-# First (and so far only) alembic revision; equals Headscale 0.29's schema.
+# First alembic revision; equals Headscale 0.29's schema.
 _BASELINE_REVISION = "0001"
+# The newest revision under migrations/versions. A database already there needs no alembic,
+# so the server never imports it (with mako, ~7 MiB resident for the process's lifetime).
+# tests/db/test_migrations.py fails when a new migration lands without this moving to it.
+HEAD_REVISION = "0004"
 MIGRATE_LOCK = 0x7079_6873_2D6D_6967  # pg_advisory_xact_lock key ("pyhs-mig")
 
 
@@ -287,12 +292,17 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
     """Bring the database to the newest schema (`alembic upgrade head`) and record `version`.
 
     A database created by Headscale 0.29 is adopted: stamped at the baseline revision, then
-    upgraded. `version=None` leaves database_versions untouched.
+    upgraded. `version=None` leaves database_versions untouched. A database already at
+    HEAD_REVISION is only checked and its version recorded: alembic is not imported.
     """
-    from alembic import command
-
     with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
+        if _at_head(conn):
+            with conn.begin():
+                _record_unless_newer(conn, check_database_version(conn), version)
+            return
+        from alembic import command
+
         if sqlite:
             # Batch migrations rebuild tables (DROP + RENAME); with FKs on, dropping a parent
             # would cascade-delete its children. The pragma is ignored inside a transaction,
@@ -312,11 +322,15 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
                     bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if bad:
                         raise MigrationError(f"foreign key violations after migration: {bad}")
-                if version is not None and not _newer(stored, version):
-                    _record_version(conn, version)  # never rewritten downwards
+                _record_unless_newer(conn, stored, version)
         finally:
             if sqlite:
                 _raw_exec(conn, "PRAGMA foreign_keys = ON")
+
+
+def _record_unless_newer(conn: Connection, stored: str | None, version: str | None) -> None:
+    if version is not None and not _newer(stored, version):
+        _record_version(conn, version)  # never rewritten downwards
 
 
 _SEMVER = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:[-+].*)?")
@@ -346,15 +360,7 @@ def check_database_version(conn: Connection) -> str | None:
     tables = set(inspect(conn).get_table_names())
     if "alembic_version" in tables:
         rev = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
-
-        try:
-            known = rev is None or bool(
-                ScriptDirectory.from_config(alembic_config()).get_revision(rev))
-        except CommandError:
-            known = False
-        if not known:
+        if rev not in (None, HEAD_REVISION) and not _known_revision(rev):
             raise MigrationError(f"database schema revision {rev!r} is from a newer "
                                  "pyheadscale; refusing to run an older one on it")
     if "database_versions" not in tables:
@@ -375,6 +381,27 @@ def check_database_version(conn: Connection) -> str | None:
             f"version at a time is not supported (as in Headscale): upgrade it with "
             f"Headscale v{sv[0]}.{sv[1] + 1}.x first")
     return stored
+
+
+def _known_revision(rev: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return bool(ScriptDirectory.from_config(alembic_config()).get_revision(rev))
+    except CommandError:
+        return False
+
+
+def _at_head(conn: Connection) -> bool:
+    """The database's alembic revision is HEAD_REVISION (a plain query, no alembic)."""
+    try:
+        if not inspect(conn).has_table("alembic_version"):
+            return False
+        revs = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
+        return revs == [HEAD_REVISION]
+    finally:
+        conn.rollback()  # the reads' implicit transaction (SQLite: BEGIN IMMEDIATE, a lock)
 
 
 def _raw_exec(conn: Connection, sql: str) -> None:

@@ -1,0 +1,88 @@
+"""A database already at the newest revision starts without alembic: the revision the package
+records as its head must be alembic's own head, and the shortcut must keep every check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from pyheadscale.db.engine import (
+    HEAD_REVISION,
+    MigrationError,
+    alembic_config,
+    make_engine,
+    migrate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_head_revision_is_alembics_head() -> None:
+    # A new migration under migrations/versions moves alembic's head: HEAD_REVISION must follow,
+    # or a database at the old head would be taken as current and never upgraded.
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [HEAD_REVISION]
+
+
+def _migrate_in_fresh_process(path: Path) -> str:
+    """Run migrate() on the SQLite file in a new interpreter; prints whether alembic got
+    imported (this process has it loaded already)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pyheadscale.db.engine import make_engine, migrate
+        eng = make_engine("sqlite", sqlite_path={str(path)!r})
+        migrate(eng)
+        eng.dispose()
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("alembic", "mako"))[:3])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, check=True)
+    return r.stdout.strip()
+
+
+def test_database_at_head_is_not_migrated_with_alembic(tmp_path: Path) -> None:
+    path = tmp_path / "headscale.sqlite"
+    first = _migrate_in_fresh_process(path)  # a new file: alembic creates the schema
+    assert first.startswith("['alembic")
+    assert _migrate_in_fresh_process(path) == "[]"
+
+
+def test_database_behind_head_is_still_upgraded(tmp_path: Path) -> None:
+    eng = make_engine("sqlite", sqlite_path=str(tmp_path / "headscale.sqlite"))
+    try:
+        migrate(eng)
+        from alembic import command
+
+        with eng.begin() as conn:
+            command.downgrade(alembic_config(conn), "-1")
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() \
+                != HEAD_REVISION
+        migrate(eng)
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT version_num FROM alembic_version").scalar() == HEAD_REVISION
+    finally:
+        eng.dispose()
+
+
+def test_database_at_head_still_refuses_a_newer_headscale(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE database_versions SET version = 'v0.30.0' WHERE id = 1")
+    with pytest.raises(MigrationError, match="newer than"):
+        migrate(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT version FROM database_versions WHERE id = 1").scalar() == "v0.30.0"
+
+
+def test_database_at_head_records_our_version(engine: Engine) -> None:
+    migrate(engine, version="v0.29.3")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT version FROM database_versions WHERE id = 1").scalar() == "v0.29.3"
