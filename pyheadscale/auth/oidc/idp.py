@@ -6,16 +6,17 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
 
 from pyheadscale.auth.oidc.errors import DiscoveryError, OIDCError
 from pyheadscale.auth.oidc.protocol import ProviderMetadata, verify_id_token
 from pyheadscale.config import OIDCConfig
+
+if TYPE_CHECKING:
+    from joserfc.jwk import KeySet
 
 log = logging.getLogger("pyheadscale.oidc")
 
@@ -65,6 +66,9 @@ class IdPClient:
     async def _load_keys(self) -> KeySet:
         assert self.meta is not None
         doc = await self._get_json(self.meta.jwks_uri)
+        from joserfc.errors import JoseError  # only when OIDC is on (see protocol.py)
+        from joserfc.jwk import KeySet
+
         try:
             self._keys = KeySet.import_key_set(doc)
         except (JoseError, ValueError) as e:

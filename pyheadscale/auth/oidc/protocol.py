@@ -6,18 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-from authlib.common.security import generate_token
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
+from typing import TYPE_CHECKING, Any
 
 from pyheadscale.auth.oidc.claims import as_str, flex_strs
 from pyheadscale.auth.oidc.errors import DiscoveryError, OIDCError
 from pyheadscale.config import OIDCConfig
+
+if TYPE_CHECKING:
+    from joserfc.jwk import KeySet
+
+# authlib and joserfc (~170 modules, ~4 MiB resident) are imported when a login first needs
+# them: a server without OIDC never loads them.
 
 ID_TOKEN_ALGS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384",
                  "PS512", "EdDSA"]
@@ -54,11 +53,16 @@ class ProviderMetadata:
 
 
 def new_pkce_verifier() -> str:
+    from authlib.common.security import generate_token
+
     return str(generate_token(64))  # 64 chars of [A-Za-z0-9], within RFC 7636's 43..128
 
 
 def authorization_url(meta: ProviderMetadata, oidc: OIDCConfig, redirect_uri: str, state: str,
                       nonce: str, verifier: str | None) -> str:
+    from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+    from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
     extra: dict[str, str] = {}
     if verifier is not None:
         extra["access_type"] = "offline"
@@ -80,6 +84,9 @@ def verify_id_token(raw: str, keys: KeySet, *, issuer: str, client_id: str,
 
     The nonce is checked by the caller against what it sent. Raises OIDCError(403).
     """
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+
     try:
         tok = jwt.decode(raw, keys, algorithms=list(algorithms))
     except (JoseError, ValueError) as e:
