@@ -29,7 +29,8 @@ from pyheadscale.console import AdminConsole
 from pyheadscale.control.dispatch import ControlPlane
 from pyheadscale.control.h2limits import H2Limits
 from pyheadscale.control.upgrade import add_routes
-from pyheadscale.db.engine import engine_from_config, migrate
+from pyheadscale.db.engine import engine_from_config
+from pyheadscale.db.migrator import migrate_apart
 from pyheadscale.debug import DebugDeps, metrics_app
 from pyheadscale.debugview import owner_name
 from pyheadscale.embedded_derp import EmbeddedDerp
@@ -106,7 +107,7 @@ class Server:
         tune_malloc()  # before the first thread starts
         with database_step(db, "cannot open the database"):
             self.engine = engine_from_config(cfg.database)
-            await asyncio.to_thread(migrate, self.engine)
+            await asyncio.to_thread(migrate_apart, self.engine, cfg.database)
             # On PostgreSQL other instances may share the database: log every write for them.
             changelog = None
             if is_clustered(self.engine):

@@ -28,6 +28,7 @@ __all__ = [
     "MigrationError",
     "SQLITE_BUSY_TIMEOUT_MS",
     "alembic_config",
+    "at_head",
     "engine_from_config",
     "make_engine",
     "migrate",
@@ -391,6 +392,12 @@ def _known_revision(rev: str) -> bool:
         return bool(ScriptDirectory.from_config(alembic_config()).get_revision(rev))
     except CommandError:
         return False
+
+
+def at_head(engine: Engine) -> bool:
+    """The database is at HEAD_REVISION: no migration is due (alembic not needed)."""
+    with engine.connect() as conn:
+        return _at_head(conn)
 
 
 def _at_head(conn: Connection) -> bool:

@@ -1,5 +1,6 @@
-"""A database already at the newest revision starts without alembic: the revision the package
-records as its head must be alembic's own head, and the shortcut must keep every check."""
+"""The server never holds alembic: a database already at the newest revision is checked with a
+plain query (the revision the package records as its head must be alembic's own head, and the
+shortcut must keep every check), and a migration that is due runs in a child process."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from pyheadscale.config.schema import DatabaseConfig
 from pyheadscale.db.engine import (
     HEAD_REVISION,
+    HEADSCALE_COMPAT_VERSION,
     MigrationError,
     alembic_config,
+    at_head,
+    engine_from_config,
     make_engine,
     migrate,
 )
+from pyheadscale.db.migrator import migrate_apart
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,3 +92,59 @@ def test_database_at_head_records_our_version(engine: Engine) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql(
             "SELECT version FROM database_versions WHERE id = 1").scalar() == "v0.29.3"
+
+
+def _sqlite_config(path: Path) -> DatabaseConfig:
+    return DatabaseConfig.model_validate({"type": "sqlite", "sqlite": {"path": str(path)}})
+
+
+def test_server_migrates_a_new_database_in_a_child_process(tmp_path: Path) -> None:
+    path = tmp_path / "headscale.sqlite"
+    code = textwrap.dedent(f"""
+        import sys
+        from pyheadscale.config.schema import DatabaseConfig
+        from pyheadscale.db.engine import engine_from_config
+        from pyheadscale.db.migrator import migrate_apart
+        cfg = DatabaseConfig.model_validate({{"type": "sqlite", "sqlite": {{"path": {str(path)!r}}}}})
+        eng = engine_from_config(cfg)
+        migrate_apart(eng, cfg)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("alembic", "mako"))[:3])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, check=True)
+    assert r.stdout.strip() == "[]"
+    eng = make_engine("sqlite", sqlite_path=str(path))
+    try:
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT version_num FROM alembic_version").scalar() == HEAD_REVISION
+            assert conn.exec_driver_sql(
+                "SELECT version FROM database_versions WHERE id = 1").scalar() \
+                == HEADSCALE_COMPAT_VERSION
+    finally:
+        eng.dispose()
+
+
+def test_child_process_refusal_reaches_the_server(tmp_path: Path) -> None:
+    path = tmp_path / "headscale.sqlite"
+    cfg = _sqlite_config(path)
+    eng = engine_from_config(cfg)
+    try:
+        migrate(eng)
+        with eng.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed9999'")
+        with pytest.raises(MigrationError, match="newer pyheadscale"):
+            migrate_apart(eng, cfg)
+    finally:
+        eng.dispose()
+
+
+def test_in_memory_database_migrates_in_process() -> None:
+    # A child cannot see this process's memory database: it is migrated here.
+    cfg = _sqlite_config(Path(":memory:"))
+    eng = engine_from_config(cfg)
+    try:
+        migrate_apart(eng, cfg)
+        assert at_head(eng)
+    finally:
+        eng.dispose()
