@@ -37,7 +37,7 @@ def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
         if r.returncode != 0:
             raise MigrationError(f"the migration process failed (exit status {r.returncode}):"
                                  f" {r.stderr.strip()[-2000:]}")
-        log.info("database schema migrated in %.1fs", time.monotonic() - t)
+        log.debug("database schema migrated in %.1fs", time.monotonic() - t)
     # At head now (or an in-memory database, which only this process can see): the checks
     # and the version record without alembic; anything else still migrates here.
     migrate(engine)
