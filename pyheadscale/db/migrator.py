@@ -21,7 +21,8 @@ from pyheadscale.config.schema import DatabaseConfig
 from pyheadscale.db.engine import MigrationError, at_head, engine_from_config, migrate
 
 log = logging.getLogger("pyheadscale.db")
-_REFUSED = 3  # the child's exit status for a MigrationError (its message on stderr's last line)
+_REFUSED = 3  # the child's exit status for a MigrationError; any error's text is stderr's
+# last line
 
 
 def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
@@ -32,11 +33,10 @@ def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
         r = subprocess.run([sys.executable, "-m", "pyheadscale.db.migrator"],
                            input=db_cfg.model_dump_json(by_alias=True), capture_output=True,
                            text=True, check=False)
-        if r.returncode == _REFUSED:
-            raise MigrationError(r.stderr.strip().splitlines()[-1])
         if r.returncode != 0:
-            raise MigrationError(f"the migration process failed (exit status {r.returncode}):"
-                                 f" {r.stderr.strip()[-2000:]}")
+            last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            raise MigrationError(last if r.returncode == _REFUSED
+                                 else f"the schema migration failed: {last}")
         log.debug("database schema migrated in %.1fs", time.monotonic() - t)
     # At head now (or an in-memory database, which only this process can see): the checks
     # and the version record without alembic; anything else still migrates here.
@@ -51,6 +51,9 @@ def main() -> int:
     except MigrationError as e:
         print(str(e).replace("\n", " "), file=sys.stderr)
         return _REFUSED
+    except Exception as e:  # the server reports it as one line (its last on stderr)
+        print(f"{type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 1
     finally:
         engine.dispose()
     return 0
