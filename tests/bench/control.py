@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -114,6 +115,7 @@ class SimNode:
     hit: dict[int, float] = field(default_factory=dict)  # round -> marker time (any-frame mode)
     error: str | None = None
     restarts: int = 0
+    refused: int = 0  # re-polls the server answered with an HTTP error (e.g. 503 busy)
 
     def hostinfo(self) -> dict[str, Any]:
         return {"Hostname": f"bench-{self.idx}", "OS": "linux", "IPNVersion": "1.102.5",
@@ -133,6 +135,14 @@ class SimNode:
         else:
             body["OmitPeers"] = True
         return json.dumps(body).encode()
+
+
+class PollRefused(BenchError):
+    """The server answered a map poll with a status other than 200."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"map poll: HTTP {status} {body[:200]!r}")
+        self.status = status
 
 
 def _endpoint(idx: int, rnd_: int = 0) -> str:
@@ -215,6 +225,7 @@ class Worker:
             "n_errors": sum(1 for n in self.nodes if n.error),
             "frames": sum(n.frames for n in self.nodes),
             "restarts": sum(n.restarts for n in self.nodes),
+            "refused": sum(n.refused for n in self.nodes),
             "failed_before_first": sum(1 for n in self.nodes
                                        if n.error and n.t_first_map is None),
             "last_frame": self.last_frame,
@@ -275,13 +286,16 @@ class Worker:
 
     async def repoll(self, n: SimNode) -> Any:
         """Open a new poll on the same node key (no registration: a server that forgot the
-        node answers 404 and the node fails). While the server is down, retry with backoff
-        and jitter (as tailscaled does) for up to REPOLL_GIVE_UP_S."""
+        node answers 404 and the node fails). Retried for up to REPOLL_GIVE_UP_S the way
+        tailscaled's map loop does: after the k-th failure in a row it waits k squared x 10
+        ms (at most 30 s) x a random 0.5-1.5, and a refused poll (an HTTP status) is asked
+        again on the same Noise connection; only a broken connection is dialled anew."""
         from pyheadscale.testclient import connect
 
         give_up = time.monotonic() + REPOLL_GIVE_UP_S
-        delay = 1.0
+        failures = 1  # the stream that just ended
         while True:
+            delay = min(failures * failures * 0.01, 30.0)
             await asyncio.sleep(delay * (0.5 + random.random()))
             try:
                 if n.conn is None or n.conn.closed:
@@ -295,20 +309,25 @@ class Worker:
                 raise
             except Exception as e:
                 n.error = f"re-poll: {type(e).__name__}: {e}"[:300]
-                if n.conn is not None and not n.conn.closed:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(n.conn.close(), 5)
-                n.conn = None
+                if isinstance(e, PollRefused):
+                    if e.status == 404:
+                        return None  # the server forgot the node: no re-auth here
+                    n.refused += 1
+                elif n.conn is not None:
+                    if not n.conn.closed:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(n.conn.close(), 5)
+                    n.conn = None
                 if time.monotonic() >= give_up:
                     return None
-                delay = min(delay * 2, 8.0)
+                failures += 1
 
     async def open_poll(self, n: SimNode) -> Any:
         st = await n.conn.open_stream(
             "POST", "/machine/map", n.map_request(stream=True, endpoints=[_endpoint(n.idx)]))
         status, _ = await st.response()
         if status != 200:
-            raise BenchError(f"map poll: HTTP {status} {(await st.read())[:200]!r}")
+            raise PollRefused(status, await st.read())
         return st.chunks().__aiter__()
 
     def frames_in(self, n: SimNode, buf: bytearray) -> None:
@@ -393,6 +412,7 @@ class Target:
     # --restart: stop the server (SIGTERM, a clean shutdown), start it again on the same
     # configuration and database, return once it answers /health (updates pids).
     restart: Callable[[], None] | None = None
+    metrics_url: str = ""  # the server's /metrics (what the restart phase counts)
 
     @property
     def url(self) -> str:
@@ -459,7 +479,7 @@ class Clients:
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"registered": [], "first_maps": [], "errors": [], "n_errors": 0,
                                "frames": 0, "last_frame": 0.0, "cpu": 0.0, "restarts": 0,
-                               "failed_before_first": 0}
+                               "refused": 0, "failed_before_first": 0}
         for _, st in self.ask(("status",)):
             out["registered"] += st["registered"]
             out["first_maps"] += st["first_maps"]
@@ -467,6 +487,7 @@ class Clients:
             out["n_errors"] += st["n_errors"]
             out["frames"] += st["frames"]
             out["restarts"] += st["restarts"]
+            out["refused"] += st["refused"]
             out["failed_before_first"] += st["failed_before_first"]
             out["last_frame"] = max(out["last_frame"], st["last_frame"])
             out["cpu"] += st["cpu"]
@@ -541,6 +562,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.25)
         settled = st["last_frame"] - t0
         frames_join = st["frames"]
+        counts_join = _server_counts(target)
         cpu_settle = target.cpu() - cpu0
 
         lat: list[float] = []
@@ -594,6 +616,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "join_wall_s": rnd(wall_join, 2),
         "settled_s": rnd(settled, 3),
         "frames_until_settled": frames_join,
+        "join_counts": counts_join,
         "settle_server_cpu_s": rnd(cpu_settle, 2),
         "endpoint_change_p50_s": rnd(percentile(lat, 50)),
         "endpoint_change_p99_s": rnd(percentile(lat, 99)),
@@ -610,6 +633,7 @@ def run_load(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "node_errors": final["n_errors"],
         "node_error_samples": final["errors"][:5],
         "poll_restarts": final["restarts"],
+        "polls_refused": final["refused"],
     } | pol
 
 
@@ -809,6 +833,7 @@ def run_restart(target: Target, clients: Clients, args: argparse.Namespace) -> d
             break
     d = [t - t_up for t in got]
     return {
+        "restart_counts": _server_counts(target),
         "restart_down_s": rnd(t_up - t_stop, 3),  # SIGTERM .. the new process's /health
         "restart_all_maps_s": rnd(max(d), 3) if len(d) == n else None,
         "restart_map_p50_s": rnd(percentile(d, 50), 3),
@@ -819,8 +844,37 @@ def run_restart(target: Target, clients: Clients, args: argparse.Namespace) -> d
     }
 
 
+# Counters of the (new) server process that say where a storm's work went: map responses by
+# type (a "full" beyond one per session is a FULL resend), frames written and failed, map
+# sessions ended, map requests by status.
+_COUNTED = ("headscale_mapresponse_generated_total", "headscale_mapresponse_sent_total",
+            "headscale_mapresponse_ended_total", "http_requests_total")
+
+
+def _server_counts(target: Target) -> dict[str, float]:
+    if not target.metrics_url:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(target.metrics_url, timeout=30) as r:
+            text = r.read().decode()
+    except OSError as e:
+        return {"error": str(e)[:200]}  # type: ignore[dict-item]
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in _COUNTED and s.value:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
+                                  if k in ("response_type", "status", "type", "reason",
+                                           "endpoint"))
+                out[f"{s.name.removesuffix('_total')}{{{labels}}}"] = s.value
+    return out
+
+
 def _restartable(stack: contextlib.ExitStack, target: Target, argv: list[str], log: Path,
-                 url: str, env: dict[str, str] | None, cwd: Path) -> Callable[[], None]:
+                 url: str, env: dict[str, str] | None, cwd: Path,
+                 restart_argv: list[str] | None = None) -> Callable[[], None]:
     def restart() -> None:
         t = time.monotonic()
         for pid in target.pids:
@@ -833,7 +887,7 @@ def _restartable(stack: contextlib.ExitStack, target: Target, argv: list[str], l
                 raise BenchError(f"{target.name}: still running 120 s after SIGTERM") from None
         print(f"  [{target.name}] restart: old process stopped in "
               f"{time.monotonic() - t:.1f}s", flush=True)
-        proc = stack.enter_context(server_process(argv, log, env=env, cwd=cwd))
+        proc = stack.enter_context(server_process(restart_argv or argv, log, env=env, cwd=cwd))
         procs[:] = [proc]
         target.pids = [proc.pid]
         _wait_health(url, proc, log, timeout=300)
@@ -974,8 +1028,13 @@ def bench_pyheadscale(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "serve"]
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     with contextlib.ExitStack() as stack:
-        target = Target("pyheadscale", [cfg["server_url"]], [], key)
-        target.restart = _restartable(stack, target, argv, log, cfg["server_url"], env, work)
+        target = Target("pyheadscale", [cfg["server_url"]], [], key,
+                        metrics_url=f"http://{LOOPBACK}:{p['metrics']}/metrics")
+        # A profiled restart writes the new process's profile beside the first one's.
+        re_argv = [a + ".restart" if args.profile and a.startswith(str(args.profile_dir))
+                   else a for a in argv]
+        target.restart = _restartable(stack, target, argv, log, cfg["server_url"], env, work,
+                                      re_argv)
         cli = [str(VENV_PYTHON), "-m", "pyheadscale", "-c", str(cfg_path)]
         if not key:
             target.authkey = _cli_key(cli)
@@ -1028,6 +1087,7 @@ _ROWS = [
     ("server peak RSS (MiB)", "server_peak_rss_mib"),
     ("client CPU total (s)", "client_cpu_s"),
     ("polls re-opened after server closed them", "poll_restarts"),
+    ("re-polls the server refused (HTTP error)", "polls_refused"),
     ("nodes failed", "node_errors"),
 ]
 # After the totals above (which stop before it): the policy phase.
