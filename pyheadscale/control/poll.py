@@ -8,11 +8,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pyheadscale import metrics, tailcfg
+from pyheadscale.control.admission import Admission
 from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
@@ -43,6 +44,8 @@ class MapPoll:
     deltas: SharedDeltas  # one encoding of each batch for every session it reaches alike
     # Server-initiated messages (HA PingRequests) waiting for a node's next frame.
     take_outbox: Callable[[int], dict[str, Any] | None]
+    # New sessions open a few at a time (a reconnect storm after a restart).
+    admission: Admission = field(default_factory=Admission)
 
     def snapshot(self) -> Snapshot:
         """What a map built now is made of."""
@@ -66,37 +69,57 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         await reply(resp, 404, "node not found")
         return
 
-    if not mr.stream:
+    if not mr.stream and mr.omit_peers:
         await _apply_request(tn, node.id, mr)
-        if mr.omit_peers:
-            await reply(resp, 200, "")
-            metrics.mapresponse_endpoint_updates.labels("ok").inc()
-            return
-        # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
-        frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
-        await resp.start(200, [("content-type", "application/json")])
-        await send_frame(resp, frame, zstd=mr.compress == "zstd")
-        await resp.end()
+        await reply(resp, 200, "")
+        metrics.mapresponse_endpoint_updates.labels("ok").inc()
         return
+    # Whatever builds a full map waits for its turn (control/admission.py).
+    ticket = await poll.admission.enter()
+    if ticket is None:
+        await reply(resp, 503, "busy opening other map sessions: poll again")
+        return
+    try:
+        # The node may have been deleted or re-keyed while this request waited.
+        node = tn.node_by_node_key(mr.node_key)
+        if node is None or node.machine_key != req.machine_key:
+            await reply(resp, 404, "node not found")
+            return
+        if not mr.stream:
+            await _apply_request(tn, node.id, mr)
+            # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
+            frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
+            await resp.start(200, [("content-type", "application/json")])
+            await send_frame(resp, frame, zstd=mr.compress == "zstd")
+            await resp.end()
+            return
+        await _stream(poll, node.id, mr, resp, ticket.release)
+    finally:
+        ticket.release()
 
+
+async def _stream(poll: MapPoll, node_id: int, mr: tailcfg.MapRequest, resp: ResponseStream,
+                  opened: Callable[[], None]) -> None:
+    """The streaming poll; ``opened`` is called once its first map is written."""
+    tn = poll.tailnet
     # Subscribe before building the full map so no change falls between the two.
-    sub = tn.bus.subscribe(node.id)
+    sub = tn.bus.subscribe(node_id)
     # "cancelled": a newer poll or the node's deletion ended it; "done": the client went.
     ended = "cancelled"
     try:
-        await _apply_request(tn, node.id, mr)
-        await tn.set_online(node.id, True)
+        await _apply_request(tn, node_id, mr)
+        await tn.set_online(node_id, True)
         await resp.start(200, [("content-type", "application/json")])
-        await stream_maps(poll, node.id, sub, resp, zstd=mr.compress == "zstd")
+        await stream_maps(poll, node_id, sub, resp, zstd=mr.compress == "zstd", opened=opened)
     except (StreamGone, ConnectionError):
         ended = "done"
     finally:
         metrics.mapresponse_ended.labels(ended).inc()
         sub.close()
         # A newer poll of the same node replaced this one: that one owns the online flag.
-        if not tn.bus.subscribed(node.id) and node.id in tn.nodes:
+        if not tn.bus.subscribed(node_id) and node_id in tn.nodes:
             with contextlib.suppress(Exception):
-                await asyncio.shield(tn.set_online(node.id, False))
+                await asyncio.shield(tn.set_online(node_id, False))
 
 
 async def _apply_request(tn: Tailnet, node_id: int, mr: tailcfg.MapRequest) -> None:
@@ -111,9 +134,13 @@ async def _apply_request(tn: Tailnet, node_id: int, mr: tailcfg.MapRequest) -> N
 
 
 async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
-                      resp: ResponseStream, *, zstd: bool = True) -> None:
-    """`zstd`: the client asked for compressed frames (every official client does)."""
+                      resp: ResponseStream, *, zstd: bool = True,
+                      opened: Callable[[], None] | None = None) -> None:
+    """`zstd`: the client asked for compressed frames (every official client does);
+    `opened` is called once the first map is written."""
     known = await _send_first(poll, node_id, resp, zstd)
+    if opened is not None:
+        opened()
     direct = _Direct(poll, node_id, sub, known, resp)
     if zstd:  # an inflated frame is written a piece at a time, never at once
         sub.direct = direct
