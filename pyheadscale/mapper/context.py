@@ -16,6 +16,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import orjson
 
+from pyheadscale.idblocks import IdBlocks
 from pyheadscale.mapper.dns import DNSSettings, build_dns_config
 from pyheadscale.state.model import IPNetwork, Node
 from pyheadscale.tailcfg import dumps
@@ -145,6 +146,16 @@ def visible_ids(policy: Policy, viewer: Node,
     if _is_peer_index(policy):
         return cast(PeerIndex, policy).peer_ids(viewer, nodes)
     return {i for i, n in nodes.items() if i != viewer.id and policy.can_see(viewer, n)}
+
+
+def visible_blocks(policy: Policy, viewer: Node, nodes: Mapping[int, Node]) -> IdBlocks | None:
+    """The viewer's visible IDs when the policy's index holds them as a shared IdBlocks (a
+    lookup, no per-node test); None when it does not (ask ``can_see`` per node then)."""
+    if _is_peer_index(policy):
+        got = cast(PeerIndex, policy).peer_ids(viewer, nodes)
+        if isinstance(got, IdBlocks):
+            return got
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyheadscale.mapper.context import AllowAllPolicy, MapContext
+from pyheadscale.mapper.context import AllowAllPolicy, MapContext, visible_blocks
 from pyheadscale.mapper.delta import BatchView, _patch, delta_into, route_nodes
 from pyheadscale.mapper.encode import encode_frame
 from pyheadscale.mapper.firstmap import PeerRuns
@@ -38,6 +38,7 @@ class _Plan:
     view: BatchView
     shareable: bool
     present: frozenset[int] = frozenset()  # touched nodes in the snapshot
+    present_blocks: tuple[tuple[int, int], ...] = ()  # present as KnownPeers bits
     removed: frozenset[int] = frozenset()  # touched nodes no longer there
     entries: frozenset[int] = frozenset()  # present nodes sent whole
     patched: frozenset[int] = frozenset()  # present nodes sent as a PeerChange
@@ -88,7 +89,7 @@ class SharedDeltas:
             if not plan.built:
                 self._build(plan, snap, legacy)
             if (plan.shareable and known.has_all_blocks(plan.held)
-                    and self._sees_all(snap.ctx, viewer, nodes, plan.present)):
+                    and self._sees_all(snap.ctx, viewer, nodes, plan)):
                 self.shared += 1
                 for p in plan.removed:
                     del known[p]
@@ -130,11 +131,16 @@ class SharedDeltas:
 
     @staticmethod
     def _sees_all(ctx: MapContext, viewer: Node, nodes: Mapping[int, Node],
-                  ids: frozenset[int]) -> bool:
+                  plan: _Plan) -> bool:
         if type(ctx.policy) is AllowAllPolicy:
             return True
+        # A lookup per block of the batch, not a policy test per node: a storm's batches
+        # touch thousands of nodes and every session asks (after a restart: N x N tests).
+        vis = visible_blocks(ctx.policy, viewer, nodes)
+        if vis is not None:
+            return vis.covers(plan.present_blocks)
         can_see = ctx.policy.can_see
-        return all(can_see(viewer, nodes[i]) for i in ids if i in nodes)
+        return all(can_see(viewer, nodes[i]) for i in plan.present if i in nodes)
 
     @staticmethod
     def _build(plan: _Plan, snap: Snapshot, legacy: bool) -> None:
@@ -149,6 +155,7 @@ class SharedDeltas:
             if Field.DISCO_KEY in fields and not nodes[pid].online:
                 entries.add(pid)  # a disco patch must say Online:true; send the node instead
         plan.present = present
+        plan.present_blocks = plain_blocks(present)
         plan.removed = frozenset(b.touched - present)
         plan.entries = frozenset(entries)
         plan.patched = present - plan.entries

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import bisect
 import struct
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pyheadscale.idblocks import IdBlocks
 from pyheadscale.mapper.context import visible_ids
 from pyheadscale.mapper.encode import compress, compress_json, encode_json
 from pyheadscale.mapper.full import (
@@ -63,6 +65,16 @@ class _Run:
         return got
 
 
+def _sees_run(vis: AbstractSet[int] | None, block: int, run_ids: list[int]) -> bool:
+    """Whether the viewer sees every member of the run: the policy index's IdBlocks answers
+    with one block's bits (a test per member was most of a first map's cost under a policy)."""
+    if vis is None:
+        return True
+    if isinstance(vis, IdBlocks):
+        return vis.covers(((block, block_bits(run_ids)),))
+    return vis >= set(run_ids)
+
+
 class PeerRuns:
     """Compressed runs of peer entries, per (run, context generation, legacy DERP form)."""
 
@@ -94,7 +106,7 @@ class PeerRuns:
             i = j
             comma = bool(parts)
             whole = (shareable and not block * RUN <= viewer.id < (block + 1) * RUN
-                     and (vis is None or vis >= set(run_ids)))
+                     and _sees_run(vis, block, run_ids))
             run = self._run(block, legacy, run_ids, snap) if whole else None
             if run is not None:
                 parts.append(run.frame(comma))

@@ -23,7 +23,7 @@ from pyheadscale.idblocks import BLOCK, IdBlocks
 from pyheadscale.mapper import MapContext, PeerCache, to_plain
 from pyheadscale.mapper.delta import BatchView, delta_into
 from pyheadscale.mapper.full import full_map_and_peers
-from pyheadscale.mapper.known import PLAIN_VIEW, KnownPeers, PeerView
+from pyheadscale.mapper.known import PLAIN_VIEW, KnownPeers, PeerView, plain_blocks
 from pyheadscale.policy import PolicyManager, reference
 from pyheadscale.policy.evaluate import _bits, _MaskToIds
 from pyheadscale.state.changes import Change, ChangeKind
@@ -48,6 +48,10 @@ def test_id_blocks_behave_as_a_frozenset(a: list[int], b: list[int], probe: int)
     assert (probe in sa) == (probe in fa) and "x" not in sa and -1 not in sa
     assert sa | sb == fa | fb and sa & sb == fa & fb and sa - sb == fa - fb
     assert (sa <= sb) == (fa <= fb) and (sa >= fb) == (fa >= fb)
+    blocks = {}
+    for i in b:
+        blocks[i // BLOCK] = blocks.get(i // BLOCK, 0) | 1 << (i % BLOCK)
+    assert sa.covers(blocks.items()) == (fb <= fa)
     w = sa.without(probe)
     assert w == fa - {probe} and 0 not in w.blocks.values()
     assert hash(sa) == hash(IdBlocks.of(reversed(a)))
@@ -190,3 +194,32 @@ def test_block_diff_deltas_equal_set_deltas_with_routes_and_hidden_ipv4(seed: in
         rb = delta_into(b, nodes, USERS, nodes[vid], ctx_b, NOW, kb, PeerCache())
         assert to_plain(ra) == to_plain(rb) and ka == kb
 
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_block_lookups_answer_as_the_policy_does_per_node(seed: int) -> None:
+    """The first map's "sees the whole run" and a shared delta's "sees every node of the
+    batch" ask the index's IdBlocks a block at a time: the same answers as can_see per node."""
+    from pyheadscale.mapper.context import visible_blocks
+    from pyheadscale.mapper.fanout import SharedDeltas, _Plan
+    from pyheadscale.mapper.firstmap import RUN, _sees_run
+
+    rng = random.Random(seed)
+    for _, _, nodes, pm in random_tailnets(rng):
+        by_id = {n.id: n for n in nodes}
+        ctx = MapContext(policy=pm, generation=1)
+        for n in nodes:
+            vis = visible_blocks(pm, n, by_id)
+            assert isinstance(vis, IdBlocks)
+            for block in {i // RUN for i in by_id}:
+                # Its own run never counts as a whole (the first map builds it apart).
+                run_ids = sorted(i for i in by_id if i // RUN == block and i != n.id)
+                assert _sees_run(vis, block, run_ids) == all(
+                    pm.can_see(n, by_id[i]) for i in run_ids), f"{seed}: {n.id} run {block}"
+            for _ in range(5):
+                size = min(len(by_id), rng.choice([1, 2, 3, len(by_id)]))
+                touched = frozenset(rng.sample(sorted(by_id), rng.randint(1, size)))
+                plan = _Plan([], BatchView.of([]), True, present=touched,
+                             present_blocks=plain_blocks(touched))
+                assert SharedDeltas._sees_all(ctx, n, by_id, plan) == all(
+                    pm.can_see(n, by_id[i]) for i in touched), f"{seed}: {n.id}"
