@@ -19,23 +19,31 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["LIMIT", "MAX_WAIT_S", "Admission", "Ticket"]
+__all__ = ["LIMIT", "MAX_HOLD_S", "MAX_WAIT_S", "Admission", "Ticket"]
 
 # Sessions opening at once. A few keep the loop busy while others wait for the client's
 # window updates; more only lengthen every first map's wait.
 LIMIT = 16
 MAX_WAIT_S = 45.0
+# A ticket frees itself this long after admission even if the first map is not written yet:
+# writing waits on the client (flow-control window, socket), and a peer that never reads
+# must not keep its slot. Past this its session goes on outside the gate; a node that
+# re-polls joins the back of the queue, so a few such nodes slow admission, never stop it.
+MAX_HOLD_S = 5.0
 
 
 class Ticket:
-    """One admitted session's place; ``release`` once its first map is written (idempotent)."""
+    """One admitted session's place; ``release`` once its first map is written (idempotent),
+    or it releases itself after the gate's ``max_hold``."""
 
-    __slots__ = ("_gate",)
+    __slots__ = ("_gate", "_timer")
 
     def __init__(self, gate: Admission) -> None:
         self._gate: Admission | None = gate
+        self._timer = asyncio.get_running_loop().call_later(gate.max_hold, self.release)
 
     def release(self) -> None:
+        self._timer.cancel()
         gate, self._gate = self._gate, None
         if gate is not None:
             gate._sem.release()
@@ -45,11 +53,13 @@ class Ticket:
 class Admission:
     """FIFO admission of map sessions (asyncio.Semaphore wakes waiters in order)."""
 
-    def __init__(self, limit: int = LIMIT, max_wait: float = MAX_WAIT_S) -> None:
+    def __init__(self, limit: int = LIMIT, max_wait: float = MAX_WAIT_S,
+                 max_hold: float = MAX_HOLD_S) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._sem = asyncio.Semaphore(limit)
         self.max_wait = max_wait
+        self.max_hold = max_hold
         self.opening = 0  # admitted, first map not written yet
         self.waiting = 0
         self.refused = 0  # answered "busy" after MAX_WAIT_S

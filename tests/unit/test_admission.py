@@ -55,6 +55,20 @@ async def test_a_request_that_waited_max_wait_is_refused_and_holds_no_place() ->
     assert again is not None and gate.opening == 1
 
 
+async def test_a_session_whose_first_map_is_not_written_frees_its_place_after_max_hold() -> None:
+    # The first map's write waits on the client; one that never reads must not keep the gate.
+    gate = Admission(limit=1, max_wait=5, max_hold=0.05)
+    stuck = await gate.enter()
+    assert stuck is not None
+    t0 = asyncio.get_running_loop().time()
+    nxt = await gate.enter()
+    assert nxt is not None and gate.refused == 0
+    assert asyncio.get_running_loop().time() - t0 >= 0.04
+    stuck.release()  # the late release of the timed-out ticket frees nothing more
+    assert gate.opening == 1
+    assert await asyncio.wait_for(gate.enter(), 1) is not None  # nxt timed out in turn
+
+
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Admission(limit=0)
