@@ -1,5 +1,5 @@
-"""Admission of new map sessions: at most LIMIT are opened (first map built and written) at a
-time; the others wait their turn, and one that waited MAX_WAIT_S is answered 503.
+"""Admission of new map sessions: at most LIMIT are opened (first map built) at a time; the
+others wait their turn, and one that waited MAX_WAIT_S is answered 503.
 
 After a server restart every node re-opens its poll within seconds (tailscaled retries with
 backoff). Opened all at once, each session subscribes, then waits for its first map (megabytes
@@ -7,6 +7,12 @@ at 10,000 nodes) behind every other one's: nobody finishes early, and the change
 session is owed pile up until its buffer collapses to a FULL, one more full map to build.
 Taking them a few at a time keeps each first map's wait short and its backlog small, and a
 waiting request costs nothing but its parsed body.
+
+The gate rations the server's own work (the request's database writes and the first map's
+build): a place is freed once the first map is handed to the response for writing, never
+held while the client reads it, so a peer that does not read keeps no place. A node has at
+most one request waiting: a newer one of the same node takes the older's turn away (answered
+503 at once), so one node flooding the gate holds one place in the line, not the line.
 
 The 503 is the cheap early answer: tailscaled takes any non-200 answer to its map request as
 a failed poll and polls again after its backoff (10 ms x failures squared, at most 30 s, with
@@ -19,61 +25,82 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["LIMIT", "MAX_HOLD_S", "MAX_WAIT_S", "Admission", "Ticket"]
+__all__ = ["LIMIT", "MAX_WAIT_S", "Admission", "Ticket"]
 
-# Sessions opening at once. A few keep the loop busy while others wait for the client's
-# window updates; more only lengthen every first map's wait.
+# Sessions opening at once. A few keep the loop busy while others wait on the database;
+# more only lengthen every first map's wait.
 LIMIT = 16
 MAX_WAIT_S = 45.0
-# A ticket frees itself this long after admission even if the first map is not written yet:
-# writing waits on the client (flow-control window, socket), and a peer that never reads
-# must not keep its slot. Past this its session goes on outside the gate; a node that
-# re-polls joins the back of the queue, so a few such nodes slow admission, never stop it.
-MAX_HOLD_S = 5.0
 
 
 class Ticket:
-    """One admitted session's place; ``release`` once its first map is written (idempotent),
-    or it releases itself after the gate's ``max_hold``."""
+    """One admitted session's place; ``release`` once its first map is built (idempotent)."""
 
-    __slots__ = ("_gate", "_timer")
+    __slots__ = ("_gate",)
 
     def __init__(self, gate: Admission) -> None:
         self._gate: Admission | None = gate
-        self._timer = asyncio.get_running_loop().call_later(gate.max_hold, self.release)
 
     def release(self) -> None:
-        self._timer.cancel()
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate._sem.release()
             gate.opening -= 1
+            gate._hand_on()
 
 
 class Admission:
-    """FIFO admission of map sessions (asyncio.Semaphore wakes waiters in order)."""
+    """FIFO admission of map sessions, at most one waiting request per node."""
 
-    def __init__(self, limit: int = LIMIT, max_wait: float = MAX_WAIT_S,
-                 max_hold: float = MAX_HOLD_S) -> None:
+    def __init__(self, limit: int = LIMIT, max_wait: float = MAX_WAIT_S) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        self._sem = asyncio.Semaphore(limit)
+        self.limit = limit
         self.max_wait = max_wait
-        self.max_hold = max_hold
-        self.opening = 0  # admitted, first map not written yet
-        self.waiting = 0
+        self.opening = 0  # admitted, first map not built yet
         self.refused = 0  # answered "busy" after MAX_WAIT_S
+        self.displaced = 0  # turns taken away by a newer request of the same node
+        # node id -> its waiting request (True: admitted, False: displaced), oldest first.
+        self._line: dict[int, asyncio.Future[bool]] = {}
 
-    async def enter(self) -> Ticket | None:
-        """A ticket, or None after max_wait (answer the client 503: it polls again)."""
-        self.waiting += 1
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    async def enter(self, node_id: int) -> Ticket | None:
+        """A ticket, or None after max_wait or when a newer request of the node came (answer
+        the client 503: it polls again)."""
+        older = self._line.pop(node_id, None)
+        if older is not None and not older.done():
+            older.set_result(False)
+            self.displaced += 1
+        if not self._line and self.opening < self.limit:
+            self.opening += 1
+            return Ticket(self)
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._line[node_id] = turn
         try:
             async with asyncio.timeout(self.max_wait):
-                await self._sem.acquire()
-        except TimeoutError:
-            self.refused += 1
-            return None
+                admitted = await turn
+        except BaseException as e:
+            # Given a place in the same loop turn the wait ended: keep it, or pass it on.
+            admitted = turn.done() and not turn.cancelled() and turn.result()
+            if not isinstance(e, TimeoutError):
+                if admitted:
+                    Ticket(self).release()
+                raise
+            if not admitted:
+                self.refused += 1
+                return None
         finally:
-            self.waiting -= 1
-        self.opening += 1
-        return Ticket(self)
+            if self._line.get(node_id) is turn:
+                del self._line[node_id]
+        return Ticket(self) if admitted else None
+
+    def _hand_on(self) -> None:
+        """Give free places to the oldest waiting requests."""
+        while self._line and self.opening < self.limit:
+            node_id = next(iter(self._line))
+            turn = self._line.pop(node_id)
+            if not turn.done():
+                self.opening += 1
+                turn.set_result(True)

@@ -75,8 +75,8 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         metrics.mapresponse_endpoint_updates.labels("ok").inc()
         return
     # Whatever builds a full map waits for its turn (control/admission.py).
-    ticket = await poll.admission.enter()
-    if ticket is None:
+    ticket = await poll.admission.enter(node.id)
+    if ticket is None:  # waited too long, or a newer request of the node took its turn
         await reply(resp, 503, "busy opening other map sessions: poll again")
         return
     try:
@@ -89,6 +89,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
             await _apply_request(tn, node.id, mr)
             # A one-shot map (debug/test paths): exactly one frame, then the stream ends.
             frame, _ = poll.deltas.first_frame(poll.snapshot(), tn.get_node(node.id))
+            ticket.release()  # built: the write waits on the client, not on us
             await resp.start(200, [("content-type", "application/json")])
             await send_frame(resp, frame, zstd=mr.compress == "zstd")
             await resp.end()
@@ -100,7 +101,7 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
 
 async def _stream(poll: MapPoll, node_id: int, mr: tailcfg.MapRequest, resp: ResponseStream,
                   opened: Callable[[], None]) -> None:
-    """The streaming poll; ``opened`` is called once its first map is written."""
+    """The streaming poll; ``opened`` is called once its first map is built."""
     tn = poll.tailnet
     # Subscribe before building the full map so no change falls between the two.
     sub = tn.bus.subscribe(node_id)
@@ -137,10 +138,9 @@ async def stream_maps(poll: MapPoll, node_id: int, sub: Subscription,
                       resp: ResponseStream, *, zstd: bool = True,
                       opened: Callable[[], None] | None = None) -> None:
     """`zstd`: the client asked for compressed frames (every official client does);
-    `opened` is called once the first map is written."""
-    known = await _send_first(poll, node_id, resp, zstd)
-    if opened is not None:
-        opened()
+    `opened` is called once the first map is built, before it is written (the write waits
+    on the client's reading)."""
+    known = await _send_first(poll, node_id, resp, zstd, opened)
     direct = _Direct(poll, node_id, sub, known, resp)
     if zstd:  # an inflated frame is written a piece at a time, never at once
         sub.direct = direct
@@ -255,12 +255,14 @@ def _sent(kind: str, node_id: int, size: int, since: float) -> None:
 # The stream's frames are built in helpers: a stream waits for hours between batches, and
 # what a frame was made of (a first map is megabytes at 10,000 nodes, and so is a FULL
 # resend) must not stay referenced from its frame all that time.
-async def _send_first(poll: MapPoll, node_id: int, resp: ResponseStream,
-                      zstd: bool) -> KnownPeers:
+async def _send_first(poll: MapPoll, node_id: int, resp: ResponseStream, zstd: bool,
+                      built: Callable[[], None] | None) -> KnownPeers:
     viewer = poll.tailnet.get_node(node_id)
     with metrics.Timer(metrics.nodestore_peers_calculation):
         first, known = poll.deltas.first_frame(poll.snapshot(), viewer)
     metrics.mapresponse_generated.labels("full").inc()
+    if built is not None:
+        built()
     await write_frame(resp, first, "full", node_id, zstd)
     return known
 

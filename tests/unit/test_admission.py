@@ -1,11 +1,12 @@
 """Admission of new map sessions (control/admission.py): a few open at a time, the rest wait
-in order, and one that waited too long is answered 503 (tailscaled polls again) without the
-server marking its node online or subscribing it."""
+in order, one per node, and one that waited too long is answered 503 (tailscaled polls again)
+without the server marking its node online or subscribing it."""
 
 from __future__ import annotations
 
 import asyncio
 
+import h2.settings
 import pytest
 
 from pyheadscale.app import Server
@@ -15,12 +16,12 @@ from tests.inproc import Machine
 
 async def test_at_most_limit_are_admitted_and_the_others_wait_in_order() -> None:
     gate = Admission(limit=2, max_wait=5)
-    a, b = await gate.enter(), await gate.enter()
+    a, b = await gate.enter(1), await gate.enter(2)
     assert a is not None and b is not None and gate.opening == 2
     order: list[str] = []
 
     async def wait(name: str) -> None:
-        t = await gate.enter()
+        t = await gate.enter(len(name))
         assert t is not None
         order.append(name)
 
@@ -40,33 +41,47 @@ async def test_at_most_limit_are_admitted_and_the_others_wait_in_order() -> None
 
 async def test_a_request_that_waited_max_wait_is_refused_and_holds_no_place() -> None:
     gate = Admission(limit=1, max_wait=0.05)
-    held = await gate.enter()
+    held = await gate.enter(1)
     assert held is not None
-    assert await gate.enter() is None
+    assert await gate.enter(2) is None
     assert gate.refused == 1 and gate.waiting == 0
     # A waiter whose client went away (its task cancelled) leaves no place taken either.
-    gone = asyncio.create_task(gate.enter())
+    gone = asyncio.create_task(gate.enter(3))
     await asyncio.sleep(0.01)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
+    assert gate.waiting == 0
     held.release()
-    again = await gate.enter()
+    again = await gate.enter(4)
     assert again is not None and gate.opening == 1
 
 
-async def test_a_session_whose_first_map_is_not_written_frees_its_place_after_max_hold() -> None:
-    # The first map's write waits on the client; one that never reads must not keep the gate.
-    gate = Admission(limit=1, max_wait=5, max_hold=0.05)
-    stuck = await gate.enter()
-    assert stuck is not None
-    t0 = asyncio.get_running_loop().time()
-    nxt = await gate.enter()
-    assert nxt is not None and gate.refused == 0
-    assert asyncio.get_running_loop().time() - t0 >= 0.04
-    stuck.release()  # the late release of the timed-out ticket frees nothing more
-    assert gate.opening == 1
-    assert await asyncio.wait_for(gate.enter(), 1) is not None  # nxt timed out in turn
+async def test_a_newer_request_of_a_node_takes_the_older_waiting_ones_turn() -> None:
+    gate = Admission(limit=1, max_wait=5)
+    held = await gate.enter(1)
+    assert held is not None
+    older = asyncio.create_task(gate.enter(7))
+    other = asyncio.create_task(gate.enter(8))
+    await asyncio.sleep(0.01)
+    newer = asyncio.create_task(gate.enter(7))
+    # The older one is answered at once (503: poll again), not after max_wait.
+    assert await asyncio.wait_for(older, 1) is None
+    assert gate.displaced == 1 and gate.waiting == 2 and gate.refused == 0
+    # The newer one queues behind the requests that were already waiting.
+    held.release()
+    t8 = await asyncio.wait_for(other, 1)
+    assert t8 is not None and not newer.done()
+    # A node whose request is admitted may still queue one more (its newer session
+    # replaces the older one when it opens).
+    t8.release()
+    t7 = await asyncio.wait_for(newer, 1)
+    assert t7 is not None
+    again = asyncio.create_task(gate.enter(7))
+    await asyncio.sleep(0.01)
+    assert gate.waiting == 1 and gate.displaced == 1
+    t7.release()
+    assert await asyncio.wait_for(again, 1) is not None
 
 
 def test_the_limit_must_be_positive() -> None:
@@ -84,7 +99,7 @@ async def test_a_poll_beyond_the_limit_is_answered_503_then_served_once_a_place_
         await m.register(auth_key=key)
         node = server.tailnet.node_by_node_key(m.node_key)
         assert node is not None
-        tickets = [await gate.enter() for _ in range(LIMIT)]  # sessions still opening
+        tickets = [await gate.enter(-i) for i in range(1, LIMIT + 1)]  # still opening
         st = await m.conn.open_stream("POST", "/machine/map", m.map_request())
         status, _ = await st.response()
         assert status == 503
@@ -108,6 +123,73 @@ async def test_a_poll_beyond_the_limit_is_answered_503_then_served_once_a_place_
         frame = await asyncio.wait_for(first, 10)
         assert frame["Node"]["Name"].startswith("late.")
         assert server.tailnet.nodes[node.id].online
-        # Its place is given back once the first map is written, not when the poll ends.
+        # Its place is given back once the first map is built, not when the poll ends.
         assert gate.opening == 0
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _join(server: Server, m: Machine) -> int:
+    user = await server.tailnet.create_user(m.hostname)
+    _, key = await server.tailnet.create_preauth_key(user.id)
+    await m.register(auth_key=key)
+    node = server.tailnet.node_by_node_key(m.node_key)
+    assert node is not None
+    return node.id
+
+
+async def test_a_node_flooding_the_gate_delays_another_nodes_poll_by_one_turn_at_most(
+        server: Server) -> None:
+    gate = server.control.map_poll.admission
+    url = str(server.cfg.server_url)
+    async with Machine(url, "flood") as bad, Machine(url, "honest") as good:
+        bad_id = await _join(server, bad)
+        await _join(server, good)
+        tickets = [await gate.enter(-i) for i in range(1, LIMIT + 1)]  # a full gate
+        flood = [await bad.conn.open_stream("POST", "/machine/map", bad.map_request())
+                 for _ in range(50)]
+        # Each newer request takes the older's turn: 49 are answered 503 at once.
+        for st in flood[:-1]:
+            status, _ = await asyncio.wait_for(st.response(), 5)
+            assert status == 503
+        assert gate.displaced == 49 and gate.waiting == 1
+        stream = good.stream_map()
+        first = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.05)
+        assert gate.waiting == 2 and not first.done()
+        # Two places free: the flooder's one request, then the honest node's.
+        tickets[0].release()  # type: ignore[union-attr]
+        tickets[1].release()  # type: ignore[union-attr]
+        frame = await asyncio.wait_for(first, 10)
+        assert frame["Node"]["Name"].startswith("honest.")
+        status, _ = await asyncio.wait_for(flood[-1].response(), 5)
+        assert status == 200 and server.tailnet.bus.subscribed(bad_id)
+        assert gate.refused == 0
+        for t in tickets[2:]:
+            assert t is not None
+            t.release()
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_client_that_never_reads_its_first_map_keeps_no_place(server: Server) -> None:
+    gate = server.control.map_poll.admission
+    url = str(server.cfg.server_url)
+    async with Machine(url, "deaf") as deaf, Machine(url, "next") as nxt:
+        await _join(server, deaf)
+        await _join(server, nxt)
+        tickets = [await gate.enter(-i) for i in range(1, LIMIT)]  # one place left
+        # A zero window: not one byte of its first map can be written.
+        deaf.conn._h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        deaf.conn._flush()
+        st = await deaf.conn.open_stream("POST", "/machine/map", deaf.map_request())
+        stream = nxt.stream_map()
+        first = asyncio.create_task(anext(stream))
+        # Admitted as soon as the deaf client's first map is built, long before any backstop.
+        frame = await asyncio.wait_for(first, 2)
+        assert frame["Node"]["Name"].startswith("next.")
+        assert not st._chunks and not st.done  # the deaf client still has nothing
+        assert gate.opening == LIMIT - 1 and gate.refused == 0
+        for t in tickets:
+            assert t is not None
+            t.release()
+        st.reset()
         await stream.aclose()  # type: ignore[attr-defined]
