@@ -101,23 +101,48 @@ class NodeInfo:
         )
 
 
-_ranges_of_text: dict[str, tuple[tuple[int, int], ...]] = {}
+class _RangesByText:
+    """The ranges of FilterRule address strings by text, kept for the strings recent compiles
+    used: a rule naming a user lists every address of its nodes, and a tag change recompiles
+    the matchers of every rule whose lists changed. Two generations: a string used in this
+    one stays (moved up from the last); when new strings outnumber reused ones by `floor`,
+    the last generation (strings unused since) goes. Addresses are allocated sequentially, so
+    churning nodes bring new strings forever: this keeps the cache near what compiles use.
+    Several threads compile at once: the pair is replaced whole, dicts are read with .get."""
+
+    def __init__(self, floor: int = 4096) -> None:
+        self._gens: tuple[dict[str, tuple[tuple[int, int], ...]],
+                          dict[str, tuple[tuple[int, int], ...]]] = ({}, {})
+        self._floor = floor
+        self._kept = 0
+        self._new = 0
+
+    def __len__(self) -> int:
+        young, old = self._gens
+        return len(young) + len(old)
+
+    def ranges(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        young, old = self._gens
+        got = list(map(young.get, texts))
+        if None in got:
+            for i, t in enumerate(texts):
+                if got[i] is None:
+                    r = old.get(t)
+                    if r is None:
+                        w = parse_wire(t)
+                        r = w.ranges if w is not None else ()
+                        self._new += 1
+                    else:
+                        self._kept += 1
+                    got[i] = young[t] = r
+            if self._new > self._kept + self._floor:
+                self._gens = ({}, young)
+                self._kept = self._new = 0
+        return list(chain.from_iterable(cast(list[tuple[tuple[int, int], ...]], got)))
 
 
-def _wire_ranges(texts: Sequence[str]) -> list[tuple[int, int]]:
-    """The ranges of FilterRule address strings (bad ones: none), from a cache by text: a
-    rule naming a user lists every address of its nodes, and a tag change recompiles the
-    matchers of every rule whose lists changed; then the lists are joined by C calls."""
-    cache = _ranges_of_text
-    got = list(map(cache.get, texts))
-    if None in got:  # .get, not [], throughout: another thread's compile may clear it
-        if len(cache) > 200_000:
-            cache.clear()
-        for i, t in enumerate(texts):
-            if got[i] is None:
-                w = parse_wire(t)
-                got[i] = cache[t] = w.ranges if w is not None else ()
-    return list(chain.from_iterable(cast(list[tuple[tuple[int, int], ...]], got)))
+_ranges_of_text = _RangesByText()
+_wire_ranges = _ranges_of_text.ranges
 
 
 @dataclass
