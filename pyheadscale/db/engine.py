@@ -43,7 +43,7 @@ DEFAULT_PG_POOL = 10  # Headscale's max_open_conns default
 _BASELINE_REVISION = "0001"
 # The newest revision under migrations/versions. A database already there needs no alembic,
 # so the server never imports it (with mako, ~7 MiB resident for the process's lifetime).
-# tests/db/test_migrations.py fails when a new migration lands without this moving to it.
+# tests/db/test_migrate_head.py fails when a new migration lands without this moving to it.
 HEAD_REVISION = "0004"
 MIGRATE_LOCK = 0x7079_6873_2D6D_6967  # pg_advisory_xact_lock key ("pyhs-mig")
 
@@ -300,6 +300,11 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
         sqlite = conn.dialect.name == "sqlite"
         if _at_head(conn):
             with conn.begin():
+                if not sqlite:
+                    # The version check and write are a read-modify-write: two instances
+                    # starting together must not reorder them (version going backwards) or
+                    # both INSERT the missing row.
+                    _lock_migrations(conn)
                 _record_unless_newer(conn, check_database_version(conn), version)
             return
         from alembic import command
@@ -314,7 +319,7 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
                 if not sqlite:
                     # Several instances may start at once on one database: one migrates,
                     # the others wait and then find nothing to do.
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
+                    _lock_migrations(conn)
                 stored = check_database_version(conn)
                 if _adopt_headscale_database(conn):
                     command.stamp(alembic_config(conn), _BASELINE_REVISION)
@@ -327,6 +332,12 @@ def migrate(engine: Engine, *, version: str | None = HEADSCALE_COMPAT_VERSION) -
         finally:
             if sqlite:
                 _raw_exec(conn, "PRAGMA foreign_keys = ON")
+
+
+def _lock_migrations(conn: Connection) -> None:
+    """PostgreSQL: serialise migrate() across instances until the transaction ends (SQLite
+    takes no lock here, on either path: one file is served by one instance)."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATE_LOCK})
 
 
 def _record_unless_newer(conn: Connection, stored: str | None, version: str | None) -> None:

@@ -7,16 +7,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from pyheadscale.config.schema import DatabaseConfig
 from pyheadscale.db.engine import (
     HEAD_REVISION,
     HEADSCALE_COMPAT_VERSION,
+    MIGRATE_LOCK,
     MigrationError,
     alembic_config,
     at_head,
@@ -25,6 +28,7 @@ from pyheadscale.db.engine import (
     migrate,
 )
 from pyheadscale.db.migrator import migrate_apart
+from tests.pgserver import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,3 +152,47 @@ def test_in_memory_database_migrates_in_process() -> None:
         assert at_head(eng)
     finally:
         eng.dispose()
+
+
+def test_database_at_head_waits_for_the_migration_lock_on_postgres(pg_server: PostgresServer) -> None:
+    # Two instances starting together on a database at head: the version check and write
+    # must run under the same advisory lock as a migration, or the recorded version can go
+    # backwards. Hold the lock elsewhere and see migrate() queue behind it.
+    eng = pg_server.new_engine(pool_size=2)
+    try:
+        migrate(eng)
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                migrate(eng, version="v0.29.3")
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+            finally:
+                done.set()
+
+        with eng.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATE_LOCK})
+            worker = threading.Thread(target=run)
+            worker.start()
+            waited = False
+            for _ in range(600):  # up to 30 s for the worker to reach the lock
+                waited = bool(holder.execute(text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )).scalar())
+                if waited or done.is_set():
+                    break
+                time.sleep(0.05)
+            holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATE_LOCK})
+            holder.commit()
+        worker.join(60)
+        assert not errors
+        assert waited, "migrate() at head did not take the migration lock"
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT version FROM database_versions WHERE id = 1").scalar() == "v0.29.3"
+    finally:
+        eng.dispose()
+        assert eng.url.database is not None
+        pg_server.drop_database(eng.url.database)
