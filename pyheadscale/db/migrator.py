@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from pyheadscale.config.schema import DatabaseConfig
@@ -30,7 +31,9 @@ def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
     memory = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
     if not memory and not at_head(engine):
         t = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "pyheadscale.db.migrator"],
+        # -P: the server's working directory stays off sys.path, so a stray pyheadscale/ or
+        # sqlalchemy.py there is not what the child imports.
+        r = subprocess.run([sys.executable, "-P", "-m", "pyheadscale.db.migrator"],
                            input=db_cfg.model_dump_json(by_alias=True), capture_output=True,
                            text=True, check=False)
         if r.returncode != 0:
@@ -43,11 +46,20 @@ def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
     migrate(engine)
 
 
+def _one_line(e: ValidationError) -> str:
+    return "invalid database settings: " + "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}" for err in e.errors())
+
+
 def main() -> int:
-    db_cfg = DatabaseConfig.model_validate_json(sys.stdin.read())
-    engine = engine_from_config(db_cfg)
+    engine: Engine | None = None
     try:
+        db_cfg = DatabaseConfig.model_validate_json(sys.stdin.read())
+        engine = engine_from_config(db_cfg)
         migrate(engine)
+    except ValidationError as e:
+        print(_one_line(e).replace("\n", " "), file=sys.stderr)
+        return 1
     except MigrationError as e:
         print(str(e).replace("\n", " "), file=sys.stderr)
         return _REFUSED
@@ -55,7 +67,8 @@ def main() -> int:
         print(f"{type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 1
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
     return 0
 
 

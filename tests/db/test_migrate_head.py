@@ -143,6 +143,34 @@ def test_child_process_refusal_reaches_the_server(tmp_path: Path) -> None:
         eng.dispose()
 
 
+def test_child_ignores_modules_in_the_servers_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server started from a directory holding a stray sqlalchemy.py must not have its
+    # migration child import it.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "sqlalchemy.py").write_text("raise SystemExit('stray sqlalchemy.py imported')\n")
+    monkeypatch.chdir(cwd)
+    cfg = _sqlite_config(tmp_path / "headscale.sqlite")
+    eng = engine_from_config(cfg)
+    try:
+        migrate_apart(eng, cfg)
+        assert at_head(eng)
+    finally:
+        eng.dispose()
+
+
+def test_child_reports_bad_settings_as_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-P", "-m", "pyheadscale.db.migrator"],
+                       input='{"type": "sqlite", "sqlite": {"path": ["x"]}}', capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("invalid database settings: sqlite.path: "), lines[0]
+    assert "further information" not in lines[0]
+
+
 def test_in_memory_database_migrates_in_process() -> None:
     # A child cannot see this process's memory database: it is migrated here.
     cfg = _sqlite_config(Path(":memory:"))
