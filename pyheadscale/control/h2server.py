@@ -42,7 +42,7 @@ from pyheadscale.control.h2limits import (
     request_headers,
 )
 from pyheadscale.control.h2response import HIGH_WATER, H2ResponseStream
-from pyheadscale.control.h2settings import CompactSettings
+from pyheadscale.control.h2settings import SETTINGS_CLASS
 from pyheadscale.control.types import (
     MAX_REQUEST_BODY,
     ByteSink,
@@ -113,11 +113,12 @@ class H2ControlConnection:
                                       validate_inbound_headers=False)
         )
         # Current at once (not pending an ACK), so h2 enforces it from the first stream.
-        # CompactSettings: h2's own, without a deque per setting (~9 KiB per connection).
-        self.h2.local_settings = CompactSettings(client=False, initial_values={
+        # CompactSettings where h2 fits it: h2's own without a deque per setting (~9 KiB per
+        # connection).
+        self.h2.local_settings = SETTINGS_CLASS(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
         })
-        self.h2.remote_settings = CompactSettings(client=True)  # the defaults h2 set
+        self.h2.remote_settings = SETTINGS_CLASS(client=True)  # the defaults h2 set
         self.buffered = 0  # request-body bytes held for streams not yet handed to a handler
         self._reactive = 0  # output queued in answer to the peer since the socket last took some
         self._queued_total = 0

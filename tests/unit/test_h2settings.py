@@ -89,3 +89,38 @@ def test_invalid_value_is_refused_and_not_recorded() -> None:
         s[S.MAX_HEADER_LIST_SIZE] = -1
     assert S.MAX_HEADER_LIST_SIZE not in s._settings
     assert s[S.MAX_FRAME_SIZE] == 16_384
+
+
+class _TupleStore(h2.settings.Settings):
+    """An h2 that keeps each setting as something other than a deque."""
+
+    def __init__(self, client: bool = True,
+                 initial_values: dict[h2.settings.SettingCodes, int] | None = None) -> None:
+        super().__init__(client=client, initial_values=initial_values)
+        self._settings = {k: tuple(v) for k, v in self._settings.items()}  # type: ignore[misc]
+
+
+class _ElsewhereStore(h2.settings.Settings):
+    """An h2 that keeps its settings under another name."""
+
+    def __init__(self, client: bool = True,
+                 initial_values: dict[h2.settings.SettingCodes, int] | None = None) -> None:
+        super().__init__(client=client, initial_values=initial_values)
+        self._values = self.__dict__.pop("_settings")
+
+
+def test_installed_h2_gets_the_compact_settings() -> None:
+    from pyheadscale.control.h2settings import SETTINGS_CLASS, settings_class
+
+    assert settings_class() is CompactSettings
+    assert SETTINGS_CLASS is CompactSettings
+
+
+@pytest.mark.parametrize("other", [_TupleStore, _ElsewhereStore])
+def test_h2_storing_settings_otherwise_falls_back_to_its_own(
+        other: type[h2.settings.Settings], caplog: pytest.LogCaptureFixture) -> None:
+    from pyheadscale.control.h2settings import settings_class
+
+    with caplog.at_level("DEBUG", logger="pyheadscale.control"):
+        assert settings_class(other) is other
+    assert "using its own Settings" in caplog.text
