@@ -70,6 +70,17 @@ class NodeTable(dict[int, Node]):
         self.key_version += 1
         super().update(*args, **kwargs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # dict's own pickling sets the items before __init__ gives the slot a value, so
+        # __setitem__ would read a missing key_version: rebuild through _restore instead.
+        return _restore, (dict(self), self.key_version)
+
     def __ior__(self, other: Any) -> NodeTable:  # type: ignore[override,misc]
         self.key_version += 1
         return super().__ior__(other)
+
+
+def _restore(items: dict[int, Node], key_version: int) -> NodeTable:
+    t = NodeTable(items)
+    t.key_version = key_version
+    return t

@@ -182,7 +182,8 @@ def test_in_memory_database_migrates_in_process() -> None:
         eng.dispose()
 
 
-def test_database_at_head_waits_for_the_migration_lock_on_postgres(pg_server: PostgresServer) -> None:
+def test_database_at_head_waits_for_the_migration_lock_on_postgres(
+        pg_server: PostgresServer) -> None:
     # Two instances starting together on a database at head: the version check and write
     # must run under the same advisory lock as a migration, or the recorded version can go
     # backwards. Hold the lock elsewhere and see migrate() queue behind it.

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, inspect
 from sqlmodel import Session, select
 
 from pyheadscale.db.engine import (
+    HEAD_REVISION,
     HEADSCALE_COMPAT_VERSION,
     MigrationError,
     alembic_config,
@@ -140,7 +141,6 @@ ADDED_SQLITE_TYPES: dict[tuple[str, str], str] = {
     ("cluster_registrations", "expires_at"): "datetime",
     ("cluster_registrations", "node_id"): "integer",
 }
-HEAD_REVISION = "0004"
 
 # Same source: declared SQLite column types where they are not plain "text".
 HEADSCALE_SQLITE_TYPES: dict[tuple[str, str], str] = {

@@ -73,3 +73,18 @@ def test_peer_ids_follows_every_key_change_of_a_node_table() -> None:
         table[gone] = saved
         got = pm.peer_ids(viewer, table)
         assert isinstance(got, IdBlocks) and set(got) == want - {200} | {gone}
+
+
+def test_a_table_survives_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    t = NodeTable()
+    for i in (1, 2, 3):
+        t[i] = make_node(i, user=1)
+    del t[2]
+    for back in (pickle.loads(pickle.dumps(t)), copy.copy(t), copy.deepcopy(t)):
+        assert type(back) is NodeTable
+        assert back == t and back.key_version == t.key_version
+        back[9] = make_node(9, user=1)
+        assert back.key_version == t.key_version + 1

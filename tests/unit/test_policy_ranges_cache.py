@@ -18,7 +18,8 @@ def test_cache_does_not_grow_with_churning_addresses() -> None:
     floor = cache._floor
     for step in range(3 * floor):  # each step: the oldest node leaves, a new one joins
         live = [_addr(n) for n in range(step, step + LIVE)]
-        m = Matcher.of({"SrcIPs": live, "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]})
+        m = Matcher.of({"SrcIPs": live,
+                        "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]})
         assert m.srcs.contains_prefix(ipaddress.ip_network(live[-1]))
     assert len(cache) <= 2 * (floor + 2 * LIVE) + 8
 
