@@ -58,14 +58,15 @@ def _h2_fits(base: type[h2.settings.Settings]) -> bool:
             return False
         if not callable(getattr(h2.settings, "_validate_setting", None)):
             return False
-        ours = type("_Probe", (CompactSettings, base), {})(client=False)
+        ours: h2.settings.Settings = type("_Probe", (CompactSettings, base), {})(client=False)
         code = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
         before = ours[code]
         ours[code] = 1000
         ours[0x99] = 7  # a setting h2 has no name for
         changed = ours.acknowledge()
-        return (ours[code] == 1000 and ours[0x99] == 7 and changed[code].original_value == before
-                and changed[code].new_value == 1000)
+        return bool(ours[code] == 1000 and ours[0x99] == 7
+                    and changed[code].original_value == before
+                    and changed[code].new_value == 1000)
     except Exception:  # noqa: BLE001 - any surprise means h2 changed: use its own class
         return False
 
