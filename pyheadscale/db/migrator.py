@@ -11,17 +11,22 @@ function, locks and checks, in a process that exits when it is done.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+import pyheadscale
 from pyheadscale.config.schema import DatabaseConfig
 from pyheadscale.db.engine import MigrationError, at_head, engine_from_config, migrate
 
 log = logging.getLogger("pyheadscale.db")
+# The directory holding the pyheadscale package this process runs.
+_PACKAGE_ROOT = str(Path(pyheadscale.__file__).resolve().parent.parent)
 _REFUSED = 3  # the child's exit status for a MigrationError; any error's text is stderr's
 # last line
 
@@ -32,10 +37,14 @@ def migrate_apart(engine: Engine, db_cfg: DatabaseConfig) -> None:
     if not memory and not at_head(engine):
         t = time.monotonic()
         # -P: the server's working directory stays off sys.path, so a stray pyheadscale/ or
-        # sqlalchemy.py there is not what the child imports.
+        # sqlalchemy.py there is not what the child imports; the directory this process
+        # loaded pyheadscale from goes first instead (a source checkout run uninstalled).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         r = subprocess.run([sys.executable, "-P", "-m", "pyheadscale.db.migrator"],
                            input=db_cfg.model_dump_json(by_alias=True), capture_output=True,
-                           text=True, check=False)
+                           text=True, check=False, env=env)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
             raise MigrationError(last if r.returncode == _REFUSED
