@@ -207,7 +207,8 @@ class _Direct:
             frame, kind = built
             if self.resp.write_now(frame):
                 self.sent_at = time.monotonic()
-                _sent(kind, self.node_id, len(frame), since)
+                _sent(kind, self.node_id, len(frame))
+                _delivered(kind, since)
                 return True
             self.held = (frame, kind, since)
         except Exception as e:  # raised in the stream's task, as when it builds the frame
@@ -224,7 +225,7 @@ class _Direct:
         frame, kind, since = self.held
         self.held = None
         await write_frame(self.resp, frame, kind, self.node_id)
-        metrics.labelled(metrics.change_delivery, kind).observe(time.monotonic() - since)
+        _delivered(kind, since)
         return True
 
 
@@ -246,9 +247,14 @@ def _frame(poll: MapPoll, node_id: int, batch: list[Change], viewer: Node,
     return frame, kind
 
 
-def _sent(kind: str, node_id: int, size: int, since: float) -> None:
+def _sent(kind: str, node_id: int, size: int) -> None:
+    """A frame written, counted as Headscale's mapresponse_sent (status, type)."""
     metrics.frame_sent(kind, node_id)
     trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=size))
+
+
+def _delivered(kind: str, since: float) -> None:
+    """How long the change a frame carries took from publication to the wire."""
     metrics.labelled(metrics.change_delivery, kind).observe(time.monotonic() - since)
 
 
@@ -277,8 +283,7 @@ async def _send_batch(poll: MapPoll, node_id: int, batch: list[Change], sub: Sub
     if built is not None:
         frame, kind = built
         await write_frame(resp, frame, kind, node_id, zstd)
-        metrics.labelled(metrics.change_delivery, kind).observe(
-            time.monotonic() - sub.batch_since)
+        _delivered(kind, sub.batch_since)
     return True
 
 
@@ -290,8 +295,7 @@ async def write_frame(resp: ResponseStream, frame: bytes, kind: str, node_id: in
     except (StreamGone, ConnectionError):
         metrics.frame_sent(kind, node_id, ok=False)
         raise
-    metrics.frame_sent(kind, node_id)
-    trace(log, "map response sent", extra=fields(node=node_id, type=kind, bytes=sent))
+    _sent(kind, node_id, sent)
 
 
 async def send_frame(resp: ResponseStream, frame: bytes, *, zstd: bool) -> int:
