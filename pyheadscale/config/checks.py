@@ -185,6 +185,7 @@ def check(cfg: Config, warns: list[str]) -> None:
                         f"{format_go_duration(cfg.tuning.node_store_batch_timeout)}")
     if cfg.tuning.batch_change_delay < timedelta(0):
         raise key_error("tuning.batch_change_delay", "must not be negative")
+    _check_map_admission(cfg)
 
     dns = cfg.dns
     if dns.magic_dns and not dns.base_domain:
@@ -248,6 +249,28 @@ def _check_unsupported(cfg: Config, warns: list[str]) -> None:
         warns.append("grpc_listen_addr: not supported, pyheadscale serves no gRPC; remote "
                      "CLIs use the REST API (cli.address with an API key) and local ones the "
                      "unix socket")
+
+
+# tuning.node_mapsession_open_*: more places than this only lengthen every first map's wait.
+# A wait under a second refuses polls that a moment later would have been served (each
+# refusal costs the client a backoff); a waiting map request must be answered (503) well
+# inside the 120 s in which tailscaled expects the first map of its poll, leaving time to
+# build and send the map once admitted.
+MAX_OPEN_LIMIT = 1024
+MIN_OPEN_TIMEOUT = timedelta(seconds=1)
+MAX_OPEN_TIMEOUT = timedelta(seconds=100)
+
+
+def _check_map_admission(cfg: Config) -> None:
+    limit, wait = cfg.tuning.node_mapsession_open_limit, cfg.tuning.node_mapsession_open_timeout
+    if not 1 <= limit <= MAX_OPEN_LIMIT:
+        raise key_error("tuning.node_mapsession_open_limit",
+                        f"must be between 1 and {MAX_OPEN_LIMIT}, got {limit}")
+    if not MIN_OPEN_TIMEOUT <= wait <= MAX_OPEN_TIMEOUT:
+        raise key_error("tuning.node_mapsession_open_timeout",
+                        f"must be between {format_go_duration(MIN_OPEN_TIMEOUT)} and "
+                        f"{format_go_duration(MAX_OPEN_TIMEOUT)} (clients give up on a map "
+                        f"request after 120s without a map), got {format_go_duration(wait)}")
 
 
 def _check_derp(cfg: Config) -> None:

@@ -1,5 +1,6 @@
 """Admission of new map sessions: at most LIMIT are opened (first map built) at a time; the
-others wait their turn, and one that waited MAX_WAIT_S is answered 503.
+others wait their turn, and one that waited MAX_WAIT_S is answered 503. Both are set by
+`tuning.node_mapsession_open_limit` and `tuning.node_mapsession_open_timeout`.
 
 After a server restart every node re-opens its poll within seconds (tailscaled retries with
 backoff). Opened all at once, each session subscribes, then waits for its first map (megabytes
@@ -18,19 +19,28 @@ The 503 is the cheap early answer: tailscaled takes any non-200 answer to its ma
 a failed poll and polls again after its backoff (10 ms x failures squared, at most 30 s, with
 jitter; reset by the next map it gets), on the same Noise connection and without logging in
 again. MAX_WAIT_S keeps every answer well inside its 120 s watchdog, which covers a map
-request from the moment it is sent until the first map arrives.
+request from the moment it is sent until the first map arrives. Official clients of every
+pinned version are seen doing so in tests/integration/test_restart_gate.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 
-__all__ = ["LIMIT", "MAX_WAIT_S", "Admission", "Ticket"]
+__all__ = ["LIMIT", "MAX_WAIT_S", "Admission", "Refused", "Ticket"]
 
 # Sessions opening at once. A few keep the loop busy while others wait on the database;
 # more only lengthen every first map's wait.
 LIMIT = 16
 MAX_WAIT_S = 45.0
+
+
+class Refused(enum.Enum):
+    """Why a request got no place (it is answered 503 and the client polls again)."""
+
+    TIMEOUT = "timeout"  # waited max_wait
+    DISPLACED = "displaced"  # a newer request of the same node took its turn
 
 
 class Ticket:
@@ -66,9 +76,9 @@ class Admission:
     def waiting(self) -> int:
         return len(self._line)
 
-    async def enter(self, node_id: int) -> Ticket | None:
-        """A ticket, or None after max_wait or when a newer request of the node came (answer
-        the client 503: it polls again)."""
+    async def enter(self, node_id: int) -> Ticket | Refused:
+        """A ticket, or why there is none: max_wait passed, or a newer request of the node
+        came (answer the client 503: it polls again)."""
         older = self._line.pop(node_id, None)
         if older is not None and not older.done():
             older.set_result(False)
@@ -90,11 +100,11 @@ class Admission:
                 raise
             if not admitted:
                 self.refused += 1
-                return None
+                return Refused.TIMEOUT
         finally:
             if self._line.get(node_id) is turn:
                 del self._line[node_id]
-        return Ticket(self) if admitted else None
+        return Ticket(self) if admitted else Refused.DISPLACED
 
     def _hand_on(self) -> None:
         """Give free places to the oldest waiting requests."""

@@ -27,6 +27,7 @@ from pyheadscale.auth.oidc import OIDCProvider
 from pyheadscale.config import Config, ConfigError, load_config
 from pyheadscale.config.errors import key_error
 from pyheadscale.console.deps import ConsoleDeps
+from pyheadscale.control.admission import Admission
 from pyheadscale.control.derpurls import DerpURLMaps
 from pyheadscale.control.expiry import ExpiryWatcher
 from pyheadscale.control.policyctl import PolicyController
@@ -129,8 +130,11 @@ class ControlPlane:
                                       on_primaries=self.set_primary_routes)
         self.expiry = ExpiryWatcher(tailnet)
         tailnet.tag_authorizer = tag_authorizer(self.policy)  # --advertise-tags vs tagOwners
+        tuning = cfg.tuning
         self.map_poll = MapPoll(tailnet, lambda: self.mapctx, self.peer_cache, SharedDeltas(),
-                                self.routes.outbox.take)
+                                self.routes.outbox.take,
+                                Admission(tuning.node_mapsession_open_limit,
+                                          tuning.node_mapsession_open_timeout.total_seconds()))
         self.registration = Registration(tailnet, self.webflow.handle)
         self.ssh_action = SSHCheckAction(tailnet, self.sshchecks, cfg.server_url,
                                          self.policy.ssh_check_period)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pyheadscale import metrics, tailcfg
-from pyheadscale.control.admission import Admission
+from pyheadscale.control.admission import Admission, Refused
 from pyheadscale.control.register import reply
 from pyheadscale.control.types import MIN_CAPVER, ControlRequest, ResponseStream, StreamGone
 from pyheadscale.logs import fields, trace
@@ -75,10 +75,17 @@ async def handle_map(poll: MapPoll, req: ControlRequest, resp: ResponseStream) -
         metrics.mapresponse_endpoint_updates.labels("ok").inc()
         return
     # Whatever builds a full map waits for its turn (control/admission.py).
+    asked = time.monotonic()
     ticket = await poll.admission.enter(node.id)
-    if ticket is None:  # waited too long, or a newer request of the node took its turn
+    waited_ms = round((time.monotonic() - asked) * 1000)
+    if isinstance(ticket, Refused):  # waited too long, or a newer request took its turn
+        log.debug("map request refused", extra=fields(
+            node=node.id, conn=req.conn_id, reason=ticket.value, waited_ms=waited_ms,
+            status=503))
         await reply(resp, 503, "busy opening other map sessions: poll again")
         return
+    log.debug("map request admitted", extra=fields(node=node.id, conn=req.conn_id,
+                                                   waited_ms=waited_ms))
     try:
         # The node may have been deleted or re-keyed while this request waited.
         node = tn.node_by_node_key(mr.node_key)

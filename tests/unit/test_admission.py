@@ -5,24 +5,27 @@ without the server marking its node online or subscribing it."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 import h2.settings
 import pytest
 
 from pyheadscale.app import Server
-from pyheadscale.control.admission import LIMIT, Admission
-from tests.inproc import Machine
+from pyheadscale.config import ConfigError
+from pyheadscale.control.admission import LIMIT, Admission, Refused, Ticket
+from tests.inproc import Machine, running_server, server_config
 
 
 async def test_at_most_limit_are_admitted_and_the_others_wait_in_order() -> None:
     gate = Admission(limit=2, max_wait=5)
     a, b = await gate.enter(1), await gate.enter(2)
-    assert a is not None and b is not None and gate.opening == 2
+    assert isinstance(a, Ticket) and isinstance(b, Ticket) and gate.opening == 2
     order: list[str] = []
 
     async def wait(name: str) -> None:
         t = await gate.enter(len(name))
-        assert t is not None
+        assert isinstance(t, Ticket)
         order.append(name)
 
     third = asyncio.create_task(wait("third"))
@@ -42,8 +45,8 @@ async def test_at_most_limit_are_admitted_and_the_others_wait_in_order() -> None
 async def test_a_request_that_waited_max_wait_is_refused_and_holds_no_place() -> None:
     gate = Admission(limit=1, max_wait=0.05)
     held = await gate.enter(1)
-    assert held is not None
-    assert await gate.enter(2) is None
+    assert isinstance(held, Ticket)
+    assert await gate.enter(2) is Refused.TIMEOUT
     assert gate.refused == 1 and gate.waiting == 0
     # A waiter whose client went away (its task cancelled) leaves no place taken either.
     gone = asyncio.create_task(gate.enter(3))
@@ -54,34 +57,34 @@ async def test_a_request_that_waited_max_wait_is_refused_and_holds_no_place() ->
     assert gate.waiting == 0
     held.release()
     again = await gate.enter(4)
-    assert again is not None and gate.opening == 1
+    assert isinstance(again, Ticket) and gate.opening == 1
 
 
 async def test_a_newer_request_of_a_node_takes_the_older_waiting_ones_turn() -> None:
     gate = Admission(limit=1, max_wait=5)
     held = await gate.enter(1)
-    assert held is not None
+    assert isinstance(held, Ticket)
     older = asyncio.create_task(gate.enter(7))
     other = asyncio.create_task(gate.enter(8))
     await asyncio.sleep(0.01)
     newer = asyncio.create_task(gate.enter(7))
     # The older one is answered at once (503: poll again), not after max_wait.
-    assert await asyncio.wait_for(older, 1) is None
+    assert await asyncio.wait_for(older, 1) is Refused.DISPLACED
     assert gate.displaced == 1 and gate.waiting == 2 and gate.refused == 0
     # The newer one queues behind the requests that were already waiting.
     held.release()
     t8 = await asyncio.wait_for(other, 1)
-    assert t8 is not None and not newer.done()
+    assert isinstance(t8, Ticket) and not newer.done()
     # A node whose request is admitted may still queue one more (its newer session
     # replaces the older one when it opens).
     t8.release()
     t7 = await asyncio.wait_for(newer, 1)
-    assert t7 is not None
+    assert isinstance(t7, Ticket)
     again = asyncio.create_task(gate.enter(7))
     await asyncio.sleep(0.01)
     assert gate.waiting == 1 and gate.displaced == 1
     t7.release()
-    assert await asyncio.wait_for(again, 1) is not None
+    assert isinstance(await asyncio.wait_for(again, 1), Ticket)
 
 
 def test_the_limit_must_be_positive() -> None:
@@ -89,8 +92,31 @@ def test_the_limit_must_be_positive() -> None:
         Admission(limit=0)
 
 
+async def test_the_gate_is_sized_by_the_tuning_keys(tmp_path: Path) -> None:
+    cfg = server_config(tmp_path, overrides={"tuning": {"node_mapsession_open_limit": 3,
+                                                        "node_mapsession_open_timeout": "2s"}})
+    async with running_server(cfg) as srv:
+        gate = srv.control.map_poll.admission
+        assert (gate.limit, gate.max_wait) == (3, 2.0)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("node_mapsession_open_limit", 0, "must be between 1 and 1024, got 0"),
+    ("node_mapsession_open_limit", 1025, "must be between 1 and 1024, got 1025"),
+    ("node_mapsession_open_timeout", "500ms", "must be between 1s and 1m40s (clients give up "
+     "on a map request after 120s without a map), got 500ms"),
+    ("node_mapsession_open_timeout", "2m", "must be between 1s and 1m40s (clients give up "
+     "on a map request after 120s without a map), got 2m0s"),
+])
+def test_the_tuning_keys_are_bounded(tmp_path: Path, key: str, value: object,
+                                     message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        server_config(tmp_path, overrides={"tuning": {key: value}})
+    assert str(e.value) == f"config: tuning.{key}: {message}"
+
+
 async def test_a_poll_beyond_the_limit_is_answered_503_then_served_once_a_place_frees(
-        server: Server) -> None:
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
     gate = server.control.map_poll.admission
     gate.max_wait = 0.2
     user = await server.tailnet.create_user("dora")
@@ -100,9 +126,16 @@ async def test_a_poll_beyond_the_limit_is_answered_503_then_served_once_a_place_
         node = server.tailnet.node_by_node_key(m.node_key)
         assert node is not None
         tickets = [await gate.enter(-i) for i in range(1, LIMIT + 1)]  # still opening
-        st = await m.conn.open_stream("POST", "/machine/map", m.map_request())
-        status, _ = await st.response()
+        with caplog.at_level(logging.DEBUG, "pyheadscale.poll"):
+            st = await m.conn.open_stream("POST", "/machine/map", m.map_request())
+            status, _ = await st.response()
         assert status == 503
+        # Logged with the node and its connection: which client was refused, and why.
+        [refused] = [r for r in caplog.records if r.getMessage() == "map request refused"]
+        got = refused.fields  # type: ignore[attr-defined]
+        assert {k: got[k] for k in ("node", "reason", "status")} == {
+            "node": node.id, "reason": "timeout", "status": 503}
+        assert isinstance(got["waited_ms"], int) and isinstance(got["conn"], int)
         # Refused before anything happened: not online, no session, no map built.
         assert not server.tailnet.nodes[node.id].online
         assert not server.tailnet.bus.subscribed(node.id)
@@ -118,7 +151,7 @@ async def test_a_poll_beyond_the_limit_is_answered_503_then_served_once_a_place_
         await asyncio.sleep(0.1)
         assert not first.done() and gate.waiting == 1
         for t in tickets:
-            assert t is not None
+            assert isinstance(t, Ticket)
             t.release()
         frame = await asyncio.wait_for(first, 10)
         assert frame["Node"]["Name"].startswith("late.")
@@ -165,7 +198,7 @@ async def test_a_node_flooding_the_gate_delays_another_nodes_poll_by_one_turn_at
         assert status == 200 and server.tailnet.bus.subscribed(bad_id)
         assert gate.refused == 0
         for t in tickets[2:]:
-            assert t is not None
+            assert isinstance(t, Ticket)
             t.release()
         await stream.aclose()  # type: ignore[attr-defined]
 
@@ -189,7 +222,7 @@ async def test_a_client_that_never_reads_its_first_map_keeps_no_place(server: Se
         assert not st._chunks and not st.done  # the deaf client still has nothing
         assert gate.opening == LIMIT - 1 and gate.refused == 0
         for t in tickets:
-            assert t is not None
+            assert isinstance(t, Ticket)
             t.release()
         st.reset()
         await stream.aclose()  # type: ignore[attr-defined]
