@@ -36,6 +36,10 @@ _SHORT = {"trace": "TRC", "debug": "DBG", "info": "INF", "warn": "WRN", "error":
           "fatal": "FTL", "panic": "PNC"}
 # Loggers whose INFO lines are operational detail: shown from `debug` on.
 _DEMOTED = frozenset({"alembic", "sqlalchemy"})  # database.debug SQL lines: debug
+# Libraries whose DEBUG lines come several per request (hpack: one per header coded), which
+# would drown the server's own debug lines: shown only at `trace`. Set on the loggers
+# themselves, so below trace their calls stop at the level check and cost nothing.
+_TRACE_ONLY = ("hpack",)
 _HANDLER_MARK = "_pyheadscale_handler"
 
 logging.addLevelName(TRACE, "TRACE")
@@ -128,6 +132,8 @@ def configure(level: str, fmt: str, stream: IO[str] | None = None) -> logging.Ha
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(min(number, DISABLED))
+    for name in _TRACE_ONLY:
+        logging.getLogger(name).setLevel(number if number <= TRACE else max(number, logging.INFO))
     handler.addFilter(_Demote(handler))
     return handler
 

@@ -32,11 +32,13 @@ LEVEL_ORDER = ["trace", "debug", "info", "warn", "error", "fatal", "panic"]
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    hpack_level = logging.getLogger("hpack").level
     yield
     for h in list(root.handlers):
         if h not in handlers:
             root.removeHandler(h)
     root.setLevel(level)
+    logging.getLogger("hpack").setLevel(hpack_level)
 
 
 def emit_each_level(logger: logging.Logger) -> None:
@@ -52,6 +54,26 @@ def test_each_headscale_level_filters_as_zerolog(configured: str, restore_loggin
     seen = [json.loads(line)["level"] for line in out.getvalue().splitlines()]
     expected = [] if configured == "disabled" else LEVEL_ORDER[LEVEL_ORDER.index(configured):]
     assert seen == expected
+
+
+@pytest.mark.parametrize(("configured", "shown"), [("trace", True), ("debug", False)])
+def test_hpack_header_lines_only_at_trace(configured: str, shown: bool,
+                                          restore_logging: None) -> None:
+    """hpack logs each header it codes at DEBUG: at `debug` the server's own lines stay
+    readable, at `trace` everything is shown."""
+    import h2.config
+    import h2.connection
+
+    out = io.StringIO()
+    logs.configure(configured, "json", stream=out)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"),
+                          (":authority", "example.com")])
+    logging.getLogger("pyheadscale.test").debug("own line")
+    names = [json.loads(line)["logger"] for line in out.getvalue().splitlines()]
+    assert "pyheadscale.test" in names
+    assert any(n.startswith("hpack") for n in names) is shown
 
 
 def test_json_lines_parse_and_carry_fields(restore_logging: None) -> None:
