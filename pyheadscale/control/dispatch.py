@@ -229,6 +229,9 @@ class ControlPlane:
         self.tailnet.bus.publish(Change(kind, None, frozenset()))
         if kind is ChangeKind.POLICY:
             self.routes.policy_refreshed()
+            # The first session to build its frame would build the index; the window's
+            # wait is idle time.
+            self.tailnet.bus.prepare_soon(self.policy.prepare)
 
     def _derp_updated(self) -> None:
         """A scheduled DERP map update (derp.urls fetched again): the map is rebuilt, derp.paths

@@ -142,6 +142,12 @@ class PolicyController:
         self._swap(manager, text)
         return stored
 
+    def prepare(self) -> None:
+        """Build what every map session's frame under the running policy reads (its
+        evaluation index) now rather than on first use; the results are the same."""
+        if self.manager is not None:
+            self.manager.prepare()
+
     def tag_exists(self, tag: str) -> bool:
         return self.manager is not None and self.manager.tag_exists(tag)
 

@@ -221,6 +221,11 @@ class PolicyManager:
             )
         return self._eval
 
+    def prepare(self) -> None:
+        """Build the snapshot's evaluation index now (it is otherwise built on first use);
+        nothing any query answers changes."""
+        self._evaluation()
+
     def _check_domains(self) -> None:
         if self.policy is None or self.tailnet_domains is None:
             return

@@ -261,6 +261,7 @@ class ChangeBus:
         self.last_fanout_s = 0.0
         # Backlogs merged lately: key the batches' ids -> (the batches, their merged list).
         self._merges: dict[tuple[int, ...], tuple[list[list[Change]], list[Change]]] = {}
+        self._prepared_at = -1.0  # _opened_at of the last window prepare_soon() served
 
     def cap(self) -> float:
         """The longest a storm window lasts after its fan-out: grows with the sessions."""
@@ -353,6 +354,20 @@ class ChangeBus:
         stretched = min(self._fanout_end + self.window(),
                         max(self._last_publish, self._fanout_end) + QUIET_GAP * self.batch_delay)
         return max(due, stretched)
+
+    def prepare_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the current step is over, while the open window waits: work every
+        session's frame will need (a policy's evaluation index) is then done before the
+        window closes instead of by its first session. Only in a window opened after a
+        quiet spell, once per window: in a storm later changes of the same window would
+        undo the work, and each storm window's fan-out does it anyway. Not without a map
+        session: no frame would read it."""
+        if (self._timer is None or not self._subs or self._outstanding
+                or self._prepared_at == self._opened_at
+                or self._opened_at - self._fanout_end <= self.batch_delay):
+            return
+        self._prepared_at = self._opened_at
+        asyncio.get_running_loop().call_soon(fn)
 
     def _schedule(self) -> None:
         try:

@@ -390,3 +390,41 @@ async def test_a_fanout_taken_whole_in_the_loop_counts_its_duration() -> None:
     await asyncio.sleep(0.08)
     assert bus.last_fanout_s >= 0.03 and bus._outstanding == 0
     wait.cancel()
+
+
+async def test_prepare_soon_runs_once_in_a_window_opened_after_a_quiet_spell() -> None:
+    """Work the window's frames share is done while the window waits, before its batch."""
+    bus = ChangeBus(batch_delay=0.05)
+    sub = bus.subscribe(1)
+    ran: list[str] = []
+    bus.publish(Change(ChangeKind.POLICY))
+    bus.prepare_soon(lambda: ran.append("prepared"))
+    bus.prepare_soon(lambda: ran.append("again"))  # once per window
+    assert ran == []  # not inside the publisher's step
+    nxt = asyncio.ensure_future(sub.__anext__())
+    await asyncio.sleep(0)
+    assert ran == ["prepared"] and not nxt.done()
+    assert await asyncio.wait_for(nxt, 1) == [Change(ChangeKind.POLICY)]
+    bus.close()
+
+
+async def test_prepare_soon_does_nothing_in_a_storm_or_without_a_window() -> None:
+    ran: list[int] = []
+    bus, nxt = await _storm_bus(0.05)
+    bus.publish(Change(ChangeKind.NODE_ADDED, 3))  # opened right after a long fan-out
+    bus.prepare_soon(lambda: ran.append(1))
+    await asyncio.wait_for(nxt, 3)
+    bus.close()
+    immediate = ChangeBus(batch_delay=0)  # every publish is handed out at once
+    immediate.subscribe(1)
+    immediate.publish(Change(ChangeKind.POLICY))
+    immediate.prepare_soon(lambda: ran.append(2))
+    idle = ChangeBus(batch_delay=0.05)  # no open window
+    idle.subscribe(1)
+    idle.prepare_soon(lambda: ran.append(3))
+    alone = ChangeBus(batch_delay=0.05)  # a window, but no session to build a frame for
+    alone.publish(Change(ChangeKind.POLICY))
+    alone.prepare_soon(lambda: ran.append(4))
+    await asyncio.sleep(0.01)
+    assert ran == []
+    alone.close()

@@ -3,12 +3,14 @@
 The fan-out builds a viewer's policy frame with shortcuts: the live NodeTable's key version
 stands for comparing node IDs (policy peer_ids), a node's own filter is not kept between
 frames, its own Node comes from a cache keyed by the node object and what else it reads,
-and one PolicyManager is update()d from change to change. The reference for every frame
-is built without any of them: a PolicyManager compiled afresh for the snapshot, the nodes
-as a plain dict, a fresh peer cache, and ``self_node`` built as a dict. Through a random
-chain of policy sets, tag changes, capability-version-only reports (a new node object at
-the same version), disable-ipv4 attrs and nodes joining and leaving, every viewer's frame
-must decode to the reference's message and leave the stream holding the same peers.
+and one PolicyManager is update()d from change to change, its evaluation index built on
+first use or ahead (prepare(), as the control plane does while a window waits). The
+reference for every frame is built without any of them: a PolicyManager compiled afresh
+for the snapshot, the nodes as a plain dict, a fresh peer cache, and ``self_node`` built
+as a dict. Through a random chain of policy sets, tag changes, capability-version-only
+reports (a new node object at the same version), disable-ipv4 attrs and nodes joining and
+leaving, every viewer's frame must decode to the reference's message and leave the stream
+holding the same peers.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def test_policy_and_tag_frames_match_the_straightforward_build() -> None:
                                    run_tests=False)
             else:
                 pm.update(nodes=list(nodes.values()))
+            if rng.random() < 0.5:
+                pm.prepare()  # the index built ahead, as the control plane does in the window
             gen += 1
             snap = Snapshot(nodes, USERS, _ctx(pm, gen), NOW, cache)
             plain_nodes = dict(nodes)

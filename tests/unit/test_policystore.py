@@ -3,6 +3,7 @@ policy, a set compiles once, and file mode refuses writes with one exception typ
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,28 @@ def test_empty_store_means_no_policy(tmp_path: Path) -> None:
     with pytest.raises(PolicyNotFound):
         store.get()
     assert PolicyStore(make_cfg().policy, engine).current() is None  # file mode, no path
+
+
+async def test_a_new_policy_is_prepared_while_the_window_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation index every session's frame reads is built in the batching window's
+    idle wait, not by the first session once the window closed."""
+    from pyheadscale.policy import PolicyManager
+
+    prepared: list[PolicyManager] = []
+    monkeypatch.setattr(PolicyManager, "prepare", lambda self: prepared.append(self))
+    cp = await open_control(tmp_path, tuning={"batch_change_delay": "100ms"})
+    try:
+        bus = cp.tailnet.bus
+        await cp.policy.set(OLD)
+        await asyncio.sleep(0)
+        assert prepared == []  # no map session: no frame would read it
+        bus.subscribe(1)
+        await asyncio.sleep(0.35)  # that window is over, and a quiet spell after it
+        flushes = bus.flushes
+        await cp.policy.set(NEW)
+        assert prepared == []  # not inside the write
+        await asyncio.sleep(0)
+        assert prepared == [cp.policy.manager] and bus.flushes == flushes
+    finally:
+        await cp.tailnet.close()
