@@ -157,7 +157,9 @@ class Matcher:
         texts = [d["IP"] for d in rule.get("DstPorts") or ()]
         for cg in rule.get("CapGrant") or ():
             texts.extend(cg["Dsts"])
-        dests = IPSet(_wire_ranges(texts))
+        # Each address once: DstPorts name an address once per port range, and the ranges'
+        # merge is a Python loop over all it is given (dict.fromkeys runs in C).
+        dests = IPSet(_wire_ranges(list(dict.fromkeys(texts))))
         internet = (
             dests.contains_prefix(ALL_V4)
             or dests.contains_prefix(ALL_V6)
@@ -254,14 +256,10 @@ class Resolver:
             if m is None:
                 m = self._entries[(pr.first, pr.last)] = {}
             maps.append((m, _ports(pr)))
-        out: list[dict[str, Any]] = []
-        for ip in ips:
-            for m, pd in maps:
-                e = m.get(ip)
-                if e is None:
-                    e = m[ip] = {"IP": ip, "Ports": pd}
-                out.append(e)
-        return out
+        # One comprehension (a tag change recompiles rules of tens of thousands of entries):
+        # an entry is a non-empty dict, so ``or`` only builds one the map does not hold.
+        return [m.get(ip) or m.setdefault(ip, {"IP": ip, "Ports": pd})
+                for ip in ips for m, pd in maps]
 
     def strings(self, ips: IPSet) -> list[str]:
         out = self._strings.get(ips.ranges)
