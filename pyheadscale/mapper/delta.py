@@ -24,9 +24,10 @@ from datetime import datetime
 from typing import Any
 
 from pyheadscale.idblocks import IdBlocks
-from pyheadscale.mapper.context import MapContext, visible_ids
+from pyheadscale.mapper.context import AllowAllPolicy, MapContext, visible_ids
 from pyheadscale.mapper.full import (
     HOME_DERP_CAPVER,
+    PLAIN_VIEW,
     KnownPeers,
     PeerCache,
     PeerView,
@@ -46,14 +47,15 @@ _SELF_NODE_FIELDS = frozenset({Field.EXPIRY, Field.NODE_KEY})
 _NODE_KINDS = frozenset({ChangeKind.NODE_ADDED, ChangeKind.NODE_CHANGED, ChangeKind.NODE_PATCH,
                          ChangeKind.NODE_REMOVED, ChangeKind.NODE_ONLINE})
 _WHOLE_NODE = frozenset({ChangeKind.NODE_ADDED, ChangeKind.NODE_CHANGED})
-
-
-def _kind(change: Change) -> ChangeKind:
-    # An expiry set, disabled or passed (admin, logout, periodic check): peers get the whole
-    # node, because a KeyExpiry patch cannot clear the Expired flag a client already holds.
-    if change.kind is ChangeKind.NODE_KEY_EXPIRY:
-        return ChangeKind.NODE_CHANGED
-    return change.kind
+# The same, as BatchView.of reads a change's own kind. An expiry set, disabled or passed
+# (admin, logout, periodic check) is a whole node: peers get the whole node, because a
+# KeyExpiry patch cannot clear the Expired flag a client already holds.
+_NODE_KINDS_READ = _NODE_KINDS | {ChangeKind.NODE_KEY_EXPIRY}
+_WHOLE_NODE_READ = _WHOLE_NODE | {ChangeKind.NODE_KEY_EXPIRY}
+# BatchView.own's values: (the node's own Node is due, it reconciles every peer).
+_UNTOUCHED = (False, False)
+_DUE = (True, False)
+_DUE_RECONCILE = (True, True)
 
 
 def _patch(peer: Node, fields: frozenset[Field]) -> dict[str, Any] | None:
@@ -100,11 +102,47 @@ class BatchView:
 
     @classmethod
     def of(cls, changes: Iterable[Change]) -> BatchView:
+        # Every joiner of a storm window looks at its own batch (the window's changes since
+        # it subscribed): hundreds to thousands of changes each at 10,000 nodes, so the
+        # common case (a change about one node) takes as few steps as it can.
         b = cls()
         kinds: set[ChangeKind] = set()
+        own, full_ids, patch_fields = b.own, b.full_ids, b.patch_fields
         for change in changes:
-            kinds.add(change.kind)
-            kind = _kind(change)
+            kind = change.kind
+            kinds.add(kind)
+            nid = change.node_id
+            if nid is not None and kind in _NODE_KINDS_READ:
+                fields = change.fields  # empty: not known
+                node_due, reconcile = prev = own.get(nid, _UNTOUCHED)
+                if kind in _WHOLE_NODE_READ:
+                    own[nid] = (_DUE_RECONCILE if reconcile or not fields
+                                or not fields.isdisjoint(IDENTITY_FIELDS) else _DUE)
+                    full_ids.add(nid)
+                elif kind is ChangeKind.NODE_ONLINE:
+                    own[nid] = prev
+                    got = patch_fields.get(nid)
+                    if got is None:
+                        patch_fields[nid] = {Field.ONLINE, Field.LAST_SEEN}
+                    else:
+                        got.update((Field.ONLINE, Field.LAST_SEEN))
+                elif kind is ChangeKind.NODE_PATCH:
+                    if not node_due and (not fields or not fields.isdisjoint(_SELF_NODE_FIELDS)):
+                        own[nid] = (True, reconcile)
+                    else:
+                        own[nid] = prev
+                    if not fields or not fields <= PATCH_FIELDS:
+                        full_ids.add(nid)
+                    else:
+                        got = patch_fields.get(nid)
+                        if got is None:
+                            patch_fields[nid] = set(fields)
+                        else:
+                            got.update(fields)
+                else:  # NODE_REMOVED
+                    own[nid] = prev
+                    full_ids.add(nid)
+                continue
             if kind is ChangeKind.FULL:
                 b.full = True
             elif kind is ChangeKind.POLICY:
@@ -119,26 +157,7 @@ class BatchView:
                     b.user_ids = None
                 else:
                     b.user_ids.add(uid)
-            if kind not in _NODE_KINDS or change.node_id is None:
-                continue
-            nid = change.node_id
-            fields = change.fields or None  # empty: not known
-            node_due, reconcile = b.own.get(nid, (False, False))
-            if kind in _WHOLE_NODE:
-                node_due = True
-                reconcile = reconcile or fields is None or bool(fields & IDENTITY_FIELDS)
-            elif kind is ChangeKind.NODE_PATCH and (fields is None or fields & _SELF_NODE_FIELDS):
-                node_due = True
-            b.own[nid] = (node_due, reconcile)
-            b.touched.add(nid)
-            if kind in _WHOLE_NODE or kind is ChangeKind.NODE_REMOVED:
-                b.full_ids.add(nid)
-            elif kind is ChangeKind.NODE_ONLINE:
-                b.patch_fields.setdefault(nid, set()).update((Field.ONLINE, Field.LAST_SEEN))
-            elif fields is None or not fields <= PATCH_FIELDS:
-                b.full_ids.add(nid)
-            else:
-                b.patch_fields.setdefault(nid, set()).update(fields)
+        b.touched = set(own)
         b.kinds = frozenset(kinds)
         return b
 
@@ -256,14 +275,19 @@ def delta_into(
             candidates = [p for p in candidates if p not in changed_ids]
     else:
         candidates = sorted(touched)
+    # Which candidates the stream holds, in one call (a joiner's batch is every change of
+    # the window since it subscribed: up to thousands of nodes at 10,000).
+    held_now = known.known_of(candidates)
+    see_all = reconcile_all or type(ctx.policy) is AllowAllPolicy
     can_see = ctx.policy.can_see
+    full_ids = b.full_ids
     for pid in candidates:
         peer = node_map.get(pid)
-        if peer is None or not (reconcile_all or can_see(viewer, peer)):
-            if pid in known:
+        if peer is None or not (see_all or can_see(viewer, peer)):
+            if pid in held_now:
                 removed.add(pid)
             continue
-        if pid not in known or pid in b.full_ids:
+        if pid not in held_now or pid in full_ids:
             changed_ids.add(pid)  # newly visible (added, or allowed by a new policy), or whole
             continue
         fields = frozenset(b.patch_fields.get(pid, ()))
@@ -281,9 +305,17 @@ def delta_into(
         resp["Node"] = cache.self_node(viewer, ctx, now)
     if changed:
         entries = []
+        plain: list[int] = []
+        hidden = ctx.ipv4_disabled
         for p in changed:
-            view = known[p.id] = peer_view(viewer, p, ctx)
+            # peer_view's common case inline: a peer without routes, no IPv4 hidden.
+            if p.approved_routes or hidden:
+                view = known[p.id] = peer_view(viewer, p, ctx)
+            else:
+                view = PLAIN_VIEW
+                plain.append(p.id)
             entries.append(cache.get(p, ctx, now, legacy_derp=legacy, view=view))
+        known.add_plain(plain)
         resp["PeersChanged"] = entries
     if removed:
         resp["PeersRemoved"] = sorted(removed)

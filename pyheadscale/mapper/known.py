@@ -133,6 +133,13 @@ class KnownPeers(MutableMapping[int, PeerView]):
             out.update(map((block << _SHIFT).__add__, _offsets(bits)))
         return out
 
+    def known_of(self, ids: Iterable[int]) -> set[int]:
+        """The IDs of ``ids`` that are known, with any view: one call for a batch's nodes
+        instead of a ``in`` test (a method call) per node."""
+        plain_get, other = self._plain.get, self._other
+        return {pid for pid in ids
+                if plain_get(pid >> _SHIFT, 0) >> (pid & _LOW) & 1 or pid in other}
+
     def has_all_blocks(self, blocks: Iterable[tuple[int, int]]) -> bool:
         """Are all the IDs of ``blocks`` (``plain_blocks``) known, with any view? Once per
         viewer per batch: a mask test per block, so a viewer checks a storm batch of hundreds
