@@ -35,6 +35,7 @@ from pyheadscale.debug import DebugDeps, metrics_app
 from pyheadscale.debugview import owner_name
 from pyheadscale.embedded_derp import EmbeddedDerp
 from pyheadscale.fsperms import private_dir
+from pyheadscale.gcsettings import settle_after_start
 from pyheadscale.listener import (
     MainListener,
     add_takeover_route,
@@ -395,6 +396,7 @@ async def serve(cfg: Config) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.stop(), timeout=10)
         raise
+    settle_after_start()  # the cyclic GC: start-up's objects out of every later walk
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
