@@ -103,13 +103,16 @@ class SharedDeltas:
         """The viewer's delta built for it alone (``delta_into``)."""
         self.own += 1
         return delta_into(plan.view, snap.nodes, snap.users, viewer, snap.ctx, snap.now, known,
-                          snap.cache, self._routers(plan, snap.nodes))
+                          snap.cache, self._routers(plan, snap.nodes, viewer))
 
     @staticmethod
-    def _routers(plan: _Plan, nodes: Mapping[int, Node]) -> frozenset[int] | None:
-        # Only a viewer reconciling its whole peer set reads it; one scan per batch then.
+    def _routers(plan: _Plan, nodes: Mapping[int, Node], viewer: Node) -> frozenset[int] | None:
+        # Only a viewer reconciling its whole peer set reads it (a policy change, or its own
+        # identity changed); one scan per batch then. Not for a viewer that merely sees
+        # another node reconcile (a joiner's batch holds every later joiner's NODE_ADDED):
+        # that was a scan of every node per joiner.
         b = plan.view
-        if not (b.policy or any(r for _, r in b.own.values())):
+        if not (b.policy or b.own.get(viewer.id, (False, False))[1]):
             return None
         if plan.routers is None:
             plan.routers = route_nodes(nodes)

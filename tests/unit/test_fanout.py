@@ -139,3 +139,34 @@ def test_viewer_in_the_batch_or_missing_a_peer_gets_its_own_delta() -> None:
     whole = _plain_frame(frames[(1, (4,))])
     assert [p["ID"] for p in whole["PeersChanged"]] == [2, 3]
     assert shared.shared == 2 and shared.own == 2
+
+
+def test_a_viewer_that_does_not_reconcile_never_scans_the_node_table(monkeypatch: Any) -> None:
+    """A joiner's batch holds the NODE_ADDED of every node that joined after it: those nodes
+    reconcile their own peer sets, the joiner does not, so building its delta must not scan
+    every node for routers (route_nodes); a viewer whose own NODE_ADDED is in the batch
+    still does, once per batch."""
+    import pyheadscale.mapper.fanout as fanout
+
+    scans: list[int] = []
+    real = fanout.route_nodes
+
+    def counting(nodes: Any) -> frozenset[int]:
+        scans.append(len(nodes))
+        return real(nodes)
+
+    monkeypatch.setattr(fanout, "route_nodes", counting)
+    rng = random.Random(5)
+    nodes = {i: _node(i, rng) for i in range(1, 9)}
+    ctx = MapContext(policy=AllowAllPolicy(), generation=1)
+    snap = Snapshot(nodes, USERS, ctx, NOW, PeerCache())
+    deltas = SharedDeltas()
+    # Viewer 1 is in the batch (so it takes its own delta), but only as a patch of itself.
+    batch = [Change(ChangeKind.NODE_ONLINE, 1, frozenset({Field.ONLINE})),
+             Change(ChangeKind.NODE_ADDED, 8)]
+    first, known = deltas.first_frame(snap, nodes[1])
+    assert deltas.frame(batch, snap, nodes[1], known) is not None
+    assert deltas.own == 1 and scans == []
+    _, known8 = deltas.first_frame(snap, nodes[8])
+    deltas.frame(batch, snap, nodes[8], known8)  # node 8's own NODE_ADDED: it reconciles
+    assert scans == [len(nodes)]
