@@ -139,7 +139,7 @@ def respond(private_key: bytes, initiation: bytes, min_version: int = 0) -> Hand
         raise UnsupportedVersionError(version, min_version)
     if len(private_key) != 32:
         raise ValueError("server private key must be 32 bytes")
-    return _respond(_static(bytes(private_key), version), version, bytes(initiation[5:]))
+    return _respond(_static(bytes(private_key)), version, bytes(initiation[5:]))
 
 
 # The responder's side of IK, written out with cryptography's primitives instead of run by
@@ -148,8 +148,7 @@ def respond(private_key: bytes, initiation: bytes, min_version: int = 0) -> Hand
 # connection makes one, and the library's generic state machine took ~0.7 ms of the event
 # loop per handshake, ~0.4 ms of it Python around the four X25519 exchanges. The steps are
 # those of the Noise spec (revision 34, sections 5 and 7.5) for "<- s ... -> e, es, s, ss
-# <- e, ee, se", as Tailscale's control/controlbase/handshake.go spells them out.
-_HASH_LEN = 32
+# <- e, ee, se", as Tailscale's control protocol (its controlbase package) spells them out.
 _ZERO_NONCE = bytes(12)  # every key of this handshake encrypts once, with nonce 0
 
 
@@ -167,24 +166,30 @@ def _hkdf2(ck: bytes, ikm: bytes) -> tuple[bytes, bytes]:
 @dataclass(frozen=True)
 class _Static:
     key: X25519PrivateKey
-    ck: bytes  # the chaining key after initialization
-    h: bytes  # the handshake hash after the prologue and the pre-message (our public key)
+    pub: bytes  # our public key
+    ck: bytes  # the chaining key (and handshake hash) after initialization
 
 
-@functools.lru_cache(maxsize=16)
-def _static(private_key: bytes, version: int) -> _Static:
-    """What the handshake starts from for this key and version (the prologue names it)."""
+# Keyed by the server's key alone (the current and, during a key change, the previous one):
+# the version, which the client picks before anything is authenticated, goes into the hash
+# per call (two small hashes), so initiations cycling through versions cannot evict entries
+# or cost a public-key derivation each.
+@functools.lru_cache(maxsize=2)
+def _static(private_key: bytes) -> _Static:
+    """What every handshake with this key starts from."""
     key = X25519PrivateKey.from_private_bytes(private_key)
     pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     h0 = _hash(PROTOCOL_NAME)  # longer than HASHLEN: hashed, and the chaining key starts equal
-    return _Static(key, h0, _hash(_hash(h0, prologue(version)), pub))
+    return _Static(key, pub, h0)
 
 
 def _respond(st: _Static, version: int, msg: bytes) -> HandshakeResult:
+    # The prologue (it names the version), then the pre-message: our public key.
+    h = _hash(_hash(st.ck, prologue(version)), st.pub)
     try:
         # -> e
         re = msg[:32]
-        h = _hash(st.h, re)
+        h = _hash(h, re)
         re_key = X25519PublicKey.from_public_bytes(re)
         # -> es: the chaining key and a cipher key from DH(s, re)
         ck, k = _hkdf2(st.ck, st.key.exchange(re_key))

@@ -43,6 +43,7 @@ from pyheadscale.noise import (
     public_key,
     respond,
 )
+from pyheadscale.noise.handshake import _static
 
 # -- an independent reference initiator ---------------------------------------------------
 
@@ -119,6 +120,35 @@ def test_handshake_against_reference_initiator(server_key: bytes) -> None:
     k1, k2, h = ref.finish(res.message)
     assert res.handshake_hash == h
     assert res.rx_key == k1 and res.tx_key == k2
+
+
+def test_low_order_client_static_key_refused(server_key: bytes) -> None:
+    """A client whose (encrypted, authenticated) static key is a low-order point: DH with it
+    is all zeros, which the server refuses instead of deriving keys from it."""
+    server_pub = public_key(server_key)
+    e = X25519PrivateKey.generate()
+    h = ck = _h(b"Noise_IK_25519_ChaChaPoly_BLAKE2s")
+    h = _h(_h(h, b"Tailscale Control Protocol v145"), server_pub)
+    epub = _pub(e)
+    h = _h(h, epub)
+    ck, k = _hkdf2(ck, _dh(e, server_pub))
+    enc_s = ChaCha20Poly1305(k).encrypt(bytes(12), bytes(32), h)
+    h = _h(h, enc_s)
+    ck, k = _hkdf2(ck, bytes(32))  # what DH with the all-zero point gives
+    tag = ChaCha20Poly1305(k).encrypt(bytes(12), b"", h)
+    with pytest.raises(HandshakeError):
+        respond(server_key, struct.pack(">HBH", 145, 1, 96) + epub + enc_s + tag)
+
+
+def test_versions_chosen_by_clients_do_not_grow_the_key_cache(server_key: bytes) -> None:
+    """The version is the client's to pick before it is authenticated: handshakes cycling
+    through versions must neither evict the server key's start state nor each cost one."""
+    misses = _static.cache_info().misses
+    for version in range(100, 140):
+        res = respond(server_key, RefInitiator(X25519PrivateKey.generate(),
+                                               public_key(server_key), version).message)
+        assert res.version == version
+    assert _static.cache_info().misses - misses <= 1  # this key's start state, once
 
 
 def test_handshake_noiseprotocol_initiator_transcript(server_key: bytes) -> None:
