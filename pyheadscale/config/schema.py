@@ -41,7 +41,6 @@ from pyheadscale.config.fields import (
     json_if_str,
     words,
 )
-from pyheadscale.control import admission
 
 
 class NoiseConfig(Section):
@@ -285,9 +284,10 @@ class TuningConfig(Section):
     node_store_batch_size: int = 100
     node_store_batch_timeout: GoDuration = timedelta(milliseconds=500)
     # pyheadscale-only: new map sessions opening at once, and how long one waits for its
-    # turn before it is answered 503 (control/admission.py; bounds in config/checks.py).
-    node_mapsession_open_limit: int = admission.LIMIT
-    node_mapsession_open_timeout: GoDuration = timedelta(seconds=admission.MAX_WAIT_S)
+    # turn before it is answered 503 (control/admission.py, whose LIMIT and MAX_WAIT_S are the
+    # same numbers, tested; bounds in config/checks.py).
+    node_mapsession_open_limit: int = 16
+    node_mapsession_open_timeout: GoDuration = timedelta(seconds=45)
 
 
 class LimitsConfig(Section):

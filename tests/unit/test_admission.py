@@ -13,7 +13,8 @@ import pytest
 
 from pyheadscale.app import Server
 from pyheadscale.config import ConfigError
-from pyheadscale.control.admission import LIMIT, Admission, Refused, Ticket
+from pyheadscale.config.schema import TuningConfig
+from pyheadscale.control.admission import LIMIT, MAX_WAIT_S, Admission, Refused, Ticket
 from tests.inproc import Machine, running_server, server_config
 
 
@@ -90,6 +91,14 @@ async def test_a_newer_request_of_a_node_takes_the_older_waiting_ones_turn() -> 
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Admission(limit=0)
+
+
+def test_the_tuning_defaults_are_the_gates_own() -> None:
+    """The config's defaults repeat admission.LIMIT and MAX_WAIT_S (config does not import
+    the control plane): an unset key gives the gate it was designed with."""
+    tuning = TuningConfig()
+    assert tuning.node_mapsession_open_limit == LIMIT
+    assert tuning.node_mapsession_open_timeout.total_seconds() == MAX_WAIT_S
 
 
 async def test_the_gate_is_sized_by_the_tuning_keys(tmp_path: Path) -> None:
