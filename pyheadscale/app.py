@@ -10,7 +10,7 @@ import resource
 import signal
 import sys
 from asyncio import sslproto
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,9 +96,10 @@ class Server:
         self.metrics_listener: MainListener | None = None
         self.stopped = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, before_listening: Callable[[], None] | None = None) -> None:
         """Start everything; a failure is a ConfigError naming the key behind it (the caller
-        then stops what did start)."""
+        then stops what did start). `before_listening` runs once the state is loaded, before
+        the main listener takes connections (the serving process settles its GC there)."""
         cfg = self.cfg
         db = cfg.database.type
         with failing_key("data_dir", "cannot create the data directory"):
@@ -200,6 +201,8 @@ class Server:
             with failing_key("tls_cert_path", f"cannot load {cfg.tls_cert_path} with "
                              f"{cfg.tls_key_path}"):
                 tls.use(Path(cfg.tls_cert_path), Path(cfg.tls_key_path))
+        if before_listening is not None:
+            before_listening()
         self.main = MainListener(app, RealIP.from_config(cfg.trusted_proxies), limits)
         with failing_key("listen_addr", f"cannot listen on {cfg.listen_addr}"):
             await self.main.start(host, port, tls)
@@ -391,12 +394,14 @@ def raise_fd_limit() -> str:
 async def serve(cfg: Config) -> None:
     server = Server(cfg)
     try:
-        await server.start()
+        # The cyclic GC: start-up's objects out of every later walk. Frozen before the main
+        # listener opens, so no client connection's objects are frozen with them (the embedded
+        # DERP relay, started earlier, may hold a few of its clients' by then).
+        await server.start(before_listening=settle_after_start)
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.stop(), timeout=10)
         raise
-    settle_after_start()  # the cyclic GC: start-up's objects out of every later walk
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
