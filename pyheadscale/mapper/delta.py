@@ -263,7 +263,7 @@ def delta_into(
                 routers = route_nodes(node_map)
             check: Iterable[int] = [p for p in (*routers, *known.non_plain())
                                     if p in vis and p in known]
-            candidates: Iterable[int] = sorted(
+            candidates: list[int] = sorted(
                 p for p in touched if p in vis and p in known and p not in changed_ids)
         else:
             check, candidates = _reconcile_sets(vis, viewer, node_map, ctx, known, routers,
@@ -276,7 +276,8 @@ def delta_into(
     else:
         candidates = sorted(touched)
     # Which candidates the stream holds, in one call (a joiner's batch is every change of
-    # the window since it subscribed: up to thousands of nodes at 10,000).
+    # the window since it subscribed: up to thousands of nodes at 10,000). A list, not any
+    # iterable: it is read twice.
     held_now = known.known_of(candidates)
     see_all = reconcile_all or type(ctx.policy) is AllowAllPolicy
     can_see = ctx.policy.can_see
