@@ -44,7 +44,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -79,10 +78,13 @@ class Holder:
     """map_holder.py on its own host: it reports in JSON lines and moves on when told."""
 
     def __init__(self, host: Host, srv: PyHeadscale, authkey: str) -> None:
-        self.proc = host.popen(
-            [sys.executable, "-m", "tests.integration.map_holder", srv.url, authkey],
-            cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={"SSL_CERT_FILE": str(srv.ca_file)})
+        # Its stderr goes to a file: a pipe nobody reads while it runs could fill and stall it.
+        self.err_path = srv.workdir / "map_holder.err"
+        with open(self.err_path, "w") as err:
+            self.proc = host.popen(
+                [sys.executable, "-m", "tests.integration.map_holder", srv.url, authkey],
+                cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err, text=True, env={"SSL_CERT_FILE": str(srv.ca_file)})
         self.reports: list[dict[str, Any]] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -97,7 +99,7 @@ class Holder:
     def report(self, key: str, timeout: float) -> Any:
         def got() -> Any:
             if self.proc.poll() is not None and not self.reported(key):
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                err = self.err_path.read_text(errors="replace")
                 raise AssertionError(f"map_holder exited: {err[-2000:]}")
             return next((r[key] for r in self.reports if key in r), None)
         return wait_for(f"map_holder to report {key}", got, timeout)
@@ -186,7 +188,9 @@ def test_official_clients_refused_by_the_gate_after_a_restart_come_back_without_
             refused.clear()
             for kind, f in new_gate_lines():
                 if kind == "refused" and f["node"] in ids:
-                    assert (f["reason"], f["status"]) == ("timeout", "503"), f
+                    # "displaced": the client gave up on a waiting poll and sent another,
+                    # which took its turn; a 503 of the gate as well.
+                    assert f["reason"] in ("timeout", "displaced") and f["status"] == "503", f
                     refused.setdefault(f["node"], set()).add(f["conn"])
             return refused.keys() == ids
 
@@ -201,9 +205,7 @@ def test_official_clients_refused_by_the_gate_after_a_restart_come_back_without_
                     k == "admitted" and f["node"] == holder_id for k, f in new_gate_lines()),
                     10)
             # The clients reach the server again; the only place stays taken.
-            reachable = time.monotonic()
-            wait_for("every official client's poll to be refused", all_refused,
-                     REFUSALS_WITHIN - (time.monotonic() - reachable))
+            wait_for("every official client's poll to be refused", all_refused, REFUSALS_WITHIN)
             assert not holder.reported("status"), \
                 "the holder was answered before every client was refused"
         # The lock is released: the holder's rename goes through and the line moves on.

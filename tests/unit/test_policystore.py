@@ -119,11 +119,15 @@ async def test_a_new_policy_is_prepared_while_the_window_waits(
     cp = await open_control(tmp_path, tuning={"batch_change_delay": "100ms"})
     try:
         bus = cp.tailnet.bus
+        before = bus.flushes
         await cp.policy.set(OLD)
         await asyncio.sleep(0)
         assert prepared == []  # no map session: no frame would read it
         bus.subscribe(1)
-        await asyncio.sleep(0.35)  # that window is over, and a quiet spell after it
+        async with asyncio.timeout(10):  # that window is over (however late its timer ran)
+            while bus.flushes == before:  # noqa: ASYNC110 (polls state)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.25)  # and a quiet spell after it, longer than the window
         flushes = bus.flushes
         await cp.policy.set(NEW)
         assert prepared == []  # not inside the write
